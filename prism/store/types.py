@@ -1,0 +1,202 @@
+"""Value types shared by the store and the protocol layers above it."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+CHUNK_SIZE = 128 * 1024
+"""Files are cut into fixed, offset-aligned chunks of this size (see `prism.store` docs)."""
+
+NAME_MAX = 255
+MAX_FILE_SIZE = 1 << 50
+SYMLINK_MAX = 4096
+VOL_BITS = 16
+INO_BITS = 44
+ROOT_INO = 1
+
+
+class FileType(IntEnum):
+    """Object kinds; the values are NFSv3's ftype3 so they cross the wire unchanged."""
+
+    REG = 1
+    DIR = 2
+    BLK = 3
+    CHR = 4
+    LNK = 5
+    SOCK = 6
+    FIFO = 7
+
+
+_OID = struct.Struct(">IHQ")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ObjectId:
+    """The lasting identity of an object: namespace, volume within it, inode number.
+
+    It survives restarts, renames and clones of its namespace, and names the namespace, so an
+    identity taken from one VM never resolves inside another. Volume 0 is the namespace's own
+    lineage; other volumes hold subtrees composed in from other namespaces.
+    """
+
+    ns: int
+    vol: int
+    ino: int
+
+    @property
+    def fileid(self) -> int:
+        """NFS fileid: unique and non-zero within the namespace."""
+        return (self.vol << INO_BITS) | self.ino
+
+    def to_bytes(self) -> bytes:
+        return _OID.pack(self.ns, self.vol, self.ino)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ObjectId:
+        ns, vol, ino = _OID.unpack(data)
+        return cls(ns, vol, ino)
+
+    SIZE = _OID.size
+
+
+@dataclass(frozen=True, slots=True)
+class Cred:
+    """Who is asking: AUTH_SYS uid, gid and supplementary groups. uid 0 is root."""
+
+    uid: int = 0
+    gid: int = 0
+    groups: tuple[int, ...] = ()
+
+    @property
+    def is_root(self) -> bool:
+        return self.uid == 0
+
+    def in_group(self, gid: int) -> bool:
+        return gid == self.gid or gid in self.groups
+
+
+ROOT = Cred()
+
+# Access bits as NFSv3 ACCESS uses them.
+ACCESS_READ = 0x01
+ACCESS_LOOKUP = 0x02
+ACCESS_MODIFY = 0x04
+ACCESS_EXTEND = 0x08
+ACCESS_DELETE = 0x10
+ACCESS_EXECUTE = 0x20
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    """Attributes of one object, times in nanoseconds since the epoch."""
+
+    oid: ObjectId
+    type: FileType
+    mode: int  # permission bits only (0o7777)
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    used: int  # bytes of storage charged to the object
+    rdev: tuple[int, int]  # (major, minor) for devices
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @property
+    def fileid(self) -> int:
+        return self.oid.fileid
+
+
+NOW = -1
+"""Sentinel for SetAttr times: use the server's clock."""
+
+
+@dataclass(frozen=True, slots=True)
+class SetAttr:
+    """Attributes to change; None leaves a field as it is. Times: ns since epoch, or NOW."""
+
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DirEntry:
+    """One directory entry as READDIR returns it. `cookie` resumes right after this entry."""
+
+    name: bytes
+    oid: ObjectId
+    type: FileType
+    cookie: int
+
+
+@dataclass(frozen=True, slots=True)
+class FsStat:
+    total_bytes: int
+    free_bytes: int
+    avail_bytes: int
+    total_files: int
+    free_files: int
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceInfo:
+    """A VM filesystem or a snapshot of one (kind 'snapshot', name 'vm@snap')."""
+
+    id: int
+    name: str
+    kind: str  # "vm" or "snapshot"
+    root: ObjectId
+    readonly: bool
+    clients: tuple[str, ...] = ()
+    quota: int | None = None
+    created_ns: int = 0
+    shares: tuple[ShareInfo, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class ShareInfo:
+    """A live view of `source_ns:source_path` mounted at `path` inside a namespace."""
+
+    path: str
+    source_ns: str
+    source_path: str
+    rw: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    logical_bytes: int
+    files: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    logical_bytes: int  # sum over VMs (snapshots excluded)
+    stored_bytes: int  # distinct chunk bytes on disk that are referenced
+    chunk_count: int
+    segment_bytes: int  # bytes in segment files, garbage included
+
+    @property
+    def dedup_ratio(self) -> float:
+        return self.logical_bytes / self.stored_bytes if self.stored_bytes else 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class CloneSource:
+    """One source of a composition: `ns[@snap][:path][=dest]`."""
+
+    ns: str
+    snapshot: str | None = None
+    path: str = "/"
+    dest: str | None = None  # defaults to `path`
+
+    @property
+    def target(self) -> str:
+        return self.dest if self.dest is not None else self.path
