@@ -1,0 +1,189 @@
+"""Content segments: append-only files that hold chunk bytes.
+
+Theory of operation: each process that writes content owns one *active* segment, a file
+`segments/<id>.seg` named by a random 64-bit id (so no metadata transaction is needed to pick
+a name and an aborted transaction can never make two writers share one). The writer holds an
+exclusive `flock` on its active segment for as long as it may append to it; `gc` skips locked
+segments, so it never compacts or deletes bytes that a live writer has not committed yet.
+
+Chunks are appended back to back with no framing: the LMDB chunk index is the only authority
+on where a chunk lives, and `fsck` checks every referenced chunk's length and hash. Bytes that
+reached a segment but whose transaction never committed (a crash, an abort) are debris that
+`gc` reclaims by compaction. `sync()` (fdatasync, plus an fsync of the directory after a new
+segment appears) is called before the metadata that references new bytes commits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import secrets
+from pathlib import Path
+
+from prism.errors import Corrupt, NoSpace
+
+SEGMENT_TARGET_SIZE = 64 * 1024 * 1024
+"""A writer starts a new segment after a commit once its active one is this large."""
+
+
+def segment_name(seg_id: int) -> str:
+    return f"{seg_id:016x}.seg"
+
+
+def parse_segment_name(name: str) -> int | None:
+    if len(name) != 20 or not name.endswith(".seg"):
+        return None
+    try:
+        return int(name[:16], 16)
+    except ValueError:
+        return None
+
+
+class SegmentFiles:
+    """Appends to this process's active segment and reads any segment."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._read_fds: dict[int, int] = {}
+        self._active_id: int | None = None
+        self._active_fd: int | None = None
+        self._active_size = 0
+        self._dirty = False
+        self._new_file = False
+
+    # -- writing -----------------------------------------------------------------------
+
+    @property
+    def active_id(self) -> int | None:
+        return self._active_id
+
+    def append(self, data: bytes) -> tuple[int, int]:
+        """Append `data`; return (segment id, offset). Not durable until `sync()`."""
+        if self._active_fd is None:
+            self._open_new()
+        assert self._active_fd is not None and self._active_id is not None
+        offset = self._active_size
+        try:
+            written = os.pwrite(self._active_fd, data, offset)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(f"no space left in {self.directory}: free disk space") from exc
+            raise
+        if written != len(data):
+            raise NoSpace(f"short write to segment {self._active_id:016x}")
+        self._active_size += len(data)
+        self._dirty = True
+        return self._active_id, offset
+
+    def _open_new(self) -> None:
+        while True:
+            seg_id = secrets.randbits(63) or 1
+            path = self.directory / segment_name(seg_id)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                continue
+            break
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self._active_id, self._active_fd, self._active_size = seg_id, fd, 0
+        self._new_file = True
+
+    def sync(self) -> None:
+        """Make every appended byte durable (call before committing metadata)."""
+        if self._dirty and self._active_fd is not None:
+            os.fdatasync(self._active_fd)
+            self._dirty = False
+        if self._new_file:
+            dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+            self._new_file = False
+
+    def roll_if_full(self) -> None:
+        """After a commit: start a fresh segment next time if the active one is full."""
+        if self._active_fd is not None and self._active_size >= SEGMENT_TARGET_SIZE:
+            self.release_active()
+
+    def release_active(self) -> None:
+        if self._active_fd is not None:
+            os.close(self._active_fd)  # also drops the flock
+        self._active_fd = self._active_id = None
+        self._active_size = 0
+
+    def discard_unsynced(self) -> None:
+        """After an aborted batch: forget dirtiness (the bytes become debris for gc)."""
+        self._dirty = False
+
+    # -- reading -----------------------------------------------------------------------
+
+    def _fd(self, seg_id: int) -> int:
+        fd = self._read_fds.get(seg_id)
+        if fd is None:
+            path = self.directory / segment_name(seg_id)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError as exc:
+                raise Corrupt(f"segment {path} is missing; run `prism fsck --repair`") from exc
+            if len(self._read_fds) > 256:
+                for old in list(self._read_fds)[:64]:
+                    os.close(self._read_fds.pop(old))
+            self._read_fds[seg_id] = fd
+        return fd
+
+    def read(self, seg_id: int, offset: int, length: int) -> bytes:
+        data = os.pread(self._fd(seg_id), length, offset)
+        if len(data) != length:
+            raise Corrupt(f"segment {seg_id:016x} is short at offset {offset}; run `prism fsck`")
+        return data
+
+    def forget(self, seg_id: int) -> None:
+        fd = self._read_fds.pop(seg_id, None)
+        if fd is not None:
+            os.close(fd)
+
+    # -- maintenance -------------------------------------------------------------------
+
+    def list_ids(self) -> list[int]:
+        ids = []
+        for entry in os.scandir(self.directory):
+            seg_id = parse_segment_name(entry.name)
+            if seg_id is not None:
+                ids.append(seg_id)
+        return ids
+
+    def try_lock(self, seg_id: int) -> int | None:
+        """Open and lock a segment for maintenance; None if a live writer holds it."""
+        if seg_id == self._active_id:
+            return None
+        try:
+            fd = os.open(self.directory / segment_name(seg_id), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def remove(self, seg_id: int) -> None:
+        self.forget(seg_id)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.directory / segment_name(seg_id))
+
+    def size_of(self, seg_id: int) -> int:
+        try:
+            return os.stat(self.directory / segment_name(seg_id)).st_size
+        except FileNotFoundError:
+            return 0
+
+    def close(self) -> None:
+        self.release_active()
+        for fd in self._read_fds.values():
+            os.close(fd)
+        self._read_fds.clear()

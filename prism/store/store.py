@@ -1,0 +1,1763 @@
+"""The Prism store: per-VM namespaces over content-addressed chunks, in LMDB and segments.
+
+On-disk layout of a data directory::
+
+    DATA/meta/data.mdb, lock.mdb   LMDB environment (all metadata, see the databases below)
+    DATA/segments/<id>.seg         chunk bytes, appended back to back (`prism.store.segments`)
+
+LMDB databases (keys and values are packed as in `prism.store.records`):
+
+    meta      b"format" -> version; b"secret" -> 32 random bytes (file-handle MAC key);
+              b"ns_next" -> next namespace id; b"layer_next" -> next layer id;
+              b"ino"+ns -> next inode number; b"stored_bytes", b"chunk_count" -> counters
+    ns        ns id u32 -> JSON {name, kind ("vm"|"snapshot"), top layer, clients, quota, of}
+    names     name -> ns id u32 ("web" for a VM, "web@monday" for its snapshot)
+    layers    layer id u64 -> JSON {parent, vols, imports, next_vol, next_import}
+    inodes    layer|vol|ino -> packed Inode, or b"" (whiteout: removed in this layer)
+    dirents   layer|vol|dir|cookie|name -> vol|ino|type, or b"" (whiteout)
+    cmap      layer|vol|ino|chunk index -> chunk key|length|segment|offset, or b"" (hole)
+    chunks    xxh3-128 hash|seq -> segment|offset|length|refcount
+    segments  segment id -> appended bytes|live bytes
+    usage     ns id -> logical bytes|objects|valid
+
+Layers (copy-on-write and instant clone). A namespace's metadata is a chain of layers: its
+mutable *top* layer, then frozen ancestors. A read walks the chain top-down and takes the
+first record it meets for a key (a whiteout meaning "gone"); a write always goes to the top.
+Snapshot and clone *freeze* the source's top (it becomes the shared parent) and give the
+source and the clone fresh empty tops: O(1), independent of the tree's size. Rollback points
+a namespace's top at a fresh layer over the snapshot's. A frozen layer is never written again;
+`gc` drops layers no namespace reaches and releases what they referenced.
+
+Volumes (composition). Objects are named (namespace, volume, inode). Volume 0 is the
+namespace's own lineage. Grafting a subtree of another namespace (`clone` with a path)
+*imports* the source's frozen layer: every volume of the source gets a new volume number here,
+whose records live in this namespace's layers and fall back to the source's frozen chain, with
+volume numbers in fallen-back directory entries translated through the import's map. So a
+composition of subtrees from several VMs is O(number of volumes), not O(files).
+
+Content (dedup and copy-on-write). A file is cut into fixed, offset-aligned chunks of
+CHUNK_SIZE (128 KiB). Fixed alignment (rather than content-defined chunking) keeps random
+writes cheap: a write touches only the chunks it overlaps, so a 4 KiB write into a shared
+1 GiB file reads, patches and stores one chunk and adds one chunk-map record to the writer's
+top layer; identical files and identical aligned regions of partially identical files share
+chunks. Chunks are keyed by xxh3-128 of their bytes and deduplicated inline; since xxh3 is not
+collision-resistant and a VM may be an adversary, a hash hit also compares length and bytes,
+and a genuine collision gets the next `seq`. All-zero chunks are stored as holes. A chunk's
+refcount is the number of chunk-map records (in any existing layer) that name it.
+
+Crash ordering. Content first, then metadata: new chunk bytes are appended to this process's
+segment, the segment is fdatasync'd (and its directory fsync'd when the file is new), and only
+then does the LMDB transaction that references them commit (LMDB commits with fsync, so a
+commit is atomic and durable, even across a power cut). After any crash the store opens
+cleanly; the only possible debris is segment bytes no committed chunk names, which `gc`
+removes and `fsck` reports. Group commit: `begin_batch()` runs many operations in one LMDB
+transaction (each in a nested transaction, so a failing one changes nothing) that shares one
+fdatasync + one commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import ipaddress
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import xxhash
+
+from prism.errors import (
+    Corrupt,
+    CrossDevice,
+    Exists,
+    FileTooLarge,
+    InvalidArgument,
+    InvalidName,
+    IsADirectory,
+    NameTooLong,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    NotPermitted,
+    NotSync,
+    PermissionDenied,
+    QuotaExceeded,
+    ReadOnly,
+    Stale,
+    TooManyLinks,
+)
+from prism.store import records as R
+from prism.store.records import Inode
+from prism.store.segments import SegmentFiles
+from prism.store.types import (
+    ACCESS_DELETE,
+    ACCESS_EXECUTE,
+    ACCESS_EXTEND,
+    ACCESS_LOOKUP,
+    ACCESS_MODIFY,
+    ACCESS_READ,
+    CHUNK_SIZE,
+    INO_BITS,
+    MAX_FILE_SIZE,
+    NAME_MAX,
+    NOW,
+    ROOT_INO,
+    SYMLINK_MAX,
+    Attr,
+    CloneSource,
+    Cred,
+    DirEntry,
+    FileType,
+    FsStat,
+    NamespaceInfo,
+    ObjectId,
+    SetAttr,
+    StoreStats,
+    Usage,
+)
+
+FORMAT_VERSION = 1
+MAP_SIZE = 1 << 40
+NLINK_MAX = 65000
+MAX_VOLUMES = 1 << 16
+VM_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+SNAP_NAME = VM_NAME
+ZEROS = bytes(CHUNK_SIZE)
+
+_R, _W, _X = 4, 2, 1
+_NS_KEY = R.U32
+
+
+def check_name(name: bytes) -> None:
+    """Refuse names that cannot be a directory entry."""
+    if not name:
+        raise InvalidName("empty name")
+    if len(name) > NAME_MAX:
+        raise NameTooLong(f"name of {len(name)} bytes; the limit is {NAME_MAX}")
+    if name in (b".", b".."):
+        raise InvalidName(f"{name.decode()!r} cannot be used here")
+    if b"/" in name or b"\0" in name:
+        raise InvalidName("names cannot contain '/' or NUL")
+
+
+def check_vm_name(name: str) -> None:
+    if not VM_NAME.fullmatch(name):
+        raise InvalidArgument(
+            f"invalid VM name {name!r}: use 1-63 of a-z 0-9 _ . - starting with a letter or digit"
+        )
+
+
+def parse_clients(clients: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Validate CIDRs (a bare address means a single host); return them normalised."""
+    out = []
+    for spec in clients:
+        try:
+            out.append(str(ipaddress.ip_network(spec, strict=False)))
+        except ValueError:
+            raise InvalidArgument(
+                f"invalid client address {spec!r}: use a CIDR like 10.0.0.0/24 or an address"
+            ) from None
+    return tuple(out)
+
+
+@dataclass(slots=True)
+class _View:
+    """A namespace as one operation sees it."""
+
+    id: int
+    name: str
+    kind: str
+    top: int
+    readonly: bool
+    quota: int | None
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _ChunkRef:
+    key: bytes  # hash 16 | seq u32
+    length: int
+    segment: int
+    offset: int
+
+
+def _chunk_ref(raw: bytes) -> _ChunkRef:
+    digest, seq, length, segment, offset = R.CMAP_VAL.unpack(raw)
+    return _ChunkRef(R.CHUNK_KEY.pack(digest, seq), length, segment, offset)
+
+
+PathEntry = tuple[int, int, dict[int, int] | None]
+"""(layer, volume as numbered in that layer, volume translation into the viewer's numbering)"""
+
+
+class Store:
+    """Namespaces of POSIX trees over deduplicated chunks. See the module docstring."""
+
+    def __init__(self, root: Path, env: lmdb.Environment) -> None:
+        self.root = root
+        self._env = env
+        self._meta = env.open_db(b"meta")
+        self._ns = env.open_db(b"ns")
+        self._names = env.open_db(b"names")
+        self._layers = env.open_db(b"layers")
+        self._inodes = env.open_db(b"inodes")
+        self._dirents = env.open_db(b"dirents")
+        self._cmap = env.open_db(b"cmap")
+        self._chunks = env.open_db(b"chunks")
+        self._segdb = env.open_db(b"segments")
+        self._usage = env.open_db(b"usage")
+        self.segments = SegmentFiles(root / "segments")
+        self._batch: lmdb.Transaction | None = None
+        self._paths: dict[tuple[int, int], tuple[PathEntry, ...]] = {}
+        self._ns_cache: dict[bytes, dict[str, Any]] = {}
+        self.boot_id = secrets.randbits(63) | 1
+        with self._write() as t:
+            if t.get(b"format", db=self._meta) is None:
+                t.put(b"format", R.U32.pack(FORMAT_VERSION), db=self._meta)
+                t.put(b"secret", secrets.token_bytes(32), db=self._meta)
+            elif R.U32.unpack(t.get(b"format", db=self._meta))[0] != FORMAT_VERSION:
+                raise Corrupt(f"{root} holds a store of an unknown format version")
+            self.secret: bytes = bytes(t.get(b"secret", db=self._meta))
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, create: bool = True) -> Store:
+        root = Path(path)
+        meta = root / "meta"
+        if not meta.exists():
+            if not create:
+                raise NotFound(f"no Prism store at {root}: create one with `prism vm create`")
+            meta.mkdir(parents=True)
+        env = lmdb.open(
+            str(meta),
+            map_size=MAP_SIZE,
+            max_dbs=16,
+            max_readers=1024,
+            sync=True,
+            metasync=True,
+            readahead=False,
+        )
+        return cls(root, env)
+
+    def close(self) -> None:
+        if self._batch is not None:
+            self.abort()
+        self.segments.close()
+        self._env.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transactions ------------------------------------------------------------------
+
+    @property
+    def in_batch(self) -> bool:
+        return self._batch is not None
+
+    def begin_batch(self) -> None:
+        if self._batch is None:
+            self._batch = self._env.begin(write=True)
+
+    def commit(self) -> None:
+        """Make every operation of the open batch durable with one fsync (group commit)."""
+        if self._batch is None:
+            return
+        batch, self._batch = self._batch, None
+        try:
+            self.segments.sync()
+        except BaseException:
+            batch.abort()
+            raise
+        batch.commit()
+        self.segments.roll_if_full()
+
+    def abort(self) -> None:
+        if self._batch is not None:
+            batch, self._batch = self._batch, None
+            batch.abort()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[lmdb.Transaction]:
+        if self._batch is not None:
+            child = self._env.begin(write=True, parent=self._batch)
+            try:
+                yield child
+            except BaseException:
+                child.abort()
+                raise
+            child.commit()
+            return
+        txn = self._env.begin(write=True)
+        try:
+            yield txn
+            self.segments.sync()
+        except BaseException:
+            txn.abort()
+            raise
+        txn.commit()
+        self.segments.roll_if_full()
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[lmdb.Transaction]:
+        if self._batch is not None:
+            yield self._batch
+            return
+        txn = self._env.begin(buffers=False)
+        try:
+            yield txn
+        finally:
+            txn.abort()
+
+    # -- counters ----------------------------------------------------------------------
+
+    def _counter(self, t: lmdb.Transaction, key: bytes, start: int = 1) -> int:
+        raw = t.get(key, db=self._meta)
+        value = R.U64.unpack(raw)[0] if raw else start
+        t.put(key, R.U64.pack(value + 1), db=self._meta)
+        return value
+
+    def _add_meta(self, t: lmdb.Transaction, key: bytes, delta: int) -> None:
+        raw = t.get(key, db=self._meta)
+        value = (R.U64.unpack(raw)[0] if raw else 0) + delta
+        t.put(key, R.U64.pack(max(value, 0)), db=self._meta)
+
+    def _get_meta(self, t: lmdb.Transaction, key: bytes) -> int:
+        raw = t.get(key, db=self._meta)
+        return R.U64.unpack(raw)[0] if raw else 0
+
+    # -- namespaces and layers -----------------------------------------------------------
+
+    def _ns_record(self, t: lmdb.Transaction, ns_id: int) -> dict[str, Any] | None:
+        raw = t.get(_NS_KEY.pack(ns_id), db=self._ns)
+        if raw is None:
+            return None
+        raw = bytes(raw)
+        record = self._ns_cache.get(raw)
+        if record is None:
+            if len(self._ns_cache) > 4096:
+                self._ns_cache.clear()
+            record = self._ns_cache[raw] = json.loads(raw)
+        return record
+
+    def _view(self, t: lmdb.Transaction, ns_id: int) -> _View:
+        rec = self._ns_record(t, ns_id)
+        if rec is None:
+            raise Stale(f"namespace {ns_id} no longer exists")
+        return _View(
+            ns_id,
+            rec["name"],
+            rec["kind"],
+            rec["top"],
+            rec["kind"] == "snapshot",
+            rec.get("quota"),
+            rec,
+        )
+
+    def _view_by_name(self, t: lmdb.Transaction, name: str) -> _View:
+        raw = t.get(name.encode(), db=self._names)
+        if raw is None:
+            what = "snapshot" if "@" in name else "VM"
+            raise NotFound(f"no {what} named {name!r}; see `prism vm list`")
+        return self._view(t, R.U32.unpack(raw)[0])
+
+    def _put_ns(self, t: lmdb.Transaction, rec: dict[str, Any]) -> None:
+        t.put(_NS_KEY.pack(rec["id"]), json.dumps(rec, sort_keys=True).encode(), db=self._ns)
+
+    def _layer(self, t: lmdb.Transaction, layer: int) -> dict[str, Any]:
+        raw = t.get(R.U64.pack(layer), db=self._layers)
+        if raw is None:
+            raise Corrupt(f"layer {layer} is missing; run `prism fsck --repair`")
+        return json.loads(bytes(raw))
+
+    def _put_layer(self, t: lmdb.Transaction, layer: int, rec: dict[str, Any]) -> None:
+        t.put(R.U64.pack(layer), json.dumps(rec, sort_keys=True).encode(), db=self._layers)
+
+    def _new_layer(self, t: lmdb.Transaction, parent: int, like: dict[str, Any] | None) -> int:
+        layer = self._counter(t, b"layer_next")
+        rec = {
+            "parent": parent,
+            "vols": dict(like["vols"]) if like else {},
+            "imports": dict(like["imports"]) if like else {},
+            "next_vol": like["next_vol"] if like else 1,
+            "next_import": like["next_import"] if like else 1,
+        }
+        self._put_layer(t, layer, rec)
+        return layer
+
+    def _layer_is_empty(self, t: lmdb.Transaction, layer: int) -> bool:
+        prefix = R.layer_prefix(layer)
+        for db in (self._inodes, self._dirents, self._cmap):
+            cur = t.cursor(db=db)
+            if cur.set_range(prefix) and bytes(cur.key()).startswith(prefix):
+                return False
+        rec = self._layer(t, layer)
+        if rec["parent"] == 0:
+            return False
+        parent = self._layer(t, rec["parent"])
+        return rec["vols"] == parent["vols"]
+
+    def _freeze(self, t: lmdb.Transaction, view: _View) -> int:
+        """Make the namespace's current state an immutable layer; return its id. O(1)."""
+        if view.kind == "snapshot":
+            return view.top
+        if self._layer_is_empty(t, view.top):
+            return int(self._layer(t, view.top)["parent"])
+        frozen = view.top
+        view.top = self._new_layer(t, frozen, self._layer(t, frozen))
+        view.record = dict(view.record, top=view.top)
+        self._put_ns(t, view.record)
+        return frozen
+
+    def _path(self, t: lmdb.Transaction, top: int, vol: int) -> tuple[PathEntry, ...]:
+        """The layers to search, top-down, for records of `vol` in a view whose top is `top`."""
+        cached = self._paths.get((top, vol))
+        if cached is not None:
+            return cached
+        top_rec = self._layer(t, top)
+        out: list[PathEntry] = []
+        layer = top
+        while layer:
+            out.append((layer, vol, None))
+            layer = top_rec["parent"] if layer == top else self._layer(t, layer)["parent"]
+        source = top_rec["vols"].get(str(vol))
+        if source is not None:
+            src_layer, src_vol, imp = source
+            mapping = {int(k): v for k, v in top_rec["imports"][str(imp)]["map"].items()}
+            for layer2, vol2, xl2 in self._path(t, src_layer, src_vol):
+                composed = (
+                    mapping if xl2 is None else {s: mapping.get(d, d) for s, d in xl2.items()}
+                )
+                out.append((layer2, vol2, composed))
+        result = tuple(out)
+        if vol == 0 or source is not None:
+            if len(self._paths) > 65536:
+                self._paths.clear()
+            self._paths[(top, vol)] = result
+        return result
+
+    # -- inode records -------------------------------------------------------------------
+
+    def _inode(self, t: lmdb.Transaction, view: _View, vol: int, ino: int) -> Inode | None:
+        for layer, v, xl in self._path(t, view.top, vol):
+            raw = t.get(R.inode_key(layer, v, ino), db=self._inodes)
+            if raw is not None:
+                if not raw:
+                    return None
+                node = Inode.unpack(raw)
+                if xl is not None and node.type == FileType.DIR:
+                    node.parent_vol = xl.get(node.parent_vol, node.parent_vol)
+                return node
+        return None
+
+    def _put_inode(self, t: lmdb.Transaction, view: _View, vol: int, ino: int, node: Inode) -> None:
+        t.put(R.inode_key(view.top, vol, ino), node.pack(), db=self._inodes)
+
+    def _lower_has(self, t: lmdb.Transaction, path: tuple[PathEntry, ...], db: Any, make) -> bool:
+        """Whether a layer below the top holds a live record (so a whiteout is needed)."""
+        for layer, v, _ in path[1:]:
+            raw = t.get(make(layer, v), db=db)
+            if raw is not None:
+                return bool(raw)
+        return False
+
+    def _drop_inode(self, t: lmdb.Transaction, view: _View, vol: int, ino: int) -> None:
+        path = self._path(t, view.top, vol)
+        key = R.inode_key(view.top, vol, ino)
+        if self._lower_has(t, path, self._inodes, lambda layer, v: R.inode_key(layer, v, ino)):
+            t.put(key, R.WHITEOUT, db=self._inodes)
+        else:
+            t.delete(key, db=self._inodes)
+
+    def _obj(
+        self, t: lmdb.Transaction, oid: ObjectId, *, writable: bool = False
+    ) -> tuple[_View, Inode]:
+        view = self._view(t, oid.ns)
+        if writable and view.readonly:
+            raise ReadOnly(f"{view.name} is a read-only snapshot")
+        node = self._inode(t, view, oid.vol, oid.ino)
+        if node is None:
+            raise Stale(f"object {oid.fileid} in {view.name} no longer exists")
+        return view, node
+
+    def _attr(self, oid: ObjectId, node: Inode) -> Attr:
+        return Attr(
+            oid=oid,
+            type=node.type,
+            mode=node.mode,
+            nlink=node.nlink,
+            uid=node.uid,
+            gid=node.gid,
+            size=node.size,
+            used=node.size,
+            rdev=(node.rdev_major, node.rdev_minor),
+            atime_ns=node.atime_ns,
+            mtime_ns=node.mtime_ns,
+            ctime_ns=node.ctime_ns,
+        )
+
+    def _alloc_ino(self, t: lmdb.Transaction, view: _View) -> int:
+        ino = self._counter(t, b"ino" + _NS_KEY.pack(view.id), start=ROOT_INO + 1)
+        if ino >= 1 << INO_BITS:
+            raise InvalidArgument("namespace ran out of inode numbers")
+        return ino
+
+    # -- directory entries ---------------------------------------------------------------
+
+    def _entry(
+        self, t: lmdb.Transaction, view: _View, dvol: int, dino: int, name: bytes
+    ) -> tuple[int, int, FileType] | None:
+        for layer, v, xl in self._path(t, view.top, dvol):
+            raw = t.get(R.dirent_key(layer, v, dino, name), db=self._dirents)
+            if raw is not None:
+                if not raw:
+                    return None
+                vol, ino, ftype = R.DIRENT_VAL.unpack(raw)
+                if xl is not None:
+                    vol = xl.get(vol, vol)
+                return vol, ino, FileType(ftype)
+        return None
+
+    def _put_entry(
+        self,
+        t: lmdb.Transaction,
+        view: _View,
+        dvol: int,
+        dino: int,
+        name: bytes,
+        target: tuple[int, int, FileType],
+    ) -> None:
+        t.put(
+            R.dirent_key(view.top, dvol, dino, name),
+            R.DIRENT_VAL.pack(target[0], target[1], int(target[2])),
+            db=self._dirents,
+        )
+
+    def _drop_entry(self, t: lmdb.Transaction, view: _View, dvol: int, dino: int, name: bytes):
+        path = self._path(t, view.top, dvol)
+        key = R.dirent_key(view.top, dvol, dino, name)
+        if self._lower_has(
+            t, path, self._dirents, lambda layer, v: R.dirent_key(layer, v, dino, name)
+        ):
+            t.put(key, R.WHITEOUT, db=self._dirents)
+        else:
+            t.delete(key, db=self._dirents)
+
+    def _scan_layer_dir(
+        self, t: lmdb.Transaction, prefix: bytes, after: int, prio: int, xl: dict[int, int] | None
+    ) -> Iterator[tuple[int, bytes, int, bytes, dict[int, int] | None]]:
+        cur = t.cursor(db=self._dirents)
+        start = prefix + R.DIRENT_COOKIE.pack(after + 1) if after else prefix
+        if not cur.set_range(start):
+            return
+        plen = len(prefix)
+        for key, value in cur:
+            key = bytes(key)
+            if not key.startswith(prefix):
+                return
+            cookie = R.DIRENT_COOKIE.unpack_from(key, plen)[0]
+            yield cookie, key[plen + 8 :], prio, bytes(value), xl
+
+    def _list(
+        self, t: lmdb.Transaction, view: _View, dvol: int, dino: int, after: int
+    ) -> Iterator[DirEntry]:
+        streams = [
+            self._scan_layer_dir(t, R.dirent_prefix(layer, v, dino), after, prio, xl)
+            for prio, (layer, v, xl) in enumerate(self._path(t, view.top, dvol))
+        ]
+        last: tuple[int, bytes] | None = None
+        for cookie, name, _prio, value, xl in heapq.merge(*streams):
+            if (cookie, name) == last:
+                continue
+            last = (cookie, name)
+            if not value:
+                continue
+            vol, ino, ftype = R.DIRENT_VAL.unpack(value)
+            if xl is not None:
+                vol = xl.get(vol, vol)
+            yield DirEntry(name, ObjectId(view.id, vol, ino), FileType(ftype), cookie)
+
+    def _is_empty_dir(self, t: lmdb.Transaction, view: _View, vol: int, ino: int) -> bool:
+        return next(self._list(t, view, vol, ino, 0), None) is None
+
+    # -- permissions ---------------------------------------------------------------------
+
+    @staticmethod
+    def _may(node: Inode, cred: Cred | None, want: int) -> bool:
+        if cred is None or cred.is_root:
+            if want & _X and node.type != FileType.DIR:
+                return bool(node.mode & 0o111) or cred is None
+            return True
+        if cred.uid == node.uid:
+            bits = node.mode >> 6
+        elif cred.in_group(node.gid):
+            bits = node.mode >> 3
+        else:
+            bits = node.mode
+        return bits & want == want
+
+    def _require(self, node: Inode, cred: Cred | None, want: int, what: str) -> None:
+        if not self._may(node, cred, want):
+            raise PermissionDenied(f"permission denied: {what}")
+
+    def _require_data(self, node: Inode, cred: Cred | None, want: int) -> None:
+        """Read/write of file data: the owner may always (as knfsd's owner override)."""
+        if cred is not None and cred.uid == node.uid:
+            return
+        self._require(node, cred, want, "file mode forbids this")
+
+    @staticmethod
+    def _sticky_ok(dnode: Inode, node: Inode, cred: Cred | None) -> bool:
+        if cred is None or cred.is_root or not dnode.mode & 0o1000:
+            return True
+        return cred.uid in (dnode.uid, node.uid)
+
+    # -- usage and quota -----------------------------------------------------------------
+
+    def _usage_get(self, t: lmdb.Transaction, view: _View) -> tuple[int, int]:
+        raw = t.get(_NS_KEY.pack(view.id), db=self._usage)
+        if raw is not None:
+            nbytes, objects, valid = R.USAGE_VAL.unpack(raw)
+            if valid:
+                return nbytes, objects
+        nbytes, objects = self._measure(t, view)
+        t.put(_NS_KEY.pack(view.id), R.USAGE_VAL.pack(nbytes, objects, 1), db=self._usage)
+        return nbytes, objects
+
+    def _usage_add(self, t: lmdb.Transaction, view: _View, dbytes: int, dobjects: int) -> None:
+        raw = t.get(_NS_KEY.pack(view.id), db=self._usage)
+        if raw is None:
+            return
+        nbytes, objects, valid = R.USAGE_VAL.unpack(raw)
+        if valid:
+            t.put(
+                _NS_KEY.pack(view.id),
+                R.USAGE_VAL.pack(max(0, nbytes + dbytes), max(0, objects + dobjects), 1),
+                db=self._usage,
+            )
+
+    def _set_usage(self, t: lmdb.Transaction, ns_id: int, nbytes: int, objects: int, valid: bool):
+        t.put(_NS_KEY.pack(ns_id), R.USAGE_VAL.pack(nbytes, objects, int(valid)), db=self._usage)
+
+    def _measure(self, t: lmdb.Transaction, view: _View) -> tuple[int, int]:
+        """Walk the whole tree (after a composition made the counters unknown)."""
+        seen: set[tuple[int, int]] = set()
+        nbytes = objects = 0
+        stack = [(0, ROOT_INO)]
+        while stack:
+            vol, ino = stack.pop()
+            if (vol, ino) in seen:
+                continue
+            seen.add((vol, ino))
+            node = self._inode(t, view, vol, ino)
+            if node is None:
+                continue
+            objects += 1
+            if node.type == FileType.REG:
+                nbytes += node.size
+            elif node.type == FileType.DIR:
+                stack.extend((e.oid.vol, e.oid.ino) for e in self._list(t, view, vol, ino, 0))
+        return nbytes, objects
+
+    def _check_quota(self, t: lmdb.Transaction, view: _View, more_bytes: int) -> None:
+        if view.quota is None:
+            return
+        used, _ = self._usage_get(t, view)
+        if used + more_bytes > view.quota or (more_bytes == 0 and used >= view.quota):
+            raise QuotaExceeded(
+                f"{view.name} would exceed its quota of {view.quota} bytes "
+                f"({used} used); raise it with `prism vm set {view.name} --quota SIZE`"
+            )
+
+    # -- content -------------------------------------------------------------------------
+
+    def _store_chunk(self, t: lmdb.Transaction, content: bytes) -> tuple[bytes, int, int]:
+        """Find or add `content`; take a reference. Returns (chunk key, segment, offset)."""
+        digest = xxhash.xxh3_128_digest(content)
+        length = len(content)
+        cur = t.cursor(db=self._chunks)
+        seq = 0
+        if cur.set_range(digest):
+            for key, value in cur:
+                key = bytes(key)
+                if key[:16] != digest:
+                    break
+                seq = R.CHUNK_KEY.unpack(key)[1] + 1
+                segment, offset, clen, refs = R.CHUNK_VAL.unpack(value)
+                if clen == length and self.segments.read(segment, offset, clen) == content:
+                    if refs == 0:
+                        self._add_meta(t, b"stored_bytes", length)
+                        self._add_meta(t, b"chunk_count", 1)
+                    t.put(key, R.CHUNK_VAL.pack(segment, offset, clen, refs + 1), db=self._chunks)
+                    return key, segment, offset
+        segment, offset = self.segments.append(content)
+        key = R.CHUNK_KEY.pack(digest, seq)
+        t.put(key, R.CHUNK_VAL.pack(segment, offset, length, 1), db=self._chunks)
+        seg_key = R.U64.pack(segment)
+        raw = t.get(seg_key, db=self._segdb)
+        appended, live = R.SEGMENT_VAL.unpack(raw) if raw else (0, 0)
+        t.put(
+            seg_key,
+            R.SEGMENT_VAL.pack(max(appended, offset + length), live + length),
+            db=self._segdb,
+        )
+        self._add_meta(t, b"stored_bytes", length)
+        self._add_meta(t, b"chunk_count", 1)
+        return key, segment, offset
+
+    def _unref_chunk(self, t: lmdb.Transaction, key: bytes) -> None:
+        raw = t.get(key, db=self._chunks)
+        if raw is None:
+            return
+        segment, offset, length, refs = R.CHUNK_VAL.unpack(raw)
+        if refs <= 1:
+            refs = 0
+            self._add_meta(t, b"stored_bytes", -length)
+            self._add_meta(t, b"chunk_count", -1)
+        else:
+            refs -= 1
+        t.put(key, R.CHUNK_VAL.pack(segment, offset, length, refs), db=self._chunks)
+
+    def _chunk_at(
+        self, t: lmdb.Transaction, path: tuple[PathEntry, ...], ino: int, index: int
+    ) -> _ChunkRef | None:
+        for layer, v, _ in path:
+            raw = t.get(R.cmap_key(layer, v, ino, index), db=self._cmap)
+            if raw is not None:
+                return _chunk_ref(raw) if raw else None
+        return None
+
+    def _chunk_bytes(self, ref: _ChunkRef | None) -> bytes:
+        if ref is None:
+            return b""
+        return self.segments.read(ref.segment, ref.offset, ref.length)
+
+    def _set_chunk(
+        self,
+        t: lmdb.Transaction,
+        top: int,
+        path: tuple[PathEntry, ...],
+        vol: int,
+        ino: int,
+        index: int,
+        content: bytes,
+    ) -> None:
+        key = R.cmap_key(top, vol, ino, index)
+        old = t.get(key, db=self._cmap)
+        old_key = _chunk_ref(old).key if old else None
+        if content.count(0) == len(content):
+            if self._lower_has(
+                t, path, self._cmap, lambda layer, v: R.cmap_key(layer, v, ino, index)
+            ):
+                t.put(key, R.WHITEOUT, db=self._cmap)
+            elif old is not None:
+                t.delete(key, db=self._cmap)
+        else:
+            chunk_key, segment, offset = self._store_chunk(t, content)
+            digest, seq = R.CHUNK_KEY.unpack(chunk_key)
+            t.put(
+                key,
+                R.CMAP_VAL.pack(digest, seq, len(content), segment, offset),
+                db=self._cmap,
+            )
+        if old_key is not None:
+            self._unref_chunk(t, old_key)
+
+    def _read_range(
+        self, t: lmdb.Transaction, view: _View, vol: int, ino: int, start: int, end: int
+    ) -> bytes:
+        path = self._path(t, view.top, vol)
+        parts: list[bytes] = []
+        run_seg = run_off = run_len = 0
+        for index in range(start // CHUNK_SIZE, (end - 1) // CHUNK_SIZE + 1):
+            base = index * CHUNK_SIZE
+            lo = max(start, base) - base
+            hi = min(end, base + CHUNK_SIZE) - base
+            ref = self._chunk_at(t, path, ino, index)
+            have = min(hi, ref.length) if ref is not None else 0
+            if ref is not None and lo < have:
+                offset = ref.offset + lo
+                if run_len and run_seg == ref.segment and run_off + run_len == offset:
+                    run_len += have - lo
+                else:
+                    if run_len:
+                        parts.append(self.segments.read(run_seg, run_off, run_len))
+                    run_seg, run_off, run_len = ref.segment, offset, have - lo
+            if hi > max(lo, have):
+                if run_len:
+                    parts.append(self.segments.read(run_seg, run_off, run_len))
+                    run_len = 0
+                parts.append(ZEROS[: hi - max(lo, have)])
+        if run_len:
+            parts.append(self.segments.read(run_seg, run_off, run_len))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _write_range(
+        self,
+        t: lmdb.Transaction,
+        view: _View,
+        vol: int,
+        ino: int,
+        offset: int,
+        data: bytes,
+        new_size: int,
+    ) -> None:
+        path = self._path(t, view.top, vol)
+        end = offset + len(data)
+        mv = memoryview(data)
+        for index in range(offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE + 1):
+            base = index * CHUNK_SIZE
+            lo = max(offset, base)
+            hi = min(end, base + CHUNK_SIZE)
+            clen = min(CHUNK_SIZE, new_size - base)
+            piece = mv[lo - offset : hi - offset]
+            if lo == base and hi - base == clen:
+                content = bytes(piece)
+            else:
+                old = self._chunk_bytes(self._chunk_at(t, path, ino, index))
+                buf = bytearray(clen)
+                buf[: min(len(old), clen)] = old[:clen]
+                buf[lo - base : hi - base] = piece
+                content = bytes(buf)
+            self._set_chunk(t, view.top, path, vol, ino, index, content)
+
+    def _truncate(
+        self, t: lmdb.Transaction, view: _View, vol: int, ino: int, old_size: int, new_size: int
+    ) -> None:
+        if new_size >= old_size:
+            return  # growing leaves a hole
+        path = self._path(t, view.top, vol)
+        if new_size % CHUNK_SIZE:
+            index = new_size // CHUNK_SIZE
+            old = self._chunk_bytes(self._chunk_at(t, path, ino, index))
+            keep = new_size % CHUNK_SIZE
+            if len(old) > keep:
+                self._set_chunk(t, view.top, path, vol, ino, index, old[:keep])
+        first_dropped = -(-new_size // CHUNK_SIZE)
+        top_prefix = R.cmap_prefix(view.top, vol, ino)
+        doomed: list[tuple[bytes, bytes]] = []
+        cur = t.cursor(db=self._cmap)
+        if cur.set_range(R.cmap_key(view.top, vol, ino, first_dropped)):
+            for key, value in cur:
+                if not bytes(key).startswith(top_prefix):
+                    break
+                doomed.append((bytes(key), bytes(value)))
+        for key, value in doomed:
+            t.delete(key, db=self._cmap)
+            if value:
+                self._unref_chunk(t, _chunk_ref(value).key)
+        whiteouts: set[int] = set()
+        for layer, v, _ in path[1:]:
+            prefix = R.cmap_prefix(layer, v, ino)
+            cur = t.cursor(db=self._cmap)
+            if cur.set_range(R.cmap_key(layer, v, ino, first_dropped)):
+                for key, value in cur:
+                    key = bytes(key)
+                    if not key.startswith(prefix):
+                        break
+                    if value:
+                        whiteouts.add(R.CMAP_KEY.unpack(key)[3])
+        for index in whiteouts:
+            t.put(R.cmap_key(view.top, vol, ino, index), R.WHITEOUT, db=self._cmap)
+
+    def _destroy(self, t: lmdb.Transaction, view: _View, vol: int, ino: int, node: Inode) -> None:
+        """The last link is gone: release the object's own records."""
+        if node.type == FileType.REG:
+            self._truncate(t, view, vol, ino, node.size, 0)
+            self._usage_add(t, view, -node.size, -1)
+        else:
+            self._usage_add(t, view, 0, -1)
+        self._drop_inode(t, view, vol, ino)
+
+    # -- public: namespaces --------------------------------------------------------------
+
+    def _info(self, t: lmdb.Transaction, rec: dict[str, Any]) -> NamespaceInfo:
+        clients = rec.get("clients", [])
+        quota = rec.get("quota")
+        if rec["kind"] == "snapshot":
+            parent = self._ns_record(t, rec["of"])
+            if parent is not None:
+                clients = parent.get("clients", [])
+        return NamespaceInfo(
+            id=rec["id"],
+            name=rec["name"],
+            kind=rec["kind"],
+            root=ObjectId(rec["id"], 0, ROOT_INO),
+            readonly=rec["kind"] == "snapshot",
+            clients=tuple(clients),
+            quota=quota,
+            created_ns=rec.get("created", 0),
+        )
+
+    def _make_ns(
+        self,
+        t: lmdb.Transaction,
+        name: str,
+        kind: str,
+        top: int,
+        *,
+        clients: tuple[str, ...] = (),
+        quota: int | None = None,
+        of: int | None = None,
+        next_ino: int | None = None,
+    ) -> dict[str, Any]:
+        if t.get(name.encode(), db=self._names) is not None:
+            raise Exists(f"{name!r} already exists; pick another name or remove it first")
+        ns_id = self._counter(t, b"ns_next")
+        rec = {
+            "id": ns_id,
+            "name": name,
+            "kind": kind,
+            "top": top,
+            "clients": list(clients),
+            "quota": quota,
+            "of": of,
+            "created": time.time_ns(),
+        }
+        self._put_ns(t, rec)
+        t.put(name.encode(), _NS_KEY.pack(ns_id), db=self._names)
+        if next_ino is not None:
+            t.put(b"ino" + _NS_KEY.pack(ns_id), R.U64.pack(next_ino), db=self._meta)
+        return rec
+
+    def create_namespace(
+        self, name: str, *, clients: tuple[str, ...] | list[str] = (), quota: int | None = None
+    ) -> NamespaceInfo:
+        check_vm_name(name)
+        clients = parse_clients(clients)
+        if quota is not None and quota < 0:
+            raise InvalidArgument("quota must be positive")
+        with self._write() as t:
+            top = self._new_layer(t, 0, None)
+            rec = self._make_ns(t, name, "vm", top, clients=clients, quota=quota)
+            now = time.time_ns()
+            root = Inode(FileType.DIR, 0o755, 2, 0, 0, 0, 0, 0, now, now, now, 0, ROOT_INO)
+            t.put(R.inode_key(top, 0, ROOT_INO), root.pack(), db=self._inodes)
+            self._set_usage(t, rec["id"], 0, 1, True)
+            return self._info(t, rec)
+
+    def namespace(self, name: str) -> NamespaceInfo:
+        with self._read() as t:
+            return self._info(t, self._view_by_name(t, name).record)
+
+    def namespace_by_id(self, ns_id: int) -> NamespaceInfo:
+        with self._read() as t:
+            rec = self._ns_record(t, ns_id)
+            if rec is None:
+                raise Stale(f"namespace {ns_id} no longer exists")
+            return self._info(t, rec)
+
+    def list_namespaces(self, kind: str | None = None) -> list[NamespaceInfo]:
+        with self._read() as t:
+            out = []
+            for _, raw in t.cursor(db=self._ns):
+                rec = json.loads(bytes(raw))
+                if kind is None or rec["kind"] == kind:
+                    out.append(self._info(t, rec))
+            return sorted(out, key=lambda info: info.name)
+
+    _UNCHANGED: Any = object()
+
+    def set_namespace(
+        self,
+        name: str,
+        *,
+        clients: tuple[str, ...] | list[str] | None = None,
+        quota: Any = _UNCHANGED,
+    ) -> NamespaceInfo:
+        with self._write() as t:
+            view = self._view_by_name(t, name)
+            if view.kind != "vm":
+                raise InvalidArgument(f"{name!r} is a snapshot; change its VM instead")
+            rec = dict(view.record)
+            if clients is not None:
+                rec["clients"] = list(parse_clients(clients))
+            if quota is not self._UNCHANGED:
+                if quota is not None and quota < 0:
+                    raise InvalidArgument("quota must be positive")
+                rec["quota"] = quota
+            self._put_ns(t, rec)
+            return self._info(t, rec)
+
+    def remove_namespace(self, name: str) -> None:
+        with self._write() as t:
+            view = self._view_by_name(t, name)
+            doomed = [view.record]
+            if view.kind == "vm":
+                doomed += [
+                    json.loads(bytes(raw))
+                    for _, raw in t.cursor(db=self._ns)
+                    if json.loads(bytes(raw)).get("of") == view.id
+                ]
+            for rec in doomed:
+                key = _NS_KEY.pack(rec["id"])
+                t.delete(key, db=self._ns)
+                t.delete(key, db=self._usage)
+                t.delete(b"ino" + key, db=self._meta)
+                t.delete(rec["name"].encode(), db=self._names)
+
+    def snapshot(self, name: str, snap: str) -> NamespaceInfo:
+        if not SNAP_NAME.fullmatch(snap):
+            raise InvalidArgument(f"invalid snapshot name {snap!r}: use a-z 0-9 _ . -")
+        with self._write() as t:
+            view = self._view_by_name(t, name)
+            if view.kind != "vm":
+                raise InvalidArgument(f"{name!r} is a snapshot already")
+            full = f"{name}@{snap}"
+            if t.get(full.encode(), db=self._names) is not None:
+                raise Exists(f"snapshot {full!r} already exists")
+            frozen = self._freeze(t, view)
+            rec = self._make_ns(t, full, "snapshot", frozen, of=view.id)
+            nbytes, objects = self._usage_get(t, view)
+            self._set_usage(t, rec["id"], nbytes, objects, True)
+            return self._info(t, rec)
+
+    def list_snapshots(self, name: str) -> list[NamespaceInfo]:
+        vm = self.namespace(name)
+        return [s for s in self.list_namespaces("snapshot") if s.name.startswith(vm.name + "@")]
+
+    def remove_snapshot(self, name: str, snap: str) -> None:
+        self.namespace(name)
+        full = f"{name}@{snap}"
+        with self._write() as t:
+            self._view_by_name(t, full)
+        self.remove_namespace(full)
+
+    def rollback(self, name: str, snap: str) -> NamespaceInfo:
+        with self._write() as t:
+            view = self._view_by_name(t, name)
+            if view.kind != "vm":
+                raise InvalidArgument(f"{name!r} is not a VM")
+            snapshot = self._view_by_name(t, f"{name}@{snap}")
+            view.record = dict(
+                view.record, top=self._new_layer(t, snapshot.top, self._layer(t, snapshot.top))
+            )
+            self._put_ns(t, view.record)
+            nbytes, objects = self._usage_get(t, snapshot)
+            self._set_usage(t, view.id, nbytes, objects, True)
+            return self._info(t, view.record)
+
+    def clone(
+        self,
+        new: str,
+        sources: list[CloneSource],
+        *,
+        into: bool = False,
+        clients: tuple[str, ...] | list[str] = (),
+        quota: int | None = None,
+    ) -> NamespaceInfo:
+        """Compose `new` from sources laid over each other; O(number of sources)."""
+        if not sources:
+            raise InvalidArgument("a clone needs at least one source")
+        check_vm_name(new)
+        clients = parse_clients(clients)
+        for src in sources:
+            for p in (src.path, src.target):
+                if not p.startswith("/"):
+                    raise InvalidArgument(f"path {p!r} must be absolute (start with '/')")
+        with self._write() as t:
+            frozen: dict[int, int] = {}
+            layers: list[tuple[int, _View]] = []
+            for src in sources:
+                name = src.ns if src.snapshot is None else f"{src.ns}@{src.snapshot}"
+                sview = self._view_by_name(t, name)
+                if sview.id not in frozen:
+                    frozen[sview.id] = self._freeze(t, sview)
+                layers.append((frozen[sview.id], sview))
+            rest = list(zip(sources, layers, strict=True))
+            if into:
+                view = self._view_by_name(t, new)
+                if view.kind != "vm":
+                    raise InvalidArgument(f"cannot clone into snapshot {new!r}")
+            elif _is_whole(sources[0]):
+                layer, sview = layers[0]
+                top = self._new_layer(t, layer, self._layer(t, layer))
+                next_ino = self._get_meta(t, b"ino" + _NS_KEY.pack(sview.id)) or ROOT_INO + 1
+                rec = self._make_ns(
+                    t, new, "vm", top, clients=clients, quota=quota, next_ino=next_ino
+                )
+                nbytes, objects = self._usage_get(t, sview)
+                self._set_usage(t, rec["id"], nbytes, objects, True)
+                view = self._view(t, rec["id"])
+                rest = rest[1:]
+            else:
+                top = self._new_layer(t, 0, None)
+                rec = self._make_ns(t, new, "vm", top, clients=clients, quota=quota)
+                now = time.time_ns()
+                root = Inode(FileType.DIR, 0o755, 2, 0, 0, 0, 0, 0, now, now, now, 0, ROOT_INO)
+                t.put(R.inode_key(top, 0, ROOT_INO), root.pack(), db=self._inodes)
+                self._set_usage(t, rec["id"], 0, 1, True)
+                view = self._view(t, rec["id"])
+            for src, (layer, sview) in rest:
+                self._graft(t, view, src, layer, sview)
+            if rest:
+                self._set_usage(t, view.id, 0, 0, False)
+            return self._info(t, view.record)
+
+    def _graft(
+        self, t: lmdb.Transaction, view: _View, src: CloneSource, layer: int, sview: _View
+    ) -> None:
+        label = f"{sview.name}:{src.path}"
+        source_view = _View(sview.id, sview.name, "snapshot", layer, True, None, sview.record)
+        svol, sino, snode = self._resolve(t, source_view, src.path, label)
+        vol_map = self._import(t, view, layer)
+        target = (vol_map.get(svol, svol), sino, snode.type)
+        if src.target == "/":
+            if snode.type != FileType.DIR:
+                raise NotADirectory(f"{label} is not a directory and cannot become '/'")
+            for entry in list(self._list(t, source_view, svol, sino, 0)):
+                moved = (vol_map.get(entry.oid.vol, entry.oid.vol), entry.oid.ino, entry.type)
+                self._place(t, view, 0, ROOT_INO, entry.name, moved)
+            return
+        parent, _, leaf = src.target.rstrip("/").rpartition("/")
+        pvol, pino, pnode = self._resolve(t, view, parent or "/", f"{view.name}:{parent or '/'}")
+        if pnode.type != FileType.DIR:
+            raise NotADirectory(f"{view.name}:{parent} is not a directory")
+        self._place(t, view, pvol, pino, leaf.encode(), target)
+
+    def _import(self, t: lmdb.Transaction, view: _View, layer: int) -> dict[int, int]:
+        """Give every volume of frozen `layer` a volume here; reuse an earlier import."""
+        top = self._layer(t, view.top)
+        for imp in top["imports"].values():
+            if imp["layer"] == layer:
+                return {int(k): v for k, v in imp["map"].items()}
+        source = self._layer(t, layer)
+        source_vols = [0, *sorted(int(v) for v in source["vols"])]
+        imp_id = top["next_import"]
+        mapping: dict[int, int] = {}
+        for svol in source_vols:
+            vol = top["next_vol"]
+            if vol >= MAX_VOLUMES:
+                raise InvalidArgument("too many composed volumes in this VM")
+            top["next_vol"] = vol + 1
+            mapping[svol] = vol
+            top["vols"][str(vol)] = [layer, svol, imp_id]
+        top["imports"][str(imp_id)] = {
+            "layer": layer,
+            "map": {str(k): v for k, v in mapping.items()},
+        }
+        top["next_import"] = imp_id + 1
+        self._put_layer(t, view.top, top)
+        return mapping
+
+    def _place(
+        self,
+        t: lmdb.Transaction,
+        view: _View,
+        pvol: int,
+        pino: int,
+        name: bytes,
+        target: tuple[int, int, FileType],
+    ) -> None:
+        """Bind `name` in a directory to `target`, replacing whatever was there."""
+        check_name(name)
+        pnode = self._inode(t, view, pvol, pino)
+        assert pnode is not None
+        old = self._entry(t, view, pvol, pino, name)
+        if old is not None:
+            onode = self._inode(t, view, old[0], old[1])
+            if old[2] == FileType.DIR:
+                pnode.nlink -= 1
+                if onode is not None:
+                    self._drop_inode(t, view, old[0], old[1])
+            elif onode is not None:
+                onode.nlink -= 1
+                if onode.nlink <= 0:
+                    self._drop_inode(t, view, old[0], old[1])
+                else:
+                    self._put_inode(t, view, old[0], old[1], onode)
+        self._put_entry(t, view, pvol, pino, name, target)
+        if target[2] == FileType.DIR:
+            node = self._inode(t, view, target[0], target[1])
+            if node is None:
+                raise Corrupt("grafted directory is missing")
+            node.parent_vol, node.parent_ino = pvol, pino
+            self._put_inode(t, view, target[0], target[1], node)
+            pnode.nlink += 1
+        pnode.mtime_ns = pnode.ctime_ns = time.time_ns()
+        self._put_inode(t, view, pvol, pino, pnode)
+
+    def _resolve(
+        self, t: lmdb.Transaction, view: _View, path: str, label: str
+    ) -> tuple[int, int, Inode]:
+        vol, ino = 0, ROOT_INO
+        node = self._inode(t, view, vol, ino)
+        if node is None:
+            raise Corrupt(f"{view.name} has no root directory; run `prism fsck --repair`")
+        for part in [p for p in path.split("/") if p and p != "."]:
+            if node.type != FileType.DIR:
+                raise NotADirectory(f"{label}: a component of the path is not a directory")
+            if part == "..":
+                vol, ino = node.parent_vol or vol, node.parent_ino or ino
+            else:
+                entry = self._entry(t, view, vol, ino, part.encode())
+                if entry is None:
+                    raise NotFound(f"{label} does not exist")
+                vol, ino = entry[0], entry[1]
+            found = self._inode(t, view, vol, ino)
+            if found is None:
+                raise NotFound(f"{label} does not exist")
+            node = found
+        return vol, ino, node
+
+    def usage(self, name: str) -> Usage:
+        with self._write() as t:
+            nbytes, objects = self._usage_get(t, self._view_by_name(t, name))
+            return Usage(nbytes, objects)
+
+    def stats(self) -> StoreStats:
+        with self._write() as t:
+            logical = 0
+            for _, raw in t.cursor(db=self._ns):
+                rec = json.loads(bytes(raw))
+                if rec["kind"] == "vm":
+                    logical += self._usage_get(t, self._view(t, rec["id"]))[0]
+            segment_bytes = sum(R.SEGMENT_VAL.unpack(v)[0] for _, v in t.cursor(db=self._segdb))
+            return StoreStats(
+                logical_bytes=logical,
+                stored_bytes=self._get_meta(t, b"stored_bytes"),
+                chunk_count=self._get_meta(t, b"chunk_count"),
+                segment_bytes=segment_bytes,
+            )
+
+    def fsstat(self, ns_id: int) -> FsStat:
+        with self._read() as t:
+            view = self._view(t, ns_id)
+            raw = t.get(_NS_KEY.pack(view.id), db=self._usage)
+            used, objects, _ = R.USAGE_VAL.unpack(raw) if raw else (0, 0, 0)
+        disk = shutil.disk_usage(self.root)
+        free_files = 1 << 32
+        if view.quota is not None:
+            free = max(0, view.quota - used)
+            return FsStat(view.quota, free, free, objects + free_files, free_files)
+        return FsStat(disk.total, disk.free, disk.free, objects + free_files, free_files)
+
+    # -- public: objects -----------------------------------------------------------------
+
+    def root(self, ns_id: int) -> ObjectId:
+        with self._read() as t:
+            self._view(t, ns_id)
+        return ObjectId(ns_id, 0, ROOT_INO)
+
+    def getattr(self, oid: ObjectId) -> Attr:
+        with self._read() as t:
+            _, node = self._obj(t, oid)
+            return self._attr(oid, node)
+
+    def lookup(self, dir: ObjectId, name: bytes, cred: Cred | None = None) -> Attr:
+        with self._read() as t:
+            view, dnode = self._obj(t, dir)
+            if dnode.type != FileType.DIR:
+                raise NotADirectory("lookup in something that is not a directory")
+            self._require(dnode, cred, _X, "no search permission on the directory")
+            if name == b".":
+                return self._attr(dir, dnode)
+            if name == b"..":
+                if dir.vol == 0 and dir.ino == ROOT_INO:
+                    return self._attr(dir, dnode)
+                parent = ObjectId(dir.ns, dnode.parent_vol, dnode.parent_ino)
+                _, pnode = self._obj(t, parent)
+                return self._attr(parent, pnode)
+            check_name(name)
+            entry = self._entry(t, view, dir.vol, dir.ino, name)
+            if entry is None:
+                raise NotFound(f"{name!r} does not exist")
+            oid = ObjectId(dir.ns, entry[0], entry[1])
+            node = self._inode(t, view, entry[0], entry[1])
+            if node is None:
+                raise NotFound(f"{name!r} does not exist")
+            return self._attr(oid, node)
+
+    def resolve(self, ns_id: int, path: str) -> Attr:
+        with self._read() as t:
+            view = self._view(t, ns_id)
+            vol, ino, node = self._resolve(t, view, path, f"{view.name}:{path}")
+            return self._attr(ObjectId(ns_id, vol, ino), node)
+
+    def access(self, oid: ObjectId, cred: Cred | None, mask: int) -> int:
+        with self._read() as t:
+            view, node = self._obj(t, oid)
+        r, w, x = (self._may(node, cred, bit) for bit in (_R, _W, _X))
+        if node.type == FileType.DIR:
+            granted = (ACCESS_READ if r else 0) | (ACCESS_LOOKUP if x else 0)
+            if w and x:
+                granted |= ACCESS_MODIFY | ACCESS_EXTEND | ACCESS_DELETE
+        else:
+            granted = (ACCESS_READ if r else 0) | (ACCESS_EXECUTE if x else 0)
+            if w:
+                granted |= ACCESS_MODIFY | ACCESS_EXTEND
+        if view.readonly:
+            granted &= ~(ACCESS_MODIFY | ACCESS_EXTEND | ACCESS_DELETE)
+        return granted & mask
+
+    def setattr(
+        self,
+        oid: ObjectId,
+        sattr: SetAttr,
+        cred: Cred | None = None,
+        *,
+        guard_ctime_ns: int | None = None,
+    ) -> Attr:
+        with self._write() as t:
+            view, node = self._obj(t, oid, writable=True)
+            if guard_ctime_ns is not None and node.ctime_ns != guard_ctime_ns:
+                raise NotSync("the object changed since the client looked (ctime guard)")
+            self._apply_sattr(t, view, oid, node, sattr, cred, new=False)
+            self._put_inode(t, view, oid.vol, oid.ino, node)
+            return self._attr(oid, node)
+
+    def _apply_sattr(
+        self,
+        t: lmdb.Transaction,
+        view: _View,
+        oid: ObjectId,
+        node: Inode,
+        sattr: SetAttr,
+        cred: Cred | None,
+        *,
+        new: bool,
+    ) -> None:
+        is_owner = cred is None or cred.is_root or cred.uid == node.uid
+        now = time.time_ns()
+        changed = False
+        if sattr.mode is not None:
+            if not is_owner:
+                raise NotPermitted("only the owner may change the mode")
+            node.mode = sattr.mode & 0o7777
+            changed = True
+        if sattr.uid is not None and sattr.uid != node.uid:
+            if not (cred is None or cred.is_root):
+                raise NotPermitted("only root may change the owner")
+            node.uid = sattr.uid
+            changed = True
+        if sattr.gid is not None and sattr.gid != node.gid:
+            if not (cred is None or cred.is_root or (is_owner and cred.in_group(sattr.gid))):
+                raise NotPermitted("only root, or the owner into a group of theirs, may chgrp")
+            node.gid = sattr.gid
+            changed = True
+        if sattr.size is not None:
+            if node.type == FileType.DIR:
+                raise IsADirectory("cannot change the size of a directory")
+            if node.type != FileType.REG:
+                raise InvalidArgument("only regular files have a settable size")
+            if sattr.size > MAX_FILE_SIZE:
+                raise FileTooLarge(f"size {sattr.size} exceeds {MAX_FILE_SIZE}")
+            if not new:
+                self._require_data(node, cred, _W)
+            if sattr.size != node.size:
+                if sattr.size > node.size:
+                    self._check_quota(t, view, sattr.size - node.size)
+                self._truncate(t, view, oid.vol, oid.ino, node.size, sattr.size)
+                self._usage_add(t, view, sattr.size - node.size, 0)
+                node.size = sattr.size
+                node.mtime_ns = now
+            changed = True
+        for field in ("atime_ns", "mtime_ns"):
+            value = getattr(sattr, field)
+            if value is None:
+                continue
+            if value == NOW:
+                if not is_owner and not self._may(node, cred, _W):
+                    raise PermissionDenied("need write permission to touch the times")
+                value = now
+            elif not is_owner:
+                raise NotPermitted("only the owner may set explicit times")
+            setattr(node, field, value)
+            changed = True
+        if changed:
+            node.ctime_ns = now
+
+    def read(
+        self, oid: ObjectId, offset: int, count: int, cred: Cred | None = None
+    ) -> tuple[bytes, bool]:
+        if offset < 0 or count < 0:
+            raise InvalidArgument("negative offset or count")
+        with self._read() as t:
+            view, node = self._obj(t, oid)
+            if node.type == FileType.DIR:
+                raise IsADirectory("cannot read a directory as a file")
+            if node.type != FileType.REG:
+                raise InvalidArgument("only regular files can be read")
+            self._require_data(node, cred, _R)
+            if offset >= node.size or count == 0:
+                return b"", offset >= node.size
+            end = min(node.size, offset + count)
+            return self._read_range(t, view, oid.vol, oid.ino, offset, end), end == node.size
+
+    def write(self, oid: ObjectId, offset: int, data: bytes, cred: Cred | None = None) -> Attr:
+        if offset < 0:
+            raise InvalidArgument("negative offset")
+        end = offset + len(data)
+        if end > MAX_FILE_SIZE:
+            raise FileTooLarge(f"write past {MAX_FILE_SIZE} bytes")
+        with self._write() as t:
+            view, node = self._obj(t, oid, writable=True)
+            if node.type == FileType.DIR:
+                raise IsADirectory("cannot write to a directory")
+            if node.type != FileType.REG:
+                raise InvalidArgument("only regular files can be written")
+            self._require_data(node, cred, _W)
+            new_size = max(node.size, end)
+            grow = new_size - node.size
+            if grow:
+                self._check_quota(t, view, grow)
+            if data:
+                self._write_range(t, view, oid.vol, oid.ino, offset, data, new_size)
+            node.size = new_size
+            node.mtime_ns = node.ctime_ns = time.time_ns()
+            if node.mode & 0o6000 and cred is not None and not cred.is_root:
+                node.mode &= ~0o6000
+            self._put_inode(t, view, oid.vol, oid.ino, node)
+            if grow:
+                self._usage_add(t, view, grow, 0)
+            return self._attr(oid, node)
+
+    def _dir_for_change(
+        self, t: lmdb.Transaction, dir: ObjectId, cred: Cred | None
+    ) -> tuple[_View, Inode]:
+        view, dnode = self._obj(t, dir, writable=True)
+        if dnode.type != FileType.DIR:
+            raise NotADirectory("not a directory")
+        self._require(dnode, cred, _W | _X, "no write permission on the directory")
+        return view, dnode
+
+    def _new_object(
+        self,
+        dir: ObjectId,
+        name: bytes,
+        node_type: FileType,
+        mode: int,
+        cred: Cred | None,
+        sattr: SetAttr | None,
+        *,
+        target: bytes = b"",
+        rdev: tuple[int, int] = (0, 0),
+        verifier: bytes | None = None,
+    ) -> Attr:
+        check_name(name)
+        with self._write() as t:
+            view, dnode = self._dir_for_change(t, dir, cred)
+            if self._entry(t, view, dir.vol, dir.ino, name) is not None:
+                raise Exists(f"{name!r} already exists")
+            self._check_quota(t, view, len(target))
+            ino = self._alloc_ino(t, view)
+            now = time.time_ns()
+            who = cred or Cred()
+            gid = dnode.gid if dnode.mode & 0o2000 else who.gid
+            node = Inode(
+                node_type,
+                mode & 0o7777,
+                2 if node_type == FileType.DIR else 1,
+                who.uid,
+                gid,
+                len(target),
+                rdev[0],
+                rdev[1],
+                now,
+                now,
+                now,
+                dir.vol if node_type == FileType.DIR else 0,
+                dir.ino if node_type == FileType.DIR else 0,
+                verifier or b"\0" * 8,
+                target,
+            )
+            oid = ObjectId(dir.ns, 0, ino)
+            if sattr is not None:
+                self._apply_sattr(
+                    t,
+                    view,
+                    oid,
+                    node,
+                    SetAttr(
+                        mode=sattr.mode,
+                        uid=sattr.uid,
+                        gid=sattr.gid,
+                        atime_ns=sattr.atime_ns,
+                        mtime_ns=sattr.mtime_ns,
+                    ),
+                    None,
+                    new=True,
+                )
+            self._put_inode(t, view, 0, ino, node)
+            self._put_entry(t, view, dir.vol, dir.ino, name, (0, ino, node_type))
+            if node_type == FileType.DIR:
+                dnode.nlink += 1
+            dnode.mtime_ns = dnode.ctime_ns = now
+            self._put_inode(t, view, dir.vol, dir.ino, dnode)
+            self._usage_add(t, view, 0, 1)
+            return self._attr(oid, node)
+
+    def create(
+        self,
+        dir: ObjectId,
+        name: bytes,
+        mode: int = 0o644,
+        cred: Cred | None = None,
+        *,
+        exclusive: bytes | None = None,
+        guarded: bool = False,
+        sattr: SetAttr | None = None,
+    ) -> Attr:
+        check_name(name)
+        with self._read() as t:
+            view, dnode = self._obj(t, dir)
+            if dnode.type != FileType.DIR:
+                raise NotADirectory("not a directory")
+            self._require(dnode, cred, _X, "no search permission on the directory")
+            entry = self._entry(t, view, dir.vol, dir.ino, name)
+            existing = self._inode(t, view, entry[0], entry[1]) if entry else None
+        if entry is not None and existing is not None:
+            oid = ObjectId(dir.ns, entry[0], entry[1])
+            if exclusive is not None:
+                if existing.type == FileType.REG and existing.verifier == exclusive:
+                    return self._attr(oid, existing)
+                raise Exists(f"{name!r} already exists")
+            if guarded:
+                raise Exists(f"{name!r} already exists")
+            if existing.type == FileType.DIR:
+                raise IsADirectory(f"{name!r} is a directory")
+            if sattr is not None and sattr.size is not None:
+                return self.setattr(oid, SetAttr(size=sattr.size), cred)
+            return self._attr(oid, existing)
+        return self._new_object(dir, name, FileType.REG, mode, cred, sattr, verifier=exclusive)
+
+    def mkdir(
+        self,
+        dir: ObjectId,
+        name: bytes,
+        mode: int = 0o755,
+        cred: Cred | None = None,
+        *,
+        sattr: SetAttr | None = None,
+    ) -> Attr:
+        return self._new_object(dir, name, FileType.DIR, mode, cred, sattr)
+
+    def symlink(
+        self,
+        dir: ObjectId,
+        name: bytes,
+        target: bytes,
+        cred: Cred | None = None,
+        *,
+        mode: int = 0o777,
+        sattr: SetAttr | None = None,
+    ) -> Attr:
+        if not target or len(target) > SYMLINK_MAX or b"\0" in target:
+            raise InvalidArgument(f"symlink target must be 1-{SYMLINK_MAX} bytes without NUL")
+        return self._new_object(dir, name, FileType.LNK, mode, cred, sattr, target=target)
+
+    def mknod(
+        self,
+        dir: ObjectId,
+        name: bytes,
+        ftype: FileType,
+        mode: int,
+        cred: Cred | None = None,
+        *,
+        rdev: tuple[int, int] = (0, 0),
+        sattr: SetAttr | None = None,
+    ) -> Attr:
+        if ftype not in (FileType.BLK, FileType.CHR, FileType.SOCK, FileType.FIFO):
+            raise InvalidArgument(f"mknod cannot make a {ftype.name}")
+        if ftype in (FileType.BLK, FileType.CHR) and not (cred is None or cred.is_root):
+            raise NotPermitted("only root may create device nodes")
+        return self._new_object(dir, name, ftype, mode, cred, sattr, rdev=rdev)
+
+    def readlink(self, oid: ObjectId) -> bytes:
+        with self._read() as t:
+            _, node = self._obj(t, oid)
+            if node.type != FileType.LNK:
+                raise InvalidArgument("not a symbolic link")
+            return node.target
+
+    def _unlink(self, dir: ObjectId, name: bytes, cred: Cred | None, *, want_dir: bool) -> None:
+        if name in (b".", b".."):
+            raise (InvalidArgument if name == b"." else NotEmpty)(f"cannot remove {name!r}")
+        check_name(name)
+        with self._write() as t:
+            view, dnode = self._dir_for_change(t, dir, cred)
+            entry = self._entry(t, view, dir.vol, dir.ino, name)
+            if entry is None:
+                raise NotFound(f"{name!r} does not exist")
+            vol, ino, _ = entry
+            node = self._inode(t, view, vol, ino)
+            if node is None:
+                raise NotFound(f"{name!r} does not exist")
+            if want_dir and node.type != FileType.DIR:
+                raise NotADirectory(f"{name!r} is not a directory")
+            if not want_dir and node.type == FileType.DIR:
+                raise IsADirectory(f"{name!r} is a directory; use rmdir")
+            if not self._sticky_ok(dnode, node, cred):
+                raise PermissionDenied("sticky directory: only the owner may remove this")
+            if want_dir and not self._is_empty_dir(t, view, vol, ino):
+                raise NotEmpty(f"directory {name!r} is not empty")
+            self._drop_entry(t, view, dir.vol, dir.ino, name)
+            now = time.time_ns()
+            if node.type == FileType.DIR:
+                dnode.nlink = max(2, dnode.nlink - 1)
+                self._destroy(t, view, vol, ino, node)
+            else:
+                node.nlink -= 1
+                if node.nlink <= 0:
+                    self._destroy(t, view, vol, ino, node)
+                else:
+                    node.ctime_ns = now
+                    self._put_inode(t, view, vol, ino, node)
+            dnode.mtime_ns = dnode.ctime_ns = now
+            self._put_inode(t, view, dir.vol, dir.ino, dnode)
+
+    def remove(self, dir: ObjectId, name: bytes, cred: Cred | None = None) -> None:
+        self._unlink(dir, name, cred, want_dir=False)
+
+    def rmdir(self, dir: ObjectId, name: bytes, cred: Cred | None = None) -> None:
+        self._unlink(dir, name, cred, want_dir=True)
+
+    def rename(
+        self,
+        src_dir: ObjectId,
+        src_name: bytes,
+        dst_dir: ObjectId,
+        dst_name: bytes,
+        cred: Cred | None = None,
+    ) -> None:
+        for name in (src_name, dst_name):
+            if name in (b".", b".."):
+                raise InvalidArgument("cannot rename '.' or '..'")
+            check_name(name)
+        if src_dir.ns != dst_dir.ns:
+            raise CrossDevice("cannot rename between namespaces")
+        with self._write() as t:
+            view, sdnode = self._dir_for_change(t, src_dir, cred)
+            _, ddnode = self._dir_for_change(t, dst_dir, cred)
+            entry = self._entry(t, view, src_dir.vol, src_dir.ino, src_name)
+            if entry is None:
+                raise NotFound(f"{src_name!r} does not exist")
+            svol, sino, stype = entry
+            snode = self._inode(t, view, svol, sino)
+            if snode is None:
+                raise NotFound(f"{src_name!r} does not exist")
+            if not self._sticky_ok(sdnode, snode, cred):
+                raise PermissionDenied("sticky directory: only the owner may rename this")
+            same_dir = src_dir == dst_dir
+            if same_dir:
+                ddnode = sdnode  # one directory: apply every change to one copy
+                if src_name == dst_name:
+                    return
+            if snode.type == FileType.DIR and not same_dir:
+                self._refuse_loop(t, view, (svol, sino), dst_dir)
+            existing = self._entry(t, view, dst_dir.vol, dst_dir.ino, dst_name)
+            if existing is not None and (existing[0], existing[1]) == (svol, sino):
+                return  # both names are links to the same object: POSIX says do nothing
+            now = time.time_ns()
+            if existing is not None:
+                enode = self._inode(t, view, existing[0], existing[1])
+                if enode is not None:
+                    if not self._sticky_ok(ddnode, enode, cred):
+                        raise PermissionDenied("sticky directory: cannot replace this entry")
+                    if snode.type == FileType.DIR:
+                        if enode.type != FileType.DIR:
+                            raise NotADirectory(f"{dst_name!r} is not a directory")
+                        if not self._is_empty_dir(t, view, existing[0], existing[1]):
+                            raise NotEmpty(f"{dst_name!r} is not empty")
+                    elif enode.type == FileType.DIR:
+                        raise IsADirectory(f"{dst_name!r} is a directory")
+                    if enode.type == FileType.DIR:
+                        ddnode.nlink -= 1
+                        self._destroy(t, view, existing[0], existing[1], enode)
+                    else:
+                        enode.nlink -= 1
+                        if enode.nlink <= 0:
+                            self._destroy(t, view, existing[0], existing[1], enode)
+                        else:
+                            enode.ctime_ns = now
+                            self._put_inode(t, view, existing[0], existing[1], enode)
+            self._drop_entry(t, view, src_dir.vol, src_dir.ino, src_name)
+            self._put_entry(t, view, dst_dir.vol, dst_dir.ino, dst_name, (svol, sino, stype))
+            snode.ctime_ns = now
+            if snode.type == FileType.DIR and not same_dir:
+                snode.parent_vol, snode.parent_ino = dst_dir.vol, dst_dir.ino
+                ddnode.nlink += 1
+                sdnode.nlink -= 1
+            self._put_inode(t, view, svol, sino, snode)
+            sdnode.mtime_ns = sdnode.ctime_ns = now
+            self._put_inode(t, view, src_dir.vol, src_dir.ino, sdnode)
+            if not same_dir:
+                ddnode.mtime_ns = ddnode.ctime_ns = now
+                self._put_inode(t, view, dst_dir.vol, dst_dir.ino, ddnode)
+
+    def _refuse_loop(
+        self, t: lmdb.Transaction, view: _View, moving: tuple[int, int], dst_dir: ObjectId
+    ) -> None:
+        vol, ino = dst_dir.vol, dst_dir.ino
+        for _ in range(100000):
+            if (vol, ino) == moving:
+                raise InvalidArgument("cannot move a directory inside itself")
+            if vol == 0 and ino == ROOT_INO:
+                return
+            node = self._inode(t, view, vol, ino)
+            if node is None or (node.parent_vol, node.parent_ino) == (vol, ino):
+                return
+            vol, ino = node.parent_vol, node.parent_ino
+
+    def link(self, oid: ObjectId, dir: ObjectId, name: bytes, cred: Cred | None = None) -> Attr:
+        check_name(name)
+        if oid.ns != dir.ns:
+            raise CrossDevice("cannot link across namespaces")
+        with self._write() as t:
+            view, dnode = self._dir_for_change(t, dir, cred)
+            _, node = self._obj(t, oid, writable=True)
+            if node.type == FileType.DIR:
+                raise IsADirectory("cannot hard-link a directory")
+            if node.nlink >= NLINK_MAX:
+                raise TooManyLinks(f"the object already has {node.nlink} links")
+            if self._entry(t, view, dir.vol, dir.ino, name) is not None:
+                raise Exists(f"{name!r} already exists")
+            now = time.time_ns()
+            node.nlink += 1
+            node.ctime_ns = now
+            self._put_inode(t, view, oid.vol, oid.ino, node)
+            self._put_entry(t, view, dir.vol, dir.ino, name, (oid.vol, oid.ino, node.type))
+            dnode.mtime_ns = dnode.ctime_ns = now
+            self._put_inode(t, view, dir.vol, dir.ino, dnode)
+            return self._attr(oid, node)
+
+    def readdir(
+        self, dir: ObjectId, cookie: int = 0, cred: Cred | None = None, *, limit: int = 1000
+    ) -> tuple[list[DirEntry], bool]:
+        with self._read() as t:
+            view, dnode = self._obj(t, dir)
+            if dnode.type != FileType.DIR:
+                raise NotADirectory("not a directory")
+            self._require(dnode, cred, _R, "no read permission on the directory")
+            after = cookie if cookie >= R.FIRST_COOKIE else 0
+            out: list[DirEntry] = []
+            for entry in self._list(t, view, dir.vol, dir.ino, after):
+                if len(out) >= limit:
+                    return out, False
+                out.append(entry)
+            return out, True
+
+    def attrs_of(self, entries: list[DirEntry]) -> list[Attr | None]:
+        """Attributes for many entries in one transaction (READDIRPLUS)."""
+        with self._read() as t:
+            out: list[Attr | None] = []
+            views: dict[int, _View] = {}
+            for entry in entries:
+                oid = entry.oid
+                view = views.get(oid.ns) or views.setdefault(oid.ns, self._view(t, oid.ns))
+                node = self._inode(t, view, oid.vol, oid.ino)
+                out.append(self._attr(oid, node) if node is not None else None)
+            return out
+
+
+def _is_whole(src: CloneSource) -> bool:
+    return src.path.rstrip("/") == "" and src.target.rstrip("/") == ""
