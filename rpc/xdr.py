@@ -135,9 +135,8 @@ class Unpacker:
 
     def _skip_padding(self, n: int) -> None:
         pad = (-n) & 3
-        if pad:
-            if self._take(pad) != b"\0" * pad:
-                raise XdrError("non-zero XDR padding")
+        if pad and self._take(pad) != b"\0" * pad:
+            raise XdrError("non-zero XDR padding")
 
     def unpack_fopaque(self, size: int) -> bytes:
         data = self._take(size)

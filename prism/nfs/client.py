@@ -23,6 +23,7 @@ from prism.nfs.const import (
     MOUNT_PROGRAM,
     MOUNT_V3,
     NFS3_COOKIEVERFSIZE,
+    NFS3_CREATEVERFSIZE,
     NFS_PROGRAM,
     NFS_V3,
     CreateMode,
@@ -270,9 +271,7 @@ class NfsClient(_Base):
         res: GetattrRes = self.call(Nfs3Proc.GETATTR, GetattrArgs(_fh(fh)))
         return res
 
-    def setattr(
-        self, fh: FhLike, attributes: Sattr3, guard: NfsTime3 | None = None
-    ) -> SetattrRes:
+    def setattr(self, fh: FhLike, attributes: Sattr3, guard: NfsTime3 | None = None) -> SetattrRes:
         res: SetattrRes = self.call(Nfs3Proc.SETATTR, SetattrArgs(_fh(fh), attributes, guard))
         return res
 
@@ -315,7 +314,7 @@ class NfsClient(_Base):
         """CREATE; for EXCLUSIVE, `verf` defaults to 8 random bytes."""
         where = DirOpArgs3(_fh(dir_fh), _name(name))
         if mode == CreateMode.EXCLUSIVE:
-            args = CreateArgs(where, mode, verf=verf or os.urandom(NFS3_COOKIEVERFSIZE))
+            args = CreateArgs(where, mode, verf=verf or os.urandom(NFS3_CREATEVERFSIZE))
         else:
             args = CreateArgs(where, mode, obj_attributes=attributes)
         res: CreateRes = self.call(Nfs3Proc.CREATE, args)
@@ -491,7 +490,3 @@ class NfsClient(_Base):
             if res.eof or not res.entries:
                 return entries
             cookie, verf = res.entries[-1].cookie, res.cookieverf
-
-    def lookup_fh(self, dir_fh: FhLike, name: NameLike) -> NfsFh3:
-        """LOOKUP that raises NfsError and returns only the handle."""
-        return self.walk(dir_fh, _name(name))

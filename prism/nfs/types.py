@@ -1619,8 +1619,8 @@ class Exports:
 class ProcCodec:
     """One row of a procedure table: the argument and result types of a procedure."""
 
-    args: type[Wire]
-    res: type[Wire]
+    args: type[Any]  # a Wire type; Any so callers may construct it, e.g. res(status)
+    res: type[Any]
 
 
 NFS3_PROCS: dict[Nfs3Proc, ProcCodec] = {
@@ -1705,8 +1705,7 @@ def error_result(proc: int, status: NfsStat3, **body: Any) -> Any:
     """A failure result for `proc`, e.g. error_result(LOOKUP, NOENT, dir_attributes=a)."""
     if status == _OK:
         raise ValueError("error_result needs a failure status")
-    res: Any = _row(NFS3_PROCS, proc).res
-    return res(status, **body)
+    return _row(NFS3_PROCS, proc).res(status, **body)
 
 
 def decode_mount_args(proc: int, data: bytes | memoryview) -> Any:

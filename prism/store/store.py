@@ -202,7 +202,8 @@ class Store:
     """Namespaces of POSIX trees over deduplicated chunks. See the module docstring."""
 
     def __init__(self, root: Path, env: lmdb.Environment) -> None:
-        self.root = root
+        # Fix: this was `self.root`, which shadowed the `root(ns_id)` method of the contract.
+        self.path = root
         self._env = env
         self._meta = env.open_db(b"meta")
         self._ns = env.open_db(b"ns")
@@ -275,16 +276,27 @@ class Store:
         batch, self._batch = self._batch, None
         try:
             self.segments.sync()
+            batch.commit()
         except BaseException:
-            batch.abort()
+            self._aborted(batch)
             raise
-        batch.commit()
         self.segments.roll_if_full()
 
     def abort(self) -> None:
         if self._batch is not None:
             batch, self._batch = self._batch, None
-            batch.abort()
+            self._aborted(batch)
+
+    def _aborted(self, txn: lmdb.Transaction) -> None:
+        """Abort `txn` and forget what it may have taught the caches.
+
+        Fix: `_paths` is keyed by layer id, and layer ids come from a counter in LMDB, so an
+        aborted transaction (a failed clone, a failing op in a batch, an aborted batch) hands
+        its layer ids out again. Paths cached for the aborted layers would then be used for
+        unrelated new layers (a clone made after a failed clone saw no root directory).
+        """
+        self._paths.clear()
+        txn.abort()
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[lmdb.Transaction]:
@@ -293,7 +305,7 @@ class Store:
             try:
                 yield child
             except BaseException:
-                child.abort()
+                self._aborted(child)
                 raise
             child.commit()
             return
@@ -301,10 +313,10 @@ class Store:
         try:
             yield txn
             self.segments.sync()
+            txn.commit()
         except BaseException:
-            txn.abort()
+            self._aborted(txn)
             raise
-        txn.commit()
         self.segments.roll_if_full()
 
     @contextlib.contextmanager
@@ -1016,7 +1028,11 @@ class Store:
             if t.get(full.encode(), db=self._names) is not None:
                 raise Exists(f"snapshot {full!r} already exists")
             frozen = self._freeze(t, view)
-            rec = self._make_ns(t, full, "snapshot", frozen, of=view.id)
+            # Fix: a snapshot records its VM's next inode number. A whole clone of the
+            # snapshot continues volume 0's numbering from it; without it the clone restarted
+            # at ROOT_INO + 1 and its new objects overwrote the snapshot's inodes.
+            next_ino = self._get_meta(t, b"ino" + _NS_KEY.pack(view.id)) or ROOT_INO + 1
+            rec = self._make_ns(t, full, "snapshot", frozen, of=view.id, next_ino=next_ino)
             nbytes, objects = self._usage_get(t, view)
             self._set_usage(t, rec["id"], nbytes, objects, True)
             return self._info(t, rec)
@@ -1234,7 +1250,7 @@ class Store:
             view = self._view(t, ns_id)
             raw = t.get(_NS_KEY.pack(view.id), db=self._usage)
             used, objects, _ = R.USAGE_VAL.unpack(raw) if raw else (0, 0, 0)
-        disk = shutil.disk_usage(self.root)
+        disk = shutil.disk_usage(self.path)
         free_files = 1 << 32
         if view.quota is not None:
             free = max(0, view.quota - used)

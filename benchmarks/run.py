@@ -1,0 +1,501 @@
+"""Run the NFS benchmarks side by side: local disk, NFS-Ganesha and Prism.
+
+    bash benchmarks/setup.sh
+    python3 benchmarks/run.py --targets local,ganesha,prism --size-mb 256
+
+Each target gets the same workloads (``benchmarks/workloads.py``) on a fresh directory on
+the same disk; the servers are started and stopped by this script.  Prints a Markdown table
+with Prism/Ganesha and Prism/local ratios and writes a JSON file with every number (client
+and server CPU seconds included, to show which side was busy).
+
+The Prism target runs ``{prism} vm create bench --data DIR`` once, then
+``{prism} serve --data DIR --nfs-port P --mount-port M --no-portmap`` and waits until a libnfs
+mount of ``/bench`` succeeds (both command lines can be overridden).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from ganesha import Ganesha, GaneshaError, die_with_parent  # noqa: E402
+from nfsclient import LIBNFS_SONAME, NfsClient, try_mount  # noqa: E402
+from workloads import (  # noqa: E402
+    WORKLOADS,
+    LocalFs,
+    NfsFs,
+    Params,
+    Result,
+    make_blocks,
+    make_source_tree,
+    suite,
+)
+
+TARGETS = ("local", "ganesha", "prism")
+NAMES = {"local": "local", "ganesha": "Ganesha", "prism": "Prism"}
+HOST = "127.0.0.1"
+EXPORT = "/bench"
+PRISM_NFS_PORT = 22049
+PRISM_MOUNT_PORT = 22048
+PRISM_START_TIMEOUT_S = 60.0
+PRISM_SETUP = "{prism} vm create bench --data {data}"
+PRISM_SERVE = (
+    "{prism} serve --data {data} --nfs-port {nfs_port} --mount-port {mount_port} --no-portmap"
+)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class PrismError(RuntimeError):
+    """The Prism server could not be prepared or did not answer a mount."""
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def drop_caches() -> bool:
+    """sync, then drop the page cache; False when not permitted (containers, non-root)."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def process_cpu(pid: int) -> Callable[[], float]:
+    """A function returning user+system CPU seconds of ``pid`` (all its threads)."""
+    path = f"/proc/{pid}/stat"
+
+    def read() -> float:
+        try:
+            with open(path) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    return read
+
+
+# -- Prism ------------------------------------------------------------------------------
+
+
+class PrismServer:
+    """``prism serve`` as a child process, ready once ``/bench`` mounts over libnfs."""
+
+    def __init__(
+        self,
+        prism_cmd: str,
+        data_dir: Path,
+        workdir: Path,
+        *,
+        nfs_port: int,
+        mount_port: int,
+        setup: str,
+        serve: str,
+        timeout: float,
+    ) -> None:
+        self.subst = {
+            "prism": prism_cmd,
+            "data": shlex.quote(str(data_dir)),
+            "nfs_port": str(nfs_port),
+            "mount_port": str(mount_port),
+        }
+        self.data_dir = data_dir
+        self.setup_cmd = setup.format(**self.subst) if setup else ""
+        self.serve_cmd = serve.format(**self.subst)
+        self.nfs_port = nfs_port
+        self.mount_port = mount_port
+        self.timeout = timeout
+        self.out_path = workdir / "prism-server.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._out: Any = None
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        self.env = env
+
+    def output_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.out_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.setup_cmd:
+            log(f"  prism setup: {self.setup_cmd}")
+            res = subprocess.run(
+                self.setup_cmd,
+                shell=True,
+                cwd=REPO,
+                env=self.env,
+                capture_output=True,
+                text=True,
+            )
+            if res.returncode != 0:
+                raise PrismError(
+                    f"`{self.setup_cmd}` failed with status {res.returncode}:\n"
+                    f"{(res.stdout + res.stderr).strip()[-2000:]}\n"
+                    "(override with --prism-setup, or --prism-setup '' to skip)"
+                )
+        log(f"  prism serve: {self.serve_cmd}")
+        self._out = open(self.out_path, "wb")  # noqa: SIM115 (closed in stop)
+        self._proc = subprocess.Popen(
+            shlex.split(self.serve_cmd),
+            cwd=REPO,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + self.timeout
+        last = "not tried"
+        while time.monotonic() < deadline:
+            rc = self._proc.poll()
+            if rc is not None:
+                raise PrismError(
+                    f"the Prism server exited with status {rc} before answering a mount of"
+                    f" {HOST}:{EXPORT} (`{self.serve_cmd}`); its output:\n{self.output_tail()}"
+                )
+            err = try_mount(HOST, EXPORT, self.nfs_port, self.mount_port)
+            if err is None:
+                return
+            last = err
+            time.sleep(0.25)
+        raise PrismError(
+            f"the Prism server did not answer a libnfs mount of {HOST}:{EXPORT} (NFS port"
+            f" {self.nfs_port}, MOUNT port {self.mount_port}) within {self.timeout:.0f}s;"
+            f" last error: {last}; its output:\n{self.output_tail()}"
+        )
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+
+# -- targets ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def open_target(
+    name: str, args: argparse.Namespace, workdir: Path
+) -> Iterator[tuple[Any, Callable[[], float] | None, dict[str, Any]]]:
+    """Yields (fs, server_cpu, info) for one target, starting and stopping its server."""
+    if name == "local":
+        yield LocalFs(workdir / "local"), None, {"path": str(workdir / "local")}
+        return
+    if name == "ganesha":
+        g = Ganesha(
+            workdir / "ganesha-export",
+            workdir / "ganesha",
+            nfs_port=args.ganesha_nfs_port,
+            mount_port=args.ganesha_mount_port,
+            pseudo=EXPORT,
+            rpcbind=args.rpcbind,
+        )
+        g.start()
+        try:
+            assert g.pid is not None
+            with NfsClient(HOST, EXPORT, nfs_port=g.nfs_port, mount_port=g.mount_port) as client:
+                info = {
+                    "read_max": client.read_max,
+                    "write_max": client.write_max,
+                    "version": ganesha_version(),
+                    "nfs_port": g.nfs_port,
+                    "mount_port": g.mount_port,
+                }
+                yield NfsFs(client), process_cpu(g.pid), info
+        finally:
+            g.stop()
+        return
+    if name == "prism":
+        p = PrismServer(
+            args.prism_cmd,
+            workdir / "prism-data",
+            workdir,
+            nfs_port=args.prism_nfs_port,
+            mount_port=args.prism_mount_port,
+            setup=args.prism_setup,
+            serve=args.prism_serve,
+            timeout=args.prism_timeout,
+        )
+        p.start()
+        try:
+            with NfsClient(HOST, EXPORT, nfs_port=p.nfs_port, mount_port=p.mount_port) as client:
+                info = {
+                    "read_max": client.read_max,
+                    "write_max": client.write_max,
+                    "serve": p.serve_cmd,
+                    "nfs_port": p.nfs_port,
+                    "mount_port": p.mount_port,
+                }
+                yield NfsFs(client), process_cpu(p.pid), info
+        finally:
+            p.stop()
+        return
+    raise ValueError(f"unknown target {name!r}")
+
+
+def ganesha_version() -> str:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(
+            ["ganesha.nfsd", "-v"], capture_output=True, text=True, timeout=10
+        ).stdout
+        return out.strip().splitlines()[0].split("=", 1)[-1].strip()
+    return "unknown"
+
+
+# -- report -----------------------------------------------------------------------------
+
+
+def median_results(runs: list[list[Result]]) -> dict[str, dict[str, Any]]:
+    """Per workload: the run with the median value (all runs' values kept)."""
+    by_name: dict[str, list[Result]] = {}
+    for run in runs:
+        for r in run:
+            by_name.setdefault(r.name, []).append(r)
+    out = {}
+    for name, rs in by_name.items():
+        med = statistics.median_low(r.value for r in rs)
+        chosen = next(r for r in rs if r.value == med)
+        row = chosen.to_json()
+        row["runs"] = [r.value for r in rs]
+        out[name] = row
+    return out
+
+
+def fmt(value: float | None) -> str:
+    if value is None:
+        return "pending"
+    if value >= 1000:
+        return f"{value:,.0f}"
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
+    if not a or not b or not b["value"]:
+        return None
+    return a["value"] / b["value"]
+
+
+def markdown_table(
+    results: dict[str, dict[str, dict[str, Any]]], params: Params, targets: list[str]
+) -> str:
+    """One row per workload; a requested target without numbers shows "pending"."""
+    shown = [t for t in TARGETS if t in targets or t in results]
+    pairs = [
+        (a, b)
+        for a, b in (("prism", "ganesha"), ("prism", "local"), ("ganesha", "local"))
+        if a in shown and b in shown
+    ]
+    cols = ["Workload", "Unit", "Better", *shown]
+    cols += [f"{NAMES[a]}/{NAMES[b]}" for a, b in pairs]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    sizes = {
+        "seq_write": f"{params.size_mb} MiB",
+        "seq_read": f"{params.size_mb} MiB",
+        "rand_read": f"N={params.ops}",
+        "getattr": f"N={params.ops}",
+        "create": f"{params.files} files",
+        "stat": f"{params.files} files",
+        "readdir": f"{params.files} entries x{params.readdir_repeat}",
+        "unlink": f"{params.files} files",
+        "copy_tree": f"{params.tree_files} files",
+    }
+    for name, w in WORKLOADS.items():
+        rows = {t: results.get(t, {}).get(name) for t in shown}
+        better = "higher" if w.higher_is_better else "lower"
+        cells = [f"{w.title}, {sizes[name]}", w.unit, better]
+        cells += [fmt(r["value"]) if r else "pending" for r in rows.values()]
+        for a, b in pairs:
+            r = ratio(rows[a], rows[b])
+            cells.append(f"{r:.2f}" if r is not None else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# -- main -------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--targets", default="local,ganesha,prism", help="comma-separated subset")
+    ap.add_argument("--size-mb", type=int, default=256, help="sequential file size (MiB)")
+    ap.add_argument("--ops", type=int, default=5000, help="random reads / GETATTRs")
+    ap.add_argument("--files", type=int, default=5000, help="files for create/stat/unlink")
+    ap.add_argument("--readdir-repeat", type=int, default=5, help="listings of the dir")
+    ap.add_argument("--tree-files", type=int, default=2000, help="small files to copy")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per target; median kept")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--workdir",
+        default=None,
+        help="parent for the target dirs (default: a new dir under /var/tmp, same disk)",
+    )
+    ap.add_argument("--keep", action="store_true", help="keep the work dir afterwards")
+    ap.add_argument("--json", default=None, help="result file (default benchmarks/results/)")
+    ap.add_argument("--ganesha-nfs-port", type=int, default=12049)
+    ap.add_argument("--ganesha-mount-port", type=int, default=12048)
+    ap.add_argument(
+        "--rpcbind",
+        default="auto",
+        choices=("auto", "stub", "system"),
+        help="how Ganesha registers: private stub (no port 111) or a running rpcbind",
+    )
+    ap.add_argument("--prism-cmd", default=f"{shlex.quote(sys.executable)} -m prism")
+    ap.add_argument(
+        "--prism-setup", default=PRISM_SETUP, help="run once before serving ('' to skip)"
+    )
+    ap.add_argument("--prism-serve", default=PRISM_SERVE)
+    ap.add_argument("--prism-nfs-port", type=int, default=PRISM_NFS_PORT)
+    ap.add_argument("--prism-mount-port", type=int, default=PRISM_MOUNT_PORT)
+    ap.add_argument("--prism-timeout", type=float, default=PRISM_START_TIMEOUT_S)
+    args = ap.parse_args(argv)
+    args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
+    bad = [t for t in args.target_list if t not in TARGETS]
+    if bad:
+        ap.error(f"unknown target(s) {', '.join(bad)}; choose from {', '.join(TARGETS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    params = Params(
+        size_mb=args.size_mb,
+        ops=args.ops,
+        files=args.files,
+        readdir_repeat=args.readdir_repeat,
+        tree_files=args.tree_files,
+        seed=args.seed,
+    )
+    base = Path(args.workdir) if args.workdir else Path("/var/tmp")
+    base.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="prism-bench-", dir=base))
+    log(f"work dir {workdir}; libnfs {LIBNFS_SONAME}; targets {', '.join(args.target_list)}")
+    started = dt.datetime.now(dt.UTC)
+    can_drop = drop_caches()
+    if not can_drop:
+        log("note: cannot write /proc/sys/vm/drop_caches; reads after writes may be cached")
+    log(f"preparing {params.size_mb} MiB of random data and {params.tree_files} source files")
+    blocks = make_blocks(params.size_mb, params.seed)
+    source_tree = workdir / "source-tree"
+    tree_files = make_source_tree(source_tree, params.tree_files, params.seed)
+
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    infos: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    try:
+        for target in args.target_list:
+            runs = []
+            try:
+                for i in range(args.repeat):
+                    log(f"[{target}] run {i + 1}/{args.repeat}")
+                    drop_caches()
+                    with open_target(target, args, workdir) as (fs, server_cpu, info):
+                        infos[target] = info
+                        runs.append(
+                            suite(
+                                fs,
+                                params,
+                                blocks=blocks,
+                                source_tree=source_tree,
+                                tree_files=tree_files,
+                                drop_caches=drop_caches,
+                                server_cpu=server_cpu,
+                                log=log,
+                            )
+                        )
+            except (GaneshaError, PrismError, OSError, RuntimeError) as exc:
+                errors[target] = str(exc)
+                log(f"[{target}] FAILED: {exc}")
+            if runs:
+                results[target] = median_results(runs)
+    finally:
+        if args.keep:
+            log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    table = markdown_table(results, params, args.target_list)
+    print()
+    print(table)
+    report = {
+        "started": started.isoformat(timespec="seconds"),
+        "host": {
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "libnfs": LIBNFS_SONAME,
+        },
+        "params": dataclasses.asdict(params),
+        "drop_caches": can_drop,
+        "targets": infos,
+        "errors": errors,
+        "results": results,
+        "markdown": table,
+    }
+    if args.json:
+        out = Path(args.json)
+    else:
+        stamp = started.strftime("%Y%m%dT%H%M%SZ")
+        out = HERE / "results" / f"bench-{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    log(f"\nwrote {out}")
+    for target, err in errors.items():
+        log(f"{target} failed: {err.splitlines()[0]}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,541 @@
+"""The `prism` and `prism-clone` commands.
+
+Every command takes --data DIR (default $PRISM_DATA, else ./prism-data), works whether or
+not `prism serve` runs on the same data (LMDB serialises writers, and the server reads the
+namespace table on every call, so changes reach mounted clients at once), prints
+human-readable output or --json, and on bad input exits 2 with one line saying what to do.
+Each change is one store transaction: it happens completely or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from prism.errors import InvalidArgument, StoreError
+from prism.store import CloneSource, Store
+from prism.store.types import NamespaceInfo
+
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+_SIZE = re.compile(r"(\d+)([KMGTP]?)(?:i?B)?", re.IGNORECASE)
+SOURCE = re.compile(
+    r"(?P<ns>[a-z0-9][a-z0-9_.-]{0,62})(?:@(?P<snap>[a-z0-9][a-z0-9_.-]{0,62}))?"
+    r"(?::(?P<path>/[^=]*)(?:=(?P<dest>/.*))?)?"
+)
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit status 2."""
+
+
+def parse_size(text: str) -> int | None:
+    """'512M' -> 512 MiB, '10G', plain bytes, or 'none' -> None."""
+    if text.strip().lower() == "none":
+        return None
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise UsageError(f"invalid size {text!r}: use bytes or a unit like 512M, 10G, or 'none'")
+    return int(m.group(1)) * SIZE_UNITS[m.group(2).upper()]
+
+
+def parse_source(text: str) -> CloneSource:
+    m = SOURCE.fullmatch(text)
+    if not m:
+        raise UsageError(
+            f"invalid source {text!r}: use VM, VM@SNAP, VM:/path, VM:/path=/dest or "
+            "VM@SNAP:/path=/dest"
+        )
+    path = m.group("path") or "/"
+    return CloneSource(m.group("ns"), m.group("snap"), path, m.group("dest"))
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def default_data() -> Path:
+    return Path(os.environ.get("PRISM_DATA") or "./prism-data")
+
+
+def _vm_json(info: NamespaceInfo, usage: Any = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "name": info.name,
+        "kind": info.kind,
+        "export": "/" + info.name,
+        "clients": list(info.clients),
+        "quota": info.quota,
+        "readonly": info.readonly,
+        "created": info.created_ns // 1_000_000_000,
+    }
+    if usage is not None:
+        out["logical_bytes"] = usage.logical_bytes
+        out["files"] = usage.files
+    return out
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str | Callable[[], str]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        print(text() if callable(text) else text)
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from prism.server import ServeOptions, serve
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    data = Path(args.data)
+    if args.demo:
+        ensure_demo(data)
+    options = ServeOptions(
+        data=data,
+        bind=args.bind,
+        nfs_port=args.nfs_port,
+        mount_port=args.mount_port,
+        portmap_port=args.portmap_port,
+        portmap=not args.no_portmap,
+        metrics=args.metrics,
+    )
+    try:
+        asyncio.run(serve(options))
+    except OSError as exc:
+        raise UsageError(
+            f"cannot listen ({exc.strerror}): is another NFS server running? "
+            "pick other ports with --nfs-port/--mount-port"
+        ) from exc
+    return 0
+
+
+def ensure_demo(data: Path) -> None:
+    """The embedded default: a data directory with a VM 'demo' holding a README."""
+    with Store.open(data) as store:
+        try:
+            store.namespace("demo")
+            return
+        except StoreError:
+            pass
+        info = store.create_namespace("demo")
+        attr = store.create(info.root, b"README.txt", 0o644)
+        store.write(
+            attr.oid,
+            0,
+            b"This is the demo VM of a Prism server. Mount it with\n"
+            b"  mount -t nfs -o vers=3,nolock 127.0.0.1:/demo /mnt\n",
+        )
+        print("prism: created demo VM 'demo' (export /demo, loopback clients)", flush=True)
+
+
+def cmd_vm_create(args: argparse.Namespace, store: Store) -> int:
+    info = store.create_namespace(args.name, clients=args.client or [], quota=args.quota)
+    _emit(
+        args,
+        _vm_json(info),
+        f"created VM {info.name}: export /{info.name}, clients "
+        f"{', '.join(info.clients) or 'loopback only'}, quota "
+        f"{human(info.quota) if info.quota is not None else 'none'}",
+    )
+    return 0
+
+
+def cmd_vm_list(args: argparse.Namespace, store: Store) -> int:
+    vms = store.list_namespaces("vm")
+    rows = [_vm_json(vm, store.usage(vm.name)) for vm in vms]
+
+    def text() -> str:
+        if not rows:
+            return "no VMs; create one with `prism vm create NAME`"
+        lines = [f"{'NAME':<24} {'EXPORT':<26} {'CLIENTS':<28} {'QUOTA':>10} {'USED':>10} FILES"]
+        for r in rows:
+            lines.append(
+                f"{r['name']:<24} {r['export']:<26} {','.join(r['clients']) or 'loopback':<28} "
+                f"{human(r['quota']) if r['quota'] is not None else 'none':>10} "
+                f"{human(r['logical_bytes']):>10} {r['files']}"
+            )
+        return "\n".join(lines)
+
+    _emit(args, rows, text)
+    return 0
+
+
+def cmd_vm_show(args: argparse.Namespace, store: Store) -> int:
+    info = store.namespace(args.name)
+    if info.kind != "vm":
+        raise InvalidArgument(f"{args.name!r} is a snapshot; use `prism snapshot list`")
+    data = _vm_json(info, store.usage(info.name))
+    data["snapshots"] = [s.name.split("@", 1)[1] for s in store.list_snapshots(info.name)]
+
+    def text() -> str:
+        return "\n".join(
+            [
+                f"name:      {data['name']}",
+                f"export:    {data['export']}",
+                f"clients:   {', '.join(data['clients']) or 'loopback only'}",
+                f"quota:     {human(data['quota']) if data['quota'] is not None else 'none'}",
+                f"used:      {human(data['logical_bytes'])} in {data['files']} files",
+                f"snapshots: {', '.join(data['snapshots']) or '-'}",
+            ]
+        )
+
+    _emit(args, data, text)
+    return 0
+
+
+def cmd_vm_set(args: argparse.Namespace, store: Store) -> int:
+    kwargs: dict[str, Any] = {}
+    if args.client is not None:
+        kwargs["clients"] = args.client
+    if args.quota is not _UNSET:
+        kwargs["quota"] = args.quota
+    if not kwargs:
+        raise UsageError("nothing to change: give --client CIDR and/or --quota SIZE")
+    info = store.set_namespace(args.name, **kwargs)
+    _emit(
+        args,
+        _vm_json(info),
+        f"updated VM {info.name}: clients "
+        f"{', '.join(info.clients) or 'loopback only'}, quota "
+        f"{human(info.quota) if info.quota is not None else 'none'}",
+    )
+    return 0
+
+
+def cmd_vm_rm(args: argparse.Namespace, store: Store) -> int:
+    info = store.namespace(args.name)
+    if info.kind != "vm":
+        raise InvalidArgument(f"{args.name!r} is a snapshot; use `prism snapshot rm`")
+    store.remove_namespace(args.name)
+    _emit(args, {"removed": args.name}, f"removed VM {args.name} (run `prism gc` to reclaim space)")
+    return 0
+
+
+def cmd_snapshot_create(args: argparse.Namespace, store: Store) -> int:
+    info = store.snapshot(args.vm, args.snap)
+    _emit(args, _vm_json(info), f"created snapshot {info.name} (read-only export /{info.name})")
+    return 0
+
+
+def cmd_snapshot_list(args: argparse.Namespace, store: Store) -> int:
+    snaps = store.list_snapshots(args.vm)
+    rows = [_vm_json(s) for s in snaps]
+
+    def text() -> str:
+        if not rows:
+            return f"{args.vm} has no snapshots"
+        return "\n".join(
+            f"{r['name'].split('@', 1)[1]:<24} export {r['export']:<32} "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r['created']))}"
+            for r in rows
+        )
+
+    _emit(args, rows, text)
+    return 0
+
+
+def cmd_snapshot_rm(args: argparse.Namespace, store: Store) -> int:
+    store.remove_snapshot(args.vm, args.snap)
+    _emit(args, {"removed": f"{args.vm}@{args.snap}"}, f"removed snapshot {args.vm}@{args.snap}")
+    return 0
+
+
+def cmd_snapshot_rollback(args: argparse.Namespace, store: Store) -> int:
+    store.rollback(args.vm, args.snap)
+    _emit(args, {"rolled_back": args.vm, "to": args.snap}, f"rolled {args.vm} back to {args.snap}")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace, store: Store) -> int:
+    vms = store.list_namespaces("vm")
+    per_vm = [_vm_json(vm, store.usage(vm.name)) for vm in vms]
+    st = store.stats()
+    data = {
+        "vms": per_vm,
+        "store": {
+            "logical_bytes": st.logical_bytes,
+            "stored_bytes": st.stored_bytes,
+            "dedup_ratio": round(st.dedup_ratio, 3),
+            "chunk_count": st.chunk_count,
+            "segment_bytes": st.segment_bytes,
+        },
+    }
+
+    def text() -> str:
+        lines = [f"{'VM':<24} {'LOGICAL':>12} {'FILES':>9} {'QUOTA':>10}"]
+        for r in per_vm:
+            quota = human(r["quota"]) if r["quota"] is not None else "none"
+            lines.append(
+                f"{r['name']:<24} {human(r['logical_bytes']):>12} {r['files']:>9} {quota:>10}"
+            )
+        lines += [
+            "",
+            f"store: logical {human(st.logical_bytes)}, stored {human(st.stored_bytes)} "
+            f"in {st.chunk_count} chunks, dedup ratio {st.dedup_ratio:.2f}x, "
+            f"segment files {human(st.segment_bytes)}",
+        ]
+        return "\n".join(lines)
+
+    _emit(args, data, text)
+    return 0
+
+
+def _progress(args: argparse.Namespace) -> Callable[[str], None] | None:
+    if getattr(args, "json", False) or not sys.stderr.isatty():
+        return None
+    return lambda msg: print(f"  {msg}", file=sys.stderr, flush=True)
+
+
+def cmd_fsck(args: argparse.Namespace, store: Store) -> int:
+    from prism.store.check import fsck
+
+    report = fsck(store, repair=args.repair, progress=_progress(args))
+    data = {
+        "clean": report.clean,
+        "errors": report.errors,
+        "repaired": report.repaired,
+        "debris": report.debris,
+        "checked_objects": report.checked_objects,
+        "checked_chunks": report.checked_chunks,
+    }
+
+    def text() -> str:
+        lines = [f"error: {e}" for e in report.errors[:100]]
+        if len(report.errors) > 100:
+            lines.append(f"... and {len(report.errors) - 100} more errors")
+        lines += [f"repaired: {r}" for r in report.repaired]
+        lines += [f"debris: {d}" for d in report.debris]
+        verdict = "clean" if report.clean else f"{len(report.errors)} errors"
+        if not report.clean and not args.repair:
+            verdict += " (run `prism fsck --repair`)"
+        lines.append(
+            f"fsck: {verdict}; checked {report.checked_objects} objects, "
+            f"{report.checked_chunks} chunks"
+        )
+        return "\n".join(lines)
+
+    _emit(args, data, text)
+    return 0 if report.clean or args.repair else 1
+
+
+def cmd_gc(args: argparse.Namespace, store: Store) -> int:
+    from prism.store.check import gc
+
+    report = gc(store, progress=_progress(args))
+    data = dict(vars(report))
+    _emit(
+        args,
+        data,
+        f"gc: reclaimed {human(report.bytes_reclaimed)}; dropped {report.layers_dropped} "
+        f"layers, merged {report.layers_merged}, freed {report.chunks_freed} chunks, removed "
+        f"{report.segments_removed} and compacted {report.segments_compacted} segments",
+    )
+    return 0
+
+
+def cmd_import(args: argparse.Namespace, store: Store) -> int:
+    from prism.importer import import_tree
+
+    src = Path(args.src)
+    if not src.is_dir():
+        raise UsageError(f"{src} is not a directory; give the host directory to import")
+    report = import_tree(
+        store, args.vm, src, args.to, progress=sys.stderr.isatty() and not args.json
+    )
+    _emit(
+        args,
+        vars(report),
+        f"imported {report.files} files, {report.dirs} directories, {report.symlinks} symlinks,"
+        f" {report.hardlinks} hard links, {human(report.bytes)} into {args.vm}:{args.to} in "
+        f"{report.seconds:.1f} s ({report.files / max(report.seconds, 1e-9):.0f} files/s, "
+        f"{report.bytes / max(report.seconds, 1e-9) / 1e6:.1f} MB/s)",
+    )
+    return 0
+
+
+def cmd_clone(args: argparse.Namespace, store: Store) -> int:
+    sources = [parse_source(s) for s in args.sources]
+    start = time.perf_counter()
+    info = store.clone(
+        args.new, sources, into=args.into, clients=args.client or [], quota=args.quota
+    )
+    elapsed = time.perf_counter() - start
+    parts = [
+        {
+            "source": s.ns + (f"@{s.snapshot}" if s.snapshot else ""),
+            "path": s.path,
+            "dest": s.target,
+        }
+        for s in sources
+    ]
+    data = {"vm": _vm_json(info), "composed": parts, "seconds": round(elapsed, 6)}
+
+    def text() -> str:
+        verb = "added to" if args.into else "created"
+        lines = [f"{verb} VM {info.name} (export /{info.name}) in {elapsed * 1000:.1f} ms:"]
+        lines += [f"  {p['source']}:{p['path']} -> {p['dest']}" for p in parts]
+        return "\n".join(lines)
+
+    _emit(args, data, text)
+    return 0
+
+
+# -- argument parsing --------------------------------------------------------------------
+
+_UNSET: Any = object()
+
+
+def _size_arg(text: str) -> int | None:
+    try:
+        return parse_size(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
+    p.add_argument("--data", default=None, help="data directory ($PRISM_DATA, ./prism-data)")
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prism", description="Prism NFSv3 server for VMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="serve MOUNT and NFS over TCP and UDP")
+    _common(p, json_flag=False)
+    p.add_argument("--bind", default="0.0.0.0", help="address to listen on (0.0.0.0)")
+    p.add_argument("--nfs-port", type=int, default=2049)
+    p.add_argument("--mount-port", type=int, default=20048)
+    p.add_argument("--portmap-port", type=int, default=None)
+    p.add_argument("--no-portmap", action="store_true")
+    p.add_argument("--metrics", default=None, metavar="ADDR:PORT")
+    p.add_argument("--demo", action="store_true", help="create VM 'demo' if missing")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_serve, needs_store=False)
+
+    vm = sub.add_parser("vm", help="VM lifecycle").add_subparsers(dest="vm_cmd", required=True)
+    p = vm.add_parser("create", help="create a VM filesystem exported at /NAME")
+    _common(p)
+    p.add_argument("name")
+    p.add_argument("--client", action="append", metavar="CIDR")
+    p.add_argument("--quota", type=_size_arg, default=None, metavar="SIZE")
+    p.set_defaults(func=cmd_vm_create)
+    p = vm.add_parser("list", help="list VMs")
+    _common(p)
+    p.set_defaults(func=cmd_vm_list)
+    p = vm.add_parser("show", help="show one VM")
+    _common(p)
+    p.add_argument("name")
+    p.set_defaults(func=cmd_vm_show)
+    p = vm.add_parser("set", help="change a VM's clients or quota")
+    _common(p)
+    p.add_argument("name")
+    p.add_argument("--client", action="append", metavar="CIDR")
+    p.add_argument("--quota", type=_size_arg, default=_UNSET, metavar="SIZE")
+    p.set_defaults(func=cmd_vm_set)
+    p = vm.add_parser("rm", help="remove a VM and its snapshots")
+    _common(p)
+    p.add_argument("name")
+    p.set_defaults(func=cmd_vm_rm)
+
+    snap = sub.add_parser("snapshot", help="read-only snapshots").add_subparsers(
+        dest="snap_cmd", required=True
+    )
+    for name, func, with_snap in (
+        ("create", cmd_snapshot_create, True),
+        ("list", cmd_snapshot_list, False),
+        ("rm", cmd_snapshot_rm, True),
+        ("rollback", cmd_snapshot_rollback, True),
+    ):
+        p = snap.add_parser(name)
+        _common(p)
+        p.add_argument("vm")
+        if with_snap:
+            p.add_argument("snap")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("stats", help="per-VM and store-wide figures")
+    _common(p)
+    p.set_defaults(func=cmd_stats)
+    p = sub.add_parser("fsck", help="verify the store")
+    _common(p)
+    p.add_argument("--repair", action="store_true")
+    p.set_defaults(func=cmd_fsck)
+    p = sub.add_parser("gc", help="reclaim unreferenced content")
+    _common(p)
+    p.set_defaults(func=cmd_gc)
+    p = sub.add_parser("import", help="copy a host directory tree into a VM")
+    _common(p)
+    p.add_argument("vm")
+    p.add_argument("src")
+    p.add_argument("--to", default="/", metavar="PATH")
+    p.set_defaults(func=cmd_import)
+    return parser
+
+
+def build_clone_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="prism-clone",
+        description="Compose a VM filesystem from whole VMs, snapshots or subtrees, instantly.",
+        epilog="SOURCE is VM, VM@SNAP, VM:/path, VM:/path=/dest or VM@SNAP:/path=/dest; later "
+        "sources are laid over earlier ones.",
+    )
+    _common(p)
+    p.add_argument("new", metavar="NEW")
+    p.add_argument("sources", nargs="+", metavar="SOURCE")
+    p.add_argument("--client", action="append", metavar="CIDR")
+    p.add_argument("--quota", type=_size_arg, default=None, metavar="SIZE")
+    p.add_argument("--into", action="store_true", help="add to an existing VM")
+    p.set_defaults(func=cmd_clone)
+    return p
+
+
+def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    args = parser.parse_args(argv)
+    prog = parser.prog
+    if args.data is None:
+        args.data = str(default_data())
+    try:
+        if not getattr(args, "needs_store", True):
+            return int(args.func(args))
+        create = args.func in (cmd_vm_create,)
+        with Store.open(args.data, create=create) as store:
+            return int(args.func(args, store))
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except StoreError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing half-done was committed", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return _run(build_parser(), argv)
+
+
+def clone_main(argv: Sequence[str] | None = None) -> int:
+    return _run(build_clone_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

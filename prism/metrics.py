@@ -1,0 +1,112 @@
+"""Prometheus text-format metrics for `prism serve --metrics ADDR:PORT`.
+
+A tiny HTTP/1.0 responder (GET /metrics only) on the server's event loop. Figures: per-VM
+logical bytes, objects and quota; store logical and stored bytes, dedup ratio and chunk
+count; and per-procedure RPC call counts, errors and latency sums from the dispatcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from prism.store import Store
+
+if TYPE_CHECKING:
+    from prism.server import PrismServer
+
+PROGRAM_NAMES = {100003: "nfs", 100005: "mount", 100000: "portmap"}
+
+
+def parse_listen(spec: str) -> tuple[str, int]:
+    host, sep, port = spec.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--metrics wants ADDR:PORT (e.g. 127.0.0.1:9100), got {spec!r}")
+    return host or "0.0.0.0", int(port)
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def collect_store(store: Store) -> list[str]:
+    lines = [
+        "# HELP prism_vm_logical_bytes Logical bytes stored in the VM's files.",
+        "# TYPE prism_vm_logical_bytes gauge",
+    ]
+    vms = store.list_namespaces("vm")
+    usages = {vm.name: store.usage(vm.name) for vm in vms}
+    lines += [
+        f'prism_vm_logical_bytes{{vm="{_label(n)}"}} {u.logical_bytes}' for n, u in usages.items()
+    ]
+    lines += ["# HELP prism_vm_files Objects in the VM.", "# TYPE prism_vm_files gauge"]
+    lines += [f'prism_vm_files{{vm="{_label(n)}"}} {u.files}' for n, u in usages.items()]
+    lines += [
+        "# HELP prism_vm_quota_bytes Quota (absent: none).",
+        "# TYPE prism_vm_quota_bytes gauge",
+    ]
+    lines += [
+        f'prism_vm_quota_bytes{{vm="{_label(vm.name)}"}} {vm.quota}'
+        for vm in vms
+        if vm.quota is not None
+    ]
+    st = store.stats()
+    for name, value, help_text in (
+        ("prism_store_logical_bytes", st.logical_bytes, "Logical bytes over all VMs."),
+        ("prism_store_stored_bytes", st.stored_bytes, "Distinct chunk bytes referenced."),
+        ("prism_store_chunks", st.chunk_count, "Distinct chunks referenced."),
+        ("prism_store_dedup_ratio", round(st.dedup_ratio, 4), "Logical / stored bytes."),
+    ):
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]
+    return lines
+
+
+RPC_SERIES = (
+    ("prism_rpc_calls_total", "counter", "RPC calls by program and procedure.", "calls"),
+    ("prism_rpc_errors_total", "counter", "Replies other than SUCCESS.", "errors"),
+    ("prism_rpc_latency_seconds_sum", "counter", "Sum of handler latencies.", "seconds"),
+    ("prism_rpc_latency_seconds_max", "gauge", "Slowest call.", "max_seconds"),
+)
+
+
+def collect_rpc(server: PrismServer) -> list[str]:
+    rows = sorted(server.dispatcher.stats.procs.items())
+    lines: list[str] = []
+    for name, kind, help_text, field in RPC_SERIES:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        for (prog, vers, _proc), ps in rows:
+            program = PROGRAM_NAMES.get(prog, str(prog))
+            labels = f'program="{program}",version="{vers}",proc="{ps.name}"'
+            value = getattr(ps, field)
+            shown = f"{value:.6f}" if isinstance(value, float) else str(value)
+            lines.append(f"{name}{{{labels}}} {shown}")
+    return lines
+
+
+async def serve_metrics(spec: str, server: PrismServer) -> tuple[asyncio.AbstractServer, int]:
+    host, port = parse_listen(spec)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)).strip():
+                pass
+            parts = request.decode("latin-1").split()
+            if len(parts) < 2 or parts[0] != "GET" or parts[1].split("?")[0] != "/metrics":
+                body, status = b"only GET /metrics is served\n", "404 Not Found"
+            else:
+                lines = await server.worker.call(collect_store) + collect_rpc(server)
+                body, status = ("\n".join(lines) + "\n").encode(), "200 OK"
+            writer.write(
+                f"HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError, UnicodeDecodeError):
+            pass
+        finally:
+            writer.close()
+
+    srv = await asyncio.start_server(handle, host, port)
+    return srv, int(srv.sockets[0].getsockname()[1])

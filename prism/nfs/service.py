@@ -1,0 +1,577 @@
+"""The NFSv3 and MOUNTv3 programs: RPC procedure tables over the store.
+
+Theory of operation: `nfs_program()` and `mount_program()` return `rpc.server.Program`
+tables. Each row names the procedure, its handler and its flags: `idempotent` (False sends
+retransmissions through the duplicate request cache) and `modifies` (the call must be durable
+before its reply leaves, so the store worker commits the batch first; an UNSTABLE WRITE is
+the one modifying call that may be answered before the commit).
+
+A handler decodes its arguments (XdrError -> GARBAGE_ARGS), then runs one closure on the
+store's thread (`StoreWorker`) that resolves the handle, checks that the caller's address is
+bound to the handle's VM, gathers pre-operation attributes, performs the operation and builds
+the result. A `StoreError` becomes the procedure's failure result through the one
+errno -> nfsstat3 mapping (`prism.nfs.status`), carrying the wcc_data / post_op_attr that
+the procedure's failure arm allows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from prism.access import client_allowed, export_groups
+from prism.errors import NotFound, PermissionDenied, Stale, StoreError
+from prism.nfs import types as T
+from prism.nfs.const import (
+    FSF3_CANSETTIME,
+    FSF3_HOMOGENEOUS,
+    FSF3_LINK,
+    FSF3_SYMLINK,
+    MAX_READ,
+    MAX_WRITE,
+    MOUNT_PROGRAM,
+    MOUNT_V3,
+    NFS_PROGRAM,
+    NFS_V3,
+    CreateMode,
+    Mount3Proc,
+    MountStat3,
+    Nfs3Proc,
+    NfsStat3,
+    StableHow,
+)
+from prism.nfs.handles import BadHandle, HandleCodec
+from prism.nfs.status import mountstat_for, nfsstat_for
+from prism.store import Store
+from prism.store.types import MAX_FILE_SIZE, Attr, Cred, FileType, ObjectId
+from prism.store.worker import StoreWorker
+from rpc.message import AuthFlavor
+from rpc.server import CallContext, Procedure, Program, procedure_table
+
+log = logging.getLogger("prism.nfs")
+
+NOBODY = 65534
+OK = NfsStat3.NFS3_OK
+COOKIE_VERIFIER = bytes(8)
+"""Cookies are derived from names and never expire, so one constant verifier suffices."""
+DOT_COOKIE, DOTDOT_COOKIE = 1, 2
+READDIR_PREFERRED = 64 * 1024
+LINK_MAX = 65000
+
+
+class _Fail(Exception):
+    """Abort a handler with a status (for checks that are not store errors)."""
+
+    def __init__(self, status: NfsStat3) -> None:
+        super().__init__(status.name)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """What a handler closure needs to know about the caller."""
+
+    host: str
+    cred: Cred
+
+
+def cred_of(ctx: CallContext) -> Cred:
+    if ctx.flavor == AuthFlavor.AUTH_SYS and ctx.auth_sys is not None:
+        a = ctx.auth_sys
+        return Cred(a.uid, a.gid, tuple(a.gids))
+    return Cred(NOBODY, NOBODY, ())
+
+
+class NfsService:
+    """Shared state of the NFS and MOUNT programs: the store worker and handle codec."""
+
+    def __init__(self, worker: StoreWorker) -> None:
+        self.worker = worker
+        self.store: Store = worker.store
+        self.handles = HandleCodec(self.store.secret)
+        self.verifier = self.store.boot_id.to_bytes(8, "big")
+        self.mounts: set[tuple[str, bytes]] = set()
+        self.time_delta = T.NfsTime3.from_ns(
+            max(1, int(time.clock_getres(time.CLOCK_REALTIME) * 1e9))
+        )
+
+    # -- helpers (run on the store thread) -----------------------------------------------
+
+    def _oid(self, s: Store, call: Call, fh: T.NfsFh3) -> ObjectId:
+        try:
+            oid = self.handles.decode(fh.data)
+        except BadHandle:
+            raise _Fail(NfsStat3.NFS3ERR_BADHANDLE) from None
+        info = s.namespace_by_id(oid.ns)  # Stale if the VM is gone
+        if not client_allowed(info, call.host):
+            raise _Fail(NfsStat3.NFS3ERR_ACCES)
+        return oid
+
+    def fattr(self, attr: Attr) -> T.Fattr3:
+        return T.Fattr3.from_attr(attr, attr.oid.ns)
+
+    def _post(self, s: Store, oid: ObjectId | None) -> T.Fattr3 | None:
+        if oid is None:
+            return None
+        try:
+            return self.fattr(s.getattr(oid))
+        except StoreError:
+            return None
+
+    def _pre(self, s: Store, oid: ObjectId) -> T.WccAttr | None:
+        try:
+            return T.WccAttr.from_attr(s.getattr(oid))
+        except StoreError:
+            return None
+
+    def _wcc(self, s: Store, oid: ObjectId | None, before: T.WccAttr | None) -> T.WccData:
+        return T.WccData(before, self._post(s, oid))
+
+    def fh(self, oid: ObjectId) -> T.NfsFh3:
+        return T.NfsFh3(self.handles.encode(oid))
+
+    # -- the RPC glue --------------------------------------------------------------------
+
+    def _row(
+        self,
+        proc: Nfs3Proc,
+        body: Callable[[Store, Call, Any], Any],
+        *,
+        idempotent: bool = True,
+        modifies: bool = False,
+    ) -> Procedure:
+        codec = T.NFS3_PROCS[proc]
+
+        async def handler(ctx: CallContext, data: bytes) -> bytes:
+            args = T.decode_args(proc, data)
+            call = Call(ctx.peer[0], cred_of(ctx))
+            durable = modifies and not (
+                proc == Nfs3Proc.WRITE and args.stable == StableHow.UNSTABLE
+            )
+
+            def run(s: Store) -> Any:
+                try:
+                    return body(s, call, args)
+                except _Fail as exc:
+                    return codec.res(exc.status)
+                except StoreError as exc:
+                    return codec.res(nfsstat_for(exc))
+
+            result = await self.worker.call(run, durable=durable)
+            return T.encode_result(proc, result)
+
+        return Procedure(int(proc), proc.name, handler, idempotent)
+
+    def program(self) -> Program:
+        P = Nfs3Proc
+        rows = [
+            self._row(P.NULL, lambda s, c, a: T.Void()),
+            self._row(P.GETATTR, self.getattr),
+            self._row(P.SETATTR, self.setattr, idempotent=False, modifies=True),
+            self._row(P.LOOKUP, self.lookup),
+            self._row(P.ACCESS, self.access),
+            self._row(P.READLINK, self.readlink),
+            self._row(P.READ, self.read),
+            self._row(P.WRITE, self.write, modifies=True),
+            self._row(P.CREATE, self.create, idempotent=False, modifies=True),
+            self._row(P.MKDIR, self.mkdir, idempotent=False, modifies=True),
+            self._row(P.SYMLINK, self.symlink, idempotent=False, modifies=True),
+            self._row(P.MKNOD, self.mknod, idempotent=False, modifies=True),
+            self._row(P.REMOVE, self.remove, idempotent=False, modifies=True),
+            self._row(P.RMDIR, self.rmdir, idempotent=False, modifies=True),
+            self._row(P.RENAME, self.rename, idempotent=False, modifies=True),
+            self._row(P.LINK, self.link, idempotent=False, modifies=True),
+            self._row(P.READDIR, self.readdir),
+            self._row(P.READDIRPLUS, self.readdirplus),
+            self._row(P.FSSTAT, self.fsstat),
+            self._row(P.FSINFO, self.fsinfo),
+            self._row(P.PATHCONF, self.pathconf),
+            self._row(P.COMMIT, self.commit, modifies=True),
+        ]
+        return Program(NFS_PROGRAM, "nfs", {NFS_V3: procedure_table(rows)})
+
+    # -- procedures ----------------------------------------------------------------------
+
+    def getattr(self, s: Store, call: Call, a: T.GetattrArgs) -> T.GetattrRes:
+        oid = self._oid(s, call, a.object)
+        return T.GetattrRes(OK, self.fattr(s.getattr(oid)))
+
+    def setattr(self, s: Store, call: Call, a: T.SetattrArgs) -> T.SetattrRes:
+        oid = self._oid(s, call, a.object)
+        before = self._pre(s, oid)
+        try:
+            guard = a.guard.to_ns() if a.guard is not None else None
+            attr = s.setattr(oid, a.new_attributes.to_setattr(), call.cred, guard_ctime_ns=guard)
+        except StoreError as exc:
+            return T.SetattrRes(nfsstat_for(exc), self._wcc(s, oid, before))
+        return T.SetattrRes(OK, T.WccData(before, self.fattr(attr)))
+
+    def lookup(self, s: Store, call: Call, a: T.LookupArgs) -> T.LookupRes:
+        dir_oid = self._oid(s, call, a.what.dir)
+        try:
+            attr = s.lookup(dir_oid, a.what.name, call.cred)
+        except StoreError as exc:
+            return T.LookupRes(nfsstat_for(exc), dir_attributes=self._post(s, dir_oid))
+        return T.LookupRes(OK, self.fh(attr.oid), self.fattr(attr), self._post(s, dir_oid))
+
+    def access(self, s: Store, call: Call, a: T.AccessArgs) -> T.AccessRes:
+        oid = self._oid(s, call, a.object)
+        granted = s.access(oid, call.cred, a.access)
+        return T.AccessRes(OK, self._post(s, oid), granted)
+
+    def readlink(self, s: Store, call: Call, a: T.ReadlinkArgs) -> T.ReadlinkRes:
+        oid = self._oid(s, call, a.symlink)
+        try:
+            target = s.readlink(oid)
+        except StoreError as exc:
+            return T.ReadlinkRes(nfsstat_for(exc), self._post(s, oid))
+        return T.ReadlinkRes(OK, self._post(s, oid), target)
+
+    def read(self, s: Store, call: Call, a: T.ReadArgs) -> T.ReadRes:
+        oid = self._oid(s, call, a.file)
+        try:
+            data, eof = s.read(oid, a.offset, min(a.count, MAX_READ), call.cred)
+        except StoreError as exc:
+            return T.ReadRes(nfsstat_for(exc), self._post(s, oid))
+        return T.ReadRes(OK, self._post(s, oid), eof, data)
+
+    def write(self, s: Store, call: Call, a: T.WriteArgs) -> T.WriteRes:
+        oid = self._oid(s, call, a.file)
+        before = self._pre(s, oid)
+        data = a.data[: a.count] if a.count < len(a.data) else a.data
+        if len(data) > MAX_WRITE:
+            return T.WriteRes(NfsStat3.NFS3ERR_INVAL, self._wcc(s, oid, before))
+        try:
+            attr = s.write(oid, a.offset, data, call.cred)
+        except StoreError as exc:
+            return T.WriteRes(nfsstat_for(exc), self._wcc(s, oid, before))
+        committed = StableHow.UNSTABLE if a.stable == StableHow.UNSTABLE else StableHow.FILE_SYNC
+        return T.WriteRes(
+            OK, T.WccData(before, self.fattr(attr)), len(data), committed, self.verifier
+        )
+
+    def _made(
+        self,
+        s: Store,
+        res: type[T.CreateRes],
+        dir_oid: ObjectId,
+        before: T.WccAttr | None,
+        make: Callable[[], Attr],
+    ) -> T.CreateRes:
+        try:
+            attr = make()
+        except StoreError as exc:
+            return res(nfsstat_for(exc), dir_wcc=self._wcc(s, dir_oid, before))
+        return res(OK, self.fh(attr.oid), self.fattr(attr), self._wcc(s, dir_oid, before))
+
+    def create(self, s: Store, call: Call, a: T.CreateArgs) -> T.CreateRes:
+        dir_oid = self._oid(s, call, a.where.dir)
+        before = self._pre(s, dir_oid)
+        sattr = (a.obj_attributes or T.SATTR_EMPTY).to_setattr()
+        mode = sattr.mode if sattr.mode is not None else 0o644
+
+        def make() -> Attr:
+            return s.create(
+                dir_oid,
+                a.where.name,
+                mode,
+                call.cred,
+                exclusive=a.verf if a.mode == CreateMode.EXCLUSIVE else None,
+                guarded=a.mode == CreateMode.GUARDED,
+                sattr=sattr if a.mode != CreateMode.EXCLUSIVE else None,
+            )
+
+        return self._made(s, T.CreateRes, dir_oid, before, make)
+
+    def mkdir(self, s: Store, call: Call, a: T.MkdirArgs) -> T.CreateRes:
+        dir_oid = self._oid(s, call, a.where.dir)
+        before = self._pre(s, dir_oid)
+        sattr = a.attributes.to_setattr()
+        mode = sattr.mode if sattr.mode is not None else 0o755
+        return self._made(
+            s,
+            T.MkdirRes,
+            dir_oid,
+            before,
+            lambda: s.mkdir(dir_oid, a.where.name, mode, call.cred, sattr=sattr),
+        )
+
+    def symlink(self, s: Store, call: Call, a: T.SymlinkArgs) -> T.CreateRes:
+        dir_oid = self._oid(s, call, a.where.dir)
+        before = self._pre(s, dir_oid)
+        sattr = a.symlink_attributes.to_setattr()
+        return self._made(
+            s,
+            T.SymlinkRes,
+            dir_oid,
+            before,
+            lambda: s.symlink(dir_oid, a.where.name, a.symlink_data, call.cred, sattr=sattr),
+        )
+
+    def mknod(self, s: Store, call: Call, a: T.MknodArgs) -> T.CreateRes:
+        dir_oid = self._oid(s, call, a.where.dir)
+        before = self._pre(s, dir_oid)
+        if a.type not in (FileType.CHR, FileType.BLK, FileType.SOCK, FileType.FIFO):
+            return T.MknodRes(NfsStat3.NFS3ERR_BADTYPE, dir_wcc=self._wcc(s, dir_oid, before))
+        sattr = (a.attributes or T.SATTR_EMPTY).to_setattr()
+        spec = a.spec or T.SpecData3()
+        mode = sattr.mode if sattr.mode is not None else 0o644
+        return self._made(
+            s,
+            T.MknodRes,
+            dir_oid,
+            before,
+            lambda: s.mknod(
+                dir_oid,
+                a.where.name,
+                a.type,
+                mode,
+                call.cred,
+                rdev=(spec.specdata1, spec.specdata2),
+                sattr=sattr,
+            ),
+        )
+
+    def _removal(
+        self, s: Store, call: Call, where: T.DirOpArgs3, res: type[T.RemoveRes], fn: Callable
+    ) -> T.RemoveRes:
+        dir_oid = self._oid(s, call, where.dir)
+        before = self._pre(s, dir_oid)
+        try:
+            fn(dir_oid, where.name, call.cred)
+        except StoreError as exc:
+            return res(nfsstat_for(exc), self._wcc(s, dir_oid, before))
+        return res(OK, self._wcc(s, dir_oid, before))
+
+    def remove(self, s: Store, call: Call, a: T.RemoveArgs) -> T.RemoveRes:
+        return self._removal(s, call, a.object, T.RemoveRes, s.remove)
+
+    def rmdir(self, s: Store, call: Call, a: T.RmdirArgs) -> T.RemoveRes:
+        return self._removal(s, call, a.object, T.RmdirRes, s.rmdir)
+
+    def rename(self, s: Store, call: Call, a: T.RenameArgs) -> T.RenameRes:
+        src = self._oid(s, call, a.from_.dir)
+        dst = self._oid(s, call, a.to.dir)
+        src_before, dst_before = self._pre(s, src), self._pre(s, dst)
+        try:
+            s.rename(src, a.from_.name, dst, a.to.name, call.cred)
+            status = OK
+        except StoreError as exc:
+            status = nfsstat_for(exc)
+        return T.RenameRes(status, self._wcc(s, src, src_before), self._wcc(s, dst, dst_before))
+
+    def link(self, s: Store, call: Call, a: T.LinkArgs) -> T.LinkRes:
+        oid = self._oid(s, call, a.file)
+        dir_oid = self._oid(s, call, a.link.dir)
+        before = self._pre(s, dir_oid)
+        try:
+            attr = s.link(oid, dir_oid, a.link.name, call.cred)
+        except StoreError as exc:
+            return T.LinkRes(nfsstat_for(exc), self._post(s, oid), self._wcc(s, dir_oid, before))
+        return T.LinkRes(OK, self.fattr(attr), self._wcc(s, dir_oid, before))
+
+    def _listing(
+        self, s: Store, call: Call, fh: T.NfsFh3, cookie: int, budget: int, plus: bool
+    ) -> tuple[ObjectId, list[Any], bool]:
+        """Entries after `cookie` that fit in `budget` reply bytes ('.' and '..' first)."""
+        dir_oid = self._oid(s, call, fh)
+        dir_attr = s.getattr(dir_oid)
+        if dir_attr.type != FileType.DIR:
+            raise _Fail(NfsStat3.NFS3ERR_NOTDIR)
+        entries: list[Any] = []
+        used = 0
+
+        def fits(entry: Any) -> bool:
+            nonlocal used
+            size = entry.wire_size()
+            if used + size > budget:
+                return False
+            used += size
+            entries.append(entry)
+            return True
+
+        def make(name: bytes, attr: Attr, c: int) -> Any:
+            if plus:
+                return T.EntryPlus3(attr.fileid, name, c, self.fattr(attr), self.fh(attr.oid))
+            return T.Entry3(attr.fileid, name, c)
+
+        if cookie < DOT_COOKIE and not fits(make(b".", dir_attr, DOT_COOKIE)):
+            raise _Fail(NfsStat3.NFS3ERR_TOOSMALL)
+        if cookie < DOTDOT_COOKIE:
+            parent = s.lookup(dir_oid, b"..")
+            if not fits(make(b"..", parent, DOTDOT_COOKIE)):
+                return dir_oid, entries, False
+        after = cookie
+        while True:
+            batch, eof = s.readdir(dir_oid, after, call.cred, limit=256)
+            attrs: list[Attr | None] = s.attrs_of(batch) if plus else [None] * len(batch)
+            for entry, attr in zip(batch, attrs, strict=True):
+                if plus:
+                    if attr is None:
+                        continue
+                    item: Any = make(entry.name, attr, entry.cookie)
+                else:
+                    item = T.Entry3(entry.oid.fileid, entry.name, entry.cookie)
+                if not fits(item):
+                    if not entries:
+                        raise _Fail(NfsStat3.NFS3ERR_TOOSMALL)
+                    return dir_oid, entries, False
+                after = entry.cookie
+            if eof:
+                return dir_oid, entries, True
+
+    def readdir(self, s: Store, call: Call, a: T.ReaddirArgs) -> T.ReaddirRes:
+        budget = a.count - T.READDIR_RESOK_MAX_FIXED
+        try:
+            dir_oid, entries, eof = self._listing(s, call, a.dir, a.cookie, budget, False)
+        except StoreError as exc:
+            return T.ReaddirRes(nfsstat_for(exc), self._post_fh(s, call, a.dir))
+        return T.ReaddirRes(OK, self._post(s, dir_oid), COOKIE_VERIFIER, tuple(entries), eof)
+
+    def readdirplus(self, s: Store, call: Call, a: T.ReaddirplusArgs) -> T.ReaddirplusRes:
+        budget = a.maxcount - T.READDIR_RESOK_MAX_FIXED
+        try:
+            dir_oid, entries, eof = self._listing(s, call, a.dir, a.cookie, budget, True)
+        except StoreError as exc:
+            return T.ReaddirplusRes(nfsstat_for(exc), self._post_fh(s, call, a.dir))
+        return T.ReaddirplusRes(OK, self._post(s, dir_oid), COOKIE_VERIFIER, tuple(entries), eof)
+
+    def _post_fh(self, s: Store, call: Call, fh: T.NfsFh3) -> T.Fattr3 | None:
+        try:
+            return self._post(s, self._oid(s, call, fh))
+        except (StoreError, _Fail):
+            return None
+
+    def fsstat(self, s: Store, call: Call, a: T.FsstatArgs) -> T.FsstatRes:
+        oid = self._oid(s, call, a.fsroot)
+        st = s.fsstat(oid.ns)
+        return T.FsstatRes(
+            OK,
+            self._post(s, oid),
+            st.total_bytes,
+            st.free_bytes,
+            st.avail_bytes,
+            st.total_files,
+            st.free_files,
+            st.free_files,
+            0,
+        )
+
+    def fsinfo(self, s: Store, call: Call, a: T.FsinfoArgs) -> T.FsinfoRes:
+        oid = self._oid(s, call, a.fsroot)
+        return T.FsinfoRes(
+            OK,
+            self._post(s, oid),
+            rtmax=MAX_READ,
+            rtpref=MAX_READ,
+            rtmult=4096,
+            wtmax=MAX_WRITE,
+            wtpref=MAX_WRITE,
+            wtmult=4096,
+            dtpref=READDIR_PREFERRED,
+            maxfilesize=MAX_FILE_SIZE,
+            time_delta=self.time_delta,
+            properties=FSF3_LINK | FSF3_SYMLINK | FSF3_HOMOGENEOUS | FSF3_CANSETTIME,
+        )
+
+    def pathconf(self, s: Store, call: Call, a: T.PathconfArgs) -> T.PathconfRes:
+        oid = self._oid(s, call, a.object)
+        return T.PathconfRes(
+            OK,
+            self._post(s, oid),
+            linkmax=LINK_MAX,
+            name_max=255,
+            no_trunc=True,
+            chown_restricted=True,
+            case_insensitive=False,
+            case_preserving=True,
+        )
+
+    def commit(self, s: Store, call: Call, a: T.CommitArgs) -> T.CommitRes:
+        oid = self._oid(s, call, a.file)
+        before = self._pre(s, oid)
+        # Durability comes from the worker: this call is `modifies`, so its reply waits for
+        # the commit of the batch holding every earlier UNSTABLE write.
+        return T.CommitRes(OK, self._wcc(s, oid, before), self.verifier)
+
+    # -- MOUNT ---------------------------------------------------------------------------
+
+    def mount_program(self) -> Program:
+        M = Mount3Proc
+
+        def row(proc: Mount3Proc, fn: Callable[[CallContext, Any], Any], **kw: Any) -> Procedure:
+            async def handler(ctx: CallContext, data: bytes) -> bytes:
+                args = T.decode_mount_args(proc, data)
+                result = await fn(ctx, args)
+                return T.encode_mount_result(proc, result)
+
+            return Procedure(int(proc), proc.name, handler, **kw)
+
+        rows = [
+            row(M.NULL, self._mnt_null),
+            row(M.MNT, self._mnt),
+            row(M.DUMP, self._mnt_dump),
+            row(M.UMNT, self._umnt),
+            row(M.UMNTALL, self._umntall),
+            row(M.EXPORT, self._export),
+        ]
+        return Program(
+            MOUNT_PROGRAM, "mount", {1: procedure_table(rows), MOUNT_V3: procedure_table(rows)}
+        )
+
+    async def _mnt_null(self, ctx: CallContext, args: Any) -> T.Void:
+        return T.Void()
+
+    async def _mnt(self, ctx: CallContext, args: T.DirPath) -> T.MountRes:
+        host = ctx.peer[0]
+        path = args.path
+
+        def run(s: Store) -> T.MountRes:
+            try:
+                text = path.decode()
+            except UnicodeDecodeError:
+                return T.MountRes(MountStat3.MNT3ERR_NOENT)
+            name, _, rest = text.strip("/").partition("/")
+            try:
+                info = s.namespace(name)
+                if not client_allowed(info, host):
+                    raise PermissionDenied(f"{host} is not bound to {name}")
+                attr = s.resolve(info.id, "/" + rest)
+                if attr.type != FileType.DIR:
+                    return T.MountRes(MountStat3.MNT3ERR_NOTDIR)
+            except (StoreError, NotFound, Stale) as exc:
+                log.info("MNT %s from %s refused: %s", text, host, exc)
+                return T.MountRes(mountstat_for(exc))
+            self.mounts.add((host, path))
+            return T.MountRes(
+                MountStat3.MNT3_OK,
+                self.fh(attr.oid),
+                (int(AuthFlavor.AUTH_SYS), int(AuthFlavor.AUTH_NONE)),
+            )
+
+        return await self.worker.call(run)
+
+    async def _mnt_dump(self, ctx: CallContext, args: Any) -> T.MountList:
+        return T.MountList(tuple(T.MountBody(h.encode(), p) for h, p in sorted(self.mounts)))
+
+    async def _umnt(self, ctx: CallContext, args: T.DirPath) -> T.Void:
+        self.mounts.discard((ctx.peer[0], args.path))
+        return T.Void()
+
+    async def _umntall(self, ctx: CallContext, args: Any) -> T.Void:
+        self.mounts = {m for m in self.mounts if m[0] != ctx.peer[0]}
+        return T.Void()
+
+    async def _export(self, ctx: CallContext, args: Any) -> T.Exports:
+        infos = await self.worker.call(lambda s: s.list_namespaces())
+        return T.Exports(
+            tuple(
+                T.ExportNode(
+                    ("/" + info.name).encode(), tuple(g.encode() for g in export_groups(info))
+                )
+                for info in infos
+            )
+        )

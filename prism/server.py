@@ -1,0 +1,175 @@
+"""`prism serve`: MOUNT and NFS over TCP and UDP, plus portmapper registration.
+
+Start-up: open the store, start its worker thread, build one RPC dispatcher carrying the NFS
+and MOUNT programs, and listen with it on the NFS and MOUNT ports over TCP and UDP. Then make
+the ports discoverable: register with a system rpcbind if one answers on 127.0.0.1:111,
+otherwise answer PMAP v2 ourselves on --portmap-port (or 111 when it can be bound).
+Shutdown (SIGTERM/SIGINT): stop listening, commit pending work, unregister, close the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from prism.metrics import serve_metrics
+from prism.nfs.const import MOUNT_PROGRAM, MOUNT_V3, NFS_PROGRAM, NFS_V3
+from prism.nfs.service import NfsService
+from prism.store import Store
+from prism.store.worker import StoreWorker
+from rpc.portmap import (
+    PMAP_PORT,
+    PortMapping,
+    PortmapProgram,
+    pmap_set,
+    pmap_unset,
+    rpcbind_answers,
+)
+from rpc.server import RpcDispatcher
+from rpc.transport import bound_port, serve_tcp, serve_udp
+
+log = logging.getLogger("prism.server")
+
+IPPROTO_TCP, IPPROTO_UDP = 6, 17
+DEFAULT_NFS_PORT = 2049
+DEFAULT_MOUNT_PORT = 20048
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    data: Path
+    bind: str = "0.0.0.0"
+    nfs_port: int = DEFAULT_NFS_PORT
+    mount_port: int = DEFAULT_MOUNT_PORT
+    portmap_port: int | None = None
+    portmap: bool = True
+    metrics: str | None = None
+
+
+class PrismServer:
+    def __init__(self, options: ServeOptions) -> None:
+        self.options = options
+        self.store = Store.open(options.data)
+        self.worker = StoreWorker(self.store)
+        self.service = NfsService(self.worker)
+        self.dispatcher = RpcDispatcher()
+        self.dispatcher.add_program(self.service.program())
+        self.dispatcher.add_program(self.service.mount_program())
+        self._servers: list[asyncio.AbstractServer | object] = []
+        self._registered_with_rpcbind = False
+        self.nfs_port = self.mount_port = 0
+        self.portmap_port: int | None = None
+        self.metrics_port: int | None = None
+
+    async def start(self) -> None:
+        self.worker.start()
+        bind = self.options.bind
+        nfs_tcp = await serve_tcp(self.dispatcher, bind, self.options.nfs_port)
+        self.nfs_port = bound_port(nfs_tcp)
+        nfs_udp = await serve_udp(self.dispatcher, bind, self.nfs_port)
+        mount_tcp = await serve_tcp(self.dispatcher, bind, self.options.mount_port)
+        self.mount_port = bound_port(mount_tcp)
+        mount_udp = await serve_udp(self.dispatcher, bind, self.mount_port)
+        self._servers += [nfs_tcp, nfs_udp, mount_tcp, mount_udp]
+        if self.options.portmap:
+            await self._start_portmap()
+        if self.options.metrics:
+            server, self.metrics_port = await serve_metrics(self.options.metrics, self)
+            self._servers.append(server)
+
+    def _mappings(self) -> list[PortMapping]:
+        return [
+            PortMapping(prog, vers, prot, port)
+            for prog, vers, port in (
+                (NFS_PROGRAM, NFS_V3, self.nfs_port),
+                (MOUNT_PROGRAM, MOUNT_V3, self.mount_port),
+                (MOUNT_PROGRAM, 1, self.mount_port),
+            )
+            for prot in (IPPROTO_TCP, IPPROTO_UDP)
+        ]
+
+    async def _start_portmap(self) -> None:
+        if self.options.portmap_port is None and await asyncio.to_thread(rpcbind_answers):
+            for prog, vers in (
+                (NFS_PROGRAM, NFS_V3),
+                (MOUNT_PROGRAM, MOUNT_V3),
+                (MOUNT_PROGRAM, 1),
+            ):
+                await asyncio.to_thread(pmap_unset, "127.0.0.1", prog, vers)
+            for mapping in self._mappings():
+                await asyncio.to_thread(pmap_set, "127.0.0.1", mapping)
+            self._registered_with_rpcbind = True
+            self.portmap_port = PMAP_PORT
+            return
+        portmap = PortmapProgram()
+        for mapping in self._mappings():
+            portmap.set(mapping)
+        portmap.set(PortMapping(100000, 2, IPPROTO_TCP, 0))
+        dispatcher = RpcDispatcher()
+        dispatcher.add_program(portmap.program)
+        port = self.options.portmap_port or PMAP_PORT
+        try:
+            tcp = await serve_tcp(dispatcher, self.options.bind, port)
+            port = bound_port(tcp)
+            udp = await serve_udp(dispatcher, self.options.bind, port)
+        except OSError as exc:
+            log.warning(
+                "portmapper not started: cannot bind port %d (%s); clients need explicit "
+                "port= and mountport= options, or pass --portmap-port",
+                port,
+                exc.strerror,
+            )
+            return
+        portmap.unset(100000, 2)
+        for prot in (IPPROTO_TCP, IPPROTO_UDP):
+            portmap.set(PortMapping(100000, 2, prot, port))
+        self._servers += [tcp, udp]
+        self.portmap_port = port
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()  # type: ignore[attr-defined]
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()  # type: ignore[attr-defined]
+        if self._registered_with_rpcbind:
+            for prog, vers in (
+                (NFS_PROGRAM, NFS_V3),
+                (MOUNT_PROGRAM, MOUNT_V3),
+                (MOUNT_PROGRAM, 1),
+            ):
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(pmap_unset, "127.0.0.1", prog, vers)
+        self.worker.stop()
+        self.store.close()
+
+    def ready_line(self) -> str:
+        vms = len(self.store.list_namespaces("vm"))
+        portmap = (
+            "rpcbind"
+            if self._registered_with_rpcbind
+            else (f"portmap {self.portmap_port}" if self.portmap_port else "no portmap")
+        )
+        metrics = f", metrics :{self.metrics_port}" if self.metrics_port else ""
+        return (
+            f"prism: ready: {vms} VMs from {self.options.data}; nfs {self.options.bind}:"
+            f"{self.nfs_port} mount {self.mount_port} (tcp+udp), {portmap}{metrics}"
+        )
+
+
+async def serve(options: ServeOptions) -> None:
+    server = PrismServer(options)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(server.ready_line(), flush=True)
+    await stop.wait()
+    log.info("stopping")
+    await server.stop()
+    print("prism: stopped cleanly", flush=True)

@@ -1,0 +1,263 @@
+"""Thin asyncio pumps that feed the sans-IO core: TCP (record marked) and UDP (datagrams).
+
+Theory of operation, TCP: each connection owns a `RecordReader`. Every complete record is
+dispatched as its own task, so pipelined calls are answered as they complete, in any order;
+each reply is framed and written whole, so replies never interleave. A connection runs at
+most `max_in_flight` calls at once: beyond that, records wait in a queue and reading pauses,
+and a call keeps its slot until the transport has accepted its reply (write flow control),
+so a peer that does not read its replies stops being read. Memory per connection is thus
+bounded by `max_in_flight` records plus one read's worth of queued records. A record larger
+than `max_record_size`, or one the dispatcher cannot answer at all (not a decodable call),
+closes that connection only; replies already computed are flushed first. On EOF the replies
+still due are sent, then the connection is closed.
+
+UDP: each datagram is one record, dispatched as a task; the reply goes back to the sender.
+Beyond `max_udp_in_flight` calls, datagrams are dropped (the client retransmits). A reply
+that does not fit in a datagram is replaced by SYSTEM_ERR.
+
+Neither pump lets an exception escape into the event loop; the dispatcher never raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from dataclasses import dataclass
+from typing import Any, cast
+
+from rpc.message import AcceptStat, encode_accepted, peek_xid
+from rpc.record import MAX_RECORD_SIZE, UDP_MAX_PAYLOAD, RecordReader, RecordTooLarge, frame
+from rpc.server import TRANSPORT_TCP, TRANSPORT_UDP, RpcDispatcher
+
+log = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT = 64
+"""Calls one TCP connection may have running at once."""
+MAX_UDP_IN_FLIGHT = 256
+"""Calls the UDP endpoint may have running at once."""
+
+
+@dataclass(frozen=True, slots=True)
+class TransportConfig:
+    max_record_size: int = MAX_RECORD_SIZE
+    max_in_flight: int = MAX_IN_FLIGHT
+    max_udp_in_flight: int = MAX_UDP_IN_FLIGHT
+    max_udp_payload: int = UDP_MAX_PAYLOAD
+
+
+DEFAULT_CONFIG = TransportConfig()
+
+
+def _peer(address: Any) -> tuple[str, int]:
+    """(host, port) from a socket address of any family."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        return str(address[0]), int(address[1])
+    return (str(address) if address else "", 0)
+
+
+class _StreamConnection(asyncio.Protocol):
+    """One record-marked stream connection (TCP, or a Unix socket)."""
+
+    def __init__(self, dispatcher: RpcDispatcher, config: TransportConfig, kind: str) -> None:
+        self._dispatcher = dispatcher
+        self._config = config
+        self._kind = kind
+        self._transport: asyncio.Transport | None = None
+        self._peer: tuple[str, int] = ("", 0)
+        self._reader = RecordReader(config.max_record_size)
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._in_flight = 0
+        self._reading_paused = False
+        self._eof = False
+        self._closing = False
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._peer = _peer(transport.get_extra_info("peername"))
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            records = self._reader.feed(data)
+        except RecordTooLarge as exc:
+            log.warning("%s %s: %s; closing the connection", self._kind, self._peer, exc)
+            self._close()
+            return
+        self._queue.extend(records)
+        self._pump()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._pump()
+        return True  # keep the write side open until the replies still due are sent
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._queue.clear()
+        self._writable.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def _pump(self) -> None:
+        transport = self._transport
+        if self._closing or transport is None:
+            return
+        limit = self._config.max_in_flight
+        while self._queue and self._in_flight < limit:
+            self._in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._serve(self._queue.popleft()))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if self._eof:
+            if not self._queue and self._in_flight == 0:
+                self._close()
+            return
+        busy = bool(self._queue) or self._in_flight >= limit
+        if busy and not self._reading_paused:
+            self._reading_paused = True
+            transport.pause_reading()
+        elif not busy and self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+
+    async def _serve(self, record: bytes) -> None:
+        try:
+            reply, close = await self._dispatcher.handle(record, self._peer, self._kind)
+            if reply is not None and not self._closing and self._transport is not None:
+                self._transport.write(frame(reply))
+                await self._writable.wait()
+            if close:
+                log.info("%s %s sent a record that is not a call; closing", self._kind, self._peer)
+                self._close()
+        except Exception:  # the dispatcher never raises; this guards the pump itself
+            log.exception("%s %s: unexpected error serving a record", self._kind, self._peer)
+            self._close()
+        finally:
+            self._in_flight -= 1
+            self._pump()
+
+    def _close(self) -> None:
+        if not self._closing:
+            self._closing = True
+            self._queue.clear()
+            if self._transport is not None:
+                self._transport.close()
+
+
+async def serve_tcp(
+    dispatcher: RpcDispatcher,
+    host: str | None = "0.0.0.0",
+    port: int = 0,
+    config: TransportConfig = DEFAULT_CONFIG,
+    *,
+    backlog: int = 128,
+) -> asyncio.Server:
+    """Listen for record-marked RPC over TCP; `port=0` picks a free port (see `bound_port`)."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        lambda: _StreamConnection(dispatcher, config, TRANSPORT_TCP),
+        host,
+        port,
+        reuse_address=True,
+        backlog=backlog,
+    )
+
+
+def bound_port(server: asyncio.Server | UdpServer) -> int:
+    """The port a server listens on (useful after binding port 0)."""
+    if isinstance(server, UdpServer):
+        return server.port
+    return int(server.sockets[0].getsockname()[1])
+
+
+class _DatagramEndpoint(asyncio.DatagramProtocol):
+    def __init__(self, dispatcher: RpcDispatcher, config: TransportConfig) -> None:
+        self._dispatcher = dispatcher
+        self._config = config
+        self._transport: asyncio.DatagramTransport | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.dropped = 0
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.DatagramTransport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if len(self._tasks) >= self._config.max_udp_in_flight:
+            self.dropped += 1
+            return
+        task = asyncio.get_running_loop().create_task(self._serve(data, addr))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("udp: %s", exc)
+
+    async def _serve(self, data: bytes, addr: Any) -> None:
+        try:
+            reply = await self._dispatcher.dispatch(data, _peer(addr), TRANSPORT_UDP)
+            transport = self._transport
+            if reply is None or transport is None or transport.is_closing():
+                return
+            if len(reply) > self._config.max_udp_payload:
+                xid = peek_xid(reply) or 0
+                log.error("udp %s: reply of %d bytes does not fit a datagram", addr, len(reply))
+                reply = encode_accepted(xid, AcceptStat.SYSTEM_ERR)
+            transport.sendto(reply, addr)
+        except Exception:
+            log.exception("udp %s: unexpected error serving a datagram", addr)
+
+
+class UdpServer:
+    """A bound UDP endpoint serving RPC; `port` is the bound port."""
+
+    def __init__(self, transport: asyncio.DatagramTransport, protocol: _DatagramEndpoint) -> None:
+        self.transport = transport
+        self._protocol = protocol
+
+    @property
+    def sockname(self) -> Any:
+        return self.transport.get_extra_info("sockname")
+
+    @property
+    def port(self) -> int:
+        return int(self.sockname[1])
+
+    @property
+    def dropped(self) -> int:
+        """Datagrams dropped because too many calls were running."""
+        return self._protocol.dropped
+
+    def close(self) -> None:
+        self.transport.close()
+
+    async def wait_closed(self) -> None:
+        await self._protocol.closed
+
+
+async def serve_udp(
+    dispatcher: RpcDispatcher,
+    host: str = "0.0.0.0",
+    port: int = 0,
+    config: TransportConfig = DEFAULT_CONFIG,
+) -> UdpServer:
+    """Serve RPC over UDP on (host, port); `port=0` picks a free port."""
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_datagram_endpoint(
+        lambda: _DatagramEndpoint(dispatcher, config), local_addr=(host, port)
+    )
+    assert isinstance(protocol, _DatagramEndpoint)
+    return UdpServer(transport, protocol)
