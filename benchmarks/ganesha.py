@@ -255,6 +255,23 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def pick_ports(preferred: tuple[int, int], host: str = "127.0.0.1") -> tuple[int, int]:
+    """``preferred`` (NFS, MOUNT) ports if both are free, else two free ones."""
+    if not any(port_in_use(host, p) for p in preferred):
+        return preferred
+    nfs = free_port(host)
+    mount = free_port(host)
+    while mount == nfs:
+        mount = free_port(host)
+    return nfs, mount
+
+
 class Ganesha:
     """One NFS-Ganesha process exporting ``export_dir`` as ``pseudo`` over NFSv3."""
 

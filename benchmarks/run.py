@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from ganesha import Ganesha, GaneshaError, die_with_parent  # noqa: E402
+from ganesha import Ganesha, GaneshaError, die_with_parent, pick_ports  # noqa: E402
 from nfsclient import LIBNFS_SONAME, NfsClient, try_mount  # noqa: E402
 from workloads import (  # noqa: E402
     WORKLOADS,
@@ -55,8 +55,8 @@ TARGETS = ("local", "ganesha", "prism")
 NAMES = {"local": "local", "ganesha": "Ganesha", "prism": "Prism"}
 HOST = "127.0.0.1"
 EXPORT = "/bench"
-PRISM_NFS_PORT = 22049
-PRISM_MOUNT_PORT = 22048
+#: (NFS, MOUNT) ports; away from 2049/20048/111 so a Prism dev server can keep those.
+DEFAULT_PORTS = {"ganesha": (12049, 12048), "prism": (22049, 22048)}
 PRISM_START_TIMEOUT_S = 60.0
 PRISM_SETUP = "{prism} vm create bench --data {data}"
 PRISM_SERVE = (
@@ -220,20 +220,34 @@ class PrismServer:
 # -- targets ----------------------------------------------------------------------------
 
 
+def ports(nfs: int | None, mount: int | None, target: str) -> tuple[int, int]:
+    """Ports given on the command line are used as they are; defaults move if taken."""
+    if nfs is not None or mount is not None:
+        defaults = DEFAULT_PORTS[target]
+        return (nfs or defaults[0], mount or defaults[1])
+    chosen = pick_ports(DEFAULT_PORTS[target], HOST)
+    if chosen != DEFAULT_PORTS[target]:
+        log(f"  {target}: default ports {DEFAULT_PORTS[target]} are taken, using {chosen}")
+    return chosen
+
+
 @contextlib.contextmanager
 def open_target(
     name: str, args: argparse.Namespace, workdir: Path
 ) -> Iterator[tuple[Any, Callable[[], float] | None, dict[str, Any]]]:
     """Yields (fs, server_cpu, info) for one target, starting and stopping its server."""
     if name == "local":
-        yield LocalFs(workdir / "local"), None, {"path": str(workdir / "local")}
+        local = workdir / "local"
+        info = {"path": str(local), "commit_on_close": args.local_commit_on_close}
+        yield LocalFs(local, commit_on_close=args.local_commit_on_close), None, info
         return
     if name == "ganesha":
+        nfs_port, mount_port = ports(args.ganesha_nfs_port, args.ganesha_mount_port, "ganesha")
         g = Ganesha(
             workdir / "ganesha-export",
             workdir / "ganesha",
-            nfs_port=args.ganesha_nfs_port,
-            mount_port=args.ganesha_mount_port,
+            nfs_port=nfs_port,
+            mount_port=mount_port,
             pseudo=EXPORT,
             rpcbind=args.rpcbind,
         )
@@ -253,12 +267,13 @@ def open_target(
             g.stop()
         return
     if name == "prism":
+        nfs_port, mount_port = ports(args.prism_nfs_port, args.prism_mount_port, "prism")
         p = PrismServer(
             args.prism_cmd,
             workdir / "prism-data",
             workdir,
-            nfs_port=args.prism_nfs_port,
-            mount_port=args.prism_mount_port,
+            nfs_port=nfs_port,
+            mount_port=mount_port,
             setup=args.prism_setup,
             serve=args.prism_serve,
             timeout=args.prism_timeout,
@@ -384,8 +399,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--keep", action="store_true", help="keep the work dir afterwards")
     ap.add_argument("--json", default=None, help="result file (default benchmarks/results/)")
-    ap.add_argument("--ganesha-nfs-port", type=int, default=12049)
-    ap.add_argument("--ganesha-mount-port", type=int, default=12048)
+    ap.add_argument(
+        "--local-commit-on-close",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fsync written local files on close, like an NFS client's COMMIT",
+    )
+    ap.add_argument("--ganesha-nfs-port", type=int, default=None, help="default 12049")
+    ap.add_argument("--ganesha-mount-port", type=int, default=None, help="default 12048")
     ap.add_argument(
         "--rpcbind",
         default="auto",
@@ -397,8 +418,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--prism-setup", default=PRISM_SETUP, help="run once before serving ('' to skip)"
     )
     ap.add_argument("--prism-serve", default=PRISM_SERVE)
-    ap.add_argument("--prism-nfs-port", type=int, default=PRISM_NFS_PORT)
-    ap.add_argument("--prism-mount-port", type=int, default=PRISM_MOUNT_PORT)
+    ap.add_argument("--prism-nfs-port", type=int, default=None, help="default 22049")
+    ap.add_argument("--prism-mount-port", type=int, default=None, help="default 22048")
     ap.add_argument("--prism-timeout", type=float, default=PRISM_START_TIMEOUT_S)
     args = ap.parse_args(argv)
     args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]

@@ -12,17 +12,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prism.metrics import serve_metrics
 from prism.nfs.const import MOUNT_PROGRAM, MOUNT_V3, NFS_PROGRAM, NFS_V3
 from prism.nfs.service import NfsService
 from prism.store import Store
 from prism.store.worker import StoreWorker
+from rpc.client import RpcError
 from rpc.portmap import (
     PMAP_PORT,
+    RPCBIND_SOCKET,
     PortMapping,
     PortmapProgram,
     pmap_set,
@@ -37,6 +41,7 @@ log = logging.getLogger("prism.server")
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
 DEFAULT_NFS_PORT = 2049
 DEFAULT_MOUNT_PORT = 20048
+PROGRAMS = ((NFS_PROGRAM, NFS_V3), (MOUNT_PROGRAM, MOUNT_V3), (MOUNT_PROGRAM, 1))
 
 
 @dataclass(frozen=True)
@@ -94,16 +99,7 @@ class PrismServer:
 
     async def _start_portmap(self) -> None:
         if self.options.portmap_port is None and await asyncio.to_thread(rpcbind_answers):
-            for prog, vers in (
-                (NFS_PROGRAM, NFS_V3),
-                (MOUNT_PROGRAM, MOUNT_V3),
-                (MOUNT_PROGRAM, 1),
-            ):
-                await asyncio.to_thread(pmap_unset, "127.0.0.1", prog, vers)
-            for mapping in self._mappings():
-                await asyncio.to_thread(pmap_set, "127.0.0.1", mapping)
-            self._registered_with_rpcbind = True
-            self.portmap_port = PMAP_PORT
+            await asyncio.to_thread(self._register_with_rpcbind)
             return
         portmap = PortmapProgram()
         for mapping in self._mappings():
@@ -130,6 +126,32 @@ class PrismServer:
         self._servers += [tcp, udp]
         self.portmap_port = port
 
+    def _rpcbind_call(self, fn: Any, *args: Any) -> Any:
+        """Talk to the system rpcbind through its unix socket (it refuses SET over loopback
+        TCP unless run insecure), falling back to TCP."""
+        if os.path.exists(RPCBIND_SOCKET):
+            with contextlib.suppress(OSError, RpcError):
+                return fn(RPCBIND_SOCKET, *args, transport="unix")
+        return fn("127.0.0.1", *args)
+
+    def _register_with_rpcbind(self) -> None:
+        for prog, vers in PROGRAMS:
+            with contextlib.suppress(OSError, RpcError):
+                self._rpcbind_call(pmap_unset, prog, vers)
+        ok = True
+        for mapping in self._mappings():
+            try:
+                ok = bool(self._rpcbind_call(pmap_set, mapping)) and ok
+            except (OSError, RpcError):
+                ok = False
+        if not ok:
+            log.warning(
+                "the system rpcbind on 127.0.0.1:111 refused some registrations; clients "
+                "need explicit port= and mountport= options"
+            )
+        self._registered_with_rpcbind = True
+        self.portmap_port = PMAP_PORT
+
     async def stop(self) -> None:
         for server in self._servers:
             server.close()  # type: ignore[attr-defined]
@@ -137,13 +159,9 @@ class PrismServer:
             with contextlib.suppress(Exception):
                 await server.wait_closed()  # type: ignore[attr-defined]
         if self._registered_with_rpcbind:
-            for prog, vers in (
-                (NFS_PROGRAM, NFS_V3),
-                (MOUNT_PROGRAM, MOUNT_V3),
-                (MOUNT_PROGRAM, 1),
-            ):
+            for prog, vers in PROGRAMS:
                 with contextlib.suppress(Exception):
-                    await asyncio.to_thread(pmap_unset, "127.0.0.1", prog, vers)
+                    await asyncio.to_thread(self._rpcbind_call, pmap_unset, prog, vers)
         self.worker.stop()
         self.store.close()
 

@@ -16,6 +16,7 @@ import random
 import socket
 import time
 from types import TracebackType
+from typing import Any
 
 from rpc.message import (
     NULL_AUTH,
@@ -186,7 +187,7 @@ class RpcClient:
         raise OSError(errno.EADDRINUSE, f"no free reserved port: {last}")
 
     def _open(
-        self, family: int, kind: int, address: tuple[str, int], source: tuple[str, int] | None
+        self, family: int, kind: int, address: Any, source: tuple[str, int] | None
     ) -> socket.socket:
         sock = socket.socket(family, kind)
         try:

@@ -201,7 +201,8 @@ class DuplicateRequestCache:
         return len(self._entries)
 
     @property
-    def bytes(self) -> int:
+    def total_bytes(self) -> int:
+        """Reply bytes currently held."""
         return self._bytes
 
     def begin(self, key: DrcKey) -> tuple[DrcState, bytes | None]:

@@ -60,23 +60,23 @@ def test_set_getport_dump_unset(
 ) -> None:
     server, portmap = rpc_portmapper
     port = server.port(transport)
-    kw = {"transport": transport}
     prog = 0x2000_0100 + (transport == "udp")
     tcp, udp = PortMapping(prog, 3, IPPROTO_TCP, 2049), PortMapping(prog, 3, IPPROTO_UDP, 2050)
-    assert pmap_getport("127.0.0.1", prog, 3, IPPROTO_TCP, port, **kw) == 0
-    assert pmap_set("127.0.0.1", tcp, port, **kw) is True
-    assert pmap_set("127.0.0.1", udp, port, **kw) is True
-    assert pmap_set("127.0.0.1", PortMapping(prog, 3, IPPROTO_TCP, 9), port, **kw) is False
-    assert pmap_getport("127.0.0.1", prog, 3, IPPROTO_TCP, port, **kw) == 2049
-    assert pmap_getport("127.0.0.1", prog, 3, IPPROTO_UDP, port, **kw) == 2050
-    assert pmap_getport("127.0.0.1", prog, 4, IPPROTO_UDP, port, **kw) == 0
-    dump = pmap_dump("127.0.0.1", port, **kw)
+    assert pmap_getport("127.0.0.1", prog, 3, IPPROTO_TCP, port, transport=transport) == 0
+    assert pmap_set("127.0.0.1", tcp, port, transport=transport) is True
+    assert pmap_set("127.0.0.1", udp, port, transport=transport) is True
+    taken = PortMapping(prog, 3, IPPROTO_TCP, 9)
+    assert pmap_set("127.0.0.1", taken, port, transport=transport) is False
+    assert pmap_getport("127.0.0.1", prog, 3, IPPROTO_TCP, port, transport=transport) == 2049
+    assert pmap_getport("127.0.0.1", prog, 3, IPPROTO_UDP, port, transport=transport) == 2050
+    assert pmap_getport("127.0.0.1", prog, 4, IPPROTO_UDP, port, transport=transport) == 0
+    dump = pmap_dump("127.0.0.1", port, transport=transport)
     assert tcp in dump and udp in dump
     assert portmap.getport(prog, 3, IPPROTO_UDP) == 2050
-    assert pmap_unset("127.0.0.1", prog, 3, port, **kw) is True  # both protocols
-    assert pmap_unset("127.0.0.1", prog, 3, port, **kw) is False
-    assert pmap_getport("127.0.0.1", prog, 3, IPPROTO_TCP, port, **kw) == 0
-    assert tcp not in pmap_dump("127.0.0.1", port, **kw)
+    assert pmap_unset("127.0.0.1", prog, 3, port, transport=transport) is True  # both protocols
+    assert pmap_unset("127.0.0.1", prog, 3, port, transport=transport) is False
+    assert pmap_getport("127.0.0.1", prog, 3, IPPROTO_TCP, port, transport=transport) == 0
+    assert tcp not in pmap_dump("127.0.0.1", port, transport=transport)
 
 
 def test_set_from_a_remote_host_is_refused() -> None:

@@ -174,7 +174,8 @@ def test_drc_drops_retransmission_while_in_progress() -> None:
     async def scenario() -> list[bytes | None]:
         first = asyncio.create_task(d.dispatch(record, PEER, "tcp"))
         await asyncio.sleep(0.01)
-        second = await d.dispatch(record, PEER, "tcp")  # original still sleeping
+        second, close = await d.handle(record, PEER, "tcp")  # original still sleeping
+        assert not close  # a dropped duplicate must not close the connection
         return [await first, second, await d.dispatch(record, PEER, "tcp")]
 
     first, second, third = asyncio.run(scenario())
@@ -212,12 +213,12 @@ def test_drc_bounds() -> None:
     assert drc.begin(keys[0]) == (DrcState.IN_PROGRESS, None)
     now[0] = 20.0
     assert drc.begin(keys[4])[0] is DrcState.NEW  # everything else expired
-    assert len(drc) == 1 and drc.bytes == 0
+    assert len(drc) == 1 and drc.total_bytes == 0
     drc.complete(keys[4], b"0123456789")
     drc.complete(keys[1], b"x")  # 11 bytes > 10: the older entry goes
     assert drc.begin(keys[4])[0] is DrcState.NEW
     drc.abandon(keys[4])
-    assert len(drc) == 1 and drc.bytes == 1
+    assert len(drc) == 1 and drc.total_bytes == 1
 
 
 def test_drc_key_uses_args_checksum() -> None:

@@ -109,7 +109,7 @@ def test_statuses_end_to_end(rpc_toy_server: ServerThread, transport: str) -> No
         record = bytearray(c.encode(0))
         record[8:12] = u32(3)
         reply = c.exchange(bytes(record))
-        assert reply == RpcMismatchReply(peek_xid(record) or 0, 2, 2)
+        assert reply == RpcMismatchReply(peek_xid(bytes(record)) or 0, 2, 2)
         with pytest.raises(RpcMismatch) as mismatch:
             raise_for_reply(reply)
         assert (mismatch.value.low, mismatch.value.high) == (2, 2)

@@ -1422,7 +1422,9 @@ class Store:
             if node.type != FileType.REG:
                 raise InvalidArgument("only regular files can be written")
             self._require_data(node, cred, _W)
-            new_size = max(node.size, end)
+            # Fix: an empty write (NFS WRITE with count 0) must not extend the file; it
+            # used to set the size to `offset`.
+            new_size = max(node.size, end) if data else node.size
             grow = new_size - node.size
             if grow:
                 self._check_quota(t, view, grow)

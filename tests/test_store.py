@@ -1,0 +1,1146 @@
+"""Unit tests of the store API (`docs/store-api.md`): objects, namespaces, dedup, batches."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from prism.errors import (
+    CrossDevice,
+    Exists,
+    InvalidArgument,
+    InvalidName,
+    IsADirectory,
+    NameTooLong,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    NotPermitted,
+    NotSync,
+    PermissionDenied,
+    QuotaExceeded,
+    ReadOnly,
+    Stale,
+    StoreError,
+)
+from prism.store import CHUNK_SIZE, CloneSource, Cred, FileType, ObjectId, SetAttr, Store
+from prism.store.types import (
+    ACCESS_DELETE,
+    ACCESS_EXECUTE,
+    ACCESS_EXTEND,
+    ACCESS_LOOKUP,
+    ACCESS_MODIFY,
+    ACCESS_READ,
+    NOW,
+)
+
+ALICE = Cred(1000, 1000)
+BOB = Cred(1001, 1001)
+CAROL = Cred(1002, 2000, (1000,))  # in alice's group
+ALL_ACCESS = (
+    ACCESS_READ | ACCESS_LOOKUP | ACCESS_MODIFY | ACCESS_EXTEND | ACCESS_DELETE | ACCESS_EXECUTE
+)
+
+
+try:
+    from prism.store import check
+except ImportError:  # the checker is being written alongside; run without it meanwhile
+    check = None  # type: ignore[assignment]
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = Store.open(tmp_path / "data")
+    yield s
+    s.close()
+    if check is not None:  # every test must leave a store that fsck finds clean
+        with Store.open(tmp_path / "data") as again:
+            assert check.fsck(again).errors == []
+
+
+def new_vm(store: Store, name: str = "vm", **kw) -> ObjectId:
+    return store.root(store.create_namespace(name, **kw).id)
+
+
+def pattern(n: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def read_all(store: Store, oid: ObjectId) -> bytes:
+    size = store.getattr(oid).size
+    data, eof = store.read(oid, 0, size + 10)
+    assert eof
+    return data
+
+
+def resolve(store: Store, root: ObjectId, path: str) -> ObjectId:
+    return store.resolve(root.ns, path).oid
+
+
+def listdir(store: Store, d: ObjectId) -> list[bytes]:
+    names: list[bytes] = []
+    cookie = 0
+    while True:
+        entries, eof = store.readdir(d, cookie, limit=50)
+        names += [e.name for e in entries]
+        if entries:
+            cookie = entries[-1].cookie
+        if eof:
+            return sorted(names)
+
+
+def write_file(store: Store, d: ObjectId, name: bytes, data: bytes) -> ObjectId:
+    oid = store.create(d, name).oid
+    store.write(oid, 0, data)
+    return oid
+
+
+# --- data: offsets, chunks, holes, truncate -------------------------------------------------
+
+
+def test_write_read_odd_offsets_across_chunks(store: Store) -> None:
+    root = new_vm(store)
+    f = store.create(root, b"f").oid
+    model = bytearray()
+    rng = random.Random(7)
+    for offset, size in [
+        (0, 1),
+        (CHUNK_SIZE - 3, 7),
+        (2 * CHUNK_SIZE - 1, CHUNK_SIZE + 2),
+        (5, 3 * CHUNK_SIZE + 11),
+        (4 * CHUNK_SIZE + 17, 1),
+        (CHUNK_SIZE, CHUNK_SIZE),
+    ]:
+        data = rng.randbytes(size)
+        end = offset + size
+        if len(model) < end:
+            model.extend(bytes(end - len(model)))
+        model[offset:end] = data
+        attr = store.write(f, offset, data)
+        assert attr.size == len(model)
+    assert read_all(store, f) == bytes(model)
+    for _ in range(50):
+        offset = rng.randrange(0, len(model) + 10)
+        count = rng.randrange(0, 2 * CHUNK_SIZE + 5)
+        data, eof = store.read(f, offset, count)
+        assert data == bytes(model[offset : offset + count])
+        assert eof == (offset + count >= len(model))
+
+
+def test_sparse_file_and_holes(store: Store) -> None:
+    root = new_vm(store)
+    f = store.create(root, b"sparse").oid
+    far = 10 * CHUNK_SIZE + 123
+    store.write(f, far, b"tail")
+    assert store.getattr(f).size == far + 4
+    data, eof = store.read(f, 0, far + 4)
+    assert data == bytes(far) + b"tail" and eof
+    # A zero write into existing data must read back as zeros (zeros become holes).
+    store.write(f, 0, b"x" * CHUNK_SIZE)
+    store.write(f, 0, bytes(CHUNK_SIZE))
+    assert store.read(f, 0, CHUNK_SIZE)[0] == bytes(CHUNK_SIZE)
+    stats = store.stats()
+    assert stats.stored_bytes == 123 + 4  # only the (partial) tail chunk holds bytes
+
+
+def test_zero_length_write_does_not_extend(store: Store) -> None:
+    root = new_vm(store)
+    f = write_file(store, root, b"f", b"abc")
+    assert store.write(f, 1000, b"").size == 3
+    assert store.getattr(f).size == 3
+
+
+def test_truncate_down_and_up_never_resurrects_bytes(store: Store) -> None:
+    root = new_vm(store)
+    f = store.create(root, b"f").oid
+    data = pattern(3 * CHUNK_SIZE + 500)
+    store.write(f, 0, data)
+    for shrink in (2 * CHUNK_SIZE + 100, CHUNK_SIZE, 77, 0):
+        store.setattr(f, SetAttr(size=shrink))
+        assert read_all(store, f) == data[:shrink]
+        store.setattr(f, SetAttr(size=len(data)))
+        assert read_all(store, f) == data[:shrink] + bytes(len(data) - shrink)
+        store.write(f, 0, data)
+    # Shrink then extend by writing beyond the old end of the cut chunk.
+    store.setattr(f, SetAttr(size=10))
+    store.write(f, CHUNK_SIZE - 1, b"Z")
+    assert read_all(store, f) == data[:10] + bytes(CHUNK_SIZE - 11) + b"Z"
+
+
+def test_truncate_in_clone_does_not_affect_source(store: Store) -> None:
+    root = new_vm(store, "src")
+    data = pattern(3 * CHUNK_SIZE)
+    f = write_file(store, root, b"f", data)
+    clone = store.root(store.clone("dst", [CloneSource("src")]).id)
+    g = store.lookup(clone, b"f").oid
+    store.setattr(g, SetAttr(size=100))
+    store.setattr(g, SetAttr(size=len(data)))
+    assert read_all(store, g) == data[:100] + bytes(len(data) - 100)
+    assert read_all(store, f) == data
+
+
+# --- directories ----------------------------------------------------------------------------
+
+
+def test_mkdir_rmdir_notempty(store: Store) -> None:
+    root = new_vm(store)
+    assert store.getattr(root).nlink == 2
+    d = store.mkdir(root, b"d").oid
+    assert store.getattr(root).nlink == 3
+    assert store.getattr(d).nlink == 2
+    store.mkdir(d, b"sub")
+    assert store.getattr(d).nlink == 3
+    with pytest.raises(Exists):
+        store.mkdir(root, b"d")
+    with pytest.raises(NotEmpty):
+        store.rmdir(root, b"d")
+    store.create(root, b"plain")
+    with pytest.raises(NotADirectory):
+        store.rmdir(root, b"plain")
+    with pytest.raises(IsADirectory):
+        store.remove(root, b"d")
+    store.rmdir(d, b"sub")
+    store.rmdir(root, b"d")
+    store.remove(root, b"plain")
+    assert store.getattr(root).nlink == 2
+    with pytest.raises(Stale):
+        store.getattr(d)
+    with pytest.raises(NotFound):
+        store.lookup(root, b"d")
+    assert store.lookup(root, b".").oid == root
+    assert store.lookup(root, b"..").oid == root
+
+
+def test_lookup_dotdot(store: Store) -> None:
+    root = new_vm(store)
+    a = store.mkdir(root, b"a").oid
+    b = store.mkdir(a, b"b").oid
+    assert store.lookup(b, b"..").oid == a
+    assert store.lookup(a, b"..").oid == root
+    c = store.mkdir(root, b"c").oid
+    store.rename(a, b"b", c, b"b2")
+    assert store.lookup(b, b"..").oid == c
+
+
+def test_rename_files_and_dirs(store: Store) -> None:
+    root = new_vm(store)
+    a = store.mkdir(root, b"a").oid
+    b = store.mkdir(root, b"b").oid
+    f = write_file(store, a, b"f", b"data")
+    store.rename(a, b"f", b, b"g")
+    assert store.lookup(b, b"g").oid == f
+    assert read_all(store, f) == b"data"
+    with pytest.raises(NotFound):
+        store.lookup(a, b"f")
+    # directory across directories: parents' nlink follow
+    d = store.mkdir(a, b"d").oid
+    store.mkdir(d, b"inner")
+    assert (store.getattr(a).nlink, store.getattr(b).nlink) == (3, 2)
+    store.rename(a, b"d", b, b"d")
+    assert (store.getattr(a).nlink, store.getattr(b).nlink) == (2, 3)
+    assert store.getattr(d).nlink == 3
+    assert store.lookup(store.lookup(d, b"inner").oid, b"..").oid == d
+    assert store.lookup(d, b"..").oid == b
+    # same-directory rename of a directory keeps nlink
+    store.rename(b, b"d", b, b"d2")
+    assert store.getattr(b).nlink == 3
+    assert listdir(store, b) == [b"d2", b"g"]
+
+
+def test_rename_replaces_target(store: Store) -> None:
+    root = new_vm(store)
+    f = write_file(store, root, b"f", b"new")
+    old = write_file(store, root, b"old", b"old")
+    store.rename(root, b"f", root, b"old")
+    assert store.lookup(root, b"old").oid == f
+    assert read_all(store, f) == b"new"
+    with pytest.raises(Stale):
+        store.getattr(old)
+    # replacing a file whose other link survives only drops its nlink
+    keep = write_file(store, root, b"keep", b"k")
+    store.link(keep, root, b"alias")
+    store.rename(root, b"old", root, b"alias")
+    assert store.getattr(keep).nlink == 1
+    assert read_all(store, keep) == b"k"
+    # a directory replaces an empty directory, not a non-empty one or a file
+    d1 = store.mkdir(root, b"d1").oid
+    store.mkdir(root, b"d2")
+    store.mkdir(root, b"d3")
+    store.create(store.lookup(root, b"d3").oid, b"x")
+    with pytest.raises(NotEmpty):
+        store.rename(root, b"d1", root, b"d3")
+    with pytest.raises(NotADirectory):
+        store.rename(root, b"d1", root, b"keep")
+    with pytest.raises(IsADirectory):
+        store.rename(root, b"keep", root, b"d2")
+    nlink = store.getattr(root).nlink
+    store.rename(root, b"d1", root, b"d2")
+    assert store.getattr(root).nlink == nlink - 1
+    assert store.lookup(root, b"d2").oid == d1
+    # across directories, replacing an empty directory
+    other = store.mkdir(root, b"other").oid
+    store.mkdir(other, b"d2")
+    before = store.getattr(root).nlink
+    store.rename(root, b"d2", other, b"d2")
+    assert store.getattr(other).nlink == 3
+    assert store.getattr(root).nlink == before - 1
+
+
+def test_rename_into_own_subtree_fails(store: Store) -> None:
+    root = new_vm(store)
+    a = store.mkdir(root, b"a").oid
+    b = store.mkdir(a, b"b").oid
+    c = store.mkdir(b, b"c").oid
+    with pytest.raises(InvalidArgument):
+        store.rename(root, b"a", c, b"a")
+    with pytest.raises(InvalidArgument):
+        store.rename(root, b"a", a, b"x")
+    assert store.lookup(root, b"a").oid == a
+    assert listdir(store, c) == []
+
+
+def test_rename_between_hard_links_is_noop(store: Store) -> None:
+    root = new_vm(store)
+    f = write_file(store, root, b"f", b"x")
+    store.link(f, root, b"g")
+    store.rename(root, b"f", root, b"g")
+    assert listdir(store, root) == [b"f", b"g"]
+    assert store.getattr(f).nlink == 2
+
+
+def test_rename_across_namespaces_refused(store: Store) -> None:
+    a = new_vm(store, "a")
+    b = new_vm(store, "b")
+    store.create(a, b"f")
+    with pytest.raises(CrossDevice):
+        store.rename(a, b"f", b, b"f")
+
+
+def test_link_and_nlink(store: Store) -> None:
+    root = new_vm(store)
+    d = store.mkdir(root, b"d").oid
+    f = write_file(store, root, b"f", b"shared")
+    assert store.link(f, d, b"g").nlink == 2
+    assert store.lookup(d, b"g").oid == f
+    store.write(store.lookup(d, b"g").oid, 0, b"SH")
+    assert read_all(store, f) == b"SHared"
+    with pytest.raises(Exists):
+        store.link(f, d, b"g")
+    with pytest.raises(IsADirectory):
+        store.link(d, root, b"dlink")
+    store.remove(root, b"f")
+    assert store.getattr(f).nlink == 1
+    assert read_all(store, f) == b"SHared"
+    store.remove(d, b"g")
+    with pytest.raises(Stale):
+        store.getattr(f)
+    assert store.stats().stored_bytes == 0
+
+
+def test_symlink_readlink(store: Store) -> None:
+    root = new_vm(store)
+    attr = store.symlink(root, b"l", b"../some/where")
+    assert attr.type == FileType.LNK and attr.size == len(b"../some/where")
+    assert store.readlink(attr.oid) == b"../some/where"
+    assert store.lookup(root, b"l").type == FileType.LNK
+    with pytest.raises(InvalidArgument):
+        store.readlink(root)
+    with pytest.raises(InvalidArgument):
+        store.symlink(root, b"empty", b"")
+    with pytest.raises(Exists):
+        store.symlink(root, b"l", b"x")
+
+
+def test_mknod(store: Store) -> None:
+    root = new_vm(store)
+    store.setattr(root, SetAttr(mode=0o777))
+    fifo = store.mknod(root, b"fifo", FileType.FIFO, 0o644, ALICE)
+    assert fifo.type == FileType.FIFO and fifo.uid == ALICE.uid
+    chr_ = store.mknod(root, b"null", FileType.CHR, 0o666, Cred(), rdev=(1, 3))
+    assert chr_.type == FileType.CHR and chr_.rdev == (1, 3)
+    assert store.getattr(chr_.oid).rdev == (1, 3)
+    with pytest.raises(NotPermitted):
+        store.mknod(root, b"evil", FileType.CHR, 0o666, ALICE, rdev=(1, 1))
+    with pytest.raises(NotPermitted):
+        store.mknod(root, b"evil", FileType.BLK, 0o666, ALICE, rdev=(8, 0))
+    with pytest.raises(InvalidArgument):
+        store.mknod(root, b"reg", FileType.REG, 0o644)
+    with pytest.raises(NotFound):
+        store.lookup(root, b"evil")
+    store.remove(root, b"fifo")
+    with pytest.raises(Stale):
+        store.getattr(fifo.oid)
+
+
+def test_remove_then_stale(store: Store) -> None:
+    root = new_vm(store)
+    f = write_file(store, root, b"f", b"data")
+    store.remove(root, b"f")
+    for call in (
+        lambda: store.getattr(f),
+        lambda: store.read(f, 0, 10),
+        lambda: store.write(f, 0, b"x"),
+        lambda: store.setattr(f, SetAttr(mode=0o600)),
+    ):
+        with pytest.raises(Stale):
+            call()
+    # the name can be reused; the new object is a different one
+    g = store.create(root, b"f").oid
+    assert g != f
+
+
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [
+        (b"", InvalidName),
+        (b".", InvalidName),
+        (b"..", InvalidName),
+        (b"a/b", InvalidName),
+        (b"a\0b", InvalidName),
+        (b"x" * 256, NameTooLong),
+    ],
+)
+def test_bad_names(store: Store, name: bytes, error: type[StoreError]) -> None:
+    root = new_vm(store)
+    f = store.create(root, b"ok").oid
+    for call in (
+        lambda: store.create(root, name),
+        lambda: store.mkdir(root, name),
+        lambda: store.symlink(root, name, b"t"),
+        lambda: store.mknod(root, name, FileType.FIFO, 0o644),
+        lambda: store.link(f, root, name),
+    ):
+        with pytest.raises(error):
+            call()
+    if name not in (b".", b".."):
+        with pytest.raises(error):
+            store.lookup(root, name)
+    # remove/rename refuse them too ('.' and '..' with EINVAL or ENOTEMPTY as POSIX does)
+    for call in (
+        lambda: store.remove(root, name),
+        lambda: store.rmdir(root, name),
+        lambda: store.rename(root, b"ok", root, name),
+        lambda: store.rename(root, name, root, b"x"),
+    ):
+        with pytest.raises(StoreError) as info:
+            call()
+        assert info.value.errno in (errno.EINVAL, errno.ENAMETOOLONG, errno.ENOTEMPTY)
+    assert listdir(store, root) == [b"ok"]
+    assert store.create(root, b"x" * 255).oid
+
+
+# --- permissions ----------------------------------------------------------------------------
+
+
+def test_directory_permissions(store: Store) -> None:
+    root = new_vm(store)
+    store.setattr(root, SetAttr(mode=0o755))
+    d = store.mkdir(root, b"d", 0o750, sattr=SetAttr(uid=ALICE.uid, gid=ALICE.gid)).oid
+    f = store.create(d, b"f", 0o644, ALICE).oid
+    assert store.getattr(f).uid == ALICE.uid
+    # group member may look up and list, not create or remove
+    assert store.lookup(d, b"f", CAROL).oid == f
+    assert [e.name for e in store.readdir(d, cred=CAROL)[0]] == [b"f"]
+    with pytest.raises(PermissionDenied):
+        store.create(d, b"g", 0o644, CAROL)
+    with pytest.raises(PermissionDenied):
+        store.remove(d, b"f", CAROL)
+    # others may not even search
+    with pytest.raises(PermissionDenied):
+        store.lookup(d, b"f", BOB)
+    with pytest.raises(PermissionDenied):
+        store.readdir(d, cred=BOB)
+    with pytest.raises(PermissionDenied):
+        store.mkdir(root, b"bobdir", 0o755, BOB)
+    with pytest.raises(PermissionDenied):
+        store.rename(d, b"f", root, b"f", CAROL)
+    # owner can; root can anything
+    store.create(d, b"g", 0o644, ALICE)
+    store.remove(d, b"g", ALICE)
+    store.create(d, b"h", 0o644, Cred())
+    # execute-only directory: lookup yes, listing no
+    store.setattr(d, SetAttr(mode=0o711), ALICE)
+    assert store.lookup(d, b"f", BOB).oid == f
+    with pytest.raises(PermissionDenied):
+        store.readdir(d, cred=BOB)
+
+
+def test_sticky_directory(store: Store) -> None:
+    root = new_vm(store)
+    tmp = store.mkdir(root, b"tmp", 0o1777).oid
+    fa = store.create(tmp, b"a", 0o644, ALICE).oid
+    store.create(tmp, b"b", 0o644, BOB)
+    with pytest.raises(PermissionDenied):
+        store.remove(tmp, b"a", BOB)
+    with pytest.raises(PermissionDenied):
+        store.rename(tmp, b"a", tmp, b"stolen", BOB)
+    with pytest.raises(PermissionDenied):
+        store.rename(tmp, b"b", tmp, b"a", BOB)  # replacing alice's file
+    assert store.lookup(tmp, b"a").oid == fa
+    store.remove(tmp, b"b", BOB)
+    store.remove(tmp, b"a", ALICE)
+
+
+def test_file_data_permissions_and_owner_override(store: Store) -> None:
+    root = new_vm(store)
+    store.setattr(root, SetAttr(mode=0o777))
+    f = store.create(root, b"f", 0o000, ALICE).oid
+    store.write(f, 0, b"secret", ALICE)  # owner override (as knfsd) despite mode 000
+    assert store.read(f, 0, 10, ALICE)[0] == b"secret"
+    with pytest.raises(PermissionDenied):
+        store.read(f, 0, 10, BOB)
+    with pytest.raises(PermissionDenied):
+        store.write(f, 0, b"x", BOB)
+    store.setattr(f, SetAttr(mode=0o640), ALICE)
+    assert store.read(f, 0, 10, CAROL)[0] == b"secret"
+    with pytest.raises(PermissionDenied):
+        store.write(f, 0, b"x", CAROL)
+    with pytest.raises(PermissionDenied):
+        store.setattr(f, SetAttr(size=0), CAROL)
+    assert store.read(f, 0, 10, Cred())[0] == b"secret"
+    assert read_all(store, f) == b"secret"
+
+
+def test_chmod_chown_rules(store: Store) -> None:
+    root = new_vm(store)
+    store.setattr(root, SetAttr(mode=0o777))
+    f = store.create(root, b"f", 0o644, ALICE).oid
+    with pytest.raises(NotPermitted):
+        store.setattr(f, SetAttr(mode=0o777), BOB)
+    with pytest.raises(NotPermitted):
+        store.setattr(f, SetAttr(uid=BOB.uid), ALICE)
+    with pytest.raises(NotPermitted):
+        store.setattr(f, SetAttr(uid=BOB.uid), BOB)
+    with pytest.raises(NotPermitted):
+        store.setattr(f, SetAttr(gid=BOB.gid), ALICE)  # not one of alice's groups
+    with pytest.raises(NotPermitted):
+        store.setattr(f, SetAttr(mtime_ns=12345), BOB)
+    store.setattr(f, SetAttr(mode=0o600), ALICE)
+    store.setattr(f, SetAttr(uid=BOB.uid, gid=BOB.gid), Cred())
+    attr = store.getattr(f)
+    assert (attr.mode, attr.uid, attr.gid) == (0o600, BOB.uid, BOB.gid)
+    attr = store.setattr(f, SetAttr(atime_ns=5, mtime_ns=7), BOB)
+    assert (attr.atime_ns, attr.mtime_ns) == (5, 7)
+    assert store.setattr(f, SetAttr(mtime_ns=NOW), BOB).mtime_ns > 7
+
+
+def test_access_bits(store: Store) -> None:
+    root = new_vm(store)
+    store.setattr(root, SetAttr(mode=0o777))
+    f = store.create(root, b"f", 0o640, ALICE).oid
+    d = store.mkdir(root, b"d", 0o750, sattr=SetAttr(uid=ALICE.uid, gid=ALICE.gid)).oid
+    assert store.access(f, ALICE, ALL_ACCESS) == ACCESS_READ | ACCESS_MODIFY | ACCESS_EXTEND
+    assert store.access(f, CAROL, ALL_ACCESS) == ACCESS_READ
+    assert store.access(f, BOB, ALL_ACCESS) == 0
+    assert store.access(f, ALICE, ACCESS_READ) == ACCESS_READ
+    assert store.access(d, ALICE, ALL_ACCESS) == (
+        ACCESS_READ | ACCESS_LOOKUP | ACCESS_MODIFY | ACCESS_EXTEND | ACCESS_DELETE
+    )
+    assert store.access(d, CAROL, ALL_ACCESS) == ACCESS_READ | ACCESS_LOOKUP
+    assert store.access(d, BOB, ALL_ACCESS) == 0
+    # root: everything but execute on a file without x bits
+    assert store.access(f, Cred(), ALL_ACCESS) & ACCESS_EXECUTE == 0
+    store.setattr(f, SetAttr(mode=0o750))
+    assert store.access(f, Cred(), ALL_ACCESS) & ACCESS_EXECUTE
+    assert store.access(f, CAROL, ALL_ACCESS) == ACCESS_READ | ACCESS_EXECUTE
+    # a snapshot grants nothing that changes
+    store.snapshot("vm", "s")
+    snap = store.namespace("vm@s")
+    sf = store.resolve(snap.id, "/f").oid
+    assert store.access(sf, ALICE, ALL_ACCESS) & (ACCESS_MODIFY | ACCESS_EXTEND) == 0
+
+
+# --- create modes and setattr guard ---------------------------------------------------------
+
+
+def test_exclusive_create(store: Store) -> None:
+    root = new_vm(store)
+    v1, v2 = b"verifier", b"VERIFIER"
+    f = store.create(root, b"f", exclusive=v1).oid
+    store.write(f, 0, b"data")
+    assert store.create(root, b"f", exclusive=v1).oid == f  # a retransmitted CREATE
+    with pytest.raises(Exists):
+        store.create(root, b"f", exclusive=v2)
+    store.close()
+    reopened = Store.open(store.path)
+    try:
+        assert reopened.create(root, b"f", exclusive=v1).oid == f
+        with pytest.raises(Exists):
+            reopened.create(root, b"f", exclusive=v2)
+    finally:
+        reopened.close()
+
+
+def test_guarded_and_unchecked_create(store: Store) -> None:
+    root = new_vm(store)
+    f = write_file(store, root, b"f", b"content")
+    with pytest.raises(Exists):
+        store.create(root, b"f", guarded=True)
+    assert store.create(root, b"f").oid == f  # unchecked: the existing file
+    assert read_all(store, f) == b"content"
+    assert store.create(root, b"f", sattr=SetAttr(size=0)).oid == f
+    assert store.getattr(f).size == 0
+    store.mkdir(root, b"d")
+    with pytest.raises(IsADirectory):
+        store.create(root, b"d")
+    with pytest.raises(Exists):
+        store.create(root, b"d", guarded=True)
+
+
+def test_create_applies_sattr_and_mode(store: Store) -> None:
+    root = new_vm(store)
+    store.setattr(root, SetAttr(mode=0o777))
+    attr = store.create(root, b"f", 0o640, ALICE)
+    assert (attr.mode, attr.uid, attr.gid, attr.nlink, attr.size) == (0o640, 1000, 1000, 1, 0)
+    attr = store.create(root, b"g", 0o600, sattr=SetAttr(mode=0o604, uid=5, gid=6))
+    assert (attr.mode, attr.uid, attr.gid) == (0o604, 5, 6)
+
+
+def test_setattr_guard(store: Store) -> None:
+    root = new_vm(store)
+    f = store.create(root, b"f").oid
+    ctime = store.getattr(f).ctime_ns
+    time.sleep(0.001)
+    attr = store.setattr(f, SetAttr(mode=0o600), guard_ctime_ns=ctime)
+    assert attr.mode == 0o600 and attr.ctime_ns != ctime
+    with pytest.raises(NotSync):
+        store.setattr(f, SetAttr(mode=0o644), guard_ctime_ns=ctime)
+    assert store.getattr(f).mode == 0o600
+
+
+def test_setattr_size_rules(store: Store) -> None:
+    root = new_vm(store)
+    d = store.mkdir(root, b"d").oid
+    with pytest.raises(IsADirectory):
+        store.setattr(d, SetAttr(size=0))
+    link = store.symlink(root, b"l", b"t").oid
+    with pytest.raises(InvalidArgument):
+        store.setattr(link, SetAttr(size=0))
+
+
+# --- readdir --------------------------------------------------------------------------------
+
+
+def test_readdir_pages_with_concurrent_changes(store: Store) -> None:
+    root = new_vm(store)
+    d = store.mkdir(root, b"big").oid
+    store.begin_batch()
+    for i in range(3000):
+        store.create(d, b"file-%05d" % i)
+    store.commit()
+    rng = random.Random(3)
+    present = {b"file-%05d" % i for i in range(3000)}
+    seen: list[bytes] = []
+    removed: set[bytes] = set()
+    added = 0
+    cookie = 0
+    while True:
+        entries, eof = store.readdir(d, cookie, limit=100)
+        assert len(entries) <= 100
+        seen += [e.name for e in entries]
+        if entries:
+            cookie = entries[-1].cookie
+        if eof:
+            break
+        # change the directory between pages
+        for name in rng.sample(sorted(present), 5):
+            store.remove(d, name)
+            present.discard(name)
+            removed.add(name)
+        for _ in range(5):
+            name = b"new-%05d" % added
+            added += 1
+            store.create(d, name)
+            present.add(name)
+    assert len(seen) == len(set(seen)), "an entry was returned twice"
+    original = {b"file-%05d" % i for i in range(3000)}
+    # every original entry that was never removed was seen exactly once
+    assert original - removed <= set(seen)
+    # nothing that never existed was returned
+    assert set(seen) <= original | {b"new-%05d" % i for i in range(added)}
+
+
+def test_readdir_cookies_survive_reopen(store: Store, tmp_path: Path) -> None:
+    root = new_vm(store)
+    store.begin_batch()
+    for i in range(250):
+        store.create(root, b"f%d" % i)
+    store.commit()
+    first, eof = store.readdir(root, 0, limit=100)
+    assert not eof
+    cookie = first[-1].cookie
+    rest_before, _ = store.readdir(root, cookie, limit=1000)
+    store.close()
+    with Store.open(tmp_path / "data") as again:
+        rest_after, eof = again.readdir(root, cookie, limit=1000)
+        assert eof
+        assert [e.name for e in rest_after] == [e.name for e in rest_before]
+        assert {e.name for e in first} | {e.name for e in rest_after} == {
+            b"f%d" % i for i in range(250)
+        }
+        # an unknown cookie resumes at the next position, it is not an error
+        entries, _ = again.readdir(root, cookie + 1, limit=1000)
+        assert [e.name for e in entries] == [e.name for e in rest_after]
+
+
+def test_readdir_across_layers(store: Store) -> None:
+    root = new_vm(store, "src")
+    for i in range(20):
+        store.create(root, b"s%02d" % i)
+    clone = store.root(store.clone("dst", [CloneSource("src")]).id)
+    for i in range(0, 20, 2):
+        store.remove(clone, b"s%02d" % i)
+    for i in range(5):
+        store.create(clone, b"c%02d" % i)
+    store.create(root, b"late")
+    want = sorted([b"s%02d" % i for i in range(1, 20, 2)] + [b"c%02d" % i for i in range(5)])
+    assert listdir(store, clone) == want
+    assert listdir(store, root) == sorted([b"s%02d" % i for i in range(20)] + [b"late"])
+
+
+@pytest.mark.slow
+def test_huge_directory_lookups_stay_fast(store: Store) -> None:
+    root = new_vm(store)
+    d = store.mkdir(root, b"huge").oid
+    n = 100_000
+    store.begin_batch()
+    for i in range(n):
+        store.create(d, b"entry-%06d" % i)
+        if i % 20000 == 19999:
+            store.commit()
+            store.begin_batch()
+    store.commit()
+    rng = random.Random(1)
+    names = [b"entry-%06d" % rng.randrange(n) for _ in range(500)]
+    start = time.perf_counter()
+    for name in names:
+        store.lookup(d, name)
+    per_lookup = (time.perf_counter() - start) / len(names)
+    assert per_lookup < 1e-3, f"lookup took {per_lookup * 1e6:.0f} us"
+    with pytest.raises(NotFound):
+        store.lookup(d, b"entry-x")
+    entries, eof = store.readdir(d, 0, limit=100)
+    assert len(entries) == 100 and not eof
+
+
+# --- namespaces -----------------------------------------------------------------------------
+
+
+def test_snapshot_is_read_only_and_frozen(store: Store) -> None:
+    root = new_vm(store)
+    f = write_file(store, root, b"f", b"before")
+    snap = store.snapshot("vm", "s1")
+    assert snap.readonly and snap.kind == "snapshot" and snap.name == "vm@s1"
+    sroot = snap.root
+    sf = store.lookup(sroot, b"f").oid
+    store.write(f, 0, b"AFTER!")
+    store.create(root, b"new")
+    assert read_all(store, sf) == b"before"
+    assert listdir(store, sroot) == [b"f"]
+    for call in (
+        lambda: store.write(sf, 0, b"x"),
+        lambda: store.create(sroot, b"x"),
+        lambda: store.mkdir(sroot, b"x"),
+        lambda: store.remove(sroot, b"f"),
+        lambda: store.setattr(sf, SetAttr(mode=0o600)),
+        lambda: store.rename(sroot, b"f", sroot, b"g"),
+        lambda: store.link(sf, sroot, b"g"),
+        lambda: store.symlink(sroot, b"l", b"t"),
+    ):
+        with pytest.raises(ReadOnly):
+            call()
+    assert [s.name for s in store.list_snapshots("vm")] == ["vm@s1"]
+    with pytest.raises(Exists):
+        store.snapshot("vm", "s1")
+
+
+def test_rollback(store: Store) -> None:
+    root = new_vm(store)
+    f = write_file(store, root, b"f", b"v1")
+    store.snapshot("vm", "s1")
+    store.write(f, 0, b"v2")
+    store.create(root, b"extra")
+    store.remove(root, b"f")
+    store.rollback("vm", "s1")
+    assert listdir(store, root) == [b"f"]
+    assert read_all(store, f) == b"v1"  # the same ObjectId works again
+    # the VM stays writable and the snapshot stays put
+    store.write(f, 0, b"v3")
+    g = store.create(root, b"g").oid
+    assert g != f
+    assert read_all(store, store.resolve(store.namespace("vm@s1").id, "/f").oid) == b"v1"
+    store.rollback("vm", "s1")
+    assert read_all(store, f) == b"v1"
+    assert store.usage("vm").logical_bytes == 2
+
+
+def test_clone_independence_both_ways(store: Store) -> None:
+    root = new_vm(store, "src")
+    data = pattern(2 * CHUNK_SIZE + 10)
+    f = write_file(store, root, b"f", data)
+    d = store.mkdir(root, b"d").oid
+    store.create(d, b"inner")
+    info = store.clone("dst", [CloneSource("src")])
+    croot = info.root
+    cf = store.lookup(croot, b"f").oid
+    assert read_all(store, cf) == data
+    assert cf.ns == info.id and cf != f
+    store.write(f, 5, b"SOURCE")
+    store.write(cf, CHUNK_SIZE, b"CLONE")
+    store.create(root, b"only-src")
+    store.create(croot, b"only-dst")
+    store.remove(store.lookup(croot, b"d").oid, b"inner")
+    src_want = bytearray(data)
+    src_want[5:11] = b"SOURCE"
+    dst_want = bytearray(data)
+    dst_want[CHUNK_SIZE : CHUNK_SIZE + 5] = b"CLONE"
+    assert read_all(store, f) == bytes(src_want)
+    assert read_all(store, cf) == bytes(dst_want)
+    assert listdir(store, root) == [b"d", b"f", b"only-src"]
+    assert listdir(store, croot) == [b"d", b"f", b"only-dst"]
+    assert listdir(store, d) == [b"inner"]
+    # new objects in source and clone do not collide
+    assert store.lookup(root, b"only-src").oid.ino != 0
+
+
+def test_clone_of_clone_and_of_snapshot(store: Store) -> None:
+    root = new_vm(store, "a")
+    f = write_file(store, root, b"f", b"a1")
+    store.snapshot("a", "s")
+    store.write(f, 0, b"a2")
+    b = store.clone("b", [CloneSource("a")]).root
+    c = store.clone("c", [CloneSource("b")]).root
+    s = store.clone("fromsnap", [CloneSource("a", snapshot="s")]).root
+    store.write(store.lookup(b, b"f").oid, 0, b"b3")
+    store.write(store.lookup(c, b"f").oid, 0, b"c4")
+    # objects created in a clone of a snapshot get fresh identities
+    g = write_file(store, s, b"g", b"new")
+    assert g != store.lookup(s, b"f").oid
+    for r, want in ((root, b"a2"), (b, b"b3"), (c, b"c4"), (s, b"a1")):
+        assert read_all(store, store.lookup(r, b"f").oid) == want
+    assert read_all(store, g) == b"new"
+    assert listdir(store, s) == [b"f", b"g"]
+    assert listdir(store, root) == [b"f"]
+
+
+def test_composition_from_several_namespaces(store: Store) -> None:
+    base = new_vm(store, "base")
+    etc = store.mkdir(base, b"etc").oid
+    write_file(store, etc, b"hosts", b"127.0.0.1 localhost\n")
+    data = new_vm(store, "data")
+    srv = store.mkdir(data, b"srv").oid
+    www = store.mkdir(srv, b"www").oid
+    write_file(store, www, b"index.html", b"<html>")
+    tools = new_vm(store, "tools")
+    write_file(store, tools, b"tool", b"#!/bin/sh\n")
+    store.mkdir(base, b"opt")
+    info = store.clone(
+        "web",
+        [
+            CloneSource("base"),
+            CloneSource("data", path="/srv/www", dest="/var-www"),
+            CloneSource("tools", path="/tool", dest="/opt/tool"),
+        ],
+    )
+    web = info.root
+    assert listdir(store, web) == [b"etc", b"opt", b"var-www"]
+    hosts = resolve(store, web, "/etc/hosts")
+    index = resolve(store, web, "/var-www/index.html")
+    tool = resolve(store, web, "/opt/tool")
+    assert read_all(store, index) == b"<html>"
+    assert read_all(store, tool) == b"#!/bin/sh\n"
+    assert read_all(store, hosts) == b"127.0.0.1 localhost\n"
+    vw = resolve(store, web, "/var-www")
+    assert store.lookup(vw, b"..").oid == web
+    assert store.getattr(web).nlink == 5  # '.', '..' and etc, opt, var-www
+    # writes in the composition stay there, and later source writes don't leak in
+    store.write(index, 0, b"<HTML>")
+    store.write(store.resolve(store.namespace("data").id, "/srv/www/index.html").oid, 1, b"X")
+    assert read_all(store, index) == b"<HTML>"
+    assert read_all(store, resolve(store, data, "/srv/www/index.html")) == b"<Xtml>"
+    new = write_file(store, vw, b"new.html", b"fresh")
+    assert new.ns == info.id
+    assert listdir(store, resolve(store, data, "/srv/www")) == [b"index.html"]
+    assert listdir(store, vw) == [b"index.html", b"new.html"]
+    # clone of the composed VM, and a subtree of it composed elsewhere
+    web2 = store.clone("web2", [CloneSource("web")]).root
+    assert read_all(store, resolve(store, web2, "/var-www/new.html")) == b"fresh"
+    store.write(resolve(store, web2, "/var-www/new.html"), 0, b"FRESH")
+    assert read_all(store, new) == b"fresh"
+    part = store.clone("part", [CloneSource("web", path="/var-www", dest="/site")]).root
+    assert listdir(store, resolve(store, part, "/site")) == [b"index.html", b"new.html"]
+    assert read_all(store, resolve(store, part, "/site/index.html")) == b"<HTML>"
+    store.write(resolve(store, part, "/site/index.html"), 0, b"P")
+    assert read_all(store, index) == b"<HTML>"
+    assert read_all(store, resolve(store, web2, "/var-www/index.html")) == b"<HTML>"
+    # and a subtree of that composed into an existing VM (into=True)
+    store.clone("base", [CloneSource("part", path="/site", dest="/opt/site")], into=True)
+    assert listdir(store, resolve(store, base, "/opt/site")) == [b"index.html", b"new.html"]
+    assert read_all(store, resolve(store, base, "/opt/site/index.html")) == b"PHTML>"
+    # operations inside composed volumes
+    sub = store.mkdir(vw, b"sub").oid
+    store.rename(vw, b"new.html", sub, b"moved.html")
+    assert read_all(store, resolve(store, web, "/var-www/sub/moved.html")) == b"fresh"
+    store.rename(web, b"etc", sub, b"etc")
+    assert store.lookup(resolve(store, web, "/var-www/sub/etc"), b"..").oid == sub
+    assert store.usage("web").files == len(walk(store, web))
+
+
+def walk(store: Store, root: ObjectId) -> set[ObjectId]:
+    seen = {root}
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        entries, _ = store.readdir(d, 0, limit=1_000_000)
+        for e in entries:
+            if e.oid not in seen:
+                seen.add(e.oid)
+                if e.type == FileType.DIR:
+                    stack.append(e.oid)
+    return seen
+
+
+def test_clone_to_root_overlays(store: Store) -> None:
+    a = new_vm(store, "a")
+    write_file(store, a, b"from-a", b"A")
+    write_file(store, a, b"both", b"A")
+    b = new_vm(store, "b")
+    write_file(store, b, b"from-b", b"B")
+    write_file(store, b, b"both", b"B")
+    c = store.clone("c", [CloneSource("a"), CloneSource("b")]).root
+    assert listdir(store, c) == [b"both", b"from-a", b"from-b"]
+    assert read_all(store, store.lookup(c, b"both").oid) == b"B"
+
+
+def test_failed_clone_changes_nothing(store: Store) -> None:
+    root = new_vm(store, "a")
+    write_file(store, root, b"f", b"x")
+    before = store.list_namespaces()
+    with pytest.raises(NotFound):
+        store.clone("c", [CloneSource("a", path="/missing", dest="/x")])
+    with pytest.raises(NotFound):
+        store.clone("c", [CloneSource("a"), CloneSource("a", path="/f", dest="/no/such/dir")])
+    with pytest.raises(NotFound):
+        store.clone("c", [CloneSource("nosuchvm")])
+    with pytest.raises(NotFound):
+        store.namespace("c")
+    assert store.list_namespaces() == before
+    # the store still works normally: a later clone, snapshot and new VM are all sound
+    store.snapshot("a", "s")
+    c = store.clone("c", [CloneSource("a")]).root
+    assert listdir(store, c) == [b"f"]
+    d = new_vm(store, "d")
+    assert listdir(store, d) == []
+    store.create(c, b"g")
+    assert listdir(store, root) == [b"f"]
+
+
+def test_remove_namespace_makes_objects_stale(store: Store) -> None:
+    root = new_vm(store, "a")
+    f = write_file(store, root, b"f", b"x")
+    snap = store.snapshot("a", "s")
+    sf = store.lookup(snap.root, b"f").oid
+    clone = store.clone("b", [CloneSource("a")]).root
+    store.remove_namespace("a")
+    for oid in (root, f, sf):
+        with pytest.raises(Stale):
+            store.getattr(oid)
+    with pytest.raises(NotFound):
+        store.namespace("a@s")
+    # the clone is unaffected
+    assert read_all(store, store.lookup(clone, b"f").oid) == b"x"
+    # a new VM of the same name does not resurrect old handles
+    new_vm(store, "a")
+    with pytest.raises(Stale):
+        store.getattr(f)
+
+
+def test_object_ids_are_namespaced(store: Store) -> None:
+    a = new_vm(store, "a")
+    b = new_vm(store, "b")
+    fa = write_file(store, a, b"f", b"from a")
+    fb = write_file(store, b, b"f", b"from b")
+    foreign = ObjectId(b.ns, fa.vol, fa.ino)
+    try:
+        assert foreign == fb or read_all(store, foreign) != b"from a"
+    except Stale:
+        pass
+    with pytest.raises(Stale):
+        store.getattr(ObjectId(9999, 0, 1))
+    with pytest.raises(Stale):
+        store.getattr(ObjectId(a.ns, 0, 123456))
+
+
+def test_object_ids_survive_rename_and_reopen(store: Store, tmp_path: Path) -> None:
+    root = new_vm(store)
+    d = store.mkdir(root, b"d").oid
+    f = write_file(store, d, b"f", b"content")
+    store.rename(d, b"f", root, b"g")
+    store.rename(root, b"d", root, b"e")
+    store.close()
+    with Store.open(tmp_path / "data") as again:
+        assert again.lookup(root, b"g").oid == f
+        assert again.lookup(root, b"e").oid == d
+        assert read_all(again, f) == b"content"
+        assert again.namespace("vm").root == root
+
+
+def test_quota(store: Store) -> None:
+    root = new_vm(store, quota=10_000)
+    f = store.create(root, b"f").oid
+    store.write(f, 0, b"x" * 6000)
+    before = store.stats()
+    with pytest.raises(QuotaExceeded):
+        store.write(f, 6000, b"y" * 5000)
+    with pytest.raises(QuotaExceeded):
+        store.setattr(f, SetAttr(size=20_000))
+    assert store.getattr(f).size == 6000
+    assert read_all(store, f) == b"x" * 6000
+    assert store.stats() == before
+    store.write(f, 0, b"z" * 6000)  # overwriting does not grow
+    store.set_namespace("vm", quota=20_000)
+    store.write(f, 6000, b"y" * 5000)
+    assert store.getattr(f).size == 11_000
+    assert store.usage("vm").logical_bytes == 11_000
+    store.set_namespace("vm", quota=None)
+    store.setattr(f, SetAttr(size=50_000))
+    fs = store.fsstat(root.ns)
+    assert fs.total_bytes > 0
+
+
+def test_usage_and_stats(store: Store) -> None:
+    root = new_vm(store, "a")
+    assert store.usage("a").files == 1
+    d = store.mkdir(root, b"d").oid
+    f = write_file(store, d, b"f", b"x" * 1000)
+    store.link(f, root, b"hard")
+    store.symlink(root, b"l", b"target")
+    usage = store.usage("a")
+    assert usage.files == 4
+    assert usage.logical_bytes == 1000
+    store.remove(root, b"hard")
+    store.setattr(f, SetAttr(size=300))
+    assert store.usage("a") == type(usage)(300, 4)
+    clone = store.clone("b", [CloneSource("a")])
+    assert store.usage("b") == store.usage("a")
+    store.snapshot("a", "s")
+    stats = store.stats()
+    assert stats.logical_bytes == 600  # VMs only, not snapshots
+    assert stats.stored_bytes == 300 and stats.chunk_count == 1
+    assert clone.root.ns == clone.id
+
+
+def test_dedup_across_namespaces(store: Store) -> None:
+    data = pattern(1 << 20, seed=9)
+    a = new_vm(store, "a")
+    b = new_vm(store, "b")
+    write_file(store, a, b"img", data)
+    assert store.stats().stored_bytes == len(data)
+    fb = store.create(b, b"copy").oid
+    for off in range(0, len(data), 64 * 1024):  # written independently, in other pieces
+        store.write(fb, off, data[off : off + 64 * 1024])
+    stats = store.stats()
+    assert stats.stored_bytes == len(data)
+    assert stats.chunk_count == len(data) // CHUNK_SIZE
+    assert stats.logical_bytes == 2 * len(data)
+    assert stats.dedup_ratio == pytest.approx(2.0)
+    assert read_all(store, fb) == data
+
+
+def test_copy_on_write_small_write_into_shared_file(store: Store) -> None:
+    root = new_vm(store, "src")
+    data = pattern(16 << 20, seed=2)
+    big = store.create(root, b"big").oid
+    store.begin_batch()
+    for off in range(0, len(data), 1 << 20):
+        store.write(big, off, data[off : off + (1 << 20)])
+    store.commit()
+    clone = store.clone("dst", [CloneSource("src")]).root
+    before = store.stats().stored_bytes
+    cbig = store.lookup(clone, b"big").oid
+    offset = 5 * CHUNK_SIZE + 1000
+    store.write(cbig, offset, b"w" * 4096)
+    assert store.stats().stored_bytes - before <= CHUNK_SIZE
+    got, _ = store.read(cbig, offset - 10, 4116)
+    assert got == data[offset - 10 : offset] + b"w" * 4096 + data[offset + 4096 : offset + 4106]
+    assert store.read(big, offset, 4096)[0] == data[offset : offset + 4096]
+
+
+# --- batches --------------------------------------------------------------------------------
+
+
+def test_batch_commit_and_abort(store: Store, tmp_path: Path) -> None:
+    root = new_vm(store)
+    store.begin_batch()
+    assert store.in_batch
+    f = write_file(store, root, b"committed", b"yes")
+    assert read_all(store, f) == b"yes"  # reads see the batch
+    store.commit()
+    assert not store.in_batch
+    store.begin_batch()
+    g = write_file(store, root, b"aborted", b"no")
+    store.write(f, 0, b"NO!")
+    store.mkdir(root, b"dir")
+    store.abort()
+    assert listdir(store, root) == [b"committed"]
+    assert read_all(store, f) == b"yes"
+    with pytest.raises(Stale):
+        store.getattr(g)
+    store.close()
+    with Store.open(tmp_path / "data") as again:
+        assert listdir(again, root) == [b"committed"]
+        assert read_all(again, f) == b"yes"
+        stats = again.stats()
+        assert stats.stored_bytes == 3 and stats.chunk_count == 1
+
+
+def test_failing_op_in_batch_keeps_the_others(store: Store) -> None:
+    root = new_vm(store, quota=100)
+    store.begin_batch()
+    f = write_file(store, root, b"a", b"1234")
+    with pytest.raises(Exists):
+        store.create(root, b"a", guarded=True)
+    with pytest.raises(QuotaExceeded):
+        store.write(f, 0, b"x" * 1000)
+    with pytest.raises(NotFound):
+        store.clone("c", [CloneSource("vm", path="/nope", dest="/x")])
+    with pytest.raises(NotFound):
+        store.remove(root, b"missing")
+    store.mkdir(root, b"d")
+    store.commit()
+    assert listdir(store, root) == [b"a", b"d"]
+    assert read_all(store, f) == b"1234"
+    assert store.getattr(root).nlink == 3
+    assert store.usage("vm").logical_bytes == 4
+
+
+def test_snapshot_and_clone_inside_aborted_batch(store: Store) -> None:
+    root = new_vm(store, "a")
+    write_file(store, root, b"f", b"x")
+    store.begin_batch()
+    store.snapshot("a", "s")
+    store.clone("b", [CloneSource("a")])
+    store.abort()
+    with pytest.raises(NotFound):
+        store.namespace("b")
+    # layer ids reused after the abort must not be confused with the aborted ones
+    store.snapshot("a", "s")
+    b = store.clone("b", [CloneSource("a", snapshot="s")]).root
+    assert listdir(store, b) == [b"f"]
+    store.create(b, b"g")
+    assert listdir(store, root) == [b"f"]
+
+
+def test_store_files_layout(store: Store, tmp_path: Path) -> None:
+    root = new_vm(store)
+    write_file(store, root, b"f", b"content")
+    assert (tmp_path / "data" / "meta" / "data.mdb").exists()
+    assert any(name.endswith(".seg") for name in os.listdir(tmp_path / "data" / "segments"))
+    assert len(store.secret) == 32
+    with pytest.raises(NotFound):
+        Store.open(tmp_path / "absent", create=False)
