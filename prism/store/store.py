@@ -1179,6 +1179,8 @@ class Store:
         pnode = self._inode(t, view, pvol, pino)
         assert pnode is not None
         old = self._entry(t, view, pvol, pino, name)
+        if old is not None and (old[0], old[1]) == target[:2]:
+            return  # already bound to this very object (the same source grafted again)
         if old is not None:
             onode = self._inode(t, view, old[0], old[1])
             if old[2] == FileType.DIR:
