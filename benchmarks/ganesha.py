@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import shutil
 import signal
 import socket
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Self
 
@@ -212,6 +214,18 @@ def die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def child_setup(cpus: set[int] | None = None) -> Callable[[], None]:
+    """preexec_fn for a server: dies with us and, if ``cpus`` is given, runs only there
+    (every thread the server creates inherits the affinity)."""
+
+    def setup() -> None:
+        die_with_parent()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return setup
+
+
 def find_plugins_dir() -> str:
     for d in PLUGIN_DIRS:
         if Path(d, "libfsalvfs.so").exists():
@@ -285,6 +299,7 @@ class Ganesha:
         mount_port: int = DEFAULT_MOUNT_PORT,
         pseudo: str = DEFAULT_PSEUDO,
         rpcbind: str = "auto",
+        cpus: set[int] | None = None,
     ) -> None:
         if rpcbind not in ("auto", "stub", "system"):
             raise ValueError(f"rpcbind must be auto, stub or system, not {rpcbind!r}")
@@ -295,6 +310,7 @@ class Ganesha:
         self.mount_port = mount_port
         self.pseudo = pseudo
         self.rpcbind = rpcbind
+        self.cpus = cpus
         self.config_path = self.workdir / "ganesha.conf"
         self.log_path = self.workdir / "ganesha.log"
         self.stdout_path = self.workdir / "ganesha.stdout"
@@ -382,7 +398,7 @@ class Ganesha:
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
+            preexec_fn=child_setup(self.cpus),
         )
         try:
             self._wait_ready(timeout)

@@ -8,9 +8,9 @@ the same disk; the servers are started and stopped by this script.  Prints a Mar
 with Prism/Ganesha and Prism/local ratios and writes a JSON file with every number (client
 and server CPU seconds included, to show which side was busy).
 
-The Prism target runs ``{prism} vm create bench --data DIR`` once, then
-``{prism} serve --data DIR --nfs-port P --mount-port M --no-portmap`` and waits until a libnfs
-mount of ``/bench`` succeeds (both command lines can be overridden).
+For each run the Prism target makes a fresh data dir, runs ``{prism} vm create bench --data
+DIR``, then ``{prism} serve --data DIR --nfs-port P --mount-port M --no-portmap`` and waits
+until a libnfs mount of ``/bench`` succeeds (both command lines can be overridden).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from ganesha import Ganesha, GaneshaError, die_with_parent, pick_ports  # noqa: E402
+from ganesha import Ganesha, GaneshaError, child_setup, pick_ports  # noqa: E402
 from nfsclient import LIBNFS_SONAME, NfsClient, try_mount  # noqa: E402
 from workloads import (  # noqa: E402
     WORKLOADS,
@@ -116,7 +116,9 @@ class PrismServer:
         setup: str,
         serve: str,
         timeout: float,
+        cpus: set[int] | None = None,
     ) -> None:
+        self.cpus = cpus
         self.subst = {
             "prism": prism_cmd,
             "data": shlex.quote(str(data_dir)),
@@ -142,7 +144,9 @@ class PrismServer:
         return ""
 
     def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # A fresh store for every run: `vm create` then starts from nothing, as for Ganesha.
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        self.data_dir.mkdir(parents=True)
         if self.setup_cmd:
             log(f"  prism setup: {self.setup_cmd}")
             res = subprocess.run(
@@ -168,7 +172,7 @@ class PrismServer:
             stdin=subprocess.DEVNULL,
             stdout=self._out,
             stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
+            preexec_fn=child_setup(self.cpus),
         )
         try:
             self._wait_ready()
@@ -250,6 +254,7 @@ def open_target(
             mount_port=mount_port,
             pseudo=EXPORT,
             rpcbind=args.rpcbind,
+            cpus=args.server_cpus,
         )
         g.start()
         try:
@@ -277,6 +282,7 @@ def open_target(
             setup=args.prism_setup,
             serve=args.prism_serve,
             timeout=args.prism_timeout,
+            cpus=args.server_cpus,
         )
         p.start()
         try:
@@ -390,7 +396,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--files", type=int, default=5000, help="files for create/stat/unlink")
     ap.add_argument("--readdir-repeat", type=int, default=5, help="listings of the dir")
     ap.add_argument("--tree-files", type=int, default=2000, help="small files to copy")
-    ap.add_argument("--repeat", type=int, default=1, help="runs per target; median kept")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per target; median kept")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument(
         "--workdir",
@@ -398,6 +404,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="parent for the target dirs (default: a new dir under /var/tmp, same disk)",
     )
     ap.add_argument("--keep", action="store_true", help="keep the work dir afterwards")
+    ap.add_argument(
+        "--pin",
+        default="none",
+        choices=("none", "same", "split"),
+        help="CPU placement: none (scheduler), same (client and server on CPU 0), split"
+        " (client on CPU 0, server on the others)",
+    )
     ap.add_argument("--json", default=None, help="result file (default benchmarks/results/)")
     ap.add_argument(
         "--local-commit-on-close",
@@ -423,6 +436,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prism-timeout", type=float, default=PRISM_START_TIMEOUT_S)
     args = ap.parse_args(argv)
     args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
+    cpus = sorted(os.sched_getaffinity(0))
+    args.client_cpus = args.server_cpus = None
+    if args.pin == "same":
+        args.client_cpus = args.server_cpus = {cpus[0]}
+    elif args.pin == "split":
+        if len(cpus) < 2:
+            ap.error("--pin split needs at least two CPUs")
+        args.client_cpus, args.server_cpus = {cpus[0]}, set(cpus[1:])
     bad = [t for t in args.target_list if t not in TARGETS]
     if bad:
         ap.error(f"unknown target(s) {', '.join(bad)}; choose from {', '.join(TARGETS)}")
@@ -443,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     base.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="prism-bench-", dir=base))
     log(f"work dir {workdir}; libnfs {LIBNFS_SONAME}; targets {', '.join(args.target_list)}")
+    if args.client_cpus:
+        os.sched_setaffinity(0, args.client_cpus)
+        log(f"pinned: client on CPUs {args.client_cpus}, servers on {args.server_cpus}")
     started = dt.datetime.now(dt.UTC)
     can_drop = drop_caches()
     if not can_drop:
@@ -500,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "params": dataclasses.asdict(params),
         "drop_caches": can_drop,
+        "pin": args.pin,
         "targets": infos,
         "errors": errors,
         "results": results,

@@ -19,9 +19,9 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from prism.errors import InvalidArgument, StoreError
+from prism.errors import Exists, InvalidArgument, NotADirectory, NotFound, StoreError
 from prism.store import CloneSource, Store
 from prism.store.types import NamespaceInfo
 
@@ -29,7 +29,7 @@ SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P"
 _SIZE = re.compile(r"(\d+)([KMGTP]?)(?:i?B)?", re.IGNORECASE)
 SOURCE = re.compile(
     r"(?P<ns>[a-z0-9][a-z0-9_.-]{0,62})(?:@(?P<snap>[a-z0-9][a-z0-9_.-]{0,62}))?"
-    r"(?::(?P<path>/[^=]*)(?:=(?P<dest>/.*))?)?"
+    r"(?::(?P<path>[^=]+)(?:=(?P<dest>.+))?)?"
 )
 
 
@@ -47,6 +47,27 @@ def parse_size(text: str) -> int | None:
     return int(m.group(1)) * SIZE_UNITS[m.group(2).upper()]
 
 
+def vm_path(text: str, where: str) -> str:
+    """An operator's path inside a VM, normalised; refuses relative paths and paths that
+    climb above the VM's root (which would name something outside its tree)."""
+    if not text.startswith("/"):
+        raise UsageError(f"{where}: path {text!r} must be absolute (start at the VM's root '/')")
+    parts: list[str] = []
+    for part in text.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                raise UsageError(
+                    f"{where}: path {text!r} is outside the VM's tree ('..' above '/'); "
+                    "give a path inside the VM"
+                )
+            parts.pop()
+        else:
+            parts.append(part)
+    return "/" + "/".join(parts)
+
+
 def parse_source(text: str) -> CloneSource:
     m = SOURCE.fullmatch(text)
     if not m:
@@ -54,8 +75,35 @@ def parse_source(text: str) -> CloneSource:
             f"invalid source {text!r}: use VM, VM@SNAP, VM:/path, VM:/path=/dest or "
             "VM@SNAP:/path=/dest"
         )
-    path = m.group("path") or "/"
-    return CloneSource(m.group("ns"), m.group("snap"), path, m.group("dest"))
+    path = vm_path(m.group("path") or "/", text)
+    dest = vm_path(m.group("dest"), text) if m.group("dest") is not None else None
+    return CloneSource(m.group("ns"), m.group("snap"), path, dest)
+
+
+def _label(src: CloneSource) -> str:
+    return src.ns + (f"@{src.snapshot}" if src.snapshot else "") + f":{src.path}"
+
+
+def check_conflicts(sources: Sequence[CloneSource]) -> None:
+    """Refuse a composition in which a later subtree would hide an earlier one entirely.
+
+    Sources laid over '/' merge with what is there (that is how a base VM is overlaid), and
+    a subtree may be laid inside an earlier one; but placing a subtree at the same
+    destination as an earlier one, or at one of its ancestors, would discard the earlier
+    source without a trace, so it is certainly a mistake.
+    """
+    placed: list[tuple[str, CloneSource]] = []
+    for src in sources:
+        dest = src.target
+        if dest != "/":
+            for earlier_dest, earlier in placed:
+                if earlier_dest == dest or earlier_dest.startswith(dest + "/"):
+                    raise UsageError(
+                        f"conflicting sources: {_label(src)} -> {dest} would hide "
+                        f"{_label(earlier)} -> {earlier_dest}; drop one or give it another "
+                        "destination with =/path"
+                    )
+            placed.append((dest, src))
 
 
 def human(n: float) -> str:
@@ -68,6 +116,14 @@ def human(n: float) -> str:
 
 def default_data() -> Path:
     return Path(os.environ.get("PRISM_DATA") or "./prism-data")
+
+
+def _vm(store: Store, name: str, hint: str) -> NamespaceInfo:
+    """The VM `name`; a snapshot's name is refused with `hint` saying what to use."""
+    info = store.namespace(name)
+    if info.kind != "vm":
+        raise InvalidArgument(f"{name!r} is a snapshot, not a VM; {hint}")
+    return info
 
 
 def _vm_json(info: NamespaceInfo, usage: Any = None) -> dict[str, Any]:
@@ -148,7 +204,7 @@ def cmd_vm_create(args: argparse.Namespace, store: Store) -> int:
     info = store.create_namespace(args.name, clients=args.client or [], quota=args.quota)
     _emit(
         args,
-        _vm_json(info),
+        _vm_json(info, store.usage(info.name)),
         f"created VM {info.name}: export /{info.name}, clients "
         f"{', '.join(info.clients) or 'loopback only'}, quota "
         f"{human(info.quota) if info.quota is not None else 'none'}",
@@ -177,9 +233,7 @@ def cmd_vm_list(args: argparse.Namespace, store: Store) -> int:
 
 
 def cmd_vm_show(args: argparse.Namespace, store: Store) -> int:
-    info = store.namespace(args.name)
-    if info.kind != "vm":
-        raise InvalidArgument(f"{args.name!r} is a snapshot; use `prism snapshot list`")
+    info = _vm(store, args.name, "use `prism snapshot list VM`")
     data = _vm_json(info, store.usage(info.name))
     data["snapshots"] = [s.name.split("@", 1)[1] for s in store.list_snapshots(info.name)]
 
@@ -210,7 +264,7 @@ def cmd_vm_set(args: argparse.Namespace, store: Store) -> int:
     info = store.set_namespace(args.name, **kwargs)
     _emit(
         args,
-        _vm_json(info),
+        _vm_json(info, store.usage(info.name)),
         f"updated VM {info.name}: clients "
         f"{', '.join(info.clients) or 'loopback only'}, quota "
         f"{human(info.quota) if info.quota is not None else 'none'}",
@@ -219,21 +273,26 @@ def cmd_vm_set(args: argparse.Namespace, store: Store) -> int:
 
 
 def cmd_vm_rm(args: argparse.Namespace, store: Store) -> int:
-    info = store.namespace(args.name)
-    if info.kind != "vm":
-        raise InvalidArgument(f"{args.name!r} is a snapshot; use `prism snapshot rm`")
+    _vm(store, args.name, "use `prism snapshot rm VM SNAP`")
     store.remove_namespace(args.name)
     _emit(args, {"removed": args.name}, f"removed VM {args.name} (run `prism gc` to reclaim space)")
     return 0
 
 
 def cmd_snapshot_create(args: argparse.Namespace, store: Store) -> int:
-    info = store.snapshot(args.vm, args.snap)
+    try:
+        info = store.snapshot(args.vm, args.snap)
+    except Exists:
+        raise UsageError(
+            f"snapshot {args.vm}@{args.snap} already exists; pick another name or remove it "
+            f"with `prism snapshot rm {args.vm} {args.snap}`"
+        ) from None
     _emit(args, _vm_json(info), f"created snapshot {info.name} (read-only export /{info.name})")
     return 0
 
 
 def cmd_snapshot_list(args: argparse.Namespace, store: Store) -> int:
+    _vm(store, args.vm, "give the VM's name")
     snaps = store.list_snapshots(args.vm)
     rows = [_vm_json(s) for s in snaps]
 
@@ -355,14 +414,22 @@ def cmd_import(args: argparse.Namespace, store: Store) -> int:
     src = Path(args.src)
     if not src.is_dir():
         raise UsageError(f"{src} is not a directory; give the host directory to import")
-    report = import_tree(
-        store, args.vm, src, args.to, progress=sys.stderr.isatty() and not args.json
-    )
+    to = vm_path(args.to, "--to")
+    _vm(store, args.vm, "import into a VM, then take a snapshot")
+    try:
+        report = import_tree(
+            store, args.vm, src, to, progress=sys.stderr.isatty() and not args.json
+        )
+    except OSError as exc:
+        raise UsageError(
+            f"cannot read {exc.filename or src}: {exc.strerror or exc}; nothing was imported"
+        ) from exc
     _emit(
         args,
         vars(report),
         f"imported {report.files} files, {report.dirs} directories, {report.symlinks} symlinks,"
-        f" {report.hardlinks} hard links, {human(report.bytes)} into {args.vm}:{args.to} in "
+        f" {report.hardlinks} hard links, {report.specials} special files, "
+        f"{human(report.bytes)} into {args.vm}:{to} in "
         f"{report.seconds:.1f} s ({report.files / max(report.seconds, 1e-9):.0f} files/s, "
         f"{report.bytes / max(report.seconds, 1e-9) / 1e6:.1f} MB/s)",
     )
@@ -371,10 +438,23 @@ def cmd_import(args: argparse.Namespace, store: Store) -> int:
 
 def cmd_clone(args: argparse.Namespace, store: Store) -> int:
     sources = [parse_source(s) for s in args.sources]
+    check_conflicts(sources)
+    if args.into and (args.client or args.quota is not None):
+        raise UsageError(
+            f"--client and --quota apply to a new VM; change {args.new} with `prism vm set`"
+        )
     start = time.perf_counter()
-    info = store.clone(
-        args.new, sources, into=args.into, clients=args.client or [], quota=args.quota
-    )
+    try:
+        info = store.clone(
+            args.new, sources, into=args.into, clients=args.client or [], quota=args.quota
+        )
+    except (NotFound, NotADirectory) as exc:
+        if str(exc).startswith("no "):  # an unknown VM or snapshot: the message has a hint
+            raise
+        raise UsageError(
+            f"{exc}; give paths that exist in the sources and destinations whose parent "
+            "directory exists (nothing was changed)"
+        ) from None
     elapsed = time.perf_counter() - start
     parts = [
         {
@@ -384,7 +464,11 @@ def cmd_clone(args: argparse.Namespace, store: Store) -> int:
         }
         for s in sources
     ]
-    data = {"vm": _vm_json(info), "composed": parts, "seconds": round(elapsed, 6)}
+    data = {
+        "vm": _vm_json(info, store.usage(info.name)),
+        "composed": parts,
+        "seconds": round(elapsed, 6),
+    }
 
     def text() -> str:
         verb = "added to" if args.into else "created"
@@ -401,6 +485,13 @@ def cmd_clone(args: argparse.Namespace, store: Store) -> int:
 _UNSET: Any = object()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line error every Prism command promises (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def _size_arg(text: str) -> int | None:
     try:
         return parse_size(text)
@@ -415,7 +506,7 @@ def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prism", description="Prism NFSv3 server for VMs")
+    parser = _Parser(prog="prism", description="Prism NFSv3 server for VMs")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="serve MOUNT and NFS over TCP and UDP")
@@ -491,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_clone_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="prism-clone",
         description="Compose a VM filesystem from whole VMs, snapshots or subtrees, instantly.",
         epilog="SOURCE is VM, VM@SNAP, VM:/path, VM:/path=/dest or VM@SNAP:/path=/dest; later "
@@ -524,6 +615,10 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     except StoreError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"{prog}: error:{where} {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing half-done was committed", file=sys.stderr)
         return 130

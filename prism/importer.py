@@ -1,10 +1,18 @@
 """`prism import`: copy a host directory tree into a VM, deduplicating as it goes.
 
 Files, directories, symlinks, hard links (by host inode), device nodes, FIFOs and sockets are
-recreated with their modes, owners and times. Work is group-committed: operations run in one
-store batch that commits every COMMIT_EVERY_BYTES of content or COMMIT_EVERY_OPS operations,
-so the import costs a handful of fsyncs rather than one per file. On a terminal, progress
-(files, bytes, rate) is redrawn on one line.
+recreated with their modes, owners and times; the source directory's own mode, owner and
+times are given to the destination (as `cp -a SRC/. DEST` does). The destination is created
+(like `mkdir -p`) when missing. Nothing that exists is overwritten: a name clash stops the
+import.
+
+Work is group-committed: operations run in one store batch that commits every
+COMMIT_EVERY_BYTES of content or COMMIT_EVERY_OPS operations, so the import costs a handful of
+fsyncs rather than one per file, and the server is never locked out of the store for long.
+All or nothing: if the import fails or is interrupted after some batches were committed,
+what it created (the destination, when the import made it, else each top-level entry it
+added) is removed again before the error is raised, so the VM is left as it was. On a
+terminal, progress (files, bytes, rate) is redrawn on one line.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from prism.errors import NotADirectory
+from prism.errors import Exists, NotADirectory, NotFound, ReadOnly, StoreError
 from prism.store import Store
 from prism.store.types import CHUNK_SIZE, FileType, ObjectId, SetAttr
 
@@ -46,12 +54,23 @@ class _Importer:
         self.show = show_progress
         self.start = time.perf_counter()
         self.last_draw = 0.0
+        self.commits = 0
+        self.created: list[tuple[ObjectId, bytes]] = []
+        """What to remove to undo the import: (directory, name) of each top-level addition."""
+        self.track: ObjectId | None = None
+        """The directory whose new entries go into `created` (None: the import made it)."""
+
+    def _made(self, dir_oid: ObjectId, name: bytes) -> None:
+        """Record that `name` was just made in `dir_oid` (for undo)."""
+        if dir_oid == self.track:
+            self.created.append((dir_oid, name))
 
     def _tick(self, nbytes: int = 0) -> None:
         self.pending_bytes += nbytes
         self.pending_ops += 1
         if self.pending_bytes >= COMMIT_EVERY_BYTES or self.pending_ops >= COMMIT_EVERY_OPS:
             self.store.commit()
+            self.commits += 1
             self.store.begin_batch()
             self.pending_bytes = self.pending_ops = 0
         if self.show and time.perf_counter() - self.last_draw > 0.2:
@@ -76,71 +95,115 @@ class _Importer:
             ),
         )
 
-    def copy_dir(self, src: Path, dest: ObjectId) -> None:
+    def make_dest(self, label: str, root: ObjectId, path: str) -> ObjectId:
+        """The directory at `path` (absolute, normalised), made like `mkdir -p` if missing."""
+        oid = root
+        here = ""
+        for part in [p for p in path.split("/") if p]:
+            here += "/" + part
+            name = os.fsencode(part)
+            try:
+                attr = self.store.lookup(oid, name)
+            except NotFound:
+                attr = self.store.mkdir(oid, name, 0o755)
+                if not self.created:
+                    self.created.append((oid, name))
+            if attr.type != FileType.DIR:
+                raise NotADirectory(f"{label}{here} is not a directory; pick another --to")
+            oid = attr.oid
+        return oid
+
+    def copy_dir(self, src: Path, dest: ObjectId, label: str) -> None:
+        """Copy the contents of host directory `src` into `dest` (named `label` in errors)."""
         dirs_to_stamp: list[tuple[ObjectId, os.stat_result]] = []
-        stack = [(src, dest)]
+        if not self.created:  # else undo removes the destination, which the import made
+            self.track = dest
+        stack = [(src, dest, label)]
         while stack:
-            host_dir, dir_oid = stack.pop()
+            host_dir, dir_oid, where = stack.pop()
             with os.scandir(host_dir) as it:
                 entries = sorted(it, key=lambda e: e.name)
             for entry in entries:
                 name = os.fsencode(entry.name)
                 st = entry.stat(follow_symlinks=False)
-                mode = st.st_mode
-                if stat.S_ISDIR(mode):
-                    attr = self.store.mkdir(dir_oid, name, stat.S_IMODE(mode))
-                    self.report.dirs += 1
-                    dirs_to_stamp.append((attr.oid, st))
-                    stack.append((Path(entry.path), attr.oid))
-                    self._tick()
-                    continue
-                if st.st_nlink > 1 and not stat.S_ISDIR(mode):
-                    first = self.links.get((st.st_dev, st.st_ino))
-                    if first is not None:
-                        self.store.link(first, dir_oid, name)
-                        self.report.hardlinks += 1
-                        self._tick()
-                        continue
-                if stat.S_ISREG(mode):
-                    oid = self._copy_file(Path(entry.path), dir_oid, name, st)
-                elif stat.S_ISLNK(mode):
-                    target = os.readlink(os.fsencode(entry.path))
-                    oid = self.store.symlink(dir_oid, name, target).oid
-                    self.store.setattr(
-                        oid,
-                        SetAttr(
-                            uid=st.st_uid,
-                            gid=st.st_gid,
-                            atime_ns=st.st_atime_ns,
-                            mtime_ns=st.st_mtime_ns,
-                        ),
-                    )
-                    self.report.symlinks += 1
-                    self._tick()
-                else:
-                    kind = (
-                        FileType.FIFO
-                        if stat.S_ISFIFO(mode)
-                        else FileType.SOCK
-                        if stat.S_ISSOCK(mode)
-                        else FileType.CHR
-                        if stat.S_ISCHR(mode)
-                        else FileType.BLK
-                    )
-                    rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
-                    oid = self.store.mknod(dir_oid, name, kind, stat.S_IMODE(mode), rdev=rdev).oid
-                    self._owner_times(oid, st)
-                    self.report.specials += 1
-                    self._tick()
-                if st.st_nlink > 1:
-                    self.links[(st.st_dev, st.st_ino)] = oid
+                try:
+                    self._copy_entry(entry, name, st, dir_oid, where, dirs_to_stamp, stack)
+                except Exists:
+                    raise Exists(
+                        f"{where}{entry.name} already exists; import into an empty or new "
+                        "directory with --to /path (nothing was imported)"
+                    ) from None
         for oid, st in reversed(dirs_to_stamp):
             self._owner_times(oid, st)
+
+    def _copy_entry(
+        self,
+        entry: os.DirEntry[str],
+        name: bytes,
+        st: os.stat_result,
+        dir_oid: ObjectId,
+        where: str,
+        dirs_to_stamp: list[tuple[ObjectId, os.stat_result]],
+        stack: list[tuple[Path, ObjectId, str]],
+    ) -> None:
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            attr = self.store.mkdir(dir_oid, name, stat.S_IMODE(mode))
+            self._made(dir_oid, name)
+            self.report.dirs += 1
+            dirs_to_stamp.append((attr.oid, st))
+            stack.append((Path(entry.path), attr.oid, f"{where}{entry.name}/"))
+            self._tick()
+            return
+        if st.st_nlink > 1 and not stat.S_ISDIR(mode):
+            first = self.links.get((st.st_dev, st.st_ino))
+            if first is not None:
+                self.store.link(first, dir_oid, name)
+                self._made(dir_oid, name)
+                self.report.hardlinks += 1
+                self._tick()
+                return
+        if stat.S_ISREG(mode):
+            oid = self._copy_file(Path(entry.path), dir_oid, name, st)
+        elif stat.S_ISLNK(mode):
+            target = os.readlink(os.fsencode(entry.path))
+            oid = self.store.symlink(dir_oid, name, target).oid
+            self._made(dir_oid, name)
+            self.store.setattr(
+                oid,
+                SetAttr(
+                    uid=st.st_uid,
+                    gid=st.st_gid,
+                    atime_ns=st.st_atime_ns,
+                    mtime_ns=st.st_mtime_ns,
+                ),
+            )
+            self.report.symlinks += 1
+            self._tick()
+        else:
+            kind = (
+                FileType.FIFO
+                if stat.S_ISFIFO(mode)
+                else FileType.SOCK
+                if stat.S_ISSOCK(mode)
+                else FileType.CHR
+                if stat.S_ISCHR(mode)
+                else FileType.BLK
+            )
+            rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+            oid = self.store.mknod(dir_oid, name, kind, stat.S_IMODE(mode), rdev=rdev).oid
+            self._made(dir_oid, name)
+            self._owner_times(oid, st)
+            self.report.specials += 1
+            self._tick()
+        if st.st_nlink > 1:
+            self.links[(st.st_dev, st.st_ino)] = oid
 
     def _copy_file(
         self, path: Path, dir_oid: ObjectId, name: bytes, st: os.stat_result
     ) -> ObjectId:
         attr = self.store.create(dir_oid, name, stat.S_IMODE(st.st_mode), guarded=True)
+        self._made(dir_oid, name)
         offset = 0
         with open(path, "rb", buffering=0) as f:
             while True:
@@ -156,21 +219,68 @@ class _Importer:
         self._tick()
         return attr.oid
 
+    def undo(self) -> None:
+        """Remove what committed batches of a failed import added (in one new batch)."""
+        self.store.begin_batch()
+        try:
+            for dir_oid, name in reversed(self.created):
+                _remove_tree(self.store, dir_oid, name)
+            self.store.commit()
+        except BaseException:
+            self.store.abort()
+            raise
+
+
+def _remove_tree(store: Store, dir_oid: ObjectId, name: bytes) -> None:
+    """Remove `name` in `dir_oid` and everything below it (depth first, no recursion)."""
+    stack = [(dir_oid, name, False)]
+    while stack:
+        parent, entry_name, emptied = stack.pop()
+        try:
+            attr = store.lookup(parent, entry_name)
+        except NotFound:
+            continue
+        if attr.type != FileType.DIR:
+            store.remove(parent, entry_name)
+        elif emptied:
+            store.rmdir(parent, entry_name)
+        else:
+            stack.append((parent, entry_name, True))
+            cookie = 0
+            while True:
+                entries, eof = store.readdir(attr.oid, cookie, limit=1000)
+                stack.extend((attr.oid, e.name, False) for e in entries)
+                if eof or not entries:
+                    break
+                cookie = entries[-1].cookie
+
 
 def import_tree(
     store: Store, vm: str, src: Path, to: str = "/", *, progress: bool = False
 ) -> ImportReport:
+    """Copy host directory `src` into VM `vm` at absolute path `to`; see the module doc."""
     info = store.namespace(vm)
-    dest = store.resolve(info.id, to)
-    if dest.type != FileType.DIR:
-        raise NotADirectory(f"{vm}:{to} is not a directory")
+    if info.readonly:
+        raise ReadOnly(f"{vm} is a read-only snapshot; import into a VM")
+    src_stat = os.stat(src)
     importer = _Importer(store, progress)
+    label = f"{vm}:{to.rstrip('/')}/"
     store.begin_batch()
     try:
-        importer.copy_dir(src, dest.oid)
+        dest = importer.make_dest(f"{vm}:", info.root, to)
+        importer.copy_dir(src, dest, label)
+        importer._owner_times(dest, src_stat)
         store.commit()
-    except BaseException:
+    except BaseException as exc:
         store.abort()
+        if importer.commits:
+            try:
+                importer.undo()
+            except (StoreError, OSError) as undo_exc:
+                raise StoreError(
+                    f"import failed ({exc}) and what it had committed could not be removed "
+                    f"({undo_exc}); remove {label} entries it added over NFS"
+                ) from exc
         raise
     finally:
         if progress:

@@ -1,9 +1,10 @@
 """`prism serve`: MOUNT and NFS over TCP and UDP, plus portmapper registration.
 
-Start-up: open the store, start its worker thread, build one RPC dispatcher carrying the NFS
-and MOUNT programs, and listen with it on the NFS and MOUNT ports over TCP and UDP. Then make
-the ports discoverable: register with a system rpcbind if one answers on 127.0.0.1:111,
-otherwise answer PMAP v2 ourselves on --portmap-port (or 111 when it can be bound).
+Start-up: open the store and its executor (store calls run inline on the event loop, with
+group commit), build one RPC dispatcher carrying the NFS and MOUNT programs, and listen with
+it on the NFS and MOUNT ports over TCP and UDP. Then make the ports discoverable: register
+with a system rpcbind if one answers on 127.0.0.1:111, otherwise answer PMAP v2 ourselves on
+--portmap-port (or 111 when it can be bound).
 Shutdown (SIGTERM/SIGINT): stop listening, commit pending work, unregister, close the store.
 """
 
@@ -22,7 +23,7 @@ from prism.metrics import serve_metrics
 from prism.nfs.const import MOUNT_PROGRAM, MOUNT_V3, NFS_PROGRAM, NFS_V3
 from prism.nfs.service import NfsService
 from prism.store import Store
-from prism.store.worker import StoreWorker
+from prism.store.worker import StoreExecutor
 from rpc.client import RpcError
 from rpc.portmap import (
     PMAP_PORT,
@@ -59,7 +60,7 @@ class PrismServer:
     def __init__(self, options: ServeOptions) -> None:
         self.options = options
         self.store = Store.open(options.data)
-        self.worker = StoreWorker(self.store)
+        self.worker = StoreExecutor(self.store)
         self.service = NfsService(self.worker)
         self.dispatcher = RpcDispatcher()
         self.dispatcher.add_program(self.service.program())
@@ -71,7 +72,6 @@ class PrismServer:
         self.metrics_port: int | None = None
 
     async def start(self) -> None:
-        self.worker.start()
         bind = self.options.bind
         nfs_tcp = await serve_tcp(self.dispatcher, bind, self.options.nfs_port)
         self.nfs_port = bound_port(nfs_tcp)
@@ -162,7 +162,7 @@ class PrismServer:
             for prog, vers in PROGRAMS:
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(self._rpcbind_call, pmap_unset, prog, vers)
-        self.worker.stop()
+        self.worker.flush()
         self.store.close()
 
     def ready_line(self) -> str:

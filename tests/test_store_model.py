@@ -28,7 +28,15 @@ from hypothesis.stateful import (
     rule,
 )
 
-from prism.errors import StoreError
+from prism.errors import (
+    Exists,
+    InvalidArgument,
+    IsADirectory,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    StoreError,
+)
 from prism.store import CHUNK_SIZE, CloneSource, FileType, ObjectId, SetAttr, Store
 from prism.store import records as R
 
@@ -272,8 +280,6 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule(v=st.integers(0, 99), d=st.integers(0, 99), name=st.sampled_from(NAMES))
     def unlink(self, v: int, d: int, name: str) -> None:
-        from prism.errors import IsADirectory, NotFound
-
         ns = self.pick(self.vms(), v)
         parent = self.pick(self.dirs(ns), d)
         tree = self.models[ns]
@@ -289,8 +295,6 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule(v=st.integers(0, 99), d=st.integers(0, 99), name=st.sampled_from(NAMES))
     def rmdir(self, v: int, d: int, name: str) -> None:
-        from prism.errors import NotADirectory, NotEmpty, NotFound
-
         ns = self.pick(self.vms(), v)
         parent = self.pick(self.dirs(ns), d)
         tree = self.models[ns]
@@ -314,8 +318,6 @@ class StoreMachine(RuleBasedStateMachine):
         dname=st.sampled_from(NAMES),
     )
     def rename(self, v: int, s: int, sname: str, d: int, dname: str) -> None:
-        from prism.errors import InvalidArgument, IsADirectory, NotADirectory, NotEmpty, NotFound
-
         ns = self.pick(self.vms(), v)
         sdir = self.pick(self.dirs(ns), s)
         ddir = self.pick(self.dirs(ns), d)
@@ -399,8 +401,6 @@ class StoreMachine(RuleBasedStateMachine):
     )
     def compose(self, src: int, p: int, into: int, d: int, name: str, missing: str) -> None:
         """Graft a subtree of a VM or snapshot into a new VM (into < 0) or an existing one."""
-        from prism.errors import NotADirectory, NotFound
-
         if into < 0 and len(self.models) >= MAX_NAMESPACES:
             return
         sname = self.pick(sorted(self.models), src)

@@ -3,7 +3,7 @@
 Theory of operation: `nfs_program()` and `mount_program()` return `rpc.server.Program`
 tables. Each row names the procedure, its handler and its flags: `idempotent` (False sends
 retransmissions through the duplicate request cache) and `modifies` (the call must be durable
-before its reply leaves, so the store worker commits the batch first; an UNSTABLE WRITE is
+before its reply leaves, so the store executor commits the batch first; an UNSTABLE WRITE is
 the one modifying call that may be answered before the commit).
 
 A handler decodes its arguments (XdrError -> GARBAGE_ARGS), then runs one closure on the
@@ -47,9 +47,16 @@ from prism.nfs.handles import BadHandle, HandleCodec
 from prism.nfs.status import mountstat_for, nfsstat_for
 from prism.store import Store
 from prism.store.types import MAX_FILE_SIZE, Attr, Cred, FileType, ObjectId
-from prism.store.worker import StoreWorker
+from prism.store.worker import StoreExecutor
 from rpc.message import AuthFlavor
-from rpc.server import CallContext, Procedure, Program, procedure_table
+from rpc.server import (
+    TRANSPORT_TCP,
+    TRANSPORT_UDP,
+    CallContext,
+    Procedure,
+    Program,
+    procedure_table,
+)
 
 log = logging.getLogger("prism.nfs")
 
@@ -59,6 +66,11 @@ COOKIE_VERIFIER = bytes(8)
 """Cookies are derived from names and never expire, so one constant verifier suffices."""
 DOT_COOKIE, DOTDOT_COOKIE = 1, 2
 READDIR_PREFERRED = 64 * 1024
+UDP_MAX_IO = 32 * 1024
+"""READ/WRITE/READDIR payload over UDP: a reply must fit one datagram (rpc.record's
+UDP_MAX_PAYLOAD) with its headers, so FSINFO advertises this and READ/READDIR clamp to it
+(Linux's knfsd uses the same 32 KiB). Fix: READ used to honour counts up to MAX_READ on UDP,
+so a 64 KiB+ READ got SYSTEM_ERR because its reply did not fit a datagram."""
 LINK_MAX = 65000
 
 
@@ -76,6 +88,15 @@ class Call:
 
     host: str
     cred: Cred
+    transport: str = TRANSPORT_TCP
+
+    @property
+    def max_read(self) -> int:
+        return UDP_MAX_IO if self.transport == TRANSPORT_UDP else MAX_READ
+
+    @property
+    def max_write(self) -> int:
+        return UDP_MAX_IO if self.transport == TRANSPORT_UDP else MAX_WRITE
 
 
 def cred_of(ctx: CallContext) -> Cred:
@@ -88,7 +109,7 @@ def cred_of(ctx: CallContext) -> Cred:
 class NfsService:
     """Shared state of the NFS and MOUNT programs: the store worker and handle codec."""
 
-    def __init__(self, worker: StoreWorker) -> None:
+    def __init__(self, worker: StoreExecutor) -> None:
         self.worker = worker
         self.store: Store = worker.store
         self.handles = HandleCodec(self.store.secret)
@@ -147,7 +168,8 @@ class NfsService:
 
         async def handler(ctx: CallContext, data: bytes) -> bytes:
             args = T.decode_args(proc, data)
-            call = Call(ctx.peer[0], cred_of(ctx))
+            call = Call(ctx.peer[0], cred_of(ctx), ctx.transport)
+            writes = modifies and proc != Nfs3Proc.COMMIT
             durable = modifies and not (
                 proc == Nfs3Proc.WRITE and args.stable == StableHow.UNSTABLE
             )
@@ -160,7 +182,7 @@ class NfsService:
                 except StoreError as exc:
                     return codec.res(nfsstat_for(exc))
 
-            result = await self.worker.call(run, durable=durable)
+            result = await self.worker.call(run, writes=writes, durable=durable)
             return T.encode_result(proc, result)
 
         return Procedure(int(proc), proc.name, handler, idempotent)
@@ -233,7 +255,7 @@ class NfsService:
     def read(self, s: Store, call: Call, a: T.ReadArgs) -> T.ReadRes:
         oid = self._oid(s, call, a.file)
         try:
-            data, eof = s.read(oid, a.offset, min(a.count, MAX_READ), call.cred)
+            data, eof = s.read(oid, a.offset, min(a.count, call.max_read), call.cred)
         except StoreError as exc:
             return T.ReadRes(nfsstat_for(exc), self._post(s, oid))
         return T.ReadRes(OK, self._post(s, oid), eof, data)
@@ -270,6 +292,11 @@ class NfsService:
     def create(self, s: Store, call: Call, a: T.CreateArgs) -> T.CreateRes:
         dir_oid = self._oid(s, call, a.where.dir)
         before = self._pre(s, dir_oid)
+        if s.namespace_by_id(dir_oid.ns).readonly:
+            # Fix: CREATE of an existing name (UNCHECKED, or an EXCLUSIVE retry) changes
+            # nothing, so the store answered OK even in a snapshot; like every other
+            # modifying procedure on a read-only export it is NFS3ERR_ROFS (as in knfsd).
+            return T.CreateRes(NfsStat3.NFS3ERR_ROFS, dir_wcc=self._wcc(s, dir_oid, before))
         sattr = (a.obj_attributes or T.SATTR_EMPTY).to_setattr()
         mode = sattr.mode if sattr.mode is not None else 0o644
 
@@ -424,7 +451,7 @@ class NfsService:
                 return dir_oid, entries, True
 
     def readdir(self, s: Store, call: Call, a: T.ReaddirArgs) -> T.ReaddirRes:
-        budget = a.count - T.READDIR_RESOK_MAX_FIXED
+        budget = min(a.count, call.max_read) - T.READDIR_RESOK_MAX_FIXED
         try:
             dir_oid, entries, eof = self._listing(s, call, a.dir, a.cookie, budget, False)
         except StoreError as exc:
@@ -432,7 +459,7 @@ class NfsService:
         return T.ReaddirRes(OK, self._post(s, dir_oid), COOKIE_VERIFIER, tuple(entries), eof)
 
     def readdirplus(self, s: Store, call: Call, a: T.ReaddirplusArgs) -> T.ReaddirplusRes:
-        budget = a.maxcount - T.READDIR_RESOK_MAX_FIXED
+        budget = min(a.maxcount, call.max_read) - T.READDIR_RESOK_MAX_FIXED
         try:
             dir_oid, entries, eof = self._listing(s, call, a.dir, a.cookie, budget, True)
         except StoreError as exc:
@@ -465,13 +492,13 @@ class NfsService:
         return T.FsinfoRes(
             OK,
             self._post(s, oid),
-            rtmax=MAX_READ,
-            rtpref=MAX_READ,
+            rtmax=call.max_read,
+            rtpref=call.max_read,
             rtmult=4096,
-            wtmax=MAX_WRITE,
-            wtpref=MAX_WRITE,
+            wtmax=call.max_write,
+            wtpref=call.max_write,
             wtmult=4096,
-            dtpref=READDIR_PREFERRED,
+            dtpref=min(READDIR_PREFERRED, call.max_read),
             maxfilesize=MAX_FILE_SIZE,
             time_delta=self.time_delta,
             properties=FSF3_LINK | FSF3_SYMLINK | FSF3_HOMOGENEOUS | FSF3_CANSETTIME,
@@ -493,8 +520,8 @@ class NfsService:
     def commit(self, s: Store, call: Call, a: T.CommitArgs) -> T.CommitRes:
         oid = self._oid(s, call, a.file)
         before = self._pre(s, oid)
-        # Durability comes from the worker: this call is `modifies`, so its reply waits for
-        # the commit of the batch holding every earlier UNSTABLE write.
+        # Durability comes from the executor: this call is `durable`, so its reply waits for
+        # the commit of the open batch, which holds every earlier UNSTABLE write.
         return T.CommitRes(OK, self._wcc(s, oid, before), self.verifier)
 
     # -- MOUNT ---------------------------------------------------------------------------

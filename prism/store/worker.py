@@ -1,128 +1,88 @@
-"""StoreWorker: one thread owns the Store and runs calls in group-committed batches.
+"""StoreExecutor: the server's store calls, run inline on the event loop, group-committed.
 
-Theory of operation: callers (the asyncio NFS server, possibly from several connections at
-once) submit `fn(store)` closures with a `durable` flag. The worker thread drains whatever
-is queued, runs each call inside one open batch transaction (each call in its own nested
-transaction, so a failing call changes nothing), and then:
+Theory of operation: store calls are short and CPU-bound, so the server runs them directly
+on its event loop thread (a thread hop would cost more than most calls). Calls that change
+the store run inside one open batch transaction (each in a nested transaction, so a failing
+call changes nothing):
 
-* answers non-durable calls (reads, UNSTABLE writes) at once;
-* if any durable call ran, commits the batch (one fdatasync of new content, one LMDB fsync)
-  and only then answers the durable calls. Concurrent durable calls therefore share an fsync.
-
-A batch with only non-durable calls stays open at most `max_delay` seconds, so uncommitted
-UNSTABLE data is bounded in time, and another process (an operator command) never waits
-longer than that for LMDB's writer lock.
+* a call that must be durable before its reply leaves (every metadata change, FILE_SYNC
+  writes, COMMIT) waits for the batch to commit; the commit is scheduled with `call_soon`,
+  so every request already read from the sockets joins the batch first, and they all share
+  one fdatasync + one LMDB fsync (group commit);
+* a call that may be answered first (an UNSTABLE write) returns at once; its batch commits
+  within `max_delay` seconds at the latest, which also bounds how long another process (an
+  operator command) waits for LMDB's writer lock;
+* read-only calls run in their own read transaction when no batch is open, or inside the
+  open batch (so they see the batch's writes).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import threading
-import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from prism.store.store import Store
 
 T = TypeVar("T")
 log = logging.getLogger("prism.store")
 
-_STOP = object()
 
-
-class StoreWorker:
-    def __init__(self, store: Store, *, max_delay: float = 0.02, max_batch: int = 512) -> None:
+class StoreExecutor:
+    def __init__(self, store: Store, *, max_delay: float = 0.02) -> None:
         self.store = store
         self.max_delay = max_delay
-        self.max_batch = max_batch
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="prism-store", daemon=True)
-        self._started = False
+        self._waiters: list[asyncio.Future[None]] = []
+        self._commit_soon: asyncio.Handle | None = None
+        self._deadline: asyncio.TimerHandle | None = None
         self.commits = 0
         self.calls = 0
 
-    def start(self) -> None:
-        if not self._started:
-            self._started = True
-            self._thread.start()
+    async def call(
+        self, fn: Callable[[Store], T], *, writes: bool = False, durable: bool = False
+    ) -> T:
+        """Run `fn(store)`; with `durable`, return only once its effects are committed."""
+        store = self.store
+        self.calls += 1
+        if writes and not store.in_batch:
+            store.begin_batch()
+            loop = asyncio.get_running_loop()
+            self._deadline = loop.call_later(self.max_delay, self._commit)
+        result = fn(store)
+        if durable and store.in_batch:
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.append(waiter)
+            if self._commit_soon is None:
+                self._commit_soon = loop.call_soon(self._commit)
+            await waiter
+        return result
 
-    def stop(self) -> None:
-        """Commit what is pending and stop the thread (the store stays open)."""
-        if self._started:
-            self._queue.put(_STOP)
-            self._thread.join()
-            self._started = False
-
-    def submit(self, fn: Callable[[Store], T], *, durable: bool) -> Future[T]:
-        future: Future[T] = Future()
-        self._queue.put((fn, future, durable))
-        return future
-
-    async def call(self, fn: Callable[[Store], T], *, durable: bool = False) -> T:
-        return await asyncio.wrap_future(self.submit(fn, durable=durable))
-
-    def call_sync(self, fn: Callable[[Store], T], *, durable: bool = False) -> T:
-        return self.submit(fn, durable=durable).result()
+    def _commit(self) -> None:
+        if self._commit_soon is not None:
+            self._commit_soon.cancel()
+            self._commit_soon = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        waiters, self._waiters = self._waiters, []
+        error: BaseException | None = None
+        try:
+            self.store.commit()
+            self.commits += 1
+        except BaseException as exc:  # the batch is gone: every waiter learns it
+            log.exception("commit failed")
+            error = exc
+        for waiter in waiters:
+            if waiter.done():
+                continue
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
 
     def flush(self) -> None:
-        """Block until everything submitted so far is durable."""
-        self.call_sync(lambda _s: None, durable=True)
-
-    # -- the thread ------------------------------------------------------------------
-
-    def _run(self) -> None:
-        store = self.store
-        deadline: float | None = None
-        stopping = False
-        while not stopping:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                items = [self._queue.get(timeout=timeout)]
-            except queue.Empty:
-                items = []
-            while len(items) < self.max_batch:
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            waiting: list[tuple[Future[Any], Any]] = []
-            for item in items:
-                if item is _STOP:
-                    stopping = True
-                    continue
-                fn, future, durable = item
-                if not future.set_running_or_notify_cancel():
-                    continue
-                if not store.in_batch:
-                    try:
-                        store.begin_batch()
-                    except Exception as exc:
-                        future.set_exception(exc)
-                        continue
-                    deadline = time.monotonic() + self.max_delay
-                self.calls += 1
-                try:
-                    result = fn(store)
-                except BaseException as exc:
-                    future.set_exception(exc)
-                    continue
-                if durable:
-                    waiting.append((future, result))
-                else:
-                    future.set_result(result)
-            due = deadline is not None and time.monotonic() >= deadline
-            if store.in_batch and (waiting or due or stopping):
-                try:
-                    store.commit()
-                    self.commits += 1
-                except BaseException as exc:
-                    log.exception("commit failed")
-                    for future, _ in waiting:
-                        future.set_exception(exc)
-                    waiting = []
-                deadline = None
-            for future, result in waiting:
-                future.set_result(result)
+        """Commit whatever is pending now (shutdown, operator requests)."""
+        if self.store.in_batch or self._waiters:
+            self._commit()
