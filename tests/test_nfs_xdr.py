@@ -847,14 +847,7 @@ def rpc_servers() -> Any:
     thread.join(10)
 
 
-UDP_BROKEN = pytest.mark.xfail(
-    reason="rpc.transport's UDP endpoint asserts asyncio.DatagramTransport, which Python "
-    "3.11's selector datagram transport does not subclass (other engineer's module)",
-    strict=False,
-)
-
-
-@pytest.mark.parametrize("transport", ["tcp", pytest.param("udp", marks=UDP_BROKEN)])
+@pytest.mark.parametrize("transport", ["tcp", "udp"])
 def test_end_to_end_over_rpc(rpc_servers: Any, transport: str) -> None:
     ports, _server, seen_creds = rpc_servers
     port = ports[transport]
