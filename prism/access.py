@@ -31,10 +31,16 @@ def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 def client_allowed(info: NamespaceInfo, host: str) -> bool:
     """Whether a caller at `host` is bound to the VM (or snapshot) `info`."""
+    return clients_allow(info.clients, host)
+
+
+@functools.lru_cache(maxsize=8192)
+def clients_allow(clients: tuple[str, ...], host: str) -> bool:
+    """Whether `host` falls in `clients` (CIDRs; empty means loopback only)."""
     addr = _address(host)
     if addr is None:
         return False
-    return any(addr.version == net.version and addr in net for net in _networks(info.clients))
+    return any(addr.version == net.version and addr in net for net in _networks(clients))
 
 
 def export_groups(info: NamespaceInfo) -> tuple[str, ...]:

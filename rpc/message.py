@@ -273,6 +273,10 @@ def peek_xid(record: bytes) -> int | None:
     return _U32.unpack_from(record)[0] if len(record) >= 4 else None
 
 
+_CRED_CACHE: dict[bytes, tuple[OpaqueAuth, AuthSys | None]] = {}
+_CRED_CACHE_SIZE = 4096
+
+
 def decode_call(record: bytes) -> tuple[CallHeader, bytes]:
     """Decode a CALL record into its header and the still-encoded arguments.
 
@@ -291,16 +295,27 @@ def decode_call(record: bytes) -> tuple[CallHeader, bytes]:
     if rpcvers != RPC_VERSION:
         raise RpcVersionMismatch(xid, rpcvers)
     u = Unpacker(record, 24)
-    try:
-        cred = OpaqueAuth.unpack(u)
-    except XdrError as exc:
-        raise BadCredential(xid, AuthStat.AUTH_BADCRED, f"credential: {exc}") from None
-    auth_sys = None
-    if cred.flavor == AuthFlavor.AUTH_SYS:
+    # Clients send the same credential on every call: decode each distinct one once.
+    cred_end = 32 + ((_U32.unpack_from(record, 28)[0] + 3) & ~3)
+    raw_cred = bytes(record[24:cred_end]) if cred_end <= len(record) else b""
+    known = _CRED_CACHE.get(raw_cred)
+    if known is not None:
+        cred, auth_sys = known
+        u = Unpacker(record, cred_end)
+    else:
         try:
-            auth_sys = AuthSys.unpack(cred.body)
+            cred = OpaqueAuth.unpack(u)
         except XdrError as exc:
-            raise BadCredential(xid, AuthStat.AUTH_BADCRED, f"AUTH_SYS body: {exc}") from None
+            raise BadCredential(xid, AuthStat.AUTH_BADCRED, f"credential: {exc}") from None
+        auth_sys = None
+        if cred.flavor == AuthFlavor.AUTH_SYS:
+            try:
+                auth_sys = AuthSys.unpack(cred.body)
+            except XdrError as exc:
+                raise BadCredential(xid, AuthStat.AUTH_BADCRED, f"AUTH_SYS body: {exc}") from None
+        if len(_CRED_CACHE) >= _CRED_CACHE_SIZE:
+            _CRED_CACHE.clear()
+        _CRED_CACHE[raw_cred] = (cred, auth_sys)
     try:
         verf = OpaqueAuth.unpack(u)
     except XdrError as exc:

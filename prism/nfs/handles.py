@@ -25,18 +25,39 @@ class BadHandle(ValueError):
     """Not a handle this server made (wrong size, version or MAC): NFS3ERR_BADHANDLE."""
 
 
+CACHE_SIZE = 65536
+
+
 class HandleCodec:
+    """Seals and opens handles; remembers recent ones so a hot handle costs a dict lookup."""
+
     def __init__(self, secret: bytes) -> None:
         self._key = secret
+        self._encoded: dict[ObjectId, bytes] = {}
+        self._decoded: dict[bytes, ObjectId] = {}
 
     def _mac(self, body: bytes) -> bytes:
         return hmac.new(self._key, body, hashlib.sha256).digest()[:MAC_SIZE]
 
     def encode(self, oid: ObjectId) -> bytes:
-        body = _BODY.pack(HANDLE_VERSION, oid.ns, oid.vol, oid.ino)
-        return body + self._mac(body)
+        handle = self._encoded.get(oid)
+        if handle is None:
+            body = _BODY.pack(HANDLE_VERSION, oid.ns, oid.vol, oid.ino)
+            handle = body + self._mac(body)
+            self._remember(oid, handle)
+        return handle
+
+    def _remember(self, oid: ObjectId, handle: bytes) -> None:
+        if len(self._encoded) >= CACHE_SIZE:
+            self._encoded.clear()
+            self._decoded.clear()
+        self._encoded[oid] = handle
+        self._decoded[handle] = oid
 
     def decode(self, handle: bytes) -> ObjectId:
+        known = self._decoded.get(handle)
+        if known is not None:
+            return known
         if len(handle) != HANDLE_SIZE:
             raise BadHandle(f"handle of {len(handle)} bytes")
         body, mac = handle[: _BODY.size], handle[_BODY.size :]
@@ -45,4 +66,6 @@ class HandleCodec:
         version, ns, vol, ino = _BODY.unpack(body)
         if version != HANDLE_VERSION:
             raise BadHandle(f"handle version {version}")
-        return ObjectId(ns, vol, ino)
+        oid = ObjectId(ns, vol, ino)
+        self._remember(oid, bytes(handle))
+        return oid

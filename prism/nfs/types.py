@@ -283,6 +283,123 @@ def unpack_post_op_attr(u: Unpacker) -> Fattr3 | None:
 _WCC_ATTR = struct.Struct(">Q4I")
 
 
+class PackedFattr3:
+    """A fattr3 already encoded: the server's fast path from the store's `Attr`.
+
+    Building an `Fattr3` (and three `NfsTime3`) per object dominates GETATTR and READDIRPLUS;
+    this packs the 84 bytes with one struct call. It only encodes (servers never decode their
+    own attributes); clients decode replies into `Fattr3` as usual.
+    """
+
+    __slots__ = ("raw",)
+
+    def __init__(self, attr: Attr, fsid: int) -> None:
+        at, an = divmod(attr.atime_ns, 1_000_000_000)
+        mt, mn = divmod(attr.mtime_ns, 1_000_000_000)
+        ct, cn = divmod(attr.ctime_ns, 1_000_000_000)
+        self.raw = _FATTR3.pack(
+            attr.type,
+            attr.mode & 0o7777,
+            attr.nlink,
+            attr.uid,
+            attr.gid,
+            attr.size,
+            attr.used,
+            attr.rdev[0],
+            attr.rdev[1],
+            fsid,
+            attr.fileid,
+            at & _U32_MAX,
+            an,
+            mt & _U32_MAX,
+            mn,
+            ct & _U32_MAX,
+            cn,
+        )
+
+    @classmethod
+    def of_inode(cls, node: Any, fsid: int, fileid: int) -> PackedFattr3:
+        """From the store's raw inode record (READDIRPLUS builds no `Attr`)."""
+        self = cls.__new__(cls)
+        at, an = divmod(node.atime_ns, 1_000_000_000)
+        mt, mn = divmod(node.mtime_ns, 1_000_000_000)
+        ct, cn = divmod(node.ctime_ns, 1_000_000_000)
+        self.raw = _FATTR3.pack(
+            node.type,
+            node.mode & 0o7777,
+            node.nlink,
+            node.uid,
+            node.gid,
+            node.size,
+            node.size,
+            node.rdev_major,
+            node.rdev_minor,
+            fsid,
+            fileid,
+            at & _U32_MAX,
+            an,
+            mt & _U32_MAX,
+            mn,
+            ct & _U32_MAX,
+            cn,
+        )
+        return self
+
+    def pack(self, p: Packer) -> None:
+        p.pack_raw(self.raw)
+
+
+_ENTRY_HEAD = struct.Struct(">QI")
+_TRUE = b"\0\0\0\1"
+_PADDING = (b"", b"\0\0\0", b"\0\0", b"\0")
+
+
+class EncodedEntry:
+    """An entry3 / entryplus3 already encoded (without its value-follows flag): the server's
+    fast path for READDIR and READDIRPLUS. Encodes exactly like `Entry3` / `EntryPlus3`."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+
+    def pack(self, p: Packer) -> None:
+        p.pack_raw(self.raw)
+
+    def wire_size(self) -> int:
+        return 4 + len(self.raw)
+
+    @classmethod
+    def entry3(cls, fileid: int, name: bytes, cookie: int) -> EncodedEntry:
+        return cls(
+            _ENTRY_HEAD.pack(fileid, len(name))
+            + name
+            + _PADDING[len(name) & 3]
+            + struct.pack(">Q", cookie)
+        )
+
+    @classmethod
+    def entryplus3(
+        cls, fileid: int, name: bytes, cookie: int, attrs: PackedFattr3, handle: bytes
+    ) -> EncodedEntry:
+        return cls(
+            b"".join(
+                (
+                    _ENTRY_HEAD.pack(fileid, len(name)),
+                    name,
+                    _PADDING[len(name) & 3],
+                    struct.pack(">Q", cookie),
+                    _TRUE,
+                    attrs.raw,
+                    _TRUE,
+                    struct.pack(">I", len(handle)),
+                    handle,
+                    _PADDING[len(handle) & 3],
+                )
+            )
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class WccAttr:
     size: int

@@ -579,12 +579,23 @@ class Store:
             cookie = R.DIRENT_COOKIE.unpack_from(key, plen)[0]
             yield cookie, key[plen + 8 :], prio, bytes(value), xl
 
-    def _list(
+    def _list_raw(
         self, t: lmdb.Transaction, view: _View, dvol: int, dino: int, after: int
-    ) -> Iterator[DirEntry]:
+    ) -> Iterator[tuple[int, bytes, int, int, int]]:
+        """Live entries after cookie `after`, merged over the layers, in cookie order:
+        (cookie, name, vol, ino, type value), volumes in the view's numbering."""
+        path = self._path(t, view.top, dvol)
+        if len(path) == 1:  # one layer: no merge needed, whiteouts cannot occur
+            layer, v, _ = path[0]
+            for cookie, name, _prio, value, _xl in self._scan_layer_dir(
+                t, R.dirent_prefix(layer, v, dino), after, 0, None
+            ):
+                if value:
+                    yield (cookie, name, *R.DIRENT_VAL.unpack(value))
+            return
         streams = [
             self._scan_layer_dir(t, R.dirent_prefix(layer, v, dino), after, prio, xl)
-            for prio, (layer, v, xl) in enumerate(self._path(t, view.top, dvol))
+            for prio, (layer, v, xl) in enumerate(path)
         ]
         last: tuple[int, bytes] | None = None
         for cookie, name, _prio, value, xl in heapq.merge(*streams):
@@ -596,7 +607,13 @@ class Store:
             vol, ino, ftype = R.DIRENT_VAL.unpack(value)
             if xl is not None:
                 vol = xl.get(vol, vol)
-            yield DirEntry(name, ObjectId(view.id, vol, ino), FileType(ftype), cookie)
+            yield cookie, name, vol, ino, ftype
+
+    def _list(
+        self, t: lmdb.Transaction, view: _View, dvol: int, dino: int, after: int
+    ) -> Iterator[DirEntry]:
+        for cookie, name, vol, ino, ftype in self._list_raw(t, view, dvol, dino, after):
+            yield DirEntry(name, ObjectId(view.id, vol, ino), _ftype(ftype), cookie)
 
     def _is_empty_dir(self, t: lmdb.Transaction, view: _View, vol: int, ino: int) -> bool:
         return next(self._list(t, view, vol, ino, 0), None) is None
@@ -961,6 +978,17 @@ class Store:
         with self._read() as t:
             return self._info(t, self._view_by_name(t, name).record)
 
+    def clients_of(self, ns_id: int) -> tuple[str, ...]:
+        """The client CIDRs bound to a namespace (a snapshot's are its VM's); Stale if gone.
+        The per-call fast path of the NFS server's address check."""
+        with self._read() as t:
+            rec = self._ns_record(t, ns_id)
+            if rec is None:
+                raise Stale(f"namespace {ns_id} no longer exists")
+            if rec["kind"] == "snapshot":
+                rec = self._ns_record(t, rec["of"]) or rec
+            return tuple(rec.get("clients", ()))
+
     def namespace_by_id(self, ns_id: int) -> NamespaceInfo:
         with self._read() as t:
             rec = self._ns_record(t, ns_id)
@@ -1141,11 +1169,15 @@ class Store:
         self._place(t, view, pvol, pino, leaf.encode(), target)
 
     def _import(self, t: lmdb.Transaction, view: _View, layer: int) -> dict[int, int]:
-        """Give every volume of frozen `layer` a volume here; reuse an earlier import."""
+        """Give every volume of frozen `layer` fresh volumes here (one import per graft).
+
+        Fix: this used to reuse an earlier import of the same layer. Two grafts of one source
+        (at two destinations, or grafted again over the first) then named the *same* objects:
+        a write through one path showed through the other, a directory had two parents, and
+        replacing one graft deleted objects the other still named. Each graft is a copy, so
+        it gets its own volumes; the cost stays O(volumes of the source).
+        """
         top = self._layer(t, view.top)
-        for imp in top["imports"].values():
-            if imp["layer"] == layer:
-                return {int(k): v for k, v in imp["map"].items()}
         source = self._layer(t, layer)
         source_vols = [0, *sorted(int(v) for v in source["vols"])]
         imp_id = top["next_import"]
@@ -1766,6 +1798,30 @@ class Store:
                 out.append(entry)
             return out, True
 
+    def readdir_raw(
+        self,
+        dir: ObjectId,
+        cookie: int = 0,
+        cred: Cred | None = None,
+        *,
+        limit: int = 1000,
+        attrs: bool = True,
+    ) -> tuple[list[tuple[int, bytes, int, int, Inode | None]], bool]:
+        """The READDIR/READDIRPLUS fast path: entries after `cookie` as plain tuples
+        (cookie, name, vol, ino, Inode or None), read in one transaction, no objects built."""
+        with self._read() as t:
+            view, dnode = self._obj(t, dir)
+            if dnode.type != FileType.DIR:
+                raise NotADirectory("not a directory")
+            self._require(dnode, cred, _R, "no read permission on the directory")
+            after = cookie if cookie >= R.FIRST_COOKIE else 0
+            out: list[tuple[int, bytes, int, int, Inode | None]] = []
+            for c, name, vol, ino, _ in self._list_raw(t, view, dir.vol, dir.ino, after):
+                if len(out) >= limit:
+                    return out, False
+                out.append((c, name, vol, ino, self._inode(t, view, vol, ino) if attrs else None))
+            return out, True
+
     def attrs_of(self, entries: list[DirEntry]) -> list[Attr | None]:
         """Attributes for many entries in one transaction (READDIRPLUS)."""
         with self._read() as t:
@@ -1777,6 +1833,13 @@ class Store:
                 node = self._inode(t, view, oid.vol, oid.ino)
                 out.append(self._attr(oid, node) if node is not None else None)
             return out
+
+
+def _ftype(value: int) -> FileType:
+    ftype = R.FILE_TYPES[value] if 0 < value < len(R.FILE_TYPES) else None
+    if ftype is None:
+        raise Corrupt(f"directory entry with unknown type {value}; run `prism fsck`")
+    return ftype
 
 
 def _is_whole(src: CloneSource) -> bool:
