@@ -296,9 +296,11 @@ def decode_call(record: bytes) -> tuple[CallHeader, bytes]:
         raise RpcVersionMismatch(xid, rpcvers)
     u = Unpacker(record, 24)
     # Clients send the same credential on every call: decode each distinct one once.
-    cred_end = 32 + ((_U32.unpack_from(record, 28)[0] + 3) & ~3)
-    raw_cred = bytes(record[24:cred_end]) if cred_end <= len(record) else b""
-    known = _CRED_CACHE.get(raw_cred)
+    known = None
+    if len(record) >= 32:
+        cred_end = 32 + ((_U32.unpack_from(record, 28)[0] + 3) & ~3)
+        raw_cred = bytes(record[24:cred_end]) if cred_end <= len(record) else b""
+        known = _CRED_CACHE.get(raw_cred)
     if known is not None:
         cred, auth_sys = known
         u = Unpacker(record, cred_end)
@@ -315,7 +317,7 @@ def decode_call(record: bytes) -> tuple[CallHeader, bytes]:
                 raise BadCredential(xid, AuthStat.AUTH_BADCRED, f"AUTH_SYS body: {exc}") from None
         if len(_CRED_CACHE) >= _CRED_CACHE_SIZE:
             _CRED_CACHE.clear()
-        _CRED_CACHE[raw_cred] = (cred, auth_sys)
+        _CRED_CACHE[bytes(record[24 : u.position])] = (cred, auth_sys)
     try:
         verf = OpaqueAuth.unpack(u)
     except XdrError as exc:

@@ -26,8 +26,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from prism.nfs.client import MountClient, NfsClient
-from prism.nfs.types import NfsFh3
+from prism.nfs.client import MountClient, NfsClient, NfsError, auth_sys
+from prism.nfs.const import Nfs3Proc, NfsStat3
+from prism.nfs.types import NfsFh3, Sattr3
+from prism.store.types import FileType
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 READY = re.compile(r"^prism: ready: .* nfs (?P<bind>\S+):(?P<nfs>\d+) mount (?P<mount>\d+) ")
@@ -190,12 +192,74 @@ class PrismServe:
 
     # -- clients (from the root namespace, over loopback) --------------------------------
 
-    def mount(self, export: str, host: str = "127.0.0.1") -> tuple[NfsClient, NfsFh3]:
-        """MNT `export` and open an NFS client; the caller closes the client."""
+    def mount(
+        self, export: str, host: str = "127.0.0.1", *, uid: int = 0, gid: int = 0
+    ) -> tuple[NfsClient, NfsFh3]:
+        """MNT `export` and open an NFS client calling as AUTH_SYS uid/gid (root by
+        default); the caller closes the client."""
         with MountClient(host, self.mount_port) as m:
             fh, _ = m.mnt(export)
-        return NfsClient(host, self.nfs_port), fh
+        return NfsClient(host, self.nfs_port, cred=auth_sys(uid, gid)), fh
 
     def url(self, host: str, export: str) -> str:
         """A libnfs URL (nfs-ls, nfs-cat) that needs no portmapper."""
         return f"nfs://{host}{export}?nfsport={self.nfs_port}&mountport={self.mount_port}"
+
+
+# -- NFS conveniences (each raises NfsError on failure) -----------------------------------
+
+
+def nfs_mkdirs(c: NfsClient, root: NfsFh3, path: str) -> NfsFh3:
+    """`mkdir -p` of a relative path; returns the last directory's handle."""
+    fh = root
+    for part in [p for p in path.split("/") if p]:
+        res = c.lookup(fh, part)
+        if res.status == NfsStat3.NFS3ERR_NOENT:
+            made = c.mkdir(fh, part, Sattr3(mode=0o755))
+            if not made.ok or made.obj is None:
+                raise NfsError(Nfs3Proc.MKDIR, made.status, part)
+            fh = made.obj
+        elif res.ok and res.object is not None:
+            fh = res.object
+        else:
+            raise NfsError(Nfs3Proc.LOOKUP, res.status, part)
+    return fh
+
+
+def nfs_put(c: NfsClient, root: NfsFh3, path: str, data: bytes) -> NfsFh3:
+    """Create or truncate the file at relative `path` (its directory must exist), write it."""
+    parent, _, name = path.strip("/").rpartition("/")
+    dir_fh = c.walk(root, parent)
+    res = c.create(dir_fh, name, Sattr3(mode=0o644, size=0))
+    if not res.ok or res.obj is None:
+        raise NfsError(Nfs3Proc.CREATE, res.status, path)
+    c.write_all(res.obj, data)
+    return res.obj
+
+
+def nfs_get(c: NfsClient, root: NfsFh3, path: str) -> bytes:
+    return c.read_all(c.walk(root, path.strip("/")))
+
+
+def nfs_tree(c: NfsClient, root: NfsFh3) -> dict[str, Any]:
+    """Relative path -> file content, "<dir>", or ("->", symlink target), via READDIRPLUS."""
+    out: dict[str, Any] = {}
+    stack = [("", root)]
+    while stack:
+        prefix, fh = stack.pop()
+        for entry in c.listdir(fh):
+            if entry.name in (b".", b".."):
+                continue
+            assert entry.name_handle is not None and entry.name_attributes is not None
+            rel = prefix + entry.name.decode()
+            kind = entry.name_attributes.type
+            if kind == FileType.DIR:
+                out[rel] = "<dir>"
+                stack.append((rel + "/", entry.name_handle))
+            elif kind == FileType.LNK:
+                out[rel] = ("->", c.readlink(entry.name_handle).data)
+            elif kind == FileType.REG:
+                out[rel] = c.read_all(entry.name_handle)
+            else:
+                out[rel] = f"<{kind.name}>"
+    return out

@@ -205,6 +205,8 @@ def test_mount_mnt_export_dump_umnt(srv: PrismProcess, transport: str, tag: str)
         assert far.status == MountStat3.MNT3ERR_ACCES
         assert far.fhandle is None
         assert m.mnt_raw("/no-such-vm").status == MountStat3.MNT3ERR_NOENT
+        for path in ("/", "", "//", "x" * 600, "/vm/" + "y" * 600, "/vm/a\0b", "/VM", "/v m"):
+            assert m.mnt_raw(path).status == MountStat3.MNT3ERR_NOENT, path
 
         exports = dict(m.export())
         assert exports[b"/vm"] == (b"127.0.0.0/8", b"::1/128")
@@ -215,7 +217,9 @@ def test_mount_mnt_export_dump_umnt(srv: PrismProcess, transport: str, tag: str)
         assert (b"127.0.0.1", f"/vm/{tag}".encode()) in dump
         assert (b"127.0.0.1", b"/vm") in dump
         assert not any(d.startswith(f"/far-{transport}".encode()) for _, d in dump)
-        m.umnt(f"/vm/{tag}")
+        m.mnt(f"//vm//{tag}/./")  # one directory, one DUMP entry, however it is spelled
+        assert [d for _, d in m.dump()].count(f"/vm/{tag}".encode()) == 1
+        m.umnt(f"/vm/{tag}/")
         dump = m.dump()
         assert (b"127.0.0.1", f"/vm/{tag}".encode()) not in dump
         assert (b"127.0.0.1", b"/vm") in dump
