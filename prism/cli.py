@@ -139,7 +139,29 @@ def _vm_json(info: NamespaceInfo, usage: Any = None) -> dict[str, Any]:
     if usage is not None:
         out["logical_bytes"] = usage.logical_bytes
         out["files"] = usage.files
+    out["shares"] = [
+        {"path": sh.path, "source": f"{sh.source_ns}:{sh.source_path}", "rw": sh.rw}
+        for sh in info.shares
+    ]
     return out
+
+
+_VM_PATH = re.compile(r"(?P<vm>[a-z0-9][a-z0-9_.-]{0,62}):(?P<path>/.*)")
+
+
+def parse_vm_path(text: str) -> tuple[str, str]:
+    """'VM:/path' -> (VM, normalised absolute path)."""
+    m = _VM_PATH.fullmatch(text)
+    if not m:
+        raise UsageError(f"invalid location {text!r}: use VM:/path (an absolute path in a VM)")
+    parts: list[str] = []
+    for part in m.group("path").split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            raise UsageError(f"path {m.group('path')!r} leaves the VM's tree; drop the '..'")
+        parts.append(part)
+    return m.group("vm"), "/" + "/".join(parts)
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str | Callable[[], str]) -> None:
@@ -246,10 +268,38 @@ def cmd_vm_show(args: argparse.Namespace, store: Store) -> int:
                 f"quota:     {human(data['quota']) if data['quota'] is not None else 'none'}",
                 f"used:      {human(data['logical_bytes'])} in {data['files']} files",
                 f"snapshots: {', '.join(data['snapshots']) or '-'}",
+                "shares:    "
+                + (
+                    ", ".join(
+                        f"{sh['path']} <- {sh['source']} ({'rw' if sh['rw'] else 'ro'})"
+                        for sh in data["shares"]
+                    )
+                    or "-"
+                ),
             ]
         )
 
     _emit(args, data, text)
+    return 0
+
+
+def cmd_share(args: argparse.Namespace, store: Store) -> int:
+    src_vm, src_path = parse_vm_path(args.source)
+    dst_vm, dst_path = parse_vm_path(args.dest)
+    info = store.share(src_vm, src_path, dst_vm, dst_path, rw=args.rw)
+    mode = "read-write" if args.rw else "read-only"
+    _emit(
+        args,
+        _vm_json(info),
+        f"shared {src_vm}:{src_path} into {dst_vm}:{dst_path} ({mode}, live)",
+    )
+    return 0
+
+
+def cmd_unshare(args: argparse.Namespace, store: Store) -> int:
+    dst_vm, dst_path = parse_vm_path(args.dest)
+    info = store.unshare(dst_vm, dst_path)
+    _emit(args, _vm_json(info), f"removed the share at {dst_vm}:{dst_path}")
     return 0
 
 
@@ -572,6 +622,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gc", help="reclaim unreferenced content")
     _common(p)
     p.set_defaults(func=cmd_gc)
+    p = sub.add_parser("share", help="show a live view of one VM's subtree inside another")
+    _common(p)
+    p.add_argument("source", metavar="SRC_VM:/path")
+    p.add_argument("dest", metavar="DST_VM:/path")
+    p.add_argument("--rw", action="store_true", help="let the destination write (default: ro)")
+    p.set_defaults(func=cmd_share)
+    p = sub.add_parser("unshare", help="remove a share")
+    _common(p)
+    p.add_argument("dest", metavar="DST_VM:/path")
+    p.set_defaults(func=cmd_unshare)
+
     p = sub.add_parser("import", help="copy a host directory tree into a VM")
     _common(p)
     p.add_argument("vm")

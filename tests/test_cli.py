@@ -526,11 +526,6 @@ def test_prism_clone_composes_and_reports(data: Path, tmp_path: Path) -> None:
     assert prism_json(data, "fsck")["clean"] is True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store bug: a graft that replaces a directory orphans the replaced subtree; its "
-    "chunks stay referenced, and neither gc nor fsck notices (reported to the lead)",
-)
 def test_clone_into_over_a_directory_releases_what_it_replaced(data: Path, tmp_path: Path) -> None:
     big, small = tmp_path / "big", tmp_path / "small"
     big.mkdir()

@@ -31,7 +31,7 @@ import lmdb
 import xxhash
 
 from prism.store import records as R
-from prism.store.store import Store, _View
+from prism.store.store import SHARE_VOL_BASE, Store, _View
 from prism.store.types import ROOT_INO, FileType
 
 COMPACT_BELOW = 0.5
@@ -193,8 +193,8 @@ def _fsck(
                         f"{vol}:{ino} points at a missing object"
                     )
                     dangling.append((view, vol, ino, entry.name))
-                elif node.type == FileType.DIR:
-                    stack.append((entry.oid.vol, entry.oid.ino))
+                elif node.type == FileType.DIR and entry.oid.vol < SHARE_VOL_BASE:
+                    stack.append((entry.oid.vol, entry.oid.ino))  # shares: checked at source
 
     on_disk = set(store.segments.list_ids())
     known = {R.U64.unpack(k)[0] for k, _ in t.cursor(db=store._segdb)}

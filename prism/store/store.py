@@ -120,6 +120,7 @@ from prism.store.types import (
     NamespaceInfo,
     ObjectId,
     SetAttr,
+    ShareInfo,
     StoreStats,
     Usage,
 )
@@ -127,7 +128,13 @@ from prism.store.types import (
 FORMAT_VERSION = 1
 MAP_SIZE = 1 << 40
 NLINK_MAX = 65000
-MAX_VOLUMES = 1 << 16
+MAX_VOLUMES = 0x8000
+"""Volumes 1..0x7fff hold composed-in subtrees; 0x8000 and up are reserved for shares."""
+SHARE_VOL_BASE = 0x8000
+SHARE_VOL_SPAN = 0x400
+"""A share of another VM's subtree appears as volumes base..base+SPAN-1: the source's
+volume v is seen as base + v (so fileids stay unique inside the namespace)."""
+MAX_SHARES = (0x10000 - SHARE_VOL_BASE) // SHARE_VOL_SPAN
 VM_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 SNAP_NAME = VM_NAME
 ZEROS = bytes(CHUNK_SIZE)
@@ -187,6 +194,17 @@ class _ChunkRef:
     length: int
     segment: int
     offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Out:
+    """Maps a routed operation's local (vol, ino) back to the caller's ObjectId."""
+
+    ns: int
+    base: int = 0
+
+    def oid(self, vol: int, ino: int) -> ObjectId:
+        return ObjectId(self.ns, vol + self.base, ino)
 
 
 def _chunk_ref(raw: bytes) -> _ChunkRef:
@@ -459,7 +477,35 @@ class Store:
 
     # -- inode records -------------------------------------------------------------------
 
+    def _share_of(self, view: _View, vol: int) -> dict[str, Any]:
+        for share in view.record.get("shares", ()):
+            if share["base"] <= vol < share["base"] + SHARE_VOL_SPAN:
+                return share
+        raise Stale(f"the share this object was reached through is gone from {view.name}")
+
+    def _routed(self, t: lmdb.Transaction, view: _View, vol: int) -> tuple[_View, int, int]:
+        """Where a volume's objects live: (view of the owner, its volume, base offset).
+        Share volumes lead into the source VM's live namespace."""
+        if vol < SHARE_VOL_BASE:
+            return view, vol, 0
+        share = self._share_of(view, vol)
+        target = self._view(t, share["src"])
+        if not share["rw"]:
+            target.readonly = True
+            target.name = f"{view.name}:{share['path']} (a read-only share of {target.name})"
+        return target, vol - share["base"], share["base"]
+
     def _inode(self, t: lmdb.Transaction, view: _View, vol: int, ino: int) -> Inode | None:
+        if vol >= SHARE_VOL_BASE:
+            target, local, base = self._routed(t, view, vol)
+            node = self._inode(t, target, local, ino)
+            if node is not None and node.type == FileType.DIR:
+                share = self._share_of(view, vol)
+                if [local, ino] == share["root"]:
+                    node.parent_vol, node.parent_ino = share["at"]
+                else:
+                    node.parent_vol += base
+            return node
         for layer, v, xl in self._path(t, view.top, vol):
             raw = t.get(R.inode_key(layer, v, ino), db=self._inodes)
             if raw is not None:
@@ -492,14 +538,19 @@ class Store:
 
     def _obj(
         self, t: lmdb.Transaction, oid: ObjectId, *, writable: bool = False
-    ) -> tuple[_View, Inode]:
-        view = self._view(t, oid.ns)
+    ) -> tuple[_View, ObjectId, Inode, _Out]:
+        """Resolve an identity: (owner's view, the object's local id there, its inode, the
+        map back to the caller's ids). Local and caller ids differ only inside a share."""
+        outer = self._view(t, oid.ns)
+        view, vol, base = self._routed(t, outer, oid.vol)
         if writable and view.readonly:
-            raise ReadOnly(f"{view.name} is a read-only snapshot")
-        node = self._inode(t, view, oid.vol, oid.ino)
+            raise ReadOnly(
+                f"{view.name} is read-only" if base else f"{view.name} is a read-only snapshot"
+            )
+        node = self._inode(t, view, vol, oid.ino)
         if node is None:
-            raise Stale(f"object {oid.fileid} in {view.name} no longer exists")
-        return view, node
+            raise Stale(f"object {oid.fileid} in {outer.name} no longer exists")
+        return view, ObjectId(view.id, vol, oid.ino), node, _Out(outer.id, base)
 
     def _attr(self, oid: ObjectId, node: Inode) -> Attr:
         return Attr(
@@ -528,6 +579,10 @@ class Store:
     def _entry(
         self, t: lmdb.Transaction, view: _View, dvol: int, dino: int, name: bytes
     ) -> tuple[int, int, FileType] | None:
+        if dvol >= SHARE_VOL_BASE:
+            target, local, base = self._routed(t, view, dvol)
+            found = self._entry(t, target, local, dino, name)
+            return None if found is None else (found[0] + base, found[1], found[2])
         for layer, v, xl in self._path(t, view.top, dvol):
             raw = t.get(R.dirent_key(layer, v, dino, name), db=self._dirents)
             if raw is not None:
@@ -584,6 +639,11 @@ class Store:
     ) -> Iterator[tuple[int, bytes, int, int, int]]:
         """Live entries after cookie `after`, merged over the layers, in cookie order:
         (cookie, name, vol, ino, type value), volumes in the view's numbering."""
+        if dvol >= SHARE_VOL_BASE:
+            target, local, base = self._routed(t, view, dvol)
+            for cookie, name, vol, ino, ftype in self._list_raw(t, target, local, dino, after):
+                yield cookie, name, vol + base, ino, ftype
+            return
         path = self._path(t, view.top, dvol)
         if len(path) == 1:  # one layer: no merge needed, whiteouts cannot occur
             layer, v, _ = path[0]
@@ -610,10 +670,17 @@ class Store:
             yield cookie, name, vol, ino, ftype
 
     def _list(
-        self, t: lmdb.Transaction, view: _View, dvol: int, dino: int, after: int
+        self,
+        t: lmdb.Transaction,
+        view: _View,
+        dvol: int,
+        dino: int,
+        after: int,
+        out: _Out | None = None,
     ) -> Iterator[DirEntry]:
+        out = out or _Out(view.id)
         for cookie, name, vol, ino, ftype in self._list_raw(t, view, dvol, dino, after):
-            yield DirEntry(name, ObjectId(view.id, vol, ino), _ftype(ftype), cookie)
+            yield DirEntry(name, out.oid(vol, ino), _ftype(ftype), cookie)
 
     def _is_empty_dir(self, t: lmdb.Transaction, view: _View, vol: int, ino: int) -> bool:
         return next(self._list(t, view, vol, ino, 0), None) is None
@@ -694,7 +761,11 @@ class Store:
             if node.type == FileType.REG:
                 nbytes += node.size
             elif node.type == FileType.DIR:
-                stack.extend((e.oid.vol, e.oid.ino) for e in self._list(t, view, vol, ino, 0))
+                stack.extend(
+                    (e.oid.vol, e.oid.ino)
+                    for e in self._list(t, view, vol, ino, 0)
+                    if e.oid.vol < SHARE_VOL_BASE  # a share's bytes belong to its source
+                )
         return nbytes, objects
 
     def _check_quota(self, t: lmdb.Transaction, view: _View, more_bytes: int) -> None:
@@ -916,6 +987,17 @@ class Store:
             parent = self._ns_record(t, rec["of"])
             if parent is not None:
                 clients = parent.get("clients", [])
+        shares = []
+        for share in rec.get("shares", ()):
+            source = self._ns_record(t, share["src"])
+            shares.append(
+                ShareInfo(
+                    share["path"],
+                    source["name"] if source else "(removed)",
+                    share["src_path"],
+                    share["rw"],
+                )
+            )
         return NamespaceInfo(
             id=rec["id"],
             name=rec["name"],
@@ -925,6 +1007,7 @@ class Store:
             clients=tuple(clients),
             quota=quota,
             created_ns=rec.get("created", 0),
+            shares=tuple(shares),
         )
 
     def _make_ns(
@@ -1214,17 +1297,9 @@ class Store:
         if old is not None and (old[0], old[1]) == target[:2]:
             return  # already bound to this very object (the same source grafted again)
         if old is not None:
-            onode = self._inode(t, view, old[0], old[1])
             if old[2] == FileType.DIR:
                 pnode.nlink -= 1
-                if onode is not None:
-                    self._drop_inode(t, view, old[0], old[1])
-            elif onode is not None:
-                onode.nlink -= 1
-                if onode.nlink <= 0:
-                    self._drop_inode(t, view, old[0], old[1])
-                else:
-                    self._put_inode(t, view, old[0], old[1], onode)
+            self._release(t, view, old[0], old[1])
         self._put_entry(t, view, pvol, pino, name, target)
         if target[2] == FileType.DIR:
             node = self._inode(t, view, target[0], target[1])
@@ -1235,6 +1310,34 @@ class Store:
             pnode.nlink += 1
         pnode.mtime_ns = pnode.ctime_ns = time.time_ns()
         self._put_inode(t, view, pvol, pino, pnode)
+
+    def _release(self, t: lmdb.Transaction, view: _View, vol: int, ino: int) -> None:
+        """An entry naming (vol, ino) was replaced: drop one link, as `rm -r` would.
+
+        Fix: `_place` used to drop just the replaced object's inode record. A replaced
+        directory's contents stayed alive (a file in it hard-linked elsewhere kept its old
+        nlink), and a replaced file's chunk-map records were never released (leaked chunks).
+        """
+        stack = [(vol, ino)]
+        while stack:
+            vol, ino = stack.pop()
+            if vol >= SHARE_VOL_BASE:
+                continue  # objects seen through a share belong to its source VM
+            node = self._inode(t, view, vol, ino)
+            if node is None:
+                continue
+            if node.type == FileType.DIR:
+                for entry in list(self._list(t, view, vol, ino, 0)):
+                    self._drop_entry(t, view, vol, ino, entry.name)
+                    stack.append((entry.oid.vol, entry.oid.ino))
+                self._destroy(t, view, vol, ino, node)
+                continue
+            node.nlink -= 1
+            if node.nlink <= 0:
+                self._destroy(t, view, vol, ino, node)
+            else:
+                node.ctime_ns = time.time_ns()
+                self._put_inode(t, view, vol, ino, node)
 
     def _resolve(
         self, t: lmdb.Transaction, view: _View, path: str, label: str
@@ -1258,6 +1361,106 @@ class Store:
                 raise NotFound(f"{label} does not exist")
             node = found
         return vol, ino, node
+
+    def share(
+        self, src: str, src_path: str, dst: str, dst_path: str, *, rw: bool = False
+    ) -> NamespaceInfo:
+        """Make a live view of `src:src_path` appear at `dst:dst_path` (read-only unless rw).
+
+        The mount point is created, or may be an existing empty directory. Objects seen
+        through the share are the source's own (changes on either side show on the other;
+        uid/gid permissions apply as usual); they appear in `dst` as volumes
+        base + v, so their identities are distinct from everything else in `dst`.
+        """
+        for p in (src_path, dst_path):
+            if not p.startswith("/"):
+                raise InvalidArgument(f"path {p!r} must be absolute (start with '/')")
+        with self._write() as t:
+            sview = self._view_by_name(t, src)
+            dview = self._view_by_name(t, dst)
+            for v in (sview, dview):
+                if v.kind != "vm":
+                    raise InvalidArgument(f"{v.name!r} is a snapshot; shares join VMs")
+            if sview.id == dview.id:
+                raise InvalidArgument("a VM cannot share into itself; use a symlink")
+            svol, sino, snode = self._resolve(t, sview, src_path, f"{src}:{src_path}")
+            if snode.type != FileType.DIR:
+                raise NotADirectory(f"{src}:{src_path} is not a directory")
+            if svol >= SHARE_VOL_BASE:
+                raise InvalidArgument(f"{src}:{src_path} is inside a share; share its source")
+            parent, _, leaf = dst_path.rstrip("/").rpartition("/")
+            if not leaf:
+                raise InvalidArgument("the share's mount point cannot be '/'")
+            pvol, pino, pnode = self._resolve(t, dview, parent or "/", f"{dst}:{parent or '/'}")
+            if pnode.type != FileType.DIR:
+                raise NotADirectory(f"{dst}:{parent} is not a directory")
+            if pvol >= SHARE_VOL_BASE:
+                raise InvalidArgument(f"{dst}:{dst_path} is inside a share")
+            name = leaf.encode()
+            check_name(name)
+            shares = list(dview.record.get("shares", ()))
+            used = {sh["base"] for sh in shares}
+            free = [SHARE_VOL_BASE + k * SHARE_VOL_SPAN for k in range(MAX_SHARES)]
+            base = next((b for b in free if b not in used), None)
+            if base is None:
+                raise InvalidArgument(f"{dst} already has {MAX_SHARES} shares")
+            existing = self._entry(t, dview, pvol, pino, name)
+            if existing is not None:
+                enode = self._inode(t, dview, existing[0], existing[1])
+                if (
+                    enode is None
+                    or enode.type != FileType.DIR
+                    or existing[0] >= SHARE_VOL_BASE
+                    or not self._is_empty_dir(t, dview, existing[0], existing[1])
+                ):
+                    raise Exists(
+                        f"{dst}:{dst_path} exists and is not an empty directory; "
+                        "pick another mount point"
+                    )
+                self._drop_entry(t, dview, pvol, pino, name)
+                self._destroy(t, dview, existing[0], existing[1], enode)
+                pnode.nlink -= 1
+            rec = dict(dview.record)
+            rec["shares"] = [
+                *shares,
+                {
+                    "path": "/" + "/".join(p for p in dst_path.split("/") if p),
+                    "src": sview.id,
+                    "src_path": src_path,
+                    "root": [svol, sino],
+                    "at": [pvol, pino],
+                    "name": leaf,
+                    "base": base,
+                    "rw": rw,
+                },
+            ]
+            self._put_ns(t, rec)
+            self._put_entry(t, dview, pvol, pino, name, (base + svol, sino, FileType.DIR))
+            pnode.nlink += 1
+            pnode.mtime_ns = pnode.ctime_ns = time.time_ns()
+            self._put_inode(t, dview, pvol, pino, pnode)
+            return self._info(t, rec)
+
+    def unshare(self, dst: str, dst_path: str) -> NamespaceInfo:
+        """Remove the share mounted at `dst:dst_path` (its mount point goes with it)."""
+        with self._write() as t:
+            dview = self._view_by_name(t, dst)
+            norm = "/" + "/".join(p for p in dst_path.split("/") if p)
+            shares = list(dview.record.get("shares", ()))
+            share = next((sh for sh in shares if sh["path"] == norm), None)
+            if share is None:
+                raise NotFound(f"no share at {dst}:{norm}; see `prism vm show {dst}`")
+            pvol, pino = share["at"]
+            self._drop_entry(t, dview, pvol, pino, share["name"].encode())
+            pnode = self._inode(t, dview, pvol, pino)
+            if pnode is not None:
+                pnode.nlink -= 1
+                pnode.mtime_ns = pnode.ctime_ns = time.time_ns()
+                self._put_inode(t, dview, pvol, pino, pnode)
+            rec = dict(dview.record)
+            rec["shares"] = [sh for sh in shares if sh is not share]
+            self._put_ns(t, rec)
+            return self._info(t, rec)
 
     def usage(self, name: str) -> Usage:
         with self._write() as t:
@@ -1300,32 +1503,35 @@ class Store:
 
     def getattr(self, oid: ObjectId) -> Attr:
         with self._read() as t:
-            _, node = self._obj(t, oid)
+            _, _, node, _ = self._obj(t, oid)
             return self._attr(oid, node)
 
     def lookup(self, dir: ObjectId, name: bytes, cred: Cred | None = None) -> Attr:
         with self._read() as t:
-            view, dnode = self._obj(t, dir)
+            view, d, dnode, out = self._obj(t, dir)
             if dnode.type != FileType.DIR:
                 raise NotADirectory("lookup in something that is not a directory")
             self._require(dnode, cred, _X, "no search permission on the directory")
             if name == b".":
                 return self._attr(dir, dnode)
             if name == b"..":
-                if dir.vol == 0 and dir.ino == ROOT_INO:
+                if out.base:
+                    share = self._share_of(self._view(t, dir.ns), dir.vol)
+                    if [d.vol, d.ino] == share["root"]:  # leave the share for its mount point
+                        parent = ObjectId(dir.ns, *share["at"])
+                        return self._attr(parent, self._obj(t, parent)[2])
+                elif d.vol == 0 and d.ino == ROOT_INO:
                     return self._attr(dir, dnode)
-                parent = ObjectId(dir.ns, dnode.parent_vol, dnode.parent_ino)
-                _, pnode = self._obj(t, parent)
-                return self._attr(parent, pnode)
+                parent = out.oid(dnode.parent_vol, dnode.parent_ino)
+                return self._attr(parent, self._obj(t, parent)[2])
             check_name(name)
-            entry = self._entry(t, view, dir.vol, dir.ino, name)
-            if entry is None:
+            entry = self._entry(t, view, d.vol, d.ino, name)
+            if entry is None or (out.base and entry[0] >= SHARE_VOL_BASE):
                 raise NotFound(f"{name!r} does not exist")
-            oid = ObjectId(dir.ns, entry[0], entry[1])
             node = self._inode(t, view, entry[0], entry[1])
             if node is None:
                 raise NotFound(f"{name!r} does not exist")
-            return self._attr(oid, node)
+            return self._attr(out.oid(entry[0], entry[1]), node)
 
     def resolve(self, ns_id: int, path: str) -> Attr:
         with self._read() as t:
@@ -1335,7 +1541,7 @@ class Store:
 
     def access(self, oid: ObjectId, cred: Cred | None, mask: int) -> int:
         with self._read() as t:
-            view, node = self._obj(t, oid)
+            view, _, node, _ = self._obj(t, oid)
         r, w, x = (self._may(node, cred, bit) for bit in (_R, _W, _X))
         if node.type == FileType.DIR:
             granted = (ACCESS_READ if r else 0) | (ACCESS_LOOKUP if x else 0)
@@ -1358,11 +1564,11 @@ class Store:
         guard_ctime_ns: int | None = None,
     ) -> Attr:
         with self._write() as t:
-            view, node = self._obj(t, oid, writable=True)
+            view, loc, node, _ = self._obj(t, oid, writable=True)
             if guard_ctime_ns is not None and node.ctime_ns != guard_ctime_ns:
                 raise NotSync("the object changed since the client looked (ctime guard)")
-            self._apply_sattr(t, view, oid, node, sattr, cred, new=False)
-            self._put_inode(t, view, oid.vol, oid.ino, node)
+            self._apply_sattr(t, view, loc, node, sattr, cred, new=False)
+            self._put_inode(t, view, loc.vol, loc.ino, node)
             return self._attr(oid, node)
 
     def _apply_sattr(
@@ -1432,7 +1638,7 @@ class Store:
         if offset < 0 or count < 0:
             raise InvalidArgument("negative offset or count")
         with self._read() as t:
-            view, node = self._obj(t, oid)
+            view, loc, node, _ = self._obj(t, oid)
             if node.type == FileType.DIR:
                 raise IsADirectory("cannot read a directory as a file")
             if node.type != FileType.REG:
@@ -1441,7 +1647,7 @@ class Store:
             if offset >= node.size or count == 0:
                 return b"", offset >= node.size
             end = min(node.size, offset + count)
-            return self._read_range(t, view, oid.vol, oid.ino, offset, end), end == node.size
+            return self._read_range(t, view, loc.vol, loc.ino, offset, end), end == node.size
 
     def write(self, oid: ObjectId, offset: int, data: bytes, cred: Cred | None = None) -> Attr:
         if offset < 0:
@@ -1450,7 +1656,7 @@ class Store:
         if end > MAX_FILE_SIZE:
             raise FileTooLarge(f"write past {MAX_FILE_SIZE} bytes")
         with self._write() as t:
-            view, node = self._obj(t, oid, writable=True)
+            view, loc, node, _ = self._obj(t, oid, writable=True)
             if node.type == FileType.DIR:
                 raise IsADirectory("cannot write to a directory")
             if node.type != FileType.REG:
@@ -1463,24 +1669,24 @@ class Store:
             if grow:
                 self._check_quota(t, view, grow)
             if data:
-                self._write_range(t, view, oid.vol, oid.ino, offset, data, new_size)
+                self._write_range(t, view, loc.vol, loc.ino, offset, data, new_size)
             node.size = new_size
             node.mtime_ns = node.ctime_ns = time.time_ns()
             if node.mode & 0o6000 and cred is not None and not cred.is_root:
                 node.mode &= ~0o6000
-            self._put_inode(t, view, oid.vol, oid.ino, node)
+            self._put_inode(t, view, loc.vol, loc.ino, node)
             if grow:
                 self._usage_add(t, view, grow, 0)
             return self._attr(oid, node)
 
     def _dir_for_change(
         self, t: lmdb.Transaction, dir: ObjectId, cred: Cred | None
-    ) -> tuple[_View, Inode]:
-        view, dnode = self._obj(t, dir, writable=True)
+    ) -> tuple[_View, ObjectId, Inode, _Out]:
+        view, d, dnode, out = self._obj(t, dir, writable=True)
         if dnode.type != FileType.DIR:
             raise NotADirectory("not a directory")
         self._require(dnode, cred, _W | _X, "no write permission on the directory")
-        return view, dnode
+        return view, d, dnode, out
 
     def _new_object(
         self,
@@ -1497,8 +1703,8 @@ class Store:
     ) -> Attr:
         check_name(name)
         with self._write() as t:
-            view, dnode = self._dir_for_change(t, dir, cred)
-            if self._entry(t, view, dir.vol, dir.ino, name) is not None:
+            view, d, dnode, out = self._dir_for_change(t, dir, cred)
+            if self._entry(t, view, d.vol, d.ino, name) is not None:
                 raise Exists(f"{name!r} already exists")
             self._check_quota(t, view, len(target))
             ino = self._alloc_ino(t, view)
@@ -1517,12 +1723,12 @@ class Store:
                 now,
                 now,
                 now,
-                dir.vol if node_type == FileType.DIR else 0,
-                dir.ino if node_type == FileType.DIR else 0,
+                d.vol if node_type == FileType.DIR else 0,
+                d.ino if node_type == FileType.DIR else 0,
                 verifier or b"\0" * 8,
                 target,
             )
-            oid = ObjectId(dir.ns, 0, ino)
+            oid = ObjectId(view.id, 0, ino)
             if sattr is not None:
                 self._apply_sattr(
                     t,
@@ -1539,14 +1745,20 @@ class Store:
                     None,
                     new=True,
                 )
+            size = sattr.size if sattr is not None and node_type == FileType.REG else None
+            if size:  # CREATE may ask for a size: the new file is a hole that long
+                if size > MAX_FILE_SIZE:
+                    raise FileTooLarge(f"size {size} exceeds {MAX_FILE_SIZE}")
+                self._check_quota(t, view, size)
+                node.size = size
             self._put_inode(t, view, 0, ino, node)
-            self._put_entry(t, view, dir.vol, dir.ino, name, (0, ino, node_type))
+            self._put_entry(t, view, d.vol, d.ino, name, (0, ino, node_type))
             if node_type == FileType.DIR:
                 dnode.nlink += 1
             dnode.mtime_ns = dnode.ctime_ns = now
-            self._put_inode(t, view, dir.vol, dir.ino, dnode)
-            self._usage_add(t, view, 0, 1)
-            return self._attr(oid, node)
+            self._put_inode(t, view, d.vol, d.ino, dnode)
+            self._usage_add(t, view, node.size if node_type == FileType.REG else 0, 1)
+            return self._attr(out.oid(0, ino), node)
 
     def create(
         self,
@@ -1561,14 +1773,14 @@ class Store:
     ) -> Attr:
         check_name(name)
         with self._read() as t:
-            view, dnode = self._obj(t, dir)
+            view, d, dnode, out = self._obj(t, dir)
             if dnode.type != FileType.DIR:
                 raise NotADirectory("not a directory")
             self._require(dnode, cred, _X, "no search permission on the directory")
-            entry = self._entry(t, view, dir.vol, dir.ino, name)
+            entry = self._entry(t, view, d.vol, d.ino, name)
             existing = self._inode(t, view, entry[0], entry[1]) if entry else None
         if entry is not None and existing is not None:
-            oid = ObjectId(dir.ns, entry[0], entry[1])
+            oid = out.oid(entry[0], entry[1])
             if exclusive is not None:
                 if existing.type == FileType.REG and existing.verifier == exclusive:
                     return self._attr(oid, existing)
@@ -1626,7 +1838,7 @@ class Store:
 
     def readlink(self, oid: ObjectId) -> bytes:
         with self._read() as t:
-            _, node = self._obj(t, oid)
+            _, _, node, _ = self._obj(t, oid)
             if node.type != FileType.LNK:
                 raise InvalidArgument("not a symbolic link")
             return node.target
@@ -1636,11 +1848,13 @@ class Store:
             raise (InvalidArgument if name == b"." else NotEmpty)(f"cannot remove {name!r}")
         check_name(name)
         with self._write() as t:
-            view, dnode = self._dir_for_change(t, dir, cred)
-            entry = self._entry(t, view, dir.vol, dir.ino, name)
+            view, d, dnode, _ = self._dir_for_change(t, dir, cred)
+            entry = self._entry(t, view, d.vol, d.ino, name)
             if entry is None:
                 raise NotFound(f"{name!r} does not exist")
             vol, ino, _ = entry
+            if vol >= SHARE_VOL_BASE:
+                raise NotPermitted(f"{name!r} is a share; remove it with `prism unshare`")
             node = self._inode(t, view, vol, ino)
             if node is None:
                 raise NotFound(f"{name!r} does not exist")
@@ -1652,7 +1866,7 @@ class Store:
                 raise PermissionDenied("sticky directory: only the owner may remove this")
             if want_dir and not self._is_empty_dir(t, view, vol, ino):
                 raise NotEmpty(f"directory {name!r} is not empty")
-            self._drop_entry(t, view, dir.vol, dir.ino, name)
+            self._drop_entry(t, view, d.vol, d.ino, name)
             now = time.time_ns()
             if node.type == FileType.DIR:
                 dnode.nlink = max(2, dnode.nlink - 1)
@@ -1665,7 +1879,7 @@ class Store:
                     node.ctime_ns = now
                     self._put_inode(t, view, vol, ino, node)
             dnode.mtime_ns = dnode.ctime_ns = now
-            self._put_inode(t, view, dir.vol, dir.ino, dnode)
+            self._put_inode(t, view, d.vol, d.ino, dnode)
 
     def remove(self, dir: ObjectId, name: bytes, cred: Cred | None = None) -> None:
         self._unlink(dir, name, cred, want_dir=False)
@@ -1688,25 +1902,31 @@ class Store:
         if src_dir.ns != dst_dir.ns:
             raise CrossDevice("cannot rename between namespaces")
         with self._write() as t:
-            view, sdnode = self._dir_for_change(t, src_dir, cred)
-            _, ddnode = self._dir_for_change(t, dst_dir, cred)
-            entry = self._entry(t, view, src_dir.vol, src_dir.ino, src_name)
+            view, sd, sdnode, sout = self._dir_for_change(t, src_dir, cred)
+            dview, dd, ddnode, dout = self._dir_for_change(t, dst_dir, cred)
+            if (view.id, sout.base) != (dview.id, dout.base):
+                raise CrossDevice("cannot rename into or out of a share")
+            entry = self._entry(t, view, sd.vol, sd.ino, src_name)
             if entry is None:
                 raise NotFound(f"{src_name!r} does not exist")
             svol, sino, stype = entry
+            if svol >= SHARE_VOL_BASE:
+                raise NotPermitted(f"{src_name!r} is a share; it cannot be renamed")
             snode = self._inode(t, view, svol, sino)
             if snode is None:
                 raise NotFound(f"{src_name!r} does not exist")
             if not self._sticky_ok(sdnode, snode, cred):
                 raise PermissionDenied("sticky directory: only the owner may rename this")
-            same_dir = src_dir == dst_dir
+            same_dir = sd == dd
             if same_dir:
                 ddnode = sdnode  # one directory: apply every change to one copy
                 if src_name == dst_name:
                     return
             if snode.type == FileType.DIR and not same_dir:
-                self._refuse_loop(t, view, (svol, sino), dst_dir)
-            existing = self._entry(t, view, dst_dir.vol, dst_dir.ino, dst_name)
+                self._refuse_loop(t, view, (svol, sino), dd)
+            existing = self._entry(t, view, dd.vol, dd.ino, dst_name)
+            if existing is not None and existing[0] >= SHARE_VOL_BASE:
+                raise NotPermitted(f"{dst_name!r} is a share; it cannot be replaced")
             if existing is not None and (existing[0], existing[1]) == (svol, sino):
                 return  # both names are links to the same object: POSIX says do nothing
             now = time.time_ns()
@@ -1732,19 +1952,19 @@ class Store:
                         else:
                             enode.ctime_ns = now
                             self._put_inode(t, view, existing[0], existing[1], enode)
-            self._drop_entry(t, view, src_dir.vol, src_dir.ino, src_name)
-            self._put_entry(t, view, dst_dir.vol, dst_dir.ino, dst_name, (svol, sino, stype))
+            self._drop_entry(t, view, sd.vol, sd.ino, src_name)
+            self._put_entry(t, view, dd.vol, dd.ino, dst_name, (svol, sino, stype))
             snode.ctime_ns = now
             if snode.type == FileType.DIR and not same_dir:
-                snode.parent_vol, snode.parent_ino = dst_dir.vol, dst_dir.ino
+                snode.parent_vol, snode.parent_ino = dd.vol, dd.ino
                 ddnode.nlink += 1
                 sdnode.nlink -= 1
             self._put_inode(t, view, svol, sino, snode)
             sdnode.mtime_ns = sdnode.ctime_ns = now
-            self._put_inode(t, view, src_dir.vol, src_dir.ino, sdnode)
+            self._put_inode(t, view, sd.vol, sd.ino, sdnode)
             if not same_dir:
                 ddnode.mtime_ns = ddnode.ctime_ns = now
-                self._put_inode(t, view, dst_dir.vol, dst_dir.ino, ddnode)
+                self._put_inode(t, view, dd.vol, dd.ino, ddnode)
 
     def _refuse_loop(
         self, t: lmdb.Transaction, view: _View, moving: tuple[int, int], dst_dir: ObjectId
@@ -1765,34 +1985,38 @@ class Store:
         if oid.ns != dir.ns:
             raise CrossDevice("cannot link across namespaces")
         with self._write() as t:
-            view, dnode = self._dir_for_change(t, dir, cred)
-            _, node = self._obj(t, oid, writable=True)
+            view, d, dnode, dout = self._dir_for_change(t, dir, cred)
+            oview, loc, node, out = self._obj(t, oid, writable=True)
+            if (view.id, dout.base) != (oview.id, out.base):
+                raise CrossDevice("cannot link into or out of a share")
             if node.type == FileType.DIR:
                 raise IsADirectory("cannot hard-link a directory")
             if node.nlink >= NLINK_MAX:
                 raise TooManyLinks(f"the object already has {node.nlink} links")
-            if self._entry(t, view, dir.vol, dir.ino, name) is not None:
+            if self._entry(t, view, d.vol, d.ino, name) is not None:
                 raise Exists(f"{name!r} already exists")
             now = time.time_ns()
             node.nlink += 1
             node.ctime_ns = now
-            self._put_inode(t, view, oid.vol, oid.ino, node)
-            self._put_entry(t, view, dir.vol, dir.ino, name, (oid.vol, oid.ino, node.type))
+            self._put_inode(t, view, loc.vol, loc.ino, node)
+            self._put_entry(t, view, d.vol, d.ino, name, (loc.vol, loc.ino, node.type))
             dnode.mtime_ns = dnode.ctime_ns = now
-            self._put_inode(t, view, dir.vol, dir.ino, dnode)
+            self._put_inode(t, view, d.vol, d.ino, dnode)
             return self._attr(oid, node)
 
     def readdir(
         self, dir: ObjectId, cookie: int = 0, cred: Cred | None = None, *, limit: int = 1000
     ) -> tuple[list[DirEntry], bool]:
         with self._read() as t:
-            view, dnode = self._obj(t, dir)
+            view, d, dnode, dout = self._obj(t, dir)
             if dnode.type != FileType.DIR:
                 raise NotADirectory("not a directory")
             self._require(dnode, cred, _R, "no read permission on the directory")
             after = cookie if cookie >= R.FIRST_COOKIE else 0
             out: list[DirEntry] = []
-            for entry in self._list(t, view, dir.vol, dir.ino, after):
+            for entry in self._list(t, view, d.vol, d.ino, after, dout):
+                if dout.base and entry.oid.vol >= SHARE_VOL_BASE + dout.base:
+                    continue  # shares inside a share are not followed
                 if len(out) >= limit:
                     return out, False
                 out.append(entry)
@@ -1810,29 +2034,21 @@ class Store:
         """The READDIR/READDIRPLUS fast path: entries after `cookie` as plain tuples
         (cookie, name, vol, ino, Inode or None), read in one transaction, no objects built."""
         with self._read() as t:
-            view, dnode = self._obj(t, dir)
+            view, d, dnode, dout = self._obj(t, dir)
             if dnode.type != FileType.DIR:
                 raise NotADirectory("not a directory")
             self._require(dnode, cred, _R, "no read permission on the directory")
             after = cookie if cookie >= R.FIRST_COOKIE else 0
             out: list[tuple[int, bytes, int, int, Inode | None]] = []
-            for c, name, vol, ino, _ in self._list_raw(t, view, dir.vol, dir.ino, after):
+            base = dout.base
+            for c, name, vol, ino, _ in self._list_raw(t, view, d.vol, d.ino, after):
+                if base and vol >= SHARE_VOL_BASE:
+                    continue  # shares inside a share are not followed
                 if len(out) >= limit:
                     return out, False
-                out.append((c, name, vol, ino, self._inode(t, view, vol, ino) if attrs else None))
+                node = self._inode(t, view, vol, ino) if attrs else None
+                out.append((c, name, vol + base, ino, node))
             return out, True
-
-    def attrs_of(self, entries: list[DirEntry]) -> list[Attr | None]:
-        """Attributes for many entries in one transaction (READDIRPLUS)."""
-        with self._read() as t:
-            out: list[Attr | None] = []
-            views: dict[int, _View] = {}
-            for entry in entries:
-                oid = entry.oid
-                view = views.get(oid.ns) or views.setdefault(oid.ns, self._view(t, oid.ns))
-                node = self._inode(t, view, oid.vol, oid.ino)
-                out.append(self._attr(oid, node) if node is not None else None)
-            return out
 
 
 def _ftype(value: int) -> FileType:
