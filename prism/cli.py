@@ -10,7 +10,6 @@ Each change is one store transaction: it happens completely or not at all.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -175,7 +174,7 @@ def _emit(args: argparse.Namespace, data: Any, text: str | Callable[[], str]) ->
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from prism.server import ServeOptions, serve
+    from prism.server import ServeOptions, run_event_loop, serve
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -194,7 +193,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics=args.metrics,
     )
     try:
-        asyncio.run(serve(options))
+        run_event_loop(serve(options))
     except OSError as exc:
         raise UsageError(
             f"cannot listen ({exc.strerror}): is another NFS server running? "

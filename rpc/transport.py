@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -56,6 +58,40 @@ def _peer(address: Any) -> tuple[str, int]:
     return (str(address) if address else "", 0)
 
 
+def start_eagerly(coro: Coroutine[Any, Any, None], tasks: set[asyncio.Task[None]]) -> None:
+    """Run `coro` until it first suspends, and only then give it a Task.
+
+    Most calls (GETATTR, LOOKUP, READ...) complete without ever suspending; running them
+    at once saves a Task and an event-loop turn per call (Python 3.12's eager task factory,
+    done by hand for 3.11).
+    """
+    try:
+        yielded = coro.send(None)
+    except StopIteration:
+        return
+    task = asyncio.get_running_loop().create_task(_finish(coro, yielded))
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
+async def _finish(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+    """Drive a coroutine that `start_eagerly` began, from where it suspended."""
+    try:
+        while True:
+            if yielded is None:
+                await asyncio.sleep(0)
+            else:
+                with contextlib.suppress(Exception):
+                    await yielded  # only waits: the coroutine's own await reads the outcome
+            try:
+                yielded = coro.send(None)
+            except StopIteration:
+                return
+    except BaseException:
+        coro.close()
+        raise
+
+
 class _StreamConnection(asyncio.Protocol):
     """One record-marked stream connection (TCP, or a Unix socket)."""
 
@@ -69,6 +105,7 @@ class _StreamConnection(asyncio.Protocol):
         self._queue: collections.deque[bytes] = collections.deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight = 0
+        self._pumping = False
         self._reading_paused = False
         self._eof = False
         self._closing = False
@@ -109,14 +146,18 @@ class _StreamConnection(asyncio.Protocol):
 
     def _pump(self) -> None:
         transport = self._transport
-        if self._closing or transport is None:
-            return
+        if self._closing or transport is None or self._pumping:
+            return  # (a call that finished inside this loop re-enters here: let it run on)
         limit = self._config.max_in_flight
-        while self._queue and self._in_flight < limit:
-            self._in_flight += 1
-            task = asyncio.get_running_loop().create_task(self._serve(self._queue.popleft()))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self._pumping = True
+        try:
+            while self._queue and self._in_flight < limit and not self._closing:
+                self._in_flight += 1
+                start_eagerly(self._serve(self._queue.popleft()), self._tasks)
+        finally:
+            self._pumping = False
+        if self._closing:
+            return
         if self._eof:
             if not self._queue and self._in_flight == 0:
                 self._close()
@@ -199,9 +240,7 @@ class _DatagramEndpoint(asyncio.DatagramProtocol):
         if len(self._tasks) >= self._config.max_udp_in_flight:
             self.dropped += 1
             return
-        task = asyncio.get_running_loop().create_task(self._serve(data, addr))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        start_eagerly(self._serve(data, addr), self._tasks)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("udp: %s", exc)

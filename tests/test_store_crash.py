@@ -32,7 +32,7 @@ except ImportError:  # the checker is being written alongside; run without it me
 
 CHILD = Path(__file__).with_name("store_crash_child.py")
 REPO = Path(__file__).resolve().parent.parent
-KILLS = 20
+KILLS = 25
 TIME_BUDGET = 50.0  # seconds; stop killing early rather than overrun
 
 
