@@ -285,7 +285,15 @@ def cmd_vm_show(args: argparse.Namespace, store: Store) -> int:
 def cmd_share(args: argparse.Namespace, store: Store) -> int:
     src_vm, src_path = parse_vm_path(args.source)
     dst_vm, dst_path = parse_vm_path(args.dest)
-    info = store.share(src_vm, src_path, dst_vm, dst_path, rw=args.rw)
+    try:
+        info = store.share(src_vm, src_path, dst_vm, dst_path, rw=args.rw)
+    except (NotFound, NotADirectory) as exc:
+        if str(exc).startswith("no "):  # an unknown VM: the message has a hint
+            raise
+        raise UsageError(
+            f"{exc}; share a directory that exists in {src_vm} to a path whose parent "
+            f"directory exists in {dst_vm} (nothing was changed)"
+        ) from None
     mode = "read-write" if args.rw else "read-only"
     _emit(
         args,

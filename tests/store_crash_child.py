@@ -1,11 +1,11 @@
 """Child process of `test_store_crash.py`: random durable store operations until killed.
 
-Usage: python tests/store_crash_child.py DATA_DIR SEED
+Usage: python tests/store_crash_child.py DATA_DIR SEED LOG  (or DATA_DIR setup)
 
 It rebuilds the expected state from the store (which the parent has just verified), prints
-`READY`, then loops: for each operation it prints `BEGIN <state>` (the whole expected state
-if the operation takes effect), runs the operation (one autocommitted call or one committed
-batch: atomic and durable when it returns), then prints `DONE <state>`. The parent kills it
+`READY`, then loops: for each operation it appends `BEGIN <state>` to LOG (the whole expected
+state if the operation takes effect), runs the operation (one autocommitted call or one
+committed batch: atomic and durable when it returns), then appends `DONE <state>`. The parent kills it
 with SIGKILL at a random moment and checks that the store holds the last DONE state, or the
 BEGIN state of the operation that was in flight.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -32,8 +33,19 @@ MAX_SNAPSHOTS = 3
 State = dict[str, dict[str, list]]
 
 
+_DIGESTS: dict[int, tuple[bytes, list]] = {}
+
+
 def digest(data: bytes) -> list:
-    return [len(data), hashlib.sha256(data).hexdigest()]
+    """[size, sha256] of `data`, memoised per bytes object (states share most contents)."""
+    hit = _DIGESTS.get(id(data))
+    if hit is not None and hit[0] is data:
+        return hit[1]
+    value = [len(data), hashlib.sha256(data).hexdigest()]
+    if len(_DIGESTS) > 4096:
+        _DIGESTS.clear()
+    _DIGESTS[id(data)] = (data, value)
+    return value
 
 
 def join(d: str, name: str) -> str:
@@ -75,7 +87,7 @@ def setup(store: Store) -> None:
 
 
 def main() -> None:
-    data_dir, seed = sys.argv[1], int(sys.argv[2])
+    data_dir, seed, log_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     rng = random.Random(seed)
     gc = None
     try:
@@ -88,9 +100,12 @@ def main() -> None:
     serial = max([int(n.split("@s")[1]) for n in snaps] + [0])
     out = sys.stdout
 
+    # The log goes to a file, not the stdout pipe: a pipe nobody drains until the kill would
+    # fill up and stall the child after a few operations.
+    log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
     def say(kind: str, st: State) -> None:
-        out.write(f"{kind} {json.dumps(st, sort_keys=True)}\n")
-        out.flush()
+        os.write(log, f"{kind} {json.dumps(st, sort_keys=True)}\n".encode())
 
     def oid(ns: str, path: str):
         return store.resolve(store.namespace(ns).id, path).oid
@@ -214,8 +229,9 @@ def main() -> None:
             for name, files_ in new_contents.items()
         }
         say("BEGIN", new_state)
-        action()
         say("DONE", new_state)
+        import time; time.sleep(0.002)
+        action()
         state, contents = new_state, new_contents
 
 

@@ -13,7 +13,11 @@ import io
 import json
 import os
 import re
+import select
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,7 @@ from prism import cli, importer
 from prism.errors import QuotaExceeded
 from prism.store import Store
 from prism.store.types import FileType, ObjectId
+from tests.op_helpers import env as op_env
 from tests.op_helpers import ok, ok_json, prism, prism_json, run_clone, run_prism
 
 MiB = 1 << 20
@@ -539,3 +544,78 @@ def test_clone_into_over_a_directory_releases_what_it_replaced(data: Path, tmp_p
     assert prism_json(data, "vm", "show", "x")["logical_bytes"] == len(b"small")
     prism(data, "gc")
     assert prism_json(data, "stats")["store"]["stored_bytes"] == len(b"small")
+
+
+def run_on_terminal(argv: list[str], timeout: float = 60.0) -> tuple[int, str]:
+    """Run `argv` with stdin, stdout and stderr on a new pseudo-terminal, as an operator at
+    a terminal would; returns (exit status, everything written to the terminal)."""
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.Popen(
+            argv, stdin=slave, stdout=slave, stderr=slave, env=op_env(), start_new_session=True
+        )
+    finally:
+        os.close(slave)
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        else:
+            proc.kill()
+            raise AssertionError(f"{argv} did not finish in {timeout} s: {out!r}")
+        return proc.wait(timeout=10), out.decode(errors="replace")
+    finally:
+        os.close(master)
+
+
+PROGRESS = re.compile(
+    r"\r  (?P<files>\d+) files, (?P<dirs>\d+) dirs, (?P<mb>\d+\.\d) MB "
+    r"\((?P<rate>\d+) files/s, (?P<mbs>\d+\.\d) MB/s\)"
+)
+
+
+def test_import_shows_progress_on_a_terminal_only(data: Path, tmp_path: Path) -> None:
+    src = tmp_path / "many"
+    for d in range(20):
+        sub = src / f"d{d:02}"
+        sub.mkdir(parents=True)
+        for f in range(150):
+            (sub / f"f{f:03}").write_bytes(b"%d/%d " % (d, f) * 50)
+    files = 20 * 150
+    total = sum(p.stat().st_size for p in src.rglob("f*"))
+    prism(data, "vm", "create", "tty")
+    prism(data, "vm", "create", "notty")
+
+    argv = [sys.executable, "-m", "prism", "import", "tty", str(src), "--data", str(data)]
+    status, out = run_on_terminal(argv)
+    assert status == 0, out
+    drawn = list(PROGRESS.finditer(out))
+    assert drawn, f"no progress line on the terminal: {out[:500]!r}"
+    last = drawn[-1]
+    assert 0 < int(last["files"]) <= files and float(last["mb"]) > 0
+    assert int(last["rate"]) > 0 and float(last["mbs"]) > 0
+    # the summary follows the progress line, on a line of its own
+    summary = re.search(
+        rf"\nimported {files} files, 20 directories, .* into tty:/ in [\d.]+ s "
+        r"\(\d+ files/s, [\d.]+ MB/s\)\r?\n",
+        out,
+    )
+    assert summary and summary.start() > last.end(), out[-500:]
+    assert prism_json(data, "vm", "show", "tty")["logical_bytes"] == total
+
+    # without a terminal: the summary alone, no progress
+    proc = run_prism(data, "import", "notty", str(src))
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout.startswith(f"imported {files} files, 20 directories")
+    assert proc.stdout.count("\n") == 1 and "\r" not in proc.stdout
+    assert prism_json(data, "vm", "show", "notty")["logical_bytes"] == total

@@ -17,7 +17,6 @@ import pytest
 from prism.nfs.client import MountClient, NfsClient
 from prism.nfs.const import MountStat3, NfsStat3
 from prism.nfs.types import NfsFh3, Sattr3
-from prism.store import Store
 from tests.op_helpers import PrismServe, nfs_get, nfs_mkdirs, nfs_put, nfs_tree, prism, prism_json
 
 MiB = 1 << 20
@@ -168,9 +167,3 @@ def test_quota_refuses_and_is_raised_live(server: PrismServe) -> None:
         prism(data, "vm", "set", "quotavm", "--quota", "none")
         assert c.write(fh, target, block).ok
         assert c.fsstat(root).tbytes > 20 * MiB  # the disk's size again
-
-
-def test_share_between_vms(server: PrismServe) -> None:
-    if not hasattr(Store, "share"):
-        pytest.skip("Store.share is not implemented yet (prism share / unshare)")
-    raise AssertionError("Store.share exists now: write this test")  # pragma: no cover

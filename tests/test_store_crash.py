@@ -47,7 +47,6 @@ def spawn(data: Path, *args: str) -> subprocess.Popen[bytes]:
 
 
 def wait_ready(proc: subprocess.Popen[bytes]) -> None:
-    """Read READY through the buffered pipe (read the rest through it too, not communicate)."""
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if line != b"READY\n":
@@ -81,16 +80,20 @@ def test_sigkill_at_random_moments_loses_nothing_durable(tmp_path: Path) -> None
     for run in range(KILLS):
         if time.monotonic() - started > TIME_BUDGET:
             break
-        proc = spawn(data, str(rng.randrange(1 << 30)))
-        wait_ready(proc)
-        time.sleep(rng.uniform(0.02, 0.3))
+        log = tmp_path / f"run{run}.log"
+        proc = spawn(data, str(rng.randrange(1 << 30)), str(log))
+        if rng.random() < 0.2:
+            time.sleep(rng.uniform(0.0, 0.2))  # sometimes while it opens the store
+        else:
+            wait_ready(proc)
+            time.sleep(rng.uniform(0.02, 0.3))
         proc.send_signal(signal.SIGKILL)
-        assert proc.stdout is not None and proc.stderr is not None
-        out, err = proc.stdout.read(), proc.stderr.read()  # not communicate(): see wait_ready
+        assert proc.stderr is not None
+        err = proc.stderr.read()
         proc.wait(timeout=30)
         assert proc.returncode == -signal.SIGKILL, f"child died on its own:\n{err.decode()}"
         pending = None
-        for kind, state in parse(out):
+        for kind, state in parse(log.read_bytes() if log.exists() else b""):
             if kind == "BEGIN":
                 pending = state
             else:

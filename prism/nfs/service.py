@@ -267,10 +267,10 @@ class NfsService:
     def read(self, s: Store, call: Call, a: T.ReadArgs) -> T.ReadRes:
         oid = self._oid(s, call, a.file)
         try:
-            data, eof = s.read(oid, a.offset, min(a.count, call.max_read), call.cred)
+            data, eof, attr = s.read_attr(oid, a.offset, min(a.count, call.max_read), call.cred)
         except StoreError as exc:
             return T.ReadRes(nfsstat_for(exc), self._post(s, oid))
-        return T.ReadRes(OK, self._post(s, oid), eof, data)
+        return T.ReadRes(OK, self.fattr(attr), eof, data)
 
     def write(self, s: Store, call: Call, a: T.WriteArgs) -> T.WriteRes:
         oid = self._oid(s, call, a.file)

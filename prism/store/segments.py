@@ -53,6 +53,7 @@ class SegmentFiles:
         self._active_size = 0
         self._dirty = False
         self._new_file = False
+        self.unsynced_bytes = 0
 
     # -- writing -----------------------------------------------------------------------
 
@@ -76,6 +77,7 @@ class SegmentFiles:
             raise NoSpace(f"short write to segment {self._active_id:016x}")
         self._active_size += len(data)
         self._dirty = True
+        self.unsynced_bytes += len(data)
         return self._active_id, offset
 
     def _open_new(self) -> None:
@@ -96,6 +98,7 @@ class SegmentFiles:
         if self._dirty and self._active_fd is not None:
             os.fdatasync(self._active_fd)
             self._dirty = False
+        self.unsynced_bytes = 0
         if self._new_file:
             dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
             try:

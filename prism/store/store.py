@@ -1635,6 +1635,13 @@ class Store:
     def read(
         self, oid: ObjectId, offset: int, count: int, cred: Cred | None = None
     ) -> tuple[bytes, bool]:
+        data, eof, _ = self.read_attr(oid, offset, count, cred)
+        return data, eof
+
+    def read_attr(
+        self, oid: ObjectId, offset: int, count: int, cred: Cred | None = None
+    ) -> tuple[bytes, bool, Attr]:
+        """`read` plus the file's attributes, from the same transaction (NFS READ)."""
         if offset < 0 or count < 0:
             raise InvalidArgument("negative offset or count")
         with self._read() as t:
@@ -1644,10 +1651,12 @@ class Store:
             if node.type != FileType.REG:
                 raise InvalidArgument("only regular files can be read")
             self._require_data(node, cred, _R)
+            attr = self._attr(oid, node)
             if offset >= node.size or count == 0:
-                return b"", offset >= node.size
+                return b"", offset >= node.size, attr
             end = min(node.size, offset + count)
-            return self._read_range(t, view, loc.vol, loc.ino, offset, end), end == node.size
+            data = self._read_range(t, view, loc.vol, loc.ino, offset, end)
+            return data, end == node.size, attr
 
     def write(self, oid: ObjectId, offset: int, data: bytes, cred: Cred | None = None) -> Attr:
         if offset < 0:

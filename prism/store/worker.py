@@ -10,8 +10,11 @@ call changes nothing):
   so every request already read from the sockets joins the batch first, and they all share
   one fdatasync + one LMDB fsync (group commit);
 * a call that may be answered first (an UNSTABLE write) returns at once; its batch commits
-  within `max_delay` seconds at the latest, which also bounds how long another process (an
-  operator command) waits for LMDB's writer lock;
+  within `max_delay` seconds, or as soon as `max_unsynced` bytes of new content wait for
+  their fdatasync, whichever comes first. That bounds the data a crash can take back (the
+  client resends it: the write verifier changes) and how long another process (an operator
+  command) waits for LMDB's writer lock, while a stream of UNSTABLE writes pays for its
+  fsyncs in large, rare steps as a local file would;
 * read-only calls run in their own read transaction when no batch is open, or inside the
   open batch (so they see the batch's writes).
 """
@@ -30,9 +33,12 @@ log = logging.getLogger("prism.store")
 
 
 class StoreExecutor:
-    def __init__(self, store: Store, *, max_delay: float = 0.02) -> None:
+    def __init__(
+        self, store: Store, *, max_delay: float = 0.25, max_unsynced: int = 64 << 20
+    ) -> None:
         self.store = store
         self.max_delay = max_delay
+        self.max_unsynced = max_unsynced
         self._waiters: list[asyncio.Future[None]] = []
         self._commit_soon: asyncio.Handle | None = None
         self._deadline: asyncio.TimerHandle | None = None
@@ -50,13 +56,17 @@ class StoreExecutor:
             loop = asyncio.get_running_loop()
             self._deadline = loop.call_later(self.max_delay, self._commit)
         result = fn(store)
-        if durable and store.in_batch:
+        if not store.in_batch:
+            return result
+        if durable:
             loop = asyncio.get_running_loop()
             waiter: asyncio.Future[None] = loop.create_future()
             self._waiters.append(waiter)
             if self._commit_soon is None:
                 self._commit_soon = loop.call_soon(self._commit)
             await waiter
+        elif store.segments.unsynced_bytes >= self.max_unsynced and self._commit_soon is None:
+            self._commit_soon = asyncio.get_running_loop().call_soon(self._commit)
         return result
 
     def _commit(self) -> None:
