@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prism.store import CloneSource, Store  # noqa: E402
-from prism.store.types import ObjectId  # noqa: E402
+from prism.store import CloneSource, Store
+from prism.store.types import ObjectId
 
 MiB = 1 << 20
 
@@ -129,7 +129,7 @@ def bench_cow(root: Path, size: int) -> dict:
         store.begin_batch()
         block = os.urandom(MiB)
         for off in range(0, size, MiB):
-            store.write(f.oid, off, block[: 16] + off.to_bytes(8, "big") + block[24:])
+            store.write(f.oid, off, block[:16] + off.to_bytes(8, "big") + block[24:])
         store.commit()
         clone = store.clone("vm", [CloneSource("base")])
         target = store.resolve(clone.id, "/disk.img").oid
@@ -138,9 +138,10 @@ def bench_cow(root: Path, size: int) -> dict:
         store.write(target, size // 2 + 12345, os.urandom(4096))
         elapsed = time.perf_counter() - t0
         added = store.stats().stored_bytes - before
-        same = store.read(f.oid, size // 2 + 12345, 4096)[0] != store.read(
-            target, size // 2 + 12345, 4096
-        )[0]
+        same = (
+            store.read(f.oid, size // 2 + 12345, 4096)[0]
+            != store.read(target, size // 2 + 12345, 4096)[0]
+        )
     shutil.rmtree(path)
     row = {
         "file_bytes": size,

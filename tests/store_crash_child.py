@@ -229,9 +229,8 @@ def main() -> None:
             for name, files_ in new_contents.items()
         }
         say("BEGIN", new_state)
-        say("DONE", new_state)
-        import time; time.sleep(0.002)
         action()
+        say("DONE", new_state)
         state, contents = new_state, new_contents
 
 

@@ -216,6 +216,27 @@ PathEntry = tuple[int, int, dict[int, int] | None]
 """(layer, volume as numbered in that layer, volume translation into the viewer's numbering)"""
 
 
+class _ReadTxn:
+    """Context manager for reads; a plain class because it runs on every call."""
+
+    __slots__ = ("_batch", "_env", "_txn")
+
+    def __init__(self, env: lmdb.Environment, batch: lmdb.Transaction | None) -> None:
+        self._env = env
+        self._batch = batch
+        self._txn: lmdb.Transaction | None = None
+
+    def __enter__(self) -> lmdb.Transaction:
+        if self._batch is not None:
+            return self._batch
+        self._txn = self._env.begin(buffers=False)
+        return self._txn
+
+    def __exit__(self, *exc: object) -> None:
+        if self._txn is not None:
+            self._txn.abort()
+
+
 class Store:
     """Namespaces of POSIX trees over deduplicated chunks. See the module docstring."""
 
@@ -337,16 +358,9 @@ class Store:
             raise
         self.segments.roll_if_full()
 
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[lmdb.Transaction]:
-        if self._batch is not None:
-            yield self._batch
-            return
-        txn = self._env.begin(buffers=False)
-        try:
-            yield txn
-        finally:
-            txn.abort()
+    def _read(self) -> _ReadTxn:
+        """A read transaction (the open batch, when there is one, so reads see its writes)."""
+        return _ReadTxn(self._env, self._batch)
 
     # -- counters ----------------------------------------------------------------------
 
