@@ -5,15 +5,16 @@ Usage: python tests/store_crash_child.py DATA_DIR SEED LOG  (or DATA_DIR setup)
 It rebuilds the expected state from the store (which the parent has just verified), prints
 `READY`, then loops: for each operation it appends `BEGIN <state>` to LOG (the whole expected
 state if the operation takes effect), runs the operation (one autocommitted call or one
-committed batch: atomic and durable when it returns), then appends `DONE <state>`. The parent kills it
-with SIGKILL at a random moment and checks that the store holds the last DONE state, or the
-BEGIN state of the operation that was in flight.
+committed batch: atomic and durable when it returns), then appends `DONE <state>`. The parent
+kills it with SIGKILL at a random moment and checks that the store holds the last DONE state,
+or the BEGIN state of the operation that was in flight.
 
 A state is {namespace: {path: [size, sha256]}} over the VMs and snapshots this test owns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -90,10 +91,8 @@ def main() -> None:
     data_dir, seed, log_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     rng = random.Random(seed)
     gc = None
-    try:
+    with contextlib.suppress(ImportError):  # the checker may not exist yet
         from prism.store.check import gc
-    except ImportError:
-        pass
     store = Store.open(Path(data_dir))
     state, contents = read_state(store)
     snaps = sorted(n for n in state if n.startswith(VM + "@"))

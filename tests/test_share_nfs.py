@@ -303,11 +303,6 @@ def test_rw_share_into_an_empty_directory(server: PrismServe, mounts: Mounts) ->
     assert prism_json(data, "fsck")["clean"] is True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store bug: share volumes are reused after unshare, so an old handle (ns, vol, ino) "
-    "into the removed share names the new share's object",
-)
 def test_old_handles_stay_stale_when_the_share_slot_is_reused(
     server: PrismServe, mounts: Mounts
 ) -> None:
@@ -332,7 +327,7 @@ def test_old_handles_stay_stale_when_the_share_slot_is_reused(
     prism(data, "share", "rb:/dir", "rdst:/two")
     new = d.walk(droot, "two/file")
     assert d.read_all(new) == b"from rb\n"
-    assert attrs(d, new).fileid == old_id  # the same slot, the same inode number
+    assert attrs(d, new).fileid != old_id  # a fresh slot: the old identity stays dead
     assert d.getattr(old).status == NfsStat3.NFS3ERR_STALE
     assert d.read(old, 0, 100).status == NfsStat3.NFS3ERR_STALE
 

@@ -23,7 +23,7 @@ import pytest
 from prism.store import Store
 
 sys.path.insert(0, str(Path(__file__).parent))
-import store_crash_child as child  # noqa: E402
+import store_crash_child as child
 
 try:
     from prism.store import check

@@ -131,10 +131,12 @@ NLINK_MAX = 65000
 MAX_VOLUMES = 0x8000
 """Volumes 1..0x7fff hold composed-in subtrees; 0x8000 and up are reserved for shares."""
 SHARE_VOL_BASE = 0x8000
-SHARE_VOL_SPAN = 0x400
+SHARE_VOL_SPAN = 0x40
 """A share of another VM's subtree appears as volumes base..base+SPAN-1: the source's
 volume v is seen as base + v (so fileids stay unique inside the namespace)."""
-MAX_SHARES = (0x10000 - SHARE_VOL_BASE) // SHARE_VOL_SPAN
+SHARE_SLOTS = (0x10000 - SHARE_VOL_BASE) // SHARE_VOL_SPAN
+"""Slots are handed out round-robin and never straight back: a handle into a removed share
+stays stale until SHARE_SLOTS more shares have been made in that VM."""
 VM_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 SNAP_NAME = VM_NAME
 ZEROS = bytes(CHUNK_SIZE)
@@ -596,7 +598,9 @@ class Store:
         if dvol >= SHARE_VOL_BASE:
             target, local, base = self._routed(t, view, dvol)
             found = self._entry(t, target, local, dino, name)
-            return None if found is None else (found[0] + base, found[1], found[2])
+            if found is None or found[0] >= SHARE_VOL_SPAN:
+                return None  # (volumes added to the source later are not shared)
+            return found[0] + base, found[1], found[2]
         for layer, v, xl in self._path(t, view.top, dvol):
             raw = t.get(R.dirent_key(layer, v, dino, name), db=self._dirents)
             if raw is not None:
@@ -656,7 +660,8 @@ class Store:
         if dvol >= SHARE_VOL_BASE:
             target, local, base = self._routed(t, view, dvol)
             for cookie, name, vol, ino, ftype in self._list_raw(t, target, local, dino, after):
-                yield cookie, name, vol + base, ino, ftype
+                if vol < SHARE_VOL_SPAN:
+                    yield cookie, name, vol + base, ino, ftype
             return
         path = self._path(t, view.top, dvol)
         if len(path) == 1:  # one layer: no merge needed, whiteouts cannot occur
@@ -1412,12 +1417,21 @@ class Store:
                 raise InvalidArgument(f"{dst}:{dst_path} is inside a share")
             name = leaf.encode()
             check_name(name)
+            if self._layer(t, sview.top)["next_vol"] > SHARE_VOL_SPAN:
+                raise InvalidArgument(
+                    f"{src} is composed of more than {SHARE_VOL_SPAN} volumes and cannot be "
+                    "shared; share a VM cloned from a subtree of it instead"
+                )
             shares = list(dview.record.get("shares", ()))
             used = {sh["base"] for sh in shares}
-            free = [SHARE_VOL_BASE + k * SHARE_VOL_SPAN for k in range(MAX_SHARES)]
-            base = next((b for b in free if b not in used), None)
-            if base is None:
-                raise InvalidArgument(f"{dst} already has {MAX_SHARES} shares")
+            first = dview.record.get("next_share_slot", 0)
+            slots = [(first + k) % SHARE_SLOTS for k in range(SHARE_SLOTS)]
+            slot = next(
+                (k for k in slots if SHARE_VOL_BASE + k * SHARE_VOL_SPAN not in used), None
+            )
+            if slot is None:
+                raise InvalidArgument(f"{dst} already has {SHARE_SLOTS} shares")
+            base = SHARE_VOL_BASE + slot * SHARE_VOL_SPAN
             existing = self._entry(t, dview, pvol, pino, name)
             if existing is not None:
                 enode = self._inode(t, dview, existing[0], existing[1])
@@ -1435,6 +1449,7 @@ class Store:
                 self._destroy(t, dview, existing[0], existing[1], enode)
                 pnode.nlink -= 1
             rec = dict(dview.record)
+            rec["next_share_slot"] = (slot + 1) % SHARE_SLOTS
             rec["shares"] = [
                 *shares,
                 {
@@ -1540,7 +1555,7 @@ class Store:
                 return self._attr(parent, self._obj(t, parent)[2])
             check_name(name)
             entry = self._entry(t, view, d.vol, d.ino, name)
-            if entry is None or (out.base and entry[0] >= SHARE_VOL_BASE):
+            if entry is None or (out.base and entry[0] >= SHARE_VOL_SPAN):
                 raise NotFound(f"{name!r} does not exist")
             node = self._inode(t, view, entry[0], entry[1])
             if node is None:
@@ -2038,8 +2053,8 @@ class Store:
             after = cookie if cookie >= R.FIRST_COOKIE else 0
             out: list[DirEntry] = []
             for entry in self._list(t, view, d.vol, d.ino, after, dout):
-                if dout.base and entry.oid.vol >= SHARE_VOL_BASE + dout.base:
-                    continue  # shares inside a share are not followed
+                if dout.base and entry.oid.vol >= SHARE_VOL_SPAN + dout.base:
+                    continue  # only the source's first SHARE_VOL_SPAN volumes are shared
                 if len(out) >= limit:
                     return out, False
                 out.append(entry)
@@ -2065,8 +2080,8 @@ class Store:
             out: list[tuple[int, bytes, int, int, Inode | None]] = []
             base = dout.base
             for c, name, vol, ino, _ in self._list_raw(t, view, d.vol, d.ino, after):
-                if base and vol >= SHARE_VOL_BASE:
-                    continue  # shares inside a share are not followed
+                if base and vol >= SHARE_VOL_SPAN:
+                    continue  # only the source's first SHARE_VOL_SPAN volumes are shared
                 if len(out) >= limit:
                     return out, False
                 node = self._inode(t, view, vol, ino) if attrs else None
