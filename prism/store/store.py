@@ -1426,9 +1426,7 @@ class Store:
             used = {sh["base"] for sh in shares}
             first = dview.record.get("next_share_slot", 0)
             slots = [(first + k) % SHARE_SLOTS for k in range(SHARE_SLOTS)]
-            slot = next(
-                (k for k in slots if SHARE_VOL_BASE + k * SHARE_VOL_SPAN not in used), None
-            )
+            slot = next((k for k in slots if SHARE_VOL_BASE + k * SHARE_VOL_SPAN not in used), None)
             if slot is None:
                 raise InvalidArgument(f"{dst} already has {SHARE_SLOTS} shares")
             base = SHARE_VOL_BASE + slot * SHARE_VOL_SPAN
