@@ -36,7 +36,7 @@ from rpc.portmap import (
     rpcbind_answers,
 )
 from rpc.server import RpcDispatcher
-from rpc.transport import bound_port, serve_tcp, serve_udp
+from rpc.transport import UdpServer, bound_port, serve_tcp, serve_udp
 
 log = logging.getLogger("prism.server")
 
@@ -66,7 +66,7 @@ class PrismServer:
         self.dispatcher = RpcDispatcher()
         self.dispatcher.add_program(self.service.program())
         self.dispatcher.add_program(self.service.mount_program())
-        self._servers: list[asyncio.AbstractServer | object] = []
+        self._servers: list[asyncio.AbstractServer | UdpServer] = []
         self._registered_with_rpcbind = False
         self.nfs_port = self.mount_port = 0
         self.portmap_port: int | None = None
@@ -155,10 +155,10 @@ class PrismServer:
 
     async def stop(self) -> None:
         for server in self._servers:
-            server.close()  # type: ignore[attr-defined]
+            server.close()
         for server in self._servers:
             with contextlib.suppress(Exception):
-                await server.wait_closed()  # type: ignore[attr-defined]
+                await server.wait_closed()
         if self._registered_with_rpcbind:
             for prog, vers in PROGRAMS:
                 with contextlib.suppress(Exception):

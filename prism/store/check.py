@@ -224,8 +224,8 @@ def _fsck(
         t.put(R.dirent_key(view.top, vol, ino, name), R.WHITEOUT, db=store._dirents)
     if dangling:
         report.repaired.append(f"removed {len(dangling)} entries pointing at missing objects")
-    for counter, value in ((b"stored_bytes", stored_bytes), (b"chunk_count", chunk_count)):
-        t.put(counter, R.U64.pack(value), db=store._meta)
+    for counter, count in ((b"stored_bytes", stored_bytes), (b"chunk_count", chunk_count)):
+        t.put(counter, R.U64.pack(count), db=store._meta)
 
 
 def gc(store: Store, *, progress: Progress | None = None) -> GcReport:
@@ -319,7 +319,7 @@ def _gc(
             data = store.segments.read(seg_id, offset, length)
             new_seg, new_off = store.segments.append(data)
             moved[(seg_id, offset)] = (new_seg, new_off)
-            segment, _, _, refs = R.CHUNK_VAL.unpack(t.get(key, db=store._chunks))
+            refs = R.CHUNK_VAL.unpack(t.get(key, db=store._chunks) or bytes(28))[3]
             t.put(key, R.CHUNK_VAL.pack(new_seg, new_off, length, refs), db=store._chunks)
             seg_key = R.U64.pack(new_seg)
             raw = t.get(seg_key, db=store._segdb)

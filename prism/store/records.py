@@ -118,7 +118,25 @@ class Inode:
         )
 
     @classmethod
-    def unpack(cls, data: bytes) -> Inode:
-        fields = _INODE.unpack_from(data)
-        ftype = FILE_TYPES[fields[0]] if 0 < fields[0] < len(FILE_TYPES) else FileType(fields[0])
-        return cls(ftype, *fields[1:], target=bytes(data[_INODE.size :]))
+    def unpack(cls, data: bytes | memoryview) -> Inode:
+        kind, mode, nlink, uid, gid, size, major, minor, at, mt, ct, pvol, pino, verifier = (
+            _INODE.unpack_from(data)
+        )
+        ftype = FILE_TYPES[kind] if 0 < kind < len(FILE_TYPES) else FileType(kind)
+        return cls(
+            ftype,
+            mode,
+            nlink,
+            uid,
+            gid,
+            size,
+            major,
+            minor,
+            at,
+            mt,
+            ct,
+            pvol,
+            pino,
+            verifier,
+            bytes(data[_INODE.size :]),
+        )

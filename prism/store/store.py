@@ -209,7 +209,7 @@ class _Out:
         return ObjectId(self.ns, vol + self.base, ino)
 
 
-def _chunk_ref(raw: bytes) -> _ChunkRef:
+def _chunk_ref(raw: bytes | memoryview) -> _ChunkRef:
     digest, seq, length, segment, offset = R.CMAP_VAL.unpack(raw)
     return _ChunkRef(R.CHUNK_KEY.pack(digest, seq), length, segment, offset)
 
@@ -262,12 +262,13 @@ class Store:
         self._ns_cache: dict[bytes, dict[str, Any]] = {}
         self.boot_id = secrets.randbits(63) | 1
         with self._write() as t:
-            if t.get(b"format", db=self._meta) is None:
+            version = t.get(b"format", db=self._meta)
+            if version is None:
                 t.put(b"format", R.U32.pack(FORMAT_VERSION), db=self._meta)
                 t.put(b"secret", secrets.token_bytes(32), db=self._meta)
-            elif R.U32.unpack(t.get(b"format", db=self._meta))[0] != FORMAT_VERSION:
+            elif R.U32.unpack(version)[0] != FORMAT_VERSION:
                 raise Corrupt(f"{root} holds a store of an unknown format version")
-            self.secret: bytes = bytes(t.get(b"secret", db=self._meta))
+            self.secret: bytes = bytes(t.get(b"secret", db=self._meta) or b"")
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, create: bool = True) -> Store:
