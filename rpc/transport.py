@@ -81,6 +81,8 @@ async def _finish(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
             if yielded is None:
                 await asyncio.sleep(0)
             else:
+                # As Task.__step does: take over the future the coroutine is blocked on.
+                yielded._asyncio_future_blocking = False
                 with contextlib.suppress(Exception):
                     await yielded  # only waits: the coroutine's own await reads the outcome
             try:

@@ -452,11 +452,13 @@ class StoreMachine(RuleBasedStateMachine):
         if not ok:
             assert self.store.list_namespaces() == before, "a failed clone changed namespaces"
             return
-        if dest == "/":
-            for entry, child in stree.nodes[snid].entries.items():
+        if dest == "/":  # the source directory's entries, copied together, join the root
+            for entry in stree.nodes[snid].entries:
                 if entry in ttree.nodes[1].entries:
                     ttree.unlink(1, entry)
-                ttree.nodes[1].entries[entry] = ttree.graft(stree, child)
+            copied = ttree.graft(stree, snid)
+            ttree.nodes[1].entries.update(ttree.nodes[copied].entries)
+            ttree.gc()
         else:
             pid = ttree.lookup(parent)
             if name in ttree.nodes[pid].entries:
