@@ -1234,6 +1234,31 @@ class Entry3:
         return 4 + 8 + 4 + _padded(len(self.name)) + 8
 
 
+def _pack_listing(p: Packer, res: Any) -> None:
+    """READDIR3res and READDIRPLUS3res share one shape; only the entry type differs."""
+    p.pack_enum(res.status)
+    pack_post_op_attr(p, res.dir_attributes)
+    if res.status == _OK:
+        p.pack_fopaque(NFS3_COOKIEVERFSIZE, res.cookieverf)
+        for entry in res.entries:
+            p.pack_bool(True)
+            entry.pack(p)
+        p.pack_bool(False)
+        p.pack_bool(res.eof)
+
+
+def _unpack_listing(u: Unpacker, unpack_entry: Any) -> tuple[Any, ...]:
+    status = _unpack_status(u)
+    attrs = unpack_post_op_attr(u)
+    if status != _OK:
+        return (status, attrs)
+    verf = u.unpack_fopaque(NFS3_COOKIEVERFSIZE)
+    entries = []
+    while u.unpack_bool():
+        entries.append(unpack_entry(u))
+    return (status, attrs, verf, tuple(entries), u.unpack_bool())
+
+
 READDIR_RESOK_MAX_FIXED = 4 + POST_OP_ATTR_MAX_SIZE + NFS3_COOKIEVERFSIZE + 4 + 4
 """Bytes of a READDIR/READDIRPLUS OK reply besides its entries (with dir attributes):
 status, post_op_attr, cookieverf, the final value-follows FALSE and eof."""
@@ -1250,27 +1275,11 @@ class ReaddirRes(_Result):
     eof: bool = False
 
     def pack(self, p: Packer) -> None:
-        p.pack_enum(self.status)
-        pack_post_op_attr(p, self.dir_attributes)
-        if self.status == _OK:
-            p.pack_fopaque(NFS3_COOKIEVERFSIZE, self.cookieverf)
-            for entry in self.entries:
-                p.pack_bool(True)
-                entry.pack(p)
-            p.pack_bool(False)
-            p.pack_bool(self.eof)
+        _pack_listing(p, self)
 
     @classmethod
     def unpack(cls, u: Unpacker) -> ReaddirRes:
-        status = _unpack_status(u)
-        attrs = unpack_post_op_attr(u)
-        if status != _OK:
-            return cls(status, attrs)
-        verf = u.unpack_fopaque(NFS3_COOKIEVERFSIZE)
-        entries = []
-        while u.unpack_bool():
-            entries.append(Entry3.unpack(u))
-        return cls(status, attrs, verf, tuple(entries), u.unpack_bool())
+        return cls(*_unpack_listing(u, Entry3.unpack))
 
 
 # --- 17 READDIRPLUS -------------------------------------------------------------------------
@@ -1351,27 +1360,11 @@ class ReaddirplusRes(_Result):
     eof: bool = False
 
     def pack(self, p: Packer) -> None:
-        p.pack_enum(self.status)
-        pack_post_op_attr(p, self.dir_attributes)
-        if self.status == _OK:
-            p.pack_fopaque(NFS3_COOKIEVERFSIZE, self.cookieverf)
-            for entry in self.entries:
-                p.pack_bool(True)
-                entry.pack(p)
-            p.pack_bool(False)
-            p.pack_bool(self.eof)
+        _pack_listing(p, self)
 
     @classmethod
     def unpack(cls, u: Unpacker) -> ReaddirplusRes:
-        status = _unpack_status(u)
-        attrs = unpack_post_op_attr(u)
-        if status != _OK:
-            return cls(status, attrs)
-        verf = u.unpack_fopaque(NFS3_COOKIEVERFSIZE)
-        entries = []
-        while u.unpack_bool():
-            entries.append(EntryPlus3.unpack(u))
-        return cls(status, attrs, verf, tuple(entries), u.unpack_bool())
+        return cls(*_unpack_listing(u, EntryPlus3.unpack))
 
 
 # --- 18 FSSTAT ------------------------------------------------------------------------------

@@ -1880,21 +1880,29 @@ class Store:
                 raise InvalidArgument("not a symbolic link")
             return node.target
 
+    def _named(
+        self, t: lmdb.Transaction, view: _View, d: ObjectId, name: bytes, share_hint: str
+    ) -> tuple[int, int, FileType, Inode]:
+        """The object an entry of directory `d` names, for removing or renaming it; a share's
+        mount point is refused with `share_hint`."""
+        entry = self._entry(t, view, d.vol, d.ino, name)
+        if entry is None:
+            raise NotFound(f"{name!r} does not exist")
+        vol, ino, ftype = entry
+        if vol >= SHARE_VOL_BASE:
+            raise NotPermitted(f"{name!r} is a share; {share_hint}")
+        node = self._inode(t, view, vol, ino)
+        if node is None:
+            raise NotFound(f"{name!r} does not exist")
+        return vol, ino, ftype, node
+
     def _unlink(self, dir: ObjectId, name: bytes, cred: Cred | None, *, want_dir: bool) -> None:
         if name in (b".", b".."):
             raise (InvalidArgument if name == b"." else NotEmpty)(f"cannot remove {name!r}")
         check_name(name)
         with self._write() as t:
             view, d, dnode, _ = self._dir_for_change(t, dir, cred)
-            entry = self._entry(t, view, d.vol, d.ino, name)
-            if entry is None:
-                raise NotFound(f"{name!r} does not exist")
-            vol, ino, _ = entry
-            if vol >= SHARE_VOL_BASE:
-                raise NotPermitted(f"{name!r} is a share; remove it with `prism unshare`")
-            node = self._inode(t, view, vol, ino)
-            if node is None:
-                raise NotFound(f"{name!r} does not exist")
+            vol, ino, _, node = self._named(t, view, d, name, "remove it with `prism unshare`")
             if want_dir and node.type != FileType.DIR:
                 raise NotADirectory(f"{name!r} is not a directory")
             if not want_dir and node.type == FileType.DIR:
@@ -1943,15 +1951,7 @@ class Store:
             dview, dd, ddnode, dout = self._dir_for_change(t, dst_dir, cred)
             if (view.id, sout.base) != (dview.id, dout.base):
                 raise CrossDevice("cannot rename into or out of a share")
-            entry = self._entry(t, view, sd.vol, sd.ino, src_name)
-            if entry is None:
-                raise NotFound(f"{src_name!r} does not exist")
-            svol, sino, stype = entry
-            if svol >= SHARE_VOL_BASE:
-                raise NotPermitted(f"{src_name!r} is a share; it cannot be renamed")
-            snode = self._inode(t, view, svol, sino)
-            if snode is None:
-                raise NotFound(f"{src_name!r} does not exist")
+            svol, sino, stype, snode = self._named(t, view, sd, src_name, "it cannot be renamed")
             if not self._sticky_ok(sdnode, snode, cred):
                 raise PermissionDenied("sticky directory: only the owner may rename this")
             same_dir = sd == dd
