@@ -173,7 +173,26 @@ def _connect(
 
 
 class _Base:
+    """Connects to `PROGRAM`/`VERSION`; `rpc` injects any `RpcCaller` (no network then)."""
+
+    PROGRAM: int
+    VERSION: int
     _rpc: RpcCaller
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        transport: str = "tcp",
+        cred: Any = None,
+        source: Any = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        rpc: RpcCaller | None = None,
+    ) -> None:
+        if rpc is None:
+            rpc = _connect(host, port, self.PROGRAM, self.VERSION, transport, cred, source, timeout)
+        self._rpc = rpc
 
     def close(self) -> None:
         close = getattr(self._rpc, "close", None)
@@ -190,20 +209,7 @@ class _Base:
 class MountClient(_Base):
     """MOUNTv3 client. `rpc` injects any `RpcCaller` (no network is opened then)."""
 
-    def __init__(
-        self,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        transport: str = "tcp",
-        cred: Any = None,
-        source: Any = None,
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        rpc: RpcCaller | None = None,
-    ) -> None:
-        if rpc is None:
-            rpc = _connect(host, port, MOUNT_PROGRAM, MOUNT_V3, transport, cred, source, timeout)
-        self._rpc = rpc
+    PROGRAM, VERSION = MOUNT_PROGRAM, MOUNT_V3
 
     def _call(self, proc: Mount3Proc, args: Any) -> Any:
         return decode_mount_result(proc, self._rpc.call(proc, encode_mount_args(proc, args)))
@@ -243,20 +249,7 @@ class MountClient(_Base):
 class NfsClient(_Base):
     """NFSv3 client: one method per procedure, each returning the typed result."""
 
-    def __init__(
-        self,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        transport: str = "tcp",
-        cred: Any = None,
-        source: Any = None,
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        rpc: RpcCaller | None = None,
-    ) -> None:
-        if rpc is None:
-            rpc = _connect(host, port, NFS_PROGRAM, NFS_V3, transport, cred, source, timeout)
-        self._rpc = rpc
+    PROGRAM, VERSION = NFS_PROGRAM, NFS_V3
 
     def call(self, proc: Nfs3Proc, args: Any) -> Any:
         """Send any procedure's argument dataclass; returns its result dataclass."""
