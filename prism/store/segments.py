@@ -16,16 +16,41 @@ segment appears) is called before the metadata that references new bytes commits
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 from prism.errors import Corrupt, NoSpace
 
 SEGMENT_TARGET_SIZE = 64 * 1024 * 1024
 """A writer starts a new segment after a commit once its active one is this large."""
+WRITEBACK_STEP = 8 * 1024 * 1024
+"""After this many appended bytes, ask the kernel to start writing them out (without
+waiting), so that the fdatasync before the next commit finds little left to do."""
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+
+    def start_writeback(fd: int, offset: int, length: int) -> None:
+        fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # a hint: failures change nothing
+
+    return start_writeback
+
+
+_start_writeback = _load_sync_file_range()
 
 
 def segment_name(seg_id: int) -> str:
@@ -54,6 +79,7 @@ class SegmentFiles:
         self._dirty = False
         self._new_file = False
         self.unsynced_bytes = 0
+        self._written_back = 0  # offset up to which writeback was started
 
     # -- writing -----------------------------------------------------------------------
 
@@ -78,6 +104,9 @@ class SegmentFiles:
         self._active_size += len(data)
         self._dirty = True
         self.unsynced_bytes += len(data)
+        if _start_writeback and self._active_size - self._written_back >= WRITEBACK_STEP:
+            _start_writeback(self._active_fd, self._written_back, 0)
+            self._written_back = self._active_size
         return self._active_id, offset
 
     def _open_new(self) -> None:
@@ -91,6 +120,7 @@ class SegmentFiles:
             break
         fcntl.flock(fd, fcntl.LOCK_EX)
         self._active_id, self._active_fd, self._active_size = seg_id, fd, 0
+        self._written_back = 0
         self._new_file = True
 
     def sync(self) -> None:

@@ -874,7 +874,7 @@ class Store:
         key = R.cmap_key(top, vol, ino, index)
         old = t.get(key, db=self._cmap)
         old_key = _chunk_ref(old).key if old else None
-        if content.count(0) == len(content):
+        if _all_zero(content):
             if self._lower_has(
                 t, path, self._cmap, lambda layer, v: R.cmap_key(layer, v, ino, index)
             ):
@@ -2086,6 +2086,11 @@ class Store:
                 node = self._inode(t, view, vol, ino) if attrs else None
                 out.append((c, name, vol + base, ino, node))
             return out, True
+
+
+def _all_zero(data: bytes) -> bool:
+    """Whether a chunk is all zeros (stored as a hole); memcmp stops at the first byte set."""
+    return data == (ZEROS if len(data) == CHUNK_SIZE else bytes(len(data)))
 
 
 def _ftype(value: int) -> FileType:
