@@ -33,25 +33,29 @@ class HandleCodec:
 
     def __init__(self, secret: bytes) -> None:
         self._key = secret
-        self._encoded: dict[ObjectId, bytes] = {}
+        self._encoded: dict[tuple[int, int, int], bytes] = {}
         self._decoded: dict[bytes, ObjectId] = {}
 
     def _mac(self, body: bytes) -> bytes:
         return hmac.new(self._key, body, hashlib.sha256).digest()[:MAC_SIZE]
 
     def encode(self, oid: ObjectId) -> bytes:
-        handle = self._encoded.get(oid)
+        return self.encode_ids(oid.ns, oid.vol, oid.ino)
+
+    def encode_ids(self, ns: int, vol: int, ino: int) -> bytes:
+        """`encode` without building an ObjectId (READDIRPLUS makes one handle per entry)."""
+        handle = self._encoded.get((ns, vol, ino))
         if handle is None:
-            body = _BODY.pack(HANDLE_VERSION, oid.ns, oid.vol, oid.ino)
+            body = _BODY.pack(HANDLE_VERSION, ns, vol, ino)
             handle = body + self._mac(body)
-            self._remember(oid, handle)
+            self._remember(ObjectId(ns, vol, ino), handle)
         return handle
 
     def _remember(self, oid: ObjectId, handle: bytes) -> None:
         if len(self._encoded) >= CACHE_SIZE:
             self._encoded.clear()
             self._decoded.clear()
-        self._encoded[oid] = handle
+        self._encoded[(oid.ns, oid.vol, oid.ino)] = handle
         self._decoded[handle] = oid
 
     def decode(self, handle: bytes) -> ObjectId:

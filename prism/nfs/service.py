@@ -452,7 +452,7 @@ class NfsService:
         after = cookie
         guess = ENTRY_PLUS_GUESS if plus else ENTRY_GUESS
         ns = dir_oid.ns
-        encode_handle = self.handles.encode
+        encode_handle = self.handles.encode_ids
         while True:
             # What is left of the page holds about this many entries: fetch just those.
             limit = max(8, min(1024, (budget - used) // guess + 8))
@@ -467,7 +467,7 @@ class NfsService:
                         name,
                         c,
                         T.PackedFattr3.of_inode(node, ns, fileid),
-                        encode_handle(ObjectId(ns, vol, ino)),
+                        encode_handle(ns, vol, ino),
                     )
                 else:
                     item = T.EncodedEntry.entry3(fileid, name, c)
