@@ -244,7 +244,7 @@ def gc(store: Store, *, progress: Progress | None = None) -> GcReport:
             os.close(fd)
         raise
     t.commit()
-    store._paths.clear()
+    store.forget_layers()
     # Only now, with the moves committed, may the old segment files go.
     for seg_id in doomed_segments:
         store.segments.remove(seg_id)
@@ -400,7 +400,7 @@ def _merge_one(store: Store, t: lmdb.Transaction, layers: dict[int, dict]) -> bo
         layers[parent] = merged
         t.delete(R.U64.pack(child), db=store._layers)
         layers.pop(child)
-        store._paths.clear()
+        store.forget_layers()
         return True
     return False
 

@@ -260,6 +260,8 @@ class Store:
         self._batch: lmdb.Transaction | None = None
         self._paths: dict[tuple[int, int], tuple[PathEntry, ...]] = {}
         self._ns_cache: dict[bytes, dict[str, Any]] = {}
+        self._layer_cache: dict[bytes, dict[str, Any]] = {}
+        self._import_maps: dict[tuple[int, int], dict[int, int]] = {}
         self.boot_id = secrets.randbits(63) | 1
         with self._write() as t:
             version = t.get(b"format", db=self._meta)
@@ -337,8 +339,13 @@ class Store:
         its layer ids out again. Paths cached for the aborted layers would then be used for
         unrelated new layers (a clone made after a failed clone saw no root directory).
         """
-        self._paths.clear()
+        self.forget_layers()
         txn.abort()
+
+    def forget_layers(self) -> None:
+        """Drop what is cached by layer id (after an abort, or gc moving records)."""
+        self._paths.clear()
+        self._import_maps.clear()
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[lmdb.Transaction]:
@@ -426,6 +433,19 @@ class Store:
             raise Corrupt(f"layer {layer} is missing; run `prism fsck --repair`")
         return json.loads(bytes(raw))
 
+    def _layer_ro(self, t: lmdb.Transaction, layer: int) -> dict[str, Any]:
+        """A layer record for reading only, parsed once per distinct stored bytes."""
+        raw = t.get(R.U64.pack(layer), db=self._layers)
+        if raw is None:
+            raise Corrupt(f"layer {layer} is missing; run `prism fsck --repair`")
+        raw = bytes(raw)
+        rec = self._layer_cache.get(raw)
+        if rec is None:
+            if len(self._layer_cache) > 4096:
+                self._layer_cache.clear()
+            rec = self._layer_cache[raw] = json.loads(raw)
+        return rec
+
     def _put_layer(self, t: lmdb.Transaction, layer: int, rec: dict[str, Any]) -> None:
         t.put(R.U64.pack(layer), json.dumps(rec, sort_keys=True).encode(), db=self._layers)
 
@@ -470,16 +490,19 @@ class Store:
         cached = self._paths.get((top, vol))
         if cached is not None:
             return cached
-        top_rec = self._layer(t, top)
+        top_rec = self._layer_ro(t, top)
         out: list[PathEntry] = []
         layer = top
         while layer:
             out.append((layer, vol, None))
-            layer = top_rec["parent"] if layer == top else self._layer(t, layer)["parent"]
+            layer = top_rec["parent"] if layer == top else self._layer_ro(t, layer)["parent"]
         source = top_rec["vols"].get(str(vol))
         if source is not None:
             src_layer, src_vol, imp = source
-            mapping = {int(k): v for k, v in top_rec["imports"][str(imp)]["map"].items()}
+            mapping = self._import_maps.get((top, imp))
+            if mapping is None:  # an import's map never changes once made
+                raw_map = top_rec["imports"][str(imp)]["map"]
+                mapping = self._import_maps[(top, imp)] = {int(k): v for k, v in raw_map.items()}
             for layer2, vol2, xl2 in self._path(t, src_layer, src_vol):
                 composed = (
                     mapping if xl2 is None else {s: mapping.get(d, d) for s, d in xl2.items()}
@@ -1314,6 +1337,11 @@ class Store:
         pnode = self._inode(t, view, pvol, pino)
         assert pnode is not None
         old = self._entry(t, view, pvol, pino, name)
+        if old is not None and old[0] >= SHARE_VOL_BASE:
+            raise NotPermitted(
+                f"{name.decode(errors='replace')!r} in {view.name} is a share; "
+                "remove it with `prism unshare` first"
+            )
         if old is not None and (old[0], old[1]) == target[:2]:
             return  # already bound to this very object (the same source grafted again)
         if old is not None:
