@@ -318,11 +318,15 @@ class Store:
         if self._batch is None:
             return
         batch, self._batch = self._batch, None
+        self._durable_commit(batch)
+
+    def _durable_commit(self, txn: lmdb.Transaction) -> None:
+        """Content first (fdatasync the segment), then the metadata that names it."""
         try:
             self.segments.sync()
-            batch.commit()
+            txn.commit()
         except BaseException:
-            self._aborted(batch)
+            self._aborted(txn)
             raise
         self.segments.roll_if_full()
 
@@ -361,12 +365,10 @@ class Store:
         txn = self._env.begin(write=True)
         try:
             yield txn
-            self.segments.sync()
-            txn.commit()
         except BaseException:
             self._aborted(txn)
             raise
-        self.segments.roll_if_full()
+        self._durable_commit(txn)
 
     def _read(self) -> _ReadTxn:
         """A read transaction (the open batch, when there is one, so reads see its writes)."""
