@@ -221,15 +221,19 @@ def ensure_demo(data: Path) -> None:
         print("prism: created demo VM 'demo' (export /demo, loopback clients)", flush=True)
 
 
-def cmd_vm_create(args: argparse.Namespace, store: Store) -> int:
-    info = store.create_namespace(args.name, clients=args.client or [], quota=args.quota)
+def _emit_vm(args: argparse.Namespace, store: Store, info: NamespaceInfo, lead: str) -> None:
+    """A VM's settings after a change: JSON, or one line starting with `lead`."""
     _emit(
         args,
         _vm_json(info, store.usage(info.name)),
-        f"created VM {info.name}: export /{info.name}, clients "
-        f"{', '.join(info.clients) or 'loopback only'}, quota "
+        f"{lead} clients {', '.join(info.clients) or 'loopback only'}, quota "
         f"{human(info.quota) if info.quota is not None else 'none'}",
     )
+
+
+def cmd_vm_create(args: argparse.Namespace, store: Store) -> int:
+    info = store.create_namespace(args.name, clients=args.client or [], quota=args.quota)
+    _emit_vm(args, store, info, f"created VM {info.name}: export /{info.name},")
     return 0
 
 
@@ -319,13 +323,7 @@ def cmd_vm_set(args: argparse.Namespace, store: Store) -> int:
     if not kwargs:
         raise UsageError("nothing to change: give --client CIDR and/or --quota SIZE")
     info = store.set_namespace(args.name, **kwargs)
-    _emit(
-        args,
-        _vm_json(info, store.usage(info.name)),
-        f"updated VM {info.name}: clients "
-        f"{', '.join(info.clients) or 'loopback only'}, quota "
-        f"{human(info.quota) if info.quota is not None else 'none'}",
-    )
+    _emit_vm(args, store, info, f"updated VM {info.name}:")
     return 0
 
 
