@@ -95,7 +95,7 @@ async def serve_metrics(spec: str, server: PrismServer) -> tuple[asyncio.Abstrac
             if len(parts) < 2 or parts[0] != "GET" or parts[1].split("?")[0] != "/metrics":
                 body, status = b"only GET /metrics is served\n", "404 Not Found"
             else:
-                lines = await server.worker.call(collect_store) + collect_rpc(server)
+                lines = await server.executor.call(collect_store) + collect_rpc(server)
                 body, status = ("\n".join(lines) + "\n").encode(), "200 OK"
             writer.write(
                 f"HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n"

@@ -24,7 +24,7 @@ from prism.metrics import serve_metrics
 from prism.nfs.const import MOUNT_PROGRAM, MOUNT_V3, NFS_PROGRAM, NFS_V3
 from prism.nfs.service import NfsService
 from prism.store import Store
-from prism.store.worker import StoreExecutor
+from prism.store.executor import StoreExecutor
 from rpc.client import RpcError
 from rpc.portmap import (
     PMAP_PORT,
@@ -61,8 +61,8 @@ class PrismServer:
     def __init__(self, options: ServeOptions) -> None:
         self.options = options
         self.store = Store.open(options.data)
-        self.worker = StoreExecutor(self.store)
-        self.service = NfsService(self.worker)
+        self.executor = StoreExecutor(self.store)
+        self.service = NfsService(self.executor)
         self.dispatcher = RpcDispatcher()
         self.dispatcher.add_program(self.service.program())
         self.dispatcher.add_program(self.service.mount_program())
@@ -163,7 +163,7 @@ class PrismServer:
             for prog, vers in PROGRAMS:
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(self._rpcbind_call, pmap_unset, prog, vers)
-        self.worker.flush()
+        self.executor.flush()
         self.store.close()
 
     def ready_line(self) -> str:

@@ -1,17 +1,17 @@
 """The NFSv3 and MOUNTv3 programs: RPC procedure tables over the store.
 
-Theory of operation: `nfs_program()` and `mount_program()` return `rpc.server.Program`
+Theory of operation: `NfsService.program()` and `.mount_program()` return `rpc.server.Program`
 tables. Each row names the procedure, its handler and its flags: `idempotent` (False sends
 retransmissions through the duplicate request cache) and `modifies` (the call must be durable
 before its reply leaves, so the store executor commits the batch first; an UNSTABLE WRITE is
 the one modifying call that may be answered before the commit).
 
-A handler decodes its arguments (XdrError -> GARBAGE_ARGS), then runs one closure on the
-store's thread (`StoreWorker`) that resolves the handle, checks that the caller's address is
-bound to the handle's VM, gathers pre-operation attributes, performs the operation and builds
-the result. A `StoreError` becomes the procedure's failure result through the one
-errno -> nfsstat3 mapping (`prism.nfs.status`), carrying the wcc_data / post_op_attr that
-the procedure's failure arm allows.
+A handler decodes its arguments (XdrError -> GARBAGE_ARGS), then runs one closure through
+the store's executor (`prism.store.executor`, inline on the event loop) that resolves the
+handle, checks that the caller's address is bound to the handle's VM, gathers pre-operation
+attributes, performs the operation and builds the result. A `StoreError` becomes the
+procedure's failure result through the one errno -> nfsstat3 mapping (`prism.nfs.status`),
+carrying the wcc_data / post_op_attr that the procedure's failure arm allows.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from prism.nfs.const import (
 from prism.nfs.handles import BadHandle, HandleCodec
 from prism.nfs.status import mountstat_for, nfsstat_for
 from prism.store import Store
+from prism.store.executor import StoreExecutor
 from prism.store.types import INO_BITS, MAX_FILE_SIZE, Attr, Cred, FileType, ObjectId
-from prism.store.worker import StoreExecutor
 from rpc.message import AuthFlavor
 from rpc.server import (
     TRANSPORT_TCP,
@@ -119,11 +119,11 @@ def cred_of(ctx: CallContext) -> Cred:
 
 
 class NfsService:
-    """Shared state of the NFS and MOUNT programs: the store worker and handle codec."""
+    """Shared state of the NFS and MOUNT programs: the store executor and handle codec."""
 
-    def __init__(self, worker: StoreExecutor) -> None:
-        self.worker = worker
-        self.store: Store = worker.store
+    def __init__(self, executor: StoreExecutor) -> None:
+        self.executor = executor
+        self.store: Store = executor.store
         self.handles = HandleCodec(self.store.secret)
         self.verifier = self.store.boot_id.to_bytes(8, "big")
         self.mounts: set[tuple[str, bytes]] = set()
@@ -194,7 +194,7 @@ class NfsService:
                 except StoreError as exc:
                     return codec.res(nfsstat_for(exc))
 
-            result = await self.worker.call(run, writes=writes, durable=durable)
+            result = await self.executor.call(run, writes=writes, durable=durable)
             return T.encode_result(proc, result)
 
         return Procedure(int(proc), proc.name, handler, idempotent)
@@ -616,7 +616,7 @@ class NfsService:
                 (int(AuthFlavor.AUTH_SYS), int(AuthFlavor.AUTH_NONE)),
             )
 
-        return await self.worker.call(run)
+        return await self.executor.call(run)
 
     async def _mnt_dump(self, ctx: CallContext, args: Any) -> T.MountList:
         return T.MountList(tuple(T.MountBody(h.encode(), p) for h, p in sorted(self.mounts)))
@@ -630,7 +630,7 @@ class NfsService:
         return T.Void()
 
     async def _export(self, ctx: CallContext, args: Any) -> T.Exports:
-        infos = await self.worker.call(lambda s: s.list_namespaces())
+        infos = await self.executor.call(lambda s: s.list_namespaces())
         return T.Exports(
             tuple(
                 T.ExportNode(

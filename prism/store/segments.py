@@ -83,10 +83,6 @@ class SegmentFiles:
 
     # -- writing -----------------------------------------------------------------------
 
-    @property
-    def active_id(self) -> int | None:
-        return self._active_id
-
     def append(self, data: bytes) -> tuple[int, int]:
         """Append `data`; return (segment id, offset). Not durable until `sync()`."""
         if self._active_fd is None:
@@ -147,10 +143,6 @@ class SegmentFiles:
             os.close(self._active_fd)  # also drops the flock
         self._active_fd = self._active_id = None
         self._active_size = 0
-
-    def discard_unsynced(self) -> None:
-        """After an aborted batch: forget dirtiness (the bytes become debris for gc)."""
-        self._dirty = False
 
     # -- reading -----------------------------------------------------------------------
 
