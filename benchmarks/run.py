@@ -22,6 +22,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -408,8 +409,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--pin",
         default="none",
         choices=("none", "same", "split"),
-        help="CPU placement: none (scheduler), same (client and server on CPU 0), split"
-        " (client on CPU 0, server on the others)",
+        help="CPU placement: none (scheduler), same (client and server on one CPU), split"
+        " (client on one CPU, server on the others)",
+    )
+    ap.add_argument(
+        "--cpu",
+        type=int,
+        default=None,
+        help="the CPU for --pin same (and the client's for split); default: the CPU that"
+        " takes most of the block devices' interrupts, so fsync waits wake up where they run",
     )
     ap.add_argument("--json", default=None, help="result file (default benchmarks/results/)")
     ap.add_argument(
@@ -438,16 +446,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
     cpus = sorted(os.sched_getaffinity(0))
     args.client_cpus = args.server_cpus = None
+    cpu = args.cpu if args.cpu is not None else disk_irq_cpu(cpus)
+    if cpu not in cpus:
+        ap.error(f"--cpu {cpu}: this process may run on CPUs {cpus} only")
     if args.pin == "same":
-        args.client_cpus = args.server_cpus = {cpus[0]}
+        args.client_cpus = args.server_cpus = {cpu}
     elif args.pin == "split":
         if len(cpus) < 2:
             ap.error("--pin split needs at least two CPUs")
-        args.client_cpus, args.server_cpus = {cpus[0]}, set(cpus[1:])
+        args.client_cpus, args.server_cpus = {cpu}, set(cpus) - {cpu}
     bad = [t for t in args.target_list if t not in TARGETS]
     if bad:
         ap.error(f"unknown target(s) {', '.join(bad)}; choose from {', '.join(TARGETS)}")
     return args
+
+
+def disk_irq_cpu(cpus: list[int]) -> int:
+    """The CPU in `cpus` that has handled the most block-device (virtio-blk, nvme, ahci,
+    scsi) interrupts, per /proc/interrupts; the first CPU when that cannot be told."""
+    try:
+        lines = Path("/proc/interrupts").read_text().splitlines()
+    except OSError:
+        return cpus[0]
+    if not lines:
+        return cpus[0]
+    ncpu = len(lines[0].split())
+    totals = [0] * ncpu
+    for line in lines[1:]:
+        fields = line.split()
+        if not re.search(r"virtio\d+-req|nvme|ahci|scsi|ata_piix", line):
+            continue
+        for i, count in enumerate(fields[1 : 1 + ncpu]):
+            if count.isdigit():
+                totals[i] += int(count)
+    best = max(cpus, key=lambda c: totals[c] if c < ncpu else -1)
+    return best if best < ncpu and totals[best] > 0 else cpus[0]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,3 +136,9 @@ class NotSync(StoreError):
     """SETATTR's guard did not match the object's current ctime."""
 
     errno = _errno.EAGAIN  # mapped specially to NFS3ERR_NOT_SYNC
+
+
+class Busy(StoreError):
+    """Another process holds what this one needs exclusively (e.g. a server's journal)."""
+
+    errno = _errno.EBUSY

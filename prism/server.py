@@ -60,7 +60,7 @@ class ServeOptions:
 class PrismServer:
     def __init__(self, options: ServeOptions) -> None:
         self.options = options
-        self.store = Store.open(options.data)
+        self.store = Store.open(options.data, journal=True)
         self.executor = StoreExecutor(self.store)
         self.service = NfsService(self.executor)
         self.dispatcher = RpcDispatcher()

@@ -1,11 +1,12 @@
 """Child process of `test_store_crash.py`: random durable store operations until killed.
 
-Usage: python tests/store_crash_child.py DATA_DIR SEED LOG  (or DATA_DIR setup)
+Usage: python tests/store_crash_child.py DATA_DIR SEED LOG [journal]  (or DATA_DIR setup)
 
 It rebuilds the expected state from the store (which the parent has just verified), prints
 `READY`, then loops: for each operation it appends `BEGIN <state>` to LOG (the whole expected
 state if the operation takes effect), runs the operation (one autocommitted call or one
-committed batch: atomic and durable when it returns), then appends `DONE <state>`. The parent
+committed batch: atomic and durable when it returns; with `journal`, as the server does: in
+a long batch, made durable by a journal record), then appends `DONE <state>`. The parent
 kills it with SIGKILL at a random moment and checks that the store holds the last DONE state,
 or the BEGIN state of the operation that was in flight.
 
@@ -89,11 +90,12 @@ def setup(store: Store) -> None:
 
 def main() -> None:
     data_dir, seed, log_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    journaled = len(sys.argv) > 4 and sys.argv[4] == "journal"
     rng = random.Random(seed)
     gc = None
     with contextlib.suppress(ImportError):  # the checker may not exist yet
         from prism.store.check import gc
-    store = Store.open(Path(data_dir))
+    store = Store.open(Path(data_dir), journal=journaled)
     state, contents = read_state(store)
     snaps = sorted(n for n in state if n.startswith(VM + "@"))
     serial = max([int(n.split("@s")[1]) for n in snaps] + [0])
@@ -129,6 +131,7 @@ def main() -> None:
 
             def action(path=path, content=content, ns=ns) -> None:
                 parent, _, leaf = path.rpartition("/")
+                own_batch = not store.in_batch
                 store.begin_batch()
                 try:
                     f = store.create(oid(ns, parent or "/"), leaf.encode()).oid
@@ -137,7 +140,8 @@ def main() -> None:
                 except BaseException:
                     store.abort()
                     raise
-                store.commit()
+                if own_batch:
+                    store.commit()
 
             new_contents[ns][path] = content
         elif roll < 0.50:
@@ -228,7 +232,16 @@ def main() -> None:
             for name, files_ in new_contents.items()
         }
         say("BEGIN", new_state)
-        action()
+        if journaled:
+            # As the server runs: one long batch, a journal record per operation, and
+            # now and then a checkpoint.
+            store.begin_batch()
+            action()
+            store.make_durable()
+            if rng.random() < 0.1:
+                store.commit()
+        else:
+            action()
         say("DONE", new_state)
         state, contents = new_state, new_contents
 

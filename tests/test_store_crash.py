@@ -10,6 +10,7 @@ allowed: the docs say a crash can leave it).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import signal
@@ -33,7 +34,7 @@ except ImportError:  # the checker is being written alongside; run without it me
 CHILD = Path(__file__).with_name("store_crash_child.py")
 REPO = Path(__file__).resolve().parent.parent
 KILLS = 25
-TIME_BUDGET = 50.0  # seconds; stop killing early rather than overrun
+TIME_BUDGET = 35.0  # seconds per mode; stop killing early rather than overrun
 
 
 def spawn(data: Path, *args: str) -> subprocess.Popen[bytes]:
@@ -65,7 +66,11 @@ def parse(output: bytes) -> list[tuple[str, dict]]:
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_loses_nothing_durable(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["commit", "journal"])
+def test_sigkill_at_random_moments_loses_nothing_durable(
+    tmp_path: Path, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="prism.store")
     seed = int(os.environ.get("PRISM_CRASH_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     data = tmp_path / "data"
@@ -81,7 +86,7 @@ def test_sigkill_at_random_moments_loses_nothing_durable(tmp_path: Path) -> None
         if time.monotonic() - started > TIME_BUDGET:
             break
         log = tmp_path / f"run{run}.log"
-        proc = spawn(data, str(rng.randrange(1 << 30)), str(log))
+        proc = spawn(data, str(rng.randrange(1 << 30)), str(log), mode)
         if rng.random() < 0.2:
             time.sleep(rng.uniform(0.0, 0.2))  # sometimes while it opens the store
         else:
@@ -111,8 +116,15 @@ def test_sigkill_at_random_moments_loses_nothing_durable(tmp_path: Path) -> None
             if check is not None:
                 report = check.fsck(store)
                 assert report.errors == [], f"fsck after a kill {context}: {report.errors}"
-    print(f"crash test: seed {seed}, {total_ops} ops, {in_flight_seen} in-flight ops applied")
+    print(
+        f"crash test ({mode}): seed {seed}, {total_ops} ops, {in_flight_seen} in-flight ops applied"
+    )
     assert total_ops > 0, "the child never completed an operation"
+    replays = sum("replayed" in r.getMessage() for r in caplog.records)
+    if mode == "journal":
+        assert replays > 0, "no kill ever left journal records to replay"
+    else:
+        assert replays == 0
     with Store.open(data) as store:
         assert child.read_state(store)[0] == durable
         if check is not None:

@@ -125,7 +125,6 @@ class NfsService:
         self.executor = executor
         self.store: Store = executor.store
         self.handles = HandleCodec(self.store.secret)
-        self.verifier = self.store.boot_id.to_bytes(8, "big")
         self.mounts: set[tuple[str, bytes]] = set()
         self.time_delta = T.NfsTime3.from_ns(
             max(1, int(time.clock_getres(time.CLOCK_REALTIME) * 1e9))
@@ -162,6 +161,10 @@ class NfsService:
 
     def _wcc(self, s: Store, oid: ObjectId | None, before: T.WccAttr | None) -> T.WccData:
         return T.WccData(before, self._post(s, oid))
+
+    def verifier(self) -> bytes:
+        """The write verifier: changes when the server restarts or loses a batch."""
+        return self.store.boot_id.to_bytes(8, "big")
 
     def fh(self, oid: ObjectId) -> T.NfsFh3:
         return T.NfsFh3(self.handles.encode(oid))
@@ -284,7 +287,7 @@ class NfsService:
             return T.WriteRes(nfsstat_for(exc), self._wcc(s, oid, before))
         committed = StableHow.UNSTABLE if a.stable == StableHow.UNSTABLE else StableHow.FILE_SYNC
         return T.WriteRes(
-            OK, T.WccData(before, self.fattr(attr)), len(data), committed, self.verifier
+            OK, T.WccData(before, self.fattr(attr)), len(data), committed, self.verifier()
         )
 
     def _made(
@@ -551,7 +554,7 @@ class NfsService:
         before = self._pre(s, oid)
         # Durability comes from the executor: this call is `durable`, so its reply waits for
         # the commit of the open batch, which holds every earlier UNSTABLE write.
-        return T.CommitRes(OK, self._wcc(s, oid, before), self.verifier)
+        return T.CommitRes(OK, self._wcc(s, oid, before), self.verifier())
 
     # -- MOUNT ---------------------------------------------------------------------------
 

@@ -87,7 +87,7 @@ def fsck(store: Store, *, repair: bool = False, progress: Progress | None = None
     say = progress or (lambda _msg: None)
     if store.in_batch:
         store.commit()
-    txn = store._env.begin(write=repair)
+    txn = store._begin_write() if repair else store._env.begin()
     try:
         _fsck(store, txn, report, repair, say)
     except BaseException:
@@ -234,7 +234,7 @@ def gc(store: Store, *, progress: Progress | None = None) -> GcReport:
     if store.in_batch:
         store.commit()
     locked: list[int] = []
-    t = store._env.begin(write=True)
+    t = store._begin_write()
     try:
         doomed_segments = _gc(store, t, report, say, locked)
         store.segments.sync()

@@ -6,15 +6,17 @@ the store run inside one open batch transaction (each in a nested transaction, s
 call changes nothing):
 
 * a call that must be durable before its reply leaves (every metadata change, FILE_SYNC
-  writes, COMMIT) waits for the batch to commit; the commit is scheduled with `call_soon`,
-  so every request already read from the sockets joins the batch first, and they all share
-  one fdatasync + one LMDB fsync (group commit);
-* a call that may be answered first (an UNSTABLE write) returns at once; its batch commits
-  within `max_delay` seconds, or as soon as `max_unsynced` bytes of new content wait for
-  their fdatasync, whichever comes first. That bounds the data a crash can take back (the
-  client resends it: the write verifier changes) and how long another process (an operator
-  command) waits for LMDB's writer lock, while a stream of UNSTABLE writes pays for its
-  fsyncs in large, rare steps as a local file would;
+  writes, COMMIT) waits for a *durable point*, scheduled with `call_soon` so that every
+  request already read from the sockets joins it first (group commit). With the store's
+  journal (the server's case) a durable point appends the batch's new changes to the journal
+  and fdatasyncs it; without one it commits the batch;
+* a call that may be answered first (an UNSTABLE write) returns at once; a durable point
+  follows once `max_unsynced` bytes of new content wait for their fdatasync;
+* the batch itself commits to LMDB (a checkpoint, which retires the journal's records)
+  `max_delay` seconds after it began, or once no store call has come for `idle_delay`
+  seconds. That bounds how long another process (an operator command) waits for LMDB's
+  writer lock or sees a state a little behind the server's, and what a crash can take back
+  of UNSTABLE data (the client resends it: the write verifier changes);
 * read-only calls run in their own read transaction when no batch is open, or inside the
   open batch (so they see the batch's writes).
 """
@@ -34,27 +36,39 @@ log = logging.getLogger("prism.store")
 
 class StoreExecutor:
     def __init__(
-        self, store: Store, *, max_delay: float = 0.25, max_unsynced: int = 64 << 20
+        self,
+        store: Store,
+        *,
+        max_delay: float = 0.25,
+        idle_delay: float = 0.005,
+        max_unsynced: int = 64 << 20,
     ) -> None:
         self.store = store
         self.max_delay = max_delay
+        self.idle_delay = idle_delay
         self.max_unsynced = max_unsynced
         self._waiters: list[asyncio.Future[None]] = []
-        self._commit_soon: asyncio.Handle | None = None
+        self._durable_soon: asyncio.Handle | None = None
         self._deadline: asyncio.TimerHandle | None = None
+        self._idle: asyncio.TimerHandle | None = None
+        self._calls_at_idle_check = 0
         self.commits = 0
+        self.durable_points = 0
         self.calls = 0
 
     async def call(
         self, fn: Callable[[Store], T], *, writes: bool = False, durable: bool = False
     ) -> T:
-        """Run `fn(store)`; with `durable`, return only once its effects are committed."""
+        """Run `fn(store)`; with `durable`, return only once its effects are durable."""
         store = self.store
         self.calls += 1
         if writes and not store.in_batch:
             store.begin_batch()
             loop = asyncio.get_running_loop()
             self._deadline = loop.call_later(self.max_delay, self._commit)
+            if store.journal is not None:
+                self._calls_at_idle_check = self.calls
+                self._idle = loop.call_later(self.idle_delay, self._commit_when_idle)
         result = fn(store)
         if not store.in_batch:
             return result
@@ -62,27 +76,53 @@ class StoreExecutor:
             loop = asyncio.get_running_loop()
             waiter: asyncio.Future[None] = loop.create_future()
             self._waiters.append(waiter)
-            if self._commit_soon is None:
-                self._commit_soon = loop.call_soon(self._commit)
+            if self._durable_soon is None:
+                self._durable_soon = loop.call_soon(self._make_durable)
             await waiter
-        elif store.segments.unsynced_bytes >= self.max_unsynced and self._commit_soon is None:
-            self._commit_soon = asyncio.get_running_loop().call_soon(self._commit)
+        elif store.segments.unsynced_bytes >= self.max_unsynced and self._durable_soon is None:
+            self._durable_soon = asyncio.get_running_loop().call_soon(self._make_durable)
         return result
 
+    def _make_durable(self) -> None:
+        self._durable_soon = None
+        self._settle(self.store.make_durable)
+        self.durable_points += 1
+        if not self.store.in_batch:  # it had to checkpoint (or failed)
+            self._cancel_timers()
+
     def _commit(self) -> None:
-        if self._commit_soon is not None:
-            self._commit_soon.cancel()
-            self._commit_soon = None
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        if self._durable_soon is not None:
+            self._durable_soon.cancel()
+            self._durable_soon = None
+        self._cancel_timers()
+        self._settle(self.store.commit)
+        self.commits += 1
+
+    def _commit_when_idle(self) -> None:
+        self._idle = None
+        if self.calls != self._calls_at_idle_check or self._waiters:
+            self._calls_at_idle_check = self.calls
+            self._idle = asyncio.get_running_loop().call_later(
+                self.idle_delay, self._commit_when_idle
+            )
+            return
+        self._commit()
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._deadline, self._idle):
+            if timer is not None:
+                timer.cancel()
+        self._deadline = self._idle = None
+
+    def _settle(self, action: Callable[[], None]) -> None:
+        """Run `action` (a durable point or a commit) and release every waiter with its
+        outcome."""
         waiters, self._waiters = self._waiters, []
         error: BaseException | None = None
         try:
-            self.store.commit()
-            self.commits += 1
+            action()
         except BaseException as exc:  # the batch is gone: every waiter learns it
-            log.exception("commit failed")
+            log.exception("making the store durable failed")
             error = exc
         for waiter in waiters:
             if waiter.done():

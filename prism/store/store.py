@@ -3,11 +3,13 @@
 On-disk layout of a data directory::
 
     DATA/meta/data.mdb, lock.mdb   LMDB environment (all metadata, see the databases below)
+    DATA/meta/journal              redo journal of a running server (`prism.store.journal`)
     DATA/segments/<id>.seg         chunk bytes, appended back to back (`prism.store.segments`)
 
 LMDB databases (keys and values are packed as in `prism.store.records`):
 
     meta      b"format" -> version; b"secret" -> 32 random bytes (file-handle MAC key);
+              b"journal_gen" -> generation of the journal records not yet checkpointed;
               b"ns_next" -> next namespace id; b"layer_next" -> next layer id;
               b"ino"+ns -> next inode number; b"stored_bytes", b"chunk_count" -> counters
     ns        ns id u32 -> JSON {name, kind ("vm"|"snapshot"), top layer, clients, quota, of}
@@ -53,6 +55,12 @@ cleanly; the only possible debris is segment bytes no committed chunk names, whi
 removes and `fsck` reports. Group commit: `begin_batch()` runs many operations in one LMDB
 transaction (each in a nested transaction, so a failing one changes nothing) that shares one
 fdatasync + one commit.
+
+The journal (`prism.store.journal`, `DATA/meta/journal`). A store opened with `journal=True`
+(the server) makes a batch durable without committing it: `make_durable()` fdatasyncs the
+segment, then appends the key/value changes made since the last durable point to the journal
+and fdatasyncs that; `commit()` is then a checkpoint that also retires the journal's records.
+Whoever opens or writes the store after the journal's owner died replays its records first.
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ import contextlib
 import heapq
 import ipaddress
 import json
+import logging
 import os
 import re
 import secrets
@@ -69,12 +78,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lmdb
 import xxhash
 
 from prism.errors import (
+    Busy,
     Corrupt,
     CrossDevice,
     Exists,
@@ -83,6 +93,7 @@ from prism.errors import (
     InvalidName,
     IsADirectory,
     NameTooLong,
+    NoSpace,
     NotADirectory,
     NotEmpty,
     NotFound,
@@ -95,6 +106,15 @@ from prism.errors import (
     TooManyLinks,
 )
 from prism.store import records as R
+from prism.store.journal import (
+    DELETE,
+    PUT,
+    Change,
+    Journal,
+    JournalBusy,
+    decode_changes,
+    encode_changes,
+)
 from prism.store.records import Inode
 from prism.store.segments import SegmentFiles
 from prism.store.types import (
@@ -143,6 +163,8 @@ ZEROS = bytes(CHUNK_SIZE)
 
 _R, _W, _X = 4, 2, 1
 _NS_KEY = R.U32
+_JOURNAL_GEN = b"journal_gen"
+log = logging.getLogger("prism.store")
 
 
 def check_name(name: bytes) -> None:
@@ -239,6 +261,27 @@ class _ReadTxn:
             self._txn.abort()
 
 
+class _Recorder:
+    """A nested write transaction that also notes each change for the journal."""
+
+    __slots__ = ("_db_index", "_txn", "changes", "cursor", "get")
+
+    def __init__(self, txn: lmdb.Transaction, db_index: dict[Any, int]) -> None:
+        self._txn = txn
+        self._db_index = db_index
+        self.changes: list[Change] = []
+        self.get = txn.get
+        self.cursor = txn.cursor
+
+    def put(self, key: bytes, value: bytes, *, db: Any) -> bool:
+        self.changes.append((PUT, self._db_index[db], bytes(key), bytes(value)))
+        return self._txn.put(key, value, db=db)
+
+    def delete(self, key: bytes, *, db: Any) -> bool:
+        self.changes.append((DELETE, self._db_index[db], bytes(key), b""))
+        return self._txn.delete(key, db=db)
+
+
 class Store:
     """Namespaces of POSIX trees over deduplicated chunks. See the module docstring."""
 
@@ -263,6 +306,22 @@ class Store:
         self._layer_cache: dict[bytes, dict[str, Any]] = {}
         self._import_maps: dict[tuple[int, int], dict[int, int]] = {}
         self.boot_id = secrets.randbits(63) | 1
+        self._dbs = (
+            self._meta,
+            self._ns,
+            self._names,
+            self._layers,
+            self._inodes,
+            self._dirents,
+            self._cmap,
+            self._chunks,
+            self._segdb,
+            self._usage,
+        )
+        self._db_index = {db: i for i, db in enumerate(self._dbs)}
+        self._journal_path = root / "meta" / "journal"
+        self.journal: Journal | None = None
+        self._journaled: list[Change] = []  # the batch's changes not yet in the journal
         with self._write() as t:
             version = t.get(b"format", db=self._meta)
             if version is None:
@@ -273,7 +332,19 @@ class Store:
             self.secret: bytes = bytes(t.get(b"secret", db=self._meta) or b"")
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, create: bool = True) -> Store:
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        create: bool = True,
+        journal: bool = False,
+        journal_wait: float = 5.0,
+    ) -> Store:
+        """Open the store at `path`. With `journal`, this process takes the redo journal
+        (see `prism.store.journal`): a batch's durable points then cost one small fdatasync
+        instead of an LMDB commit. One process at a time may journal (the server); another
+        that asks waits up to `journal_wait` seconds, then gets Busy. Without `journal`, the
+        changes a dead journal owner left are replayed first."""
         root = Path(path)
         meta = root / "meta"
         if not meta.exists():
@@ -289,12 +360,24 @@ class Store:
             metasync=True,
             readahead=False,
         )
-        return cls(root, env)
+        store = cls(root, env)
+        try:
+            if journal:
+                store._take_journal(journal_wait)
+            else:
+                store._recover_orphaned_journal()
+        except BaseException:
+            store.close()
+            raise
+        return store
 
     def close(self) -> None:
         if self._batch is not None:
             self.abort()
         self.segments.close()
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
         self._env.close()
 
     def __enter__(self) -> Store:
@@ -311,14 +394,66 @@ class Store:
 
     def begin_batch(self) -> None:
         if self._batch is None:
-            self._batch = self._env.begin(write=True)
+            self._batch = self._begin_write()
 
     def commit(self) -> None:
-        """Make every operation of the open batch durable with one fsync (group commit)."""
+        """Commit the open batch to LMDB with fsync (with a journal: a checkpoint)."""
         if self._batch is None:
             return
         batch, self._batch = self._batch, None
-        self._durable_commit(batch)
+        journal = self.journal
+        if journal is None:
+            self._durable_commit(batch)
+            return
+        next_gen = journal.generation + 1
+        try:
+            batch.put(_JOURNAL_GEN, R.U64.pack(next_gen), db=self._meta)
+        except BaseException:
+            self._aborted(batch)
+            raise
+        try:
+            self._durable_commit(batch)
+        except BaseException:
+            # The batch is gone but the journal still holds what was acknowledged from it:
+            # put that back now, and change the write verifier so clients resend the rest.
+            self._journaled.clear()
+            self.boot_id = secrets.randbits(63) | 1
+            self._replay_journal()
+            raise
+        self._journaled.clear()
+        journal.start(next_gen)
+
+    def make_durable(self) -> None:
+        """Make every operation of the open batch durable: append its changes to the journal
+        and fdatasync it (content first), or commit the batch when there is no journal or
+        no room in it. Group commit: one call covers every operation since the last."""
+        journal = self.journal
+        if self._batch is None:
+            return
+        if journal is None:
+            self.commit()
+            return
+        if not self._journaled:
+            self.segments.sync()
+            return
+        payload = encode_changes(self._journaled)
+        if len(payload) > journal.room():
+            self.commit()
+            return
+        self.segments.sync()
+        try:
+            journal.append(payload)
+            journal.sync()
+        except (OSError, NoSpace) as exc:  # checkpoint instead (or fail there)
+            log.warning("journal write failed (%s); committing the batch instead", exc)
+            self.commit()
+            return
+        self._journaled.clear()
+
+    @property
+    def journal_bytes(self) -> int:
+        """How much of the journal the open batch has used (0 without a journal)."""
+        return 0 if self.journal is None else self.journal.offset
 
     def _durable_commit(self, txn: lmdb.Transaction) -> None:
         """Content first (fdatasync the segment), then the metadata that names it."""
@@ -333,6 +468,7 @@ class Store:
     def abort(self) -> None:
         if self._batch is not None:
             batch, self._batch = self._batch, None
+            self._journaled.clear()
             self._aborted(batch)
 
     def _aborted(self, txn: lmdb.Transaction) -> None:
@@ -355,20 +491,116 @@ class Store:
     def _write(self) -> Iterator[lmdb.Transaction]:
         if self._batch is not None:
             child = self._env.begin(write=True, parent=self._batch)
+            if self.journal is None:
+                try:
+                    yield child
+                except BaseException:
+                    self._aborted(child)
+                    raise
+                child.commit()
+                return
+            recorder = _Recorder(child, self._db_index)
             try:
-                yield child
+                yield cast(lmdb.Transaction, recorder)
             except BaseException:
                 self._aborted(child)
                 raise
             child.commit()
+            self._journaled += recorder.changes
             return
-        txn = self._env.begin(write=True)
+        txn = self._begin_write()
         try:
             yield txn
         except BaseException:
             self._aborted(txn)
             raise
         self._durable_commit(txn)
+
+    def _begin_write(self) -> lmdb.Transaction:
+        """A top-level write transaction. A process that does not own the journal first
+        checks whether its owner died with changes pending, and if so replays them in this
+        transaction (holding LMDB's writer lock, so nobody writes in between)."""
+        txn = self._env.begin(write=True)
+        if self.journal is None and self._journal_path.exists():
+            try:
+                orphan = Journal.open(self._journal_path)
+            except JournalBusy:
+                return txn  # its owner is alive
+            except BaseException:
+                txn.abort()
+                raise
+            try:
+                self._apply_journal(txn, orphan)
+            except BaseException:
+                txn.abort()
+                raise
+            finally:
+                orphan.close()
+        return txn
+
+    def _recover_orphaned_journal(self) -> None:
+        """Replay what a dead journal owner left (a cheap look first: no writer lock)."""
+        if not self._journal_path.exists():
+            return
+        try:
+            orphan = Journal.open(self._journal_path)
+        except JournalBusy:
+            return  # its owner is alive
+        try:
+            with self._read() as t:
+                generation = self._get_meta(t, _JOURNAL_GEN)
+            pending = next(orphan.records(generation), None) is not None
+        finally:
+            orphan.close()
+        if pending:
+            self._durable_commit(self._begin_write())
+
+    def _take_journal(self, wait: float) -> None:
+        """Own the journal for this process's lifetime, replaying what a dead owner left."""
+        try:
+            journal = Journal.open(self._journal_path, wait=wait)
+        except JournalBusy:
+            raise Busy(
+                f"another process (a running `prism serve`?) owns {self._journal_path}; "
+                "stop it first, or give this server its own --data directory"
+            ) from None
+        self.journal = journal
+        self._replay_journal()
+
+    def _replay_journal(self) -> None:
+        assert self.journal is not None
+        txn = self._env.begin(write=True)
+        try:
+            self._apply_journal(txn, self.journal)
+        except BaseException:
+            txn.abort()
+            raise
+        self._durable_commit(txn)
+
+    def _apply_journal(self, txn: lmdb.Transaction, journal: Journal) -> int:
+        """Apply the records of the current generation to `txn` and retire them (the
+        caller commits). Returns how many records were applied."""
+        generation = self._get_meta(txn, _JOURNAL_GEN)
+        applied = 0
+        for payload in journal.records(generation):
+            for kind, index, key, value in decode_changes(payload):
+                if index >= len(self._dbs):
+                    raise Corrupt(f"{journal.path} names an unknown database {index}")
+                db = self._dbs[index]
+                if kind == PUT:
+                    txn.put(key, value, db=db)
+                else:
+                    txn.delete(key, db=db)
+            applied += 1
+        if applied:
+            self.forget_layers()
+            self._ns_cache.clear()
+            self._layer_cache.clear()
+            txn.put(_JOURNAL_GEN, R.U64.pack(generation + 1), db=self._meta)
+            log.warning("replayed %d journal records left by a stopped server", applied)
+            generation += 1
+        journal.start(generation)
+        return applied
 
     def _read(self) -> _ReadTxn:
         """A read transaction (the open batch, when there is one, so reads see its writes)."""

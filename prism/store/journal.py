@@ -1,0 +1,196 @@
+"""The redo journal: durable metadata changes at the cost of one small fdatasync.
+
+Theory of operation: an LMDB commit with fsync costs two fdatasyncs plus a write of every
+dirty B-tree page, several hundred microseconds here, and before the journal the server paid
+that for every CREATE or REMOVE. A server that owns the journal instead keeps one LMDB write
+transaction (the *batch*) open for up to a fraction of a second and, at each durable point,
+appends the batch's new key/value changes to this file and fdatasyncs it: one flush of a few
+hundred bytes. The batch itself commits (a *checkpoint*) when it is old enough, when the
+server goes quiet, or when the journal is full.
+
+On-disk layout: `DATA/meta/journal`, JOURNAL_SIZE bytes written with zeros once when it is
+made, then only ever overwritten in place (so an fdatasync never has to log a size or extent
+change). Records follow each other from offset 0::
+
+    magic u32 | generation u64 | payload length u32 | xxh3-64 of (generation, length, payload)
+    payload: changes back to back, each  kind u8 (PUT/DELETE) | db u8 | klen u32 | vlen u32
+             | key | value
+
+A record is *physical*: the final bytes of a key, so replaying a prefix of records twice gives
+the same result as replaying it once.
+
+Generations and crash ordering. LMDB's meta database holds `journal_gen`, the generation of
+records not yet checkpointed. A checkpoint writes `journal_gen + 1` in the batch it commits,
+so the commit that makes records redundant is the same one that retires them; new records
+then overwrite the file from offset 0 with the new generation, and older bytes further on can
+never pass for current ones. Content bytes (segments) are fdatasync'd before the record that
+names them. Recovery, by whoever next takes the journal's lock: read records of the current
+generation from offset 0 up to the first that does not verify (a torn last record was never
+acknowledged), apply them in one LMDB transaction that also bumps the generation, commit.
+
+Ownership. The process that journals (the server) holds an exclusive `flock` on the file for
+its lifetime. Other processes (operator commands) commit to LMDB directly; before a write
+they try the lock, and if they get it while records are pending, the owner died: they replay
+first, so nothing is ever written on top of a state that lacks acknowledged changes.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import xxhash
+
+from prism.errors import Corrupt, NoSpace
+
+JOURNAL_SIZE = 16 << 20
+MAGIC = 0x50524A31  # "PRJ1"
+HEADER = struct.Struct("<IQIQ")
+CHANGE = struct.Struct("<BBII")
+PUT, DELETE = 1, 2
+Change = tuple[int, int, bytes, bytes]
+"""(PUT or DELETE, database index, key, value) — value is b"" for DELETE."""
+
+
+class JournalBusy(Exception):
+    """Another live process owns the journal."""
+
+
+def encode_changes(changes: list[Change]) -> bytes:
+    pack = CHANGE.pack
+    parts: list[bytes] = []
+    for kind, db, key, value in changes:
+        parts += (pack(kind, db, len(key), len(value)), key, value)
+    return b"".join(parts)
+
+
+def decode_changes(payload: bytes) -> Iterator[Change]:
+    view = memoryview(payload)
+    pos, end = 0, len(payload)
+    while pos < end:
+        if pos + CHANGE.size > end:
+            raise Corrupt("journal record ends inside a change header")
+        kind, db, klen, vlen = CHANGE.unpack_from(view, pos)
+        pos += CHANGE.size
+        if kind not in (PUT, DELETE) or pos + klen + vlen > end:
+            raise Corrupt("journal record holds a malformed change")
+        key = bytes(view[pos : pos + klen])
+        pos += klen
+        value = bytes(view[pos : pos + vlen])
+        pos += vlen
+        yield kind, db, key, value
+
+
+def _checksum(generation: int, payload: bytes) -> int:
+    hasher = xxhash.xxh3_64(struct.pack("<QI", generation, len(payload)))
+    hasher.update(payload)
+    return hasher.intdigest()
+
+
+class Journal:
+    """The journal file, locked by this process. Not thread-safe (neither is the store)."""
+
+    def __init__(self, fd: int, path: Path, size: int) -> None:
+        self._fd = fd
+        self.path = path
+        self.size = size
+        self.offset = 0
+        self.generation = 0
+
+    @classmethod
+    def open(cls, path: Path, *, wait: float = 0.0, size: int = JOURNAL_SIZE) -> Journal:
+        """Open (making it if needed) and lock the journal; JournalBusy if another process
+        still holds it after `wait` seconds."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise JournalBusy(str(path)) from None
+                    time.sleep(0.05)
+            current = os.fstat(fd).st_size
+            if current < size:
+                _fill_zeros(fd, current, size, path)
+            else:
+                size = current
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, path, size)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # also drops the flock
+            self._fd = -1
+
+    def records(self, generation: int) -> Iterator[bytes]:
+        """Payloads of `generation`, from offset 0 to the first record that does not verify."""
+        offset = 0
+        while offset + HEADER.size <= self.size:
+            header = os.pread(self._fd, HEADER.size, offset)
+            magic, gen, length, checksum = HEADER.unpack(header)
+            if magic != MAGIC or gen != generation or length > self.size - offset - HEADER.size:
+                return
+            payload = os.pread(self._fd, length, offset + HEADER.size)
+            if len(payload) != length or _checksum(gen, payload) != checksum:
+                return
+            yield payload
+            offset += HEADER.size + length
+
+    def start(self, generation: int) -> None:
+        """Write records of `generation` from offset 0 (after a checkpoint or a recovery)."""
+        self.generation = generation
+        self.offset = 0
+
+    def room(self) -> int:
+        return self.size - self.offset - HEADER.size
+
+    def append(self, payload: bytes) -> None:
+        """Write one record after the previous ones (durable after `sync()`)."""
+        if len(payload) > self.room():
+            raise NoSpace("journal record does not fit; checkpoint first")
+        header = HEADER.pack(
+            MAGIC, self.generation, len(payload), _checksum(self.generation, payload)
+        )
+        record = header + payload
+        try:
+            written = os.pwrite(self._fd, record, self.offset)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(f"no space left for {self.path}: free disk space") from exc
+            raise
+        if written != len(record):
+            raise NoSpace(f"short write to {self.path}")
+        self.offset += len(record)
+
+    def sync(self) -> None:
+        os.fdatasync(self._fd)
+
+
+def _fill_zeros(fd: int, start: int, size: int, path: Path) -> None:
+    """Write real zeros (not fallocate: unwritten extents would make each later overwrite a
+    metadata change), then make the file and its directory entry durable."""
+    block = bytes(1 << 20)
+    offset = start
+    try:
+        while offset < size:
+            offset += os.pwrite(fd, block[: min(len(block), size - offset)], offset)
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(f"no space left to make {path}: free disk space") from exc
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

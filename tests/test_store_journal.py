@@ -1,0 +1,223 @@
+"""The redo journal: record format, recovery after a crash, ownership, failed checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prism.errors import Busy
+from prism.store import Store
+from prism.store import journal as J
+from prism.store.check import fsck
+
+REPO = Path(__file__).resolve().parent.parent
+
+changes = st.lists(
+    st.tuples(
+        st.sampled_from([J.PUT, J.DELETE]),
+        st.integers(0, 9),
+        st.binary(min_size=1, max_size=40),
+        st.binary(max_size=60),
+    ).map(lambda c: (c[0], c[1], c[2], c[3] if c[0] == J.PUT else b"")),
+    max_size=20,
+)
+
+
+@given(changes)
+def test_changes_round_trip(batch: list[J.Change]) -> None:
+    assert list(J.decode_changes(J.encode_changes(batch))) == batch
+
+
+@given(st.binary(max_size=200))
+def test_decoding_garbage_raises_only_corrupt(data: bytes) -> None:
+    with contextlib.suppress(J.Corrupt):
+        list(J.decode_changes(data))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.binary(max_size=300), min_size=1, max_size=8), st.data())
+def test_records_stop_at_the_first_damaged_one(
+    tmp_path_factory: pytest.TempPathFactory, payloads: list[bytes], data: st.DataObject
+) -> None:
+    path = tmp_path_factory.mktemp("j") / "journal"
+    journal = J.Journal.open(path, size=64 << 10)
+    try:
+        journal.start(7)
+        offsets = []
+        for payload in payloads:
+            offsets.append(journal.offset)
+            journal.append(payload)
+        assert list(journal.records(7)) == payloads
+        assert list(journal.records(6)) == [] and list(journal.records(8)) == []
+        victim = data.draw(st.integers(0, len(payloads) - 1))
+        size = J.HEADER.size + len(payloads[victim])
+        spot = offsets[victim] + data.draw(st.integers(0, size - 1))
+        byte = os.pread(journal._fd, 1, spot)
+        os.pwrite(journal._fd, bytes([byte[0] ^ 0x40]), spot)
+        assert list(journal.records(7)) == payloads[:victim]
+    finally:
+        journal.close()
+
+
+def test_a_new_generation_hides_the_old_records(tmp_path: Path) -> None:
+    journal = J.Journal.open(tmp_path / "journal", size=64 << 10)
+    journal.start(1)
+    for n in range(5):
+        journal.append(b"old %d" % n)
+    journal.start(2)
+    journal.append(b"new")
+    assert list(journal.records(2)) == [b"new"]
+    journal.close()
+
+
+def test_the_file_is_written_zeros_of_the_full_size(tmp_path: Path) -> None:
+    journal = J.Journal.open(tmp_path / "journal")
+    journal.close()
+    assert os.stat(tmp_path / "journal").st_size == J.JOURNAL_SIZE
+    assert os.stat(tmp_path / "journal").st_blocks * 512 >= J.JOURNAL_SIZE  # no holes
+
+
+CRASHER = textwrap.dedent(
+    """
+    import os, sys
+    from prism.store import Store
+    store = Store.open(sys.argv[1], journal=True)
+    root = store.namespace("vm").root
+    store.begin_batch()
+    for i in range(int(sys.argv[2])):
+        f = store.create(root, b"durable%d" % i, 0o644).oid
+        store.write(f, 0, b"payload %d" % i * 1000)
+        store.make_durable()
+    store.create(root, b"never-durable", 0o644)
+    print("ACKED", flush=True)
+    os._exit(0)  # dies like a killed server: the batch is never committed
+    """
+)
+
+
+def crash_with_acknowledged_changes(data: Path, count: int) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run(
+        [sys.executable, "-c", CRASHER, str(data), str(count)],
+        capture_output=True,
+        env=env,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout == b"ACKED\n", out.stderr.decode()
+
+
+def names(store: Store) -> set[bytes]:
+    entries, _ = store.readdir(store.namespace("vm").root, 0, limit=1000)
+    return {e.name for e in entries}
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    with Store.open(tmp_path / "data") as store:
+        store.create_namespace("vm")
+    return tmp_path / "data"
+
+
+def test_acknowledged_changes_survive_the_death_of_their_owner(data: Path) -> None:
+    crash_with_acknowledged_changes(data, 20)
+    with Store.open(data) as store:  # an operator command: replays what was left
+        assert names(store) == {b"durable%d" % i for i in range(20)}
+        f = store.lookup(store.namespace("vm").root, b"durable7").oid
+        assert store.read(f, 0, 100_000)[0] == b"payload 7" * 1000
+        assert fsck(store).errors == []
+    with Store.open(data, journal=True) as store:  # and nothing is applied twice
+        assert names(store) == {b"durable%d" % i for i in range(20)}
+        assert fsck(store).errors == []
+
+
+def test_the_next_server_replays_too(data: Path) -> None:
+    crash_with_acknowledged_changes(data, 3)
+    with Store.open(data, journal=True) as store:
+        assert names(store) == {b"durable0", b"durable1", b"durable2"}
+        store.begin_batch()
+        store.create(store.namespace("vm").root, b"after", 0o644)
+        store.make_durable()
+        store.commit()
+    with Store.open(data) as store:
+        assert names(store) == {b"durable0", b"durable1", b"durable2", b"after"}
+        assert fsck(store).errors == []
+
+
+def test_a_torn_last_record_is_dropped_cleanly(data: Path) -> None:
+    crash_with_acknowledged_changes(data, 4)
+    journal = J.Journal.open(data / "meta" / "journal")  # its owner is gone: we may
+    found = list(journal.records(0))  # a new store's first generation
+    assert len(found) == 4
+    last = sum(J.HEADER.size + len(p) for p in found[:-1])
+    os.pwrite(journal._fd, b"\xff" * 8, last + J.HEADER.size + 3)
+    journal.close()
+    with Store.open(data) as store:
+        assert names(store) == {b"durable0", b"durable1", b"durable2"}
+        assert fsck(store).errors == []
+
+
+def test_only_one_process_owns_the_journal(data: Path) -> None:
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from prism.store import Store; s = Store.open(sys.argv[1], "
+            "journal=True); print('OWNED', flush=True); sys.stdin.read()",
+            str(data),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == b"OWNED\n"
+        with pytest.raises(Busy, match="owns"):
+            Store.open(data, journal=True, journal_wait=0.2)
+        with Store.open(data) as store:  # others still read and write (not journaled)
+            store.create(store.namespace("vm").root, b"from-cli", 0o644)
+    finally:
+        holder.communicate(b"", timeout=30)
+    with Store.open(data, journal=True) as store:
+        assert names(store) == {b"from-cli"}
+
+
+def test_a_failed_checkpoint_keeps_what_was_acknowledged(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Store.open(data, journal=True) as store:
+        root = store.namespace("vm").root
+        verifier = store.boot_id
+        store.begin_batch()
+        store.create(root, b"acked", 0o644)
+        store.make_durable()
+        store.create(root, b"not-acked", 0o644)
+        real = Store._durable_commit
+        calls = []
+
+        def fail_once(self: Store, txn: object) -> None:
+            calls.append(txn)
+            if len(calls) == 1:  # as LMDB failing inside txn.commit() would
+                self._aborted(txn)  # type: ignore[arg-type]
+                raise OSError(5, "simulated I/O error")
+            real(self, txn)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(Store, "_durable_commit", fail_once)
+        with pytest.raises(OSError, match="simulated"):
+            store.commit()
+        monkeypatch.undo()
+        assert not store.in_batch
+        assert names(store) == {b"acked"}
+        assert store.boot_id != verifier  # clients resend their UNSTABLE writes
+    with Store.open(data) as store:
+        assert names(store) == {b"acked"}
+        assert fsck(store).errors == []
