@@ -10,6 +10,10 @@ checks the credential flavor, looks the procedure up and awaits its handler:
 
     async def handler(ctx: CallContext, args: bytes) -> bytes   # encoded results
 
+A row may also carry an `immediate` handler, the same work done without waiting; transports
+call `handle_now`, which answers such calls (and every error) synchronously and returns an
+awaitable only for calls that may wait.
+
 A handler reports failure by raising: `GarbageArgs` or `rpc.xdr.XdrError` -> GARBAGE_ARGS,
 `AuthFailure(stat)` -> MSG_DENIED/AUTH_ERROR, `DropCall` -> no reply (the client retries);
 any other exception -> SYSTEM_ERR plus a logged traceback. The dispatcher never raises.
@@ -30,6 +34,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import xxhash
 
@@ -93,16 +98,25 @@ class CallContext:
 
 
 Handler = Callable[[CallContext, bytes], Awaitable[bytes]]
+ImmediateHandler = Callable[[CallContext, bytes], bytes]
+Outcome = tuple[bytes | None, bool]
+"""(reply record or None, whether a stream transport should close the connection)"""
 
 
 @dataclass(frozen=True, slots=True)
 class Procedure:
-    """One row of a program's table."""
+    """One row of a program's table.
+
+    `immediate`, when given, does the same work as `handler` without ever waiting; the
+    dispatcher then answers the call synchronously (`handle_now`), sparing the coroutines
+    and event-loop work that most calls (GETATTR, LOOKUP, READ...) never need.
+    """
 
     number: int
     name: str
     handler: Handler
     idempotent: bool = True
+    immediate: ImmediateHandler | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,11 +321,19 @@ class RpcDispatcher:
         reply, _ = await self.handle(record, peer, transport)
         return reply
 
-    async def handle(
-        self, record: bytes, peer: tuple[str, int], transport: str
-    ) -> tuple[bytes | None, bool]:
+    async def handle(self, record: bytes, peer: tuple[str, int], transport: str) -> Outcome:
         """Like `dispatch`, plus whether a stream transport should close the connection
         (true only for records that are not decodable calls, as Linux's sunrpc does)."""
+        outcome = self.handle_now(record, peer, transport)
+        if type(outcome) is tuple:
+            return outcome
+        return await cast(Awaitable[Outcome], outcome)
+
+    def handle_now(
+        self, record: bytes, peer: tuple[str, int], transport: str
+    ) -> Outcome | Awaitable[Outcome]:
+        """The outcome of `record` when it can be had without waiting (every error, and
+        calls to procedures with an `immediate` handler), else an awaitable of it."""
         outcomes = self.stats.outcomes
         try:
             header, args = decode_call(record)
@@ -349,18 +371,32 @@ class RpcDispatcher:
             transport,
         )
         if procedure.idempotent:
-            return await self._run(procedure, ctx, args), False
-        key = DuplicateRequestCache.key(peer[0], xid, ctx.prog, ctx.vers, ctx.proc, args)
+            if procedure.immediate is not None:
+                return self._run_now(procedure, ctx, args), False
+            return self._handle_idempotent(procedure, ctx, args)
+        return self._handle_once(procedure, ctx, args)
+
+    async def _handle_idempotent(
+        self, procedure: Procedure, ctx: CallContext, args: bytes
+    ) -> Outcome:
+        return await self._run(procedure, ctx, args), False
+
+    async def _handle_once(self, procedure: Procedure, ctx: CallContext, args: bytes) -> Outcome:
+        """A non-idempotent call, through the duplicate request cache."""
+        key = DuplicateRequestCache.key(ctx.peer[0], ctx.xid, ctx.prog, ctx.vers, ctx.proc, args)
         state, cached = self.drc.begin(key)
         if state is DrcState.DONE:
-            outcomes["DRC_HIT"] += 1
+            self.stats.outcomes["DRC_HIT"] += 1
             return cached, False
         if state is DrcState.IN_PROGRESS:
-            outcomes["DRC_IN_PROGRESS"] += 1
+            self.stats.outcomes["DRC_IN_PROGRESS"] += 1
             return None, False
         reply = None
         try:
-            reply = await self._run(procedure, ctx, args)
+            if procedure.immediate is not None:
+                reply = self._run_now(procedure, ctx, args)
+            else:
+                reply = await self._run(procedure, ctx, args)
         finally:
             if reply is None:
                 self.drc.abandon(key)
@@ -369,35 +405,51 @@ class RpcDispatcher:
         return reply, False
 
     async def _run(self, procedure: Procedure, ctx: CallContext, args: bytes) -> bytes | None:
-        xid = ctx.xid
         start = time.perf_counter()
-        reply: bytes | None
         try:
             body = await procedure.handler(ctx, args)
-            reply = encode_accepted(xid, AcceptStat.SUCCESS, body)
-            outcome = "SUCCESS"
-        except (GarbageArgs, XdrError) as exc:
+        except Exception as exc:
+            reply, outcome = self._failed(procedure, ctx, exc)
+        else:
+            reply, outcome = encode_accepted(ctx.xid, AcceptStat.SUCCESS, body), "SUCCESS"
+        self._count(procedure, ctx, outcome, time.perf_counter() - start)
+        return reply
+
+    def _run_now(self, procedure: Procedure, ctx: CallContext, args: bytes) -> bytes | None:
+        assert procedure.immediate is not None
+        start = time.perf_counter()
+        try:
+            body = procedure.immediate(ctx, args)
+        except Exception as exc:
+            reply, outcome = self._failed(procedure, ctx, exc)
+        else:
+            reply, outcome = encode_accepted(ctx.xid, AcceptStat.SUCCESS, body), "SUCCESS"
+        self._count(procedure, ctx, outcome, time.perf_counter() - start)
+        return reply
+
+    def _failed(
+        self, procedure: Procedure, ctx: CallContext, exc: Exception
+    ) -> tuple[bytes | None, str]:
+        """The reply (and outcome name) for a handler that raised `exc`."""
+        if isinstance(exc, (GarbageArgs, XdrError)):
             log.debug("%s from %s: garbage args: %s", procedure.name, ctx.peer, exc)
-            reply = encode_accepted(xid, AcceptStat.GARBAGE_ARGS)
-            outcome = "GARBAGE_ARGS"
-        except AuthFailure as exc:
-            reply = encode_auth_error(xid, exc.stat)
-            outcome = "AUTH_ERROR"
-        except DropCall:
-            reply = None
-            outcome = "DROPPED"
-        except Exception:
-            log.exception(
-                "%s (prog %d vers %d proc %d) failed for %s",
-                procedure.name,
-                ctx.prog,
-                ctx.vers,
-                ctx.proc,
-                ctx.peer,
-            )
-            reply = encode_accepted(xid, AcceptStat.SYSTEM_ERR)
-            outcome = "SYSTEM_ERR"
-        elapsed = time.perf_counter() - start
+            return encode_accepted(ctx.xid, AcceptStat.GARBAGE_ARGS), "GARBAGE_ARGS"
+        if isinstance(exc, AuthFailure):
+            return encode_auth_error(ctx.xid, exc.stat), "AUTH_ERROR"
+        if isinstance(exc, DropCall):
+            return None, "DROPPED"
+        log.error(
+            "%s (prog %d vers %d proc %d) failed for %s",
+            procedure.name,
+            ctx.prog,
+            ctx.vers,
+            ctx.proc,
+            ctx.peer,
+            exc_info=exc,
+        )
+        return encode_accepted(ctx.xid, AcceptStat.SYSTEM_ERR), "SYSTEM_ERR"
+
+    def _count(self, procedure: Procedure, ctx: CallContext, outcome: str, elapsed: float) -> None:
         key = (ctx.prog, ctx.vers, ctx.proc)
         stats = self.stats.procs.get(key)
         if stats is None:
@@ -409,4 +461,3 @@ class RpcDispatcher:
         if outcome != "SUCCESS":
             stats.errors += 1
         self.stats.outcomes[outcome] += 1
-        return reply

@@ -1,12 +1,14 @@
 """Thin asyncio pumps that feed the sans-IO core: TCP (record marked) and UDP (datagrams).
 
-Theory of operation, TCP: each connection owns a `RecordReader`. Every complete record is
-dispatched as its own task, so pipelined calls are answered as they complete, in any order;
+Theory of operation, TCP: each connection owns a `RecordReader`. Every complete record goes
+to the dispatcher's `handle_now`: a call it answers at once is replied to at once; any other
+runs as its own task, so pipelined calls are answered as they complete, in any order;
 each reply is framed and written whole, so replies never interleave. A connection runs at
 most `max_in_flight` calls at once: beyond that, records wait in a queue and reading pauses,
 and a call keeps its slot until the transport has accepted its reply (write flow control),
 so a peer that does not read its replies stops being read. Memory per connection is thus
-bounded by `max_in_flight` records plus one read's worth of queued records. A record larger
+bounded by `max_in_flight` records plus one read's worth of queued records (and no call is
+taken while the transport holds more unsent reply bytes than its high-water mark). A record larger
 than `max_record_size`, or one the dispatcher cannot answer at all (not a decodable call),
 closes that connection only; replies already computed are flushed first. On EOF the replies
 still due are sent, then the connection is closed.
@@ -24,13 +26,13 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
 
 from rpc.message import AcceptStat, encode_accepted, peek_xid
 from rpc.record import MAX_RECORD_SIZE, UDP_MAX_PAYLOAD, RecordReader, RecordTooLarge, frame
-from rpc.server import TRANSPORT_TCP, TRANSPORT_UDP, RpcDispatcher
+from rpc.server import TRANSPORT_TCP, TRANSPORT_UDP, Outcome, RpcDispatcher
 
 log = logging.getLogger(__name__)
 
@@ -145,17 +147,26 @@ class _StreamConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writable.set()
+        self._pump()
 
     def _pump(self) -> None:
         transport = self._transport
         if self._closing or transport is None or self._pumping:
             return  # (a call that finished inside this loop re-enters here: let it run on)
         limit = self._config.max_in_flight
+        writable = self._writable
+        handle_now = self._dispatcher.handle_now
         self._pumping = True
         try:
             while self._queue and self._in_flight < limit and not self._closing:
-                self._in_flight += 1
-                start_eagerly(self._serve(self._queue.popleft()), self._tasks)
+                if not writable.is_set():
+                    break  # the peer is not reading its replies: stop taking calls
+                outcome = handle_now(self._queue.popleft(), self._peer, self._kind)
+                if type(outcome) is tuple:
+                    self._send(*outcome)
+                else:
+                    self._in_flight += 1
+                    start_eagerly(self._serve(cast(Awaitable[Outcome], outcome)), self._tasks)
         finally:
             self._pumping = False
         if self._closing:
@@ -164,7 +175,7 @@ class _StreamConnection(asyncio.Protocol):
             if not self._queue and self._in_flight == 0:
                 self._close()
             return
-        busy = bool(self._queue) or self._in_flight >= limit
+        busy = bool(self._queue) or self._in_flight >= limit or not writable.is_set()
         if busy and not self._reading_paused:
             self._reading_paused = True
             transport.pause_reading()
@@ -172,15 +183,19 @@ class _StreamConnection(asyncio.Protocol):
             self._reading_paused = False
             transport.resume_reading()
 
-    async def _serve(self, record: bytes) -> None:
+    def _send(self, reply: bytes | None, close: bool) -> None:
+        if reply is not None and not self._closing and self._transport is not None:
+            self._transport.write(frame(reply))
+        if close:
+            log.info("%s %s sent a record that is not a call; closing", self._kind, self._peer)
+            self._close()
+
+    async def _serve(self, pending: Awaitable[Outcome]) -> None:
+        """A call that may wait: it keeps its slot until its reply has been accepted."""
         try:
-            reply, close = await self._dispatcher.handle(record, self._peer, self._kind)
-            if reply is not None and not self._closing and self._transport is not None:
-                self._transport.write(frame(reply))
-                await self._writable.wait()
-            if close:
-                log.info("%s %s sent a record that is not a call; closing", self._kind, self._peer)
-                self._close()
+            reply, close = await pending
+            self._send(reply, close)
+            await self._writable.wait()
         except Exception:  # the dispatcher never raises; this guards the pump itself
             log.exception("%s %s: unexpected error serving a record", self._kind, self._peer)
             self._close()
@@ -242,24 +257,31 @@ class _DatagramEndpoint(asyncio.DatagramProtocol):
         if len(self._tasks) >= self._config.max_udp_in_flight:
             self.dropped += 1
             return
-        start_eagerly(self._serve(data, addr), self._tasks)
+        outcome = self._dispatcher.handle_now(data, _peer(addr), TRANSPORT_UDP)
+        if type(outcome) is tuple:
+            self._send(outcome[0], addr)
+        else:
+            start_eagerly(self._serve(cast(Awaitable[Outcome], outcome), addr), self._tasks)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("udp: %s", exc)
 
-    async def _serve(self, data: bytes, addr: Any) -> None:
+    async def _serve(self, pending: Awaitable[Outcome], addr: Any) -> None:
         try:
-            reply = await self._dispatcher.dispatch(data, _peer(addr), TRANSPORT_UDP)
-            transport = self._transport
-            if reply is None or transport is None or transport.is_closing():
-                return
-            if len(reply) > self._config.max_udp_payload:
-                xid = peek_xid(reply) or 0
-                log.error("udp %s: reply of %d bytes does not fit a datagram", addr, len(reply))
-                reply = encode_accepted(xid, AcceptStat.SYSTEM_ERR)
-            transport.sendto(reply, addr)
+            reply, _ = await pending
+            self._send(reply, addr)
         except Exception:
             log.exception("udp %s: unexpected error serving a datagram", addr)
+
+    def _send(self, reply: bytes | None, addr: Any) -> None:
+        transport = self._transport
+        if reply is None or transport is None or transport.is_closing():
+            return
+        if len(reply) > self._config.max_udp_payload:
+            xid = peek_xid(reply) or 0
+            log.error("udp %s: reply of %d bytes does not fit a datagram", addr, len(reply))
+            reply = encode_accepted(xid, AcceptStat.SYSTEM_ERR)
+        transport.sendto(reply, addr)
 
 
 class UdpServer:

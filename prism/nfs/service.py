@@ -200,7 +200,19 @@ class NfsService:
             result = await self.executor.call(run, writes=writes, durable=durable)
             return T.encode_result(proc, result)
 
-        return Procedure(int(proc), proc.name, handler, idempotent)
+        def immediate(ctx: CallContext, data: bytes) -> bytes:
+            """A call that changes nothing never waits: answer it without a coroutine."""
+            args = T.decode_args(proc, data)
+            call = Call(ctx.peer[0], cred_of(ctx), ctx.transport)
+            try:
+                result = self.executor.call_now(lambda s: body(s, call, args))
+            except _Fail as exc:
+                result = codec.res(exc.status)
+            except StoreError as exc:
+                result = codec.res(nfsstat_for(exc))
+            return T.encode_result(proc, result)
+
+        return Procedure(int(proc), proc.name, handler, idempotent, None if modifies else immediate)
 
     def program(self) -> Program:
         P = Nfs3Proc

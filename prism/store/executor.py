@@ -83,6 +83,11 @@ class StoreExecutor:
             self._durable_soon = asyncio.get_running_loop().call_soon(self._make_durable)
         return result
 
+    def call_now(self, fn: Callable[[Store], T]) -> T:
+        """Run a read-only `fn(store)` (in the open batch, if any, so it sees its writes)."""
+        self.calls += 1
+        return fn(self.store)
+
     def _make_durable(self) -> None:
         self._durable_soon = None
         self._settle(self.store.make_durable)
