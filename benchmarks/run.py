@@ -52,12 +52,16 @@ from workloads import (  # noqa: E402
     suite,
 )
 
-TARGETS = ("local", "ganesha", "prism")
-NAMES = {"local": "local", "ganesha": "Ganesha", "prism": "Prism"}
+TARGETS = ("local", "ganesha", "prism", "prism-async")
+NAMES = {"local": "local", "ganesha": "Ganesha", "prism": "Prism", "prism-async": "Prism --async"}
 HOST = "127.0.0.1"
 EXPORT = "/bench"
 #: (NFS, MOUNT) ports; away from 2049/20048/111 so a Prism dev server can keep those.
-DEFAULT_PORTS = {"ganesha": (12049, 12048), "prism": (22049, 22048)}
+DEFAULT_PORTS = {
+    "ganesha": (12049, 12048),
+    "prism": (22049, 22048),
+    "prism-async": (22149, 22148),
+}
 PRISM_START_TIMEOUT_S = 60.0
 PRISM_SETUP = "{prism} vm create bench --data {data}"
 PRISM_SERVE = (
@@ -272,16 +276,19 @@ def open_target(
         finally:
             g.stop()
         return
-    if name == "prism":
-        nfs_port, mount_port = ports(args.prism_nfs_port, args.prism_mount_port, "prism")
+    if name in ("prism", "prism-async"):
+        if name == "prism":
+            nfs_port, mount_port = ports(args.prism_nfs_port, args.prism_mount_port, name)
+        else:
+            nfs_port, mount_port = ports(None, None, name)
         p = PrismServer(
             args.prism_cmd,
-            workdir / "prism-data",
+            workdir / f"{name}-data",
             workdir,
             nfs_port=nfs_port,
             mount_port=mount_port,
             setup=args.prism_setup,
-            serve=args.prism_serve,
+            serve=args.prism_serve + (" --async" if name == "prism-async" else ""),
             timeout=args.prism_timeout,
             cpus=args.server_cpus,
         )
@@ -355,7 +362,12 @@ def markdown_table(
     shown = [t for t in TARGETS if t in targets or t in results]
     pairs = [
         (a, b)
-        for a, b in (("prism", "ganesha"), ("prism", "local"), ("ganesha", "local"))
+        for a, b in (
+            ("prism", "ganesha"),
+            ("prism-async", "ganesha"),
+            ("prism", "local"),
+            ("ganesha", "local"),
+        )
         if a in shown and b in shown
     ]
     cols = ["Workload", "Unit", "Better", *shown]
@@ -391,7 +403,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--targets", default="local,ganesha,prism", help="comma-separated subset")
+    ap.add_argument(
+        "--targets",
+        default="local,ganesha,prism,prism-async",
+        help="comma-separated subset; prism-async is `prism serve --async` (metadata"
+        " acknowledged before it is durable, as Ganesha's VFS backend does)",
+    )
     ap.add_argument("--size-mb", type=int, default=256, help="sequential file size (MiB)")
     ap.add_argument("--ops", type=int, default=5000, help="random reads / GETATTRs")
     ap.add_argument("--files", type=int, default=5000, help="files for create/stat/unlink")

@@ -191,7 +191,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         portmap_port=args.portmap_port,
         portmap=not args.no_portmap,
         metrics=args.metrics,
+        durable_replies=not args.async_replies,
     )
+    if args.async_replies:
+        logging.getLogger("prism.server").warning(
+            "--async: metadata changes are acknowledged before they are durable; a crash"
+            " may lose the last 0.25 s of them"
+        )
     try:
         run_event_loop(serve(options))
     except OSError as exc:
@@ -571,6 +577,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mount-port", type=int, default=20048)
     p.add_argument("--portmap-port", type=int, default=None)
     p.add_argument("--no-portmap", action="store_true")
+    p.add_argument(
+        "--async",
+        dest="async_replies",
+        action="store_true",
+        help="like knfsd's 'async' export option: answer metadata changes and stable"
+        " writes before they are on disk (a crash may lose the last 0.25 s of them);"
+        " COMMIT still waits. Faster on slow-fsync disks; off by default",
+    )
     p.add_argument("--metrics", default=None, metavar="ADDR:PORT")
     p.add_argument("--demo", action="store_true", help="create VM 'demo' if missing")
     p.add_argument("-v", "--verbose", action="store_true")

@@ -55,6 +55,8 @@ class ServeOptions:
     portmap_port: int | None = None
     portmap: bool = True
     metrics: str | None = None
+    durable_replies: bool = True
+    """False is `--async`: modifying calls are answered before their changes are durable."""
 
 
 class PrismServer:
@@ -62,7 +64,7 @@ class PrismServer:
         self.options = options
         self.store = Store.open(options.data, journal=True)
         self.executor = StoreExecutor(self.store)
-        self.service = NfsService(self.executor)
+        self.service = NfsService(self.executor, durable_replies=options.durable_replies)
         self.dispatcher = RpcDispatcher()
         self.dispatcher.add_program(self.service.program())
         self.dispatcher.add_program(self.service.mount_program())

@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from prism.nfs.client import NfsClient
 from prism.nfs.const import NfsStat3, StableHow
 from prism.nfs.types import NfsFh3
 from rpc.client import RpcError
-from tests.server_helpers import PrismProcess
+from tests.server_helpers import PrismProcess, running_server
 
 BLOCK = 4096
 
@@ -173,3 +174,27 @@ def test_acknowledged_writes_survive_kill_9_mid_stream(prism_server: PrismProces
             data = nfs.read_all(fh, chunk=256 * 1024, limit=(max(acked) + 1) * BLOCK)
             lost = [i for i in acked if data[i * BLOCK : (i + 1) * BLOCK] != block(i)]
             assert not lost, f"{stable.name}: acknowledged blocks lost: {lost[:10]}"
+
+
+def test_async_mode_never_claims_data_durable_before_commit(tmp_path: Path) -> None:
+    """`--async` answers metadata changes before they are on disk, but says so for data:
+    a FILE_SYNC write is answered UNSTABLE, and what COMMIT acknowledged survives kill -9."""
+    with running_server(tmp_path, extra_args=["--async"]) as server:
+        assert "--async" in server.all_stderr()
+        root = server.mount("/vm")
+        data = os.urandom(150_000)
+        with server.nfs_client("tcp") as nfs:
+            f = ok(nfs.create(root, "file")).obj
+            w = ok(nfs.write(f, 0, data, StableHow.FILE_SYNC))
+            assert w.committed == StableHow.UNSTABLE
+            assert ok(nfs.commit(f)).verf == w.verf
+            for i in range(50):
+                ok(nfs.create(root, f"quick{i}"))
+            ok(nfs.remove(root, "quick0"))
+        server.restart(crash=True)
+        with server.nfs_client("tcp") as nfs:
+            assert nfs.read_all(f) == data  # COMMIT waited for the journal
+            assert ok(nfs.lookup(root, "file")).object == f
+        server.stop()
+        fsck = server.cli("fsck", check=False)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr

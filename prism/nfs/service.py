@@ -121,8 +121,10 @@ def cred_of(ctx: CallContext) -> Cred:
 class NfsService:
     """Shared state of the NFS and MOUNT programs: the store executor and handle codec."""
 
-    def __init__(self, executor: StoreExecutor) -> None:
+    def __init__(self, executor: StoreExecutor, *, durable_replies: bool = True) -> None:
         self.executor = executor
+        self.durable_replies = durable_replies
+        """False (`prism serve --async`): only COMMIT waits for durability."""
         self.store: Store = executor.store
         self.handles = HandleCodec(self.store.secret)
         self.mounts: set[tuple[str, bytes]] = set()
@@ -185,9 +187,12 @@ class NfsService:
             args = T.decode_args(proc, data)
             call = Call(ctx.peer[0], cred_of(ctx), ctx.transport)
             writes = modifies and proc != Nfs3Proc.COMMIT
-            durable = modifies and not (
-                proc == Nfs3Proc.WRITE and args.stable == StableHow.UNSTABLE
-            )
+            if self.durable_replies:
+                durable = modifies and not (
+                    proc == Nfs3Proc.WRITE and args.stable == StableHow.UNSTABLE
+                )
+            else:
+                durable = proc == Nfs3Proc.COMMIT
 
             def run(s: Store) -> Any:
                 try:
@@ -297,7 +302,9 @@ class NfsService:
             attr = s.write(oid, a.offset, data, call.cred)
         except StoreError as exc:
             return T.WriteRes(nfsstat_for(exc), self._wcc(s, oid, before))
-        committed = StableHow.UNSTABLE if a.stable == StableHow.UNSTABLE else StableHow.FILE_SYNC
+        # With --async nothing is durable before COMMIT, and the reply says so.
+        unstable = a.stable == StableHow.UNSTABLE or not self.durable_replies
+        committed = StableHow.UNSTABLE if unstable else StableHow.FILE_SYNC
         return T.WriteRes(
             OK, T.WccData(before, self.fattr(attr)), len(data), committed, self.verifier()
         )
