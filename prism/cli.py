@@ -581,9 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--async",
         dest="async_replies",
         action="store_true",
-        help="like knfsd's 'async' export option: answer metadata changes and stable"
-        " writes before they are on disk (a crash may lose the last 0.25 s of them);"
-        " COMMIT still waits. Faster on slow-fsync disks; off by default",
+        help="like knfsd's 'async' export option: answer metadata changes before they"
+        " are on disk (a crash may lose the last 0.25 s of them); writes are answered"
+        " UNSTABLE and COMMIT still waits. Faster on slow-fsync disks; off by default",
     )
     p.add_argument("--metrics", default=None, metavar="ADDR:PORT")
     p.add_argument("--demo", action="store_true", help="create VM 'demo' if missing")

@@ -183,6 +183,15 @@ class NfsService:
     ) -> Procedure:
         codec = T.NFS3_PROCS[proc]
 
+        def answer(s: Store, call: Call, args: Any) -> Any:
+            """The procedure's result; a failure becomes its status-only result."""
+            try:
+                return body(s, call, args)
+            except _Fail as exc:
+                return codec.res(exc.status)
+            except StoreError as exc:
+                return codec.res(nfsstat_for(exc))
+
         async def handler(ctx: CallContext, data: bytes) -> bytes:
             args = T.decode_args(proc, data)
             call = Call(ctx.peer[0], cred_of(ctx), ctx.transport)
@@ -193,29 +202,16 @@ class NfsService:
                 )
             else:
                 durable = proc == Nfs3Proc.COMMIT
-
-            def run(s: Store) -> Any:
-                try:
-                    return body(s, call, args)
-                except _Fail as exc:
-                    return codec.res(exc.status)
-                except StoreError as exc:
-                    return codec.res(nfsstat_for(exc))
-
-            result = await self.executor.call(run, writes=writes, durable=durable)
+            result = await self.executor.call(
+                lambda s: answer(s, call, args), writes=writes, durable=durable
+            )
             return T.encode_result(proc, result)
 
         def immediate(ctx: CallContext, data: bytes) -> bytes:
             """A call that changes nothing never waits: answer it without a coroutine."""
             args = T.decode_args(proc, data)
             call = Call(ctx.peer[0], cred_of(ctx), ctx.transport)
-            try:
-                result = self.executor.call_now(lambda s: body(s, call, args))
-            except _Fail as exc:
-                result = codec.res(exc.status)
-            except StoreError as exc:
-                result = codec.res(nfsstat_for(exc))
-            return T.encode_result(proc, result)
+            return T.encode_result(proc, self.executor.call_now(lambda s: answer(s, call, args)))
 
         return Procedure(int(proc), proc.name, handler, idempotent, None if modifies else immediate)
 

@@ -53,7 +53,6 @@ class StoreExecutor:
         self._idle: asyncio.TimerHandle | None = None
         self._calls_at_idle_check = 0
         self.commits = 0
-        self.durable_points = 0
         self.calls = 0
 
     async def call(
@@ -91,7 +90,6 @@ class StoreExecutor:
     def _make_durable(self) -> None:
         self._durable_soon = None
         self._settle(self.store.make_durable)
-        self.durable_points += 1
         if not self.store.in_batch:  # it had to checkpoint (or failed)
             self._cancel_timers()
 

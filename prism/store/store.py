@@ -322,6 +322,8 @@ class Store:
         self._journal_path = root / "meta" / "journal"
         self.journal: Journal | None = None
         self._journaled: list[Change] = []  # the batch's changes not yet in the journal
+        # The first write: `_begin_write` replays what a dead journal owner left, so every
+        # process opening the store sees its acknowledged changes.
         with self._write() as t:
             version = t.get(b"format", db=self._meta)
             if version is None:
@@ -361,14 +363,12 @@ class Store:
             readahead=False,
         )
         store = cls(root, env)
-        try:
-            if journal:
+        if journal:
+            try:
                 store._take_journal(journal_wait)
-            else:
-                store._recover_orphaned_journal()
-        except BaseException:
-            store.close()
-            raise
+            except BaseException:
+                store.close()
+                raise
         return store
 
     def close(self) -> None:
@@ -450,11 +450,6 @@ class Store:
             return
         self._journaled.clear()
 
-    @property
-    def journal_bytes(self) -> int:
-        """How much of the journal the open batch has used (0 without a journal)."""
-        return 0 if self.journal is None else self.journal.offset
-
     def _durable_commit(self, txn: lmdb.Transaction) -> None:
         """Content first (fdatasync the segment), then the metadata that names it."""
         try:
@@ -491,22 +486,15 @@ class Store:
     def _write(self) -> Iterator[lmdb.Transaction]:
         if self._batch is not None:
             child = self._env.begin(write=True, parent=self._batch)
-            if self.journal is None:
-                try:
-                    yield child
-                except BaseException:
-                    self._aborted(child)
-                    raise
-                child.commit()
-                return
-            recorder = _Recorder(child, self._db_index)
+            recorder = None if self.journal is None else _Recorder(child, self._db_index)
             try:
-                yield cast(lmdb.Transaction, recorder)
+                yield child if recorder is None else cast(lmdb.Transaction, recorder)
             except BaseException:
                 self._aborted(child)
                 raise
             child.commit()
-            self._journaled += recorder.changes
+            if recorder is not None:
+                self._journaled += recorder.changes
             return
         txn = self._begin_write()
         try:
@@ -538,23 +526,6 @@ class Store:
                 orphan.close()
         return txn
 
-    def _recover_orphaned_journal(self) -> None:
-        """Replay what a dead journal owner left (a cheap look first: no writer lock)."""
-        if not self._journal_path.exists():
-            return
-        try:
-            orphan = Journal.open(self._journal_path)
-        except JournalBusy:
-            return  # its owner is alive
-        try:
-            with self._read() as t:
-                generation = self._get_meta(t, _JOURNAL_GEN)
-            pending = next(orphan.records(generation), None) is not None
-        finally:
-            orphan.close()
-        if pending:
-            self._durable_commit(self._begin_write())
-
     def _take_journal(self, wait: float) -> None:
         """Own the journal for this process's lifetime, replaying what a dead owner left."""
         try:
@@ -577,9 +548,9 @@ class Store:
             raise
         self._durable_commit(txn)
 
-    def _apply_journal(self, txn: lmdb.Transaction, journal: Journal) -> int:
+    def _apply_journal(self, txn: lmdb.Transaction, journal: Journal) -> None:
         """Apply the records of the current generation to `txn` and retire them (the
-        caller commits). Returns how many records were applied."""
+        caller commits)."""
         generation = self._get_meta(txn, _JOURNAL_GEN)
         applied = 0
         for payload in journal.records(generation):
@@ -600,7 +571,6 @@ class Store:
             log.warning("replayed %d journal records left by a stopped server", applied)
             generation += 1
         journal.start(generation)
-        return applied
 
     def _read(self) -> _ReadTxn:
         """A read transaction (the open batch, when there is one, so reads see its writes)."""
