@@ -868,3 +868,62 @@ def test_end_to_end_over_rpc(rpc_servers: Any, transport: str) -> None:
         with pytest.raises(GarbageArgsError):
             nfs.getattr(b"x" * 65)
     assert seen_creds[-1].uid == 1000 and seen_creds[-1].gids == (4,)
+
+
+# --- the server's pre-encoded READDIRPLUS entries -------------------------------------------
+
+_U32 = st.integers(0, 2**32 - 1)
+_NS = st.integers(0, 2**32 * 1_000_000_000 - 1)  # nfstime3 seconds are 32 bits
+
+
+@FAST
+@given(
+    kind=st.sampled_from(list(FileType)),
+    mode=st.integers(0, 0xFFFF),
+    ids=st.tuples(_U32, _U32, _U32),
+    size=st.integers(0, 2**63 - 1),
+    rdev=st.tuples(_U32, _U32),
+    times=st.tuples(_NS, _NS, _NS),
+    fsid=st.integers(0, 2**64 - 1),
+    fileid=st.integers(0, 2**64 - 1),
+    name=st.binary(min_size=1, max_size=255),
+    cookie=st.integers(0, 2**64 - 1),
+    handle=st.binary(min_size=1, max_size=NFS3_FHSIZE),
+)
+def test_entryplus3_of_record_encodes_like_entryplus3(
+    kind: FileType,
+    mode: int,
+    ids: tuple[int, int, int],
+    size: int,
+    rdev: tuple[int, int],
+    times: tuple[int, int, int],
+    fsid: int,
+    fileid: int,
+    name: bytes,
+    cookie: int,
+    handle: bytes,
+) -> None:
+    """READDIRPLUS encodes entries straight from inode records; the bytes must be exactly
+    what the generic `EntryPlus3` encoder writes, alone and inside a whole reply."""
+    from prism.store.records import INODE_ATTRS, Inode
+
+    nlink, uid, gid = ids
+    record = Inode(kind, mode, nlink, uid, gid, size, *rdev, *times).pack()
+    fast = t.EncodedEntry.entryplus3_of_record(
+        fileid, name, cookie, fsid, INODE_ATTRS.unpack_from(record), handle
+    )
+    at, mt, ct = (t.NfsTime3(*divmod(ns, 1_000_000_000)) for ns in times)
+    attrs = t.Fattr3(
+        kind, mode & 0o7777, nlink, uid, gid, size, size, t.SpecData3(*rdev), fsid, fileid,
+        at, mt, ct,
+    )  # fmt: skip
+    generic = t.EntryPlus3(fileid, name, cookie, attrs, t.NfsFh3(handle))
+    assert pack(fast) == pack(generic)
+    assert fast.wire_size() == len(pack(generic)) + 4
+    replies = [
+        t.ReaddirplusRes(OK, None, b"v" * 8, entries, eof=True)
+        for entries in ((fast, fast), (generic, generic))
+    ]
+    assert pack(replies[0]) == pack(replies[1])
+    decoded = unpack_all(t.ReaddirplusRes, pack(replies[0]))
+    assert decoded.entries == (generic, generic)

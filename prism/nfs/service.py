@@ -48,6 +48,7 @@ from prism.nfs.handles import BadHandle, HandleCodec
 from prism.nfs.status import mountstat_for, nfsstat_for
 from prism.store import Store
 from prism.store.executor import StoreExecutor
+from prism.store.records import INODE_ATTRS
 from prism.store.types import INO_BITS, MAX_FILE_SIZE, Attr, Cred, FileType, ObjectId
 from rpc.message import AuthFlavor
 from rpc.server import (
@@ -471,28 +472,33 @@ class NfsService:
         guess = ENTRY_PLUS_GUESS if plus else ENTRY_GUESS
         ns = dir_oid.ns
         encode_handle = self.handles.encode_ids
+        inode_attrs = INODE_ATTRS.unpack_from
         while True:
             # What is left of the page holds about this many entries: fetch just those.
             limit = max(8, min(1024, (budget - used) // guess + 8))
             batch, eof = s.readdir_raw(dir_oid, after, call.cred, limit=limit, attrs=plus)
-            for c, name, vol, ino, node in batch:
+            for c, name, vol, ino, record in batch:
                 fileid = (vol << INO_BITS) | ino
                 if plus:
-                    if node is None:
+                    if record is None:
                         continue
-                    item = T.EncodedEntry.entryplus3(
+                    item = T.EncodedEntry.entryplus3_of_record(
                         fileid,
                         name,
                         c,
-                        T.PackedFattr3.of_inode(node, ns, fileid),
+                        ns,
+                        inode_attrs(record),
                         encode_handle(ns, vol, ino),
                     )
                 else:
                     item = T.EncodedEntry.entry3(fileid, name, c)
-                if not fits(item):
+                size = item.wire_size()  # (`fits` inlined: this is READDIR's loop)
+                if used + size > budget:
                     if not entries:
                         raise _Fail(NfsStat3.NFS3ERR_TOOSMALL)
                     return dir_oid, entries, False
+                used += size
+                entries.append(item)
                 after = c
             if eof:
                 return dir_oid, entries, True

@@ -317,46 +317,21 @@ class PackedFattr3:
             cn,
         )
 
-    @classmethod
-    def of_inode(cls, node: Any, fsid: int, fileid: int) -> PackedFattr3:
-        """From the store's raw inode record (READDIRPLUS builds no `Attr`)."""
-        self = cls.__new__(cls)
-        at, an = divmod(node.atime_ns, 1_000_000_000)
-        mt, mn = divmod(node.mtime_ns, 1_000_000_000)
-        ct, cn = divmod(node.ctime_ns, 1_000_000_000)
-        self.raw = _FATTR3.pack(
-            node.type,
-            node.mode & 0o7777,
-            node.nlink,
-            node.uid,
-            node.gid,
-            node.size,
-            node.size,
-            node.rdev_major,
-            node.rdev_minor,
-            fsid,
-            fileid,
-            at & _U32_MAX,
-            an,
-            mt & _U32_MAX,
-            mn,
-            ct & _U32_MAX,
-            cn,
-        )
-        return self
-
     def pack(self, p: Packer) -> None:
         p.pack_raw(self.raw)
 
 
 _ENTRY_HEAD = struct.Struct(">QI")
+_ENTRYPLUS_TAIL = struct.Struct(">QI5I2Q2I2Q6III")
+"""cookie, name_attributes (TRUE + fattr3), name_handle (TRUE + handle length)."""
 _TRUE = b"\0\0\0\1"
 _PADDING = (b"", b"\0\0\0", b"\0\0", b"\0")
 
 
 class EncodedEntry:
     """An entry3 / entryplus3 already encoded (without its value-follows flag): the server's
-    fast path for READDIR and READDIRPLUS. Encodes exactly like `Entry3` / `EntryPlus3`."""
+    fast path for READDIR and READDIRPLUS. Encodes exactly like `Entry3` / `EntryPlus3`.
+    A reply's entries are all encoded or none are (`_pack_listing` joins them at once)."""
 
     __slots__ = ("raw",)
 
@@ -376,6 +351,49 @@ class EncodedEntry:
             + name
             + _PADDING[len(name) & 3]
             + struct.pack(">Q", cookie)
+        )
+
+    @classmethod
+    def entryplus3_of_record(
+        cls,
+        fileid: int,
+        name: bytes,
+        cookie: int,
+        fsid: int,
+        attrs: tuple[int, ...],
+        handle: bytes,
+    ) -> EncodedEntry:
+        """An entryplus3 from an inode record's `INODE_ATTRS` fields, in two packs."""
+        kind, mode, nlink, uid, gid, size, major, minor, at_ns, mt_ns, ct_ns = attrs
+        at, an = divmod(at_ns, 1_000_000_000)
+        mt, mn = divmod(mt_ns, 1_000_000_000)
+        ct, cn = divmod(ct_ns, 1_000_000_000)
+        tail = _ENTRYPLUS_TAIL.pack(
+            cookie,
+            1,
+            kind,
+            mode & 0o7777,
+            nlink,
+            uid,
+            gid,
+            size,
+            size,
+            major,
+            minor,
+            fsid,
+            fileid,
+            at & _U32_MAX,
+            an,
+            mt & _U32_MAX,
+            mn,
+            ct & _U32_MAX,
+            cn,
+            1,
+            len(handle),
+        )
+        head = _ENTRY_HEAD.pack(fileid, len(name))
+        return cls(
+            b"".join((head, name, _PADDING[len(name) & 3], tail, handle, _PADDING[len(handle) & 3]))
         )
 
     @classmethod
@@ -1240,9 +1258,13 @@ def _pack_listing(p: Packer, res: Any) -> None:
     pack_post_op_attr(p, res.dir_attributes)
     if res.status == _OK:
         p.pack_fopaque(NFS3_COOKIEVERFSIZE, res.cookieverf)
-        for entry in res.entries:
-            p.pack_bool(True)
-            entry.pack(p)
+        entries = res.entries
+        if entries and type(entries[0]) is EncodedEntry:  # the server's path: one join
+            p.pack_raw(_TRUE + _TRUE.join([entry.raw for entry in entries]))
+        else:
+            for entry in entries:
+                p.pack_bool(True)
+                entry.pack(p)
         p.pack_bool(False)
         p.pack_bool(res.eof)
 

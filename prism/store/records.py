@@ -72,6 +72,9 @@ def layer_prefix(layer: int) -> bytes:
 
 
 _INODE = struct.Struct(">BHIIIQIIqqqHQ8s")
+INODE_ATTRS = struct.Struct(">BHIIIQIIqqq")
+"""The leading fields of an inode record: type, mode, nlink, uid, gid, size, rdev major and
+minor, atime/mtime/ctime ns. READDIRPLUS reads these from the raw record, building no Inode."""
 FILE_TYPES = (None, *FileType)
 """FileType by value without the cost of an enum call (index 0 is not a type)."""
 

@@ -761,6 +761,18 @@ class Store:
                 return node
         return None
 
+    def _inode_record(self, t: lmdb.Transaction, view: _View, vol: int, ino: int) -> bytes | None:
+        """The stored inode record, for readers of its attributes only (a directory's parent
+        fields are not translated into the view's volumes, as `_inode` does)."""
+        if vol >= SHARE_VOL_BASE:
+            node = self._inode(t, view, vol, ino)
+            return node.pack() if node is not None else None
+        for layer, v, _ in self._path(t, view.top, vol):
+            raw = t.get(R.inode_key(layer, v, ino), db=self._inodes)
+            if raw is not None:
+                return cast(bytes, raw) or None
+        return None
+
     def _put_inode(self, t: lmdb.Transaction, view: _View, vol: int, ino: int, node: Inode) -> None:
         t.put(R.inode_key(view.top, vol, ino), node.pack(), db=self._inodes)
 
@@ -894,11 +906,18 @@ class Store:
         path = self._path(t, view.top, dvol)
         if len(path) == 1:  # one layer: no merge needed, whiteouts cannot occur
             layer, v, _ = path[0]
-            for cookie, name, _prio, value, _xl in self._scan_layer_dir(
-                t, R.dirent_prefix(layer, v, dino), after, 0, None
-            ):
+            prefix = R.dirent_prefix(layer, v, dino)
+            cur = t.cursor(db=self._dirents)
+            if not cur.set_range(prefix + R.DIRENT_COOKIE.pack(after + 1) if after else prefix):
+                return
+            plen = len(prefix)
+            cookie_at, entry_of = R.DIRENT_COOKIE.unpack_from, R.DIRENT_VAL.unpack
+            # (`_scan_layer_dir` inlined: this is READDIR's loop; buffers=False gives bytes)
+            for key, value in cast(Iterator[tuple[bytes, bytes]], cur):
+                if not key.startswith(prefix):
+                    return
                 if value:
-                    yield (cookie, name, *R.DIRENT_VAL.unpack(value))
+                    yield (cookie_at(key, plen)[0], key[plen + 8 :], *entry_of(value))
             return
         streams = [
             self._scan_layer_dir(t, R.dirent_prefix(layer, v, dino), after, prio, xl)
@@ -2299,24 +2318,25 @@ class Store:
         *,
         limit: int = 1000,
         attrs: bool = True,
-    ) -> tuple[list[tuple[int, bytes, int, int, Inode | None]], bool]:
+    ) -> tuple[list[tuple[int, bytes, int, int, bytes | None]], bool]:
         """The READDIR/READDIRPLUS fast path: entries after `cookie` as plain tuples
-        (cookie, name, vol, ino, Inode or None), read in one transaction, no objects built."""
+        (cookie, name, vol, ino, inode record or None), read in one transaction, no objects
+        built. The inode record's attributes unpack with `records.INODE_ATTRS`."""
         with self._read() as t:
             view, d, dnode, dout = self._obj(t, dir)
             if dnode.type != FileType.DIR:
                 raise NotADirectory("not a directory")
             self._require(dnode, cred, _R, "no read permission on the directory")
             after = cookie if cookie >= R.FIRST_COOKIE else 0
-            out: list[tuple[int, bytes, int, int, Inode | None]] = []
+            out: list[tuple[int, bytes, int, int, bytes | None]] = []
             base = dout.base
             for c, name, vol, ino, _ in self._list_raw(t, view, d.vol, d.ino, after):
                 if base and vol >= SHARE_VOL_SPAN:
                     continue  # only the source's first SHARE_VOL_SPAN volumes are shared
                 if len(out) >= limit:
                     return out, False
-                node = self._inode(t, view, vol, ino) if attrs else None
-                out.append((c, name, vol + base, ino, node))
+                record = self._inode_record(t, view, vol, ino) if attrs else None
+                out.append((c, name, vol + base, ino, record))
             return out, True
 
 
