@@ -729,6 +729,48 @@ def test_readdir_paging_while_the_directory_changes(
         assert ok(nfs.lookup(workdir, name)).obj_attributes.fileid == fileids[name]
 
 
+def test_readdirplus_attributes_are_current_after_changes(nfs: NfsClient, workdir: NfsFh3) -> None:
+    """READDIRPLUS keeps encoded entries between listings; what it returns must still be
+    exactly what GETATTR says after each kind of change (mode, size, times, links, a rename
+    and a new object reusing the name)."""
+
+    def listing() -> dict[bytes, Any]:
+        res = ok(nfs.readdirplus(workdir, maxcount=65536))
+        assert res.eof
+        return {e.name: e for e in res.entries if e.name not in (b".", b"..")}
+
+    def assert_current(entries: dict[bytes, Any]) -> None:
+        for name, e in entries.items():
+            now = ok(nfs.getattr(e.name_handle)).obj_attributes
+            assert e.name_attributes == now, name
+
+    fhs = {f"f{i}".encode(): ok(nfs.create(workdir, f"f{i}")).obj for i in range(4)}
+    first = listing()
+    assert set(first) == set(fhs)
+    assert_current(first)
+    assert listing() == first  # nothing changed: the same bytes again
+
+    ok(nfs.setattr(fhs[b"f0"], Sattr3(mode=0o600)))
+    ok(nfs.write(fhs[b"f1"], 0, b"grown", StableHow.FILE_SYNC))
+    ok(nfs.link(fhs[b"f2"], workdir, "f2-link"))
+    ok(nfs.rename(workdir, "f3", workdir, "f3-renamed"))
+    second = listing()
+    assert set(second) == {b"f0", b"f1", b"f2", b"f2-link", b"f3-renamed"}
+    assert second[b"f0"].name_attributes.mode == 0o600
+    assert second[b"f1"].name_attributes.size == 5
+    assert second[b"f2"].name_attributes.nlink == second[b"f2-link"].name_attributes.nlink == 2
+    assert second[b"f3-renamed"].fileid == first[b"f3"].fileid
+    assert_current(second)
+
+    ok(nfs.remove(workdir, "f0"))
+    new = ok(nfs.mkdir(workdir, "f0")).obj
+    third = listing()
+    assert third[b"f0"].name_attributes.type == FileType.DIR
+    assert third[b"f0"].name_handle == new
+    assert third[b"f0"].fileid != first[b"f0"].fileid
+    assert_current(third)
+
+
 def test_readdir_sizes(srv: PrismProcess, nfs: NfsClient, workdir: NfsFh3, transport: str) -> None:
     names = [f"f{i}".encode() for i in range(600)]
     pipelined_creates(srv, workdir, names)

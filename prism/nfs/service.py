@@ -70,6 +70,8 @@ DOT_COOKIE, DOTDOT_COOKIE = 1, 2
 READDIR_PREFERRED = 64 * 1024
 ENTRY_GUESS, ENTRY_PLUS_GUESS = 40, 170
 """Typical encoded sizes of a READDIR and a READDIRPLUS entry, to size store fetches."""
+ENTRY_CACHE_SIZE = 32 * 1024
+"""Encoded READDIRPLUS entries kept (about 250 bytes each); the cache is emptied when full."""
 UDP_MAX_IO = 32 * 1024
 """READ/WRITE/READDIR payload over UDP: a reply must fit one datagram (rpc.record's
 UDP_MAX_PAYLOAD) with its headers, so FSINFO advertises this and READ/READDIR clamp to it
@@ -128,6 +130,10 @@ class NfsService:
         """False (`prism serve --async`): only COMMIT waits for durability."""
         self.store: Store = executor.store
         self.handles = HandleCodec(self.store.secret)
+        self._encoded_entries: dict[tuple[int, int, int, bytes, bytes], T.EncodedEntry] = {}
+        """READDIRPLUS entries by (fsid, vol, ino, name, inode record): an entry's bytes are a
+        function of exactly these, so a hit is always current. Listing a directory again
+        (ls, find, make) then re-encodes only what changed."""
         self.mounts: set[tuple[str, bytes]] = set()
         self.time_delta = T.NfsTime3.from_ns(
             max(1, int(time.clock_getres(time.CLOCK_REALTIME) * 1e9))
@@ -473,6 +479,7 @@ class NfsService:
         ns = dir_oid.ns
         encode_handle = self.handles.encode_ids
         inode_attrs = INODE_ATTRS.unpack_from
+        encoded = self._encoded_entries
         while True:
             # What is left of the page holds about this many entries: fetch just those.
             limit = max(8, min(1024, (budget - used) // guess + 8))
@@ -482,17 +489,23 @@ class NfsService:
                 if plus:
                     if record is None:
                         continue
-                    item = T.EncodedEntry.entryplus3_of_record(
-                        fileid,
-                        name,
-                        c,
-                        ns,
-                        inode_attrs(record),
-                        encode_handle(ns, vol, ino),
-                    )
+                    key = (ns, vol, ino, name, record)
+                    item = encoded.get(key)
+                    if item is None:
+                        item = T.EncodedEntry.entryplus3_of_record(
+                            fileid,
+                            name,
+                            c,
+                            ns,
+                            inode_attrs(record),
+                            encode_handle(ns, vol, ino),
+                        )
+                        if len(encoded) >= ENTRY_CACHE_SIZE:
+                            encoded.clear()
+                        encoded[key] = item
                 else:
                     item = T.EncodedEntry.entry3(fileid, name, c)
-                size = item.wire_size()  # (`fits` inlined: this is READDIR's loop)
+                size = 4 + len(item.raw)  # (`fits` and `wire_size` inlined: READDIR's loop)
                 if used + size > budget:
                     if not entries:
                         raise _Fail(NfsStat3.NFS3ERR_TOOSMALL)
