@@ -339,25 +339,23 @@ def minor_faults(pid: int) -> int:
     return int(stat.rsplit(")", 1)[1].split()[7])
 
 
-def test_large_writes_reuse_heap_buffers(
-    srv: PrismProcess, nfs: NfsClient, workdir: NfsFh3, transport: str
-) -> None:
+def test_large_writes_reuse_heap_buffers(srv: PrismProcess) -> None:
     """1 MiB WRITE records do not fault in fresh pages each time: the server keeps large
     buffers on the heap (glibc's default mmap()s them, ~500 faults per MiB, half the CPU of a
     sequential write). Counted from /proc, so the test is about memory, not timing."""
-    if transport == "udp":
-        pytest.skip("1 MiB records are a TCP matter")
     assert srv.proc is not None
-    fh = ok(nfs.create(workdir, "big")).obj
-    blocks = [os.urandom(MiB) for _ in range(4)]
-    for i, block in enumerate(blocks):  # warm up: the heap grows to its working size
-        ok(nfs.write(fh, i * MiB, block, StableHow.UNSTABLE))
-    before = minor_faults(srv.proc.pid)
-    written = 32
-    for i in range(written):
-        ok(nfs.write(fh, i * MiB, blocks[i % 4][i:] + blocks[i % 4][:i], StableHow.UNSTABLE))
-    faults = minor_faults(srv.proc.pid) - before
-    ok(nfs.commit(fh))
+    with srv.nfs_client("tcp") as nfs:
+        fh = ok(nfs.create(srv.mount("/vm"), "heap-reuse")).obj
+        blocks = [os.urandom(MiB) for _ in range(4)]
+        for i, block in enumerate(blocks):  # warm up: the heap grows to its working size
+            ok(nfs.write(fh, i * MiB, block, StableHow.UNSTABLE))
+        before = minor_faults(srv.proc.pid)
+        written = 32
+        for i in range(written):
+            data = blocks[i % 4][i:] + blocks[i % 4][:i]
+            ok(nfs.write(fh, i * MiB, data, StableHow.UNSTABLE))
+        faults = minor_faults(srv.proc.pid) - before
+        ok(nfs.commit(fh))
     assert faults < written * 32, f"{faults} page faults for {written} MiB written"
 
 
