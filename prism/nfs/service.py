@@ -269,10 +269,10 @@ class NfsService:
     def lookup(self, s: Store, call: Call, a: T.LookupArgs) -> T.LookupRes:
         dir_oid = self._oid(s, call, a.what.dir)
         try:
-            attr = s.lookup(dir_oid, a.what.name, call.cred)
+            attr, dir_attr = s.lookup_in(dir_oid, a.what.name, call.cred)
         except StoreError as exc:
             return T.LookupRes(nfsstat_for(exc), dir_attributes=self._post(s, dir_oid))
-        return T.LookupRes(OK, self.fh(attr.oid), self.fattr(attr), self._post(s, dir_oid))
+        return T.LookupRes(OK, self.fh(attr.oid), self.fattr(attr), self.fattr(dir_attr))
 
     def access(self, s: Store, call: Call, a: T.AccessArgs) -> T.AccessRes:
         oid = self._oid(s, call, a.object)

@@ -1786,23 +1786,29 @@ class Store:
             return self._attr(oid, node)
 
     def lookup(self, dir: ObjectId, name: bytes, cred: Cred | None = None) -> Attr:
+        return self.lookup_in(dir, name, cred)[0]
+
+    def lookup_in(self, dir: ObjectId, name: bytes, cred: Cred | None = None) -> tuple[Attr, Attr]:
+        """`lookup`, plus the directory's attributes read in the same transaction (NFS
+        LOOKUP returns both)."""
         with self._read() as t:
             view, d, dnode, out = self._obj(t, dir)
             if dnode.type != FileType.DIR:
                 raise NotADirectory("lookup in something that is not a directory")
             self._require(dnode, cred, _X, "no search permission on the directory")
+            dir_attr = self._attr(dir, dnode)
             if name == b".":
-                return self._attr(dir, dnode)
+                return dir_attr, dir_attr
             if name == b"..":
                 if out.base:
                     share = self._share_of(self._view(t, dir.ns), dir.vol)
                     if [d.vol, d.ino] == share["root"]:  # leave the share for its mount point
                         parent = ObjectId(dir.ns, *share["at"])
-                        return self._attr(parent, self._obj(t, parent)[2])
+                        return self._attr(parent, self._obj(t, parent)[2]), dir_attr
                 elif d.vol == 0 and d.ino == ROOT_INO:
-                    return self._attr(dir, dnode)
+                    return dir_attr, dir_attr
                 parent = out.oid(dnode.parent_vol, dnode.parent_ino)
-                return self._attr(parent, self._obj(t, parent)[2])
+                return self._attr(parent, self._obj(t, parent)[2]), dir_attr
             check_name(name)
             entry = self._entry(t, view, d.vol, d.ino, name)
             if entry is None or (out.base and entry[0] >= SHARE_VOL_SPAN):
@@ -1810,7 +1816,7 @@ class Store:
             node = self._inode(t, view, entry[0], entry[1])
             if node is None:
                 raise NotFound(f"{name!r} does not exist")
-            return self._attr(out.oid(entry[0], entry[1]), node)
+            return self._attr(out.oid(entry[0], entry[1]), node), dir_attr
 
     def resolve(self, ns_id: int, path: str) -> Attr:
         with self._read() as t:
