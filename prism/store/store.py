@@ -2336,27 +2336,12 @@ class Store:
             after = cookie if cookie >= R.FIRST_COOKIE else 0
             out: list[tuple[int, bytes, int, int, bytes | None]] = []
             base = dout.base
-            paths: dict[int, tuple[PathEntry, ...]] = {}
-            inodes, inode_key, top = self._inodes, R.INODE_KEY.pack, view.top
             for c, name, vol, ino, _ in self._list_raw(t, view, d.vol, d.ino, after):
                 if base and vol >= SHARE_VOL_SPAN:
                     continue  # only the source's first SHARE_VOL_SPAN volumes are shared
                 if len(out) >= limit:
                     return out, False
-                record = None
-                if not attrs:
-                    pass
-                elif vol >= SHARE_VOL_BASE:
-                    record = self._inode_record(t, view, vol, ino)
-                else:  # `_inode_record` inlined, with the volume's layers looked up once
-                    path = paths.get(vol)
-                    if path is None:
-                        path = paths[vol] = self._path(t, top, vol)
-                    for layer, v, _ in path:
-                        raw = t.get(inode_key(layer, v, ino), db=inodes)
-                        if raw is not None:
-                            record = cast(bytes, raw) or None
-                            break
+                record = self._inode_record(t, view, vol, ino) if attrs else None
                 out.append((c, name, vol + base, ino, record))
             return out, True
 
