@@ -28,6 +28,7 @@ from prism.nfs.const import (
     StableHow,
     TimeHow,
 )
+from prism.store.records import INODE_ATTRS, Inode
 from prism.store.types import NOW, Attr, FileType, ObjectId
 from rpc.xdr import Packer, Unpacker, XdrError
 
@@ -905,7 +906,6 @@ def test_entryplus3_of_record_encodes_like_entryplus3(
 ) -> None:
     """READDIRPLUS encodes entries straight from inode records; the bytes must be exactly
     what the generic `EntryPlus3` encoder writes, alone and inside a whole reply."""
-    from prism.store.records import INODE_ATTRS, Inode
 
     nlink, uid, gid = ids
     record = Inode(kind, mode, nlink, uid, gid, size, *rdev, *times).pack()
