@@ -209,6 +209,14 @@ class NfsClient:
         self._ctx = ctx
         self.host = host
         self.export = export
+        self._options = dict(
+            nfs_port=nfs_port,
+            mount_port=mount_port,
+            uid=uid,
+            gid=gid,
+            timeout_ms=timeout_ms,
+            dircache=dircache,
+        )
         try:
             self._configure(nfs_port, mount_port, uid, gid, timeout_ms, dircache)
             self._mount()
@@ -272,6 +280,10 @@ class NfsClient:
             err = -rc
             raise OSError(err, f"{op} {path}: {self._error()} ({os.strerror(err)})".strip())
         return rc
+
+    def connect_again(self) -> NfsClient:
+        """A second, independent client (own connection and mount) with these options."""
+        return NfsClient(self.host, self.export, **self._options)  # type: ignore[arg-type]
 
     def close(self) -> None:
         if self._ctx is not None:

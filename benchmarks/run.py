@@ -42,6 +42,7 @@ sys.path.insert(0, str(HERE))
 from ganesha import Ganesha, GaneshaError, child_setup, pick_ports  # noqa: E402
 from nfsclient import LIBNFS_SONAME, NfsClient, try_mount  # noqa: E402
 from workloads import (  # noqa: E402
+    CLIENTS,
     WORKLOADS,
     LocalFs,
     NfsFs,
@@ -382,6 +383,8 @@ def markdown_table(
         "stat": f"{params.files} files",
         "readdir": f"{params.files} entries x{params.readdir_repeat}",
         "unlink": f"{params.files} files",
+        "create_par": f"{params.files // CLIENTS * CLIENTS} files",
+        "unlink_par": f"{params.files // CLIENTS * CLIENTS} files",
         "copy_tree": f"{params.tree_files} files",
     }
     for name, w in WORKLOADS.items():

@@ -33,6 +33,10 @@ Each workload returns ``Result`` rows.  ``suite()`` runs them in order:
   stat        stat each of them by path                                      ops/s
   readdir     list the root (F entries) R times                              entries/s
   unlink      remove the F files                                             ops/s
+  create_par  create F files at the root from C clients at once               ops/s
+  unlink_par  remove them, C clients at once                                  ops/s
+              (C = CLIENTS forked processes, each with its own connection and
+              mount, like C guests of one server; each works on its own names)
   copy_tree   copy a local tree of T small files (1-16 KiB) into /tree       files/s
               (source read from a warm page cache; each file committed on close)
 """
@@ -40,9 +44,11 @@ Each workload returns ``Result`` rows.  ``suite()`` runs them in order:
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import random
 import re
+import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -57,6 +63,8 @@ RAND_IO_SIZE = 4096
 SEQ_FILE = "/seq.dat"
 TREE_DIR = "/tree"
 META_PREFIX = "/m"
+PAR_PREFIX = "/c"
+CLIENTS = 8
 TREE_DIRS = 20
 TREE_MIN_SIZE = 1024
 TREE_MAX_SIZE = 16 * 1024
@@ -84,6 +92,9 @@ class Fs(Protocol):
     def unlink(self, path: str) -> None: ...
     def listdir(self, path: str) -> list[str]: ...
     def is_dir(self, path: str) -> bool: ...
+    def another(self) -> Fs:
+        """An independent client of the same target (its own connection), for concurrency."""
+        ...
 
 
 class LocalFile:
@@ -162,6 +173,9 @@ class LocalFs:
     def is_dir(self, path: str) -> bool:
         return os.path.isdir(self._p(path))
 
+    def another(self) -> LocalFs:
+        return LocalFs(self.root, commit_on_close=self.commit_on_close)
+
 
 class NfsFs:
     """The same operations through libnfs against an NFSv3 server."""
@@ -196,6 +210,9 @@ class NfsFs:
         except FileNotFoundError:
             return False
 
+    def another(self) -> NfsFs:
+        return NfsFs(self.client.connect_again())
+
 
 def remove_tree(fs: Fs, path: str) -> None:
     """rm -r through the target (used for cleanup, never timed)."""
@@ -213,7 +230,11 @@ def clean_root(fs: Fs) -> None:
     """Remove everything the suite may have left at the target's root."""
     for name in fs.listdir("/"):
         path = "/" + name
-        if name == SEQ_FILE[1:] or re.fullmatch(META_PREFIX[1:] + r"\d{5}", name):
+        if (
+            name == SEQ_FILE[1:]
+            or re.fullmatch(META_PREFIX[1:] + r"\d{5}", name)
+            or re.fullmatch(PAR_PREFIX[1:] + r"\d+-\d{5}", name)
+        ):
             fs.unlink(path)
         elif path == TREE_DIR:
             remove_tree(fs, path)
@@ -260,12 +281,20 @@ WORKLOADS: dict[str, Workload] = {
     "stat": Workload("Stat files by path (LOOKUP + GETATTR)", "ops/s"),
     "readdir": Workload("Readdir (entries listed)", "entries/s"),
     "unlink": Workload("Unlink files", "ops/s"),
+    "create_par": Workload(f"Create empty files, {CLIENTS} clients at once", "ops/s"),
+    "unlink_par": Workload(f"Unlink files, {CLIENTS} clients at once", "ops/s"),
     "copy_tree": Workload("Copy tree of small files (1-16 KiB)", "files/s"),
 }
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 class Meter:
-    """Wall clock, this process's CPU, and optionally a server process's CPU."""
+    """Wall clock, this process's CPU (plus that of the client processes it reaps), and
+    optionally a server process's CPU."""
 
     def __init__(self, server_cpu: Callable[[], float] | None) -> None:
         self._server_cpu = server_cpu
@@ -274,11 +303,11 @@ class Meter:
     def measure(self) -> Iterator[dict[str, float]]:
         out: dict[str, float] = {}
         s0 = self._server_cpu() if self._server_cpu else 0.0
-        c0 = time.process_time()
+        c0 = time.process_time() + _children_cpu()
         t0 = time.perf_counter()
         yield out
         out["seconds"] = time.perf_counter() - t0
-        out["client_cpu_s"] = time.process_time() - c0
+        out["client_cpu_s"] = time.process_time() + _children_cpu() - c0
         if self._server_cpu:
             out["server_cpu_s"] = self._server_cpu() - s0
 
@@ -447,6 +476,68 @@ def metadata(fs: Fs, meter: Meter, nfiles: int, readdir_repeat: int) -> list[Res
     return out
 
 
+def _create_files(fs: Fs, names: list[str]) -> None:
+    for p in names:
+        fs.create(p).close()
+
+
+def _unlink_files(fs: Fs, names: list[str]) -> None:
+    for p in names:
+        fs.unlink(p)
+
+
+def _client_process(
+    fs: Fs, work: Callable[[Fs, list[str]], None], names: list[str], start: Any
+) -> None:
+    """One concurrent client: connect on its own, wait for the others, then work."""
+    mine = fs.another()
+    start.wait()
+    work(mine, names)
+
+
+def _concurrently(
+    name: str,
+    fs: Fs,
+    meter: Meter,
+    work: Callable[[Fs, list[str]], None],
+    shares: list[list[str]],
+) -> Result:
+    """Time `work` run by one forked client process per share of names, all at once (the
+    clock starts when every client has connected)."""
+    ctx = multiprocessing.get_context("fork")  # the target's Fs is not picklable
+    start = ctx.Barrier(len(shares) + 1, timeout=120)
+    procs = [
+        ctx.Process(target=_client_process, args=(fs, work, names, start), daemon=True)
+        for names in shares
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        start.wait()
+        with meter.measure() as m:
+            for proc in procs:
+                proc.join()
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    failed = [proc.exitcode for proc in procs if proc.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"{name}: {len(failed)} client processes failed (exit {failed})")
+    return _row(name, m, sum(map(len, shares)), extra={"clients": len(shares)})
+
+
+def concurrent_metadata(fs: Fs, meter: Meter, nfiles: int, clients: int) -> list[Result]:
+    """Create, then unlink, `nfiles` files at the root from `clients` processes at once."""
+    per = nfiles // clients
+    shares = [[f"{PAR_PREFIX}{k}-{i:05d}" for i in range(per)] for k in range(clients)]
+    return [
+        _concurrently("create_par", fs, meter, _create_files, shares),
+        _concurrently("unlink_par", fs, meter, _unlink_files, shares),
+    ]
+
+
 def copy_tree(fs: Fs, meter: Meter, src: Path, files: list[tuple[str, int]]) -> Result:
     dirs = sorted({rel.split("/")[0] for rel, _ in files})
     total = 0
@@ -499,6 +590,8 @@ def suite(
     fs.unlink(SEQ_FILE)
     os.sync()  # let the filesystem finish freeing (and discarding) the big file first
     for r in metadata(fs, meter, params.files, params.readdir_repeat):
+        done(r)
+    for r in concurrent_metadata(fs, meter, params.files, CLIENTS):
         done(r)
     warm_source_tree(source_tree, tree_files)
     os.sync()
