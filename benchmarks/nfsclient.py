@@ -209,16 +209,16 @@ class NfsClient:
         self._ctx = ctx
         self.host = host
         self.export = export
-        self._options = dict(
-            nfs_port=nfs_port,
-            mount_port=mount_port,
-            uid=uid,
-            gid=gid,
-            timeout_ms=timeout_ms,
-            dircache=dircache,
-        )
+        self._options: dict[str, Any] = {
+            "nfs_port": nfs_port,
+            "mount_port": mount_port,
+            "uid": uid,
+            "gid": gid,
+            "timeout_ms": timeout_ms,
+            "dircache": dircache,
+        }
         try:
-            self._configure(nfs_port, mount_port, uid, gid, timeout_ms, dircache)
+            self._configure(**self._options)
             self._mount()
         except BaseException:
             lib.nfs_destroy_context(ctx)
@@ -283,7 +283,7 @@ class NfsClient:
 
     def connect_again(self) -> NfsClient:
         """A second, independent client (own connection and mount) with these options."""
-        return NfsClient(self.host, self.export, **self._options)  # type: ignore[arg-type]
+        return NfsClient(self.host, self.export, **self._options)
 
     def close(self) -> None:
         if self._ctx is not None:
