@@ -47,6 +47,7 @@ from pathlib import Path
 import xxhash
 
 from prism.errors import Corrupt, NoSpace
+from prism.store.diskio import fsync_directory, pwrite_all
 
 JOURNAL_SIZE = 16 << 20
 MAGIC = 0x50524A31  # "PRJ1"
@@ -162,14 +163,7 @@ class Journal:
             MAGIC, self.generation, len(payload), _checksum(self.generation, payload)
         )
         record = header + payload
-        try:
-            written = os.pwrite(self._fd, record, self.offset)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise NoSpace(f"no space left for {self.path}: free disk space") from exc
-            raise
-        if written != len(record):
-            raise NoSpace(f"short write to {self.path}")
+        pwrite_all(self._fd, record, self.offset, self.path)
         self.offset += len(record)
 
     def sync(self) -> None:
@@ -189,8 +183,4 @@ def _fill_zeros(fd: int, start: int, size: int, path: Path) -> None:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise NoSpace(f"no space left to make {path}: free disk space") from exc
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_directory(path.parent)

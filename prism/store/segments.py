@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import fcntl
 import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
 
-from prism.errors import Corrupt, NoSpace
+from prism.errors import Corrupt
+from prism.store.diskio import fsync_directory, pwrite_all
 
 SEGMENT_TARGET_SIZE = 64 * 1024 * 1024
 """A writer starts a new segment after a commit once its active one is this large."""
@@ -75,6 +75,7 @@ class SegmentFiles:
         self._read_fds: dict[int, int] = {}
         self._active_id: int | None = None
         self._active_fd: int | None = None
+        self._active_path: Path | None = None
         self._active_size = 0
         self._dirty = False
         self._new_file = False
@@ -89,14 +90,7 @@ class SegmentFiles:
             self._open_new()
         assert self._active_fd is not None and self._active_id is not None
         offset = self._active_size
-        try:
-            written = os.pwrite(self._active_fd, data, offset)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise NoSpace(f"no space left in {self.directory}: free disk space") from exc
-            raise
-        if written != len(data):
-            raise NoSpace(f"short write to segment {self._active_id:016x}")
+        pwrite_all(self._active_fd, data, offset, self._active_path)
         self._active_size += len(data)
         self._dirty = True
         self.unsynced_bytes += len(data)
@@ -116,6 +110,7 @@ class SegmentFiles:
             break
         fcntl.flock(fd, fcntl.LOCK_EX)
         self._active_id, self._active_fd, self._active_size = seg_id, fd, 0
+        self._active_path = path
         self._written_back = 0
         self._new_file = True
 
@@ -126,11 +121,7 @@ class SegmentFiles:
             self._dirty = False
         self.unsynced_bytes = 0
         if self._new_file:
-            dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsync_directory(self.directory)
             self._new_file = False
 
     def roll_if_full(self) -> None:
@@ -141,7 +132,7 @@ class SegmentFiles:
     def release_active(self) -> None:
         if self._active_fd is not None:
             os.close(self._active_fd)  # also drops the flock
-        self._active_fd = self._active_id = None
+        self._active_fd = self._active_id = self._active_path = None
         self._active_size = 0
 
     # -- reading -----------------------------------------------------------------------
