@@ -407,21 +407,26 @@ class RpcDispatcher:
     async def _run(self, procedure: Procedure, ctx: CallContext, args: bytes) -> bytes | None:
         start = time.perf_counter()
         try:
-            body = await procedure.handler(ctx, args)
+            body: bytes | Exception = await procedure.handler(ctx, args)
         except Exception as exc:
-            reply, outcome = self._failed(procedure, ctx, exc)
-        else:
-            reply, outcome = encode_accepted(ctx.xid, AcceptStat.SUCCESS, body), "SUCCESS"
-        self._count(procedure, ctx, outcome, time.perf_counter() - start)
-        return reply
+            body = exc
+        return self._reply(procedure, ctx, body, start)
 
     def _run_now(self, procedure: Procedure, ctx: CallContext, args: bytes) -> bytes | None:
         assert procedure.immediate is not None
         start = time.perf_counter()
         try:
-            body = procedure.immediate(ctx, args)
+            body: bytes | Exception = procedure.immediate(ctx, args)
         except Exception as exc:
-            reply, outcome = self._failed(procedure, ctx, exc)
+            body = exc
+        return self._reply(procedure, ctx, body, start)
+
+    def _reply(
+        self, procedure: Procedure, ctx: CallContext, body: bytes | Exception, start: float
+    ) -> bytes | None:
+        """The reply to a call whose handler returned `body` (or raised it), counted."""
+        if isinstance(body, Exception):
+            reply, outcome = self._failed(procedure, ctx, body)
         else:
             reply, outcome = encode_accepted(ctx.xid, AcceptStat.SUCCESS, body), "SUCCESS"
         self._count(procedure, ctx, outcome, time.perf_counter() - start)
