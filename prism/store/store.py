@@ -167,6 +167,21 @@ _JOURNAL_GEN = b"journal_gen"
 log = logging.getLogger("prism.store")
 
 
+_PARSED_CACHE_SIZE = 4096
+
+
+def _parsed(cache: dict[bytes, dict[str, Any]], raw: bytes) -> dict[str, Any]:
+    """The JSON record `raw`, parsed once per distinct stored bytes: a hit is always
+    current, so the cache needs no invalidation (only emptying when full). Callers must not
+    change the record they get; they copy it to write a new one."""
+    record = cache.get(raw)
+    if record is None:
+        if len(cache) > _PARSED_CACHE_SIZE:
+            cache.clear()
+        record = cache[raw] = json.loads(raw)
+    return record
+
+
 def check_name(name: bytes) -> None:
     """Refuse names that cannot be a directory entry."""
     if not name:
@@ -565,8 +580,6 @@ class Store:
             applied += 1
         if applied:
             self.forget_layers()
-            self._ns_cache.clear()
-            self._layer_cache.clear()
             txn.put(_JOURNAL_GEN, R.U64.pack(generation + 1), db=self._meta)
             log.warning("replayed %d journal records left by a stopped server", applied)
             generation += 1
@@ -599,13 +612,7 @@ class Store:
         raw = t.get(_NS_KEY.pack(ns_id), db=self._ns)
         if raw is None:
             return None
-        raw = bytes(raw)
-        record = self._ns_cache.get(raw)
-        if record is None:
-            if len(self._ns_cache) > 4096:
-                self._ns_cache.clear()
-            record = self._ns_cache[raw] = json.loads(raw)
-        return record
+        return _parsed(self._ns_cache, bytes(raw))
 
     def _view(self, t: lmdb.Transaction, ns_id: int) -> _View:
         rec = self._ns_record(t, ns_id)
@@ -631,24 +638,19 @@ class Store:
     def _put_ns(self, t: lmdb.Transaction, rec: dict[str, Any]) -> None:
         t.put(_NS_KEY.pack(rec["id"]), json.dumps(rec, sort_keys=True).encode(), db=self._ns)
 
-    def _layer(self, t: lmdb.Transaction, layer: int) -> dict[str, Any]:
+    def _layer_raw(self, t: lmdb.Transaction, layer: int) -> bytes:
         raw = t.get(R.U64.pack(layer), db=self._layers)
         if raw is None:
             raise Corrupt(f"layer {layer} is missing; run `prism fsck --repair`")
-        return json.loads(bytes(raw))
+        return bytes(raw)
+
+    def _layer(self, t: lmdb.Transaction, layer: int) -> dict[str, Any]:
+        """A layer record of the caller's own, to change and put back."""
+        return json.loads(self._layer_raw(t, layer))
 
     def _layer_ro(self, t: lmdb.Transaction, layer: int) -> dict[str, Any]:
         """A layer record for reading only, parsed once per distinct stored bytes."""
-        raw = t.get(R.U64.pack(layer), db=self._layers)
-        if raw is None:
-            raise Corrupt(f"layer {layer} is missing; run `prism fsck --repair`")
-        raw = bytes(raw)
-        rec = self._layer_cache.get(raw)
-        if rec is None:
-            if len(self._layer_cache) > 4096:
-                self._layer_cache.clear()
-            rec = self._layer_cache[raw] = json.loads(raw)
-        return rec
+        return _parsed(self._layer_cache, self._layer_raw(t, layer))
 
     def _put_layer(self, t: lmdb.Transaction, layer: int, rec: dict[str, Any]) -> None:
         t.put(R.U64.pack(layer), json.dumps(rec, sort_keys=True).encode(), db=self._layers)
