@@ -34,10 +34,19 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Awaitable, Coroutine
+import resource
+import time
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
 
+from rpc.admission import (
+    FD_RESERVE,
+    MAX_CONNECTIONS,
+    ConnectionLimits,
+    ConnectionTable,
+    Entry,
+)
 from rpc.message import AcceptStat, encode_accepted, peek_xid
 from rpc.record import (
     MAX_FRAGMENTS,
@@ -73,6 +82,88 @@ class TransportConfig:
 
 
 DEFAULT_CONFIG = TransportConfig()
+
+LOG_EVERY = 10.0
+"""Seconds between two log lines about refused, evicted or stalled connections."""
+
+
+def connection_budget(reserve: int = FD_RESERVE) -> int:
+    """How many connections the process's file descriptor limit (RLIMIT_NOFILE) allows,
+    keeping `reserve` descriptors (or half the limit, if it is small) for everything else."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(1, min(MAX_CONNECTIONS, soft - reserve if soft > 2 * reserve else soft // 2))
+
+
+class Connections:
+    """The stream connections of one server, shared by its listeners: a sans-IO
+    `ConnectionTable` (caps, eviction, stalled records) plus the timer and the closing it
+    asks for. `is_bound(host)` is the service's policy: whether an address may use the
+    server at all (connections from other addresses are the first to go)."""
+
+    def __init__(
+        self,
+        limits: ConnectionLimits | None = None,
+        is_bound: Callable[[str], bool] = lambda host: True,
+    ) -> None:
+        limits = limits or ConnectionLimits(max_connections=connection_budget())
+        self.table: ConnectionTable[_StreamConnection] = ConnectionTable(limits, is_bound)
+        self._timer: asyncio.TimerHandle | None = None
+        self._logged = {"refused": 0, "evicted": 0, "expired": 0}
+        self._last_log = -LOG_EVERY
+
+    def admit(self, conn: _StreamConnection, host: str) -> Entry[_StreamConnection] | None:
+        entry, evict = self.table.admit(conn, host)
+        for victim in evict:
+            victim.abort()
+        if entry is None or evict:
+            self._log()
+        return entry
+
+    def release(self, entry: Entry[_StreamConnection]) -> None:
+        self.table.release(entry)
+
+    def waiting(self, entry: Entry[_StreamConnection], since: float | None) -> None:
+        self.table.waiting(entry, since)
+        if since is not None and self._timer is None:
+            self._arm()
+
+    def _arm(self) -> None:
+        interval = max(0.05, self.table.limits.record_timeout / 4)
+        self._timer = asyncio.get_running_loop().call_later(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        self._timer = None
+        for conn in self.table.expired(asyncio.get_running_loop().time()):
+            conn.abort()
+        self._log()
+        if self.table.stalled:
+            self._arm()
+
+    def _log(self) -> None:
+        """One line per LOG_EVERY seconds: a flood of connections must not flood the log."""
+        t = self.table
+        counts = {"refused": t.refused, "evicted": t.evicted, "expired": t.expired_count}
+        now = time.monotonic()
+        if counts == self._logged or now - self._last_log < LOG_EVERY:
+            return
+        new = {k: v - self._logged[k] for k, v in counts.items()}
+        self._logged, self._last_log = counts, now
+        limits = t.limits
+        log.warning(
+            "connections: %d refused, %d evicted (limits: %d in all, %d per address; "
+            "unbound addresses go first), %d closed after %g s with an incomplete record; "
+            "%d open. Raise the file descriptor limit or --max-connections if legitimate "
+            "clients are refused",
+            new["refused"],
+            new["evicted"],
+            limits.max_connections,
+            limits.max_per_address,
+            new["expired"],
+            limits.record_timeout,
+            len(t),
+        )
 
 
 def _peer(address: Any) -> tuple[str, int]:
@@ -121,10 +212,19 @@ async def _finish(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
 class _StreamConnection(asyncio.Protocol):
     """One record-marked stream connection (TCP, or a Unix socket)."""
 
-    def __init__(self, dispatcher: RpcDispatcher, config: TransportConfig, kind: str) -> None:
+    def __init__(
+        self,
+        dispatcher: RpcDispatcher,
+        config: TransportConfig,
+        kind: str,
+        connections: Connections | None = None,
+    ) -> None:
         self._dispatcher = dispatcher
         self._config = config
         self._kind = kind
+        self._connections = connections
+        self._entry: Entry[_StreamConnection] | None = None
+        self._got_input = False  # bytes arrived since the table last heard from us
         self._transport: asyncio.Transport | None = None
         self._peer: tuple[str, int] = ("", 0)
         self._reader = RecordReader(config.max_record_size, config.max_fragments)
@@ -146,10 +246,16 @@ class _StreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
         self._peer = _peer(transport.get_extra_info("peername"))
+        if self._connections is not None:
+            self._entry = self._connections.admit(self, self._peer[0])
+            if self._entry is None:
+                log.debug("%s %s: over the connection limits; closed", self._kind, self._peer)
+                self.abort()
 
     def data_received(self, data: bytes) -> None:
         if self._closing or self._broken:
             return
+        self._got_input = True
         if self._input is None:
             self._input = memoryview(data)
         else:  # (reading is paused while input waits; this guards transports that lag)
@@ -163,6 +269,8 @@ class _StreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        if self._entry is not None and self._connections is not None:
+            self._connections.release(self._entry)
         self._queue.clear()
         self._input = None
         self._writable.set()
@@ -250,6 +358,20 @@ class _StreamConnection(asyncio.Protocol):
         elif not busy and self._reading_paused and not self._eof:
             self._reading_paused = False
             transport.resume_reading()
+        if self._entry is not None:
+            self._watch()
+
+    def _watch(self) -> None:
+        """Tell the connection table whether the peer owes us the rest of a record (it
+        does not while we are not reading)."""
+        entry, connections = self._entry, self._connections
+        assert entry is not None and connections is not None
+        if self._reader.in_record and not self._reading_paused:
+            if self._got_input or entry.stalled_since is None:
+                connections.waiting(entry, asyncio.get_running_loop().time())
+        elif entry.stalled_since is not None:
+            connections.waiting(entry, None)
+        self._got_input = False
 
     def _send(self, reply: bytes | None, close: bool) -> None:
         if reply is not None and not self._closing and self._transport is not None:
@@ -272,13 +394,21 @@ class _StreamConnection(asyncio.Protocol):
             self._in_flight -= 1
             self._pump()
 
-    def _close(self) -> None:
+    def _close(self, abort: bool = False) -> None:
         if not self._closing:
             self._closing = True
             self._queue.clear()
             self._input = None
             if self._transport is not None:
-                self._transport.close()
+                if abort:
+                    self._transport.abort()
+                else:
+                    self._transport.close()
+
+    def abort(self) -> None:
+        """Close at once, dropping unsent replies (a refused, evicted or stalled peer may
+        not read them, and its descriptor is what we want back)."""
+        self._close(abort=True)
 
 
 async def serve_tcp(
@@ -288,11 +418,15 @@ async def serve_tcp(
     config: TransportConfig = DEFAULT_CONFIG,
     *,
     backlog: int = 128,
+    connections: Connections | None = None,
 ) -> asyncio.Server:
-    """Listen for record-marked RPC over TCP; `port=0` picks a free port (see `bound_port`)."""
+    """Listen for record-marked RPC over TCP; `port=0` picks a free port (see `bound_port`).
+    Listeners that share `connections` share its limits (default: a table of their own,
+    capped by the file descriptor limit, every address bound)."""
     loop = asyncio.get_running_loop()
+    shared = connections or Connections()
     return await loop.create_server(
-        lambda: _StreamConnection(dispatcher, config, TRANSPORT_TCP),
+        lambda: _StreamConnection(dispatcher, config, TRANSPORT_TCP, shared),
         host,
         port,
         reuse_address=True,

@@ -9,12 +9,15 @@ a 1 MiB WRITE in 1-byte fragments stalled other clients for about 2 s.
 from __future__ import annotations
 
 import contextlib
+import os
+import resource
 import socket
 import statistics
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +26,7 @@ from prism.nfs.const import NFS_PROGRAM, NFS_V3, Nfs3Proc, NfsStat3, StableHow
 from prism.nfs.types import GetattrArgs, NfsFh3, WriteArgs, decode_result, encode_args
 from rpc.message import AcceptedReply, AcceptStat, decode_reply, encode_call
 from rpc.record import LAST_FRAGMENT, RecordReader, frame, record_marker
-from tests.server_helpers import HOST, PrismProcess, running_server
+from tests.server_helpers import HOST, PrismProcess, prism_cli, running_server
 
 PROBES = 30
 PROBE_GAP = 0.02
@@ -271,3 +274,135 @@ def test_server_is_healthy_afterwards(server: PrismProcess) -> None:
     with server.nfs_client() as c:
         assert c.getattr(fh).status == NfsStat3.NFS3_OK
     assert "Traceback" not in server.stderr()
+
+
+# -- item 12: connection caps and stalled records ----------------------------------------------
+
+BOUND = "127.0.0.1"
+"""The one address bound to the test VM; every other 127.0.0.x is bound to no VM."""
+HALF_RECORD = struct.pack(">I", LAST_FRAGMENT | 1000) + b"\0" * 10
+"""A header promising 1000 bytes, and 10 of them."""
+
+
+@contextlib.contextmanager
+def fd_limit(soft: int) -> Iterator[None]:
+    """Processes started inside inherit RLIMIT_NOFILE `soft` (ours is restored after)."""
+    old = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, old)
+
+
+@contextlib.contextmanager
+def bound_server(path: Path, *args: str, nofile: int | None = None) -> Iterator[PrismProcess]:
+    data = path / "data"
+    data.mkdir(parents=True)
+    prism_cli(data, "vm", "create", "vm", "--client", f"{BOUND}/32")
+    srv = PrismProcess(data, path / "logs", extra_args=args)
+    with fd_limit(nofile) if nofile else contextlib.nullcontext():
+        srv.start()
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+def half_sent(port: int, source: str) -> socket.socket | None:
+    """A connection from `source` holding a half-sent record (None if it failed)."""
+    sock = socket.socket()
+    try:
+        sock.bind((source, 0))
+        sock.settimeout(5)
+        sock.connect((HOST, port))
+        sock.sendall(HALF_RECORD)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def open_fds(srv: PrismProcess) -> int:
+    assert srv.proc is not None
+    return len(os.listdir(f"/proc/{srv.proc.pid}/fd"))
+
+
+def test_half_sent_records_from_unbound_addresses_cannot_exhaust_descriptors(
+    tmp_path: Path,
+) -> None:
+    """The issue's 20,500 connections against 20,000 descriptors, scaled down: 1,100 against
+    a server limited to 1,024 descriptors (so its connection budget is 512)."""
+    with bound_server(tmp_path, nofile=1024) as srv:
+        attackers: list[socket.socket] = []
+        try:
+            for i in range(1100):
+                sock = half_sent(
+                    srv.nfs_port if i % 2 else srv.mount_port, f"127.0.0.{2 + i // 10}"
+                )
+                if sock is not None:
+                    attackers.append(sock)
+            time.sleep(0.5)
+            assert open_fds(srv) < 1024 - 200  # the store and the listeners keep their room
+            fh = srv.mount("/vm")
+            times = probe_latencies(srv, fh)
+            # still held: as many as fit beside the bound client's connections
+            held = [s for s in attackers if not closed_by_server(s)]
+            assert 400 <= len(held) <= 512
+        finally:
+            for sock in attackers:
+                sock.close()
+        assert_responsive(times)
+        assert "Traceback" not in srv.stderr()
+        assert "refused" in srv.stderr()  # the operator is told, once per interval
+
+
+def test_per_address_cap(tmp_path: Path) -> None:
+    with bound_server(tmp_path, "--max-connections-per-address", "20") as srv:
+        socks = [s for _ in range(30) if (s := half_sent(srv.nfs_port, "127.0.0.9")) is not None]
+        try:
+            time.sleep(0.3)
+            held = [s for s in socks if not closed_by_server(s)]
+            assert len(held) == 20
+            fh = srv.mount("/vm")  # another address is not affected
+            with srv.nfs_client() as c:
+                assert c.getattr(fh).status == NfsStat3.NFS3_OK
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+def test_stalled_records_are_closed_after_the_timeout(tmp_path: Path) -> None:
+    with bound_server(tmp_path, "--record-timeout", "1") as srv:
+        fh = srv.mount("/vm")
+        stalled = [half_sent(srv.nfs_port, source) for source in (BOUND, "127.0.0.3")]
+        with (
+            srv.nfs_client() as idle,
+            socket.create_connection((HOST, srv.nfs_port), timeout=10) as slow,
+        ):
+            assert idle.getattr(fh).status == NfsStat3.NFS3_OK
+            getattr_ = call_record(
+                Nfs3Proc.GETATTR, encode_args(Nfs3Proc.GETATTR, GetattrArgs(fh)), 9
+            )
+            record = frame(getattr_)
+            for i in range(6):  # a slow sender making progress is not stalled
+                slow.sendall(record[i * 4 : i * 4 + 4])
+                time.sleep(0.4)
+            slow.sendall(record[24:])
+            assert [r.xid for r in read_replies(slow, 1)] == [9]
+            assert all(s is not None and closed_by_server(s) for s in stalled)
+            # a connection that is merely idle between calls stays
+            assert idle.getattr(fh).status == NfsStat3.NFS3_OK
+        for sock in stalled:
+            if sock is not None:
+                sock.close()

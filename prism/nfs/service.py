@@ -82,6 +82,9 @@ EXPORT_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}(?:@[a-z0-9][a-z0-9_.-]{0,62
 """What MNT accepts as the first path component: a VM name, or VM@SNAPSHOT."""
 MAX_MOUNT_ENTRIES = 1024
 """Entries DUMP remembers (host, path); MNT beyond that still works, unrecorded."""
+BINDINGS_TTL = 1.0
+"""Seconds `peer_bound` reuses the VMs' client ranges it read (a rebinding reaches the
+connection caps' eviction order that much later)."""
 
 
 class _Fail(Exception):
@@ -135,9 +138,21 @@ class NfsService:
         function of exactly these, so a hit is always current. Listing a directory again
         (ls, find, make) then re-encodes only what changed."""
         self.mounts: set[tuple[str, bytes]] = set()
+        self._bindings: frozenset[tuple[str, ...]] = frozenset()
+        self._bindings_until = -1.0
         self.time_delta = T.NfsTime3.from_ns(
             max(1, int(time.clock_getres(time.CLOCK_REALTIME) * 1e9))
         )
+
+    def peer_bound(self, host: str) -> bool:
+        """Whether `host` is bound to some VM: the transports' connection admission policy
+        (`rpc.admission`), under which connections from other addresses go first."""
+        now = time.monotonic()
+        if now >= self._bindings_until:
+            infos = self.executor.call_now(lambda s: s.list_namespaces("vm"))
+            self._bindings = frozenset(info.clients for info in infos)
+            self._bindings_until = now + BINDINGS_TTL
+        return any(clients_allow(clients, host) for clients in self._bindings)
 
     # -- helpers (run on the store thread) -----------------------------------------------
 
