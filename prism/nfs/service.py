@@ -690,6 +690,10 @@ class NfsService:
         return T.Void()
 
     async def _export(self, ctx: CallContext, args: Any) -> T.Exports:
+        """The exports the caller may mount (VMs and their snapshots bound to its address),
+        nothing to an address bound to no VM: the list of VMs and of their client ranges
+        is not for every prober to read."""
+        host = ctx.peer[0]
         infos = await self.executor.call(lambda s: s.list_namespaces())
         return T.Exports(
             tuple(
@@ -697,5 +701,6 @@ class NfsService:
                     ("/" + info.name).encode(), tuple(g.encode() for g in export_groups(info))
                 )
                 for info in infos
+                if client_allowed(info, host)
             )
         )
