@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import resource
 import socket
 import statistics
 import struct
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -367,13 +369,29 @@ def test_half_sent_records_from_unbound_addresses_cannot_exhaust_descriptors(
         assert "refused" in srv.stderr()  # the operator is told, once per interval
 
 
+def metric(srv: PrismProcess, name: str) -> float:
+    """One unlabelled sample from GET /metrics (the server runs with --metrics)."""
+    port = re.search(r"metrics :(\d+)", srv.ready_line)
+    assert port, srv.ready_line
+    with urllib.request.urlopen(f"http://{HOST}:{port[1]}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"no {name} in the metrics")
+
+
+METRICS = ("--metrics", f"{HOST}:0")
+
+
 def test_per_address_cap(tmp_path: Path) -> None:
-    with bound_server(tmp_path, "--max-connections-per-address", "20") as srv:
+    with bound_server(tmp_path, "--max-connections-per-address", "20", *METRICS) as srv:
         socks = [s for _ in range(30) if (s := half_sent(srv.nfs_port, "127.0.0.9")) is not None]
         try:
             time.sleep(0.3)
             held = [s for s in socks if not closed_by_server(s)]
             assert len(held) == 20
+            assert metric(srv, "prism_connections_refused_total") == 10
+            assert metric(srv, "prism_connections_open") == 20
             fh = srv.mount("/vm")  # another address is not affected
             with srv.nfs_client() as c:
                 assert c.getattr(fh).status == NfsStat3.NFS3_OK
@@ -383,7 +401,7 @@ def test_per_address_cap(tmp_path: Path) -> None:
 
 
 def test_stalled_records_are_closed_after_the_timeout(tmp_path: Path) -> None:
-    with bound_server(tmp_path, "--record-timeout", "1") as srv:
+    with bound_server(tmp_path, "--record-timeout", "1", *METRICS) as srv:
         fh = srv.mount("/vm")
         stalled = [half_sent(srv.nfs_port, source) for source in (BOUND, "127.0.0.3")]
         with (
@@ -403,6 +421,7 @@ def test_stalled_records_are_closed_after_the_timeout(tmp_path: Path) -> None:
             assert all(s is not None and closed_by_server(s) for s in stalled)
             # a connection that is merely idle between calls stays
             assert idle.getattr(fh).status == NfsStat3.NFS3_OK
+            assert metric(srv, "prism_connections_stalled_total") == 2
         for sock in stalled:
             if sock is not None:
                 sock.close()
