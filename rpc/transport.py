@@ -80,6 +80,10 @@ class TransportConfig:
     max_udp_in_flight: int = MAX_UDP_IN_FLIGHT
     max_udp_payload: int = UDP_MAX_PAYLOAD
 
+    def __post_init__(self) -> None:
+        if min(self.max_fragments, self.max_in_flight, self.turn_fragments, self.turn_calls) < 1:
+            raise ValueError("fragment, in-flight and per-turn limits must be at least 1")
+
 
 DEFAULT_CONFIG = TransportConfig()
 
