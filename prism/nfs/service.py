@@ -88,6 +88,15 @@ BINDINGS_TTL = 1.0
 connection caps' eviction order that much later)."""
 
 
+def setattr_of(sattr: T.Sattr3) -> SetAttr:
+    """The store's SetAttr for a client's sattr3. An nfstime3 counts nanoseconds within its
+    second, so nseconds >= 10^9 is InvalidArgument (NFS3ERR_INVAL), as in knfsd."""
+    for when in (sattr.atime, sattr.mtime):
+        if isinstance(when, T.NfsTime3) and when.nseconds >= 1_000_000_000:
+            raise InvalidArgument(f"nfstime3 with {when.nseconds} nseconds (must be < 10^9)")
+    return sattr.to_setattr()
+
+
 class _Fail(Exception):
     """Abort a handler with a status (for checks that are not store errors)."""
 
@@ -120,15 +129,6 @@ class Call:
 def canonical_mount_path(path: bytes) -> bytes:
     """b"/vm//a/./b/" -> b"/vm/a/b": the one spelling MNT records and UMNT forgets."""
     return b"/" + b"/".join(p for p in path.split(b"/") if p and p != b".")
-
-
-def setattr_of(sattr: T.Sattr3) -> SetAttr:
-    """The store's SetAttr for a client's sattr3. An nfstime3 counts nanoseconds within its
-    second, so nseconds >= 10^9 is InvalidArgument (NFS3ERR_INVAL), as in knfsd."""
-    for when in (sattr.atime, sattr.mtime):
-        if isinstance(when, T.NfsTime3) and when.nseconds >= 1_000_000_000:
-            raise InvalidArgument(f"nfstime3 with {when.nseconds} nseconds (must be < 10^9)")
-    return sattr.to_setattr()
 
 
 def cred_of(ctx: CallContext) -> Cred:
