@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 from prism.errors import Exists, InvalidArgument, NotADirectory, NotFound, StoreError
 from prism.store import CloneSource, Store
 from prism.store.types import NamespaceInfo
+from rpc.admission import FD_RESERVE, MAX_PER_ADDRESS, RECORD_TIMEOUT
 
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 _SIZE = re.compile(r"(\d+)([KMGTP]?)(?:i?B)?", re.IGNORECASE)
@@ -192,6 +193,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         portmap=not args.no_portmap,
         metrics=args.metrics,
         durable_replies=not args.async_replies,
+        max_connections=args.max_connections,
+        max_connections_per_address=args.max_connections_per_address,
+        record_timeout=args.record_timeout,
     )
     if args.async_replies:
         logging.getLogger("prism.server").warning(
@@ -560,6 +564,26 @@ def _size_arg(text: str) -> int | None:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, not {text!r}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
     p.add_argument("--data", default=None, help="data directory ($PRISM_DATA, ./prism-data)")
     if json_flag:
@@ -586,6 +610,29 @@ def build_parser() -> argparse.ArgumentParser:
         " UNSTABLE and COMMIT still waits. Faster on slow-fsync disks; off by default",
     )
     p.add_argument("--metrics", default=None, metavar="ADDR:PORT")
+    p.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="NFS and MOUNT TCP connections in all (default: what the open-file limit allows"
+        f" after {FD_RESERVE} for the store); when full, addresses bound to no VM go first",
+    )
+    p.add_argument(
+        "--max-connections-per-address",
+        type=_positive_int,
+        default=MAX_PER_ADDRESS,
+        metavar="N",
+        help=f"TCP connections from one client address ({MAX_PER_ADDRESS})",
+    )
+    p.add_argument(
+        "--record-timeout",
+        type=_positive_float,
+        default=RECORD_TIMEOUT,
+        metavar="SECONDS",
+        help="close a connection whose half-sent request got no new bytes for this long"
+        f" ({RECORD_TIMEOUT:g})",
+    )
     p.add_argument("--demo", action="store_true", help="create VM 'demo' if missing")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_serve, needs_store=False)

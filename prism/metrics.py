@@ -2,7 +2,8 @@
 
 A tiny HTTP/1.0 responder (GET /metrics only) on the server's event loop. Figures: per-VM
 logical bytes, objects and quota; store logical and stored bytes, dedup ratio and chunk
-count; and per-procedure RPC call counts, errors and latency sums from the dispatcher.
+count; per-procedure RPC call counts, errors and latency sums from the dispatcher; and the
+TCP connections open, refused, evicted and closed as stalled (`rpc.admission`).
 """
 
 from __future__ import annotations
@@ -83,6 +84,34 @@ def collect_rpc(server: PrismServer) -> list[str]:
     return lines
 
 
+def collect_connections(server: PrismServer) -> list[str]:
+    table = server.connections.table
+    lines: list[str] = []
+    for name, kind, help_text, value in (
+        ("prism_connections_open", "gauge", "NFS and MOUNT TCP connections open.", len(table)),
+        (
+            "prism_connections_refused_total",
+            "counter",
+            "Connections closed at once: over the total or per-address cap.",
+            table.refused,
+        ),
+        (
+            "prism_connections_evicted_total",
+            "counter",
+            "Connections from addresses bound to no VM closed to make room.",
+            table.evicted,
+        ),
+        (
+            "prism_connections_stalled_total",
+            "counter",
+            "Connections closed after --record-timeout with a half-sent request.",
+            table.expired_count,
+        ),
+    ):
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    return lines
+
+
 async def serve_metrics(spec: str, server: PrismServer) -> tuple[asyncio.AbstractServer, int]:
     host, port = parse_listen(spec)
 
@@ -95,7 +124,8 @@ async def serve_metrics(spec: str, server: PrismServer) -> tuple[asyncio.Abstrac
             if len(parts) < 2 or parts[0] != "GET" or parts[1].split("?")[0] != "/metrics":
                 body, status = b"only GET /metrics is served\n", "404 Not Found"
             else:
-                lines = await server.executor.call(collect_store) + collect_rpc(server)
+                lines = await server.executor.call(collect_store)
+                lines += collect_rpc(server) + collect_connections(server)
                 body, status = ("\n".join(lines) + "\n").encode(), "200 OK"
             writer.write(
                 f"HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n"

@@ -2,9 +2,11 @@
 
 Start-up: open the store and its executor (store calls run inline on the event loop, with
 group commit), build one RPC dispatcher carrying the NFS and MOUNT programs, and listen with
-it on the NFS and MOUNT ports over TCP and UDP. Then make the ports discoverable: register
-with a system rpcbind if one answers on 127.0.0.1:111, otherwise answer PMAP v2 ourselves on
---portmap-port (or 111 when it can be bound).
+it on the NFS and MOUNT ports over TCP and UDP. The two TCP listeners share one connection
+table (`rpc.transport.Connections`: total and per-address caps, stalled records) whose
+policy is the service's `peer_bound`, so addresses bound to no VM go first. Then make the
+ports discoverable: register with a system rpcbind if one answers on 127.0.0.1:111,
+otherwise answer PMAP v2 ourselves on --portmap-port (or 111 when it can be bound).
 Shutdown (SIGTERM/SIGINT): stop listening, commit pending work, unregister, close the store.
 """
 
@@ -25,6 +27,7 @@ from prism.nfs.const import MOUNT_PROGRAM, MOUNT_V3, NFS_PROGRAM, NFS_V3
 from prism.nfs.service import NfsService
 from prism.store import Store
 from prism.store.executor import StoreExecutor
+from rpc.admission import MAX_PER_ADDRESS, RECORD_TIMEOUT, ConnectionLimits
 from rpc.client import RpcError
 from rpc.portmap import (
     PMAP_PORT,
@@ -36,7 +39,14 @@ from rpc.portmap import (
     rpcbind_answers,
 )
 from rpc.server import RpcDispatcher
-from rpc.transport import UdpServer, bound_port, serve_tcp, serve_udp
+from rpc.transport import (
+    Connections,
+    UdpServer,
+    bound_port,
+    connection_budget,
+    serve_tcp,
+    serve_udp,
+)
 
 log = logging.getLogger("prism.server")
 
@@ -57,6 +67,11 @@ class ServeOptions:
     metrics: str | None = None
     durable_replies: bool = True
     """False is `--async`: modifying calls are answered before their changes are durable."""
+    max_connections: int | None = None
+    """NFS and MOUNT TCP connections in all; None: what the file descriptor limit allows."""
+    max_connections_per_address: int = MAX_PER_ADDRESS
+    record_timeout: float = RECORD_TIMEOUT
+    """Seconds an incomplete record may go without new bytes before its connection closes."""
 
 
 class PrismServer:
@@ -68,6 +83,14 @@ class PrismServer:
         self.dispatcher = RpcDispatcher()
         self.dispatcher.add_program(self.service.program())
         self.dispatcher.add_program(self.service.mount_program())
+        self.connections = Connections(
+            ConnectionLimits(
+                options.max_connections or connection_budget(),
+                options.max_connections_per_address,
+                options.record_timeout,
+            ),
+            is_bound=self.service.peer_bound,
+        )
         self._servers: list[asyncio.AbstractServer | UdpServer] = []
         self._registered_with_rpcbind = False
         self.nfs_port = self.mount_port = 0
@@ -76,10 +99,13 @@ class PrismServer:
 
     async def start(self) -> None:
         bind = self.options.bind
-        nfs_tcp = await serve_tcp(self.dispatcher, bind, self.options.nfs_port)
+        conns = self.connections
+        nfs_tcp = await serve_tcp(self.dispatcher, bind, self.options.nfs_port, connections=conns)
         self.nfs_port = bound_port(nfs_tcp)
         nfs_udp = await serve_udp(self.dispatcher, bind, self.nfs_port)
-        mount_tcp = await serve_tcp(self.dispatcher, bind, self.options.mount_port)
+        mount_tcp = await serve_tcp(
+            self.dispatcher, bind, self.options.mount_port, connections=conns
+        )
         self.mount_port = bound_port(mount_tcp)
         mount_udp = await serve_udp(self.dispatcher, bind, self.mount_port)
         self._servers += [nfs_tcp, nfs_udp, mount_tcp, mount_udp]

@@ -10,9 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rpc.record import (
+    MAX_FRAGMENTS,
     MAX_RECORD_SIZE,
     RecordReader,
+    RecordStreamError,
     RecordTooLarge,
+    TooManyFragments,
     frame,
     record_marker,
 )
@@ -118,14 +121,64 @@ def test_buffering_is_linear() -> None:
     assert len(out) == 1 and len(out[0]) == size
 
 
-@given(st.binary(max_size=512), st.integers(0, 2000))
-def test_random_bytes_raise_only_record_too_large(data: bytes, limit: int) -> None:
-    reader = RecordReader(max_record_size=limit)
+def test_fragments_per_record_are_bounded() -> None:
+    assert MAX_FRAGMENTS >= 17  # libtirpc sends a 1 MiB WRITE in 17 fragments of 64 KiB
+    reader = RecordReader(max_fragments=4)
+    assert reader.feed(frame(b"abcd", max_fragment=1)) == [b"abcd"]  # 4 fragments: fine
+    assert reader.feed(h("00000000") * 3 + h("80000001 7a")) == [b"z"]  # empty ones count
+    with pytest.raises(TooManyFragments):
+        reader.feed(h("00000000") * 5)  # endless empty fragments end at the limit
+    with pytest.raises(TooManyFragments):
+        reader.feed(frame(b"ok"))
+
+
+def test_records_before_a_break_are_kept() -> None:
+    reader = RecordReader(max_record_size=100)
+    with pytest.raises(RecordStreamError) as info:
+        reader.feed(frame(b"one") + frame(b"two") + b"GET / HTTP/1.1\r\n")
+    assert info.value.records == [b"one", b"two"]
+    with pytest.raises(RecordStreamError) as info:
+        reader.feed(frame(b"three"))
+    assert info.value.records == []
+
+
+def test_receive_parses_at_most_its_budget_of_headers() -> None:
+    stream = h("00000000") * 10 + h("80000001 21") + frame(b"xyz")
+    reader = RecordReader()
+    records, used = reader.receive(stream, 4)
+    assert (records, used) == ([], 16)
+    records, used = reader.receive(memoryview(stream)[16:], 7)
+    assert records == [b"!"] and used == len(stream) - 16 - len(frame(b"xyz"))
+    assert reader.receive(frame(b"xyz"), 1) == ([b"xyz"], len(frame(b"xyz")))
+
+
+@given(
+    st.lists(st.binary(max_size=50), max_size=8),
+    st.integers(1, 7),
+    st.integers(1, 5),
+)
+def test_receive_in_budgets_equals_feed(
+    records: list[bytes], max_fragment: int, budget: int
+) -> None:
+    stream = memoryview(b"".join(frame(r, max_fragment=max_fragment) for r in records))
+    reader = RecordReader()
+    out: list[bytes] = []
+    while stream:
+        got, used = reader.receive(stream, budget)
+        assert used > 0
+        out += got
+        stream = stream[used:]
+    assert out == records
+
+
+@given(st.binary(max_size=512), st.integers(0, 2000), st.integers(1, 8))
+def test_random_bytes_raise_only_stream_errors(data: bytes, limit: int, fragments: int) -> None:
+    reader = RecordReader(max_record_size=limit, max_fragments=fragments)
     try:
         for record in reader.feed(data):
             assert len(record) <= limit
-    except RecordTooLarge:
-        pass
+    except (RecordTooLarge, TooManyFragments) as exc:
+        assert all(len(r) <= limit for r in exc.records)
 
 
 @given(

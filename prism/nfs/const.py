@@ -28,15 +28,17 @@ NFS3_CREATEVERFSIZE = 8
 NFS3_WRITEVERFSIZE = 8
 
 MAX_NAME = 255
-"""Longest filename3 the decoders accept (bytes)."""
+"""Longest name a directory holds (bytes; PATHCONF name_max): longer filename3s (unbounded
+in XDR) get NFS3ERR_NAMETOOLONG."""
 MAX_PATH = 4096
-"""Longest nfspath3 (symlink target) the decoders accept (bytes)."""
+"""Longest symlink target (bytes): longer nfspath3s get NFS3ERR_NAMETOOLONG."""
 MAX_READ = 1 << 20
-"""Largest READ count accepted, and FSINFO rtmax."""
+"""Largest READ served, and FSINFO rtmax: a larger count gets a reply of at most this."""
 MAX_WRITE = 1 << 20
-"""Largest WRITE payload accepted, and FSINFO wtmax."""
+"""Largest WRITE taken, and FSINFO wtmax: of more data, this much is written (the reply's
+count says so, as knfsd does)."""
 MAX_READDIR = 1 << 20
-"""Largest READDIR count / READDIRPLUS dircount and maxcount accepted."""
+"""Largest READDIR / READDIRPLUS reply: a larger count or maxcount is clamped to it."""
 MAX_AUTH_FLAVORS = 16
 """Longest auth_flavors<> list a MOUNT client accepts from a server."""
 

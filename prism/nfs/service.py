@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from prism.access import client_allowed, clients_allow, export_groups
-from prism.errors import NotFound, PermissionDenied, Stale, StoreError
+from prism.errors import InvalidArgument, NotFound, PermissionDenied, Stale, StoreError
 from prism.nfs import types as T
 from prism.nfs.const import (
     FSF3_CANSETTIME,
@@ -32,6 +32,7 @@ from prism.nfs.const import (
     FSF3_LINK,
     FSF3_SYMLINK,
     MAX_READ,
+    MAX_READDIR,
     MAX_WRITE,
     MOUNT_PROGRAM,
     MOUNT_V3,
@@ -48,8 +49,8 @@ from prism.nfs.handles import BadHandle, HandleCodec
 from prism.nfs.status import mountstat_for, nfsstat_for
 from prism.store import Store
 from prism.store.executor import StoreExecutor
-from prism.store.records import INODE_ATTRS
-from prism.store.types import INO_BITS, MAX_FILE_SIZE, Attr, Cred, FileType, ObjectId
+from prism.store.records import INODE_ATTRS, LAST_COOKIE
+from prism.store.types import INO_BITS, MAX_FILE_SIZE, Attr, Cred, FileType, ObjectId, SetAttr
 from rpc.message import AuthFlavor
 from rpc.server import (
     TRANSPORT_TCP,
@@ -82,6 +83,18 @@ EXPORT_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}(?:@[a-z0-9][a-z0-9_.-]{0,62
 """What MNT accepts as the first path component: a VM name, or VM@SNAPSHOT."""
 MAX_MOUNT_ENTRIES = 1024
 """Entries DUMP remembers (host, path); MNT beyond that still works, unrecorded."""
+BINDINGS_TTL = 1.0
+"""Seconds `peer_bound` reuses the VMs' client ranges it read (a rebinding reaches the
+connection caps' eviction order that much later)."""
+
+
+def setattr_of(sattr: T.Sattr3) -> SetAttr:
+    """The store's SetAttr for a client's sattr3. An nfstime3 counts nanoseconds within its
+    second, so nseconds >= 10^9 is InvalidArgument (NFS3ERR_INVAL), as in knfsd."""
+    for when in (sattr.atime, sattr.mtime):
+        if isinstance(when, T.NfsTime3) and when.nseconds >= 1_000_000_000:
+            raise InvalidArgument(f"nfstime3 with {when.nseconds} nseconds (must be < 10^9)")
+    return sattr.to_setattr()
 
 
 class _Fail(Exception):
@@ -107,6 +120,10 @@ class Call:
     @property
     def max_write(self) -> int:
         return UDP_MAX_IO if self.transport == TRANSPORT_UDP else MAX_WRITE
+
+    @property
+    def max_readdir(self) -> int:
+        return UDP_MAX_IO if self.transport == TRANSPORT_UDP else MAX_READDIR
 
 
 def canonical_mount_path(path: bytes) -> bytes:
@@ -135,9 +152,21 @@ class NfsService:
         function of exactly these, so a hit is always current. Listing a directory again
         (ls, find, make) then re-encodes only what changed."""
         self.mounts: set[tuple[str, bytes]] = set()
+        self._bindings: frozenset[tuple[str, ...]] = frozenset()
+        self._bindings_until = -1.0
         self.time_delta = T.NfsTime3.from_ns(
             max(1, int(time.clock_getres(time.CLOCK_REALTIME) * 1e9))
         )
+
+    def peer_bound(self, host: str) -> bool:
+        """Whether `host` is bound to some VM: the transports' connection admission policy
+        (`rpc.admission`), under which connections from other addresses go first."""
+        now = time.monotonic()
+        if now >= self._bindings_until:
+            infos = self.executor.call_now(lambda s: s.list_namespaces("vm"))
+            self._bindings = frozenset(info.clients for info in infos)
+            self._bindings_until = now + BINDINGS_TTL
+        return any(clients_allow(clients, host) for clients in self._bindings)
 
     # -- helpers (run on the store thread) -----------------------------------------------
 
@@ -261,7 +290,7 @@ class NfsService:
         before = self._pre(s, oid)
         try:
             guard = a.guard.to_ns() if a.guard is not None else None
-            attr = s.setattr(oid, a.new_attributes.to_setattr(), call.cred, guard_ctime_ns=guard)
+            attr = s.setattr(oid, setattr_of(a.new_attributes), call.cred, guard_ctime_ns=guard)
         except StoreError as exc:
             return T.SetattrRes(nfsstat_for(exc), self._wcc(s, oid, before))
         return T.SetattrRes(OK, T.WccData(before, self.fattr(attr)))
@@ -298,9 +327,7 @@ class NfsService:
     def write(self, s: Store, call: Call, a: T.WriteArgs) -> T.WriteRes:
         oid = self._oid(s, call, a.file)
         before = self._pre(s, oid)
-        data = a.data[: a.count] if a.count < len(a.data) else a.data
-        if len(data) > MAX_WRITE:
-            return T.WriteRes(NfsStat3.NFS3ERR_INVAL, self._wcc(s, oid, before))
+        data = a.data if len(a.data) <= MAX_WRITE else a.data[:MAX_WRITE]  # a short write
         try:
             attr = s.write(oid, a.offset, data, call.cred)
         except StoreError as exc:
@@ -334,10 +361,10 @@ class NfsService:
             # nothing, so the store answered OK even in a snapshot; like every other
             # modifying procedure on a read-only export it is NFS3ERR_ROFS (as in knfsd).
             return T.CreateRes(NfsStat3.NFS3ERR_ROFS, dir_wcc=self._wcc(s, dir_oid, before))
-        sattr = (a.obj_attributes or T.SATTR_EMPTY).to_setattr()
-        mode = sattr.mode if sattr.mode is not None else 0o644
 
         def make() -> Attr:
+            sattr = setattr_of(a.obj_attributes or T.SATTR_EMPTY)
+            mode = sattr.mode if sattr.mode is not None else 0o644
             return s.create(
                 dir_oid,
                 a.where.name,
@@ -353,26 +380,29 @@ class NfsService:
     def mkdir(self, s: Store, call: Call, a: T.MkdirArgs) -> T.CreateRes:
         dir_oid = self._oid(s, call, a.where.dir)
         before = self._pre(s, dir_oid)
-        sattr = a.attributes.to_setattr()
-        mode = sattr.mode if sattr.mode is not None else 0o755
-        return self._made(
-            s,
-            T.MkdirRes,
-            dir_oid,
-            before,
-            lambda: s.mkdir(dir_oid, a.where.name, mode, call.cred, sattr=sattr),
-        )
+
+        def make() -> Attr:
+            sattr = setattr_of(a.attributes)
+            mode = sattr.mode if sattr.mode is not None else 0o755
+            return s.mkdir(dir_oid, a.where.name, mode, call.cred, sattr=sattr)
+
+        return self._made(s, T.MkdirRes, dir_oid, before, make)
 
     def symlink(self, s: Store, call: Call, a: T.SymlinkArgs) -> T.CreateRes:
         dir_oid = self._oid(s, call, a.where.dir)
         before = self._pre(s, dir_oid)
-        sattr = a.symlink_attributes.to_setattr()
         return self._made(
             s,
             T.SymlinkRes,
             dir_oid,
             before,
-            lambda: s.symlink(dir_oid, a.where.name, a.symlink_data, call.cred, sattr=sattr),
+            lambda: s.symlink(
+                dir_oid,
+                a.where.name,
+                a.symlink_data,
+                call.cred,
+                sattr=setattr_of(a.symlink_attributes),
+            ),
         )
 
     def mknod(self, s: Store, call: Call, a: T.MknodArgs) -> T.CreateRes:
@@ -380,24 +410,15 @@ class NfsService:
         before = self._pre(s, dir_oid)
         if a.type not in (FileType.CHR, FileType.BLK, FileType.SOCK, FileType.FIFO):
             return T.MknodRes(NfsStat3.NFS3ERR_BADTYPE, dir_wcc=self._wcc(s, dir_oid, before))
-        sattr = (a.attributes or T.SATTR_EMPTY).to_setattr()
         spec = a.spec or T.SpecData3()
-        mode = sattr.mode if sattr.mode is not None else 0o644
-        return self._made(
-            s,
-            T.MknodRes,
-            dir_oid,
-            before,
-            lambda: s.mknod(
-                dir_oid,
-                a.where.name,
-                a.type,
-                mode,
-                call.cred,
-                rdev=(spec.specdata1, spec.specdata2),
-                sattr=sattr,
-            ),
-        )
+
+        def make() -> Attr:
+            sattr = setattr_of(a.attributes or T.SATTR_EMPTY)
+            mode = sattr.mode if sattr.mode is not None else 0o644
+            rdev = (spec.specdata1, spec.specdata2)
+            return s.mknod(dir_oid, a.where.name, a.type, mode, call.cred, rdev=rdev, sattr=sattr)
+
+        return self._made(s, T.MknodRes, dir_oid, before, make)
 
     def _removal(
         self, s: Store, call: Call, where: T.DirOpArgs3, res: type[T.RemoveRes], fn: Callable
@@ -445,6 +466,8 @@ class NfsService:
         dir_attr = s.getattr(dir_oid)
         if dir_attr.type != FileType.DIR:
             raise _Fail(NfsStat3.NFS3ERR_NOTDIR)
+        if cookie > LAST_COOKIE:
+            raise _Fail(NfsStat3.NFS3ERR_BAD_COOKIE)  # no entry was ever given this cookie
         entries: list[Any] = []
         used = 0
 
@@ -517,7 +540,7 @@ class NfsService:
                 return dir_oid, entries, True
 
     def readdir(self, s: Store, call: Call, a: T.ReaddirArgs) -> T.ReaddirRes:
-        budget = min(a.count, call.max_read) - T.READDIR_RESOK_MAX_FIXED
+        budget = min(a.count, call.max_readdir) - T.READDIR_RESOK_MAX_FIXED
         try:
             dir_oid, entries, eof = self._listing(s, call, a.dir, a.cookie, budget, False)
         except StoreError as exc:
@@ -525,7 +548,7 @@ class NfsService:
         return T.ReaddirRes(OK, self._post(s, dir_oid), COOKIE_VERIFIER, tuple(entries), eof)
 
     def readdirplus(self, s: Store, call: Call, a: T.ReaddirplusArgs) -> T.ReaddirplusRes:
-        budget = min(a.maxcount, call.max_read) - T.READDIR_RESOK_MAX_FIXED
+        budget = min(a.maxcount, call.max_readdir) - T.READDIR_RESOK_MAX_FIXED
         try:
             dir_oid, entries, eof = self._listing(s, call, a.dir, a.cookie, budget, True)
         except StoreError as exc:
@@ -667,6 +690,10 @@ class NfsService:
         return T.Void()
 
     async def _export(self, ctx: CallContext, args: Any) -> T.Exports:
+        """The exports the caller may mount (VMs and their snapshots bound to its address),
+        nothing to an address bound to no VM: the list of VMs and of their client ranges
+        is not for every prober to read."""
+        host = ctx.peer[0]
         infos = await self.executor.call(lambda s: s.list_namespaces())
         return T.Exports(
             tuple(
@@ -674,5 +701,6 @@ class NfsService:
                     ("/" + info.name).encode(), tuple(g.encode() for g in export_groups(info))
                 )
                 for info in infos
+                if client_allowed(info, host)
             )
         )

@@ -26,10 +26,13 @@ Shapes chosen to keep the Python side flat and obvious:
   (``*nextentry``) is encoded as value-follows booleans.
 
 Decoders accept exactly one encoding and raise only `XdrError` on hostile input: truncation,
-trailing bytes (at the `decode_*` entry points), enum values outside their enums, and the
-limits in `prism.nfs.const` (handles <= NFS3_FHSIZE, names <= MAX_NAME, paths <= MAX_PATH,
-READ count <= MAX_READ, WRITE data <= MAX_WRITE with count <= len(data), readdir counts <=
-MAX_READDIR, MOUNT dirpath <= MNTPATHLEN). Encoders trust the caller (our own server or a
+trailing bytes (at the `decode_*` entry points), enum values outside their enums, WRITE count
+> len(data), and the bounds the XDR types themselves declare (handles <= NFS3_FHSIZE, MOUNT
+dirpath <= MNTPATHLEN). RFC 1813's filename3, nfspath3, WRITE data and the READ/READDIR
+counts are unbounded in XDR, so they decode whatever the record holds (a record is itself
+bounded); the server's own limits on them (`prism.nfs.const` MAX_NAME, MAX_PATH, MAX_READ,
+MAX_WRITE) are the service's to answer: NFS3ERR_NAMETOOLONG, or a reply clamped to the
+maximum, never GARBAGE_ARGS. Encoders trust the caller (our own server or a
 test client that may deliberately send an over-long handle); they raise ValueError only where
 XDR itself cannot represent a value (e.g. a verifier that is not 8 bytes).
 
@@ -47,11 +50,7 @@ from typing import Any, Protocol, Self, TypeVar
 
 from prism.nfs.const import (
     MAX_AUTH_FLAVORS,
-    MAX_NAME,
-    MAX_PATH,
     MAX_READ,
-    MAX_READDIR,
-    MAX_WRITE,
     MNTNAMLEN,
     MNTPATHLEN,
     NFS3_COOKIEVERFSIZE,
@@ -98,11 +97,11 @@ def unpack_enum(u: Unpacker, enum: type[_E]) -> _E:
 
 
 def _unpack_name(u: Unpacker) -> bytes:
-    return u.unpack_string(MAX_NAME)
+    return u.unpack_string()  # filename3: string<>; the store refuses > MAX_NAME
 
 
 def _unpack_path(u: Unpacker) -> bytes:
-    return u.unpack_string(MAX_PATH)
+    return u.unpack_string()  # nfspath3: string<>; the store refuses > MAX_PATH
 
 
 # --- basic structures -----------------------------------------------------------------------
@@ -844,10 +843,7 @@ class ReadArgs:
     def unpack(cls, u: Unpacker) -> ReadArgs:
         fh = NfsFh3.unpack(u)
         offset = u.unpack_uhyper()
-        count = u.unpack_uint()
-        if count > MAX_READ:
-            raise XdrError(f"READ count {count} exceeds the limit of {MAX_READ}")
-        return cls(fh, offset, count)
+        return cls(fh, offset, u.unpack_uint())  # the service clamps it to its maximum
 
 
 @dataclass(frozen=True, slots=True)
@@ -918,7 +914,7 @@ class WriteArgs:
         offset = u.unpack_uhyper()
         count = u.unpack_uint()
         stable = unpack_enum(u, StableHow)
-        data = u.unpack_opaque(MAX_WRITE)
+        data = u.unpack_opaque()
         if count > len(data):
             raise XdrError(f"WRITE count {count} exceeds its {len(data)} data bytes")
         if count < len(data):
@@ -1216,12 +1212,6 @@ class LinkRes(_Result):
 # --- 16 READDIR -----------------------------------------------------------------------------
 
 
-def _check_readdir_count(what: str, count: int) -> int:
-    if count > MAX_READDIR:
-        raise XdrError(f"{what} {count} exceeds the limit of {MAX_READDIR}")
-    return count
-
-
 @dataclass(frozen=True, slots=True)
 class ReaddirArgs:
     dir: NfsFh3
@@ -1240,7 +1230,7 @@ class ReaddirArgs:
         fh = NfsFh3.unpack(u)
         cookie = u.unpack_uhyper()
         verf = u.unpack_fopaque(NFS3_COOKIEVERFSIZE)
-        return cls(fh, cookie, verf, _check_readdir_count("READDIR count", u.unpack_uint()))
+        return cls(fh, cookie, verf, u.unpack_uint())  # the service clamps the count
 
 
 def _padded(n: int) -> int:
@@ -1342,9 +1332,7 @@ class ReaddirplusArgs:
         fh = NfsFh3.unpack(u)
         cookie = u.unpack_uhyper()
         verf = u.unpack_fopaque(NFS3_COOKIEVERFSIZE)
-        dircount = _check_readdir_count("READDIRPLUS dircount", u.unpack_uint())
-        maxcount = _check_readdir_count("READDIRPLUS maxcount", u.unpack_uint())
-        return cls(fh, cookie, verf, dircount, maxcount)
+        return cls(fh, cookie, verf, u.unpack_uint(), u.unpack_uint())
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,8 @@ WHITEOUT = b""
 
 FIRST_COOKIE = 3
 """Cookies 0 (start), 1 and 2 (for '.' and '..') are never given to stored entries."""
+LAST_COOKIE = (0xFFFF_FFFF_FFFF_FFFF >> 2) + FIRST_COOKIE
+"""The largest cookie `name_cookie` gives: a READDIR cookie above it was never issued."""
 
 
 def name_cookie(name: bytes) -> int:

@@ -2111,7 +2111,9 @@ class Store:
         mode: int = 0o777,
         sattr: SetAttr | None = None,
     ) -> Attr:
-        if not target or len(target) > SYMLINK_MAX or b"\0" in target:
+        if len(target) > SYMLINK_MAX:
+            raise NameTooLong(f"symlink target of {len(target)} bytes; the limit is {SYMLINK_MAX}")
+        if not target or b"\0" in target:
             raise InvalidArgument(f"symlink target must be 1-{SYMLINK_MAX} bytes without NUL")
         return self._new_object(dir, name, FileType.LNK, mode, cred, sattr, target=target)
 
