@@ -1,6 +1,7 @@
 """The Prism store: per-VM namespaces over content-addressed chunks, in LMDB and segments.
 
-On-disk layout of a data directory::
+On-disk layout of a data directory (every directory 0700 and file 0600, tightened on open:
+the metadata holds the file-handle MAC key)::
 
     DATA/meta/data.mdb, lock.mdb   LMDB environment (all metadata, see the databases below)
     DATA/meta/journal              redo journal of a running server (`prism.store.journal`)
@@ -74,6 +75,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -106,6 +108,7 @@ from prism.errors import (
     TooManyLinks,
 )
 from prism.store import records as R
+from prism.store.diskio import PRIVATE_DIR, PRIVATE_FILE
 from prism.store.journal import (
     DELETE,
     PUT,
@@ -180,6 +183,33 @@ def _parsed(cache: dict[bytes, dict[str, Any]], raw: bytes) -> dict[str, Any]:
             cache.clear()
         record = cache[raw] = json.loads(raw)
     return record
+
+
+def make_private(root: Path) -> None:
+    """Give the data directory, its subdirectories and their files to the server's user
+    alone (0700/0600): `meta/data.mdb` holds the file-handle MAC key. Stores made before
+    this rule are tightened here, on every open."""
+    for path in (root, root / "meta", root / "segments"):
+        _chmod_private(path, PRIVATE_DIR)
+        if path is not root and path.is_dir():
+            for child in path.iterdir():
+                _chmod_private(child, PRIVATE_DIR if child.is_dir() else PRIVATE_FILE)
+
+
+def _chmod_private(path: Path, mode: int) -> None:
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode) or stat.S_IMODE(st.st_mode) == mode:
+        return
+    try:
+        os.chmod(path, mode)
+    except PermissionError:
+        raise PermissionDenied(
+            f"{path} is readable by other users and cannot be made private; "
+            f"run `chmod -R go= {path.parent}` as its owner"
+        ) from None
 
 
 def check_name(name: bytes) -> None:
@@ -367,9 +397,12 @@ class Store:
         if not meta.exists():
             if not create:
                 raise NotFound(f"no Prism store at {root}: create one with `prism vm create`")
-            meta.mkdir(parents=True)
+            root.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+            meta.mkdir(mode=PRIVATE_DIR)
+        make_private(root)
         env = lmdb.open(
             str(meta),
+            mode=PRIVATE_FILE,
             map_size=MAP_SIZE,
             max_dbs=16,
             max_readers=1024,
