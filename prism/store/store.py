@@ -1920,6 +1920,12 @@ class Store:
                 raise NotPermitted("only root, or the owner into a group of theirs, may chgrp")
             node.gid = sattr.gid
             changed = True
+        if (
+            sattr.mode is not None
+            and node.mode & 0o2000
+            and not (cred is None or cred.is_root or cred.in_group(node.gid))
+        ):
+            node.mode &= ~0o2000  # setgid only to a group of the caller's (as Linux does)
         if sattr.size is not None:
             if node.type == FileType.DIR:
                 raise IsADirectory("cannot change the size of a directory")
@@ -2042,7 +2048,7 @@ class Store:
             gid = dnode.gid if dnode.mode & 0o2000 else who.gid
             node = Inode(
                 node_type,
-                mode & 0o7777,
+                0,
                 2 if node_type == FileType.DIR else 1,
                 who.uid,
                 gid,
@@ -2058,22 +2064,24 @@ class Store:
                 target,
             )
             oid = ObjectId(view.id, 0, ino)
-            if sattr is not None:
-                self._apply_sattr(
-                    t,
-                    view,
-                    oid,
-                    node,
-                    SetAttr(
-                        mode=sattr.mode,
-                        uid=sattr.uid,
-                        gid=sattr.gid,
-                        atime_ns=sattr.atime_ns,
-                        mtime_ns=sattr.mtime_ns,
-                    ),
-                    None,
-                    new=True,
-                )
+            # The mode and attributes asked for at creation obey SETATTR's ownership rules,
+            # applied as the caller (the new object is already the caller's).
+            given = sattr or SetAttr()
+            self._apply_sattr(
+                t,
+                view,
+                oid,
+                node,
+                SetAttr(
+                    mode=mode if given.mode is None else given.mode,
+                    uid=given.uid,
+                    gid=given.gid,
+                    atime_ns=given.atime_ns,
+                    mtime_ns=given.mtime_ns,
+                ),
+                cred,
+                new=True,
+            )
             size = sattr.size if sattr is not None and node_type == FileType.REG else None
             if size:  # CREATE may ask for a size: the new file is a hole that long
                 if size > MAX_FILE_SIZE:
