@@ -38,6 +38,16 @@ whose records live in this namespace's layers and fall back to the source's froz
 volume numbers in fallen-back directory entries translated through the import's map. So a
 composition of subtrees from several VMs is O(number of volumes), not O(files).
 
+Shares (`share`). A VM's record lists the live views of other VMs' subtrees mounted in it;
+share k's objects are the source's volumes 0..SHARE_VOL_SPAN-1 seen as base+v, routed to
+the source's live namespace. A share never leads above its root, whatever the source does:
+every access through a share volume first walks the object's holding directories ('..' of
+a directory; for another object the directory it was last made, renamed or linked into,
+see `records.Inode`) and must meet the share's root before the source's root, else the
+object is STALE there; the root's '..' is the directory holding the mount point. A
+non-directory written before holders were recorded (parent fields 0) counts as inside
+until it is next renamed, linked or unlinked; a hard-linked file counts where its holder is.
+
 Content (dedup and copy-on-write). A file is cut into fixed, offset-aligned chunks of
 CHUNK_SIZE (128 KiB). Fixed alignment (rather than content-defined chunking) keeps random
 writes cheap: a write touches only the chunks it overlaps, so a 4 KiB write into a shared
@@ -157,6 +167,8 @@ SHARE_VOL_BASE = 0x8000
 SHARE_VOL_SPAN = 0x40
 """A share of another VM's subtree appears as volumes base..base+SPAN-1: the source's
 volume v is seen as base + v (so fileids stay unique inside the namespace)."""
+MAX_DEPTH = 100000
+"""Directories walked up from an object before giving up (no real tree is this deep)."""
 SHARE_SLOTS = (0x10000 - SHARE_VOL_BASE) // SHARE_VOL_SPAN
 """Slots are handed out round-robin and never straight back: a handle into a removed share
 stays stale until SHARE_SLOTS more shares have been made in that VM."""
@@ -774,11 +786,41 @@ class Store:
             target.name = f"{view.name}:{share['path']} (a read-only share of {target.name})"
         return target, vol - share["base"], share["base"]
 
+    def _below_share_root(
+        self,
+        t: lmdb.Transaction,
+        share: dict[str, Any],
+        src: _View,
+        vol: int,
+        ino: int,
+        node: Inode,
+    ) -> bool:
+        """Whether the source's object (vol, ino) is still inside the share's subtree: its
+        holding directory's '..' chain (see `records.Inode`) meets the share's root before
+        the source's root. The source may move anything anywhere at any time; what it moved
+        out, or what it left only in a directory outside, is no longer the share's."""
+        root = (share["root"][0], share["root"][1])
+        for _ in range(MAX_DEPTH):
+            if (vol, ino) == root:
+                return True
+            pvol, pino = node.parent_vol, node.parent_ino
+            if pino == R.HOLDER_UNKNOWN:
+                return False
+            if pino == R.HOLDER_UNRECORDED:
+                return node.type != FileType.DIR  # made by an older Prism; see the docstring
+            if (pvol, pino) == (vol, ino) or pvol >= SHARE_VOL_SPAN:
+                return False  # the source's root, or a volume the share does not show
+            parent = self._inode(t, src, pvol, pino)
+            if parent is None or parent.type != FileType.DIR:
+                return False
+            vol, ino, node = pvol, pino, parent
+        return False
+
     def _inode(self, t: lmdb.Transaction, view: _View, vol: int, ino: int) -> Inode | None:
         if vol >= SHARE_VOL_BASE:
             target, local, base = self._routed(t, view, vol)
             node = self._inode(t, target, local, ino)
-            if node is not None and node.type == FileType.DIR:
+            if node is not None and R.holder_known(node):
                 share = self._share_of(view, vol)
                 if [local, ino] == share["root"]:
                     node.parent_vol, node.parent_ino = share["at"]
@@ -791,7 +833,7 @@ class Store:
                 if not raw:
                     return None
                 node = Inode.unpack(raw)
-                if xl is not None and node.type == FileType.DIR:
+                if xl is not None and R.holder_known(node):
                     node.parent_vol = xl.get(node.parent_vol, node.parent_vol)
                 return node
         return None
@@ -834,13 +876,20 @@ class Store:
         map back to the caller's ids). Local and caller ids differ only inside a share."""
         outer = self._view(t, oid.ns)
         view, vol, base = self._routed(t, outer, oid.vol)
+        node = self._inode(t, view, vol, oid.ino)
+        if node is None:
+            raise Stale(f"object {oid.fileid} in {outer.name} no longer exists")
+        if base:
+            share = self._share_of(outer, oid.vol)
+            if not self._below_share_root(t, share, view, vol, oid.ino, node):
+                raise Stale(
+                    f"object {oid.fileid} is no longer inside {outer.name}:{share['path']} "
+                    "(its source VM moved it out of the shared directory)"
+                )
         if writable and view.readonly:
             raise ReadOnly(
                 f"{view.name} is read-only" if base else f"{view.name} is a read-only snapshot"
             )
-        node = self._inode(t, view, vol, oid.ino)
-        if node is None:
-            raise Stale(f"object {oid.fileid} in {outer.name} no longer exists")
         return view, ObjectId(view.id, vol, oid.ino), node, _Out(outer.id, base)
 
     def _attr(self, oid: ObjectId, node: Inode) -> Attr:
@@ -1607,12 +1656,12 @@ class Store:
                 pnode.nlink -= 1
             self._release(t, view, old[0], old[1])
         self._put_entry(t, view, pvol, pino, name, target)
+        node = self._inode(t, view, target[0], target[1])
+        if node is None:
+            raise Corrupt("grafted object is missing")
+        node.parent_vol, node.parent_ino = pvol, pino
+        self._put_inode(t, view, target[0], target[1], node)
         if target[2] == FileType.DIR:
-            node = self._inode(t, view, target[0], target[1])
-            if node is None:
-                raise Corrupt("grafted directory is missing")
-            node.parent_vol, node.parent_ino = pvol, pino
-            self._put_inode(t, view, target[0], target[1], node)
             pnode.nlink += 1
         pnode.mtime_ns = pnode.ctime_ns = time.time_ns()
         self._put_inode(t, view, pvol, pino, pnode)
@@ -1642,6 +1691,7 @@ class Store:
             if node.nlink <= 0:
                 self._destroy(t, view, vol, ino, node)
             else:
+                node.parent_vol, node.parent_ino = 0, R.HOLDER_UNKNOWN
                 node.ctime_ns = time.time_ns()
                 self._put_inode(t, view, vol, ino, node)
 
@@ -2058,8 +2108,8 @@ class Store:
                 now,
                 now,
                 now,
-                d.vol if node_type == FileType.DIR else 0,
-                d.ino if node_type == FileType.DIR else 0,
+                d.vol,
+                d.ino,
                 verifier or b"\0" * 8,
                 target,
             )
@@ -2221,6 +2271,7 @@ class Store:
                 if node.nlink <= 0:
                     self._destroy(t, view, vol, ino, node)
                 else:
+                    _lost_link(node, d.vol, d.ino)
                     node.ctime_ns = now
                     self._put_inode(t, view, vol, ino, node)
             dnode.mtime_ns = dnode.ctime_ns = now
@@ -2287,13 +2338,14 @@ class Store:
                         if enode.nlink <= 0:
                             self._destroy(t, view, existing[0], existing[1], enode)
                         else:
+                            _lost_link(enode, dd.vol, dd.ino)
                             enode.ctime_ns = now
                             self._put_inode(t, view, existing[0], existing[1], enode)
             self._drop_entry(t, view, sd.vol, sd.ino, src_name)
             self._put_entry(t, view, dd.vol, dd.ino, dst_name, (svol, sino, stype))
             snode.ctime_ns = now
+            snode.parent_vol, snode.parent_ino = dd.vol, dd.ino
             if snode.type == FileType.DIR and not same_dir:
-                snode.parent_vol, snode.parent_ino = dd.vol, dd.ino
                 ddnode.nlink += 1
                 sdnode.nlink -= 1
             self._put_inode(t, view, svol, sino, snode)
@@ -2307,7 +2359,7 @@ class Store:
         self, t: lmdb.Transaction, view: _View, moving: tuple[int, int], dst_dir: ObjectId
     ) -> None:
         vol, ino = dst_dir.vol, dst_dir.ino
-        for _ in range(100000):
+        for _ in range(MAX_DEPTH):
             if (vol, ino) == moving:
                 raise InvalidArgument("cannot move a directory inside itself")
             if vol == 0 and ino == ROOT_INO:
@@ -2335,6 +2387,7 @@ class Store:
             now = time.time_ns()
             node.nlink += 1
             node.ctime_ns = now
+            node.parent_vol, node.parent_ino = d.vol, d.ino
             self._put_inode(t, view, loc.vol, loc.ino, node)
             self._put_entry(t, view, d.vol, d.ino, name, (loc.vol, loc.ino, node.type))
             dnode.mtime_ns = dnode.ctime_ns = now
@@ -2387,6 +2440,13 @@ class Store:
                 record = self._inode_record(t, view, vol, ino) if attrs else None
                 out.append((c, name, vol + base, ino, record))
             return out, True
+
+
+def _lost_link(node: Inode, dvol: int, dino: int) -> None:
+    """A non-directory that keeps other links lost the one in directory (dvol, dino): if
+    that was its recorded holder (or none was recorded), where it lives is now unknown."""
+    if (node.parent_vol, node.parent_ino) == (dvol, dino) or not R.holder_known(node):
+        node.parent_vol, node.parent_ino = 0, R.HOLDER_UNKNOWN
 
 
 def _all_zero(data: bytes) -> bool:
