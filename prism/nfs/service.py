@@ -23,7 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from prism.access import client_allowed, clients_allow, export_groups
+from prism.access import (
+    client_allowed,
+    clients_allow,
+    effective_cred,
+    export_groups,
+    port_allowed,
+)
 from prism.errors import NotFound, PermissionDenied, Stale, StoreError
 from prism.nfs import types as T
 from prism.nfs.const import (
@@ -49,7 +55,7 @@ from prism.nfs.status import mountstat_for, nfsstat_for
 from prism.store import Store
 from prism.store.executor import StoreExecutor
 from prism.store.records import INODE_ATTRS
-from prism.store.types import INO_BITS, MAX_FILE_SIZE, Attr, Cred, FileType, ObjectId
+from prism.store.types import INO_BITS, MAX_FILE_SIZE, NOBODY, Attr, Cred, FileType, ObjectId
 from rpc.message import AuthFlavor
 from rpc.server import (
     TRANSPORT_TCP,
@@ -62,7 +68,6 @@ from rpc.server import (
 
 log = logging.getLogger("prism.nfs")
 
-NOBODY = 65534
 OK = NfsStat3.NFS3_OK
 COOKIE_VERIFIER = bytes(8)
 """Cookies are derived from names and never expire, so one constant verifier suffices."""
@@ -84,6 +89,9 @@ MAX_MOUNT_ENTRIES = 1024
 """Entries DUMP remembers (host, path); MNT beyond that still works, unrecorded."""
 
 
+ANONYMOUS = Cred(NOBODY, NOBODY, ())
+
+
 class _Fail(Exception):
     """Abort a handler with a status (for checks that are not store errors)."""
 
@@ -92,13 +100,17 @@ class _Fail(Exception):
         self.status = status
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Call:
-    """What a handler closure needs to know about the caller."""
+    """What a handler closure needs to know about the caller. `cred` is whom the caller
+    acts as: anonymous until `NfsService._oid` admits the call to a VM and maps `sent`
+    (its AUTH_SYS credential, None for AUTH_NONE) through that VM's squash."""
 
     host: str
-    cred: Cred
+    sent: Cred | None
     transport: str = TRANSPORT_TCP
+    port: int = 0
+    cred: Cred = ANONYMOUS
 
     @property
     def max_read(self) -> int:
@@ -114,11 +126,16 @@ def canonical_mount_path(path: bytes) -> bytes:
     return b"/" + b"/".join(p for p in path.split(b"/") if p and p != b".")
 
 
-def cred_of(ctx: CallContext) -> Cred:
+def cred_of(ctx: CallContext) -> Cred | None:
+    """The call's AUTH_SYS credential, or None (AUTH_NONE)."""
     if ctx.flavor == AuthFlavor.AUTH_SYS and ctx.auth_sys is not None:
         a = ctx.auth_sys
         return Cred(a.uid, a.gid, tuple(a.gids))
-    return Cred(NOBODY, NOBODY, ())
+    return None
+
+
+def call_of(ctx: CallContext) -> Call:
+    return Call(ctx.peer[0], cred_of(ctx), ctx.transport, ctx.peer[1])
 
 
 class NfsService:
@@ -146,8 +163,12 @@ class NfsService:
             oid = self.handles.decode(fh.data)
         except BadHandle:
             raise _Fail(NfsStat3.NFS3ERR_BADHANDLE) from None
-        if not clients_allow(s.clients_of(oid.ns), call.host):  # Stale if the VM is gone
+        export = s.export_of(oid.ns)  # Stale if the VM is gone
+        if not clients_allow(export.clients, call.host):
             raise _Fail(NfsStat3.NFS3ERR_ACCES)
+        if not port_allowed(export, call.port):
+            raise _Fail(NfsStat3.NFS3ERR_PERM)  # knfsd's answer to an insecure port
+        call.cred = effective_cred(export, call.sent)
         return oid
 
     def fattr(self, attr: Attr) -> T.Fattr3:
@@ -201,7 +222,7 @@ class NfsService:
 
         async def handler(ctx: CallContext, data: bytes) -> bytes:
             args = T.decode_args(proc, data)
-            call = Call(ctx.peer[0], cred_of(ctx), ctx.transport)
+            call = call_of(ctx)
             writes = modifies and proc != Nfs3Proc.COMMIT
             if self.durable_replies:
                 durable = modifies and not (
@@ -217,7 +238,7 @@ class NfsService:
         def immediate(ctx: CallContext, data: bytes) -> bytes:
             """A call that changes nothing never waits: answer it without a coroutine."""
             args = T.decode_args(proc, data)
-            call = Call(ctx.peer[0], cred_of(ctx), ctx.transport)
+            call = call_of(ctx)
             return T.encode_result(proc, self.executor.call_now(lambda s: answer(s, call, args)))
 
         return Procedure(int(proc), proc.name, handler, idempotent, None if modifies else immediate)
@@ -619,7 +640,7 @@ class NfsService:
         return T.Void()
 
     async def _mnt(self, ctx: CallContext, args: T.DirPath) -> T.MountRes:
-        host = ctx.peer[0]
+        host, port = ctx.peer
         path = args.path
 
         def run(s: Store) -> T.MountRes:
@@ -637,6 +658,11 @@ class NfsService:
                 info = s.namespace(name)
                 if not client_allowed(info, host):
                     raise PermissionDenied(f"{host} is not bound to {name}")
+                if not port_allowed(info.export, port):
+                    raise PermissionDenied(
+                        f"{host} called from unprivileged port {port} and {name} is secure "
+                        f"(mount as root, or allow it with `prism vm set {name} --insecure`)"
+                    )
                 attr = s.resolve(info.id, "/" + rest)
                 if attr.type != FileType.DIR:
                     return T.MountRes(MountStat3.MNT3ERR_NOTDIR)

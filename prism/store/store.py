@@ -13,7 +13,10 @@ LMDB databases (keys and values are packed as in `prism.store.records`):
               b"journal_gen" -> generation of the journal records not yet checkpointed;
               b"ns_next" -> next namespace id; b"layer_next" -> next layer id;
               b"ino"+ns -> next inode number; b"stored_bytes", b"chunk_count" -> counters
-    ns        ns id u32 -> JSON {name, kind ("vm"|"snapshot"), top layer, clients, quota, of}
+    ns        ns id u32 -> JSON {name, kind ("vm"|"snapshot"), top layer, clients, quota, of,
+              and for a VM: secure, squash, anon_uid, anon_gid (`types.Export`; a record
+              written before these existed lacks them and means insecure, squash none,
+              the access it always had)}
     names     name -> ns id u32 ("web" for a VM, "web@monday" for its snapshot)
     layers    layer id u64 -> JSON {parent, vols, imports, next_vol, next_import}
     inodes    layer|vol|ino -> packed Inode, or b"" (whiteout: removed in this layer)
@@ -141,13 +144,16 @@ from prism.store.types import (
     INO_BITS,
     MAX_FILE_SIZE,
     NAME_MAX,
+    NOBODY,
     NOW,
     ROOT_INO,
+    SQUASH_MODES,
     SYMLINK_MAX,
     Attr,
     CloneSource,
     Cred,
     DirEntry,
+    Export,
     FileType,
     FsStat,
     NamespaceInfo,
@@ -222,6 +228,39 @@ def _chmod_private(path: Path, mode: int) -> None:
             f"{path} is readable by other users and cannot be made private; "
             f"run `chmod -R go= {path.parent}` as its owner"
         ) from None
+
+
+def _export_of(rec: dict[str, Any]) -> Export:
+    """A VM record's access options (see the `ns` database above for missing fields)."""
+    return Export(
+        tuple(rec.get("clients", ())),
+        rec.get("secure", False),
+        rec.get("squash", "none"),
+        rec.get("anon_uid", NOBODY),
+        rec.get("anon_gid", NOBODY),
+    )
+
+
+def _set_export(
+    rec: dict[str, Any],
+    secure: bool | None,
+    squash: str | None,
+    anon_uid: int | None,
+    anon_gid: int | None,
+) -> None:
+    """Change the given access options of VM record `rec` in place."""
+    if squash is not None and squash not in SQUASH_MODES:
+        raise InvalidArgument(f"invalid squash {squash!r}: use one of {', '.join(SQUASH_MODES)}")
+    for what, value in (("anon uid", anon_uid), ("anon gid", anon_gid)):
+        if value is not None and not 0 <= value < 1 << 32:
+            raise InvalidArgument(f"invalid {what} {value}: use 0 to 4294967295")
+    changes: dict[str, Any] = {
+        "secure": secure,
+        "squash": squash,
+        "anon_uid": anon_uid,
+        "anon_gid": anon_gid,
+    }
+    rec.update((key, value) for key, value in changes.items() if value is not None)
 
 
 def check_name(name: bytes) -> None:
@@ -1333,10 +1372,12 @@ class Store:
     def _info(self, t: lmdb.Transaction, rec: dict[str, Any]) -> NamespaceInfo:
         clients = rec.get("clients", [])
         quota = rec.get("quota")
+        export = _export_of(rec)
         if rec["kind"] == "snapshot":
             parent = self._ns_record(t, rec["of"])
             if parent is not None:
                 clients = parent.get("clients", [])
+                export = _export_of(parent)
         shares = []
         for share in rec.get("shares", ()):
             source = self._ns_record(t, share["src"])
@@ -1358,6 +1399,7 @@ class Store:
             quota=quota,
             created_ns=rec.get("created", 0),
             shares=tuple(shares),
+            export=export,
         )
 
     def _make_ns(
@@ -1385,6 +1427,8 @@ class Store:
             "of": of,
             "created": time.time_ns(),
         }
+        if kind == "vm":  # a new VM's access options (README: "Client access")
+            _set_export(rec, True, "none", NOBODY, NOBODY)
         self._put_ns(t, rec)
         t.put(name.encode(), _NS_KEY.pack(ns_id), db=self._names)
         if next_ino is not None:
@@ -1392,8 +1436,18 @@ class Store:
         return rec
 
     def create_namespace(
-        self, name: str, *, clients: tuple[str, ...] | list[str] = (), quota: int | None = None
+        self,
+        name: str,
+        *,
+        clients: tuple[str, ...] | list[str] = (),
+        quota: int | None = None,
+        secure: bool | None = None,
+        squash: str | None = None,
+        anon_uid: int | None = None,
+        anon_gid: int | None = None,
     ) -> NamespaceInfo:
+        """A new VM; access options not given take the new-VM defaults (secure, squash
+        none, anonymous 65534:65534)."""
         check_vm_name(name)
         clients = parse_clients(clients)
         if quota is not None and quota < 0:
@@ -1401,6 +1455,8 @@ class Store:
         with self._write() as t:
             top = self._new_layer(t, 0, None)
             rec = self._make_ns(t, name, "vm", top, clients=clients, quota=quota)
+            _set_export(rec, secure, squash, anon_uid, anon_gid)
+            self._put_ns(t, rec)
             now = time.time_ns()
             root = Inode(FileType.DIR, 0o755, 2, 0, 0, 0, 0, 0, now, now, now, 0, ROOT_INO)
             t.put(R.inode_key(top, 0, ROOT_INO), root.pack(), db=self._inodes)
@@ -1410,6 +1466,17 @@ class Store:
     def namespace(self, name: str) -> NamespaceInfo:
         with self._read() as t:
             return self._info(t, self._view_by_name(t, name).record)
+
+    def export_of(self, ns_id: int) -> Export:
+        """How a namespace may be reached (a snapshot as its VM); Stale if gone. The per-call
+        fast path of the NFS server's access checks."""
+        with self._read() as t:
+            rec = self._ns_record(t, ns_id)
+            if rec is None:
+                raise Stale(f"namespace {ns_id} no longer exists")
+            if rec["kind"] == "snapshot":
+                rec = self._ns_record(t, rec["of"]) or rec
+            return _export_of(rec)
 
     def clients_of(self, ns_id: int) -> tuple[str, ...]:
         """The client CIDRs bound to a namespace (a snapshot's are its VM's); Stale if gone.
@@ -1446,6 +1513,10 @@ class Store:
         *,
         clients: tuple[str, ...] | list[str] | None = None,
         quota: Any = _UNCHANGED,
+        secure: bool | None = None,
+        squash: str | None = None,
+        anon_uid: int | None = None,
+        anon_gid: int | None = None,
     ) -> NamespaceInfo:
         with self._write() as t:
             view = self._view_by_name(t, name)
@@ -1458,6 +1529,7 @@ class Store:
                 if quota is not None and quota < 0:
                     raise InvalidArgument("quota must be positive")
                 rec["quota"] = quota
+            _set_export(rec, secure, squash, anon_uid, anon_gid)
             self._put_ns(t, rec)
             return self._info(t, rec)
 
