@@ -15,13 +15,16 @@ what it once was.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from prism.nfs.client import NfsClient
+from prism.errors import Stale
+from prism.nfs.client import MountClient, NfsClient
 from prism.nfs.const import NfsStat3
 from prism.nfs.types import NfsFh3, Sattr3
+from prism.store import CloneSource, ObjectId, Store
 from tests.op_helpers import PrismServe, nfs_get, nfs_mkdirs, nfs_put, nfs_tree, prism, prism_json
 
 PRIVATE = b"src's private data\n"
@@ -98,6 +101,9 @@ def test_objects_moved_out_of_a_share_are_unreachable(server: PrismServe, rw: bo
         assert d.lookup(mnt, "..").object == droot
         dotdot = [e for e in d.listdir(mnt) if e.name == b".."]
         assert dotdot and dotdot[0].fileid == d.getattr(droot).obj_attributes.fileid
+        with MountClient("127.0.0.1", server.mount_port) as m:  # a mount path with '..'
+            assert m.mnt(f"/{dst}/mnt/..")[0] == droot
+            assert m.mnt(f"/{dst}/mnt/work/../..")[0] == droot
 
         # src moves things out of the shared directory, and drops its shared link
         spub, sprivate = s.walk(sroot, "pub"), s.walk(sroot, "private")
@@ -132,3 +138,62 @@ def test_objects_moved_out_of_a_share_are_unreachable(server: PrismServe, rw: bo
         assert nfs_get(d, work, "inner.txt") == b"work\n"
         assert d.lookup(deeper, "..").object == work
         assert prism_json(server.data, "fsck")["clean"] is True
+
+
+# -- the same rule in the store, for the paths the NFS test does not take ------------------
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    with Store.open(tmp_path / "data") as s:
+        yield s
+
+
+def at(s: Store, ns: str, path: str) -> ObjectId:
+    return s.resolve(s.namespace(ns).id, path).oid
+
+
+def test_grafted_subtree_moved_out_of_a_share(store: Store) -> None:
+    """A source composed of another VM's subtree (its own volume 1) that moves it out."""
+    s = store
+    base = s.create_namespace("base").root
+    s.mkdir(s.mkdir(base, b"tree").oid, b"inner")
+    s.create_namespace("src")
+    s.mkdir(s.namespace("src").root, b"pub")
+    s.mkdir(s.namespace("src").root, b"private")
+    s.clone("src", [CloneSource("base", path="/tree", dest="/pub/tree")], into=True)
+    s.create_namespace("dst")
+    s.share("src", "/pub", "dst", "/mnt", rw=True)
+    inner = at(s, "dst", "/mnt/tree/inner")
+    assert inner.vol > 0x8000 + 0  # a share volume of the grafted one
+    assert s.lookup(inner, b"..").oid == at(s, "dst", "/mnt/tree")
+    s.rename(at(s, "src", "/pub"), b"tree", at(s, "src", "/private"), b"tree")
+    for call in (lambda: s.getattr(inner), lambda: s.lookup(inner, b"..")):
+        with pytest.raises(Stale):
+            call()
+    with pytest.raises(Stale):
+        s.mkdir(inner, b"planted")
+    # '..' through a mount path stays inside dst as well
+    assert s.resolve(s.namespace("dst").id, "/mnt/..").oid == s.namespace("dst").root
+
+
+def test_file_replaced_by_a_rename_loses_the_share(store: Store) -> None:
+    """A private file hard-linked into the share is shared; once src renames another file
+    over that link, the file lives only in /private and dst's handle is STALE."""
+    s = store
+    s.create_namespace("src")
+    root = s.namespace("src").root
+    pub, private = s.mkdir(root, b"pub").oid, s.mkdir(root, b"private").oid
+    f = s.create(private, b"f").oid
+    s.write(f, 0, PRIVATE)
+    s.link(f, pub, b"shared-f")
+    other = s.create(private, b"other").oid
+    s.create_namespace("dst")
+    s.share("src", "/pub", "dst", "/mnt")
+    seen = at(s, "dst", "/mnt/shared-f")
+    assert s.read(seen, 0, 100)[0] == PRIVATE
+    s.rename(private, b"other", pub, b"shared-f")
+    with pytest.raises(Stale):
+        s.read(seen, 0, 100)
+    assert s.read(at(s, "dst", "/mnt/shared-f"), 0, 10)[0] == b""  # `other`, now shared
+    assert s.read(f, 0, 100)[0] == PRIVATE and other != f

@@ -157,6 +157,16 @@ class Inode:
         )
 
 
+_HOLDER = struct.Struct(">HQ")
+
+
+def holder_of(raw: bytes | memoryview) -> tuple[int, int, int]:
+    """(type value, parent_vol, parent_ino) of a packed inode record, unpacking nothing else
+    (the parent fields follow the INODE_ATTRS fields)."""
+    pvol, pino = _HOLDER.unpack_from(raw, INODE_ATTRS.size)
+    return raw[0], pvol, pino
+
+
 def holder_known(node: Inode) -> bool:
     """Whether `node.parent_*` names a directory (always so for a directory)."""
     return node.parent_ino not in (HOLDER_UNRECORDED, HOLDER_UNKNOWN)

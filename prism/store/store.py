@@ -839,21 +839,38 @@ class Store:
         the source's root. The source may move anything anywhere at any time; what it moved
         out, or what it left only in a directory outside, is no longer the share's."""
         root = (share["root"][0], share["root"][1])
+        kind, pvol, pino = int(node.type), node.parent_vol, node.parent_ino
         for _ in range(MAX_DEPTH):
             if (vol, ino) == root:
                 return True
-            pvol, pino = node.parent_vol, node.parent_ino
             if pino == R.HOLDER_UNKNOWN:
                 return False
             if pino == R.HOLDER_UNRECORDED:
-                return node.type != FileType.DIR  # made by an older Prism; see the docstring
+                return kind != FileType.DIR  # made by an older Prism; see the docstring
             if (pvol, pino) == (vol, ino) or pvol >= SHARE_VOL_SPAN:
                 return False  # the source's root, or a volume the share does not show
-            parent = self._inode(t, src, pvol, pino)
-            if parent is None or parent.type != FileType.DIR:
+            holder = self._holder(t, src, pvol, pino)
+            if holder is None or holder[0] != FileType.DIR:
                 return False
-            vol, ino, node = pvol, pino, parent
+            vol, ino = pvol, pino
+            kind, pvol, pino = holder
         return False
+
+    def _holder(
+        self, t: lmdb.Transaction, view: _View, vol: int, ino: int
+    ) -> tuple[int, int, int] | None:
+        """(type, holder vol, holder ino) of an object of the view's own volumes, as
+        `_inode` would give them, unpacking nothing else (share checks walk these)."""
+        for layer, v, xl in self._path(t, view.top, vol):
+            raw = t.get(R.inode_key(layer, v, ino), db=self._inodes)
+            if raw is not None:
+                if not raw:
+                    return None
+                kind, pvol, pino = R.holder_of(raw)
+                if xl is not None and pino not in (R.HOLDER_UNRECORDED, R.HOLDER_UNKNOWN):
+                    pvol = xl.get(pvol, pvol)
+                return kind, pvol, pino
+        return None
 
     def _inode(self, t: lmdb.Transaction, view: _View, vol: int, ino: int) -> Inode | None:
         if vol >= SHARE_VOL_BASE:
@@ -1778,7 +1795,7 @@ class Store:
             if node.type != FileType.DIR:
                 raise NotADirectory(f"{label}: a component of the path is not a directory")
             if part == "..":
-                vol, ino = node.parent_vol or vol, node.parent_ino or ino
+                vol, ino = node.parent_vol, node.parent_ino
             else:
                 entry = self._entry(t, view, vol, ino, part.encode())
                 if entry is None:
