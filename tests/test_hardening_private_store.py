@@ -90,3 +90,16 @@ def test_existing_store_is_tightened_on_open(world_dir: Path) -> None:
     prism(data, "vm", "list")
     assert_private(data)
     assert not nobody_reads(data / "meta" / "data.mdb")
+
+
+def test_symlinked_data_and_segment_directories_are_tightened(world_dir: Path) -> None:
+    real = world_dir / "real"
+    prism(real, "vm", "create", "vm")
+    (real / "segments").rename(world_dir / "segments-disk")
+    (real / "segments").symlink_to(world_dir / "segments-disk")
+    (world_dir / "link").symlink_to(real)
+    for path in (real, real / "meta", world_dir / "segments-disk"):
+        path.chmod(0o755)
+    prism(world_dir / "link", "vm", "list")
+    for path in (real, real / "meta", world_dir / "segments-disk"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700, path

@@ -208,7 +208,7 @@ def make_private(root: Path) -> None:
     alone (0700/0600): `meta/data.mdb` holds the file-handle MAC key. Stores made before
     this rule are tightened here, on every open."""
     for path in (root, root / "meta", root / "segments"):
-        _chmod_private(path, PRIVATE_DIR)
+        _chmod_private(path.resolve(), PRIVATE_DIR)  # (each may be a symlink to elsewhere)
         if path is not root and path.is_dir():
             for child in path.iterdir():
                 _chmod_private(child, PRIVATE_DIR if child.is_dir() else PRIVATE_FILE)
