@@ -400,6 +400,7 @@ class Store:
         self._paths: dict[tuple[int, int], tuple[PathEntry, ...]] = {}
         self._ns_cache: dict[bytes, dict[str, Any]] = {}
         self._layer_cache: dict[bytes, dict[str, Any]] = {}
+        self._exports: dict[int, tuple[dict[str, Any], Export]] = {}
         self._import_maps: dict[tuple[int, int], dict[int, int]] = {}
         self.boot_id = secrets.randbits(63) | 1
         self._dbs = (
@@ -1493,7 +1494,14 @@ class Store:
                 raise Stale(f"namespace {ns_id} no longer exists")
             if rec["kind"] == "snapshot":
                 rec = self._ns_record(t, rec["of"]) or rec
-            return _export_of(rec)
+            cached = self._exports.get(id(rec))
+            if cached is not None and cached[0] is rec:  # (holding rec keeps its id unique)
+                return cached[1]
+            if len(self._exports) > _PARSED_CACHE_SIZE:
+                self._exports.clear()
+            export = _export_of(rec)
+            self._exports[id(rec)] = (rec, export)
+            return export
 
     def clients_of(self, ns_id: int) -> tuple[str, ...]:
         """The client CIDRs bound to a namespace (a snapshot's are its VM's); Stale if gone.
