@@ -1504,15 +1504,8 @@ class Store:
             return export
 
     def clients_of(self, ns_id: int) -> tuple[str, ...]:
-        """The client CIDRs bound to a namespace (a snapshot's are its VM's); Stale if gone.
-        The per-call fast path of the NFS server's address check."""
-        with self._read() as t:
-            rec = self._ns_record(t, ns_id)
-            if rec is None:
-                raise Stale(f"namespace {ns_id} no longer exists")
-            if rec["kind"] == "snapshot":
-                rec = self._ns_record(t, rec["of"]) or rec
-            return tuple(rec.get("clients", ()))
+        """The client CIDRs bound to a namespace (a snapshot's are its VM's); Stale if gone."""
+        return self.export_of(ns_id).clients
 
     def namespace_by_id(self, ns_id: int) -> NamespaceInfo:
         with self._read() as t:
