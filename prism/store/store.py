@@ -223,6 +223,8 @@ def _chmod_private(path: Path, mode: int) -> None:
         return
     try:
         os.chmod(path, mode)
+    except FileNotFoundError:
+        return  # (a segment `gc` removed meanwhile)
     except PermissionError:
         raise PermissionDenied(
             f"{path} is readable by other users and cannot be made private; "
