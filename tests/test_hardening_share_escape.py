@@ -14,10 +14,12 @@ what it once was.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import pytest
 
 from prism.errors import Stale
@@ -25,6 +27,7 @@ from prism.nfs.client import MountClient, NfsClient
 from prism.nfs.const import NfsStat3
 from prism.nfs.types import NfsFh3, Sattr3
 from prism.store import CloneSource, ObjectId, Store
+from prism.store import records as R
 from tests.op_helpers import PrismServe, nfs_get, nfs_mkdirs, nfs_put, nfs_tree, prism, prism_json
 
 PRIVATE = b"src's private data\n"
@@ -197,3 +200,31 @@ def test_file_replaced_by_a_rename_loses_the_share(store: Store) -> None:
         s.read(seen, 0, 100)
     assert s.read(at(s, "dst", "/mnt/shared-f"), 0, 10)[0] == b""  # `other`, now shared
     assert s.read(f, 0, 100)[0] == PRIVATE and other != f
+
+
+def test_files_from_before_holders_were_recorded(tmp_path: Path) -> None:
+    """A file record written by an older Prism has no holder (parent fields 0): it stays
+    visible through a share, and is judged by its holder once src renames it."""
+    data = tmp_path / "data"
+    with Store.open(data) as s:
+        root = s.create_namespace("src").root
+        pub, private = s.mkdir(root, b"pub").oid, s.mkdir(root, b"private").oid
+        f = s.create(pub, b"old").oid
+        s.write(f, 0, PRIVATE)
+    env = lmdb.open(str(data / "meta"), max_dbs=16)
+    with env.begin(write=True) as t:  # as an older Prism wrote it
+        ns, inodes = env.open_db(b"ns", txn=t), env.open_db(b"inodes", txn=t)
+        top = json.loads(t.get(R.U32.pack(root.ns), db=ns))["top"]
+        key = R.inode_key(top, 0, f.ino)
+        node = R.Inode.unpack(t.get(key, db=inodes))
+        node.parent_vol, node.parent_ino = 0, R.HOLDER_UNRECORDED
+        t.put(key, node.pack(), db=inodes)
+    env.close()
+    with Store.open(data) as s:
+        s.create_namespace("dst")
+        s.share("src", "/pub", "dst", "/mnt")
+        seen = at(s, "dst", "/mnt/old")
+        assert s.read(seen, 0, 100)[0] == PRIVATE
+        s.rename(pub, b"old", private, b"old")
+        with pytest.raises(Stale):
+            s.read(seen, 0, 100)
