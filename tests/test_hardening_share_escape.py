@@ -9,7 +9,10 @@ STALE for every procedure, '..' never names anything of src outside the share, a
 share root's '..' is dst's directory holding the mount point. The same holds for an object
 the source only ever had outside the share except for a hard link it then removed. An
 object moved back into the share is reachable again: the rule is where an object is, not
-what it once was.
+what it once was. MNT of a path climbing out of the share with '..' lands in dst.
+
+In the store: a grafted (composed) subtree of the source moved out, a file whose shared
+hard link src replaces by a rename, and a file record from before holders were recorded.
 """
 
 from __future__ import annotations
