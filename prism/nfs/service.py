@@ -8,9 +8,10 @@ the one modifying call that may be answered before the commit).
 
 A handler decodes its arguments (XdrError -> GARBAGE_ARGS), then runs one closure through
 the store's executor (`prism.store.executor`, inline on the event loop) that resolves the
-handle, checks that the caller's address is bound to the handle's VM, gathers pre-operation
-attributes, performs the operation and builds the result. A `StoreError` becomes the
-procedure's failure result through the one errno -> nfsstat3 mapping (`prism.nfs.status`),
+handle, checks that the caller's address and source port may reach the handle's VM and maps
+its credential through the VM's squash (`prism.access`), gathers pre-operation attributes,
+performs the operation and builds the result. A `StoreError` becomes the procedure's
+failure result through the one errno -> nfsstat3 mapping (`prism.nfs.status`),
 carrying the wcc_data / post_op_attr that the procedure's failure arm allows.
 """
 
