@@ -1,11 +1,18 @@
-"""Which client addresses may reach which VM: the binding between VMs and CIDRs."""
+"""Who may reach which VM, and as whom: client CIDRs, privileged ports, squashing.
+
+A VM's `Export` (`prism.store.types`) decides, per call: the caller's address must fall in
+its CIDRs; a `secure` VM answers only calls from privileged source ports (below 1024, which
+only root can bind: the kernel client and libnfs running as root use them), as knfsd's
+default `secure`; and `squash` maps AUTH_SYS callers to the anonymous uid/gid as knfsd's
+root_squash / all_squash do (AUTH_NONE callers are always anonymous).
+"""
 
 from __future__ import annotations
 
 import functools
 import ipaddress
 
-from prism.store.types import NamespaceInfo
+from prism.store.types import Cred, Export, NamespaceInfo
 
 LOOPBACK = ("127.0.0.0/8", "::1/128")
 """Where a VM with no client addresses can be reached from."""
@@ -45,3 +52,27 @@ def clients_allow(clients: tuple[str, ...], host: str) -> bool:
 
 def export_groups(info: NamespaceInfo) -> tuple[str, ...]:
     return info.clients or LOOPBACK
+
+
+PRIVILEGED_PORTS = 1024
+"""Source ports below this can only be bound by root (`secure` VMs require one)."""
+
+
+def port_allowed(export: Export, port: int) -> bool:
+    """Whether a call from source `port` may reach the VM (any port unless `secure`)."""
+    return port < PRIVILEGED_PORTS or not export.secure
+
+
+def effective_cred(export: Export, sent: Cred | None) -> Cred:
+    """Who the caller acts as: its AUTH_SYS credential (None for AUTH_NONE) as the VM's
+    squash maps it. `root` maps uid 0, gid 0 and group 0 (as knfsd's root_squash)."""
+    if sent is None or export.squash == "all":
+        return Cred(export.anon_uid, export.anon_gid, ())
+    if export.squash == "root":
+        anon = export.anon_gid
+        return Cred(
+            export.anon_uid if sent.uid == 0 else sent.uid,
+            anon if sent.gid == 0 else sent.gid,
+            tuple(anon if g == 0 else g for g in sent.groups),
+        )
+    return sent

@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 from prism.errors import Exists, InvalidArgument, NotADirectory, NotFound, StoreError
 from prism.store import CloneSource, Store
-from prism.store.types import NamespaceInfo
+from prism.store.types import SQUASH_MODES, NamespaceInfo
 from rpc.admission import FD_RESERVE, MAX_PER_ADDRESS, RECORD_TIMEOUT
 
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
@@ -135,6 +135,10 @@ def _vm_json(info: NamespaceInfo, usage: Any = None) -> dict[str, Any]:
         "quota": info.quota,
         "readonly": info.readonly,
         "created": info.created_ns // 1_000_000_000,
+        "secure": info.export.secure,
+        "squash": info.export.squash,
+        "anon_uid": info.export.anon_uid,
+        "anon_gid": info.export.anon_gid,
     }
     if usage is not None:
         out["logical_bytes"] = usage.logical_bytes
@@ -242,7 +246,9 @@ def _emit_vm(args: argparse.Namespace, store: Store, info: NamespaceInfo, lead: 
 
 
 def cmd_vm_create(args: argparse.Namespace, store: Store) -> int:
-    info = store.create_namespace(args.name, clients=args.client or [], quota=args.quota)
+    info = store.create_namespace(
+        args.name, clients=args.client or [], quota=args.quota, **_export_kwargs(args)
+    )
     _emit_vm(args, store, info, f"created VM {info.name}: export /{info.name},")
     return 0
 
@@ -278,6 +284,7 @@ def cmd_vm_show(args: argparse.Namespace, store: Store) -> int:
                 f"name:      {data['name']}",
                 f"export:    {data['export']}",
                 f"clients:   {', '.join(data['clients']) or 'loopback only'}",
+                f"access:    {_access_text(data)}",
                 f"quota:     {human(data['quota']) if data['quota'] is not None else 'none'}",
                 f"used:      {human(data['logical_bytes'])} in {data['files']} files",
                 f"snapshots: {', '.join(data['snapshots']) or '-'}",
@@ -294,6 +301,27 @@ def cmd_vm_show(args: argparse.Namespace, store: Store) -> int:
 
     _emit(args, data, text)
     return 0
+
+
+def _access_text(vm: dict[str, Any]) -> str:
+    ports = "privileged ports only (secure)" if vm["secure"] else "any port (insecure)"
+    squash = {
+        "none": "no squash",
+        "root": f"root squashed to {vm['anon_uid']}:{vm['anon_gid']}",
+        "all": f"everyone squashed to {vm['anon_uid']}:{vm['anon_gid']}",
+    }[vm["squash"]]
+    return f"{ports}, {squash}"
+
+
+def _export_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The access options given on the command line (absent ones are left out)."""
+    given = {
+        "secure": args.secure,
+        "squash": args.squash,
+        "anon_uid": args.anon_uid,
+        "anon_gid": args.anon_gid,
+    }
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def cmd_share(args: argparse.Namespace, store: Store) -> int:
@@ -330,8 +358,12 @@ def cmd_vm_set(args: argparse.Namespace, store: Store) -> int:
         kwargs["clients"] = args.client
     if args.quota is not _UNSET:
         kwargs["quota"] = args.quota
+    kwargs |= _export_kwargs(args)
     if not kwargs:
-        raise UsageError("nothing to change: give --client CIDR and/or --quota SIZE")
+        raise UsageError(
+            "nothing to change: give --client CIDR, --quota SIZE, --secure/--insecure, "
+            "--squash none|root|all, --anon-uid N or --anon-gid N"
+        )
     info = store.set_namespace(args.name, **kwargs)
     _emit_vm(args, store, info, f"updated VM {info.name}:")
     return 0
@@ -584,6 +616,34 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _access_options(p: argparse.ArgumentParser, defaults: str) -> None:
+    g = p.add_argument_group(f"client access ({defaults}; see README 'Client access')")
+    ports = g.add_mutually_exclusive_group()
+    ports.add_argument(
+        "--secure",
+        dest="secure",
+        action="store_const",
+        const=True,
+        default=None,
+        help="answer only calls from privileged source ports (<1024), as knfsd",
+    )
+    ports.add_argument(
+        "--insecure",
+        dest="secure",
+        action="store_const",
+        const=False,
+        help="answer calls from any port (unprivileged clients, QEMU user networking)",
+    )
+    g.add_argument(
+        "--squash",
+        choices=SQUASH_MODES,
+        default=None,
+        help="callers mapped to the anonymous ids: none, root (uid/gid 0), or all",
+    )
+    g.add_argument("--anon-uid", type=int, default=None, metavar="UID", help="default 65534")
+    g.add_argument("--anon-gid", type=int, default=None, metavar="GID", help="default 65534")
+
+
 def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
     p.add_argument("--data", default=None, help="data directory ($PRISM_DATA, ./prism-data)")
     if json_flag:
@@ -643,6 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--client", action="append", metavar="CIDR")
     p.add_argument("--quota", type=_size_arg, default=None, metavar="SIZE")
+    _access_options(p, "default: secure, squash none")
     p.set_defaults(func=cmd_vm_create)
     p = vm.add_parser("list", help="list VMs")
     _common(p)
@@ -651,11 +712,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("name")
     p.set_defaults(func=cmd_vm_show)
-    p = vm.add_parser("set", help="change a VM's clients or quota")
+    p = vm.add_parser("set", help="change a VM's clients, quota or access options")
     _common(p)
     p.add_argument("name")
     p.add_argument("--client", action="append", metavar="CIDR")
     p.add_argument("--quota", type=_size_arg, default=_UNSET, metavar="SIZE")
+    _access_options(p, "unchanged unless given")
     p.set_defaults(func=cmd_vm_set)
     p = vm.add_parser("rm", help="remove a VM and its snapshots")
     _common(p)

@@ -193,6 +193,8 @@ class RpcClient:
         try:
             sock.settimeout(self.timeout)
             if source is not None:
+                if source[1]:  # a fixed port may still be in TIME_WAIT towards another server
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind(source)
             sock.connect(address)
             if kind == socket.SOCK_STREAM:

@@ -172,7 +172,7 @@ BAD_INPUT = [
     ),
     ("into-with-quota", ["clone", "web", "base", "--into", "--quota", "1G"], "prism vm set"),
     ("into-missing-vm", ["clone", "nope", "base", "--into"], "no VM named 'nope'"),
-    ("set-nothing", ["vm", "set", "web"], "give --client CIDR and/or --quota SIZE"),
+    ("set-nothing", ["vm", "set", "web"], "give --client CIDR, --quota SIZE, --secure/--insecure"),
     ("missing-argument", ["vm", "create"], "see `prism vm create --help`"),
     ("unknown-command", ["vm", "destroy", "web"], "see `prism vm --help`"),
 ]

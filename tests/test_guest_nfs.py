@@ -187,7 +187,8 @@ def portmap_mode() -> tuple[bool, int | None] | None:
 def test_linux_client_workload_and_portmapper_mount(tmp_path: Path) -> None:
     data = new_data_dir(tmp_path / "data")
     server = PrismProcess(data, tmp_path / "logs")
-    server.cli("vm", "set", "vm", "--quota", "1G")
+    # QEMU's user network connects for the guest from an unprivileged host port.
+    server.cli("vm", "set", "vm", "--quota", "1G", "--insecure")
 
     # Boot 1: explicit ports, no portmapper.
     server.start()

@@ -150,7 +150,9 @@ def names_of(nfs: NfsClient, dir_fh: NfsFh3) -> set[bytes]:
 def pipelined_creates(srv: PrismProcess, dir_fh: NfsFh3, names: Sequence[bytes]) -> None:
     """CREATE (GUARDED) every name over one TCP connection without waiting between calls,
     so the server group-commits them; asserts every one succeeded."""
-    with RpcClient(HOST, srv.nfs_port, NFS_PROGRAM, NFS_V3, cred=auth_sys(), timeout=60) as rpc:
+    with RpcClient(
+        HOST, srv.nfs_port, NFS_PROGRAM, NFS_V3, cred=auth_sys(), timeout=60, reserved_port=True
+    ) as rpc:
         records = [
             rpc.encode(
                 Nfs3Proc.CREATE,
@@ -963,7 +965,13 @@ def test_retransmitted_create_gets_the_same_reply(
     srv: PrismProcess, workdir: NfsFh3, transport: str
 ) -> None:
     with RpcClient(
-        HOST, srv.nfs_port, NFS_PROGRAM, NFS_V3, transport=transport, cred=auth_sys()
+        HOST,
+        srv.nfs_port,
+        NFS_PROGRAM,
+        NFS_V3,
+        transport=transport,
+        cred=auth_sys(),
+        reserved_port=True,  # a root client, for the VM is secure
     ) as rpc:
         args = encode_args(
             Nfs3Proc.CREATE,

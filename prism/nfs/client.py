@@ -5,7 +5,9 @@ Theory of operation: each method builds the procedure's argument dataclass, enco
 TCP or UDP) and decodes the reply into the procedure's result dataclass. Per-procedure
 methods never raise on NFS errors: a result carries `.status` (and `.ok`), so tests can check
 the exact status and failure body. RPC-level failures (timeouts, PROG_UNAVAIL, GARBAGE_ARGS,
-...) are whatever the RPC client raises; a malformed reply body raises `XdrError`.
+...) are whatever the RPC client raises; a malformed reply body raises `XdrError`. Run as
+root, it calls from a privileged source port (as the kernel client and libnfs do), which
+`secure` VMs require.
 
 The convenience helpers (`walk`, `write_all`, `read_all`, `listdir`, `MountClient.mnt`) do
 raise: `NfsError` / `MountError`, carrying the status.
@@ -13,6 +15,7 @@ raise: `NfsError` / `MountError`, carrying the status.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from typing import Any, Protocol
@@ -168,6 +171,14 @@ def _connect(
     kwargs: dict[str, Any] = {"transport": transport, "cred": cred, "timeout": timeout}
     if source is not None:
         kwargs["source"] = source
+    if transport != "unix" and os.geteuid() == 0:
+        # As the Linux kernel client and libnfs do when they can: servers that are `secure`
+        # (knfsd's default, and new Prism VMs) answer privileged source ports only.
+        try:
+            return RpcClient(host, port, prog, vers, reserved_port=True, **kwargs)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:  # every reserved port busy: use any port
+                raise
     client: RpcCaller = RpcClient(host, port, prog, vers, **kwargs)
     return client
 

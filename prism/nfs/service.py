@@ -8,9 +8,10 @@ the one modifying call that may be answered before the commit).
 
 A handler decodes its arguments (XdrError -> GARBAGE_ARGS), then runs one closure through
 the store's executor (`prism.store.executor`, inline on the event loop) that resolves the
-handle, checks that the caller's address is bound to the handle's VM, gathers pre-operation
-attributes, performs the operation and builds the result. A `StoreError` becomes the
-procedure's failure result through the one errno -> nfsstat3 mapping (`prism.nfs.status`),
+handle, checks that the caller's address and source port may reach the handle's VM and maps
+its credential through the VM's squash (`prism.access`), gathers pre-operation attributes,
+performs the operation and builds the result. A `StoreError` becomes the procedure's
+failure result through the one errno -> nfsstat3 mapping (`prism.nfs.status`),
 carrying the wcc_data / post_op_attr that the procedure's failure arm allows.
 """
 
@@ -23,7 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from prism.access import client_allowed, clients_allow, export_groups
+from prism.access import (
+    client_allowed,
+    clients_allow,
+    effective_cred,
+    export_groups,
+    port_allowed,
+)
 from prism.errors import InvalidArgument, NotFound, PermissionDenied, Stale, StoreError
 from prism.nfs import types as T
 from prism.nfs.const import (
@@ -50,7 +57,16 @@ from prism.nfs.status import mountstat_for, nfsstat_for
 from prism.store import Store
 from prism.store.executor import StoreExecutor
 from prism.store.records import INODE_ATTRS, LAST_COOKIE
-from prism.store.types import INO_BITS, MAX_FILE_SIZE, Attr, Cred, FileType, ObjectId, SetAttr
+from prism.store.types import (
+    INO_BITS,
+    MAX_FILE_SIZE,
+    NOBODY,
+    Attr,
+    Cred,
+    FileType,
+    ObjectId,
+    SetAttr,
+)
 from rpc.message import AuthFlavor
 from rpc.server import (
     TRANSPORT_TCP,
@@ -63,7 +79,6 @@ from rpc.server import (
 
 log = logging.getLogger("prism.nfs")
 
-NOBODY = 65534
 OK = NfsStat3.NFS3_OK
 COOKIE_VERIFIER = bytes(8)
 """Cookies are derived from names and never expire, so one constant verifier suffices."""
@@ -97,6 +112,9 @@ def setattr_of(sattr: T.Sattr3) -> SetAttr:
     return sattr.to_setattr()
 
 
+ANONYMOUS = Cred(NOBODY, NOBODY, ())
+
+
 class _Fail(Exception):
     """Abort a handler with a status (for checks that are not store errors)."""
 
@@ -105,13 +123,17 @@ class _Fail(Exception):
         self.status = status
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Call:
-    """What a handler closure needs to know about the caller."""
+    """What a handler closure needs to know about the caller. `cred` is whom the caller
+    acts as: anonymous until `NfsService._oid` admits the call to a VM and maps `sent`
+    (its AUTH_SYS credential, None for AUTH_NONE) through that VM's squash."""
 
     host: str
-    cred: Cred
+    sent: Cred | None
     transport: str = TRANSPORT_TCP
+    port: int = 0
+    cred: Cred = ANONYMOUS
 
     @property
     def max_read(self) -> int:
@@ -131,11 +153,16 @@ def canonical_mount_path(path: bytes) -> bytes:
     return b"/" + b"/".join(p for p in path.split(b"/") if p and p != b".")
 
 
-def cred_of(ctx: CallContext) -> Cred:
+def cred_of(ctx: CallContext) -> Cred | None:
+    """The call's AUTH_SYS credential, or None (AUTH_NONE)."""
     if ctx.flavor == AuthFlavor.AUTH_SYS and ctx.auth_sys is not None:
         a = ctx.auth_sys
         return Cred(a.uid, a.gid, tuple(a.gids))
-    return Cred(NOBODY, NOBODY, ())
+    return None
+
+
+def call_of(ctx: CallContext) -> Call:
+    return Call(ctx.peer[0], cred_of(ctx), ctx.transport, ctx.peer[1])
 
 
 class NfsService:
@@ -175,8 +202,12 @@ class NfsService:
             oid = self.handles.decode(fh.data)
         except BadHandle:
             raise _Fail(NfsStat3.NFS3ERR_BADHANDLE) from None
-        if not clients_allow(s.clients_of(oid.ns), call.host):  # Stale if the VM is gone
+        export = s.export_of(oid.ns)  # Stale if the VM is gone
+        if not clients_allow(export.clients, call.host):
             raise _Fail(NfsStat3.NFS3ERR_ACCES)
+        if not port_allowed(export, call.port):
+            raise _Fail(NfsStat3.NFS3ERR_PERM)  # knfsd's answer to an insecure port
+        call.cred = effective_cred(export, call.sent)
         return oid
 
     def fattr(self, attr: Attr) -> T.Fattr3:
@@ -230,7 +261,7 @@ class NfsService:
 
         async def handler(ctx: CallContext, data: bytes) -> bytes:
             args = T.decode_args(proc, data)
-            call = Call(ctx.peer[0], cred_of(ctx), ctx.transport)
+            call = call_of(ctx)
             writes = modifies and proc != Nfs3Proc.COMMIT
             if self.durable_replies:
                 durable = modifies and not (
@@ -246,7 +277,7 @@ class NfsService:
         def immediate(ctx: CallContext, data: bytes) -> bytes:
             """A call that changes nothing never waits: answer it without a coroutine."""
             args = T.decode_args(proc, data)
-            call = Call(ctx.peer[0], cred_of(ctx), ctx.transport)
+            call = call_of(ctx)
             return T.encode_result(proc, self.executor.call_now(lambda s: answer(s, call, args)))
 
         return Procedure(int(proc), proc.name, handler, idempotent, None if modifies else immediate)
@@ -642,7 +673,7 @@ class NfsService:
         return T.Void()
 
     async def _mnt(self, ctx: CallContext, args: T.DirPath) -> T.MountRes:
-        host = ctx.peer[0]
+        host, port = ctx.peer
         path = args.path
 
         def run(s: Store) -> T.MountRes:
@@ -660,6 +691,11 @@ class NfsService:
                 info = s.namespace(name)
                 if not client_allowed(info, host):
                     raise PermissionDenied(f"{host} is not bound to {name}")
+                if not port_allowed(info.export, port):
+                    raise PermissionDenied(
+                        f"{host} called from unprivileged port {port} and {name} is secure "
+                        f"(mount as root, or allow it with `prism vm set {name} --insecure`)"
+                    )
                 attr = s.resolve(info.id, "/" + rest)
                 if attr.type != FileType.DIR:
                     return T.MountRes(MountStat3.MNT3ERR_NOTDIR)

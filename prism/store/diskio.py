@@ -13,6 +13,10 @@ from pathlib import Path
 
 from prism.errors import NoSpace
 
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
+"""Modes of every directory and file of a store: only the server's user may read them
+(`meta/data.mdb` holds the file-handle MAC key)."""
+
 
 def pwrite_all(fd: int, data: bytes, offset: int, what: object) -> None:
     """Write all of `data` at `offset` in one call; NoSpace naming `what` (a path, formatted

@@ -47,7 +47,7 @@ from pathlib import Path
 import xxhash
 
 from prism.errors import Corrupt, NoSpace
-from prism.store.diskio import fsync_directory, pwrite_all
+from prism.store.diskio import PRIVATE_FILE, fsync_directory, pwrite_all
 
 JOURNAL_SIZE = 16 << 20
 MAGIC = 0x50524A31  # "PRJ1"
@@ -107,7 +107,7 @@ class Journal:
     def open(cls, path: Path, *, wait: float = 0.0, size: int = JOURNAL_SIZE) -> Journal:
         """Open (making it if needed) and lock the journal; JournalBusy if another process
         still holds it after `wait` seconds."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE)
         try:
             deadline = time.monotonic() + wait
             while True:

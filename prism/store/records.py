@@ -81,9 +81,21 @@ FILE_TYPES = (None, *FileType)
 """FileType by value without the cost of an enum call (index 0 is not a type)."""
 
 
+HOLDER_UNRECORDED = 0
+"""`parent_ino` of a non-directory written by a Prism that did not record holders."""
+HOLDER_UNKNOWN = (1 << 64) - 1
+"""`parent_ino` of a non-directory that lost the link in its recorded holder while keeping
+others (the remaining links' directories are not known)."""
+
+
 @dataclass(slots=True)
 class Inode:
-    """One object's attributes as stored (mutable working copy)."""
+    """One object's attributes as stored (mutable working copy).
+
+    `parent_vol`/`parent_ino` name the directory holding the object: for a directory its
+    '..'; for any other object the directory it was last made, renamed or linked into, or
+    HOLDER_UNKNOWN once that link is gone while others remain, or HOLDER_UNRECORDED. Shares
+    use it to tell whether an object is still inside the shared subtree."""
 
     type: FileType
     mode: int
@@ -96,7 +108,7 @@ class Inode:
     atime_ns: int
     mtime_ns: int
     ctime_ns: int
-    parent_vol: int = 0  # directories: the directory holding it ('..')
+    parent_vol: int = 0  # the directory holding it (see above)
     parent_ino: int = 0
     verifier: bytes = b"\0" * 8  # exclusive CREATE verifier
     target: bytes = b""  # symlink target
@@ -145,3 +157,18 @@ class Inode:
             verifier,
             bytes(data[_INODE.size :]),
         )
+
+
+_HOLDER = struct.Struct(">HQ")
+
+
+def holder_of(raw: bytes | memoryview) -> tuple[int, int, int]:
+    """(type value, parent_vol, parent_ino) of a packed inode record, unpacking nothing else
+    (the parent fields follow the INODE_ATTRS fields)."""
+    pvol, pino = _HOLDER.unpack_from(raw, INODE_ATTRS.size)
+    return raw[0], pvol, pino
+
+
+def holder_known(node: Inode) -> bool:
+    """Whether `node.parent_*` names a directory (always so for a directory)."""
+    return node.parent_ino not in (HOLDER_UNRECORDED, HOLDER_UNKNOWN)

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from prism.errors import Corrupt
-from prism.store.diskio import fsync_directory, pwrite_all
+from prism.store.diskio import PRIVATE_DIR, PRIVATE_FILE, fsync_directory, pwrite_all
 
 SEGMENT_TARGET_SIZE = 64 * 1024 * 1024
 """A writer starts a new segment after a commit once its active one is this large."""
@@ -71,7 +71,7 @@ class SegmentFiles:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
         self._read_fds: dict[int, int] = {}
         self._active_id: int | None = None
         self._active_fd: int | None = None
@@ -104,7 +104,7 @@ class SegmentFiles:
             seg_id = secrets.randbits(63) or 1
             path = self.directory / segment_name(seg_id)
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE)
             except FileExistsError:
                 continue
             break

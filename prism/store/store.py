@@ -1,6 +1,7 @@
 """The Prism store: per-VM namespaces over content-addressed chunks, in LMDB and segments.
 
-On-disk layout of a data directory::
+On-disk layout of a data directory (every directory 0700 and file 0600, tightened on open:
+the metadata holds the file-handle MAC key)::
 
     DATA/meta/data.mdb, lock.mdb   LMDB environment (all metadata, see the databases below)
     DATA/meta/journal              redo journal of a running server (`prism.store.journal`)
@@ -12,7 +13,10 @@ LMDB databases (keys and values are packed as in `prism.store.records`):
               b"journal_gen" -> generation of the journal records not yet checkpointed;
               b"ns_next" -> next namespace id; b"layer_next" -> next layer id;
               b"ino"+ns -> next inode number; b"stored_bytes", b"chunk_count" -> counters
-    ns        ns id u32 -> JSON {name, kind ("vm"|"snapshot"), top layer, clients, quota, of}
+    ns        ns id u32 -> JSON {name, kind ("vm"|"snapshot"), top layer, clients, quota, of,
+              and for a VM: secure, squash, anon_uid, anon_gid (`types.Export`; a record
+              written before these existed lacks them and means insecure, squash none,
+              the access it always had)}
     names     name -> ns id u32 ("web" for a VM, "web@monday" for its snapshot)
     layers    layer id u64 -> JSON {parent, vols, imports, next_vol, next_import}
     inodes    layer|vol|ino -> packed Inode, or b"" (whiteout: removed in this layer)
@@ -36,6 +40,16 @@ namespace's own lineage. Grafting a subtree of another namespace (`clone` with a
 whose records live in this namespace's layers and fall back to the source's frozen chain, with
 volume numbers in fallen-back directory entries translated through the import's map. So a
 composition of subtrees from several VMs is O(number of volumes), not O(files).
+
+Shares (`share`). A VM's record lists the live views of other VMs' subtrees mounted in it;
+share k's objects are the source's volumes 0..SHARE_VOL_SPAN-1 seen as base+v, routed to
+the source's live namespace. A share never leads above its root, whatever the source does:
+every access through a share volume first walks the object's holding directories ('..' of
+a directory; for another object the directory it was last made, renamed or linked into,
+see `records.Inode`) and must meet the share's root before the source's root, else the
+object is STALE there; the root's '..' is the directory holding the mount point. A
+non-directory written before holders were recorded (parent fields 0) counts as inside
+until it is next renamed, linked or unlinked; a hard-linked file counts where its holder is.
 
 Content (dedup and copy-on-write). A file is cut into fixed, offset-aligned chunks of
 CHUNK_SIZE (128 KiB). Fixed alignment (rather than content-defined chunking) keeps random
@@ -74,6 +88,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -106,6 +121,7 @@ from prism.errors import (
     TooManyLinks,
 )
 from prism.store import records as R
+from prism.store.diskio import PRIVATE_DIR, PRIVATE_FILE
 from prism.store.journal import (
     DELETE,
     PUT,
@@ -128,13 +144,16 @@ from prism.store.types import (
     INO_BITS,
     MAX_FILE_SIZE,
     NAME_MAX,
+    NOBODY,
     NOW,
     ROOT_INO,
+    SQUASH_MODES,
     SYMLINK_MAX,
     Attr,
     CloneSource,
     Cred,
     DirEntry,
+    Export,
     FileType,
     FsStat,
     NamespaceInfo,
@@ -154,6 +173,8 @@ SHARE_VOL_BASE = 0x8000
 SHARE_VOL_SPAN = 0x40
 """A share of another VM's subtree appears as volumes base..base+SPAN-1: the source's
 volume v is seen as base + v (so fileids stay unique inside the namespace)."""
+MAX_DEPTH = 100000
+"""Directories walked up from an object before giving up (no real tree is this deep)."""
 SHARE_SLOTS = (0x10000 - SHARE_VOL_BASE) // SHARE_VOL_SPAN
 """Slots are handed out round-robin and never straight back: a handle into a removed share
 stays stale until SHARE_SLOTS more shares have been made in that VM."""
@@ -180,6 +201,68 @@ def _parsed(cache: dict[bytes, dict[str, Any]], raw: bytes) -> dict[str, Any]:
             cache.clear()
         record = cache[raw] = json.loads(raw)
     return record
+
+
+def make_private(root: Path) -> None:
+    """Give the data directory, its subdirectories and their files to the server's user
+    alone (0700/0600): `meta/data.mdb` holds the file-handle MAC key. Stores made before
+    this rule are tightened here, on every open."""
+    for path in (root, root / "meta", root / "segments"):
+        _chmod_private(path.resolve(), PRIVATE_DIR)  # (each may be a symlink to elsewhere)
+        if path is not root and path.is_dir():
+            for child in path.iterdir():
+                _chmod_private(child, PRIVATE_DIR if child.is_dir() else PRIVATE_FILE)
+
+
+def _chmod_private(path: Path, mode: int) -> None:
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode) or stat.S_IMODE(st.st_mode) == mode:
+        return
+    try:
+        os.chmod(path, mode)
+    except FileNotFoundError:
+        return  # (a segment `gc` removed meanwhile)
+    except PermissionError:
+        raise PermissionDenied(
+            f"{path} is readable by other users and cannot be made private; "
+            f"run `chmod -R go= {path.parent}` as its owner"
+        ) from None
+
+
+def _export_of(rec: dict[str, Any]) -> Export:
+    """A VM record's access options (see the `ns` database above for missing fields)."""
+    return Export(
+        tuple(rec.get("clients", ())),
+        rec.get("secure", False),
+        rec.get("squash", "none"),
+        rec.get("anon_uid", NOBODY),
+        rec.get("anon_gid", NOBODY),
+    )
+
+
+def _set_export(
+    rec: dict[str, Any],
+    secure: bool | None,
+    squash: str | None,
+    anon_uid: int | None,
+    anon_gid: int | None,
+) -> None:
+    """Change the given access options of VM record `rec` in place."""
+    if squash is not None and squash not in SQUASH_MODES:
+        raise InvalidArgument(f"invalid squash {squash!r}: use one of {', '.join(SQUASH_MODES)}")
+    for what, value in (("anon uid", anon_uid), ("anon gid", anon_gid)):
+        if value is not None and not 0 <= value < 1 << 32:
+            raise InvalidArgument(f"invalid {what} {value}: use 0 to 4294967295")
+    changes: dict[str, Any] = {
+        "secure": secure,
+        "squash": squash,
+        "anon_uid": anon_uid,
+        "anon_gid": anon_gid,
+    }
+    rec.update((key, value) for key, value in changes.items() if value is not None)
 
 
 def check_name(name: bytes) -> None:
@@ -319,6 +402,7 @@ class Store:
         self._paths: dict[tuple[int, int], tuple[PathEntry, ...]] = {}
         self._ns_cache: dict[bytes, dict[str, Any]] = {}
         self._layer_cache: dict[bytes, dict[str, Any]] = {}
+        self._exports: dict[int, tuple[dict[str, Any], Export]] = {}
         self._import_maps: dict[tuple[int, int], dict[int, int]] = {}
         self.boot_id = secrets.randbits(63) | 1
         self._dbs = (
@@ -367,9 +451,12 @@ class Store:
         if not meta.exists():
             if not create:
                 raise NotFound(f"no Prism store at {root}: create one with `prism vm create`")
-            meta.mkdir(parents=True)
+            root.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+            meta.mkdir(mode=PRIVATE_DIR)
+        make_private(root)
         env = lmdb.open(
             str(meta),
+            mode=PRIVATE_FILE,
             map_size=MAP_SIZE,
             max_dbs=16,
             max_readers=1024,
@@ -741,11 +828,58 @@ class Store:
             target.name = f"{view.name}:{share['path']} (a read-only share of {target.name})"
         return target, vol - share["base"], share["base"]
 
+    def _below_share_root(
+        self,
+        t: lmdb.Transaction,
+        share: dict[str, Any],
+        src: _View,
+        vol: int,
+        ino: int,
+        node: Inode,
+    ) -> bool:
+        """Whether the source's object (vol, ino) is still inside the share's subtree: its
+        holding directory's '..' chain (see `records.Inode`) meets the share's root before
+        the source's root. The source may move anything anywhere at any time; what it moved
+        out, or what it left only in a directory outside, is no longer the share's."""
+        root = (share["root"][0], share["root"][1])
+        kind, pvol, pino = int(node.type), node.parent_vol, node.parent_ino
+        for _ in range(MAX_DEPTH):
+            if (vol, ino) == root:
+                return True
+            if pino == R.HOLDER_UNKNOWN:
+                return False
+            if pino == R.HOLDER_UNRECORDED:
+                return kind != FileType.DIR  # made by an older Prism; see the docstring
+            if (pvol, pino) == (vol, ino) or pvol >= SHARE_VOL_SPAN:
+                return False  # the source's root, or a volume the share does not show
+            holder = self._holder(t, src, pvol, pino)
+            if holder is None or holder[0] != FileType.DIR:
+                return False
+            vol, ino = pvol, pino
+            kind, pvol, pino = holder
+        return False
+
+    def _holder(
+        self, t: lmdb.Transaction, view: _View, vol: int, ino: int
+    ) -> tuple[int, int, int] | None:
+        """(type, holder vol, holder ino) of an object of the view's own volumes, as
+        `_inode` would give them, unpacking nothing else (share checks walk these)."""
+        for layer, v, xl in self._path(t, view.top, vol):
+            raw = t.get(R.inode_key(layer, v, ino), db=self._inodes)
+            if raw is not None:
+                if not raw:
+                    return None
+                kind, pvol, pino = R.holder_of(raw)
+                if xl is not None and pino not in (R.HOLDER_UNRECORDED, R.HOLDER_UNKNOWN):
+                    pvol = xl.get(pvol, pvol)
+                return kind, pvol, pino
+        return None
+
     def _inode(self, t: lmdb.Transaction, view: _View, vol: int, ino: int) -> Inode | None:
         if vol >= SHARE_VOL_BASE:
             target, local, base = self._routed(t, view, vol)
             node = self._inode(t, target, local, ino)
-            if node is not None and node.type == FileType.DIR:
+            if node is not None and R.holder_known(node):
                 share = self._share_of(view, vol)
                 if [local, ino] == share["root"]:
                     node.parent_vol, node.parent_ino = share["at"]
@@ -758,7 +892,7 @@ class Store:
                 if not raw:
                     return None
                 node = Inode.unpack(raw)
-                if xl is not None and node.type == FileType.DIR:
+                if xl is not None and R.holder_known(node):
                     node.parent_vol = xl.get(node.parent_vol, node.parent_vol)
                 return node
         return None
@@ -801,13 +935,20 @@ class Store:
         map back to the caller's ids). Local and caller ids differ only inside a share."""
         outer = self._view(t, oid.ns)
         view, vol, base = self._routed(t, outer, oid.vol)
+        node = self._inode(t, view, vol, oid.ino)
+        if node is None:
+            raise Stale(f"object {oid.fileid} in {outer.name} no longer exists")
+        if base:
+            share = self._share_of(outer, oid.vol)
+            if not self._below_share_root(t, share, view, vol, oid.ino, node):
+                raise Stale(
+                    f"object {oid.fileid} is no longer inside {outer.name}:{share['path']} "
+                    "(its source VM moved it out of the shared directory)"
+                )
         if writable and view.readonly:
             raise ReadOnly(
                 f"{view.name} is read-only" if base else f"{view.name} is a read-only snapshot"
             )
-        node = self._inode(t, view, vol, oid.ino)
-        if node is None:
-            raise Stale(f"object {oid.fileid} in {outer.name} no longer exists")
         return view, ObjectId(view.id, vol, oid.ino), node, _Out(outer.id, base)
 
     def _attr(self, oid: ObjectId, node: Inode) -> Attr:
@@ -1251,10 +1392,12 @@ class Store:
     def _info(self, t: lmdb.Transaction, rec: dict[str, Any]) -> NamespaceInfo:
         clients = rec.get("clients", [])
         quota = rec.get("quota")
+        export = _export_of(rec)
         if rec["kind"] == "snapshot":
             parent = self._ns_record(t, rec["of"])
             if parent is not None:
                 clients = parent.get("clients", [])
+                export = _export_of(parent)
         shares = []
         for share in rec.get("shares", ()):
             source = self._ns_record(t, share["src"])
@@ -1276,6 +1419,7 @@ class Store:
             quota=quota,
             created_ns=rec.get("created", 0),
             shares=tuple(shares),
+            export=export,
         )
 
     def _make_ns(
@@ -1303,6 +1447,8 @@ class Store:
             "of": of,
             "created": time.time_ns(),
         }
+        if kind == "vm":  # a new VM's access options (README: "Client access")
+            _set_export(rec, True, "none", NOBODY, NOBODY)
         self._put_ns(t, rec)
         t.put(name.encode(), _NS_KEY.pack(ns_id), db=self._names)
         if next_ino is not None:
@@ -1310,8 +1456,18 @@ class Store:
         return rec
 
     def create_namespace(
-        self, name: str, *, clients: tuple[str, ...] | list[str] = (), quota: int | None = None
+        self,
+        name: str,
+        *,
+        clients: tuple[str, ...] | list[str] = (),
+        quota: int | None = None,
+        secure: bool | None = None,
+        squash: str | None = None,
+        anon_uid: int | None = None,
+        anon_gid: int | None = None,
     ) -> NamespaceInfo:
+        """A new VM; access options not given take the new-VM defaults (secure, squash
+        none, anonymous 65534:65534)."""
         check_vm_name(name)
         clients = parse_clients(clients)
         if quota is not None and quota < 0:
@@ -1319,6 +1475,8 @@ class Store:
         with self._write() as t:
             top = self._new_layer(t, 0, None)
             rec = self._make_ns(t, name, "vm", top, clients=clients, quota=quota)
+            _set_export(rec, secure, squash, anon_uid, anon_gid)
+            self._put_ns(t, rec)
             now = time.time_ns()
             root = Inode(FileType.DIR, 0o755, 2, 0, 0, 0, 0, 0, now, now, now, 0, ROOT_INO)
             t.put(R.inode_key(top, 0, ROOT_INO), root.pack(), db=self._inodes)
@@ -1329,16 +1487,27 @@ class Store:
         with self._read() as t:
             return self._info(t, self._view_by_name(t, name).record)
 
-    def clients_of(self, ns_id: int) -> tuple[str, ...]:
-        """The client CIDRs bound to a namespace (a snapshot's are its VM's); Stale if gone.
-        The per-call fast path of the NFS server's address check."""
+    def export_of(self, ns_id: int) -> Export:
+        """How a namespace may be reached (a snapshot as its VM); Stale if gone. The per-call
+        fast path of the NFS server's access checks."""
         with self._read() as t:
             rec = self._ns_record(t, ns_id)
             if rec is None:
                 raise Stale(f"namespace {ns_id} no longer exists")
             if rec["kind"] == "snapshot":
                 rec = self._ns_record(t, rec["of"]) or rec
-            return tuple(rec.get("clients", ()))
+            cached = self._exports.get(id(rec))
+            if cached is not None and cached[0] is rec:  # (holding rec keeps its id unique)
+                return cached[1]
+            if len(self._exports) > _PARSED_CACHE_SIZE:
+                self._exports.clear()
+            export = _export_of(rec)
+            self._exports[id(rec)] = (rec, export)
+            return export
+
+    def clients_of(self, ns_id: int) -> tuple[str, ...]:
+        """The client CIDRs bound to a namespace (a snapshot's are its VM's); Stale if gone."""
+        return self.export_of(ns_id).clients
 
     def namespace_by_id(self, ns_id: int) -> NamespaceInfo:
         with self._read() as t:
@@ -1364,6 +1533,10 @@ class Store:
         *,
         clients: tuple[str, ...] | list[str] | None = None,
         quota: Any = _UNCHANGED,
+        secure: bool | None = None,
+        squash: str | None = None,
+        anon_uid: int | None = None,
+        anon_gid: int | None = None,
     ) -> NamespaceInfo:
         with self._write() as t:
             view = self._view_by_name(t, name)
@@ -1376,6 +1549,7 @@ class Store:
                 if quota is not None and quota < 0:
                     raise InvalidArgument("quota must be positive")
                 rec["quota"] = quota
+            _set_export(rec, secure, squash, anon_uid, anon_gid)
             self._put_ns(t, rec)
             return self._info(t, rec)
 
@@ -1574,12 +1748,12 @@ class Store:
                 pnode.nlink -= 1
             self._release(t, view, old[0], old[1])
         self._put_entry(t, view, pvol, pino, name, target)
+        node = self._inode(t, view, target[0], target[1])
+        if node is None:
+            raise Corrupt("grafted object is missing")
+        node.parent_vol, node.parent_ino = pvol, pino
+        self._put_inode(t, view, target[0], target[1], node)
         if target[2] == FileType.DIR:
-            node = self._inode(t, view, target[0], target[1])
-            if node is None:
-                raise Corrupt("grafted directory is missing")
-            node.parent_vol, node.parent_ino = pvol, pino
-            self._put_inode(t, view, target[0], target[1], node)
             pnode.nlink += 1
         pnode.mtime_ns = pnode.ctime_ns = time.time_ns()
         self._put_inode(t, view, pvol, pino, pnode)
@@ -1609,6 +1783,7 @@ class Store:
             if node.nlink <= 0:
                 self._destroy(t, view, vol, ino, node)
             else:
+                node.parent_vol, node.parent_ino = 0, R.HOLDER_UNKNOWN
                 node.ctime_ns = time.time_ns()
                 self._put_inode(t, view, vol, ino, node)
 
@@ -1623,7 +1798,7 @@ class Store:
             if node.type != FileType.DIR:
                 raise NotADirectory(f"{label}: a component of the path is not a directory")
             if part == "..":
-                vol, ino = node.parent_vol or vol, node.parent_ino or ino
+                vol, ino = node.parent_vol, node.parent_ino
             else:
                 entry = self._entry(t, view, vol, ino, part.encode())
                 if entry is None:
@@ -1887,6 +2062,12 @@ class Store:
                 raise NotPermitted("only root, or the owner into a group of theirs, may chgrp")
             node.gid = sattr.gid
             changed = True
+        if (
+            sattr.mode is not None
+            and node.mode & 0o2000
+            and not (cred is None or cred.is_root or cred.in_group(node.gid))
+        ):
+            node.mode &= ~0o2000  # setgid only to a group of the caller's (as Linux does)
         if sattr.size is not None:
             if node.type == FileType.DIR:
                 raise IsADirectory("cannot change the size of a directory")
@@ -2009,7 +2190,7 @@ class Store:
             gid = dnode.gid if dnode.mode & 0o2000 else who.gid
             node = Inode(
                 node_type,
-                mode & 0o7777,
+                0,
                 2 if node_type == FileType.DIR else 1,
                 who.uid,
                 gid,
@@ -2019,28 +2200,30 @@ class Store:
                 now,
                 now,
                 now,
-                d.vol if node_type == FileType.DIR else 0,
-                d.ino if node_type == FileType.DIR else 0,
+                d.vol,
+                d.ino,
                 verifier or b"\0" * 8,
                 target,
             )
             oid = ObjectId(view.id, 0, ino)
-            if sattr is not None:
-                self._apply_sattr(
-                    t,
-                    view,
-                    oid,
-                    node,
-                    SetAttr(
-                        mode=sattr.mode,
-                        uid=sattr.uid,
-                        gid=sattr.gid,
-                        atime_ns=sattr.atime_ns,
-                        mtime_ns=sattr.mtime_ns,
-                    ),
-                    None,
-                    new=True,
-                )
+            # The mode and attributes asked for at creation obey SETATTR's ownership rules,
+            # applied as the caller (the new object is already the caller's).
+            given = sattr or SetAttr()
+            self._apply_sattr(
+                t,
+                view,
+                oid,
+                node,
+                SetAttr(
+                    mode=mode if given.mode is None else given.mode,
+                    uid=given.uid,
+                    gid=given.gid,
+                    atime_ns=given.atime_ns,
+                    mtime_ns=given.mtime_ns,
+                ),
+                cred,
+                new=True,
+            )
             size = sattr.size if sattr is not None and node_type == FileType.REG else None
             if size:  # CREATE may ask for a size: the new file is a hole that long
                 if size > MAX_FILE_SIZE:
@@ -2182,6 +2365,7 @@ class Store:
                 if node.nlink <= 0:
                     self._destroy(t, view, vol, ino, node)
                 else:
+                    _lost_link(node, d.vol, d.ino)
                     node.ctime_ns = now
                     self._put_inode(t, view, vol, ino, node)
             dnode.mtime_ns = dnode.ctime_ns = now
@@ -2248,13 +2432,14 @@ class Store:
                         if enode.nlink <= 0:
                             self._destroy(t, view, existing[0], existing[1], enode)
                         else:
+                            _lost_link(enode, dd.vol, dd.ino)
                             enode.ctime_ns = now
                             self._put_inode(t, view, existing[0], existing[1], enode)
             self._drop_entry(t, view, sd.vol, sd.ino, src_name)
             self._put_entry(t, view, dd.vol, dd.ino, dst_name, (svol, sino, stype))
             snode.ctime_ns = now
+            snode.parent_vol, snode.parent_ino = dd.vol, dd.ino
             if snode.type == FileType.DIR and not same_dir:
-                snode.parent_vol, snode.parent_ino = dd.vol, dd.ino
                 ddnode.nlink += 1
                 sdnode.nlink -= 1
             self._put_inode(t, view, svol, sino, snode)
@@ -2268,7 +2453,7 @@ class Store:
         self, t: lmdb.Transaction, view: _View, moving: tuple[int, int], dst_dir: ObjectId
     ) -> None:
         vol, ino = dst_dir.vol, dst_dir.ino
-        for _ in range(100000):
+        for _ in range(MAX_DEPTH):
             if (vol, ino) == moving:
                 raise InvalidArgument("cannot move a directory inside itself")
             if vol == 0 and ino == ROOT_INO:
@@ -2296,6 +2481,7 @@ class Store:
             now = time.time_ns()
             node.nlink += 1
             node.ctime_ns = now
+            node.parent_vol, node.parent_ino = d.vol, d.ino
             self._put_inode(t, view, loc.vol, loc.ino, node)
             self._put_entry(t, view, d.vol, d.ino, name, (loc.vol, loc.ino, node.type))
             dnode.mtime_ns = dnode.ctime_ns = now
@@ -2348,6 +2534,13 @@ class Store:
                 record = self._inode_record(t, view, vol, ino) if attrs else None
                 out.append((c, name, vol + base, ino, record))
             return out, True
+
+
+def _lost_link(node: Inode, dvol: int, dino: int) -> None:
+    """A non-directory that keeps other links lost the one in directory (dvol, dino): if
+    that was its recorded holder (or none was recorded), where it lives is now unknown."""
+    if (node.parent_vol, node.parent_ino) == (dvol, dino) or not R.holder_known(node):
+        node.parent_vol, node.parent_ino = 0, R.HOLDER_UNKNOWN
 
 
 def _all_zero(data: bytes) -> bool:

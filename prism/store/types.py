@@ -145,6 +145,24 @@ class FsStat:
     free_files: int
 
 
+NOBODY = 65534
+"""The anonymous uid/gid that squashed callers become unless a VM names others."""
+SQUASH_MODES = ("none", "root", "all")
+
+
+@dataclass(frozen=True, slots=True)
+class Export:
+    """How a VM (and its snapshots) may be reached: client CIDRs (empty means loopback),
+    privileged source ports only (`secure`), and which AUTH_SYS callers become the
+    anonymous anon_uid/anon_gid (`squash`: none, root (uid/gid 0), all)."""
+
+    clients: tuple[str, ...] = ()
+    secure: bool = False
+    squash: str = "none"
+    anon_uid: int = NOBODY
+    anon_gid: int = NOBODY
+
+
 @dataclass(frozen=True, slots=True)
 class NamespaceInfo:
     """A VM filesystem or a snapshot of one (kind 'snapshot', name 'vm@snap')."""
@@ -158,6 +176,7 @@ class NamespaceInfo:
     quota: int | None = None
     created_ns: int = 0
     shares: tuple[ShareInfo, ...] = field(default=())
+    export: Export = Export()
 
 
 @dataclass(frozen=True, slots=True)
