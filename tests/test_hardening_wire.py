@@ -45,6 +45,7 @@ CRED = auth_sys(uid=0, gid=0).to_opaque()
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrismProcess]:
     with running_server(tmp_path_factory.mktemp("wire")) as srv:
+        srv.cli("vm", "set", "vm", "--insecure")  # raw sockets here come from ordinary ports
         yield srv
 
 
