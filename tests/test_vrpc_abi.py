@@ -8,6 +8,7 @@ import mmap
 import os
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from vrpc._build import cdef_text
 from vrpc.native import NATIVE_AVAILABLE, backend
 from vrpc.ring import RingOpenError, eventfd, map_segment, new_segment
 
+HEADER = Path(__file__).resolve().parent.parent / "native" / "vrpc.h"
 native = pytest.importorskip("vrpc._native") if NATIVE_AVAILABLE or NATIVE_REQUIRED else None
 needs_native = pytest.mark.skipif(native is None, reason="vrpc._native is not built")
 
@@ -47,7 +49,7 @@ def test_native_module_is_built_when_required() -> None:
 
 
 def test_cdef_slice_has_only_what_cffi_accepts() -> None:
-    text = cdef_text()
+    text = cdef_text(HEADER)
     directives = [line.strip() for line in text.splitlines() if line.strip().startswith("#")]
     assert directives
     assert all(re.fullmatch(r"#define VRPC_\w+\s+(0x[0-9A-F]+|\d+)", d) for d in directives)
@@ -88,7 +90,7 @@ def _index(struct_name: str, field: str) -> int:
 @needs_native
 def test_compiled_constants_match_python_mirror() -> None:
     assert native is not None
-    names = re.findall(r"#define VRPC_(\w+)", cdef_text())
+    names = re.findall(r"#define VRPC_(\w+)", cdef_text(HEADER))
     assert len(names) > 20
     for name in names:
         assert getattr(native.lib, f"VRPC_{name}") == getattr(abi, name), name

@@ -41,8 +41,11 @@ def builder(native_dir: str) -> FFI:
     return ffi
 
 
-# setuptools refuses absolute source paths; it imports this file from the project root.
-ffibuilder = builder(os.path.relpath(NATIVE))
+def ffibuilder() -> FFI:
+    """The builder `setup.py` names in `cffi_modules` (cffi calls it; importing stays cheap)."""
+    # setuptools refuses absolute source paths; it runs this from the project root.
+    return builder(os.path.relpath(NATIVE))
+
 
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
