@@ -14,6 +14,7 @@ import errno
 import math
 import mmap
 import os
+import struct
 import time
 from typing import Any
 
@@ -28,6 +29,8 @@ except ImportError:  # not built: no compiler at install time
     _native = None
 
 NATIVE_AVAILABLE = _native is not None
+_WORK = struct.Struct("=II")  # struct vrpc_work: slot, len
+_CQE = struct.Struct("=IIII")  # struct vrpc_cqe: slot, len, flags, reserved
 _forced = os.environ.get("PRISM_VRPC_BACKEND", "")
 BACKEND = "native" if NATIVE_AVAILABLE and _forced != "python" else "python"
 
@@ -54,6 +57,7 @@ class NativeServerRing:
         self._ptr = ffi.from_buffer("char[]", buf, require_writable=True)
         self._srv = ffi.new("struct vrpc_srv *")
         self._work = ffi.new("struct vrpc_work[]", abi.MAX_SLOTS)
+        self._work_view = memoryview(ffi.buffer(self._work))
         result = lib.vrpc_srv_init(
             self._srv, self._ptr, len(buf), nslots, entries, doorbell, features,
             boot_id, channel_id, call_fd, first_index & 0xFFFFFFFF,
@@ -85,8 +89,7 @@ class NativeServerRing:
         if n == -errno.EPROTO:
             raise RingProtocolError(self.error)
         check_result(n, "drain")
-        work = self._work
-        return [(work[i].slot, work[i].len) for i in range(n)]
+        return list(_WORK.iter_unpack(self._work_view[: _WORK.size * n])) if n else []
 
     def record(self, slot: int, length: int) -> bytes:
         if not 0 <= slot < self.nslots or not self._srv.inflight >> slot & 1:
@@ -97,8 +100,8 @@ class NativeServerRing:
         return self._buf[start : start + length]
 
     def complete(self, slot: int, reply: bytes | memoryview, flags: int = 0) -> bool:
-        ffi = _native.ffi
-        data = ffi.from_buffer(reply) if len(reply) else ffi.NULL
+        # cffi passes bytes without a copy; other buffers need a view.
+        data = reply if isinstance(reply, bytes) else _native.ffi.from_buffer(reply)
         result = _native.lib.vrpc_srv_complete(self._srv, slot, data, len(reply), flags)
         return check_result(result, "complete") == 1
 
@@ -124,6 +127,7 @@ class NativeClientRing:
         self._ptr = ffi.from_buffer("char[]", buf, require_writable=True)
         self._cli = ffi.new("struct vrpc_cli *")
         self._cqes = ffi.new("struct vrpc_cqe[]", abi.MAX_SLOTS)
+        self._cqe_view = memoryview(ffi.buffer(self._cqes))
         result = lib.vrpc_cli_open(self._cli, self._ptr, len(buf), kick_fd, call_fd)
         if result < 0:
             ffi.release(self._ptr)
@@ -151,8 +155,7 @@ class NativeClientRing:
         if n == -errno.EPROTO:
             raise RingProtocolError("reap: the server wrote a bad completion")
         check_result(n, "reap")
-        cqes = self._cqes
-        return [(cqes[i].slot, cqes[i].len, cqes[i].flags) for i in range(n)]
+        return [cqe[:3] for cqe in _CQE.iter_unpack(self._cqe_view[: _CQE.size * n])]
 
     def wait(self, timeout: float | None = None, extra_fd: int = -1) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
