@@ -10,7 +10,7 @@ test:
 	bash scripts/setup.sh && python3 -m pytest -q
 
 lint:
-	ruff check . && ruff format --check . && mypy prism rpc
+	ruff check . && ruff format --check . && mypy prism rpc vrpc
 
 bench:
 	bash benchmarks/setup.sh && python3 benchmarks/run.py

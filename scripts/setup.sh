@@ -2,7 +2,8 @@
 # Prepare a Debian 12 machine (with python3 and pip) to develop and test Prism. Idempotent.
 #   1. apt packages: the external NFS client tools, QEMU for the guest tests, rpcbind, and what
 #      scripts/build-guest.sh needs (apt-get update only when a package is missing)
-#   2. python3 -m pip install -e '.[test]'
+#   2. python3 -m pip install -e '.[test]' (compiles the native VRPC ring; PRISM_REQUIRE_NATIVE=1
+#      makes a failed C build an error instead of a fallback to the pure-Python ring)
 #   3. scripts/build-guest.sh (kernel + initramfs cached in .cache/guest/); --no-guest skips it
 set -euo pipefail
 
@@ -17,6 +18,9 @@ APT_PACKAGES=(
     ca-certificates
     gzip             # build-guest.sh (busybox-static from the guest does cpio and depmod)
     util-linux       # flock
+    gcc              # builds the native VRPC ring (vrpc._native) at pip install
+    libc6-dev
+    python3-dev      # Python.h for Debian's python3 (pyenv and venv Pythons ship their own)
 )
 
 log() { echo "setup: $*" >&2; }

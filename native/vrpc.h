@@ -1,0 +1,202 @@
+/* Prism VRPC shared-memory ABI 1.0: the single source of the ring, metadata-table and epoch-file
+ * layouts (design: ../../shared/design/vrpc.md sections 4 and 7; native/README.md).
+ *
+ * All integers are native-endian (the peers share a host; the guest case is x86-on-x86). RPC
+ * records inside slots are XDR (big-endian) exactly as on the wire. Fields marked [S] are written
+ * by the server, [C] by the client; each side keeps private copies of what it writes and never
+ * trusts the other side's words beyond validating them.
+ *
+ * The text between the CDEF markers is fed verbatim to cffi's ffibuilder.cdef() by
+ * vrpc/_build.py: keep it to plain declarations and "#define NAME <integer>" lines (cdef rejects
+ * every other directive). Offsets are pinned by _Static_assert in vrpc_abi.c and by
+ * tests/test_vrpc_abi.py against vrpc/abi.py, the Python mirror used by the pure-Python backend.
+ *
+ * C rules: no Python API calls, no allocation (callers pass every buffer and struct), results are
+ * >= 0 or a negative errno.
+ */
+#ifndef PRISM_VRPC_H
+#define PRISM_VRPC_H
+
+#include <stdint.h>
+
+/* CDEF-BEGIN */
+#define VRPC_RING_MAGIC       0x3152564D53495250
+#define VRPC_META_MAGIC       0x31544D4D53495250
+#define VRPC_EPOCH_MAGIC      0x3150454D53495250
+#define VRPC_ABI_MAJOR        1
+#define VRPC_ABI_MINOR        0
+#define VRPC_HEADER_SIZE      4096
+#define VRPC_SLOT_SIZE        1114112
+#define VRPC_MAX_SLOTS        64
+#define VRPC_MAX_ENTRIES      128
+#define VRPC_DOORBELL_EVENTFD 1
+#define VRPC_DOORBELL_POLL    2
+#define VRPC_CLIENT_WAITING   1
+#define VRPC_SERVER_IDLE      1
+#define VRPC_SERVER_CLOSED    2
+#define VRPC_CQE_NOREPLY      1
+#define VRPC_CQE_FAST         2
+#define VRPC_F_FASTPATH       1
+#define VRPC_F_META           2
+#define VRPC_ATTR_VALID       1
+#define VRPC_ATTR_READONLY    2
+#define VRPC_ERR_SQ_OVERRUN   1
+#define VRPC_ERR_SQE_FLAGS    2
+#define VRPC_ERR_SQE_SLOT     3
+#define VRPC_ERR_SQE_LEN      4
+#define VRPC_ERR_SLOT_BUSY    5
+
+/* Ring segment: [0, 4096) header, [4096, 8192) SQ then CQ (16-byte entries, entries <= 128),
+ * [8192, 8192 + nslots * slot_size) slots. VRPC_MAGIC = "PRISMVR1", META "PRISMMT1",
+ * EPOCH "PRISMEP1" (little-endian u64). Indices are free-running uint32; entry at idx & (entries-1). */
+struct vrpc_ring_header {
+    uint64_t magic;                /* [S, once] VRPC_RING_MAGIC                          @0   */
+    uint16_t abi_major;            /* [S, once]                                          @8   */
+    uint16_t abi_minor;            /*                                                    @10  */
+    uint32_t header_size;          /* 4096                                               @12  */
+    uint64_t segment_size;         /* bytes; page multiple                               @16  */
+    uint64_t boot_id;              /* store.boot_id of the server run                    @24  */
+    uint64_t channel_id;           /*                                                    @32  */
+    uint32_t sq_offset;            /* 4096                                               @40  */
+    uint32_t cq_offset;            /* 4096 + 16 * entries                                @44  */
+    uint32_t entries;              /* SQ and CQ size, power of 2, nslots..128            @48  */
+    uint32_t nslots;               /* 1..VRPC_MAX_SLOTS                                  @52  */
+    uint32_t slot_offset;          /* 8192                                               @56  */
+    uint32_t slot_size;            /* VRPC_SLOT_SIZE (rpc.record.MAX_RECORD_SIZE)        @60  */
+    uint32_t doorbell;             /* VRPC_DOORBELL_*                                    @64  */
+    uint32_t features;             /* VRPC_F_* granted                                   @68  */
+    uint8_t  reserved0[56];        /*                                                    @72  */
+    uint32_t sq_tail;              /* [C] submissions published                          @128 */
+    uint32_t client_flags;         /* [C] VRPC_CLIENT_WAITING                            @132 */
+    uint8_t  reserved1[56];
+    uint32_t sq_head;              /* [S] submissions consumed                           @192 */
+    uint32_t server_flags;         /* [S] VRPC_SERVER_IDLE | VRPC_SERVER_CLOSED          @196 */
+    uint8_t  reserved2[56];
+    uint32_t cq_tail;              /* [S] completions published                          @256 */
+    uint8_t  reserved3[60];
+    uint32_t cq_head;              /* [C] completions consumed (the server ignores it)   @320 */
+    uint8_t  reserved4[3772];      /* -> 4096 */
+};
+struct vrpc_sqe { uint32_t slot; uint32_t len; uint32_t flags; uint32_t reserved; };
+struct vrpc_cqe { uint32_t slot; uint32_t len; uint32_t flags; uint32_t reserved; };
+
+/* Attribute table (section 7.2; published by phase 2): one sealed read-only memfd per VM. */
+struct vrpc_meta_header {
+    uint64_t magic;                /* VRPC_META_MAGIC                                    @0   */
+    uint16_t abi_major;            /*                                                    @8   */
+    uint16_t abi_minor;            /*                                                    @10  */
+    uint32_t header_size;          /* 4096                                               @12  */
+    uint32_t attr_offset;          /* 4096                                               @16  */
+    uint32_t attr_buckets;         /* power of 2; a key lives in bucket b or b^1         @20  */
+    uint32_t dent_offset;          /* 0 in ABI 1.0                                       @24  */
+    uint32_t dent_buckets;         /*                                                    @28  */
+    uint32_t vm_ns;                /*                                                    @32  */
+    uint32_t reserved;             /*                                                    @36  */
+    uint64_t boot_id;              /*                                                    @40  */
+    uint8_t  pad0[80];             /* -> 128 */
+    uint32_t table_epoch;          /* [S] bumped to invalidate the whole table           @128 */
+    uint8_t  pad1[3964];           /* -> 4096 */
+};
+struct vrpc_attr_entry {           /* 128 bytes                                               */
+    uint32_t seq;                  /* seqlock: odd while the server rewrites the entry   @0   */
+    uint32_t store_epoch;          /* low 32 bits of epoch.begun when published          @4   */
+    uint32_t table_epoch;          /* header table_epoch when published                  @8   */
+    uint32_t flags;                /* VRPC_ATTR_*                                        @12  */
+    uint32_t ns;                   /* key = the handle body fields                       @16  */
+    uint16_t vol;                  /*                                                    @20  */
+    uint16_t reserved;             /*                                                    @22  */
+    uint64_t ino;                  /*                                                    @24  */
+    uint64_t gen;                  /* server-wide publication counter                    @32  */
+    uint8_t  fattr3[84];           /* XDR fattr3 exactly as GETATTR returns it           @40  */
+    uint8_t  pad[4];               /* -> 128 */
+};
+struct vrpc_epoch_file {           /* DATA/meta/epoch, 4096 bytes, store-owned (7.5)          */
+    uint64_t magic;                /* VRPC_EPOCH_MAGIC                                   @0   */
+    uint8_t  pad0[56];
+    uint64_t begun;                /* write transactions begun by non-journal processes  @64  */
+    uint8_t  pad1[56];
+    uint64_t ended;                /* ... and finished (committed or aborted)            @128 */
+    uint8_t  pad2[3960];           /* -> 4096 */
+};
+
+/* Private state (server heap / client heap, never shared). Callers allocate; C fills it. */
+struct vrpc_srv {
+    struct vrpc_ring_header *hdr;
+    uint8_t *sq;
+    uint8_t *cq;
+    uint8_t *slots;
+    uint64_t segment_size;
+    uint64_t inflight;             /* bit s: slot s handed to the caller, not completed yet */
+    uint64_t calls;                /* SQEs accepted */
+    uint32_t entries;
+    uint32_t nslots;
+    uint32_t slot_size;
+    uint32_t sq_head;              /* private: next SQ index to consume */
+    uint32_t cq_tail;              /* private: next CQ index to publish */
+    uint32_t server_flags;         /* private copy of what the header shows */
+    int32_t  call_fd;              /* eventfd written to wake the client; -1 in poll mode */
+    uint32_t error;                /* VRPC_ERR_* of the first protocol error, 0 if none */
+    uint32_t error_index;          /* SQ index of the offending entry */
+    uint32_t error_value;          /* the offending word (tail, flags, slot or len) */
+};
+struct vrpc_cli {
+    struct vrpc_ring_header *hdr;
+    uint8_t *sq;
+    uint8_t *cq;
+    uint8_t *slots;
+    uint64_t segment_size;
+    uint64_t inflight;             /* bit s: slot s submitted, its CQE not reaped yet */
+    uint64_t boot_id;
+    uint64_t channel_id;
+    uint32_t entries;
+    uint32_t nslots;
+    uint32_t slot_size;
+    uint32_t doorbell;
+    uint32_t features;
+    uint32_t sq_tail;              /* private: next SQ index to publish */
+    uint32_t cq_head;              /* private: next CQ index to consume */
+    int32_t  kick_fd;              /* eventfd written to wake the server; -1 in poll mode */
+    int32_t  call_fd;              /* eventfd the server writes; -1 in poll mode */
+};
+struct vrpc_work { uint32_t slot; uint32_t len; };
+
+/* Geometry: bytes of a segment with nslots slots (0 if nslots is out of range). */
+uint64_t vrpc_ring_size(uint32_t nslots);
+
+/* Server. init writes the header of a zeroed, mapped segment and the private state; every
+ * index starts at first_index (tests start near 2^32). Returns 0 or -EINVAL. */
+int vrpc_srv_init(struct vrpc_srv *srv, void *base, uint64_t segment_size, uint32_t nslots,
+                  uint32_t entries, uint32_t doorbell, uint32_t features, uint64_t boot_id,
+                  uint64_t channel_id, int call_fd, uint32_t first_index);
+/* Consume up to max SQEs (R1, R3), marking their slots in flight, into work[]: the count, or
+ * -EPROTO after a protocol error (srv->error says which), or -EPIPE once closed. */
+int vrpc_srv_drain(struct vrpc_srv *srv, struct vrpc_work *work, uint32_t max);
+/* Copy len reply bytes into the in-flight slot (reply NULL: already there), publish the CQE and
+ * write call_fd if the client sleeps (R4). 1 if it woke the client, 0 if not, -EINVAL for a slot
+ * not in flight or len > slot_size, -EPIPE once closed (the slot is released, nothing written). */
+int vrpc_srv_complete(struct vrpc_srv *srv, uint32_t slot, const void *reply, uint32_t len,
+                      uint32_t flags);
+/* Before sleeping on the kick fd: set SERVER_IDLE, fence, recheck the SQ (R4). 1 if work arrived
+ * meanwhile (drain again), 0 if the client will kick. */
+int vrpc_srv_arm(struct vrpc_srv *srv);
+void vrpc_srv_disarm(struct vrpc_srv *srv);
+/* Mark the channel closed (SERVER_CLOSED) and wake the client unconditionally. */
+void vrpc_srv_close(struct vrpc_srv *srv);
+
+/* Client. open validates a mapped segment of mapped_size bytes: 0, -EBADMSG (magic),
+ * -EPROTONOSUPPORT (ABI major), -EINVAL (inconsistent geometry). */
+int vrpc_cli_open(struct vrpc_cli *cli, void *base, uint64_t mapped_size, int kick_fd,
+                  int call_fd);
+/* Publish the record already written into slot (R1) and kick a server that sleeps (R4): 1 if
+ * kicked, 0 if not, -EINVAL (bad slot or len), -EBUSY (slot in flight), -EPIPE (closed). */
+int vrpc_cli_submit(struct vrpc_cli *cli, uint32_t slot, uint32_t len);
+/* Consume up to max CQEs into out[]: the count, -EPROTO for a CQE naming a slot not in flight,
+ * a length beyond the slot or unknown flags, -EPIPE when closed and none are left. */
+int vrpc_cli_reap(struct vrpc_cli *cli, struct vrpc_cqe *out, uint32_t max);
+/* Sleep until a completion is ready (R4), timeout_ms passes (-1: forever) or extra_fd (the
+ * control socket, -1: none) becomes readable or hangs up: 1 ready, 0 timeout, -EPIPE (server
+ * closed or extra_fd), -EINTR (retry after handling signals), other -errno from poll. */
+int vrpc_cli_wait(struct vrpc_cli *cli, int timeout_ms, int extra_fd);
+/* CDEF-END */
+
+#endif

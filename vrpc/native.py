@@ -1,0 +1,197 @@
+"""One interface to the ring, two backends: C via cffi (`vrpc._native`) or pure Python.
+
+`BACKEND` is "native" when the C module was built at install (`setup.py`'s `cffi_modules`),
+else "python"; `PRISM_VRPC_BACKEND=python` forces the pure-Python one. `backend(name)` returns
+either explicitly (tests run every ring test on both), and `ring_backend` is the default one.
+Each backend's `server(buf, ...)` and `client(buf, ...)` build the two ends of a channel over a
+mapped ring segment (`vrpc.ring.new_segment` / `map_segment`) and behave identically,
+exceptions included (`vrpc.ring`'s docstring says which means what).
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import mmap
+import os
+import struct
+import time
+from typing import Any
+
+from vrpc import abi
+from vrpc.pyring import PythonBackend
+from vrpc.ring import Backend, RingProtocolError, check_result, open_error
+
+_native: Any
+try:
+    from vrpc import _native  # type: ignore[attr-defined,no-redef]
+except ImportError:  # not built: no compiler at install time
+    _native = None
+
+NATIVE_AVAILABLE = _native is not None
+_WORK = struct.Struct("=II")  # struct vrpc_work: slot, len
+_CQE = struct.Struct("=IIII")  # struct vrpc_cqe: slot, len, flags, reserved
+_forced = os.environ.get("PRISM_VRPC_BACKEND", "")
+BACKEND = "native" if NATIVE_AVAILABLE and _forced != "python" else "python"
+
+
+class NativeServerRing:
+    """Server side of one channel over `vrpc_srv_*`; see `vrpc.ring.ServerRing`."""
+
+    def __init__(
+        self,
+        buf: mmap.mmap,
+        *,
+        nslots: int,
+        entries: int = 0,
+        doorbell: int = abi.DOORBELL_EVENTFD,
+        features: int = 0,
+        boot_id: int = 0,
+        channel_id: int = 0,
+        call_fd: int = -1,
+        first_index: int = 0,
+    ) -> None:
+        ffi, lib = _native.ffi, _native.lib
+        entries = entries or abi.default_entries(max(nslots, 1))
+        self._buf = buf
+        self._ptr = ffi.from_buffer("char[]", buf, require_writable=True)
+        self._srv = ffi.new("struct vrpc_srv *")
+        self._work = ffi.new("struct vrpc_work[]", abi.MAX_SLOTS)
+        self._work_view = memoryview(ffi.buffer(self._work))
+        result = lib.vrpc_srv_init(
+            self._srv, self._ptr, len(buf), nslots, entries, doorbell, features,
+            boot_id, channel_id, call_fd, first_index & 0xFFFFFFFF,
+        )  # fmt: skip
+        if result < 0:
+            ffi.release(self._ptr)
+            raise ValueError(
+                f"bad ring geometry: {nslots} slots, {entries} entries, {len(buf)} bytes, "
+                f"doorbell {doorbell}"
+            )
+        self.nslots = nslots
+        self._entries = entries
+
+    @property
+    def calls(self) -> int:
+        return int(self._srv.calls)
+
+    @property
+    def error(self) -> str | None:
+        srv = self._srv
+        if not srv.error:
+            return None
+        return abi.describe_error(
+            srv.error, srv.error_index, srv.error_value, self.nslots, self._entries
+        )
+
+    def drain(self, max_calls: int) -> list[tuple[int, int]]:
+        n = _native.lib.vrpc_srv_drain(self._srv, self._work, min(max_calls, abi.MAX_SLOTS))
+        if n == -errno.EPROTO:
+            raise RingProtocolError(self.error)
+        check_result(n, "drain")
+        return list(_WORK.iter_unpack(self._work_view[: _WORK.size * n])) if n else []
+
+    def record(self, slot: int, length: int) -> bytes:
+        if not 0 <= slot < self.nslots or not self._srv.inflight >> slot & 1:
+            raise ValueError(f"slot {slot} is not in flight")
+        if not 0 <= length <= abi.SLOT_SIZE:
+            raise ValueError(f"a record of {length} bytes does not fit a slot")
+        start = abi.SLOT_OFFSET + slot * abi.SLOT_SIZE
+        return self._buf[start : start + length]
+
+    def complete(self, slot: int, reply: bytes | memoryview, flags: int = 0) -> bool:
+        # cffi passes bytes without a copy; other buffers need a view.
+        data = reply if isinstance(reply, bytes) else _native.ffi.from_buffer(reply)
+        result = _native.lib.vrpc_srv_complete(self._srv, slot, data, len(reply), flags)
+        return check_result(result, "complete") == 1
+
+    def arm(self) -> bool:
+        return bool(_native.lib.vrpc_srv_arm(self._srv))
+
+    def disarm(self) -> None:
+        _native.lib.vrpc_srv_disarm(self._srv)
+
+    def close(self) -> None:
+        _native.lib.vrpc_srv_close(self._srv)
+
+    def release(self) -> None:
+        _native.ffi.release(self._ptr)
+
+
+class NativeClientRing:
+    """Client side of one channel over `vrpc_cli_*`; see `vrpc.ring.ClientRing`."""
+
+    def __init__(self, buf: mmap.mmap, *, kick_fd: int, call_fd: int) -> None:
+        ffi, lib = _native.ffi, _native.lib
+        self._buf = buf
+        self._ptr = ffi.from_buffer("char[]", buf, require_writable=True)
+        self._cli = ffi.new("struct vrpc_cli *")
+        self._cqes = ffi.new("struct vrpc_cqe[]", abi.MAX_SLOTS)
+        self._cqe_view = memoryview(ffi.buffer(self._cqes))
+        result = lib.vrpc_cli_open(self._cli, self._ptr, len(buf), kick_fd, call_fd)
+        if result < 0:
+            ffi.release(self._ptr)
+            raise open_error(-result)
+        cli = self._cli
+        self.nslots = int(cli.nslots)
+        self.features = int(cli.features)
+        self.boot_id = int(cli.boot_id)
+        self.channel_id = int(cli.channel_id)
+        self._view = memoryview(buf)
+
+    def slot(self, slot: int) -> memoryview:
+        if not 0 <= slot < self.nslots:
+            raise ValueError(f"slot {slot} does not exist (0..{self.nslots - 1})")
+        start = abi.SLOT_OFFSET + slot * abi.SLOT_SIZE
+        return self._view[start : start + abi.SLOT_SIZE]
+
+    def submit(self, slot: int, length: int) -> bool:
+        if not 0 <= slot < 2**32 or not 0 <= length < 2**32:
+            raise ValueError(f"submit: slot {slot} or length {length} out of range")
+        return check_result(_native.lib.vrpc_cli_submit(self._cli, slot, length), "submit") == 1
+
+    def reap(self, max_completions: int = abi.MAX_SLOTS) -> list[tuple[int, int, int]]:
+        n = _native.lib.vrpc_cli_reap(self._cli, self._cqes, min(max_completions, abi.MAX_SLOTS))
+        if n == -errno.EPROTO:
+            raise RingProtocolError("reap: the server wrote a bad completion")
+        check_result(n, "reap")
+        return [cqe[:3] for cqe in _CQE.iter_unpack(self._cqe_view[: _CQE.size * n])]
+
+    def wait(self, timeout: float | None = None, extra_fd: int = -1) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = (
+                -1 if deadline is None else max(0, math.ceil((deadline - time.monotonic()) * 1000))
+            )
+            result = _native.lib.vrpc_cli_wait(self._cli, left, extra_fd)
+            if result != -errno.EINTR:
+                return check_result(result, "wait") == 1
+            # EINTR: Python runs its signal handlers (which may raise) before the next try.
+
+    def release(self) -> None:
+        self._view.release()
+        _native.ffi.release(self._ptr)
+
+
+class NativeBackend:
+    name = "native"
+    server = NativeServerRing
+    client = NativeClientRing
+
+
+def backend(name: str | None = None) -> Backend:
+    """The ring backend called `name` ("native" or "python"), default `BACKEND`."""
+    name = name or BACKEND
+    if name == "python":
+        return PythonBackend()
+    if name == "native":
+        if not NATIVE_AVAILABLE:
+            raise RuntimeError(
+                "the native VRPC module vrpc._native is not built: install gcc and the Python "
+                "headers (python3-dev), then reinstall Prism (pip install .)"
+            )
+        return NativeBackend()
+    raise ValueError(f"unknown VRPC backend {name!r}: use 'native' or 'python'")
+
+
+ring_backend = backend()

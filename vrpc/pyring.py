@@ -1,0 +1,411 @@
+"""The pure-Python ring backend: the same functions as `native/vrpc_ring.c`, in mmap + struct.
+
+It exists as the reference the C code is tested against (every ring test runs on both) and as
+the fallback when the C module could not be built. It follows the same rules R1-R7
+(`native/README.md`) word for word: the server keeps private copies of the indices and flags
+it owns, validates each SQE it loads once, and sleepers and wakers use the flag / full fence /
+reload handshake of R4.
+
+Memory ordering from Python: every shared word is read or written by one `struct` call on an
+aligned address (a single load or store in CPython's memcpy). CPython gives no fences, so
+`full_fence()` acquires and releases a lock: its atomic read-modify-write is a full barrier
+on x86 (a `lock`-prefixed instruction), which is what R4's seq_cst fence needs; loads are not
+reordered with loads nor stores with stores on x86, which covers R1's acquire and release.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import math
+import mmap
+import os
+import select
+import struct
+import threading
+import time
+
+from vrpc import abi
+from vrpc.ring import RingClosed, RingProtocolError, open_error
+
+_U16 = struct.Struct("=H")
+_U32 = struct.Struct("=I")
+_U64 = struct.Struct("=Q")
+_ENTRY = struct.Struct("=IIII")
+_M32 = 0xFFFFFFFF
+
+
+def _at(name: str) -> int:
+    return abi.RING_HEADER[name][0]
+
+
+_MAGIC, _SQ_TAIL, _CLIENT_FLAGS = _at("magic"), _at("sq_tail"), _at("client_flags")
+_SQ_HEAD, _SERVER_FLAGS, _CQ_TAIL, _CQ_HEAD = (
+    _at("sq_head"),
+    _at("server_flags"),
+    _at("cq_tail"),
+    _at("cq_head"),
+)
+_CQE_KNOWN_FLAGS = abi.CQE_NOREPLY | abi.CQE_FAST
+_fence_lock = threading.Lock()
+
+
+def full_fence() -> None:
+    """A seq_cst fence between a store and a later load (R4), see the module docstring."""
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+def _pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def _ring_bell(fd: int) -> None:
+    # BlockingIOError: the counter is already non-zero, so the peer wakes anyway.
+    if fd >= 0:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_write(fd, 1)
+
+
+class PyServerRing:
+    """Server side of one channel; see `vrpc.ring.ServerRing`."""
+
+    def __init__(
+        self,
+        buf: mmap.mmap,
+        *,
+        nslots: int,
+        entries: int = 0,
+        doorbell: int = abi.DOORBELL_EVENTFD,
+        features: int = 0,
+        boot_id: int = 0,
+        channel_id: int = 0,
+        call_fd: int = -1,
+        first_index: int = 0,
+    ) -> None:
+        entries = entries or abi.default_entries(max(nslots, 1))
+        size = len(buf)
+        if (
+            not 1 <= nslots <= abi.MAX_SLOTS
+            or size < abi.ring_size(nslots)
+            or size % 4096
+            or not _pow2(entries)
+            or not nslots <= entries <= abi.MAX_ENTRIES
+            or doorbell not in (abi.DOORBELL_EVENTFD, abi.DOORBELL_POLL)
+        ):
+            raise ValueError(
+                f"bad ring geometry: {nslots} slots, {entries} entries, {size} bytes, "
+                f"doorbell {doorbell}"
+            )
+        self._buf = buf
+        self.nslots = nslots
+        self._entries = entries
+        self._mask = entries - 1
+        self._cq = abi.SQ_OFFSET + abi.ENTRY_SIZE * entries
+        first_index &= _M32
+        buf[0 : abi.SLOT_OFFSET] = bytes(abi.SLOT_OFFSET)
+        h = abi.RING_HEADER
+        for name, value in (
+            ("abi_major", abi.ABI_MAJOR),
+            ("abi_minor", abi.ABI_MINOR),
+            ("header_size", abi.HEADER_SIZE),
+            ("segment_size", size),
+            ("boot_id", boot_id),
+            ("channel_id", channel_id),
+            ("sq_offset", abi.SQ_OFFSET),
+            ("cq_offset", self._cq),
+            ("entries", entries),
+            ("nslots", nslots),
+            ("slot_offset", abi.SLOT_OFFSET),
+            ("slot_size", abi.SLOT_SIZE),
+            ("doorbell", doorbell),
+            ("features", features),
+            ("sq_tail", first_index),
+            ("sq_head", first_index),
+            ("cq_tail", first_index),
+            ("cq_head", first_index),
+        ):
+            offset, width = h[name]
+            {2: _U16, 4: _U32, 8: _U64}[width].pack_into(buf, offset, value)
+        _U64.pack_into(buf, _MAGIC, abi.RING_MAGIC)
+        self._head = first_index
+        self._cq_tail = first_index
+        self._flags = 0
+        self._inflight = 0
+        self._call_fd = call_fd if doorbell == abi.DOORBELL_EVENTFD else -1
+        self._error: tuple[int, int, int] | None = None
+        self.calls = 0
+
+    @property
+    def error(self) -> str | None:
+        if self._error is None:
+            return None
+        return abi.describe_error(*self._error, self.nslots, self._entries)
+
+    def _protocol_error(self, code: int, index: int, value: int) -> RingProtocolError:
+        self._error = (code, index, value)
+        self.close()
+        return RingProtocolError(self.error)
+
+    def drain(self, max_calls: int) -> list[tuple[int, int]]:
+        if self._error is not None:
+            raise RingProtocolError(self.error)
+        if self._flags & abi.SERVER_CLOSED:
+            raise RingClosed("drain: the VRPC channel is closed")
+        buf, head = self._buf, self._head
+        tail = _U32.unpack_from(buf, _SQ_TAIL)[0]
+        if (tail - head) & _M32 > self._entries:
+            raise self._protocol_error(abi.ERR_SQ_OVERRUN, head, tail)
+        work: list[tuple[int, int]] = []
+        while head != tail and len(work) < max_calls:
+            at = abi.SQ_OFFSET + abi.ENTRY_SIZE * (head & self._mask)
+            slot, length, flags, _ = _ENTRY.unpack_from(buf, at)
+            if flags:
+                raise self._protocol_error(abi.ERR_SQE_FLAGS, head, flags)
+            if slot >= self.nslots:
+                raise self._protocol_error(abi.ERR_SQE_SLOT, head, slot)
+            if length > abi.SLOT_SIZE:
+                raise self._protocol_error(abi.ERR_SQE_LEN, head, length)
+            if self._inflight >> slot & 1:
+                raise self._protocol_error(abi.ERR_SLOT_BUSY, head, slot)
+            self._inflight |= 1 << slot
+            work.append((slot, length))
+            head = (head + 1) & _M32
+        self.calls += len(work)
+        self._head = head
+        _U32.pack_into(buf, _SQ_HEAD, head)
+        return work
+
+    def record(self, slot: int, length: int) -> bytes:
+        if not 0 <= slot < self.nslots or not self._inflight >> slot & 1:
+            raise ValueError(f"slot {slot} is not in flight")
+        if not 0 <= length <= abi.SLOT_SIZE:
+            raise ValueError(f"a record of {length} bytes does not fit a slot")
+        start = abi.SLOT_OFFSET + slot * abi.SLOT_SIZE
+        return self._buf[start : start + length]
+
+    def complete(self, slot: int, reply: bytes | memoryview, flags: int = 0) -> bool:
+        length = len(reply)
+        if (
+            not 0 <= slot < self.nslots
+            or not self._inflight >> slot & 1
+            or length > abi.SLOT_SIZE
+            or flags & ~_CQE_KNOWN_FLAGS
+        ):
+            raise ValueError(f"complete: slot {slot} is not in flight or the reply is invalid")
+        self._inflight &= ~(1 << slot)
+        if self._flags & abi.SERVER_CLOSED:
+            raise RingClosed("complete: the VRPC channel is closed; reply dropped")
+        buf = self._buf
+        start = abi.SLOT_OFFSET + slot * abi.SLOT_SIZE
+        buf[start : start + length] = reply
+        _ENTRY.pack_into(
+            buf, self._cq + abi.ENTRY_SIZE * (self._cq_tail & self._mask), slot, length, flags, 0
+        )
+        self._cq_tail = (self._cq_tail + 1) & _M32
+        _U32.pack_into(buf, _CQ_TAIL, self._cq_tail)
+        full_fence()
+        if _U32.unpack_from(buf, _CLIENT_FLAGS)[0] & abi.CLIENT_WAITING:
+            _ring_bell(self._call_fd)
+            return True
+        return False
+
+    def arm(self) -> bool:
+        if self._flags & abi.SERVER_CLOSED:
+            return False
+        self._flags |= abi.SERVER_IDLE
+        _U32.pack_into(self._buf, _SERVER_FLAGS, self._flags)
+        full_fence()
+        return _U32.unpack_from(self._buf, _SQ_TAIL)[0] != self._head
+
+    def disarm(self) -> None:
+        self._flags &= ~abi.SERVER_IDLE
+        _U32.pack_into(self._buf, _SERVER_FLAGS, self._flags)
+
+    def close(self) -> None:
+        self._flags |= abi.SERVER_CLOSED
+        _U32.pack_into(self._buf, _SERVER_FLAGS, self._flags)
+        full_fence()
+        _ring_bell(self._call_fd)
+
+    def release(self) -> None:
+        pass
+
+
+class PyClientRing:
+    """Client side of one channel; see `vrpc.ring.ClientRing`."""
+
+    def __init__(self, buf: mmap.mmap, *, kick_fd: int, call_fd: int) -> None:
+        size = len(buf)
+        if size < abi.SLOT_OFFSET:
+            raise open_error(errno.EINVAL)
+        if _U64.unpack_from(buf, _MAGIC)[0] != abi.RING_MAGIC:
+            raise open_error(errno.EBADMSG)
+        if _U16.unpack_from(buf, abi.RING_HEADER["abi_major"][0])[0] != abi.ABI_MAJOR:
+            raise open_error(errno.EPROTONOSUPPORT)
+        g = {
+            name: {2: _U16, 4: _U32, 8: _U64}[width].unpack_from(buf, offset)[0]
+            for name, (offset, width) in abi.RING_HEADER.items()
+        }
+        nslots, entries, doorbell = g["nslots"], g["entries"], g["doorbell"]
+        if (
+            g["header_size"] != abi.HEADER_SIZE
+            or g["segment_size"] != size
+            or not 1 <= nslots <= abi.MAX_SLOTS
+            or size < abi.ring_size(nslots)
+            or g["sq_offset"] != abi.SQ_OFFSET
+            or not _pow2(entries)
+            or not nslots <= entries <= abi.MAX_ENTRIES
+            or g["cq_offset"] != abi.SQ_OFFSET + abi.ENTRY_SIZE * entries
+            or g["slot_offset"] != abi.SLOT_OFFSET
+            or g["slot_size"] != abi.SLOT_SIZE
+            or doorbell not in (abi.DOORBELL_EVENTFD, abi.DOORBELL_POLL)
+            or (doorbell == abi.DOORBELL_EVENTFD and (kick_fd < 0 or call_fd < 0))
+        ):
+            raise open_error(errno.EINVAL)
+        self._buf = buf
+        self._view = memoryview(buf)
+        self.nslots = nslots
+        self.features = g["features"]
+        self.boot_id = g["boot_id"]
+        self.channel_id = g["channel_id"]
+        self._entries = entries
+        self._mask = entries - 1
+        self._cq = g["cq_offset"]
+        self._tail = g["sq_tail"]
+        self._head = g["cq_head"]
+        self._inflight = 0
+        polling = doorbell == abi.DOORBELL_POLL
+        self._kick_fd = -1 if polling else kick_fd
+        self._call_fd = -1 if polling else call_fd
+        self._poll: tuple[int, select.poll] | None = None
+
+    def slot(self, slot: int) -> memoryview:
+        if not 0 <= slot < self.nslots:
+            raise ValueError(f"slot {slot} does not exist (0..{self.nslots - 1})")
+        start = abi.SLOT_OFFSET + slot * abi.SLOT_SIZE
+        return self._view[start : start + abi.SLOT_SIZE]
+
+    def _closed(self) -> bool:
+        return bool(_U32.unpack_from(self._buf, _SERVER_FLAGS)[0] & abi.SERVER_CLOSED)
+
+    def _ready(self) -> bool:
+        return _U32.unpack_from(self._buf, _CQ_TAIL)[0] != self._head
+
+    def submit(self, slot: int, length: int) -> bool:
+        if self._closed():
+            raise RingClosed("submit: the VRPC channel is closed")
+        if not 0 <= slot < self.nslots or not 0 <= length <= abi.SLOT_SIZE:
+            raise ValueError(f"submit: slot {slot} or length {length} out of range")
+        if self._inflight >> slot & 1:
+            raise ValueError(f"submit: slot {slot} is already in flight")
+        self._inflight |= 1 << slot
+        buf = self._buf
+        _ENTRY.pack_into(
+            buf, abi.SQ_OFFSET + abi.ENTRY_SIZE * (self._tail & self._mask), slot, length, 0, 0
+        )
+        self._tail = (self._tail + 1) & _M32
+        _U32.pack_into(buf, _SQ_TAIL, self._tail)
+        full_fence()
+        if _U32.unpack_from(buf, _SERVER_FLAGS)[0] & abi.SERVER_IDLE:
+            _ring_bell(self._kick_fd)
+            return True
+        return False
+
+    def reap(self, max_completions: int = abi.MAX_SLOTS) -> list[tuple[int, int, int]]:
+        buf, head = self._buf, self._head
+        tail = _U32.unpack_from(buf, _CQ_TAIL)[0]
+        if (tail - head) & _M32 > self._entries:
+            raise RingProtocolError(f"reap: cq_tail {tail} runs {tail - head} ahead of {head}")
+        done: list[tuple[int, int, int]] = []
+        while head != tail and len(done) < max_completions:
+            slot, length, flags, _ = _ENTRY.unpack_from(
+                buf, self._cq + abi.ENTRY_SIZE * (head & self._mask)
+            )
+            if (
+                slot >= self.nslots
+                or not self._inflight >> slot & 1
+                or length > abi.SLOT_SIZE
+                or flags & ~_CQE_KNOWN_FLAGS
+                or (flags & abi.CQE_NOREPLY and length)
+            ):
+                raise RingProtocolError(
+                    f"reap: bad completion (slot {slot}, len {length}, flags {flags:#x})"
+                )
+            self._inflight &= ~(1 << slot)
+            done.append((slot, length, flags))
+            head = (head + 1) & _M32
+        self._head = head
+        _U32.pack_into(buf, _CQ_HEAD, head)
+        if not done and self._closed():
+            raise RingClosed("reap: the VRPC channel is closed")
+        return done
+
+    def _poller(self, extra_fd: int) -> select.poll:
+        if self._poll is None or self._poll[0] != extra_fd:
+            poller = select.poll()
+            poller.register(self._call_fd, select.POLLIN)
+            if extra_fd >= 0:
+                poller.register(extra_fd, select.POLLIN)
+            self._poll = (extra_fd, poller)
+        return self._poll[1]
+
+    def wait(self, timeout: float | None = None, extra_fd: int = -1) -> bool:
+        if self._ready():
+            return True
+        if self._closed():
+            raise RingClosed("wait: the VRPC channel is closed")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._call_fd < 0:
+            return self._wait_polling(deadline)
+        poller = self._poller(extra_fd)
+        buf = self._buf
+        while True:
+            _U32.pack_into(buf, _CLIENT_FLAGS, abi.CLIENT_WAITING)
+            full_fence()
+            if self._ready() or self._closed():
+                _U32.pack_into(buf, _CLIENT_FLAGS, 0)
+                if self._ready():
+                    return True
+                raise RingClosed("wait: the VRPC channel is closed")
+            left = (
+                -1 if deadline is None else max(0, math.ceil((deadline - time.monotonic()) * 1000))
+            )
+            try:
+                events = poller.poll(left)
+            finally:
+                _U32.pack_into(buf, _CLIENT_FLAGS, 0)
+            hangup = False
+            for fd, ev in events:
+                if fd == self._call_fd and ev & select.POLLIN:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(fd)
+                if fd == extra_fd or ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                    hangup = True
+            if self._ready():
+                return True
+            if hangup or self._closed():
+                raise RingClosed("wait: the VRPC channel is closed")
+            if not events or (deadline is not None and time.monotonic() >= deadline):
+                return False
+
+    def _wait_polling(self, deadline: float | None) -> bool:
+        pause = 0.0
+        while True:
+            if self._ready():
+                return True
+            if self._closed():
+                raise RingClosed("wait: the VRPC channel is closed")
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(pause)
+            pause = min(max(pause * 2, 20e-6), 1e-3)
+
+    def release(self) -> None:
+        self._view.release()
+
+
+class PythonBackend:
+    name = "python"
+    server = PyServerRing
+    client = PyClientRing
