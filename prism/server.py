@@ -75,6 +75,7 @@ class PrismServer:
         self.metrics_port: int | None = None
 
     async def start(self) -> None:
+        self.executor.resume()
         bind = self.options.bind
         nfs_tcp = await serve_tcp(self.dispatcher, bind, self.options.nfs_port)
         self.nfs_port = bound_port(nfs_tcp)

@@ -19,6 +19,11 @@ call changes nothing):
   of UNSTABLE data (the client resends it: the write verifier changes);
 * read-only calls run in their own read transaction when no batch is open, or inside the
   open batch (so they see the batch's writes).
+
+A failed durable point or checkpoint (a full disk) fails every call waiting for it with the
+store's error (NoSpace becomes NFS3ERR_NOSPC), never an OK: the store reopens the batch from
+the journal, which keeps every change acknowledged earlier, and the executor retries the
+checkpoint every `retry_delay` seconds.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import logging
 from collections.abc import Callable
 from typing import TypeVar
 
+from prism.errors import StoreError
 from prism.store.store import Store
 
 T = TypeVar("T")
@@ -42,11 +48,13 @@ class StoreExecutor:
         max_delay: float = 0.25,
         idle_delay: float = 0.005,
         max_unsynced: int = 64 << 20,
+        retry_delay: float = 1.0,
     ) -> None:
         self.store = store
         self.max_delay = max_delay
         self.idle_delay = idle_delay
         self.max_unsynced = max_unsynced
+        self.retry_delay = retry_delay
         self._waiters: list[asyncio.Future[None]] = []
         self._durable_soon: asyncio.Handle | None = None
         self._deadline: asyncio.TimerHandle | None = None
@@ -61,13 +69,10 @@ class StoreExecutor:
         """Run `fn(store)`; with `durable`, return only once its effects are durable."""
         store = self.store
         self.calls += 1
-        if writes and not store.in_batch:
-            store.begin_batch()
-            loop = asyncio.get_running_loop()
-            self._deadline = loop.call_later(self.max_delay, self._commit)
-            if store.journal is not None:
-                self._calls_at_idle_check = self.calls
-                self._idle = loop.call_later(self.idle_delay, self._commit_when_idle)
+        if writes and self._deadline is None:
+            if not store.in_batch:
+                store.begin_batch()
+            self._arm(self.max_delay, idle=store.journal is not None)
         result = fn(store)
         if not store.in_batch:
             return result
@@ -87,6 +92,20 @@ class StoreExecutor:
         self.calls += 1
         return fn(self.store)
 
+    def resume(self) -> None:
+        """Schedule the checkpoint of a batch the store opened by itself (records of a dead
+        server it could not checkpoint at start-up, on a full disk)."""
+        if self.store.in_batch and self._deadline is None:
+            self._arm(self.retry_delay, idle=False)
+
+    def _arm(self, delay: float, *, idle: bool) -> None:
+        """Checkpoint the open batch in `delay` seconds, or (`idle`) once calls stop."""
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(delay, self._commit)
+        if idle:
+            self._calls_at_idle_check = self.calls
+            self._idle = loop.call_later(self.idle_delay, self._commit_when_idle)
+
     def _make_durable(self) -> None:
         self._durable_soon = None
         self._settle(self.store.make_durable)
@@ -100,6 +119,8 @@ class StoreExecutor:
         self._cancel_timers()
         self._settle(self.store.commit)
         self.commits += 1
+        if self.store.in_batch:  # the checkpoint failed: the journal holds the batch
+            self._arm(self.retry_delay, idle=False)
 
     def _commit_when_idle(self) -> None:
         self._idle = None
@@ -124,6 +145,9 @@ class StoreExecutor:
         error: BaseException | None = None
         try:
             action()
+        except StoreError as exc:  # NoSpace: the changes not yet durable are gone
+            log.warning("making the store durable failed: %s", exc)
+            error = exc
         except BaseException as exc:  # the batch is gone: every waiter learns it
             log.exception("making the store durable failed")
             error = exc

@@ -27,6 +27,8 @@ never pass for current ones. Content bytes (segments) are fdatasync'd before the
 names them. Recovery, by whoever next takes the journal's lock: read records of the current
 generation from offset 0 up to the first that does not verify (a torn last record was never
 acknowledged), apply them in one LMDB transaction that also bumps the generation, commit.
+Records are retired only by a commit that succeeded: if a checkpoint fails (a full disk), its
+owner reopens the batch from LMDB plus these records and keeps appending after them.
 
 Ownership. The process that journals (the server) holds an exclusive `flock` on the file for
 its lifetime. Other processes (operator commands) commit to LMDB directly; before a write
@@ -146,6 +148,14 @@ class Journal:
                 return
             yield payload
             offset += HEADER.size + length
+
+    def recover(self, generation: int) -> list[bytes]:
+        """The payloads of `generation`, to apply after a crash or a failed checkpoint;
+        later appends go after them (so they stay until a checkpoint retires them)."""
+        payloads = list(self.records(generation))
+        self.generation = generation
+        self.offset = sum(HEADER.size + len(p) for p in payloads)
+        return payloads
 
     def start(self, generation: int) -> None:
         """Write records of `generation` from offset 0 (after a checkpoint or a recovery)."""

@@ -61,11 +61,19 @@ The journal (`prism.store.journal`, `DATA/meta/journal`). A store opened with `j
 segment, then appends the key/value changes made since the last durable point to the journal
 and fdatasyncs that; `commit()` is then a checkpoint that also retires the journal's records.
 Whoever opens or writes the store after the journal's owner died replays its records first.
+
+A full disk. Content appends leave `segments.metadata_reserve()` bytes free, so checkpoints and
+REMOVE keep working once data has filled the disk. If a checkpoint fails anyway (something
+else filled the filesystem), the journal keeps its records and the batch is reopened from LMDB
+plus those records: nothing acknowledged is lost, calls waiting for that checkpoint fail with
+NoSpace, and the owner retries later. The owner starts on a full disk the same way: a dead
+owner's records it cannot checkpoint stay in the journal and in its open batch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import heapq
 import ipaddress
 import json
@@ -103,6 +111,7 @@ from prism.errors import (
     QuotaExceeded,
     ReadOnly,
     Stale,
+    StoreError,
     TooManyLinks,
 )
 from prism.store import records as R
@@ -116,7 +125,7 @@ from prism.store.journal import (
     encode_changes,
 )
 from prism.store.records import Inode
-from prism.store.segments import SegmentFiles
+from prism.store.segments import SegmentFiles, metadata_reserve
 from prism.store.types import (
     ACCESS_DELETE,
     ACCESS_EXECUTE,
@@ -300,7 +309,7 @@ class _Recorder:
 class Store:
     """Namespaces of POSIX trees over deduplicated chunks. See the module docstring."""
 
-    def __init__(self, root: Path, env: lmdb.Environment) -> None:
+    def __init__(self, root: Path, env: lmdb.Environment, journal: Journal | None = None) -> None:
         # Fix: this was `self.root`, which shadowed the `root(ns_id)` method of the contract.
         self.path = root
         self._env = env
@@ -335,10 +344,11 @@ class Store:
         )
         self._db_index = {db: i for i, db in enumerate(self._dbs)}
         self._journal_path = root / "meta" / "journal"
-        self.journal: Journal | None = None
+        self.journal = journal
         self._journaled: list[Change] = []  # the batch's changes not yet in the journal
         # The first write: `_begin_write` replays what a dead journal owner left, so every
-        # process opening the store sees its acknowledged changes.
+        # process opening the store sees its acknowledged changes (the journal's owner
+        # resumes its records afterwards, in `_resume_journal`).
         with self._write() as t:
             version = t.get(b"format", db=self._meta)
             if version is None:
@@ -377,10 +387,17 @@ class Store:
             metasync=True,
             readahead=False,
         )
-        store = cls(root, env)
-        if journal:
+        owned = _lock_journal(meta / "journal", journal_wait) if journal else None
+        try:
+            store = cls(root, env, owned)
+        except BaseException:
+            if owned is not None:
+                owned.close()
+            env.close()
+            raise
+        if owned is not None:
             try:
-                store._take_journal(journal_wait)
+                store._resume_journal()
             except BaseException:
                 store.close()
                 raise
@@ -428,13 +445,13 @@ class Store:
             raise
         try:
             self._durable_commit(batch)
-        except BaseException:
-            # The batch is gone but the journal still holds what was acknowledged from it:
-            # put that back now, and change the write verifier so clients resend the rest.
-            self._journaled.clear()
-            self.boot_id = secrets.randbits(63) | 1
-            self._replay_journal()
-            raise
+        except BaseException as exc:
+            # The batch is gone, but the journal (untouched: records are only retired by a
+            # commit that succeeded) still holds everything acknowledged from it: reopen the
+            # batch from there, so nothing acknowledged is lost and the journal stays the
+            # durable copy until a later checkpoint succeeds.
+            self._reopen_batch()
+            raise _commit_error(exc, self.path) from exc
         self._journaled.clear()
         journal.start(next_gen)
 
@@ -533,7 +550,10 @@ class Store:
                 txn.abort()
                 raise
             try:
-                self._apply_journal(txn, orphan)
+                generation, applied = self._apply_journal(txn, orphan)
+                if applied:  # retired by this transaction's commit
+                    txn.put(_JOURNAL_GEN, R.U64.pack(generation + 1), db=self._meta)
+                    log.warning("replayed %d journal records left by a stopped server", applied)
             except BaseException:
                 txn.abort()
                 raise
@@ -541,34 +561,46 @@ class Store:
                 orphan.close()
         return txn
 
-    def _take_journal(self, wait: float) -> None:
-        """Own the journal for this process's lifetime, replaying what a dead owner left."""
+    def _resume_journal(self) -> None:
+        """Take up the records a dead owner left: apply them to a batch and checkpoint it.
+        On a full disk the checkpoint fails; the batch then stays open (the journal is its
+        durable copy) so that the server still starts and clients can remove files."""
+        applied = self._reopen_batch()
+        if not applied:
+            return
+        log.warning("replayed %d journal records left by a stopped server", applied)
         try:
-            journal = Journal.open(self._journal_path, wait=wait)
-        except JournalBusy:
-            raise Busy(
-                f"another process (a running `prism serve`?) owns {self._journal_path}; "
-                "stop it first, or give this server its own --data directory"
-            ) from None
-        self.journal = journal
-        self._replay_journal()
+            self.commit()
+        except NoSpace as exc:
+            log.warning("%s; serving them from the journal until a checkpoint succeeds", exc)
 
-    def _replay_journal(self) -> None:
-        assert self.journal is not None
-        txn = self._env.begin(write=True)
+    def _reopen_batch(self) -> int:
+        """Open the batch as LMDB plus the journal's records, exactly what was acknowledged
+        (changes not yet journaled are dropped, and the write verifier changes so that
+        clients resend their UNSTABLE writes); return the number of records."""
+        journal = self.journal
+        assert journal is not None and self._batch is None
+        self._journaled.clear()
+        self.boot_id = secrets.randbits(63) | 1
+        txn = self._begin_write()
         try:
-            self._apply_journal(txn, self.journal)
+            _, applied = self._apply_journal(txn, journal)
         except BaseException:
-            txn.abort()
+            self._aborted(txn)
             raise
-        self._durable_commit(txn)
+        if applied:
+            self._batch = txn
+        else:
+            txn.abort()
+        return applied
 
-    def _apply_journal(self, txn: lmdb.Transaction, journal: Journal) -> None:
-        """Apply the records of the current generation to `txn` and retire them (the
-        caller commits)."""
+    def _apply_journal(self, txn: lmdb.Transaction, journal: Journal) -> tuple[int, int]:
+        """Apply the records of the current generation to `txn`, leaving them in place
+        (the commit that retires them bumps the generation); return (generation, records).
+        The journal's next append goes after them."""
         generation = self._get_meta(txn, _JOURNAL_GEN)
-        applied = 0
-        for payload in journal.records(generation):
+        payloads = journal.recover(generation)
+        for payload in payloads:
             for kind, index, key, value in decode_changes(payload):
                 if index >= len(self._dbs):
                     raise Corrupt(f"{journal.path} names an unknown database {index}")
@@ -577,13 +609,9 @@ class Store:
                     txn.put(key, value, db=db)
                 else:
                     txn.delete(key, db=db)
-            applied += 1
-        if applied:
+        if payloads:
             self.forget_layers()
-            txn.put(_JOURNAL_GEN, R.U64.pack(generation + 1), db=self._meta)
-            log.warning("replayed %d journal records left by a stopped server", applied)
-            generation += 1
-        journal.start(generation)
+        return generation, len(payloads)
 
     def _read(self) -> _ReadTxn:
         """A read transaction (the open batch, when there is one, so reads see its writes)."""
@@ -2346,6 +2374,34 @@ class Store:
                 record = self._inode_record(t, view, vol, ino) if attrs else None
                 out.append((c, name, vol + base, ino, record))
             return out, True
+
+
+def _lock_journal(path: Path, wait: float) -> Journal:
+    """Own the journal for this process's lifetime (see `prism.store.journal`)."""
+    try:
+        return Journal.open(path, wait=wait)
+    except JournalBusy:
+        raise Busy(
+            f"another process (a running `prism serve`?) owns {path}; "
+            "stop it first, or give this server its own --data directory"
+        ) from None
+
+
+def _commit_error(exc: BaseException, root: Path) -> BaseException:
+    """What a failed LMDB commit means for the caller: NoSpace when the disk is full (LMDB
+    reports a short page write as EIO), else the error itself."""
+    if isinstance(exc, StoreError):
+        return exc
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not full and isinstance(exc, (OSError, lmdb.Error)):
+        st = os.statvfs(root)
+        full = "No space" in str(exc) or st.f_bavail * st.f_frsize < metadata_reserve(root) // 2
+    if full:
+        return NoSpace(
+            f"no space left to commit metadata in {root}: the change was refused; remove "
+            "files, run `prism gc`, or give the filesystem more room"
+        )
+    return exc
 
 
 def _all_zero(data: bytes) -> bool:

