@@ -19,8 +19,10 @@ import pytest
 
 from prism.nfs.const import NfsStat3, StableHow
 from prism.store import Store
+from prism.store import journal as J
 from rpc.client import RpcError
 from tests.server_helpers import PrismProcess, prism_cli
+from tests.test_store_journal import crash_with_acknowledged_changes
 
 MiB = 1 << 20
 
@@ -209,3 +211,49 @@ def test_a_disk_filled_by_others_refuses_changes_but_loses_none(
     finally:
         if server.running:
             server.stop()
+
+
+def _record_offsets(journal_path: Path, count: int) -> list[int]:
+    journal = J.Journal.open(journal_path)
+    try:
+        payloads = list(journal.records(0))  # a new store's first generation
+        assert len(payloads) == count
+        offsets = [0]
+        for p in payloads[:-1]:
+            offsets.append(offsets[-1] + J.HEADER.size + len(p))
+        return offsets
+    finally:
+        journal.close()
+
+
+def test_a_damaged_journal_record_stops_recovery(tmp_path: Path) -> None:
+    """The issue's reproduction: a journal owner dies (kill -9 equivalent: no checkpoint)
+    with 79 acknowledged records pending; one byte changes in record 21. `prism fsck` and
+    `prism serve` must refuse with the offset, not start without 58 acknowledged operations;
+    a byte changed in the last record is a torn tail, dropped cleanly."""
+    data = tmp_path / "data"
+    with Store.open(data) as store:
+        store.create_namespace("vm")
+    crash_with_acknowledged_changes(data, 79)
+    journal_path = data / "meta" / "journal"
+    offsets = _record_offsets(journal_path, 79)
+    saved = journal_path.read_bytes()
+    with journal_path.open("r+b") as f:
+        f.seek(offsets[21] + J.HEADER.size + 5)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+    fsck = prism_cli(data, "fsck", check=False)
+    assert fsck.returncode != 0
+    assert f"record at offset {offsets[21]} " in fsck.stderr, fsck.stderr
+    server = PrismProcess(data, tmp_path / "logs")
+    with pytest.raises(AssertionError, match=f"record at offset {offsets[21]} "):
+        server.start()
+    # A changed byte in the last record: a torn tail, which was never acknowledged.
+    damaged = bytearray(saved)
+    damaged[offsets[78] + J.HEADER.size + 5] ^= 0x01
+    journal_path.write_bytes(bytes(damaged))
+    with server, server.nfs_client("tcp") as nfs:
+        names = names_in(nfs, server.mount("/vm"))
+    assert names == sorted(f"durable{i}" for i in range(78))
+    assert prism_cli(data, "fsck").returncode == 0
