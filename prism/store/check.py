@@ -92,11 +92,10 @@ def fsck(store: Store, *, repair: bool = False, progress: Progress | None = None
     try:
         _fsck(store, txn, report, repair, say)
     except BaseException:
-        txn.abort()
+        store._aborted(txn)
         raise
     if repair:
-        store.segments.sync()
-        txn.commit()
+        store._durable_commit(txn)
     else:
         txn.abort()
     return report
@@ -240,11 +239,11 @@ def gc(store: Store, *, progress: Progress | None = None) -> GcReport:
         doomed_segments = _gc(store, t, report, say, locked)
         store.segments.sync()
     except BaseException:
-        t.abort()
+        store._aborted(t)
         for fd in locked:
             os.close(fd)
         raise
-    t.commit()
+    store._durable_commit(t)
     store.forget_layers()
     # Only now, with the moves committed, may the old segment files go.
     for seg_id in doomed_segments:

@@ -20,6 +20,10 @@ call changes nothing):
 * read-only calls run in their own read transaction when no batch is open, or inside the
   open batch (so they see the batch's writes).
 
+Another process (an operator command) may hold the store's write lock: a write call then
+waits for it asynchronously (`prism.store.writelock`; `try_begin_batch` never blocks), while
+read-only calls go on in their own LMDB read transactions, which never wait for a writer.
+
 A failed durable point or checkpoint (a full disk) fails every call waiting for it with the
 store's error (NoSpace becomes NFS3ERR_NOSPC), never an OK: the store reopens the batch from
 the journal, which keeps every change acknowledged earlier, and the executor retries the
@@ -62,6 +66,7 @@ class StoreExecutor:
         self._calls_at_idle_check = 0
         self.commits = 0
         self.calls = 0
+        self.lock_waits = 0
 
     async def call(
         self, fn: Callable[[Store], T], *, writes: bool = False, durable: bool = False
@@ -71,8 +76,9 @@ class StoreExecutor:
         self.calls += 1
         if writes and self._deadline is None:
             if not store.in_batch:
-                store.begin_batch()
-            self._arm(self.max_delay, idle=store.journal is not None)
+                await self._begin_batch()
+            if self._deadline is None:  # not armed by a call that waited alongside
+                self._arm(self.max_delay, idle=store.journal is not None)
         result = fn(store)
         if not store.in_batch:
             return result
@@ -91,6 +97,15 @@ class StoreExecutor:
         """Run a read-only `fn(store)` (in the open batch, if any, so it sees its writes)."""
         self.calls += 1
         return fn(self.store)
+
+    async def _begin_batch(self) -> None:
+        """Open the batch once the store's write lock is free, polling: another process may
+        hold it (an operator command), and blocking on it would stop the loop's reads."""
+        delay = 0.001
+        while not self.store.try_begin_batch():
+            self.lock_waits += 1
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.02)
 
     def resume(self) -> None:
         """Schedule the checkpoint of a batch the store opened by itself (records of a dead

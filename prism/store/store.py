@@ -62,6 +62,16 @@ segment, then appends the key/value changes made since the last durable point to
 and fdatasyncs that; `commit()` is then a checkpoint that also retires the journal's records.
 Whoever opens or writes the store after the journal's owner died replays its records first.
 
+Locks, always taken in this order: the journal's `flock` (its owner holds it for its lifetime;
+an operator command only tries it, inside its write transaction, to replay a dead owner's
+records) -> the store's write lock (`prism.store.writelock`: flocks on DATA/meta and DATA) ->
+LMDB's writer mutex. Every top-level write transaction takes the write lock first and drops it
+when it ends, so no process ever waits inside LMDB for another's writer: the server only tries
+the lock (`try_begin_batch`) and lets its writes wait asynchronously while reads, which never
+wait for a writer, go on; an operator command waits for it, and commits its batches in
+bounded steps (`prism import`: every COMMIT_EVERY_SECONDS) so that the server's writes wait
+little.
+
 A full disk. Content appends leave `segments.metadata_reserve()` bytes free, so checkpoints and
 REMOVE keep working once data has filled the disk. If a checkpoint fails anyway (something
 else filled the filesystem), the journal keeps its records and the batch is reopened from LMDB
@@ -153,10 +163,13 @@ from prism.store.types import (
     StoreStats,
     Usage,
 )
+from prism.store.writelock import WriteLock
 
 FORMAT_VERSION = 1
 MAP_SIZE = 1 << 40
 NLINK_MAX = 65000
+WRITE_LOCK_WAIT = 120.0
+"""How long a process waits for the store's write lock before giving up with Busy."""
 MAX_VOLUMES = 0x8000
 """Volumes 1..0x7fff hold composed-in subtrees; 0x8000 and up are reserved for shares."""
 SHARE_VOL_BASE = 0x8000
@@ -344,6 +357,8 @@ class Store:
         )
         self._db_index = {db: i for i, db in enumerate(self._dbs)}
         self._journal_path = root / "meta" / "journal"
+        self._write_lock = WriteLock(root)
+        self._writer: lmdb.Transaction | None = None  # the top-level write txn, if any
         self.journal = journal
         self._journaled: list[Change] = []  # the batch's changes not yet in the journal
         # The first write: `_begin_write` replays what a dead journal owner left, so every
@@ -410,6 +425,7 @@ class Store:
         if self.journal is not None:
             self.journal.close()
             self.journal = None
+        self._write_lock.close()
         self._env.close()
 
     def __enter__(self) -> Store:
@@ -427,6 +443,15 @@ class Store:
     def begin_batch(self) -> None:
         if self._batch is None:
             self._batch = self._begin_write()
+
+    def try_begin_batch(self) -> bool:
+        """`begin_batch()` if the write lock is free now; False, at once, while another
+        process holds or waits for it (the server retries without blocking its loop)."""
+        if self._batch is None:
+            if not self._write_lock.try_acquire():
+                return False
+            self.begin_batch()
+        return True
 
     def commit(self) -> None:
         """Commit the open batch to LMDB with fsync (with a journal: a checkpoint)."""
@@ -490,6 +515,8 @@ class Store:
         except BaseException:
             self._aborted(txn)
             raise
+        self._writer = None
+        self._write_lock.release()
         self.segments.roll_if_full()
 
     def abort(self) -> None:
@@ -508,6 +535,9 @@ class Store:
         """
         self.forget_layers()
         txn.abort()
+        if txn is self._writer:
+            self._writer = None
+            self._write_lock.release()
 
     def forget_layers(self) -> None:
         """Drop what is cached by layer id (after an abort, or gc moving records)."""
@@ -539,15 +569,21 @@ class Store:
     def _begin_write(self) -> lmdb.Transaction:
         """A top-level write transaction. A process that does not own the journal first
         checks whether its owner died with changes pending, and if so replays them in this
-        transaction (holding LMDB's writer lock, so nobody writes in between)."""
-        txn = self._env.begin(write=True)
+        transaction (holding LMDB's writer lock, so nobody writes in between). Takes the
+        store's write lock first (`prism.store.writelock`), waiting up to WRITE_LOCK_WAIT."""
+        self._write_lock.acquire(WRITE_LOCK_WAIT)
+        try:
+            txn = self._writer = self._env.begin(write=True)
+        except BaseException:
+            self._write_lock.release()
+            raise
         if self.journal is None and self._journal_path.exists():
             try:
                 orphan = Journal.open(self._journal_path)
             except JournalBusy:
                 return txn  # its owner is alive
             except BaseException:
-                txn.abort()
+                self._aborted(txn)
                 raise
             try:
                 generation, applied = self._apply_journal(txn, orphan)
@@ -555,7 +591,7 @@ class Store:
                     txn.put(_JOURNAL_GEN, R.U64.pack(generation + 1), db=self._meta)
                     log.warning("replayed %d journal records left by a stopped server", applied)
             except BaseException:
-                txn.abort()
+                self._aborted(txn)
                 raise
             finally:
                 orphan.close()
@@ -591,7 +627,7 @@ class Store:
         if applied:
             self._batch = txn
         else:
-            txn.abort()
+            self._aborted(txn)
         return applied
 
     def _apply_journal(self, txn: lmdb.Transaction, journal: Journal) -> tuple[int, int]:
