@@ -18,6 +18,7 @@ from prism.errors import Busy
 from prism.store import Store
 from prism.store import journal as J
 from prism.store.check import fsck
+from prism.store.writelock import WriteLock
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -228,23 +229,26 @@ def test_a_failed_checkpoint_keeps_what_was_acknowledged(
         store.create(root, b"acked", 0o644)
         store.make_durable()
         store.create(root, b"not-acked", 0o644)
-        real = Store._durable_commit
+        real = store.segments.sync
         calls = []
 
-        def fail_once(self: Store, txn: object) -> None:
-            calls.append(txn)
-            if len(calls) == 1:  # as LMDB failing inside txn.commit() would
-                self._aborted(txn)  # type: ignore[arg-type]
+        def fail_once() -> None:
+            calls.append(1)
+            if len(calls) == 1:  # as an fdatasync failing inside the checkpoint would
                 raise OSError(5, "simulated I/O error")
-            real(self, txn)  # type: ignore[arg-type]
+            real()
 
-        monkeypatch.setattr(Store, "_durable_commit", fail_once)
+        monkeypatch.setattr(store.segments, "sync", fail_once)
         with pytest.raises(OSError, match="simulated"):
             store.commit()
         monkeypatch.undo()
         assert store.in_batch  # reopened from the journal, which still holds "acked"
         assert names(store) == {b"acked"}
         assert store.boot_id != verifier  # clients resend their UNSTABLE writes
+        other = WriteLock(data)  # nobody may write on top of LMDB without "acked"
+        assert not other.try_acquire()
+        other.close()
+        store.commit()  # a later checkpoint succeeds
     with Store.open(data) as store:
         assert names(store) == {b"acked"}
         assert fsck(store).errors == []

@@ -359,6 +359,7 @@ class Store:
         self._journal_path = root / "meta" / "journal"
         self._write_lock = WriteLock(root)
         self._writer: lmdb.Transaction | None = None  # the top-level write txn, if any
+        self._broken: BaseException | None = None  # why this process may no longer write
         self.journal = journal
         self._journaled: list[Change] = []  # the batch's changes not yet in the journal
         # The first write: `_begin_write` replays what a dead journal owner left, so every
@@ -465,20 +466,24 @@ class Store:
         next_gen = journal.generation + 1
         try:
             batch.put(_JOURNAL_GEN, R.U64.pack(next_gen), db=self._meta)
-        except BaseException:
-            self._aborted(batch)
-            raise
-        try:
-            self._durable_commit(batch)
+            self.segments.sync()
+            batch.commit()
         except BaseException as exc:
             # The batch is gone, but the journal (untouched: records are only retired by a
             # commit that succeeded) still holds everything acknowledged from it: reopen the
-            # batch from there, so nothing acknowledged is lost and the journal stays the
-            # durable copy until a later checkpoint succeeds.
+            # batch from there, keeping the write lock meanwhile (nobody may write on top of
+            # a state that lacks those records), so nothing acknowledged is lost and the
+            # journal stays the durable copy until a later checkpoint succeeds.
+            self.forget_layers()
+            batch.abort()
+            self._writer = None
             self._reopen_batch()
             raise _commit_error(exc, self.path) from exc
+        self._writer = None
+        self._write_lock.release()
         self._journaled.clear()
         journal.start(next_gen)
+        self.segments.roll_if_full()
 
     def make_durable(self) -> None:
         """Make every operation of the open batch durable: append its changes to the journal
@@ -571,6 +576,11 @@ class Store:
         checks whether its owner died with changes pending, and if so replays them in this
         transaction (holding LMDB's writer lock, so nobody writes in between). Takes the
         store's write lock first (`prism.store.writelock`), waiting up to WRITE_LOCK_WAIT."""
+        if self._broken is not None:
+            raise Corrupt(
+                f"the store could not reload its journal after a failed commit "
+                f"({self._broken}); restart the server, which replays it"
+            )
         self._write_lock.acquire(WRITE_LOCK_WAIT)
         try:
             txn = self._writer = self._env.begin(write=True)
@@ -618,11 +628,21 @@ class Store:
         assert journal is not None and self._batch is None
         self._journaled.clear()
         self.boot_id = secrets.randbits(63) | 1
-        txn = self._begin_write()
+        try:
+            txn = self._begin_write()
+        except BaseException as exc:
+            self._broken = exc
+            raise
         try:
             _, applied = self._apply_journal(txn, journal)
-        except BaseException:
-            self._aborted(txn)
+        except BaseException as exc:
+            # Keep the write lock until this process exits: another writer must not commit
+            # on top of a state that lacks the journal's records (it replays them first once
+            # the journal's owner is gone).
+            self.forget_layers()
+            txn.abort()
+            self._writer = None
+            self._broken = exc
             raise
         if applied:
             self._batch = txn
