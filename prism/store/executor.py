@@ -67,6 +67,7 @@ class StoreExecutor:
         self.commits = 0
         self.calls = 0
         self.lock_waits = 0
+        self._lock_poll: asyncio.Future[None] | None = None
 
     async def call(
         self, fn: Callable[[Store], T], *, writes: bool = False, durable: bool = False
@@ -99,13 +100,25 @@ class StoreExecutor:
         return fn(self.store)
 
     async def _begin_batch(self) -> None:
-        """Open the batch once the store's write lock is free, polling: another process may
-        hold it (an operator command), and blocking on it would stop the loop's reads."""
-        delay = 0.001
+        """Open the batch once the store's write lock is free. Another process may hold it
+        (an operator command), and blocking on it would stop the loop's reads: one task
+        polls for it on behalf of every waiting call."""
         while not self.store.try_begin_batch():
-            self.lock_waits += 1
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.02)
+            if self._lock_poll is None:
+                self._lock_poll = asyncio.ensure_future(self._poll_write_lock())
+            await asyncio.shield(self._lock_poll)
+
+    async def _poll_write_lock(self) -> None:
+        delay = 0.001
+        try:
+            while not self.store.try_begin_batch():
+                self.lock_waits += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.02)
+            if self._deadline is None:  # even if every waiting call has gone meanwhile
+                self._arm(self.max_delay, idle=self.store.journal is not None)
+        finally:
+            self._lock_poll = None
 
     def resume(self) -> None:
         """Schedule the checkpoint of a batch the store opened by itself (records of a dead
