@@ -192,7 +192,13 @@ def test_a_disk_filled_by_others_refuses_changes_but_loses_none(
         assert not bad, f"{len(bad)} CREATEs neither OK nor NOSPC: {list(bad.items())[:5]}"
         acked = sorted(n for n, s in created.items() if s == "NFS3_OK")
         assert acked, "the journal has room: changes are still acknowledged"
-        server.restart(crash=True)  # and starts on the full disk
+        server.kill()
+        # An operator command must replay the dead server's records before anything else,
+        # and cannot commit them on the full disk: a one-line error, not a traceback.
+        cli = prism_cli(data, "vm", "list", check=False)
+        assert cli.returncode != 0 and "no space left" in cli.stderr, cli.stderr
+        assert "Traceback" not in cli.stderr, cli.stderr
+        server.start()  # the server does start on the full disk
         with server.nfs_client("tcp", timeout=30) as nfs:
             assert names_in(nfs, d) == acked
             for name in acked[:100]:

@@ -517,9 +517,12 @@ class Store:
         try:
             self.segments.sync()
             txn.commit()
-        except BaseException:
+        except BaseException as exc:
             self._aborted(txn)
-            raise
+            error = _commit_error(exc, self.path)
+            if error is exc:
+                raise
+            raise error from exc
         self._writer = None
         self._write_lock.release()
         self.segments.roll_if_full()
