@@ -15,8 +15,10 @@ segment appears) is called before the metadata that references new bytes commits
 Room for metadata. Content may not fill the filesystem: an append that would leave less than
 `metadata_reserve()` bytes free (1/32 of the filesystem, clamped to 8 MiB..1 GiB) fails with
 NoSpace, so the journal's checkpoints (LMDB commits) still find pages on a data-full disk and
-REMOVE, which frees content only once its metadata commits, keeps working. Only `gc`'s
-compaction (which frees more than it writes) may append into the reserve.
+REMOVE, which frees content only once its metadata commits, keeps working. New names (the
+store's `SegmentFiles.require_room` before it creates an object or a link) stop at half the
+reserve, so that the rest is left to REMOVE and checkpoints. Only `gc`'s compaction (which
+frees more than it writes) may append into the reserve.
 """
 
 from __future__ import annotations
@@ -106,15 +108,20 @@ class SegmentFiles:
 
     # -- writing -----------------------------------------------------------------------
 
-    def append(self, data: bytes, *, use_reserve: bool = False) -> tuple[int, int]:
-        """Append `data`; return (segment id, offset). Not durable until `sync()`. NoSpace
-        if that would eat into the metadata reserve (unless `use_reserve`: gc only)."""
-        if not use_reserve and free_bytes(self.directory) - len(data) < self.reserve:
+    def require_room(self, size: int, keep: int) -> None:
+        """NoSpace unless writing `size` bytes leaves `keep` bytes of the filesystem free."""
+        if free_bytes(self.directory) - size < keep:
             raise NoSpace(
                 f"{self.directory.parent} is full: its last {self.reserve >> 20} MiB are kept "
                 "for metadata, so that files can still be removed; remove files, then run "
                 "`prism gc`"
             )
+
+    def append(self, data: bytes, *, use_reserve: bool = False) -> tuple[int, int]:
+        """Append `data`; return (segment id, offset). Not durable until `sync()`. NoSpace
+        if that would eat into the metadata reserve (unless `use_reserve`: gc only)."""
+        if not use_reserve:
+            self.require_room(len(data), self.reserve)
         if self._active_fd is None:
             self._open_new()
         assert self._active_fd is not None and self._active_id is not None

@@ -72,12 +72,13 @@ wait for a writer, go on; an operator command waits for it, and commits its batc
 bounded steps (`prism import`: every COMMIT_EVERY_SECONDS) so that the server's writes wait
 little.
 
-A full disk. Content appends leave `segments.metadata_reserve()` bytes free, so checkpoints and
-REMOVE keep working once data has filled the disk. If a checkpoint fails anyway (something
-else filled the filesystem), the journal keeps its records and the batch is reopened from LMDB
-plus those records: nothing acknowledged is lost, calls waiting for that checkpoint fail with
-NoSpace, and the owner retries later. The owner starts on a full disk the same way: a dead
-owner's records it cannot checkpoint stay in the journal and in its open batch.
+A full disk. Content appends leave `segments.metadata_reserve()` bytes free, and new names half
+of it, so checkpoints and REMOVE keep working once data or names have filled the disk. If a
+checkpoint fails anyway (something else filled the filesystem), the journal keeps its records
+and the batch is reopened from LMDB plus those records: nothing acknowledged is lost, calls
+waiting for that checkpoint fail with NoSpace, and the owner retries later. The owner starts
+on a full disk the same way: a dead owner's records it cannot checkpoint stay in the journal
+and in its open batch.
 """
 
 from __future__ import annotations
@@ -2085,6 +2086,7 @@ class Store:
         verifier: bytes | None = None,
     ) -> Attr:
         check_name(name)
+        self.segments.require_room(0, self.segments.reserve // 2)
         with self._write() as t:
             view, d, dnode, out = self._dir_for_change(t, dir, cred)
             if self._entry(t, view, d.vol, d.ino, name) is not None:
@@ -2365,6 +2367,7 @@ class Store:
 
     def link(self, oid: ObjectId, dir: ObjectId, name: bytes, cred: Cred | None = None) -> Attr:
         check_name(name)
+        self.segments.require_room(0, self.segments.reserve // 2)
         if oid.ns != dir.ns:
             raise CrossDevice("cannot link across namespaces")
         with self._write() as t:
