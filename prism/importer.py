@@ -7,8 +7,10 @@ times are given to the destination (as `cp -a SRC/. DEST` does). The destination
 import.
 
 Work is group-committed: operations run in one store batch that commits every
-COMMIT_EVERY_BYTES of content or COMMIT_EVERY_OPS operations, so the import costs a handful of
-fsyncs rather than one per file, and the server is never locked out of the store for long.
+COMMIT_EVERY_BYTES of content, COMMIT_EVERY_OPS operations or COMMIT_EVERY_SECONDS, so the
+import costs a handful of fsyncs rather than one per file, and holds the store's write lock
+(keeping a running server's writes waiting) only in short steps. A file is opened without
+blocking and must still be a regular file, so a FIFO swapped in cannot stall the import.
 All or nothing: if the import fails or is interrupted after some batches were committed,
 what it created (the destination, when the import made it, else each top-level entry it
 added) is removed again before the error is raised, so the VM is left as it was. On a
@@ -17,6 +19,7 @@ terminal, progress (files, bytes, rate) is redrawn on one line.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import sys
@@ -30,6 +33,7 @@ from prism.store.types import CHUNK_SIZE, FileType, ObjectId, SetAttr
 
 COMMIT_EVERY_BYTES = 64 * 1024 * 1024
 COMMIT_EVERY_OPS = 2000
+COMMIT_EVERY_SECONDS = 0.5
 READ_SIZE = 16 * CHUNK_SIZE
 
 
@@ -55,6 +59,7 @@ class _Importer:
         self.start = time.perf_counter()
         self.last_draw = 0.0
         self.commits = 0
+        self.batch_began = time.monotonic()
         self.created: list[tuple[ObjectId, bytes]] = []
         """What to remove to undo the import: (directory, name) of each top-level addition."""
         self.track: ObjectId | None = None
@@ -68,10 +73,15 @@ class _Importer:
     def _tick(self, nbytes: int = 0) -> None:
         self.pending_bytes += nbytes
         self.pending_ops += 1
-        if self.pending_bytes >= COMMIT_EVERY_BYTES or self.pending_ops >= COMMIT_EVERY_OPS:
+        if (
+            self.pending_bytes >= COMMIT_EVERY_BYTES
+            or self.pending_ops >= COMMIT_EVERY_OPS
+            or time.monotonic() - self.batch_began >= COMMIT_EVERY_SECONDS
+        ):
             self.store.commit()
             self.commits += 1
             self.store.begin_batch()
+            self.batch_began = time.monotonic()
             self.pending_bytes = self.pending_ops = 0
         if self.show and time.perf_counter() - self.last_draw > 0.2:
             self.last_draw = time.perf_counter()
@@ -205,7 +215,12 @@ class _Importer:
         attr = self.store.create(dir_oid, name, stat.S_IMODE(st.st_mode), guarded=True)
         self._made(dir_oid, name)
         offset = 0
-        with open(path, "rb", buffering=0) as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        now = os.fstat(fd)
+        if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            os.close(fd)
+            raise OSError(errno.EAGAIN, "changed during the import; retry", str(path))
+        with open(fd, "rb", buffering=0) as f:
             while True:
                 data = f.read(READ_SIZE)
                 if not data:

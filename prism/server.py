@@ -98,6 +98,7 @@ class PrismServer:
         self.metrics_port: int | None = None
 
     async def start(self) -> None:
+        self.executor.resume()
         bind = self.options.bind
         conns = self.connections
         nfs_tcp = await serve_tcp(self.dispatcher, bind, self.options.nfs_port, connections=conns)

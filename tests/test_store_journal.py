@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ from prism.errors import Busy
 from prism.store import Store
 from prism.store import journal as J
 from prism.store.check import fsck
+from prism.store.writelock import WriteLock
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,11 +44,13 @@ def test_decoding_garbage_raises_only_corrupt(data: bytes) -> None:
         list(J.decode_changes(data))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(st.lists(st.binary(max_size=300), min_size=1, max_size=8), st.data())
-def test_records_stop_at_the_first_damaged_one(
+def test_only_a_torn_last_record_may_be_dropped(
     tmp_path_factory: pytest.TempPathFactory, payloads: list[bytes], data: st.DataObject
 ) -> None:
+    """One changed byte anywhere in a record: the last one is a torn tail (dropped); any
+    other stops recovery with Corrupt naming its offset, never a silent prefix."""
     path = tmp_path_factory.mktemp("j") / "journal"
     journal = J.Journal.open(path, size=64 << 10)
     try:
@@ -61,8 +65,32 @@ def test_records_stop_at_the_first_damaged_one(
         size = J.HEADER.size + len(payloads[victim])
         spot = offsets[victim] + data.draw(st.integers(0, size - 1))
         byte = os.pread(journal._fd, 1, spot)
-        os.pwrite(journal._fd, bytes([byte[0] ^ 0x40]), spot)
-        assert list(journal.records(7)) == payloads[:victim]
+        os.pwrite(journal._fd, bytes([byte[0] ^ data.draw(st.integers(1, 255))]), spot)
+        if victim == len(payloads) - 1:
+            assert journal.recover(7) == payloads[:victim]
+            assert journal.offset == offsets[victim]  # the next append overwrites it
+        else:
+            with pytest.raises(J.Corrupt, match=f"at offset {offsets[victim]} "):
+                journal.recover(7)
+    finally:
+        journal.close()
+
+
+def _v1_record(generation: int, payload: bytes) -> bytes:
+    """A record as format 1 wrote it (before each header carried its own checksum)."""
+    summed = J.xxhash.xxh3_64(struct.pack("<QI", generation, len(payload)))
+    summed.update(payload)
+    return J.HEADER_V1.pack(J.MAGIC_V1, generation, len(payload), summed.intdigest()) + payload
+
+
+def test_a_format_1_journal_still_replays(tmp_path: Path) -> None:
+    journal = J.Journal.open(tmp_path / "journal", size=64 << 10)
+    try:
+        old = [b"first", b"second" * 50, b""]
+        os.pwrite(journal._fd, b"".join(_v1_record(3, p) for p in old), 0)
+        assert journal.recover(3) == old
+        journal.append(b"appended in format 2")  # after a checkpoint that failed
+        assert journal.recover(3) == [*old, b"appended in format 2"]
     finally:
         journal.close()
 
@@ -201,23 +229,26 @@ def test_a_failed_checkpoint_keeps_what_was_acknowledged(
         store.create(root, b"acked", 0o644)
         store.make_durable()
         store.create(root, b"not-acked", 0o644)
-        real = Store._durable_commit
+        real = store.segments.sync
         calls = []
 
-        def fail_once(self: Store, txn: object) -> None:
-            calls.append(txn)
-            if len(calls) == 1:  # as LMDB failing inside txn.commit() would
-                self._aborted(txn)  # type: ignore[arg-type]
+        def fail_once() -> None:
+            calls.append(1)
+            if len(calls) == 1:  # as an fdatasync failing inside the checkpoint would
                 raise OSError(5, "simulated I/O error")
-            real(self, txn)  # type: ignore[arg-type]
+            real()
 
-        monkeypatch.setattr(Store, "_durable_commit", fail_once)
+        monkeypatch.setattr(store.segments, "sync", fail_once)
         with pytest.raises(OSError, match="simulated"):
             store.commit()
         monkeypatch.undo()
-        assert not store.in_batch
+        assert store.in_batch  # reopened from the journal, which still holds "acked"
         assert names(store) == {b"acked"}
         assert store.boot_id != verifier  # clients resend their UNSTABLE writes
+        other = WriteLock(data)  # nobody may write on top of LMDB without "acked"
+        assert not other.try_acquire()
+        other.close()
+        store.commit()  # a later checkpoint succeeds
     with Store.open(data) as store:
         assert names(store) == {b"acked"}
         assert fsck(store).errors == []

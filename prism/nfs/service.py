@@ -269,9 +269,12 @@ class NfsService:
                 )
             else:
                 durable = proc == Nfs3Proc.COMMIT
-            result = await self.executor.call(
-                lambda s: answer(s, call, args), writes=writes, durable=durable
-            )
+            try:
+                result = await self.executor.call(
+                    lambda s: answer(s, call, args), writes=writes, durable=durable
+                )
+            except StoreError as exc:  # the change could not be made durable: not done
+                result = codec.res(nfsstat_for(exc))
             return T.encode_result(proc, result)
 
         def immediate(ctx: CallContext, data: bytes) -> bytes:

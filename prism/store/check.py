@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import lmdb
 import xxhash
 
+from prism.errors import NoSpace
 from prism.store import records as R
 from prism.store.store import SHARE_VOL_BASE, Store, _View
 from prism.store.types import ROOT_INO, FileType
@@ -91,11 +92,10 @@ def fsck(store: Store, *, repair: bool = False, progress: Progress | None = None
     try:
         _fsck(store, txn, report, repair, say)
     except BaseException:
-        txn.abort()
+        store._aborted(txn)
         raise
     if repair:
-        store.segments.sync()
-        txn.commit()
+        store._durable_commit(txn)
     else:
         txn.abort()
     return report
@@ -239,11 +239,11 @@ def gc(store: Store, *, progress: Progress | None = None) -> GcReport:
         doomed_segments = _gc(store, t, report, say, locked)
         store.segments.sync()
     except BaseException:
-        t.abort()
+        store._aborted(t)
         for fd in locked:
             os.close(fd)
         raise
-    t.commit()
+    store._durable_commit(t)
     store.forget_layers()
     # Only now, with the moves committed, may the old segment files go.
     for seg_id in doomed_segments:
@@ -304,10 +304,15 @@ def _gc(
     pending: list[int] = []
     moved: dict[tuple[int, int], tuple[int, int]] = {}
     known = {R.U64.unpack(k)[0]: R.SEGMENT_VAL.unpack(v) for k, v in t.cursor(db=store._segdb)}
-    for seg_id in set(store.segments.list_ids()) | set(known):
+    # Emptiest first: dropping dead segments needs no room, and compaction (which may use the
+    # metadata reserve) stops at the first append that finds the disk full.
+    disk_full = False
+    for seg_id in sorted(
+        set(store.segments.list_ids()) | set(known), key=lambda s: live_by_segment.get(s, 0)
+    ):
         appended = known.get(seg_id, (0, 0))[0]
         live = live_by_segment.get(seg_id, 0)
-        if live and appended and live >= COMPACT_BELOW * appended:
+        if live and (disk_full or (appended and live >= COMPACT_BELOW * appended)):
             if seg_id in known and known[seg_id][1] != live:
                 t.put(R.U64.pack(seg_id), R.SEGMENT_VAL.pack(appended, live), db=store._segdb)
             continue
@@ -315,9 +320,15 @@ def _gc(
         if fd is None:
             continue
         locked.append(fd)
+        moved_bytes = 0
         for key, offset, length in chunks_by_segment.get(seg_id, []):
             data = store.segments.read(seg_id, offset, length)
-            new_seg, new_off = store.segments.append(data)
+            try:
+                new_seg, new_off = store.segments.append(data, use_reserve=True)
+            except NoSpace:
+                disk_full = True  # the chunks moved so far stay moved; the segment stays
+                break
+            moved_bytes += length
             moved[(seg_id, offset)] = (new_seg, new_off)
             refs = R.CHUNK_VAL.unpack(t.get(key, db=store._chunks) or bytes(28))[3]
             t.put(key, R.CHUNK_VAL.pack(new_seg, new_off, length, refs), db=store._chunks)
@@ -329,6 +340,14 @@ def _gc(
                 R.SEGMENT_VAL.pack(max(app, new_off + length), liv + length),
                 db=store._segdb,
             )
+        if disk_full:
+            if seg_id in known:
+                t.put(
+                    R.U64.pack(seg_id),
+                    R.SEGMENT_VAL.pack(appended, live - moved_bytes),
+                    db=store._segdb,
+                )
+            continue
         if live:
             report.segments_compacted += 1
         else:

@@ -19,6 +19,15 @@ call changes nothing):
   of UNSTABLE data (the client resends it: the write verifier changes);
 * read-only calls run in their own read transaction when no batch is open, or inside the
   open batch (so they see the batch's writes).
+
+Another process (an operator command) may hold the store's write lock: a write call then
+waits for it asynchronously (`prism.store.writelock`; `try_begin_batch` never blocks), while
+read-only calls go on in their own LMDB read transactions, which never wait for a writer.
+
+A failed durable point or checkpoint (a full disk) fails every call waiting for it with the
+store's error (NoSpace becomes NFS3ERR_NOSPC), never an OK: the store reopens the batch from
+the journal, which keeps every change acknowledged earlier, and the executor retries the
+checkpoint every `retry_delay` seconds.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import logging
 from collections.abc import Callable
 from typing import TypeVar
 
+from prism.errors import StoreError
 from prism.store.store import Store
 
 T = TypeVar("T")
@@ -42,11 +52,13 @@ class StoreExecutor:
         max_delay: float = 0.25,
         idle_delay: float = 0.005,
         max_unsynced: int = 64 << 20,
+        retry_delay: float = 1.0,
     ) -> None:
         self.store = store
         self.max_delay = max_delay
         self.idle_delay = idle_delay
         self.max_unsynced = max_unsynced
+        self.retry_delay = retry_delay
         self._waiters: list[asyncio.Future[None]] = []
         self._durable_soon: asyncio.Handle | None = None
         self._deadline: asyncio.TimerHandle | None = None
@@ -54,6 +66,8 @@ class StoreExecutor:
         self._calls_at_idle_check = 0
         self.commits = 0
         self.calls = 0
+        self.lock_waits = 0
+        self._lock_poll: asyncio.Future[None] | None = None
 
     async def call(
         self, fn: Callable[[Store], T], *, writes: bool = False, durable: bool = False
@@ -61,13 +75,11 @@ class StoreExecutor:
         """Run `fn(store)`; with `durable`, return only once its effects are durable."""
         store = self.store
         self.calls += 1
-        if writes and not store.in_batch:
-            store.begin_batch()
-            loop = asyncio.get_running_loop()
-            self._deadline = loop.call_later(self.max_delay, self._commit)
-            if store.journal is not None:
-                self._calls_at_idle_check = self.calls
-                self._idle = loop.call_later(self.idle_delay, self._commit_when_idle)
+        if writes and self._deadline is None:
+            if not store.in_batch:
+                await self._begin_batch()
+            if self._deadline is None:  # not armed by a call that waited alongside
+                self._arm(self.max_delay, idle=store.journal is not None)
         result = fn(store)
         if not store.in_batch:
             return result
@@ -87,6 +99,41 @@ class StoreExecutor:
         self.calls += 1
         return fn(self.store)
 
+    async def _begin_batch(self) -> None:
+        """Open the batch once the store's write lock is free. Another process may hold it
+        (an operator command), and blocking on it would stop the loop's reads: one task
+        polls for it on behalf of every waiting call."""
+        while not self.store.try_begin_batch():
+            if self._lock_poll is None:
+                self._lock_poll = asyncio.ensure_future(self._poll_write_lock())
+            await asyncio.shield(self._lock_poll)
+
+    async def _poll_write_lock(self) -> None:
+        delay = 0.001
+        try:
+            while not self.store.try_begin_batch():
+                self.lock_waits += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.02)
+            if self._deadline is None:  # even if every waiting call has gone meanwhile
+                self._arm(self.max_delay, idle=self.store.journal is not None)
+        finally:
+            self._lock_poll = None
+
+    def resume(self) -> None:
+        """Schedule the checkpoint of a batch the store opened by itself (records of a dead
+        server it could not checkpoint at start-up, on a full disk)."""
+        if self.store.in_batch and self._deadline is None:
+            self._arm(self.retry_delay, idle=False)
+
+    def _arm(self, delay: float, *, idle: bool) -> None:
+        """Checkpoint the open batch in `delay` seconds, or (`idle`) once calls stop."""
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(delay, self._commit)
+        if idle:
+            self._calls_at_idle_check = self.calls
+            self._idle = loop.call_later(self.idle_delay, self._commit_when_idle)
+
     def _make_durable(self) -> None:
         self._durable_soon = None
         self._settle(self.store.make_durable)
@@ -100,6 +147,8 @@ class StoreExecutor:
         self._cancel_timers()
         self._settle(self.store.commit)
         self.commits += 1
+        if self.store.in_batch:  # the checkpoint failed: the journal holds the batch
+            self._arm(self.retry_delay, idle=False)
 
     def _commit_when_idle(self) -> None:
         self._idle = None
@@ -124,6 +173,9 @@ class StoreExecutor:
         error: BaseException | None = None
         try:
             action()
+        except StoreError as exc:  # NoSpace: the changes not yet durable are gone
+            log.warning("making the store durable failed: %s", exc)
+            error = exc
         except BaseException as exc:  # the batch is gone: every waiter learns it
             log.exception("making the store durable failed")
             error = exc

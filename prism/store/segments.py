@@ -11,6 +11,14 @@ on where a chunk lives, and `fsck` checks every referenced chunk's length and ha
 reached a segment but whose transaction never committed (a crash, an abort) are debris that
 `gc` reclaims by compaction. `sync()` (fdatasync, plus an fsync of the directory after a new
 segment appears) is called before the metadata that references new bytes commits.
+
+Room for metadata. Content may not fill the filesystem: an append that would leave less than
+`metadata_reserve()` bytes free (1/32 of the filesystem, clamped to 8 MiB..1 GiB) fails with
+NoSpace, so the journal's checkpoints (LMDB commits) still find pages on a data-full disk and
+REMOVE, which frees content only once its metadata commits, keeps working. New names (the
+store's `SegmentFiles.require_room` before it creates an object or a link) stop at half the
+reserve, so that the rest is left to REMOVE and checkpoints. Only `gc`'s compaction (which
+frees more than it writes) may append into the reserve.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 
-from prism.errors import Corrupt
+from prism.errors import Corrupt, NoSpace
 from prism.store.diskio import PRIVATE_DIR, PRIVATE_FILE, fsync_directory, pwrite_all
 
 SEGMENT_TARGET_SIZE = 64 * 1024 * 1024
@@ -32,7 +40,22 @@ WRITEBACK_STEP = 8 * 1024 * 1024
 """After this many appended bytes, ask the kernel to start writing them out (without
 waiting), so that the fdatasync before the next commit finds little left to do."""
 
+RESERVE_SHARE = 32
+RESERVE_MIN = 8 << 20
+RESERVE_MAX = 1 << 30
+
 _SYNC_FILE_RANGE_WRITE = 2
+
+
+def metadata_reserve(path: Path) -> int:
+    """Bytes of `path`'s filesystem that content appends leave free for metadata."""
+    st = os.statvfs(path)
+    return min(RESERVE_MAX, max(RESERVE_MIN, st.f_blocks * st.f_frsize // RESERVE_SHARE))
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
@@ -81,11 +104,24 @@ class SegmentFiles:
         self._new_file = False
         self.unsynced_bytes = 0
         self._written_back = 0  # offset up to which writeback was started
+        self.reserve = metadata_reserve(directory)
 
     # -- writing -----------------------------------------------------------------------
 
-    def append(self, data: bytes) -> tuple[int, int]:
-        """Append `data`; return (segment id, offset). Not durable until `sync()`."""
+    def require_room(self, size: int, keep: int) -> None:
+        """NoSpace unless writing `size` bytes leaves `keep` bytes of the filesystem free."""
+        if free_bytes(self.directory) - size < keep:
+            raise NoSpace(
+                f"{self.directory.parent} is full: its last {self.reserve >> 20} MiB are kept "
+                "for metadata, so that files can still be removed; remove files, then run "
+                "`prism gc`"
+            )
+
+    def append(self, data: bytes, *, use_reserve: bool = False) -> tuple[int, int]:
+        """Append `data`; return (segment id, offset). Not durable until `sync()`. NoSpace
+        if that would eat into the metadata reserve (unless `use_reserve`: gc only)."""
+        if not use_reserve:
+            self.require_room(len(data), self.reserve)
         if self._active_fd is None:
             self._open_new()
         assert self._active_fd is not None and self._active_id is not None

@@ -75,11 +75,30 @@ The journal (`prism.store.journal`, `DATA/meta/journal`). A store opened with `j
 segment, then appends the key/value changes made since the last durable point to the journal
 and fdatasyncs that; `commit()` is then a checkpoint that also retires the journal's records.
 Whoever opens or writes the store after the journal's owner died replays its records first.
+
+Locks, always taken in this order: the journal's `flock` (its owner holds it for its lifetime;
+an operator command only tries it, inside its write transaction, to replay a dead owner's
+records) -> the store's write lock (`prism.store.writelock`: flocks on DATA/meta and DATA) ->
+LMDB's writer mutex. Every top-level write transaction takes the write lock first and drops it
+when it ends, so no process ever waits inside LMDB for another's writer: the server only tries
+the lock (`try_begin_batch`) and lets its writes wait asynchronously while reads, which never
+wait for a writer, go on; an operator command waits for it, and commits its batches in
+bounded steps (`prism import`: every COMMIT_EVERY_SECONDS) so that the server's writes wait
+little.
+
+A full disk. Content appends leave `segments.metadata_reserve()` bytes free, and new names half
+of it, so checkpoints and REMOVE keep working once data or names have filled the disk. If a
+checkpoint fails anyway (something else filled the filesystem), the journal keeps its records
+and the batch is reopened from LMDB plus those records: nothing acknowledged is lost, calls
+waiting for that checkpoint fail with NoSpace, and the owner retries later. The owner starts
+on a full disk the same way: a dead owner's records it cannot checkpoint stay in the journal
+and in its open batch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import heapq
 import ipaddress
 import json
@@ -118,6 +137,7 @@ from prism.errors import (
     QuotaExceeded,
     ReadOnly,
     Stale,
+    StoreError,
     TooManyLinks,
 )
 from prism.store import records as R
@@ -132,7 +152,7 @@ from prism.store.journal import (
     encode_changes,
 )
 from prism.store.records import Inode
-from prism.store.segments import SegmentFiles
+from prism.store.segments import SegmentFiles, metadata_reserve
 from prism.store.types import (
     ACCESS_DELETE,
     ACCESS_EXECUTE,
@@ -163,10 +183,13 @@ from prism.store.types import (
     StoreStats,
     Usage,
 )
+from prism.store.writelock import WriteLock
 
 FORMAT_VERSION = 1
 MAP_SIZE = 1 << 40
 NLINK_MAX = 65000
+WRITE_LOCK_WAIT = 120.0
+"""How long a process waits for the store's write lock before giving up with Busy."""
 MAX_VOLUMES = 0x8000
 """Volumes 1..0x7fff hold composed-in subtrees; 0x8000 and up are reserved for shares."""
 SHARE_VOL_BASE = 0x8000
@@ -383,7 +406,7 @@ class _Recorder:
 class Store:
     """Namespaces of POSIX trees over deduplicated chunks. See the module docstring."""
 
-    def __init__(self, root: Path, env: lmdb.Environment) -> None:
+    def __init__(self, root: Path, env: lmdb.Environment, journal: Journal | None = None) -> None:
         # Fix: this was `self.root`, which shadowed the `root(ns_id)` method of the contract.
         self.path = root
         self._env = env
@@ -419,10 +442,14 @@ class Store:
         )
         self._db_index = {db: i for i, db in enumerate(self._dbs)}
         self._journal_path = root / "meta" / "journal"
-        self.journal: Journal | None = None
+        self._write_lock = WriteLock(root)
+        self._writer: lmdb.Transaction | None = None  # the top-level write txn, if any
+        self._broken: BaseException | None = None  # why this process may no longer write
+        self.journal = journal
         self._journaled: list[Change] = []  # the batch's changes not yet in the journal
         # The first write: `_begin_write` replays what a dead journal owner left, so every
-        # process opening the store sees its acknowledged changes.
+        # process opening the store sees its acknowledged changes (the journal's owner
+        # resumes its records afterwards, in `_resume_journal`).
         with self._write() as t:
             version = t.get(b"format", db=self._meta)
             if version is None:
@@ -464,10 +491,17 @@ class Store:
             metasync=True,
             readahead=False,
         )
-        store = cls(root, env)
-        if journal:
+        owned = _lock_journal(meta / "journal", journal_wait) if journal else None
+        try:
+            store = cls(root, env, owned)
+        except BaseException:
+            if owned is not None:
+                owned.close()
+            env.close()
+            raise
+        if owned is not None:
             try:
-                store._take_journal(journal_wait)
+                store._resume_journal()
             except BaseException:
                 store.close()
                 raise
@@ -480,6 +514,7 @@ class Store:
         if self.journal is not None:
             self.journal.close()
             self.journal = None
+        self._write_lock.close()
         self._env.close()
 
     def __enter__(self) -> Store:
@@ -498,6 +533,15 @@ class Store:
         if self._batch is None:
             self._batch = self._begin_write()
 
+    def try_begin_batch(self) -> bool:
+        """`begin_batch()` if the write lock is free now; False, at once, while another
+        process holds or waits for it (the server retries without blocking its loop)."""
+        if self._batch is None:
+            if not self._write_lock.try_acquire():
+                return False
+            self.begin_batch()
+        return True
+
     def commit(self) -> None:
         """Commit the open batch to LMDB with fsync (with a journal: a checkpoint)."""
         if self._batch is None:
@@ -510,20 +554,24 @@ class Store:
         next_gen = journal.generation + 1
         try:
             batch.put(_JOURNAL_GEN, R.U64.pack(next_gen), db=self._meta)
-        except BaseException:
-            self._aborted(batch)
-            raise
-        try:
-            self._durable_commit(batch)
-        except BaseException:
-            # The batch is gone but the journal still holds what was acknowledged from it:
-            # put that back now, and change the write verifier so clients resend the rest.
-            self._journaled.clear()
-            self.boot_id = secrets.randbits(63) | 1
-            self._replay_journal()
-            raise
+            self.segments.sync()
+            batch.commit()
+        except BaseException as exc:
+            # The batch is gone, but the journal (untouched: records are only retired by a
+            # commit that succeeded) still holds everything acknowledged from it: reopen the
+            # batch from there, keeping the write lock meanwhile (nobody may write on top of
+            # a state that lacks those records), so nothing acknowledged is lost and the
+            # journal stays the durable copy until a later checkpoint succeeds.
+            self.forget_layers()
+            batch.abort()
+            self._writer = None
+            self._reopen_batch()
+            raise _commit_error(exc, self.path) from exc
+        self._writer = None
+        self._write_lock.release()
         self._journaled.clear()
         journal.start(next_gen)
+        self.segments.roll_if_full()
 
     def make_durable(self) -> None:
         """Make every operation of the open batch durable: append its changes to the journal
@@ -557,9 +605,14 @@ class Store:
         try:
             self.segments.sync()
             txn.commit()
-        except BaseException:
+        except BaseException as exc:
             self._aborted(txn)
-            raise
+            error = _commit_error(exc, self.path)
+            if error is exc:
+                raise
+            raise error from exc
+        self._writer = None
+        self._write_lock.release()
         self.segments.roll_if_full()
 
     def abort(self) -> None:
@@ -578,6 +631,9 @@ class Store:
         """
         self.forget_layers()
         txn.abort()
+        if txn is self._writer:
+            self._writer = None
+            self._write_lock.release()
 
     def forget_layers(self) -> None:
         """Drop what is cached by layer id (after an abort, or gc moving records)."""
@@ -609,53 +665,89 @@ class Store:
     def _begin_write(self) -> lmdb.Transaction:
         """A top-level write transaction. A process that does not own the journal first
         checks whether its owner died with changes pending, and if so replays them in this
-        transaction (holding LMDB's writer lock, so nobody writes in between)."""
-        txn = self._env.begin(write=True)
+        transaction (holding LMDB's writer lock, so nobody writes in between). Takes the
+        store's write lock first (`prism.store.writelock`), waiting up to WRITE_LOCK_WAIT."""
+        if self._broken is not None:
+            raise Corrupt(
+                f"the store could not reload its journal after a failed commit "
+                f"({self._broken}); restart the server, which replays it"
+            )
+        self._write_lock.acquire(WRITE_LOCK_WAIT)
+        try:
+            txn = self._writer = self._env.begin(write=True)
+        except BaseException:
+            self._write_lock.release()
+            raise
         if self.journal is None and self._journal_path.exists():
             try:
                 orphan = Journal.open(self._journal_path)
             except JournalBusy:
                 return txn  # its owner is alive
             except BaseException:
-                txn.abort()
+                self._aborted(txn)
                 raise
             try:
-                self._apply_journal(txn, orphan)
+                generation, applied = self._apply_journal(txn, orphan)
+                if applied:  # retired by this transaction's commit
+                    txn.put(_JOURNAL_GEN, R.U64.pack(generation + 1), db=self._meta)
+                    log.warning("replayed %d journal records left by a stopped server", applied)
             except BaseException:
-                txn.abort()
+                self._aborted(txn)
                 raise
             finally:
                 orphan.close()
         return txn
 
-    def _take_journal(self, wait: float) -> None:
-        """Own the journal for this process's lifetime, replaying what a dead owner left."""
+    def _resume_journal(self) -> None:
+        """Take up the records a dead owner left: apply them to a batch and checkpoint it.
+        On a full disk the checkpoint fails; the batch then stays open (the journal is its
+        durable copy) so that the server still starts and clients can remove files."""
+        applied = self._reopen_batch()
+        if not applied:
+            return
+        log.warning("replayed %d journal records left by a stopped server", applied)
         try:
-            journal = Journal.open(self._journal_path, wait=wait)
-        except JournalBusy:
-            raise Busy(
-                f"another process (a running `prism serve`?) owns {self._journal_path}; "
-                "stop it first, or give this server its own --data directory"
-            ) from None
-        self.journal = journal
-        self._replay_journal()
+            self.commit()
+        except NoSpace as exc:
+            log.warning("%s; serving them from the journal until a checkpoint succeeds", exc)
 
-    def _replay_journal(self) -> None:
-        assert self.journal is not None
-        txn = self._env.begin(write=True)
+    def _reopen_batch(self) -> int:
+        """Open the batch as LMDB plus the journal's records, exactly what was acknowledged
+        (changes not yet journaled are dropped, and the write verifier changes so that
+        clients resend their UNSTABLE writes); return the number of records."""
+        journal = self.journal
+        assert journal is not None and self._batch is None
+        self._journaled.clear()
+        self.boot_id = secrets.randbits(63) | 1
         try:
-            self._apply_journal(txn, self.journal)
-        except BaseException:
-            txn.abort()
+            txn = self._begin_write()
+        except BaseException as exc:
+            self._broken = exc
             raise
-        self._durable_commit(txn)
+        try:
+            _, applied = self._apply_journal(txn, journal)
+        except BaseException as exc:
+            # Keep the write lock until this process exits: another writer must not commit
+            # on top of a state that lacks the journal's records (it replays them first once
+            # the journal's owner is gone).
+            self.forget_layers()
+            txn.abort()
+            self._writer = None
+            self._broken = exc
+            raise
+        if applied:
+            self._batch = txn
+        else:
+            self._aborted(txn)
+        return applied
 
-    def _apply_journal(self, txn: lmdb.Transaction, journal: Journal) -> None:
-        """Apply the records of the current generation to `txn` and retire them (the
-        caller commits)."""
+    def _apply_journal(self, txn: lmdb.Transaction, journal: Journal) -> tuple[int, int]:
+        """Apply the records of the current generation to `txn`, leaving them in place
+        (the commit that retires them bumps the generation); return (generation, records).
+        The journal's next append goes after them."""
         generation = self._get_meta(txn, _JOURNAL_GEN)
-        applied = 0
-        for payload in journal.records(generation):
+        payloads = journal.recover(generation)
+        for payload in payloads:
             for kind, index, key, value in decode_changes(payload):
                 if index >= len(self._dbs):
                     raise Corrupt(f"{journal.path} names an unknown database {index}")
@@ -664,13 +756,9 @@ class Store:
                     txn.put(key, value, db=db)
                 else:
                     txn.delete(key, db=db)
-            applied += 1
-        if applied:
+        if payloads:
             self.forget_layers()
-            txn.put(_JOURNAL_GEN, R.U64.pack(generation + 1), db=self._meta)
-            log.warning("replayed %d journal records left by a stopped server", applied)
-            generation += 1
-        journal.start(generation)
+        return generation, len(payloads)
 
     def _read(self) -> _ReadTxn:
         """A read transaction (the open batch, when there is one, so reads see its writes)."""
@@ -2179,6 +2267,7 @@ class Store:
         verifier: bytes | None = None,
     ) -> Attr:
         check_name(name)
+        self.segments.require_room(0, self.segments.reserve // 2)
         with self._write() as t:
             view, d, dnode, out = self._dir_for_change(t, dir, cred)
             if self._entry(t, view, d.vol, d.ino, name) is not None:
@@ -2465,6 +2554,7 @@ class Store:
 
     def link(self, oid: ObjectId, dir: ObjectId, name: bytes, cred: Cred | None = None) -> Attr:
         check_name(name)
+        self.segments.require_room(0, self.segments.reserve // 2)
         if oid.ns != dir.ns:
             raise CrossDevice("cannot link across namespaces")
         with self._write() as t:
@@ -2541,6 +2631,34 @@ def _lost_link(node: Inode, dvol: int, dino: int) -> None:
     that was its recorded holder (or none was recorded), where it lives is now unknown."""
     if (node.parent_vol, node.parent_ino) == (dvol, dino) or not R.holder_known(node):
         node.parent_vol, node.parent_ino = 0, R.HOLDER_UNKNOWN
+
+
+def _lock_journal(path: Path, wait: float) -> Journal:
+    """Own the journal for this process's lifetime (see `prism.store.journal`)."""
+    try:
+        return Journal.open(path, wait=wait)
+    except JournalBusy:
+        raise Busy(
+            f"another process (a running `prism serve`?) owns {path}; "
+            "stop it first, or give this server its own --data directory"
+        ) from None
+
+
+def _commit_error(exc: BaseException, root: Path) -> BaseException:
+    """What a failed LMDB commit means for the caller: NoSpace when the disk is full (LMDB
+    reports a short page write as EIO), else the error itself."""
+    if isinstance(exc, StoreError):
+        return exc
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not full and isinstance(exc, (OSError, lmdb.Error)):
+        st = os.statvfs(root)
+        full = "No space" in str(exc) or st.f_bavail * st.f_frsize < metadata_reserve(root) // 2
+    if full:
+        return NoSpace(
+            f"no space left to commit metadata in {root}: the change was refused; remove "
+            "files, run `prism gc`, or give the filesystem more room"
+        )
+    return exc
 
 
 def _all_zero(data: bytes) -> bool:
