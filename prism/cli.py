@@ -335,7 +335,7 @@ def cmd_vm_set(args: argparse.Namespace, store: Store) -> int:
 
 def cmd_vm_rm(args: argparse.Namespace, store: Store) -> int:
     _vm(store, args.name, "use `prism snapshot rm VM SNAP`")
-    store.remove_namespace(args.name)
+    store.remove_namespace(args.name, force=args.force)
     _emit(args, {"removed": args.name}, f"removed VM {args.name} (run `prism gc` to reclaim space)")
     return 0
 
@@ -377,8 +377,15 @@ def cmd_snapshot_rm(args: argparse.Namespace, store: Store) -> int:
 
 
 def cmd_snapshot_rollback(args: argparse.Namespace, store: Store) -> int:
-    store.rollback(args.vm, args.snap)
-    _emit(args, {"rolled_back": args.vm, "to": args.snap}, f"rolled {args.vm} back to {args.snap}")
+    before = _vm(store, args.vm, "give the VM's name").shares
+    after = store.rollback(args.vm, args.snap).shares
+    dropped = [sh.path for sh in before if sh not in after]
+    data: dict[str, Any] = {"rolled_back": args.vm, "to": args.snap}
+    text = f"rolled {args.vm} back to {args.snap}"
+    if dropped:
+        data["removed_shares"] = dropped
+        text += f"; removed the shares at {', '.join(dropped)} (no room for them there now)"
+    _emit(args, data, text)
     return 0
 
 
@@ -504,10 +511,17 @@ def cmd_clone(args: argparse.Namespace, store: Store) -> int:
         raise UsageError(
             f"--client and --quota apply to a new VM; change {args.new} with `prism vm set`"
         )
+    if args.replace and not args.into:
+        raise UsageError("--replace applies to --into (laying sources over an existing VM)")
     start = time.perf_counter()
     try:
         info = store.clone(
-            args.new, sources, into=args.into, clients=args.client or [], quota=args.quota
+            args.new,
+            sources,
+            into=args.into,
+            replace=args.replace,
+            clients=args.client or [],
+            quota=args.quota,
         )
     except (NotFound, NotADirectory) as exc:
         if str(exc).startswith("no "):  # an unknown VM or snapshot: the message has a hint
@@ -613,6 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = vm.add_parser("rm", help="remove a VM and its snapshots")
     _common(p)
     p.add_argument("name")
+    p.add_argument(
+        "--force", action="store_true", help="also remove the shares other VMs have of it"
+    )
     p.set_defaults(func=cmd_vm_rm)
 
     snap = sub.add_parser("snapshot", help="read-only snapshots").add_subparsers(
@@ -674,6 +691,11 @@ def build_clone_parser() -> argparse.ArgumentParser:
     p.add_argument("--client", action="append", metavar="CIDR")
     p.add_argument("--quota", type=_size_arg, default=None, metavar="SIZE")
     p.add_argument("--into", action="store_true", help="add to an existing VM")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="with --into: replace destinations that exist (their contents are removed)",
+    )
     p.set_defaults(func=cmd_clone)
     return p
 

@@ -11,8 +11,11 @@ LMDB databases (keys and values are packed as in `prism.store.records`):
     meta      b"format" -> version; b"secret" -> 32 random bytes (file-handle MAC key);
               b"journal_gen" -> generation of the journal records not yet checkpointed;
               b"ns_next" -> next namespace id; b"layer_next" -> next layer id;
-              b"ino"+ns -> next inode number; b"stored_bytes", b"chunk_count" -> counters
-    ns        ns id u32 -> JSON {name, kind ("vm"|"snapshot"), top layer, clients, quota, of}
+              b"ino"+ns -> next inode number; b"stored_bytes", b"chunk_count" -> counters;
+              b"usage_rev" -> what `usage` counts (USAGE_REV; older counters are marked
+              invalid on open, so they are re-measured)
+    ns        ns id u32 -> JSON {name, kind ("vm"|"snapshot"), top layer, clients, quota, of,
+              shares}
     names     name -> ns id u32 ("web" for a VM, "web@monday" for its snapshot)
     layers    layer id u64 -> JSON {parent, vols, imports, next_vol, next_import}
     inodes    layer|vol|ino -> packed Inode, or b"" (whiteout: removed in this layer)
@@ -20,7 +23,7 @@ LMDB databases (keys and values are packed as in `prism.store.records`):
     cmap      layer|vol|ino|chunk index -> chunk key|length|segment|offset, or b"" (hole)
     chunks    xxh3-128 hash|seq -> segment|offset|length|refcount
     segments  segment id -> appended bytes|live bytes
-    usage     ns id -> logical bytes|objects|valid
+    usage     ns id -> logical bytes (file sizes and symlink targets)|objects|valid
 
 Layers (copy-on-write and instant clone). A namespace's metadata is a chain of layers: its
 mutable *top* layer, then frozen ancestors. A read walks the chain top-down and takes the
@@ -55,6 +58,15 @@ cleanly; the only possible debris is segment bytes no committed chunk names, whi
 removes and `fsck` reports. Group commit: `begin_batch()` runs many operations in one LMDB
 transaction (each in a nested transaction, so a failing one changes nothing) that shares one
 fdatasync + one commit.
+
+Shares. A share is a live mount of another VM's directory: an entry of the destination's
+tree names a share volume (SHARE_VOL_BASE and up), routed through the destination's `shares`
+to the source VM's live namespace. A snapshot is a frozen view and a clone a copy, so neither
+carries shares: where a share was mounted they show an empty directory (made in their own
+top layer; a snapshot of a VM with shares gets a private top over the frozen layer). A
+rollback keeps the VM's shares, mounted again where the rolled-back tree has room. A VM that
+others share from cannot be removed until those shares are (`remove_namespace(force=True)`
+removes them first); fsck repairs dangling mount points that older versions left.
 
 The journal (`prism.store.journal`, `DATA/meta/journal`). A store opened with `journal=True`
 (the server) makes a batch durable without committing it: `make_durable()` fdatasyncs the
@@ -164,6 +176,9 @@ ZEROS = bytes(CHUNK_SIZE)
 _R, _W, _X = 4, 2, 1
 _NS_KEY = R.U32
 _JOURNAL_GEN = b"journal_gen"
+_USAGE_REV = b"usage_rev"
+USAGE_REV = 2
+"""What the usage counters count: 2 = file sizes and symlink targets (1 left symlinks out)."""
 log = logging.getLogger("prism.store")
 
 
@@ -346,6 +361,11 @@ class Store:
                 t.put(b"secret", secrets.token_bytes(32), db=self._meta)
             elif R.U32.unpack(version)[0] != FORMAT_VERSION:
                 raise Corrupt(f"{root} holds a store of an unknown format version")
+            if self._get_meta(t, _USAGE_REV) != USAGE_REV:
+                # Counters kept under an older rule are re-measured on their next use.
+                for key, raw in list(t.cursor(db=self._usage)):
+                    t.put(key, R.USAGE_VAL.pack(*R.USAGE_VAL.unpack(raw)[:2], 0), db=self._usage)
+                t.put(_USAGE_REV, R.U64.pack(USAGE_REV), db=self._meta)
             self.secret: bytes = bytes(t.get(b"secret", db=self._meta) or b"")
 
     @classmethod
@@ -1026,9 +1046,8 @@ class Store:
             if node is None:
                 continue
             objects += 1
-            if node.type == FileType.REG:
-                nbytes += node.size
-            elif node.type == FileType.DIR:
+            nbytes += _charged(node)
+            if node.type == FileType.DIR:
                 stack.extend(
                     (e.oid.vol, e.oid.ino)
                     for e in self._list(t, view, vol, ino, 0)
@@ -1241,9 +1260,7 @@ class Store:
         """The last link is gone: release the object's own records."""
         if node.type == FileType.REG:
             self._truncate(t, view, vol, ino, node.size, 0)
-            self._usage_add(t, view, -node.size, -1)
-        else:
-            self._usage_add(t, view, 0, -1)
+        self._usage_add(t, view, -_charged(node), -1)
         self._drop_inode(t, view, vol, ino)
 
     # -- public: namespaces --------------------------------------------------------------
@@ -1379,9 +1396,20 @@ class Store:
             self._put_ns(t, rec)
             return self._info(t, rec)
 
-    def remove_namespace(self, name: str) -> None:
+    def remove_namespace(self, name: str, *, force: bool = False) -> None:
+        """Remove a namespace (a VM with its snapshots). A VM that others share from is
+        refused, naming them, unless `force`, which removes those shares first."""
         with self._write() as t:
             view = self._view_by_name(t, name)
+            dependants = self._shares_from(t, view.id) if view.kind == "vm" else []
+            if dependants and not force:
+                where = ", ".join(f"{rec['name']}:{sh['path']}" for rec, sh in dependants)
+                raise Busy(
+                    f"{name} is shared into {where}; remove those shares with `prism unshare`,"
+                    f" or remove {name} and its shares with `prism vm rm {name} --force`"
+                )
+            for rec, sh in dependants:
+                self._unshare(t, self._view(t, rec["id"]), sh)
             doomed = [view.record]
             if view.kind == "vm":
                 doomed += [
@@ -1411,9 +1439,14 @@ class Store:
             # snapshot continues volume 0's numbering from it; without it the clone restarted
             # at ROOT_INO + 1 and its new objects overwrote the snapshot's inodes.
             next_ino = self._get_meta(t, b"ino" + _NS_KEY.pack(view.id)) or ROOT_INO + 1
-            rec = self._make_ns(t, full, "snapshot", frozen, of=view.id, next_ino=next_ino)
+            mounts = view.record.get("shares", ())
+            top = self._new_layer(t, frozen, self._layer(t, frozen)) if mounts else frozen
+            rec = self._make_ns(t, full, "snapshot", top, of=view.id, next_ino=next_ino)
             nbytes, objects = self._usage_get(t, view)
             self._set_usage(t, rec["id"], nbytes, objects, True)
+            snap_view = self._view(t, rec["id"])
+            for share in mounts:
+                self._unmount(t, snap_view, share["at"][0], share["at"][1], share["name"].encode())
             return self._info(t, rec)
 
     def list_snapshots(self, name: str) -> list[NamespaceInfo]:
@@ -1433,12 +1466,15 @@ class Store:
             if view.kind != "vm":
                 raise InvalidArgument(f"{name!r} is not a VM")
             snapshot = self._view_by_name(t, f"{name}@{snap}")
-            view.record = dict(
-                view.record, top=self._new_layer(t, snapshot.top, self._layer(t, snapshot.top))
-            )
-            self._put_ns(t, view.record)
+            view.top = self._new_layer(t, snapshot.top, self._layer(t, snapshot.top))
+            view.record = dict(view.record, top=view.top)
             nbytes, objects = self._usage_get(t, snapshot)
             self._set_usage(t, view.id, nbytes, objects, True)
+            # Shares are the VM's, not its content's: each is mounted again at its place,
+            # and dropped when the rolled-back tree has no room for it there.
+            kept = [sh for sh in view.record.get("shares", ()) if self._remount(t, view, sh)]
+            view.record["shares"] = kept
+            self._put_ns(t, view.record)
             return self._info(t, view.record)
 
     def clone(
@@ -1447,10 +1483,15 @@ class Store:
         sources: list[CloneSource],
         *,
         into: bool = False,
+        replace: bool = False,
         clients: tuple[str, ...] | list[str] = (),
         quota: int | None = None,
     ) -> NamespaceInfo:
-        """Compose `new` from sources laid over each other; O(number of sources)."""
+        """Compose `new` from sources laid over each other; O(number of sources), plus one
+        walk of the result when it has a quota (which the result must fit in).
+
+        With `into`, the sources are laid over the existing VM `new`; a source whose
+        destination already exists there is refused unless `replace`."""
         if not sources:
             raise InvalidArgument("a clone needs at least one source")
         check_vm_name(new)
@@ -1469,10 +1510,13 @@ class Store:
                     frozen[sview.id] = self._freeze(t, sview)
                 layers.append((frozen[sview.id], sview))
             rest = list(zip(sources, layers, strict=True))
+            before = 0
             if into:
                 view = self._view_by_name(t, new)
                 if view.kind != "vm":
                     raise InvalidArgument(f"cannot clone into snapshot {new!r}")
+                if view.quota is not None:
+                    before = self._usage_get(t, view)[0]
             elif _is_whole(sources[0]):
                 layer, sview = layers[0]
                 top = self._new_layer(t, layer, self._layer(t, layer))
@@ -1483,6 +1527,9 @@ class Store:
                 nbytes, objects = self._usage_get(t, sview)
                 self._set_usage(t, rec["id"], nbytes, objects, True)
                 view = self._view(t, rec["id"])
+                for share in sview.record.get("shares", ()):
+                    pvol, pino = share["at"]
+                    self._unmount(t, view, pvol, pino, share["name"].encode())
                 rest = rest[1:]
             else:
                 top = self._new_layer(t, 0, None)
@@ -1493,31 +1540,152 @@ class Store:
                 self._set_usage(t, rec["id"], 0, 1, True)
                 view = self._view(t, rec["id"])
             for src, (layer, sview) in rest:
-                self._graft(t, view, src, layer, sview)
+                self._graft(t, view, src, layer, sview, replace=replace or not into)
             if rest:
                 self._set_usage(t, view.id, 0, 0, False)
+            if view.quota is not None:
+                after = self._usage_get(t, view)[0]
+                if after > view.quota:
+                    raise QuotaExceeded(
+                        f"{new} would hold {after} bytes, over its quota of {view.quota} bytes "
+                        f"(this clone needs {after - before} bytes, {after - view.quota} more "
+                        f"than the quota allows); raise it with `prism vm set {new} --quota "
+                        "SIZE` (nothing was changed)"
+                    )
             return self._info(t, view.record)
 
     def _graft(
-        self, t: lmdb.Transaction, view: _View, src: CloneSource, layer: int, sview: _View
+        self,
+        t: lmdb.Transaction,
+        view: _View,
+        src: CloneSource,
+        layer: int,
+        sview: _View,
+        *,
+        replace: bool,
     ) -> None:
         label = f"{sview.name}:{src.path}"
         source_view = _View(sview.id, sview.name, "snapshot", layer, True, None, sview.record)
         svol, sino, snode = self._resolve(t, source_view, src.path, label)
+        if svol >= SHARE_VOL_BASE:
+            raise InvalidArgument(
+                f"{label} is inside a share; compose from the VM it is shared from instead"
+            )
         vol_map = self._import(t, view, layer)
         target = (vol_map.get(svol, svol), sino, snode.type)
         if src.target == "/":
             if snode.type != FileType.DIR:
                 raise NotADirectory(f"{label} is not a directory and cannot become '/'")
             for entry in list(self._list(t, source_view, svol, sino, 0)):
+                if not replace:
+                    self._refuse_existing(t, view, 0, ROOT_INO, entry.name, "/", label)
                 moved = (vol_map.get(entry.oid.vol, entry.oid.vol), entry.oid.ino, entry.type)
+                if moved[0] >= SHARE_VOL_BASE:  # a share's mount point: an empty directory
+                    moved = (0, self._new_dir(t, view, 0, ROOT_INO), FileType.DIR)
                 self._place(t, view, 0, ROOT_INO, entry.name, moved)
+        else:
+            parent, _, leaf = src.target.rstrip("/").rpartition("/")
+            pvol, pino, pnode = self._resolve(
+                t, view, parent or "/", f"{view.name}:{parent or '/'}"
+            )
+            if pnode.type != FileType.DIR:
+                raise NotADirectory(f"{view.name}:{parent} is not a directory")
+            if not replace:
+                self._refuse_existing(t, view, pvol, pino, leaf.encode(), parent + "/", label)
+            self._place(t, view, pvol, pino, leaf.encode(), target)
+        # The source's shares mounted inside the subtree become empty directories here.
+        for share in sview.record.get("shares", ()):
+            avol, aino = share["at"]
+            if src.target == "/" and (avol, aino) == (svol, sino):
+                continue  # placed above
+            if self._below(t, source_view, (avol, aino), (svol, sino)):
+                self._unmount(t, view, vol_map.get(avol, avol), aino, share["name"].encode())
+
+    def _below(
+        self, t: lmdb.Transaction, view: _View, node: tuple[int, int], top: tuple[int, int]
+    ) -> bool:
+        """Whether directory `node` is `top` or inside it (walking '..' up; O(depth))."""
+        vol, ino = node
+        for _ in range(100000):
+            if (vol, ino) == top:
+                return True
+            found = self._inode(t, view, vol, ino)
+            if found is None or (vol, ino) == (0, ROOT_INO):
+                return False
+            vol, ino = found.parent_vol, found.parent_ino
+        return False
+
+    def _new_dir(self, t: lmdb.Transaction, view: _View, pvol: int, pino: int) -> int:
+        """A new empty directory object (root-owned, 0755) whose '..' is (pvol, pino); the
+        caller links it."""
+        ino = self._alloc_ino(t, view)
+        now = time.time_ns()
+        node = Inode(FileType.DIR, 0o755, 2, 0, 0, 0, 0, 0, now, now, now, pvol, pino)
+        self._put_inode(t, view, 0, ino, node)
+        self._usage_add(t, view, 0, 1)
+        return ino
+
+    def _unmount(self, t: lmdb.Transaction, view: _View, pvol: int, pino: int, name: bytes):
+        """Turn the share mount point `name` of directory (pvol, pino) into an empty
+        directory, in `view`'s top layer: what a snapshot, clone or repair shows where a
+        share was mounted (as a filesystem snapshot shows a mount point). The parent's link
+        count is unchanged (the share counted as a subdirectory)."""
+        entry = self._entry(t, view, pvol, pino, name)
+        if entry is None or entry[0] < SHARE_VOL_BASE:
             return
-        parent, _, leaf = src.target.rstrip("/").rpartition("/")
-        pvol, pino, pnode = self._resolve(t, view, parent or "/", f"{view.name}:{parent or '/'}")
-        if pnode.type != FileType.DIR:
-            raise NotADirectory(f"{view.name}:{parent} is not a directory")
-        self._place(t, view, pvol, pino, leaf.encode(), target)
+        ino = self._new_dir(t, view, pvol, pino)
+        self._put_entry(t, view, pvol, pino, name, (0, ino, FileType.DIR))
+
+    def _remount(self, t: lmdb.Transaction, view: _View, share: dict[str, Any]) -> bool:
+        """Mount `share` at its place again after the VM's tree changed under it (a
+        rollback): over nothing, an empty directory or a stale mount. False when its place
+        is gone or holds something else (the caller then drops the share)."""
+        pvol, pino = share["at"]
+        name = share["name"].encode()
+        pnode = self._inode(t, view, pvol, pino)
+        if pnode is None or pnode.type != FileType.DIR:
+            return False
+        target = (share["base"] + share["root"][0], share["root"][1], FileType.DIR)
+        entry = self._entry(t, view, pvol, pino, name)
+        if entry is not None and entry[:2] == target[:2]:
+            return True
+        if entry is None:
+            pnode.nlink += 1
+            self._put_inode(t, view, pvol, pino, pnode)
+        elif entry[0] < SHARE_VOL_BASE:
+            node = self._inode(t, view, entry[0], entry[1])
+            if node is not None:
+                if node.type != FileType.DIR or not self._is_empty_dir(t, view, *entry[:2]):
+                    return False
+                self._destroy(t, view, entry[0], entry[1], node)
+        self._put_entry(t, view, pvol, pino, name, target)
+        return True
+
+    def _shares_from(self, t: lmdb.Transaction, src: int) -> list[tuple[dict, dict]]:
+        """(destination namespace record, share) of every share whose source is `src`."""
+        out = []
+        for _, raw in t.cursor(db=self._ns):
+            rec = json.loads(bytes(raw))
+            out += [(rec, sh) for sh in rec.get("shares", ()) if sh["src"] == src]
+        return out
+
+    def _refuse_existing(
+        self,
+        t: lmdb.Transaction,
+        view: _View,
+        pvol: int,
+        pino: int,
+        name: bytes,
+        where: str,
+        label: str,
+    ) -> None:
+        """Refuse to lay `label` over an existing entry of an existing VM."""
+        if self._entry(t, view, pvol, pino, name) is not None:
+            path = f"{view.name}:{where.rstrip('/')}/{name.decode(errors='replace')}"
+            raise Exists(
+                f"{path} already exists; add --replace to replace it (and everything in it) "
+                f"with {label} (nothing was changed)"
+            )
 
     def _import(self, t: lmdb.Transaction, view: _View, layer: int) -> dict[int, int]:
         """Give every volume of frozen `layer` fresh volumes here (one import per graft).
@@ -1731,17 +1899,25 @@ class Store:
             share = next((sh for sh in shares if sh["path"] == norm), None)
             if share is None:
                 raise NotFound(f"no share at {dst}:{norm}; see `prism vm show {dst}`")
-            pvol, pino = share["at"]
-            self._drop_entry(t, dview, pvol, pino, share["name"].encode())
+            return self._info(t, self._unshare(t, dview, share))
+
+    def _unshare(self, t: lmdb.Transaction, dview: _View, share: dict[str, Any]) -> dict:
+        """Remove `share` and its mount point from `dview`; return the new record."""
+        pvol, pino = share["at"]
+        name = share["name"].encode()
+        entry = self._entry(t, dview, pvol, pino, name)
+        if entry is not None and entry[0] >= SHARE_VOL_BASE:
+            self._drop_entry(t, dview, pvol, pino, name)
             pnode = self._inode(t, dview, pvol, pino)
             if pnode is not None:
                 pnode.nlink -= 1
                 pnode.mtime_ns = pnode.ctime_ns = time.time_ns()
                 self._put_inode(t, dview, pvol, pino, pnode)
-            rec = dict(dview.record)
-            rec["shares"] = [sh for sh in shares if sh is not share]
-            self._put_ns(t, rec)
-            return self._info(t, rec)
+        rec = dict(dview.record)
+        rec["shares"] = [sh for sh in rec.get("shares", ()) if sh != share]
+        self._put_ns(t, rec)
+        dview.record = rec
+        return rec
 
     def usage(self, name: str) -> Usage:
         with self._write() as t:
@@ -2053,7 +2229,7 @@ class Store:
                 dnode.nlink += 1
             dnode.mtime_ns = dnode.ctime_ns = now
             self._put_inode(t, view, d.vol, d.ino, dnode)
-            self._usage_add(t, view, node.size if node_type == FileType.REG else 0, 1)
+            self._usage_add(t, view, _charged(node), 1)
             return self._attr(out.oid(0, ino), node)
 
     def create(
@@ -2351,6 +2527,12 @@ class Store:
 def _all_zero(data: bytes) -> bool:
     """Whether a chunk is all zeros (stored as a hole); memcmp stops at the first byte set."""
     return data == (ZEROS if len(data) == CHUNK_SIZE else bytes(len(data)))
+
+
+def _charged(node: Inode) -> int:
+    """The data bytes an object counts against its VM's quota: a file's size, a symlink's
+    target (both are bytes a VM stores)."""
+    return node.size if node.type in (FileType.REG, FileType.LNK) else 0
 
 
 def _ftype(value: int) -> FileType:
