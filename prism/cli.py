@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -484,6 +485,11 @@ def cmd_import(args: argparse.Namespace, store: Store) -> int:
         raise UsageError(f"{src} is not a directory; give the host directory to import")
     to = vm_path(args.to, "--to")
     _vm(store, args.vm, "import into a VM, then take a snapshot")
+
+    def terminated(signum: int, frame: Any) -> NoReturn:
+        raise KeyboardInterrupt  # unwinds the import, which discards what it staged
+
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         report = import_tree(
             store, args.vm, src, to, progress=sys.stderr.isatty() and not args.json
@@ -492,6 +498,15 @@ def cmd_import(args: argparse.Namespace, store: Store) -> int:
         raise UsageError(
             f"cannot read {exc.filename or src}: {exc.strerror or exc}; nothing was imported"
         ) from exc
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if report.skipped:
+        print(
+            f"prism: warning: skipped {len(report.skipped)} entries that changed while being "
+            f"imported (not copied): {', '.join(report.skipped[:20])}"
+            + (" ..." if len(report.skipped) > 20 else ""),
+            file=sys.stderr,
+        )
     _emit(
         args,
         vars(report),

@@ -14,7 +14,8 @@ them. `repair=True` fixes refcounts and counters, drops directory entries that p
 missing objects and turns chunk-map records that name missing or damaged chunks into holes
 (reported: that data is lost).
 
-gc, in one write transaction: drops layers no namespace reaches (releasing their chunk
+gc first discards what imports that died had staged (`Store.reap_stagings`), then, in
+one write transaction: drops layers no namespace reaches (releasing their chunk
 references), deletes zero-reference chunks, then compacts segments that are mostly garbage
 by copying their live chunks into a fresh segment (fdatasync before the commit that moves
 them) and deletes segment files no committed chunk names. Segments locked by a live writer
@@ -123,6 +124,12 @@ def _fsck(
     unreachable = set(layers) - reachable
     if unreachable:
         report.debris.append(f"{len(unreachable)} layers no namespace reaches (gc drops them)")
+    abandoned = [token for token in store._stagings() if store._staging_dead(token)]
+    if abandoned:
+        report.debris.append(
+            f"{len(abandoned)} trees staged by imports that died (gc or the next import "
+            "removes them)"
+        )
 
     say("counting chunk references")
     refs: Counter[bytes] = Counter()
@@ -312,6 +319,7 @@ def gc(store: Store, *, progress: Progress | None = None) -> GcReport:
     say = progress or (lambda _msg: None)
     if store.in_batch:
         store.commit()
+    say(f"discarded {store.reap_stagings()} trees staged by imports that died")
     locked: list[int] = []
     t = store._begin_write()
     try:

@@ -5,6 +5,7 @@ On-disk layout of a data directory::
     DATA/meta/data.mdb, lock.mdb   LMDB environment (all metadata, see the databases below)
     DATA/meta/journal              redo journal of a running server (`prism.store.journal`)
     DATA/segments/<id>.seg         chunk bytes, appended back to back (`prism.store.segments`)
+    DATA/staging/<token>.lock      flock'ed by the process building the import staged as token
 
 LMDB databases (keys and values are packed as in `prism.store.records`):
 
@@ -13,7 +14,8 @@ LMDB databases (keys and values are packed as in `prism.store.records`):
               b"ns_next" -> next namespace id; b"layer_next" -> next layer id;
               b"ino"+ns -> next inode number; b"stored_bytes", b"chunk_count" -> counters;
               b"usage_rev" -> what `usage` counts (USAGE_REV; older counters are marked
-              invalid on open, so they are re-measured)
+              invalid on open, so they are re-measured);
+              b"stage:"+token -> JSON {ns, ino}: an import being built (see below)
     ns        ns id u32 -> JSON {name, kind ("vm"|"snapshot"), top layer, clients, quota, of,
               shares}
     names     name -> ns id u32 ("web" for a VM, "web@monday" for its snapshot)
@@ -68,6 +70,13 @@ rollback keeps the VM's shares, mounted again where the rolled-back tree has roo
 others share from cannot be removed until those shares are (`remove_namespace(force=True)`
 removes them first); fsck repairs dangling mount points that older versions left.
 
+Staged imports. `prism import` builds its tree in a detached directory of the VM (inode
+`ino` of volume 0, linked from nowhere; `begin_staging` records it under b"stage:"+token),
+committing in bounded batches, then `publish_staging` links it at its destination in one
+transaction. The builder holds DATA/staging/<token>.lock; a staged tree whose lock is free
+belongs to a dead import and is debris, which the next import or gc removes
+(`reap_stagings`). Until then its objects count in the VM's usage, as they did when built.
+
 The journal (`prism.store.journal`, `DATA/meta/journal`). A store opened with `journal=True`
 (the server) makes a batch durable without committing it: `make_durable()` fdatasyncs the
 segment, then appends the key/value changes made since the last durable point to the journal
@@ -78,6 +87,7 @@ Whoever opens or writes the store after the journal's owner died replays its rec
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import heapq
 import ipaddress
 import json
@@ -169,6 +179,8 @@ volume v is seen as base + v (so fileids stay unique inside the namespace)."""
 SHARE_SLOTS = (0x10000 - SHARE_VOL_BASE) // SHARE_VOL_SPAN
 """Slots are handed out round-robin and never straight back: a handle into a removed share
 stays stale until SHARE_SLOTS more shares have been made in that VM."""
+STAGING_DIR = "staging"
+"""DATA/staging/<token>.lock: flock'ed by the process building the import staged as token."""
 VM_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 SNAP_NAME = VM_NAME
 ZEROS = bytes(CHUNK_SIZE)
@@ -177,6 +189,7 @@ _R, _W, _X = 4, 2, 1
 _NS_KEY = R.U32
 _JOURNAL_GEN = b"journal_gen"
 _USAGE_REV = b"usage_rev"
+_STAGE = b"stage:"
 USAGE_REV = 2
 """What the usage counters count: 2 = file sizes and symlink targets (1 left symlinks out)."""
 log = logging.getLogger("prism.store")
@@ -1918,6 +1931,181 @@ class Store:
         self._put_ns(t, rec)
         dview.record = rec
         return rec
+
+    # -- public: staged imports ----------------------------------------------------------
+
+    def begin_staging(self, vm: str) -> tuple[ObjectId, str, int]:
+        """A new detached directory of `vm` to build an import in, invisible to the VM's
+        tree until `publish_staging`: (its id, the staging token, the fd of the lock file
+        that the caller holds until it publishes or discards). What is built there counts
+        against the VM's quota as it is built."""
+        directory = self.path / STAGING_DIR
+        directory.mkdir(exist_ok=True)
+        token = secrets.token_hex(8)
+        lock = directory / f"{token}.lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with self._write() as t:
+                view = self._view_by_name(t, vm)
+                if view.kind != "vm":
+                    raise ReadOnly(f"{vm} is a read-only snapshot; import into a VM")
+                self._check_quota(t, view, 0)
+                ino = self._new_dir(t, view, 0, ROOT_INO)
+                marker = json.dumps({"ns": view.id, "ino": ino}).encode()
+                t.put(_STAGE + token.encode(), marker, db=self._meta)
+        except BaseException:
+            os.close(fd)
+            os.unlink(lock)
+            raise
+        return ObjectId(view.id, 0, ino), token, fd
+
+    def publish_staging(self, token: str, to: str) -> None:
+        """Lay the staged tree into its VM at absolute path `to`, in one transaction. A
+        missing `to` is made (like `mkdir -p`; O(depth)) and the staged directory becomes
+        it; an existing directory receives the staged directory's entries (one that exists
+        there is refused: nothing is overwritten) and its attributes, O(top-level entries)."""
+        with self._write() as t:
+            raw = t.get(_STAGE + token.encode(), db=self._meta)
+            if raw is None:
+                raise NotFound(f"no import staged as {token}")
+            marker = json.loads(bytes(raw))
+            view = self._view(t, marker["ns"])
+            staged = marker["ino"]
+            vol, ino = 0, ROOT_INO
+            parts = [p for p in to.split("/") if p]
+            while parts:
+                node = self._inode(t, view, vol, ino)
+                if node is None or node.type != FileType.DIR:
+                    raise NotADirectory(f"{view.name}:{to} is not a directory; pick another --to")
+                entry = self._entry(t, view, vol, ino, parts[0].encode())
+                if entry is None:
+                    break
+                if entry[0] >= SHARE_VOL_BASE:
+                    raise InvalidArgument(f"{view.name}:{to} is inside a share; import there")
+                vol, ino = entry[0], entry[1]
+                parts.pop(0)
+            dnode = self._inode(t, view, vol, ino)
+            if dnode is None or dnode.type != FileType.DIR:
+                raise NotADirectory(f"{view.name}:{to} is not a directory; pick another --to")
+            root = self._inode(t, view, 0, staged)
+            if root is None:
+                raise Stale(f"the import staged in {view.name} is gone (rolled back?)")
+            if parts:
+                for part in parts[:-1]:
+                    made = self._new_dir(t, view, vol, ino)
+                    self._place(t, view, vol, ino, part.encode(), (0, made, FileType.DIR))
+                    vol, ino = 0, made
+                self._place(t, view, vol, ino, parts[-1].encode(), (0, staged, FileType.DIR))
+            else:
+                for item in list(self._list(t, view, 0, staged, 0)):
+                    if self._entry(t, view, vol, ino, item.name) is not None:
+                        raise Exists(
+                            f"{view.name}:{to.rstrip('/')}/{item.name.decode(errors='replace')}"
+                            " already exists; import into an empty or new directory with --to "
+                            "/path (nothing was imported)"
+                        )
+                    target = (item.oid.vol, item.oid.ino, item.type)
+                    self._drop_entry(t, view, 0, staged, item.name)
+                    self._put_entry(t, view, vol, ino, item.name, target)
+                    if item.type == FileType.DIR:
+                        child = self._inode(t, view, item.oid.vol, item.oid.ino)
+                        assert child is not None
+                        child.parent_vol, child.parent_ino = vol, ino
+                        self._put_inode(t, view, item.oid.vol, item.oid.ino, child)
+                        dnode.nlink += 1
+                dnode.mode, dnode.uid, dnode.gid = root.mode, root.uid, root.gid
+                dnode.atime_ns, dnode.mtime_ns = root.atime_ns, root.mtime_ns
+                dnode.ctime_ns = time.time_ns()
+                self._put_inode(t, view, vol, ino, dnode)
+                self._destroy(t, view, 0, staged, root)
+            t.delete(_STAGE + token.encode(), db=self._meta)
+        self._unlock_staging(token)
+
+    def discard_staging(self, token: str, *, step: int = 2000) -> None:
+        """Remove a staged tree, committing every `step` removals (the writer lock is never
+        held long), then its marker. Dying half way leaves a smaller staged tree, which the
+        next `reap_stagings` removes."""
+        with self._read() as t:
+            raw = t.get(_STAGE + token.encode(), db=self._meta)
+        if raw is not None:
+            marker = json.loads(bytes(raw))
+            with contextlib.suppress(Stale):  # the VM was removed or rolled back meanwhile
+                self._empty_tree(ObjectId(marker["ns"], 0, marker["ino"]), step)
+            with self._write() as t:
+                view = self._view(t, marker["ns"]) if self._ns_record(t, marker["ns"]) else None
+                node = self._inode(t, view, 0, marker["ino"]) if view is not None else None
+                if view is not None and node is not None:
+                    self._destroy(t, view, 0, marker["ino"], node)
+                t.delete(_STAGE + token.encode(), db=self._meta)
+        self._unlock_staging(token)
+
+    def reap_stagings(self) -> int:
+        """Discard what imports that died had staged (their lock file is free); return how
+        many there were."""
+        dead = [token for token in self._stagings() if self._staging_dead(token)]
+        for token in dead:
+            self.discard_staging(token)
+        return len(dead)
+
+    def _stagings(self) -> list[str]:
+        with self._read() as t:
+            cur = t.cursor(db=self._meta)
+            out = []
+            if cur.set_range(_STAGE):
+                for key in cur.iternext(values=False):
+                    if not bytes(key).startswith(_STAGE):
+                        break
+                    out.append(bytes(key)[len(_STAGE) :].decode())
+            return out
+
+    def _staging_dead(self, token: str) -> bool:
+        """Whether no live process holds the staging's lock file."""
+        try:
+            fd = os.open(self.path / STAGING_DIR / f"{token}.lock", os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+        return True
+
+    def _unlock_staging(self, token: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path / STAGING_DIR / f"{token}.lock")
+
+    def _empty_tree(self, top: ObjectId, step: int) -> None:
+        """Remove everything below directory `top`, depth first, committing every `step`
+        removals."""
+        stack: list[tuple[ObjectId, ObjectId, bytes]] = [(top, top, b"")]
+        ops = 0
+        self.begin_batch()
+        try:
+            while stack:
+                here, parent, name = stack[-1]
+                entries, _ = self.readdir(here, limit=step)
+                subdirs = [(e.oid, here, e.name) for e in entries if e.type == FileType.DIR]
+                if subdirs:
+                    stack.extend(subdirs)
+                    continue
+                for e in entries:
+                    self.remove(here, e.name)
+                if not entries:
+                    stack.pop()
+                    if here != top:
+                        self.rmdir(parent, name)
+                ops += len(entries) or 1
+                if ops >= step:
+                    self.commit()
+                    self.begin_batch()
+                    ops = 0
+            self.commit()
+        except BaseException:
+            self.abort()
+            raise
 
     def usage(self, name: str) -> Usage:
         with self._write() as t:
