@@ -127,6 +127,10 @@ def test_vm_rm_refuses_while_shared_and_force_unshares(tmp_path: Path) -> None:
         assert "prism vm rm src --force" in err and "prism unshare" in err, err
         assert prism_json(data, "vm", "show", "dst") == before
         assert prism_json(data, "vm", "show", "src")["name"] == "src"
+        # replacing a directory that holds a share mount point would leave the share dangling
+        err = one_line_error(run_clone(data, "dst", "seed:/=/mnt", "--into", "--replace"))
+        assert "'pub' in dst is a share" in err and "prism unshare" in err, err
+        assert prism_json(data, "vm", "show", "dst") == before
 
         prism(data, "vm", "rm", "src", "--force")
         assert prism_json(data, "vm", "show", "dst")["shares"] == []

@@ -1782,6 +1782,11 @@ class Store:
                 continue
             if node.type == FileType.DIR:
                 for entry in list(self._list(t, view, vol, ino, 0)):
+                    if entry.oid.vol >= SHARE_VOL_BASE:  # its share would be left dangling
+                        raise NotPermitted(
+                            f"{entry.name.decode(errors='replace')!r} in {view.name} is a share "
+                            "inside what would be replaced; remove it with `prism unshare` first"
+                        )
                     self._drop_entry(t, view, vol, ino, entry.name)
                     stack.append((entry.oid.vol, entry.oid.ino))
                 self._destroy(t, view, vol, ino, node)
