@@ -71,17 +71,23 @@ def _same(st: os.stat_result, fst: os.stat_result) -> bool:
     )
 
 
+def _changed(exc: OSError) -> _Changed:
+    if exc.errno == errno.ELOOP:
+        return _Changed("became a symlink during the import")
+    return _Changed(f"changed during the import: {os.strerror(exc.errno or 0)}")
+
+
 def _open_verified(name: str, dir_fd: int, flags: int, st: os.stat_result) -> int:
     """Open `name` in `dir_fd` without following links; it must be the object `st` saw."""
     try:
         fd = os.open(name, flags, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno in _GONE:
-            raise _Changed(os.strerror(exc.errno)) from None
+            raise _changed(exc) from None
         raise
     try:
         if not _same(st, os.fstat(fd)):
-            raise _Changed("replaced by another object")
+            raise _Changed("replaced by another object during the import")
     except BaseException:
         os.close(fd)
         raise
@@ -188,7 +194,7 @@ class _Importer:
                 target = os.readlink(bname, dir_fd=dir_fd)
             except OSError as exc:
                 if exc.errno in _GONE:
-                    raise _Changed(os.strerror(exc.errno)) from None
+                    raise _changed(exc) from None
                 raise
             oid = self.store.symlink(dir_oid, bname, target).oid
             self.store.setattr(
