@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -371,7 +372,7 @@ def cmd_vm_set(args: argparse.Namespace, store: Store) -> int:
 
 def cmd_vm_rm(args: argparse.Namespace, store: Store) -> int:
     _vm(store, args.name, "use `prism snapshot rm VM SNAP`")
-    store.remove_namespace(args.name)
+    store.remove_namespace(args.name, force=args.force)
     _emit(args, {"removed": args.name}, f"removed VM {args.name} (run `prism gc` to reclaim space)")
     return 0
 
@@ -413,8 +414,15 @@ def cmd_snapshot_rm(args: argparse.Namespace, store: Store) -> int:
 
 
 def cmd_snapshot_rollback(args: argparse.Namespace, store: Store) -> int:
-    store.rollback(args.vm, args.snap)
-    _emit(args, {"rolled_back": args.vm, "to": args.snap}, f"rolled {args.vm} back to {args.snap}")
+    before = _vm(store, args.vm, "give the VM's name").shares
+    after = store.rollback(args.vm, args.snap).shares
+    dropped = [sh.path for sh in before if sh not in after]
+    data: dict[str, Any] = {"rolled_back": args.vm, "to": args.snap}
+    text = f"rolled {args.vm} back to {args.snap}"
+    if dropped:
+        data["removed_shares"] = dropped
+        text += f"; removed the shares at {', '.join(dropped)} (no room for them there now)"
+    _emit(args, data, text)
     return 0
 
 
@@ -513,6 +521,11 @@ def cmd_import(args: argparse.Namespace, store: Store) -> int:
         raise UsageError(f"{src} is not a directory; give the host directory to import")
     to = vm_path(args.to, "--to")
     _vm(store, args.vm, "import into a VM, then take a snapshot")
+
+    def terminated(signum: int, frame: Any) -> NoReturn:
+        raise KeyboardInterrupt  # unwinds the import, which discards what it staged
+
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         report = import_tree(
             store, args.vm, src, to, progress=sys.stderr.isatty() and not args.json
@@ -521,6 +534,15 @@ def cmd_import(args: argparse.Namespace, store: Store) -> int:
         raise UsageError(
             f"cannot read {exc.filename or src}: {exc.strerror or exc}; nothing was imported"
         ) from exc
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if report.skipped:
+        print(
+            f"prism: warning: skipped {len(report.skipped)} entries that changed while being "
+            f"imported (not copied): {', '.join(report.skipped[:20])}"
+            + (" ..." if len(report.skipped) > 20 else ""),
+            file=sys.stderr,
+        )
     _emit(
         args,
         vars(report),
@@ -540,10 +562,17 @@ def cmd_clone(args: argparse.Namespace, store: Store) -> int:
         raise UsageError(
             f"--client and --quota apply to a new VM; change {args.new} with `prism vm set`"
         )
+    if args.replace and not args.into:
+        raise UsageError("--replace applies to --into (laying sources over an existing VM)")
     start = time.perf_counter()
     try:
         info = store.clone(
-            args.new, sources, into=args.into, clients=args.client or [], quota=args.quota
+            args.new,
+            sources,
+            into=args.into,
+            replace=args.replace,
+            clients=args.client or [],
+            quota=args.quota,
         )
     except (NotFound, NotADirectory) as exc:
         if str(exc).startswith("no "):  # an unknown VM or snapshot: the message has a hint
@@ -722,6 +751,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = vm.add_parser("rm", help="remove a VM and its snapshots")
     _common(p)
     p.add_argument("name")
+    p.add_argument(
+        "--force", action="store_true", help="also remove the shares other VMs have of it"
+    )
     p.set_defaults(func=cmd_vm_rm)
 
     snap = sub.add_parser("snapshot", help="read-only snapshots").add_subparsers(
@@ -783,6 +815,11 @@ def build_clone_parser() -> argparse.ArgumentParser:
     p.add_argument("--client", action="append", metavar="CIDR")
     p.add_argument("--quota", type=_size_arg, default=None, metavar="SIZE")
     p.add_argument("--into", action="store_true", help="add to an existing VM")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="with --into: replace destinations that exist (their contents are removed)",
+    )
     p.set_defaults(func=cmd_clone)
     return p
 

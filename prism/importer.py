@@ -6,28 +6,35 @@ times are given to the destination (as `cp -a SRC/. DEST` does). The destination
 (like `mkdir -p`) when missing. Nothing that exists is overwritten: a name clash stops the
 import.
 
-Work is group-committed: operations run in one store batch that commits every
-COMMIT_EVERY_BYTES of content, COMMIT_EVERY_OPS operations or COMMIT_EVERY_SECONDS, so the
-import costs a handful of fsyncs rather than one per file, and holds the store's write lock
-(keeping a running server's writes waiting) only in short steps. A file is opened without
-blocking and must still be a regular file, so a FIFO swapped in cannot stall the import.
-All or nothing: if the import fails or is interrupted after some batches were committed,
-what it created (the destination, when the import made it, else each top-level entry it
-added) is removed again before the error is raised, so the VM is left as it was. On a
-terminal, progress (files, bytes, rate) is redrawn on one line.
+All or nothing. The tree is built in a detached directory of the VM that no path reaches
+(`Store.begin_staging`; it counts against the quota as it grows), group-committed in batches
+of COMMIT_EVERY_BYTES of content, COMMIT_EVERY_OPS operations or COMMIT_EVERY_SECONDS (a
+handful of fsyncs rather than one per file, and the store's write lock, which keeps a running
+server's writes waiting, is held only in short steps), then
+published at the destination in one small transaction (`Store.publish_staging`). Until then
+the VM's tree is untouched. An import that fails, or is interrupted (Ctrl-C, SIGTERM),
+discards what it staged; one that is killed outright leaves it as debris that the next
+import or `prism gc` removes (its lock file is free), so a rerun simply works.
+
+Only what was walked is copied. Every file is opened relative to its directory's file
+descriptor with O_NOFOLLOW|O_NONBLOCK, and its fstat must name the object (device, inode,
+type) that the walk's lstat saw: a file swapped for a symlink (to /etc/shadow, say) or for
+a FIFO, socket or device while the import runs is skipped and reported, never followed and
+never blocked on. On a terminal, progress (files, bytes, rate) is redrawn on one line.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from prism.errors import Exists, NotADirectory, NotFound, ReadOnly, StoreError
+from prism.errors import Exists, NotADirectory, NotFound, ReadOnly
 from prism.store import Store
 from prism.store.types import CHUNK_SIZE, FileType, ObjectId, SetAttr
 
@@ -35,6 +42,10 @@ COMMIT_EVERY_BYTES = 64 * 1024 * 1024
 COMMIT_EVERY_OPS = 2000
 COMMIT_EVERY_SECONDS = 0.5
 READ_SIZE = 16 * CHUNK_SIZE
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_GONE = (errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.EINVAL, errno.ENXIO)
+"""open/readlink errors meaning "the entry is no longer what the walk saw": skip it."""
 
 
 @dataclass
@@ -46,6 +57,43 @@ class ImportReport:
     specials: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    skipped: list[str] = field(default_factory=list)
+    """Entries that changed between the walk's lstat and their opening (not copied)."""
+
+
+class _Changed(Exception):
+    """A source entry is no longer the object the walk saw."""
+
+
+def _same(st: os.stat_result, fst: os.stat_result) -> bool:
+    return (st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode)) == (
+        fst.st_dev,
+        fst.st_ino,
+        stat.S_IFMT(fst.st_mode),
+    )
+
+
+def _changed(exc: OSError) -> _Changed:
+    if exc.errno == errno.ELOOP:
+        return _Changed("became a symlink during the import")
+    return _Changed(f"changed during the import: {os.strerror(exc.errno or 0)}")
+
+
+def _open_verified(name: str, dir_fd: int, flags: int, st: os.stat_result) -> int:
+    """Open `name` in `dir_fd` without following links; it must be the object `st` saw."""
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in _GONE:
+            raise _changed(exc) from None
+        raise
+    try:
+        if not _same(st, os.fstat(fd)):
+            raise _Changed("replaced by another object during the import")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class _Importer:
@@ -58,17 +106,7 @@ class _Importer:
         self.show = show_progress
         self.start = time.perf_counter()
         self.last_draw = 0.0
-        self.commits = 0
         self.batch_began = time.monotonic()
-        self.created: list[tuple[ObjectId, bytes]] = []
-        """What to remove to undo the import: (directory, name) of each top-level addition."""
-        self.track: ObjectId | None = None
-        """The directory whose new entries go into `created` (None: the import made it)."""
-
-    def _made(self, dir_oid: ObjectId, name: bytes) -> None:
-        """Record that `name` was just made in `dir_oid` (for undo)."""
-        if dir_oid == self.track:
-            self.created.append((dir_oid, name))
 
     def _tick(self, nbytes: int = 0) -> None:
         self.pending_bytes += nbytes
@@ -79,7 +117,6 @@ class _Importer:
             or time.monotonic() - self.batch_began >= COMMIT_EVERY_SECONDS
         ):
             self.store.commit()
-            self.commits += 1
             self.store.begin_batch()
             self.batch_began = time.monotonic()
             self.pending_bytes = self.pending_ops = 0
@@ -105,80 +142,69 @@ class _Importer:
             ),
         )
 
-    def make_dest(self, label: str, root: ObjectId, path: str) -> ObjectId:
-        """The directory at `path` (absolute, normalised), made like `mkdir -p` if missing."""
-        oid = root
-        here = ""
-        for part in [p for p in path.split("/") if p]:
-            here += "/" + part
-            name = os.fsencode(part)
-            try:
-                attr = self.store.lookup(oid, name)
-            except NotFound:
-                attr = self.store.mkdir(oid, name, 0o755)
-                if not self.created:
-                    self.created.append((oid, name))
-            if attr.type != FileType.DIR:
-                raise NotADirectory(f"{label}{here} is not a directory; pick another --to")
-            oid = attr.oid
-        return oid
-
-    def copy_dir(self, src: Path, dest: ObjectId, label: str) -> None:
-        """Copy the contents of host directory `src` into `dest` (named `label` in errors)."""
+    def copy_dir(self, src_fd: int, dest: ObjectId, label: str) -> None:
+        """Copy the contents of the host directory open as `src_fd` into `dest` (named
+        `label` in messages). Depth first: one open directory per level."""
         dirs_to_stamp: list[tuple[ObjectId, os.stat_result]] = []
-        if not self.created:  # else undo removes the destination, which the import made
-            self.track = dest
-        stack = [(src, dest, label)]
-        while stack:
-            host_dir, dir_oid, where = stack.pop()
-            with os.scandir(host_dir) as it:
-                entries = sorted(it, key=lambda e: e.name)
-            for entry in entries:
-                name = os.fsencode(entry.name)
-                st = entry.stat(follow_symlinks=False)
+        stack = [(src_fd, iter(sorted(os.listdir(src_fd))), dest, label)]
+        try:
+            while stack:
+                dir_fd, names, dir_oid, where = stack[-1]
+                name = next(names, None)
+                if name is None:
+                    if dir_fd != src_fd:
+                        os.close(dir_fd)
+                    stack.pop()
+                    continue
                 try:
-                    self._copy_entry(entry, name, st, dir_oid, where, dirs_to_stamp, stack)
-                except Exists:
-                    raise Exists(
-                        f"{where}{entry.name} already exists; import into an empty or new "
-                        "directory with --to /path (nothing was imported)"
-                    ) from None
+                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        sub_fd = _open_verified(name, dir_fd, _OPEN_DIR, st)
+                        try:
+                            listing = iter(sorted(os.listdir(sub_fd)))
+                            attr = self.store.mkdir(
+                                dir_oid, os.fsencode(name), stat.S_IMODE(st.st_mode)
+                            )
+                        except BaseException:
+                            os.close(sub_fd)
+                            raise
+                        self.report.dirs += 1
+                        dirs_to_stamp.append((attr.oid, st))
+                        stack.append((sub_fd, listing, attr.oid, f"{where}{name}/"))
+                        self._tick()
+                    else:
+                        self._copy_entry(dir_fd, name, st, dir_oid)
+                except FileNotFoundError:
+                    self.report.skipped.append(f"{where}{name} (removed during the import)")
+                except _Changed as exc:
+                    self.report.skipped.append(f"{where}{name} ({exc})")
+        finally:
+            for dir_fd, *_ in stack:
+                if dir_fd != src_fd:
+                    os.close(dir_fd)
         for oid, st in reversed(dirs_to_stamp):
             self._owner_times(oid, st)
 
-    def _copy_entry(
-        self,
-        entry: os.DirEntry[str],
-        name: bytes,
-        st: os.stat_result,
-        dir_oid: ObjectId,
-        where: str,
-        dirs_to_stamp: list[tuple[ObjectId, os.stat_result]],
-        stack: list[tuple[Path, ObjectId, str]],
-    ) -> None:
+    def _copy_entry(self, dir_fd: int, name: str, st: os.stat_result, dir_oid: ObjectId) -> None:
         mode = st.st_mode
-        if stat.S_ISDIR(mode):
-            attr = self.store.mkdir(dir_oid, name, stat.S_IMODE(mode))
-            self._made(dir_oid, name)
-            self.report.dirs += 1
-            dirs_to_stamp.append((attr.oid, st))
-            stack.append((Path(entry.path), attr.oid, f"{where}{entry.name}/"))
-            self._tick()
-            return
-        if st.st_nlink > 1 and not stat.S_ISDIR(mode):
+        bname = os.fsencode(name)
+        if st.st_nlink > 1:
             first = self.links.get((st.st_dev, st.st_ino))
             if first is not None:
-                self.store.link(first, dir_oid, name)
-                self._made(dir_oid, name)
+                self.store.link(first, dir_oid, bname)
                 self.report.hardlinks += 1
                 self._tick()
                 return
         if stat.S_ISREG(mode):
-            oid = self._copy_file(Path(entry.path), dir_oid, name, st)
+            oid = self._copy_file(dir_fd, name, dir_oid, st)
         elif stat.S_ISLNK(mode):
-            target = os.readlink(os.fsencode(entry.path))
-            oid = self.store.symlink(dir_oid, name, target).oid
-            self._made(dir_oid, name)
+            try:
+                target = os.readlink(bname, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno in _GONE:
+                    raise _changed(exc) from None
+                raise
+            oid = self.store.symlink(dir_oid, bname, target).oid
             self.store.setattr(
                 oid,
                 SetAttr(
@@ -201,73 +227,62 @@ class _Importer:
                 else FileType.BLK
             )
             rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
-            oid = self.store.mknod(dir_oid, name, kind, stat.S_IMODE(mode), rdev=rdev).oid
-            self._made(dir_oid, name)
+            oid = self.store.mknod(dir_oid, bname, kind, stat.S_IMODE(mode), rdev=rdev).oid
             self._owner_times(oid, st)
             self.report.specials += 1
             self._tick()
         if st.st_nlink > 1:
             self.links[(st.st_dev, st.st_ino)] = oid
 
-    def _copy_file(
-        self, path: Path, dir_oid: ObjectId, name: bytes, st: os.stat_result
-    ) -> ObjectId:
-        attr = self.store.create(dir_oid, name, stat.S_IMODE(st.st_mode), guarded=True)
-        self._made(dir_oid, name)
-        offset = 0
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-        now = os.fstat(fd)
-        if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-            os.close(fd)
-            raise OSError(errno.EAGAIN, "changed during the import; retry", str(path))
-        with open(fd, "rb", buffering=0) as f:
+    def _copy_file(self, dir_fd: int, name: str, dir_oid: ObjectId, st: os.stat_result) -> ObjectId:
+        fd = _open_verified(name, dir_fd, _OPEN_FILE, st)
+        try:
+            attr = self.store.create(
+                dir_oid, os.fsencode(name), stat.S_IMODE(st.st_mode), guarded=True
+            )
+            offset = 0
             while True:
-                data = f.read(READ_SIZE)
+                data = os.read(fd, READ_SIZE)
                 if not data:
                     break
                 self.store.write(attr.oid, offset, data)
                 offset += len(data)
                 self.report.bytes += len(data)
                 self._tick(len(data))
-        self._owner_times(attr.oid, st)
+            self._owner_times(attr.oid, st)
+        finally:
+            os.close(fd)
         self.report.files += 1
         self._tick()
         return attr.oid
 
-    def undo(self) -> None:
-        """Remove what committed batches of a failed import added (in one new batch)."""
-        self.store.begin_batch()
-        try:
-            for dir_oid, name in reversed(self.created):
-                _remove_tree(self.store, dir_oid, name)
-            self.store.commit()
-        except BaseException:
-            self.store.abort()
-            raise
 
-
-def _remove_tree(store: Store, dir_oid: ObjectId, name: bytes) -> None:
-    """Remove `name` in `dir_oid` and everything below it (depth first, no recursion)."""
-    stack = [(dir_oid, name, False)]
-    while stack:
-        parent, entry_name, emptied = stack.pop()
-        try:
-            attr = store.lookup(parent, entry_name)
-        except NotFound:
-            continue
-        if attr.type != FileType.DIR:
-            store.remove(parent, entry_name)
-        elif emptied:
-            store.rmdir(parent, entry_name)
-        else:
-            stack.append((parent, entry_name, True))
-            cookie = 0
-            while True:
-                entries, eof = store.readdir(attr.oid, cookie, limit=1000)
-                stack.extend((attr.oid, e.name, False) for e in entries)
-                if eof or not entries:
-                    break
-                cookie = entries[-1].cookie
+def _refuse_clashes(store: Store, vm: str, to: str, names: list[str]) -> None:
+    """Fail fast, before copying anything, when the import could not be published: `to`
+    is not a directory, or an entry to import exists there (checked again on publishing)."""
+    info = store.namespace(vm)
+    try:
+        attr = store.resolve(info.id, to)
+    except NotFound:
+        return
+    except NotADirectory:
+        raise NotADirectory(f"{vm}:{to} is not a directory; pick another --to") from None
+    if attr.type != FileType.DIR:
+        raise NotADirectory(f"{vm}:{to} is not a directory; pick another --to")
+    there: set[bytes] = set()
+    cookie, eof = 0, False
+    while not eof:
+        entries, eof = store.readdir(attr.oid, cookie, limit=1000)
+        there.update(e.name for e in entries)
+        if not entries:
+            break
+        cookie = entries[-1].cookie
+    for name in names:
+        if os.fsencode(name) in there:
+            raise Exists(
+                f"{vm}:{to.rstrip('/')}/{name} already exists; import into an empty or new "
+                "directory with --to /path (nothing was imported)"
+            )
 
 
 def import_tree(
@@ -277,28 +292,30 @@ def import_tree(
     info = store.namespace(vm)
     if info.readonly:
         raise ReadOnly(f"{vm} is a read-only snapshot; import into a VM")
-    src_stat = os.stat(src)
-    importer = _Importer(store, progress)
-    label = f"{vm}:{to.rstrip('/')}/"
-    store.begin_batch()
+    store.reap_stagings()
+    src_fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        dest = importer.make_dest(f"{vm}:", info.root, to)
-        importer.copy_dir(src, dest, label)
-        importer._owner_times(dest, src_stat)
-        store.commit()
-    except BaseException as exc:
-        store.abort()
-        if importer.commits:
-            try:
-                importer.undo()
-            except (StoreError, OSError) as undo_exc:
-                raise StoreError(
-                    f"import failed ({exc}) and what it had committed could not be removed "
-                    f"({undo_exc}); remove {label} entries it added over NFS"
-                ) from exc
-        raise
+        _refuse_clashes(store, vm, to, os.listdir(src_fd))
+        src_stat = os.fstat(src_fd)
+        importer = _Importer(store, progress)
+        label = f"{vm}:{to.rstrip('/')}/"
+        staged, token, lock_fd = store.begin_staging(vm)
+        try:
+            store.begin_batch()
+            importer.copy_dir(src_fd, staged, label)
+            importer._owner_times(staged, src_stat)
+            store.commit()
+            store.publish_staging(token, to)
+        except BaseException:
+            store.abort()
+            store.discard_staging(token)
+            raise
+        finally:
+            fcntl.flock(lock_fd, fcntl.LOCK_UN)
+            os.close(lock_fd)
+            if progress:
+                sys.stderr.write("\n")
     finally:
-        if progress:
-            sys.stderr.write("\n")
+        os.close(src_fd)
     importer.report.seconds = time.perf_counter() - importer.start
     return importer.report

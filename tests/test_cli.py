@@ -521,10 +521,10 @@ def test_prism_clone_composes_and_reports(data: Path, tmp_path: Path) -> None:
         assert store_view(store, "web2", "/etc/nginx") == want
         assert store_view(store, "web2", "/bin") == store_view(store, "base", "/bin")
 
-    # --into lays more on an existing VM; grafting the same source again is harmless
+    # --into lays more on an existing VM; laying a source over what exists needs --replace
     out = ok(run_clone(data, "web3", "base:/srv=/srv", "--into"))
     assert out.splitlines()[0].startswith("added to VM web3 (export /web3) in")
-    ok(run_clone(data, "web3", "base:/srv=/srv", "web:/etc", "--into"))
+    ok(run_clone(data, "web3", "base:/srv=/srv", "web:/etc", "--into", "--replace"))
     with Store.open(data) as store:
         assert store_view(store, "web3", "/srv") == store_view(store, "base", "/srv")
         assert _read(store, "web3", "/srv/data.bin").endswith(b"tail")
@@ -540,7 +540,9 @@ def test_clone_into_over_a_directory_releases_what_it_replaced(data: Path, tmp_p
     for vm, src in (("x", big), ("a", small)):
         prism(data, "vm", "create", vm)
         prism(data, "import", vm, str(src), "--to", "/d")
-    ok(run_clone(data, "x", "a:/d", "--into"))  # x's /d (and its 1 MiB blob) is replaced
+    ok(
+        run_clone(data, "x", "a:/d", "--into", "--replace")
+    )  # x's /d (and its 1 MiB blob) is replaced
     assert prism_json(data, "vm", "show", "x")["logical_bytes"] == len(b"small")
     prism(data, "gc")
     assert prism_json(data, "stats")["store"]["stored_bytes"] == len(b"small")

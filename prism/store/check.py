@@ -2,6 +2,8 @@
 
 fsck verifies, in one read-consistent pass:
   * every layer's parent and import sources exist;
+  * every share mount point is a live share of its namespace and every share is mounted
+    (`_check_shares`; repair turns dangling mount points into empty directories);
   * every chunk's refcount equals the number of chunk-map records (in existing layers) that
     name it, and the store's stored-bytes and chunk counters match the chunk index;
   * every referenced chunk exists in its segment with the right length and xxh3-128 hash;
@@ -12,7 +14,8 @@ them. `repair=True` fixes refcounts and counters, drops directory entries that p
 missing objects and turns chunk-map records that name missing or damaged chunks into holes
 (reported: that data is lost).
 
-gc, in one write transaction: drops layers no namespace reaches (releasing their chunk
+gc first discards what imports that died had staged (`Store.reap_stagings`), then, in
+one write transaction: drops layers no namespace reaches (releasing their chunk
 references), deletes zero-reference chunks, then compacts segments that are mostly garbage
 by copying their live chunks into a fresh segment (fdatasync before the commit that moves
 them) and deletes segment files no committed chunk names. Segments locked by a live writer
@@ -30,10 +33,10 @@ from dataclasses import dataclass, field
 import lmdb
 import xxhash
 
-from prism.errors import NoSpace
+from prism.errors import NoSpace, StoreError
 from prism.store import records as R
-from prism.store.store import SHARE_VOL_BASE, Store, _View
-from prism.store.types import ROOT_INO, FileType
+from prism.store.store import SHARE_VOL_BASE, SHARE_VOL_SPAN, Store, _View
+from prism.store.types import ROOT_INO, DirEntry, FileType
 
 COMPACT_BELOW = 0.5
 """Compact a segment when less than this fraction of its bytes is live."""
@@ -120,6 +123,12 @@ def _fsck(
     unreachable = set(layers) - reachable
     if unreachable:
         report.debris.append(f"{len(unreachable)} layers no namespace reaches (gc drops them)")
+    abandoned = [token for token in store._stagings() if store._staging_dead(token)]
+    if abandoned:
+        report.debris.append(
+            f"{len(abandoned)} trees staged by imports that died (gc or the next import "
+            "removes them)"
+        )
 
     say("counting chunk references")
     refs: Counter[bytes] = Counter()
@@ -169,6 +178,7 @@ def _fsck(
 
     say("walking namespaces")
     dangling: list[tuple[_View, int, int, bytes]] = []
+    mounts: list[tuple[_View, int, int, DirEntry]] = []
     for _, raw in t.cursor(db=store._ns):
         rec = json.loads(bytes(raw))
         if rec["top"] not in layers:
@@ -186,6 +196,9 @@ def _fsck(
             seen.add((vol, ino))
             report.checked_objects += 1
             for entry in store._list(t, view, vol, ino, 0):
+                if entry.oid.vol >= SHARE_VOL_BASE:
+                    mounts.append((view, vol, ino, entry))  # checked by `_check_shares`
+                    continue
                 node = store._inode(t, view, entry.oid.vol, entry.oid.ino)
                 if node is None:
                     report.errors.append(
@@ -195,6 +208,8 @@ def _fsck(
                     dangling.append((view, vol, ino, entry.name))
                 elif node.type == FileType.DIR and entry.oid.vol < SHARE_VOL_BASE:
                     stack.append((entry.oid.vol, entry.oid.ino))  # shares: checked at source
+
+    _check_shares(store, t, report, repair, mounts)
 
     on_disk = set(store.segments.list_ids())
     known = {R.U64.unpack(k)[0] for k, _ in t.cursor(db=store._segdb)}
@@ -228,11 +243,82 @@ def _fsck(
         t.put(counter, R.U64.pack(count), db=store._meta)
 
 
+def _check_shares(
+    store: Store,
+    t: lmdb.Transaction,
+    report: FsckReport,
+    repair: bool,
+    mounts: list[tuple[_View, int, int, DirEntry]],
+) -> None:
+    """Shares: every share mount point met in a namespace's tree (`mounts`: view, directory
+    volume and inode, entry) is a share that namespace lists, at that place, whose source VM
+    and directory exist; and every share a namespace lists is mounted. A dangling mount
+    point (left by older snapshots, clones or `vm rm`) is repaired into an empty directory
+    (in a new private top layer for a snapshot, whose top layer others share) and the
+    shares that are not mounted are dropped from their namespace."""
+    mounted: dict[int, set[int]] = {}
+    private: set[int] = set()  # snapshots given a private top layer by this repair
+    for view, dvol, dino, entry in mounts:
+        vol = entry.oid.vol
+        share = next(
+            (sh for sh in view.record.get("shares", ()) if 0 <= vol - sh["base"] < SHARE_VOL_SPAN),
+            None,
+        )
+        problem = None
+        if share is None:
+            problem = f"is a share mount point, but {view.name} has no such share"
+        elif (share["at"], share["name"].encode(), share["root"]) != (
+            [dvol, dino],
+            entry.name,
+            [vol - share["base"], entry.oid.ino],
+        ):
+            problem = "is a share mount point that does not match its share"
+        elif store._ns_record(t, share["src"]) is None:
+            problem = "is a share of a VM that was removed"
+        else:
+            try:
+                node = store._inode(t, view, vol, entry.oid.ino)
+            except StoreError:
+                node = None
+            if node is None or node.type != FileType.DIR:
+                problem = "is a share whose source directory is gone"
+        if problem is None and share is not None:
+            mounted.setdefault(view.id, set()).add(share["base"])
+            continue
+        report.errors.append(f"namespace {view.name}: {entry.name!r} in {dvol}:{dino} {problem}")
+        if repair:
+            if view.kind == "snapshot" and view.id not in private:
+                private.add(view.id)
+                view.top = store._new_layer(t, view.top, store._layer(t, view.top))
+                view.record = dict(view.record, top=view.top)
+                store._put_ns(t, view.record)
+            store._unmount(t, view, dvol, dino, entry.name)
+            report.repaired.append(
+                f"namespace {view.name}: {entry.name!r} in {dvol}:{dino} is an empty "
+                "directory instead of a dangling share"
+            )
+    for _, raw in t.cursor(db=store._ns):
+        rec = json.loads(bytes(raw))
+        shares = rec.get("shares", ())
+        kept = [sh for sh in shares if sh["base"] in mounted.get(rec["id"], ())]
+        for sh in shares:
+            if sh not in kept:
+                report.errors.append(
+                    f"namespace {rec['name']}: the share at {sh['path']} is not mounted there"
+                )
+        if repair and len(kept) != len(shares):
+            store._put_ns(t, dict(rec, shares=kept))
+            report.repaired.append(
+                f"namespace {rec['name']}: dropped {len(shares) - len(kept)} shares"
+            )
+
+
 def gc(store: Store, *, progress: Progress | None = None) -> GcReport:
     report = GcReport()
     say = progress or (lambda _msg: None)
     if store.in_batch:
         store.commit()
+    say(f"discarded {store.reap_stagings()} trees staged by imports that died")
     locked: list[int] = []
     t = store._begin_write()
     try:

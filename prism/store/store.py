@@ -6,16 +6,20 @@ the metadata holds the file-handle MAC key)::
     DATA/meta/data.mdb, lock.mdb   LMDB environment (all metadata, see the databases below)
     DATA/meta/journal              redo journal of a running server (`prism.store.journal`)
     DATA/segments/<id>.seg         chunk bytes, appended back to back (`prism.store.segments`)
+    DATA/staging/<token>.lock      flock'ed by the process building the import staged as token
 
 LMDB databases (keys and values are packed as in `prism.store.records`):
 
     meta      b"format" -> version; b"secret" -> 32 random bytes (file-handle MAC key);
               b"journal_gen" -> generation of the journal records not yet checkpointed;
               b"ns_next" -> next namespace id; b"layer_next" -> next layer id;
-              b"ino"+ns -> next inode number; b"stored_bytes", b"chunk_count" -> counters
+              b"ino"+ns -> next inode number; b"stored_bytes", b"chunk_count" -> counters;
+              b"usage_rev" -> what `usage` counts (USAGE_REV; older counters are marked
+              invalid on open, so they are re-measured);
+              b"stage:"+token -> JSON {ns, ino}: an import being built (see below)
     ns        ns id u32 -> JSON {name, kind ("vm"|"snapshot"), top layer, clients, quota, of,
-              and for a VM: secure, squash, anon_uid, anon_gid (`types.Export`; a record
-              written before these existed lacks them and means insecure, squash none,
+              shares, and for a VM: secure, squash, anon_uid, anon_gid (`types.Export`; a
+              record written before these existed lacks them and means insecure, squash none,
               the access it always had)}
     names     name -> ns id u32 ("web" for a VM, "web@monday" for its snapshot)
     layers    layer id u64 -> JSON {parent, vols, imports, next_vol, next_import}
@@ -24,7 +28,7 @@ LMDB databases (keys and values are packed as in `prism.store.records`):
     cmap      layer|vol|ino|chunk index -> chunk key|length|segment|offset, or b"" (hole)
     chunks    xxh3-128 hash|seq -> segment|offset|length|refcount
     segments  segment id -> appended bytes|live bytes
-    usage     ns id -> logical bytes|objects|valid
+    usage     ns id -> logical bytes (file sizes and symlink targets)|objects|valid
 
 Layers (copy-on-write and instant clone). A namespace's metadata is a chain of layers: its
 mutable *top* layer, then frozen ancestors. A read walks the chain top-down and takes the
@@ -70,6 +74,22 @@ removes and `fsck` reports. Group commit: `begin_batch()` runs many operations i
 transaction (each in a nested transaction, so a failing one changes nothing) that shares one
 fdatasync + one commit.
 
+Shares. A share is a live mount of another VM's directory: an entry of the destination's
+tree names a share volume (SHARE_VOL_BASE and up), routed through the destination's `shares`
+to the source VM's live namespace. A snapshot is a frozen view and a clone a copy, so neither
+carries shares: where a share was mounted they show an empty directory (made in their own
+top layer; a snapshot of a VM with shares gets a private top over the frozen layer). A
+rollback keeps the VM's shares, mounted again where the rolled-back tree has room. A VM that
+others share from cannot be removed until those shares are (`remove_namespace(force=True)`
+removes them first); fsck repairs dangling mount points that older versions left.
+
+Staged imports. `prism import` builds its tree in a detached directory of the VM (inode
+`ino` of volume 0, linked from nowhere; `begin_staging` records it under b"stage:"+token),
+committing in bounded batches, then `publish_staging` links it at its destination in one
+transaction. The builder holds DATA/staging/<token>.lock; a staged tree whose lock is free
+belongs to a dead import and is debris, which the next import or gc removes
+(`reap_stagings`). Until then its objects count in the VM's usage, as they did when built.
+
 The journal (`prism.store.journal`, `DATA/meta/journal`). A store opened with `journal=True`
 (the server) makes a batch durable without committing it: `make_durable()` fdatasyncs the
 segment, then appends the key/value changes made since the last durable point to the journal
@@ -99,6 +119,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import heapq
 import ipaddress
 import json
@@ -201,6 +222,8 @@ MAX_DEPTH = 100000
 SHARE_SLOTS = (0x10000 - SHARE_VOL_BASE) // SHARE_VOL_SPAN
 """Slots are handed out round-robin and never straight back: a handle into a removed share
 stays stale until SHARE_SLOTS more shares have been made in that VM."""
+STAGING_DIR = "staging"
+"""DATA/staging/<token>.lock: flock'ed by the process building the import staged as token."""
 VM_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 SNAP_NAME = VM_NAME
 ZEROS = bytes(CHUNK_SIZE)
@@ -208,6 +231,10 @@ ZEROS = bytes(CHUNK_SIZE)
 _R, _W, _X = 4, 2, 1
 _NS_KEY = R.U32
 _JOURNAL_GEN = b"journal_gen"
+_USAGE_REV = b"usage_rev"
+_STAGE = b"stage:"
+USAGE_REV = 2
+"""What the usage counters count: 2 = file sizes and symlink targets (1 left symlinks out)."""
 log = logging.getLogger("prism.store")
 
 
@@ -457,6 +484,11 @@ class Store:
                 t.put(b"secret", secrets.token_bytes(32), db=self._meta)
             elif R.U32.unpack(version)[0] != FORMAT_VERSION:
                 raise Corrupt(f"{root} holds a store of an unknown format version")
+            if self._get_meta(t, _USAGE_REV) != USAGE_REV:
+                # Counters kept under an older rule are re-measured on their next use.
+                for key, raw in list(t.cursor(db=self._usage)):
+                    t.put(key, R.USAGE_VAL.pack(*R.USAGE_VAL.unpack(raw)[:2], 0), db=self._usage)
+                t.put(_USAGE_REV, R.U64.pack(USAGE_REV), db=self._meta)
             self.secret: bytes = bytes(t.get(b"secret", db=self._meta) or b"")
 
     @classmethod
@@ -1255,9 +1287,8 @@ class Store:
             if node is None:
                 continue
             objects += 1
-            if node.type == FileType.REG:
-                nbytes += node.size
-            elif node.type == FileType.DIR:
+            nbytes += _charged(node)
+            if node.type == FileType.DIR:
                 stack.extend(
                     (e.oid.vol, e.oid.ino)
                     for e in self._list(t, view, vol, ino, 0)
@@ -1470,9 +1501,7 @@ class Store:
         """The last link is gone: release the object's own records."""
         if node.type == FileType.REG:
             self._truncate(t, view, vol, ino, node.size, 0)
-            self._usage_add(t, view, -node.size, -1)
-        else:
-            self._usage_add(t, view, 0, -1)
+        self._usage_add(t, view, -_charged(node), -1)
         self._drop_inode(t, view, vol, ino)
 
     # -- public: namespaces --------------------------------------------------------------
@@ -1641,9 +1670,20 @@ class Store:
             self._put_ns(t, rec)
             return self._info(t, rec)
 
-    def remove_namespace(self, name: str) -> None:
+    def remove_namespace(self, name: str, *, force: bool = False) -> None:
+        """Remove a namespace (a VM with its snapshots). A VM that others share from is
+        refused, naming them, unless `force`, which removes those shares first."""
         with self._write() as t:
             view = self._view_by_name(t, name)
+            dependants = self._shares_from(t, view.id) if view.kind == "vm" else []
+            if dependants and not force:
+                where = ", ".join(f"{rec['name']}:{sh['path']}" for rec, sh in dependants)
+                raise Busy(
+                    f"{name} is shared into {where}; remove those shares with `prism unshare`,"
+                    f" or remove {name} and its shares with `prism vm rm {name} --force`"
+                )
+            for rec, sh in dependants:
+                self._unshare(t, self._view(t, rec["id"]), sh)
             doomed = [view.record]
             if view.kind == "vm":
                 doomed += [
@@ -1673,9 +1713,14 @@ class Store:
             # snapshot continues volume 0's numbering from it; without it the clone restarted
             # at ROOT_INO + 1 and its new objects overwrote the snapshot's inodes.
             next_ino = self._get_meta(t, b"ino" + _NS_KEY.pack(view.id)) or ROOT_INO + 1
-            rec = self._make_ns(t, full, "snapshot", frozen, of=view.id, next_ino=next_ino)
+            mounts = view.record.get("shares", ())
+            top = self._new_layer(t, frozen, self._layer(t, frozen)) if mounts else frozen
+            rec = self._make_ns(t, full, "snapshot", top, of=view.id, next_ino=next_ino)
             nbytes, objects = self._usage_get(t, view)
             self._set_usage(t, rec["id"], nbytes, objects, True)
+            snap_view = self._view(t, rec["id"])
+            for share in mounts:
+                self._unmount(t, snap_view, share["at"][0], share["at"][1], share["name"].encode())
             return self._info(t, rec)
 
     def list_snapshots(self, name: str) -> list[NamespaceInfo]:
@@ -1695,12 +1740,15 @@ class Store:
             if view.kind != "vm":
                 raise InvalidArgument(f"{name!r} is not a VM")
             snapshot = self._view_by_name(t, f"{name}@{snap}")
-            view.record = dict(
-                view.record, top=self._new_layer(t, snapshot.top, self._layer(t, snapshot.top))
-            )
-            self._put_ns(t, view.record)
+            view.top = self._new_layer(t, snapshot.top, self._layer(t, snapshot.top))
+            view.record = dict(view.record, top=view.top)
             nbytes, objects = self._usage_get(t, snapshot)
             self._set_usage(t, view.id, nbytes, objects, True)
+            # Shares are the VM's, not its content's: each is mounted again at its place,
+            # and dropped when the rolled-back tree has no room for it there.
+            kept = [sh for sh in view.record.get("shares", ()) if self._remount(t, view, sh)]
+            view.record["shares"] = kept
+            self._put_ns(t, view.record)
             return self._info(t, view.record)
 
     def clone(
@@ -1709,10 +1757,15 @@ class Store:
         sources: list[CloneSource],
         *,
         into: bool = False,
+        replace: bool = False,
         clients: tuple[str, ...] | list[str] = (),
         quota: int | None = None,
     ) -> NamespaceInfo:
-        """Compose `new` from sources laid over each other; O(number of sources)."""
+        """Compose `new` from sources laid over each other; O(number of sources), plus one
+        walk of the result when it has a quota (which the result must fit in).
+
+        With `into`, the sources are laid over the existing VM `new`; a source whose
+        destination already exists there is refused unless `replace`."""
         if not sources:
             raise InvalidArgument("a clone needs at least one source")
         check_vm_name(new)
@@ -1731,10 +1784,13 @@ class Store:
                     frozen[sview.id] = self._freeze(t, sview)
                 layers.append((frozen[sview.id], sview))
             rest = list(zip(sources, layers, strict=True))
+            before = 0
             if into:
                 view = self._view_by_name(t, new)
                 if view.kind != "vm":
                     raise InvalidArgument(f"cannot clone into snapshot {new!r}")
+                if view.quota is not None:
+                    before = self._usage_get(t, view)[0]
             elif _is_whole(sources[0]):
                 layer, sview = layers[0]
                 top = self._new_layer(t, layer, self._layer(t, layer))
@@ -1745,6 +1801,9 @@ class Store:
                 nbytes, objects = self._usage_get(t, sview)
                 self._set_usage(t, rec["id"], nbytes, objects, True)
                 view = self._view(t, rec["id"])
+                for share in sview.record.get("shares", ()):
+                    pvol, pino = share["at"]
+                    self._unmount(t, view, pvol, pino, share["name"].encode())
                 rest = rest[1:]
             else:
                 top = self._new_layer(t, 0, None)
@@ -1755,31 +1814,152 @@ class Store:
                 self._set_usage(t, rec["id"], 0, 1, True)
                 view = self._view(t, rec["id"])
             for src, (layer, sview) in rest:
-                self._graft(t, view, src, layer, sview)
+                self._graft(t, view, src, layer, sview, replace=replace or not into)
             if rest:
                 self._set_usage(t, view.id, 0, 0, False)
+            if view.quota is not None:
+                after = self._usage_get(t, view)[0]
+                if after > view.quota:
+                    raise QuotaExceeded(
+                        f"{new} would hold {after} bytes, over its quota of {view.quota} bytes "
+                        f"(this clone needs {after - before} bytes, {after - view.quota} more "
+                        f"than the quota allows); raise it with `prism vm set {new} --quota "
+                        "SIZE` (nothing was changed)"
+                    )
             return self._info(t, view.record)
 
     def _graft(
-        self, t: lmdb.Transaction, view: _View, src: CloneSource, layer: int, sview: _View
+        self,
+        t: lmdb.Transaction,
+        view: _View,
+        src: CloneSource,
+        layer: int,
+        sview: _View,
+        *,
+        replace: bool,
     ) -> None:
         label = f"{sview.name}:{src.path}"
         source_view = _View(sview.id, sview.name, "snapshot", layer, True, None, sview.record)
         svol, sino, snode = self._resolve(t, source_view, src.path, label)
+        if svol >= SHARE_VOL_BASE:
+            raise InvalidArgument(
+                f"{label} is inside a share; compose from the VM it is shared from instead"
+            )
         vol_map = self._import(t, view, layer)
         target = (vol_map.get(svol, svol), sino, snode.type)
         if src.target == "/":
             if snode.type != FileType.DIR:
                 raise NotADirectory(f"{label} is not a directory and cannot become '/'")
             for entry in list(self._list(t, source_view, svol, sino, 0)):
+                if not replace:
+                    self._refuse_existing(t, view, 0, ROOT_INO, entry.name, "/", label)
                 moved = (vol_map.get(entry.oid.vol, entry.oid.vol), entry.oid.ino, entry.type)
+                if moved[0] >= SHARE_VOL_BASE:  # a share's mount point: an empty directory
+                    moved = (0, self._new_dir(t, view, 0, ROOT_INO), FileType.DIR)
                 self._place(t, view, 0, ROOT_INO, entry.name, moved)
+        else:
+            parent, _, leaf = src.target.rstrip("/").rpartition("/")
+            pvol, pino, pnode = self._resolve(
+                t, view, parent or "/", f"{view.name}:{parent or '/'}"
+            )
+            if pnode.type != FileType.DIR:
+                raise NotADirectory(f"{view.name}:{parent} is not a directory")
+            if not replace:
+                self._refuse_existing(t, view, pvol, pino, leaf.encode(), parent + "/", label)
+            self._place(t, view, pvol, pino, leaf.encode(), target)
+        # The source's shares mounted inside the subtree become empty directories here.
+        for share in sview.record.get("shares", ()):
+            avol, aino = share["at"]
+            if src.target == "/" and (avol, aino) == (svol, sino):
+                continue  # placed above
+            if self._below(t, source_view, (avol, aino), (svol, sino)):
+                self._unmount(t, view, vol_map.get(avol, avol), aino, share["name"].encode())
+
+    def _below(
+        self, t: lmdb.Transaction, view: _View, node: tuple[int, int], top: tuple[int, int]
+    ) -> bool:
+        """Whether directory `node` is `top` or inside it (walking '..' up; O(depth))."""
+        vol, ino = node
+        for _ in range(100000):
+            if (vol, ino) == top:
+                return True
+            found = self._inode(t, view, vol, ino)
+            if found is None or (vol, ino) == (0, ROOT_INO):
+                return False
+            vol, ino = found.parent_vol, found.parent_ino
+        return False
+
+    def _new_dir(self, t: lmdb.Transaction, view: _View, pvol: int, pino: int) -> int:
+        """A new empty directory object (root-owned, 0755) whose '..' is (pvol, pino); the
+        caller links it."""
+        ino = self._alloc_ino(t, view)
+        now = time.time_ns()
+        node = Inode(FileType.DIR, 0o755, 2, 0, 0, 0, 0, 0, now, now, now, pvol, pino)
+        self._put_inode(t, view, 0, ino, node)
+        self._usage_add(t, view, 0, 1)
+        return ino
+
+    def _unmount(self, t: lmdb.Transaction, view: _View, pvol: int, pino: int, name: bytes):
+        """Turn the share mount point `name` of directory (pvol, pino) into an empty
+        directory, in `view`'s top layer: what a snapshot, clone or repair shows where a
+        share was mounted (as a filesystem snapshot shows a mount point). The parent's link
+        count is unchanged (the share counted as a subdirectory)."""
+        entry = self._entry(t, view, pvol, pino, name)
+        if entry is None or entry[0] < SHARE_VOL_BASE:
             return
-        parent, _, leaf = src.target.rstrip("/").rpartition("/")
-        pvol, pino, pnode = self._resolve(t, view, parent or "/", f"{view.name}:{parent or '/'}")
-        if pnode.type != FileType.DIR:
-            raise NotADirectory(f"{view.name}:{parent} is not a directory")
-        self._place(t, view, pvol, pino, leaf.encode(), target)
+        ino = self._new_dir(t, view, pvol, pino)
+        self._put_entry(t, view, pvol, pino, name, (0, ino, FileType.DIR))
+
+    def _remount(self, t: lmdb.Transaction, view: _View, share: dict[str, Any]) -> bool:
+        """Mount `share` at its place again after the VM's tree changed under it (a
+        rollback): over nothing, an empty directory or a stale mount. False when its place
+        is gone or holds something else (the caller then drops the share)."""
+        pvol, pino = share["at"]
+        name = share["name"].encode()
+        pnode = self._inode(t, view, pvol, pino)
+        if pnode is None or pnode.type != FileType.DIR:
+            return False
+        target = (share["base"] + share["root"][0], share["root"][1], FileType.DIR)
+        entry = self._entry(t, view, pvol, pino, name)
+        if entry is not None and entry[:2] == target[:2]:
+            return True
+        if entry is None:
+            pnode.nlink += 1
+            self._put_inode(t, view, pvol, pino, pnode)
+        elif entry[0] < SHARE_VOL_BASE:
+            node = self._inode(t, view, entry[0], entry[1])
+            if node is not None:
+                if node.type != FileType.DIR or not self._is_empty_dir(t, view, *entry[:2]):
+                    return False
+                self._destroy(t, view, entry[0], entry[1], node)
+        self._put_entry(t, view, pvol, pino, name, target)
+        return True
+
+    def _shares_from(self, t: lmdb.Transaction, src: int) -> list[tuple[dict, dict]]:
+        """(destination namespace record, share) of every share whose source is `src`."""
+        out = []
+        for _, raw in t.cursor(db=self._ns):
+            rec = json.loads(bytes(raw))
+            out += [(rec, sh) for sh in rec.get("shares", ()) if sh["src"] == src]
+        return out
+
+    def _refuse_existing(
+        self,
+        t: lmdb.Transaction,
+        view: _View,
+        pvol: int,
+        pino: int,
+        name: bytes,
+        where: str,
+        label: str,
+    ) -> None:
+        """Refuse to lay `label` over an existing entry of an existing VM."""
+        if self._entry(t, view, pvol, pino, name) is not None:
+            path = f"{view.name}:{where.rstrip('/')}/{name.decode(errors='replace')}"
+            raise Exists(
+                f"{path} already exists; add --replace to replace it (and everything in it) "
+                f"with {label} (nothing was changed)"
+            )
 
     def _import(self, t: lmdb.Transaction, view: _View, layer: int) -> dict[int, int]:
         """Give every volume of frozen `layer` fresh volumes here (one import per graft).
@@ -1863,6 +2043,11 @@ class Store:
                 continue
             if node.type == FileType.DIR:
                 for entry in list(self._list(t, view, vol, ino, 0)):
+                    if entry.oid.vol >= SHARE_VOL_BASE:  # its share would be left dangling
+                        raise NotPermitted(
+                            f"{entry.name.decode(errors='replace')!r} in {view.name} is a share "
+                            "inside what would be replaced; remove it with `prism unshare` first"
+                        )
                     self._drop_entry(t, view, vol, ino, entry.name)
                     stack.append((entry.oid.vol, entry.oid.ino))
                 self._destroy(t, view, vol, ino, node)
@@ -1994,17 +2179,200 @@ class Store:
             share = next((sh for sh in shares if sh["path"] == norm), None)
             if share is None:
                 raise NotFound(f"no share at {dst}:{norm}; see `prism vm show {dst}`")
-            pvol, pino = share["at"]
-            self._drop_entry(t, dview, pvol, pino, share["name"].encode())
+            return self._info(t, self._unshare(t, dview, share))
+
+    def _unshare(self, t: lmdb.Transaction, dview: _View, share: dict[str, Any]) -> dict:
+        """Remove `share` and its mount point from `dview`; return the new record."""
+        pvol, pino = share["at"]
+        name = share["name"].encode()
+        entry = self._entry(t, dview, pvol, pino, name)
+        if entry is not None and entry[0] >= SHARE_VOL_BASE:
+            self._drop_entry(t, dview, pvol, pino, name)
             pnode = self._inode(t, dview, pvol, pino)
             if pnode is not None:
                 pnode.nlink -= 1
                 pnode.mtime_ns = pnode.ctime_ns = time.time_ns()
                 self._put_inode(t, dview, pvol, pino, pnode)
-            rec = dict(dview.record)
-            rec["shares"] = [sh for sh in shares if sh is not share]
-            self._put_ns(t, rec)
-            return self._info(t, rec)
+        rec = dict(dview.record)
+        rec["shares"] = [sh for sh in rec.get("shares", ()) if sh != share]
+        self._put_ns(t, rec)
+        dview.record = rec
+        return rec
+
+    # -- public: staged imports ----------------------------------------------------------
+
+    def begin_staging(self, vm: str) -> tuple[ObjectId, str, int]:
+        """A new detached directory of `vm` to build an import in, invisible to the VM's
+        tree until `publish_staging`: (its id, the staging token, the fd of the lock file
+        that the caller holds until it publishes or discards). What is built there counts
+        against the VM's quota as it is built."""
+        directory = self.path / STAGING_DIR
+        directory.mkdir(exist_ok=True)
+        token = secrets.token_hex(8)
+        lock = directory / f"{token}.lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with self._write() as t:
+                view = self._view_by_name(t, vm)
+                if view.kind != "vm":
+                    raise ReadOnly(f"{vm} is a read-only snapshot; import into a VM")
+                self._check_quota(t, view, 0)
+                ino = self._new_dir(t, view, 0, ROOT_INO)
+                marker = json.dumps({"ns": view.id, "ino": ino}).encode()
+                t.put(_STAGE + token.encode(), marker, db=self._meta)
+        except BaseException:
+            os.close(fd)
+            os.unlink(lock)
+            raise
+        return ObjectId(view.id, 0, ino), token, fd
+
+    def publish_staging(self, token: str, to: str) -> None:
+        """Lay the staged tree into its VM at absolute path `to`, in one transaction. A
+        missing `to` is made (like `mkdir -p`; O(depth)) and the staged directory becomes
+        it; an existing directory receives the staged directory's entries (one that exists
+        there is refused: nothing is overwritten) and its attributes, O(top-level entries)."""
+        with self._write() as t:
+            raw = t.get(_STAGE + token.encode(), db=self._meta)
+            if raw is None:
+                raise NotFound(f"no import staged as {token}")
+            marker = json.loads(bytes(raw))
+            view = self._view(t, marker["ns"])
+            staged = marker["ino"]
+            vol, ino = 0, ROOT_INO
+            parts = [p for p in to.split("/") if p]
+            while parts:
+                node = self._inode(t, view, vol, ino)
+                if node is None or node.type != FileType.DIR:
+                    raise NotADirectory(f"{view.name}:{to} is not a directory; pick another --to")
+                entry = self._entry(t, view, vol, ino, parts[0].encode())
+                if entry is None:
+                    break
+                if entry[0] >= SHARE_VOL_BASE:
+                    raise InvalidArgument(f"{view.name}:{to} is inside a share; import there")
+                vol, ino = entry[0], entry[1]
+                parts.pop(0)
+            dnode = self._inode(t, view, vol, ino)
+            if dnode is None or dnode.type != FileType.DIR:
+                raise NotADirectory(f"{view.name}:{to} is not a directory; pick another --to")
+            root = self._inode(t, view, 0, staged)
+            if root is None:
+                raise Stale(f"the import staged in {view.name} is gone (rolled back?)")
+            if parts:
+                for part in parts[:-1]:
+                    made = self._new_dir(t, view, vol, ino)
+                    self._place(t, view, vol, ino, part.encode(), (0, made, FileType.DIR))
+                    vol, ino = 0, made
+                self._place(t, view, vol, ino, parts[-1].encode(), (0, staged, FileType.DIR))
+            else:
+                for item in list(self._list(t, view, 0, staged, 0)):
+                    if self._entry(t, view, vol, ino, item.name) is not None:
+                        raise Exists(
+                            f"{view.name}:{to.rstrip('/')}/{item.name.decode(errors='replace')}"
+                            " already exists; import into an empty or new directory with --to "
+                            "/path (nothing was imported)"
+                        )
+                    target = (item.oid.vol, item.oid.ino, item.type)
+                    self._drop_entry(t, view, 0, staged, item.name)
+                    self._put_entry(t, view, vol, ino, item.name, target)
+                    if item.type == FileType.DIR:
+                        child = self._inode(t, view, item.oid.vol, item.oid.ino)
+                        assert child is not None
+                        child.parent_vol, child.parent_ino = vol, ino
+                        self._put_inode(t, view, item.oid.vol, item.oid.ino, child)
+                        dnode.nlink += 1
+                dnode.mode, dnode.uid, dnode.gid = root.mode, root.uid, root.gid
+                dnode.atime_ns, dnode.mtime_ns = root.atime_ns, root.mtime_ns
+                dnode.ctime_ns = time.time_ns()
+                self._put_inode(t, view, vol, ino, dnode)
+                self._destroy(t, view, 0, staged, root)
+            t.delete(_STAGE + token.encode(), db=self._meta)
+        self._unlock_staging(token)
+
+    def discard_staging(self, token: str, *, step: int = 2000) -> None:
+        """Remove a staged tree, committing every `step` removals (the writer lock is never
+        held long), then its marker. Dying half way leaves a smaller staged tree, which the
+        next `reap_stagings` removes."""
+        with self._read() as t:
+            raw = t.get(_STAGE + token.encode(), db=self._meta)
+        if raw is not None:
+            marker = json.loads(bytes(raw))
+            with contextlib.suppress(Stale):  # the VM was removed or rolled back meanwhile
+                self._empty_tree(ObjectId(marker["ns"], 0, marker["ino"]), step)
+            with self._write() as t:
+                view = self._view(t, marker["ns"]) if self._ns_record(t, marker["ns"]) else None
+                node = self._inode(t, view, 0, marker["ino"]) if view is not None else None
+                if view is not None and node is not None:
+                    self._destroy(t, view, 0, marker["ino"], node)
+                t.delete(_STAGE + token.encode(), db=self._meta)
+        self._unlock_staging(token)
+
+    def reap_stagings(self) -> int:
+        """Discard what imports that died had staged (their lock file is free); return how
+        many there were."""
+        dead = [token for token in self._stagings() if self._staging_dead(token)]
+        for token in dead:
+            self.discard_staging(token)
+        return len(dead)
+
+    def _stagings(self) -> list[str]:
+        with self._read() as t:
+            cur = t.cursor(db=self._meta)
+            out = []
+            if cur.set_range(_STAGE):
+                for key in cur.iternext(values=False):
+                    if not bytes(key).startswith(_STAGE):
+                        break
+                    out.append(bytes(key)[len(_STAGE) :].decode())
+            return out
+
+    def _staging_dead(self, token: str) -> bool:
+        """Whether no live process holds the staging's lock file."""
+        try:
+            fd = os.open(self.path / STAGING_DIR / f"{token}.lock", os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+        return True
+
+    def _unlock_staging(self, token: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path / STAGING_DIR / f"{token}.lock")
+
+    def _empty_tree(self, top: ObjectId, step: int) -> None:
+        """Remove everything below directory `top`, depth first, committing every `step`
+        removals."""
+        stack: list[tuple[ObjectId, ObjectId, bytes]] = [(top, top, b"")]
+        ops = 0
+        self.begin_batch()
+        try:
+            while stack:
+                here, parent, name = stack[-1]
+                entries, _ = self.readdir(here, limit=step)
+                subdirs = [(e.oid, here, e.name) for e in entries if e.type == FileType.DIR]
+                if subdirs:
+                    stack.extend(subdirs)
+                    continue
+                for e in entries:
+                    self.remove(here, e.name)
+                if not entries:
+                    stack.pop()
+                    if here != top:
+                        self.rmdir(parent, name)
+                ops += len(entries) or 1
+                if ops >= step:
+                    self.commit()
+                    self.begin_batch()
+                    ops = 0
+            self.commit()
+        except BaseException:
+            self.abort()
+            raise
 
     def usage(self, name: str) -> Usage:
         with self._write() as t:
@@ -2325,7 +2693,7 @@ class Store:
                 dnode.nlink += 1
             dnode.mtime_ns = dnode.ctime_ns = now
             self._put_inode(t, view, d.vol, d.ino, dnode)
-            self._usage_add(t, view, node.size if node_type == FileType.REG else 0, 1)
+            self._usage_add(t, view, _charged(node), 1)
             return self._attr(out.oid(0, ino), node)
 
     def create(
@@ -2664,6 +3032,12 @@ def _commit_error(exc: BaseException, root: Path) -> BaseException:
 def _all_zero(data: bytes) -> bool:
     """Whether a chunk is all zeros (stored as a hole); memcmp stops at the first byte set."""
     return data == (ZEROS if len(data) == CHUNK_SIZE else bytes(len(data)))
+
+
+def _charged(node: Inode) -> int:
+    """The data bytes an object counts against its VM's quota: a file's size, a symlink's
+    target (both are bytes a VM stores)."""
+    return node.size if node.type in (FileType.REG, FileType.LNK) else 0
 
 
 def _ftype(value: int) -> FileType:
