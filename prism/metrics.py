@@ -1,8 +1,9 @@
 """Prometheus text-format metrics for `prism serve --metrics ADDR:PORT`.
 
 A tiny HTTP/1.0 responder (GET /metrics only) on the server's event loop. Figures: per-VM
-logical bytes, objects and quota; store logical and stored bytes, dedup ratio and chunk
-count; and per-procedure RPC call counts, errors and latency sums from the dispatcher.
+logical bytes, objects and quota; store logical and stored bytes, dedup ratio, chunk count and
+reads refused because content failed its hash check; and per-procedure RPC call counts,
+errors and latency sums from the dispatcher.
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ def collect_store(store: Store) -> list[str]:
         ("prism_store_dedup_ratio", round(st.dedup_ratio, 4), "Logical / stored bytes."),
     ):
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]
+    name = "prism_store_damaged_reads_total"
+    lines += [
+        f"# HELP {name} Reads refused (NFS3ERR_IO) because content failed its hash check.",
+        f"# TYPE {name} counter",
+        f"{name} {store.damaged_reads}",
+    ]
     return lines
 
 

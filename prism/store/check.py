@@ -8,9 +8,13 @@ fsck verifies, in one read-consistent pass:
   * no namespace reaches a missing object (each directory entry resolves to an inode).
 Findings that a crash can legitimately leave (segment bytes no chunk names, layers no
 namespace reaches, zero-reference chunks) are reported as *debris*, not errors: `gc` removes
-them. `repair=True` fixes refcounts and counters, drops directory entries that point at
-missing objects and turns chunk-map records that name missing or damaged chunks into holes
-(reported: that data is lost).
+them. `repair=True` fixes refcounts and counters and drops directory entries that point at missing
+objects. A damaged or missing chunk is restored from another copy of the same content when
+one exists (another chunk record with the same hash whose bytes verify): the copy is appended
+to a segment and the chunk record and every chunk-map record naming the chunk move there.
+Damage is never turned into zeros: a chunk with no other copy stays referenced, so reads of
+it keep failing with EIO, and fsck lists every file (namespace:path) and byte range it
+spoils (`FsckReport.damaged`), in the same run.
 
 gc, in one write transaction: drops layers no namespace reaches (releasing their chunk
 references), deletes zero-reference chunks, then compacts segments that are mostly garbage
@@ -30,9 +34,10 @@ from dataclasses import dataclass, field
 import lmdb
 import xxhash
 
+from prism.errors import Corrupt
 from prism.store import records as R
 from prism.store.store import SHARE_VOL_BASE, Store, _View
-from prism.store.types import ROOT_INO, FileType
+from prism.store.types import CHUNK_SIZE, ROOT_INO, FileType, ObjectId
 
 COMPACT_BELOW = 0.5
 """Compact a segment when less than this fraction of its bytes is live."""
@@ -44,6 +49,8 @@ Progress = Callable[[str], None]
 class FsckReport:
     errors: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)
+    """Files (namespace:path and byte ranges) whose content is damaged with no other copy."""
     debris: list[str] = field(default_factory=list)
     checked_objects: int = 0
     checked_chunks: int = 0
@@ -80,6 +87,62 @@ def _reachable_layers(store: Store, t: lmdb.Transaction, layers: dict[int, dict]
             stack.append(rec["parent"])
         stack.extend(src[0] for src in rec["vols"].values())
     return seen
+
+
+def _good_copy(
+    store: Store, t: lmdb.Transaction, digest: bytes, damaged: dict[bytes, int]
+) -> bytes | None:
+    """The bytes of another chunk record with this content hash that still verifies."""
+    cur = t.cursor(db=store._chunks)
+    if not cur.set_range(digest):
+        return None
+    for key, value in cur:
+        if bytes(key[:16]) != digest:
+            break
+        if bytes(key) in damaged:
+            continue
+        segment, offset, length, _ = R.CHUNK_VAL.unpack(value)
+        try:
+            data = store.segments.read(segment, offset, length)
+        except Corrupt:
+            continue
+        if xxhash.xxh3_128_digest(data) == digest:
+            return data
+    return None
+
+
+def _note_append(store: Store, t: lmdb.Transaction, segment: int, offset: int, length: int):
+    """Account `length` live bytes appended at `offset` of `segment` in the segments db."""
+    seg_key = R.U64.pack(segment)
+    raw = t.get(seg_key, db=store._segdb)
+    appended, live = R.SEGMENT_VAL.unpack(raw) if raw else (0, 0)
+    t.put(
+        seg_key, R.SEGMENT_VAL.pack(max(appended, offset + length), live + length), db=store._segdb
+    )
+
+
+def _damaged_ranges(
+    store: Store, t: lmdb.Transaction, view: _View, oid: ObjectId, size: int, lost: set[bytes]
+) -> list[tuple[int, int]]:
+    """The byte ranges [lo, hi) of a file whose chunks are in `lost`."""
+    path = store._path(t, view.top, oid.vol)
+    out = []
+    for index in range(-(-size // CHUNK_SIZE)):
+        ref = store._chunk_at(t, path, oid.ino, index)
+        if ref is not None and ref.key in lost:
+            lo = index * CHUNK_SIZE
+            out.append((lo, min(size, lo + ref.length)))
+    return out
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
 
 
 def fsck(store: Store, *, repair: bool = False, progress: Progress | None = None) -> FsckReport:
@@ -136,7 +199,7 @@ def _fsck(
 
     say(f"verifying {len(refs)} referenced chunks")
     stored_bytes = chunk_count = 0
-    damaged: set[bytes] = set()
+    damaged: dict[bytes, int] = {}  # chunk key -> its correct refcount (bytes bad or missing)
     fixes: list[tuple[bytes, bytes]] = []
     for key, value in t.cursor(db=store._chunks):
         key = bytes(key)
@@ -154,47 +217,70 @@ def _fsck(
             data = store.segments.read(segment, offset, length)
         except Exception as exc:
             report.errors.append(f"chunk {key.hex()}: unreadable ({exc})")
-            damaged.add(key)
+            damaged[key] = want
             continue
         if xxhash.xxh3_128_digest(data) != key[:16]:
             report.errors.append(f"chunk {key.hex()}: content does not match its hash")
-            damaged.add(key)
+            damaged[key] = want
     for key, count in refs.items():
         report.errors.append(f"chunk {key.hex()}: {count} references but not in the index")
-        damaged.add(key)
+        damaged[key] = count
     if store._get_meta(t, b"stored_bytes") != stored_bytes:
         report.errors.append("stored-bytes counter is wrong")
     if store._get_meta(t, b"chunk_count") != chunk_count:
         report.errors.append("chunk counter is wrong")
+    copies = {key: _good_copy(store, t, key[:16], damaged) for key in damaged}
+    lost = {key for key, data in copies.items() if data is None}
+    for key in damaged.keys() - lost:
+        if not repair:
+            report.errors.append(
+                f"chunk {key.hex()}: another chunk holds the same content; "
+                "`prism fsck --repair` restores it from there"
+            )
 
     say("walking namespaces")
     dangling: list[tuple[_View, int, int, bytes]] = []
+    hurt: dict[tuple[str, str], list[tuple[int, int]]] = {}  # (namespace, path) -> ranges
     for _, raw in t.cursor(db=store._ns):
         rec = json.loads(bytes(raw))
         if rec["top"] not in layers:
             continue
         view = store._view(t, rec["id"])
         seen: set[tuple[int, int]] = set()
-        stack = [(0, ROOT_INO)]
+        stack = [(0, ROOT_INO, "")]
         if store._inode(t, view, 0, ROOT_INO) is None:
             report.errors.append(f"namespace {view.name}: root directory is missing")
             continue
         while stack:
-            vol, ino = stack.pop()
+            vol, ino, where = stack.pop()
             if (vol, ino) in seen:
                 continue
             seen.add((vol, ino))
             report.checked_objects += 1
             for entry in store._list(t, view, vol, ino, 0):
                 node = store._inode(t, view, entry.oid.vol, entry.oid.ino)
+                path = f"{where}/{entry.name.decode(errors='replace')}"
                 if node is None:
                     report.errors.append(
                         f"namespace {view.name}: entry {entry.name!r} in directory "
                         f"{vol}:{ino} points at a missing object"
                     )
                     dangling.append((view, vol, ino, entry.name))
-                elif node.type == FileType.DIR and entry.oid.vol < SHARE_VOL_BASE:
-                    stack.append((entry.oid.vol, entry.oid.ino))  # shares: checked at source
+                elif entry.oid.vol >= SHARE_VOL_BASE:
+                    continue  # shares: checked at their source
+                elif node.type == FileType.DIR:
+                    stack.append((entry.oid.vol, entry.oid.ino, path))
+                elif node.type == FileType.REG and lost:
+                    ranges = _damaged_ranges(store, t, view, entry.oid, node.size, lost)
+                    if ranges:
+                        hurt.setdefault((view.name, path), []).extend(ranges)
+    for (ns_name, path), ranges in sorted(hurt.items()):
+        spans = ", ".join(f"{lo}-{hi - 1}" for lo, hi in _merged(ranges))
+        report.damaged.append(f"{ns_name}:{path} bytes {spans}")
+        report.errors.append(
+            f"{report.damaged[-1]}: damaged, and no other copy exists; reads of those bytes "
+            "fail with EIO until they are rewritten (restore the file from a backup)"
+        )
 
     on_disk = set(store.segments.list_ids())
     known = {R.U64.unpack(k)[0] for k, _ in t.cursor(db=store._segdb)}
@@ -210,15 +296,34 @@ def _fsck(
         report.repaired.append(f"fixed {len(fixes)} chunk refcounts")
     for key in bad_cmap:
         t.delete(key, db=store._cmap)
-    if damaged:
-        lost = 0
-        for key, value in list(t.cursor(db=store._cmap)):
-            if value and R.CHUNK_KEY.pack(*R.CMAP_VAL.unpack(value)[:2]) in damaged:
-                t.put(bytes(key), R.WHITEOUT, db=store._cmap)
-                lost += 1
+    moved: dict[bytes, tuple[int, int]] = {}
+    for key, copy in copies.items():
+        if copy is None:
+            continue
+        segment, offset = store.segments.append(copy)
+        _note_append(store, t, segment, offset, len(copy))
+        if t.get(key, db=store._chunks) is None:
+            stored_bytes += len(copy)
+            chunk_count += 1
+        t.put(key, R.CHUNK_VAL.pack(segment, offset, len(copy), damaged[key]), db=store._chunks)
+        moved[key] = (segment, offset)
+    if moved:
+        updates = []
+        for key, value in t.cursor(db=store._cmap):
+            if value:
+                digest, seq, length, _, _ = R.CMAP_VAL.unpack(value)
+                target = moved.get(R.CHUNK_KEY.pack(digest, seq))
+                if target is not None:
+                    updates.append((bytes(key), R.CMAP_VAL.pack(digest, seq, length, *target)))
+        for key, value in updates:
+            t.put(key, value, db=store._cmap)
         report.repaired.append(
-            f"turned {lost} references to {len(damaged)} missing or damaged chunks into holes "
-            "(that data is lost)"
+            f"restored {len(moved)} damaged or missing chunks from other copies of their content"
+        )
+    if lost:
+        report.repaired.append(
+            f"left {len(lost)} damaged chunks with no other copy in place, so that reads of "
+            f"them keep failing with EIO (not zeros) in: {'; '.join(report.damaged)}"
         )
     for view, vol, ino, name in dangling:
         t.put(R.dirent_key(view.top, vol, ino, name), R.WHITEOUT, db=store._dirents)

@@ -116,7 +116,7 @@ from prism.store.journal import (
     encode_changes,
 )
 from prism.store.records import Inode
-from prism.store.segments import SegmentFiles
+from prism.store.segments import DamagedChunk, SegmentFiles
 from prism.store.types import (
     ACCESS_DELETE,
     ACCESS_EXECUTE,
@@ -321,6 +321,9 @@ class Store:
         self._layer_cache: dict[bytes, dict[str, Any]] = {}
         self._import_maps: dict[tuple[int, int], dict[int, int]] = {}
         self.boot_id = secrets.randbits(63) | 1
+        self.damaged_reads = 0
+        """Reads refused because content failed its hash check (since this process began)."""
+        self._damage_logged: set[bytes] = set()
         self._dbs = (
             self._meta,
             self._ns,
@@ -1104,10 +1107,41 @@ class Store:
                 return _chunk_ref(raw) if raw else None
         return None
 
-    def _chunk_bytes(self, ref: _ChunkRef | None) -> bytes:
+    def _chunk_bytes(
+        self, ref: _ChunkRef | None, view: _View, vol: int, ino: int, index: int
+    ) -> bytes:
+        """Chunk `index` of the file, verified (b"" for a hole)."""
         if ref is None:
             return b""
-        return self.segments.read(ref.segment, ref.offset, ref.length)
+        return self._read_run(view, vol, ino, index, [ref])
+
+    def _read_run(
+        self, view: _View, vol: int, ino: int, first: int, refs: list[_ChunkRef]
+    ) -> bytes:
+        """Whole chunks `first`, `first`+1... of a file, adjacent in one segment, read in one
+        pread and each verified against its hash. Damage raises Corrupt, after it is counted
+        in `damaged_reads` and logged once per chunk with the file and byte range."""
+        try:
+            return self.segments.read_chunks(
+                refs[0].segment, refs[0].offset, [(r.length, r.key[:16]) for r in refs]
+            )
+        except DamagedChunk as exc:
+            ref = refs[exc.position]
+            lo = (first + exc.position) * CHUNK_SIZE
+            where = (
+                f"{view.name}: file {ObjectId(view.id, vol, ino).fileid}, "
+                f"bytes {lo}-{lo + ref.length - 1} (chunk {ref.key.hex()})"
+            )
+            self.damaged_reads += 1
+            if ref.key not in self._damage_logged:
+                if len(self._damage_logged) > 4096:
+                    self._damage_logged.clear()
+                self._damage_logged.add(ref.key)
+                log.error("damaged content in %s: %s; reads of it fail with EIO", where, exc)
+            raise Corrupt(
+                f"damaged content in {where}; run `prism fsck --repair` to restore it "
+                "from another copy or list the damaged files"
+            ) from None
 
     def _set_chunk(
         self,
@@ -1143,9 +1177,22 @@ class Store:
     def _read_range(
         self, t: lmdb.Transaction, view: _View, vol: int, ino: int, start: int, end: int
     ) -> bytes:
+        """Bytes [start, end) of a file: holes and the tails of short chunks read as zeros;
+        stored chunks are fetched whole (one pread per run of chunks adjacent in a segment)
+        and verified once per fetch, then the wanted bytes are sliced out."""
         path = self._path(t, view.top, vol)
-        parts: list[bytes] = []
-        run_seg = run_off = run_len = 0
+        parts: list[bytes | memoryview] = []
+        run: list[_ChunkRef] = []  # chunks adjacent in one segment, wanted end to end
+        run_first = run_lo = run_len = 0  # run's first chunk index; wanted bytes in the run
+
+        def flush() -> None:
+            data = self._read_run(view, vol, ino, run_first, run)
+            if run_lo == 0 and run_len == len(data):
+                parts.append(data)
+            else:
+                parts.append(memoryview(data)[run_lo : run_lo + run_len])
+            run.clear()
+
         for index in range(start // CHUNK_SIZE, (end - 1) // CHUNK_SIZE + 1):
             base = index * CHUNK_SIZE
             lo = max(start, base) - base
@@ -1153,21 +1200,30 @@ class Store:
             ref = self._chunk_at(t, path, ino, index)
             have = min(hi, ref.length) if ref is not None else 0
             if ref is not None and lo < have:
-                offset = ref.offset + lo
-                if run_len and run_seg == ref.segment and run_off + run_len == offset:
-                    run_len += have - lo
+                last = run[-1] if run else None
+                if (
+                    last is not None
+                    and lo == 0
+                    and last.segment == ref.segment
+                    and last.offset + last.length == ref.offset
+                    and run_lo + run_len == ref.offset - run[0].offset
+                ):
+                    run.append(ref)
+                    run_len += have
                 else:
-                    if run_len:
-                        parts.append(self.segments.read(run_seg, run_off, run_len))
-                    run_seg, run_off, run_len = ref.segment, offset, have - lo
+                    if run:
+                        flush()
+                    run.append(ref)
+                    run_first, run_lo, run_len = index, lo, have - lo
             if hi > max(lo, have):
-                if run_len:
-                    parts.append(self.segments.read(run_seg, run_off, run_len))
-                    run_len = 0
+                if run:
+                    flush()
                 parts.append(ZEROS[: hi - max(lo, have)])
-        if run_len:
-            parts.append(self.segments.read(run_seg, run_off, run_len))
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        if run:
+            flush()
+        if len(parts) == 1:
+            return parts[0] if isinstance(parts[0], bytes) else bytes(parts[0])
+        return b"".join(parts)
 
     def _write_range(
         self,
@@ -1191,7 +1247,7 @@ class Store:
             if lo == base and hi - base == clen:
                 content = bytes(piece)
             else:
-                old = self._chunk_bytes(self._chunk_at(t, path, ino, index))
+                old = self._chunk_bytes(self._chunk_at(t, path, ino, index), view, vol, ino, index)
                 buf = bytearray(clen)
                 buf[: min(len(old), clen)] = old[:clen]
                 buf[lo - base : hi - base] = piece
@@ -1206,7 +1262,7 @@ class Store:
         path = self._path(t, view.top, vol)
         if new_size % CHUNK_SIZE:
             index = new_size // CHUNK_SIZE
-            old = self._chunk_bytes(self._chunk_at(t, path, ino, index))
+            old = self._chunk_bytes(self._chunk_at(t, path, ino, index), view, vol, ino, index)
             keep = new_size % CHUNK_SIZE
             if len(old) > keep:
                 self._set_chunk(t, view.top, path, vol, ino, index, old[:keep])
