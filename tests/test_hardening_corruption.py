@@ -9,22 +9,46 @@ real files), damages real bytes on disk, and checks what a client and `prism fsc
   rather than folding the damage into a fresh chunk. `fsck --repair` restores a damaged chunk
   from another copy of its content and lists the files and ranges it cannot restore, in one
   run, leaving them failing with EIO (never zeros).
+* item 15: random bytes flipped in the records of a closed store's `data.mdb` are each
+  reported by `fsck`, and a server on the damaged store answers every MNT, GETATTR, LOOKUP,
+  READDIRPLUS and READ either exactly as before the damage or with an I/O error, never with
+  wrong data (a listing short of entries, a changed name, NOENT for something that exists).
+  Records lost with a damaged B-tree page are simulated by deleting them: fsck finds the
+  loss through the counts it can derive, MNT answers MNT3ERR_IO rather than NOENT for a VM
+  whose name record is gone, and `fsck --repair` rebuilds the names index. A format-1 store
+  (values without seals) is upgraded when opened and keeps its data.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import re
 import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import lmdb
 import pytest
 
-from prism.nfs.const import NfsStat3
+from prism.nfs.client import MountClient, NfsClient, NfsError
+from prism.nfs.const import FileType, MountStat3, NfsStat3
+from prism.nfs.types import Fattr3, NfsFh3, Sattr3
 from prism.store import Store
-from tests.op_helpers import PrismServe, nfs_mkdirs, nfs_put, prism, run_prism
+from prism.store.sealed import SEAL
+from prism.store.store import DB_NAMES
+from tests.op_helpers import (
+    PrismServe,
+    clone_command,
+    env,
+    nfs_mkdirs,
+    nfs_put,
+    prism,
+    run_prism,
+)
 
 CHUNK = 128 * 1024
 METRICS_PORT = re.compile(r"^prism: ready: .* metrics :(?P<port>\d+)\s*$")
@@ -85,7 +109,6 @@ def test_read_of_a_damaged_chunk_answers_io_logs_once_and_counts(small_fs: Path)
         with client:
             nfs_mkdirs(client, root, "dir")
             fh = nfs_put(client, root, "dir/f", a + b + c)
-            assert client.read(fh, CHUNK, CHUNK).data == b
             flip_in_segments(data, b, 1000)  # bit rot under the running server
 
             assert damaged_reads_metric(server) == 0
@@ -153,3 +176,249 @@ def test_fsck_repair_restores_from_a_copy_and_lists_what_it_cannot(small_fs: Pat
     assert after.returncode == 1
     assert "alpha:/dir/first" not in after.stdout
     assert "alpha:/second bytes 131072-132071" in after.stdout
+
+
+# -- item 15: metadata records -----------------------------------------------------------
+
+IO = "NFS3ERR_IO"
+
+
+def _attrs(a: Fattr3 | None) -> Any:
+    assert a is not None
+    return (a.type, a.mode, a.nlink, a.uid, a.gid, a.size, a.fileid, a.mtime, a.ctime)
+
+
+def observe(c: NfsClient, root: NfsFh3, before: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything a client can see of a tree: path#attr (GETATTR), path#list (READDIRPLUS
+    names and attributes), path#lookup (LOOKUP of each name), path#data (READ). Failures are
+    recorded as the status's name. With `before`, the names to LOOKUP come from it, so a
+    listing that fails or comes back short does not hide what must still be found."""
+    out: dict[str, Any] = {}
+
+    def visit(path: str, fh: NfsFh3) -> None:
+        res = c.getattr(fh)
+        out[path + "#attr"] = _attrs(res.obj_attributes) if res.ok else res.status.name
+        if not res.ok:
+            return
+        assert res.obj_attributes is not None
+        kind = res.obj_attributes.type
+        if kind == FileType.DIR:
+            try:
+                listing: Any = sorted(
+                    (e.name, _attrs(e.name_attributes))
+                    for e in c.listdir(fh)
+                    if e.name not in (b".", b"..")
+                )
+            except NfsError as exc:
+                listing = exc.status.name
+            out[path + "#list"] = listing
+            known = before.get(path + "#list") if before is not None else listing
+            for name, _ in known if isinstance(known, list) else []:
+                child = f"{path}/{name.decode()}"
+                found = c.lookup(fh, name)
+                out[child + "#lookup"] = (
+                    _attrs(found.obj_attributes) if found.ok else found.status.name
+                )
+                if found.ok and found.object is not None:
+                    visit(child, found.object)
+        elif kind == FileType.REG:
+            try:
+                out[path + "#data"] = c.read_all(fh)
+            except NfsError as exc:
+                out[path + "#data"] = exc.status.name
+
+    visit("", root)
+    return out
+
+
+def observe_all(server: PrismServe, exports: list[str], before: dict | None = None) -> dict:
+    """`observe` of each export (after its MNT), keys prefixed with the export."""
+    out: dict[str, Any] = {}
+    for export in exports:
+        with MountClient("127.0.0.1", server.mount_port) as m:
+            res = m.mnt_raw(export)
+        out[export] = res.status.name
+        if not res.ok or res.fhandle is None:
+            continue
+        hint = None
+        if before is not None:
+            hint = {k[len(export) :]: v for k, v in before.items() if k.startswith(export + "#")}
+            hint.update(
+                {k[len(export) :]: v for k, v in before.items() if k.startswith(export + "/")}
+            )
+        with NfsClient("127.0.0.1", server.nfs_port) as c:
+            seen = observe(c, res.fhandle, hint)
+        out.update({export + key: value for key, value in seen.items()})
+    return out
+
+
+def fill(server: PrismServe, rng: random.Random) -> None:
+    """Two VMs, one cloned from the other (so records live in several layers)."""
+    c, root = server.mount("/web")
+    with c:
+        many = nfs_mkdirs(c, root, "many")
+        for i in range(50):
+            nfs_put(c, root, f"many/file{i:02d}", f"file {i}\n".encode() * (i + 1))
+        nfs_mkdirs(c, root, "a/b/c")
+        nfs_put(c, root, "a/b/c/big", rng.randbytes(3 * CHUNK + 100))
+        nfs_put(c, root, "a/note", b"hello\n")
+        assert c.symlink(many, "link", "../a/note", Sattr3(mode=0o777)).ok
+    prism(server.data, "snapshot", "create", "web", "mon")
+    subprocess.run(
+        [*clone_command(), "db", "web", "--data", str(server.data)], check=True, env=env()
+    )
+    c, root = server.mount("/db")
+    with c:
+        nfs_put(c, root, "many/file07", b"changed in db\n")
+        assert c.remove(c.walk(root, "many"), "file08").ok
+        nfs_mkdirs(c, root, "db-only/x")
+        nfs_put(c, root, "db-only/x/y", rng.randbytes(CHUNK))
+
+
+EXPORTS = ["/web", "/db", "/web@mon"]
+
+
+def raw_records(data: Path) -> list[tuple[str, bytes, bytes]]:
+    """(database, key, stored value) of every record, read with plain LMDB."""
+    env = lmdb.open(str(data / "meta"), max_dbs=16, readonly=True, lock=False)
+    out = []
+    try:
+        with env.begin() as t:
+            for name in DB_NAMES:
+                db = env.open_db(name.encode(), txn=t, create=False)
+                out += [(name, bytes(k), bytes(v)) for k, v in t.cursor(db=db)]
+    finally:
+        env.close()
+    return out
+
+
+def flip_records(data: Path, rng: random.Random, count: int) -> list[tuple[str, bytes]]:
+    """Flip one random bit inside the key or value of `count` random records (not the meta
+    database: its handle key and format are needed to start at all) where they sit in
+    data.mdb's leaf pages. Returns (database, key) of each damaged record."""
+    path = data / "meta" / "data.mdb"
+    blob = path.read_bytes()
+    candidates = []
+    for name, key, value in raw_records(data):
+        if name == "meta" or len(value) > 1000:  # big values live on overflow pages
+            continue
+        where = blob.find(key + value)
+        if where >= 0 and blob.find(key + value, where + 1) < 0:  # only the live copy
+            candidates.append((name, key, where, len(key) + len(value)))
+    chosen = rng.sample(candidates, count)
+    with path.open("r+b") as f:
+        for _, _, where, size in chosen:
+            pos = where + rng.randrange(size)
+            f.seek(pos)
+            byte = f.read(1)[0] ^ (1 << rng.randrange(8))
+            f.seek(pos)
+            f.write(bytes([byte]))
+        os.fsync(f.fileno())
+    return [(name, key) for name, key, _, _ in chosen]
+
+
+def test_random_flips_in_records_are_reported_and_never_served(small_fs: Path) -> None:
+    data = small_fs / "data"
+    prism(data, "vm", "create", "web")
+    rng = random.Random(15)
+    with PrismServe(data) as server:
+        fill(server, rng)
+        before = observe_all(server, EXPORTS)
+    assert run_prism(data, "fsck").returncode == 0
+    assert before["/web/many#list"] and len(before["/web/many#list"]) == 51
+
+    flipped = flip_records(data, rng, 24)
+    check = run_prism(data, "fsck", "--json")
+    assert check.returncode == 1
+    report = json.loads(check.stdout)
+    damaged = [e for e in report["errors"] if "damaged on disk" in e]
+    assert len(damaged) == len(flipped), "\n".join(report["errors"])
+
+    with PrismServe(data) as server:
+        after = observe_all(server, EXPORTS, before)
+    wrong = {
+        key: (before.get(key), value)
+        for key, value in after.items()
+        if value != before.get(key) and value not in (IO, MountStat3.MNT3ERR_IO.name)
+    }
+    assert not wrong, f"served wrong data after flipping {flipped}: {wrong}"
+    unseen = [
+        key
+        for key in before
+        if key not in after and not any(after.get(p) in (IO, "MNT3ERR_IO") for p in _ancestors(key))
+    ]
+    assert not unseen, unseen
+    refused = [key for key, value in after.items() if value in (IO, "MNT3ERR_IO")]
+    assert refused, "no flip was noticed by any client call"
+
+
+def _ancestors(key: str) -> list[str]:
+    """The calls whose failure hides `key` ("/web/a/b#attr": MNT of /web, then GETATTR and
+    LOOKUP of /web, /web/a, /web/a/b)."""
+    parts = key.split("#")[0].split("/")
+    out = ["/" + parts[1]]
+    for i in range(2, len(parts) + 1):
+        prefix = "/".join(parts[:i])
+        out += [prefix + "#attr", prefix + "#lookup"]
+    return out
+
+
+def _delete_raw(data: Path, db_name: str, match: Any) -> list[bytes]:
+    env = lmdb.open(str(data / "meta"), max_dbs=16)
+    try:
+        with env.begin(write=True) as t:
+            db = env.open_db(db_name.encode(), txn=t, create=False)
+            doomed = [bytes(k) for k, v in t.cursor(db=db) if match(bytes(k), bytes(v))]
+            for key in doomed:
+                t.delete(key, db=db)
+    finally:
+        env.close()
+    return doomed
+
+
+def test_lost_records_are_found_by_counts_and_mnt_says_io(small_fs: Path) -> None:
+    data = small_fs / "data"
+    prism(data, "vm", "create", "web")
+    with PrismServe(data) as server:
+        fill(server, random.Random(1))
+    # A damaged B-tree page loses its records without a trace: delete some the way it would.
+    lost = _delete_raw(data, "dirents", lambda k, v: k.endswith(b"file33"))
+    assert lost
+    assert _delete_raw(data, "names", lambda k, v: k == b"db")
+    check = run_prism(data, "fsck")
+    assert check.returncode == 1
+    assert "'db' (namespace" in check.stdout and "names index" in check.stdout
+    assert "no directory entry names it" in check.stdout or "usage counts" in check.stdout
+    with PrismServe(data) as server, MountClient("127.0.0.1", server.mount_port) as m:
+        assert m.mnt_raw("/db").status == MountStat3.MNT3ERR_IO  # not NOENT
+        assert m.mnt_raw("/nosuch").status == MountStat3.MNT3ERR_NOENT
+    repair = run_prism(data, "fsck", "--repair")
+    assert "rebuilt the names index" in repair.stdout
+    with PrismServe(data) as server:
+        c, root = server.mount("/db")
+        with c:
+            assert c.read_all(c.walk(root, "a/note")) == b"hello\n"
+
+
+def test_a_format_1_store_is_sealed_when_opened(small_fs: Path) -> None:
+    data = small_fs / "data"
+    prism(data, "vm", "create", "web")
+    with PrismServe(data) as server:
+        fill(server, random.Random(2))
+        before = observe_all(server, EXPORTS)
+    # What an older Prism wrote: the same records with bare values, format 1.
+    env = lmdb.open(str(data / "meta"), max_dbs=16)
+    with env.begin(write=True) as t:
+        for name in DB_NAMES:
+            db = env.open_db(name.encode(), txn=t, create=False)
+            for key, value in list(t.cursor(db=db)):
+                t.put(key, bytes(value)[:-SEAL], db=db)
+        t.put(b"format", (1).to_bytes(4, "big"), db=env.open_db(b"meta", txn=t))
+    env.close()
+    upgrade = run_prism(data, "fsck")
+    assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
+    assert "upgrading" in upgrade.stderr and "format 2" in upgrade.stderr
+    with Store.open(data) as store:
+        assert store.namespace("web").name == "web"
+    with PrismServe(data) as server:
+        assert observe_all(server, EXPORTS) == before

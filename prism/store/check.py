@@ -1,17 +1,27 @@
 """Integrity checking (`fsck`) and space reclamation (`gc`) for a Prism store.
 
 fsck verifies, in one read-consistent pass:
+  * every record of every database matches its seal (`prism.store.sealed`); later checks
+    skip damaged records, and nothing is dropped on their account;
+  * the names index maps exactly every namespace's name to it (repair rebuilds it);
   * every layer's parent and import sources exist;
   * every chunk's refcount equals the number of chunk-map records (in existing layers) that
     name it, and the store's stored-bytes and chunk counters match the chunk index;
   * every referenced chunk exists in its segment with the right length and xxh3-128 hash;
-  * no namespace reaches a missing object (each directory entry resolves to an inode).
+  * no namespace reaches a missing object (each directory entry resolves to an inode);
+  * what a damaged B-tree page would lose without a trace shows in the counts: chunk-map
+    records agree with the chunk index on where a chunk lives, each directory's nlink is 2 +
+    its subdirectories, each object of a namespace's own volume is named by as many entries
+    as its nlink says, and the usage record's object and byte counts equal the tree's.
 Findings that a crash can legitimately leave (segment bytes no chunk names, layers no
 namespace reaches, zero-reference chunks) are reported as *debris*, not errors: `gc` removes
-them. `repair=True` fixes refcounts and counters and drops directory entries that point at missing
-objects. A damaged or missing chunk is restored from another copy of the same content when
-one exists (another chunk record with the same hash whose bytes verify): the copy is appended
-to a segment and the chunk record and every chunk-map record naming the chunk move there.
+them. `repair=True` fixes refcounts and counters, drops directory entries that point at
+missing objects, points chunk-map records where the chunk index says, has wrong usage records
+recounted and rebuilds the names index; damaged records are left in place (they are refused
+when read: restoring what they held is the operator's call). A damaged or missing chunk is
+restored from another copy of the same content when one exists (another chunk record with the
+same hash whose bytes verify): the copy is appended to a segment and the chunk record and
+every chunk-map record naming the chunk move there.
 Damage is never turned into zeros: a chunk with no other copy stays referenced, so reads of
 it keep failing with EIO, and fsck lists every file (namespace:path) and byte range it
 spoils (`FsckReport.damaged`), in the same run.
@@ -28,15 +38,18 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import lmdb
 import xxhash
 
 from prism.errors import Corrupt
 from prism.store import records as R
-from prism.store.store import SHARE_VOL_BASE, Store, _View
+from prism.store.records import Inode
+from prism.store.sealed import DamagedRecord, SealedCursor, open_value
+from prism.store.store import DB_NAMES, SHARE_VOL_BASE, Store, _View
 from prism.store.types import CHUNK_SIZE, ROOT_INO, FileType, ObjectId
 
 COMPACT_BELOW = 0.5
@@ -54,6 +67,7 @@ class FsckReport:
     debris: list[str] = field(default_factory=list)
     checked_objects: int = 0
     checked_chunks: int = 0
+    checked_records: int = 0
 
     @property
     def clean(self) -> bool:
@@ -70,12 +84,16 @@ class GcReport:
     bytes_reclaimed: int = 0
 
 
-def _all_layers(store: Store, t: lmdb.Transaction) -> dict[int, dict]:
-    return {R.U64.unpack(k)[0]: json.loads(bytes(v)) for k, v in t.cursor(db=store._layers)}
+def _all_layers(store: Store, t: lmdb.Transaction, *, tolerant: bool = False) -> dict[int, dict]:
+    records = _records(t, store._layers) if tolerant else t.cursor(db=store._layers)
+    return {R.U64.unpack(k)[0]: json.loads(bytes(v)) for k, v in records}
 
 
-def _reachable_layers(store: Store, t: lmdb.Transaction, layers: dict[int, dict]) -> set[int]:
-    stack = [json.loads(bytes(v))["top"] for _, v in t.cursor(db=store._ns)]
+def _reachable_layers(
+    store: Store, t: lmdb.Transaction, layers: dict[int, dict], *, tolerant: bool = False
+) -> set[int]:
+    records = _records(t, store._ns) if tolerant else t.cursor(db=store._ns)
+    stack = [json.loads(bytes(v))["top"] for _, v in records]
     seen: set[int] = set()
     while stack:
         layer = stack.pop()
@@ -87,6 +105,65 @@ def _reachable_layers(store: Store, t: lmdb.Transaction, layers: dict[int, dict]
             stack.append(rec["parent"])
         stack.extend(src[0] for src in rec["vols"].values())
     return seen
+
+
+def _records(t: lmdb.Transaction, db: Any) -> Iterator[tuple[bytes, bytes]]:
+    """Every intact record of `db`, in key order: fsck's own passes skip the damaged ones,
+    which `_check_records` has reported."""
+    try:
+        yield from cast(SealedCursor, t.cursor(db=db)).intact()
+    except Corrupt:
+        return
+
+
+def _check_records(store: Store, t: lmdb.Transaction, report: FsckReport) -> dict[Any, set[bytes]]:
+    """Open every record of every database; report each whose seal does not match (its bytes
+    changed on disk) and each database LMDB cannot walk to its end. Returns the damaged
+    keys by database."""
+    damaged: dict[Any, set[bytes]] = {db: set() for db in store._dbs}
+    for name, db in zip(DB_NAMES, store._dbs, strict=True):
+        cur = cast(SealedCursor, t.cursor(db=db))
+        try:
+            for key, stored in cur.raw_items():
+                report.checked_records += 1
+                try:
+                    open_value(cur.index, key, stored)
+                except DamagedRecord:
+                    damaged[db].add(bytes(key))
+                    report.errors.append(
+                        f"{name} record {bytes(key).hex()}: damaged on disk (its checksum does "
+                        "not match); it is refused when read"
+                    )
+        except Corrupt as exc:
+            report.errors.append(f"{name} database: {exc}")
+    return damaged
+
+
+def _check_names(store: Store, t: lmdb.Transaction, report: FsckReport, repair: bool) -> None:
+    """The names index must map exactly every namespace's name to its id (MNT looks VMs up
+    there). With `repair`, rebuild it from the namespace records (the authority)."""
+    by_id = {R.U32.unpack(k)[0]: json.loads(v)["name"] for k, v in _records(t, store._ns)}
+    names = {k: R.U32.unpack(v)[0] for k, v in _records(t, store._names) if len(v) == 4}
+    wrong = 0
+    for ns_id, name in sorted(by_id.items()):
+        if names.get(name.encode()) != ns_id:
+            wrong += 1
+            report.errors.append(f"names index: {name!r} (namespace {ns_id}) is missing or wrong")
+    for key, ns_id in sorted(names.items()):
+        if by_id.get(ns_id) != key.decode(errors="replace"):
+            wrong += 1
+            report.errors.append(f"names index: {key!r} names no namespace of that name")
+    if not repair:
+        return
+    stale = {bytes(k) for k, _ in cast(SealedCursor, t.cursor(db=store._names)).raw_items()}
+    stale -= {name.encode() for name in by_id.values()}
+    if not wrong and not stale:
+        return
+    for key in stale:
+        t.delete(key, db=store._names)
+    for ns_id, name in by_id.items():
+        t.put(name.encode(), R.U32.pack(ns_id), db=store._names)
+    report.repaired.append("rebuilt the names index from the namespace records")
 
 
 def _good_copy(
@@ -145,12 +222,84 @@ def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+@dataclass
+class _Tree:
+    """What a walk of one namespace reached (share volumes excluded)."""
+
+    objects: dict[tuple[int, int], Inode]  # (vol, ino) -> its inode
+    links: Counter[tuple[int, int]] = field(default_factory=Counter)  # entries naming it
+    subdirs: Counter[tuple[int, int]] = field(default_factory=Counter)  # directory entries in it
+    intact: bool = True  # every directory could be listed
+
+
+def _cross_check(
+    store: Store,
+    t: lmdb.Transaction,
+    view: _View,
+    tree: _Tree,
+    report: FsckReport,
+    fixes_usage: list[int],
+) -> None:
+    """Compare what the walk found with what the records say it should find: a damaged
+    B-tree page loses records silently (entries vanish from listings), and these counts
+    are how that shows. Each directory's nlink is 2 + its subdirectories; every live object
+    of the namespace's own volume is named by an entry; the usage record's object and byte
+    counts equal the tree's."""
+    for (vol, ino), node in tree.objects.items():
+        if node.type == FileType.DIR and node.nlink != 2 + tree.subdirs[(vol, ino)]:
+            report.errors.append(
+                f"namespace {view.name}: directory {vol}:{ino} has nlink {node.nlink} but "
+                f"{tree.subdirs[(vol, ino)]} subdirectories: entries may be lost"
+            )
+        elif node.type != FileType.DIR and vol == 0 and node.nlink != tree.links[(vol, ino)]:
+            report.errors.append(
+                f"namespace {view.name}: object {vol}:{ino} has nlink {node.nlink} but "
+                f"{tree.links[(vol, ino)]} entries name it: entries may be lost"
+            )
+    own = [layer for layer, v, _ in store._path(t, view.top, 0) if v == 0]
+    orphans = set()
+    for layer in own:
+        prefix = R.INODE_KEY.pack(layer, 0, 0)[:10]
+        cur = t.cursor(db=store._inodes)
+        if not cur.set_range(prefix):
+            continue
+        for key, value in cur:
+            if not bytes(key).startswith(prefix):
+                break
+            ino = R.INODE_KEY.unpack(key)[2]
+            if (
+                value
+                and (0, ino) not in tree.objects
+                and (0, ino) not in orphans
+                and store._inode(t, view, 0, ino) is not None
+            ):
+                orphans.add((0, ino))
+    for vol, ino in sorted(orphans):
+        report.errors.append(
+            f"namespace {view.name}: object {vol}:{ino} exists but no directory entry names "
+            "it: its entry may be lost"
+        )
+    raw = t.get(R.U32.pack(view.id), db=store._usage)
+    if raw is not None:
+        nbytes, objects, valid = R.USAGE_VAL.unpack(raw)
+        found = (
+            sum(n.size for n in tree.objects.values() if n.type == FileType.REG),
+            len(tree.objects),
+        )
+        if valid and (nbytes, objects) != found:
+            report.errors.append(
+                f"namespace {view.name}: usage counts {objects} objects and {nbytes} bytes, "
+                f"the tree holds {found[1]} and {found[0]}: entries may be lost"
+            )
+            fixes_usage.append(view.id)
+
+
 def fsck(store: Store, *, repair: bool = False, progress: Progress | None = None) -> FsckReport:
     report = FsckReport()
     say = progress or (lambda _msg: None)
     if store.in_batch:
         store.commit()
-    txn = store._begin_write() if repair else store._env.begin()
+    txn = store._begin_write() if repair else store._snapshot()
     try:
         _fsck(store, txn, report, repair, say)
     except BaseException:
@@ -167,19 +316,26 @@ def fsck(store: Store, *, repair: bool = False, progress: Progress | None = None
 def _fsck(
     store: Store, t: lmdb.Transaction, report: FsckReport, repair: bool, say: Progress
 ) -> None:
-    layers = _all_layers(store, t)
+    say("verifying every metadata record")
+    damaged_keys = _check_records(store, t, report)
+    # Records present but damaged are not missing: nothing may be dropped on their account.
+    damaged_layers = {R.U64.unpack(k)[0] for k in damaged_keys[store._layers] if len(k) == 8}
+    _check_names(store, t, report, repair and not damaged_keys[store._ns])
+    fixes_usage: list[int] = []
+    layers = _all_layers(store, t, tolerant=True)
     say(f"checking {len(layers)} layers")
+    present = layers.keys() | damaged_layers  # damaged is not missing: nothing is dropped
     for layer, rec in layers.items():
-        if rec["parent"] and rec["parent"] not in layers:
+        if rec["parent"] and rec["parent"] not in present:
             report.errors.append(f"layer {layer}: parent layer {rec['parent']} is missing")
         for vol, src in rec["vols"].items():
-            if src[0] not in layers:
+            if src[0] not in present:
                 report.errors.append(f"layer {layer}: volume {vol} imports missing layer {src[0]}")
-    for _, raw in t.cursor(db=store._ns):
-        rec = json.loads(bytes(raw))
-        if rec["top"] not in layers:
+    for _, raw in _records(t, store._ns):
+        rec = json.loads(raw)
+        if rec["top"] not in present:
             report.errors.append(f"namespace {rec['name']}: top layer {rec['top']} is missing")
-    reachable = _reachable_layers(store, t, layers)
+    reachable = _reachable_layers(store, t, layers, tolerant=True)
     unreachable = set(layers) - reachable
     if unreachable:
         report.debris.append(f"{len(unreachable)} layers no namespace reaches (gc drops them)")
@@ -187,22 +343,38 @@ def _fsck(
     say("counting chunk references")
     refs: Counter[bytes] = Counter()
     bad_cmap: list[bytes] = []
-    for key, value in t.cursor(db=store._cmap):
+    relocate: list[tuple[bytes, bytes]] = []  # chunk-map records that disagree with the index
+    for key, value in _records(t, store._cmap):
         if not value:
             continue
         layer = R.U64.unpack_from(key)[0]
-        if layer not in layers:
+        if layer not in present:
             report.errors.append(f"chunk map record of missing layer {layer}")
             bad_cmap.append(bytes(key))
             continue
-        refs[R.CHUNK_KEY.pack(*R.CMAP_VAL.unpack(value)[:2])] += 1
+        digest, seq, length, segment, offset = R.CMAP_VAL.unpack(value)
+        chunk_key = R.CHUNK_KEY.pack(digest, seq)
+        refs[chunk_key] += 1
+        try:
+            indexed = t.get(chunk_key, db=store._chunks)
+        except Corrupt:
+            continue  # reported with the damaged records
+        if indexed is not None:
+            isegment, ioffset, ilength, _ = R.CHUNK_VAL.unpack(indexed)
+            if (isegment, ioffset, ilength) != (segment, offset, length):
+                report.errors.append(
+                    f"chunk map record {bytes(key).hex()}: names chunk {chunk_key.hex()} at "
+                    "another place than the chunk index does"
+                )
+                relocate.append(
+                    (bytes(key), R.CMAP_VAL.pack(digest, seq, ilength, isegment, ioffset))
+                )
 
     say(f"verifying {len(refs)} referenced chunks")
     stored_bytes = chunk_count = 0
     damaged: dict[bytes, int] = {}  # chunk key -> its correct refcount (bytes bad or missing)
     fixes: list[tuple[bytes, bytes]] = []
-    for key, value in t.cursor(db=store._chunks):
-        key = bytes(key)
+    for key, value in _records(t, store._chunks):
         segment, offset, length, count = R.CHUNK_VAL.unpack(value)
         want = refs.pop(key, 0)
         if count != want:
@@ -223,6 +395,8 @@ def _fsck(
             report.errors.append(f"chunk {key.hex()}: content does not match its hash")
             damaged[key] = want
     for key, count in refs.items():
+        if key in damaged_keys[store._chunks]:
+            continue  # its record is damaged (reported): the index entry is there
         report.errors.append(f"chunk {key.hex()}: {count} references but not in the index")
         damaged[key] = count
     if store._get_meta(t, b"stored_bytes") != stored_bytes:
@@ -241,39 +415,60 @@ def _fsck(
     say("walking namespaces")
     dangling: list[tuple[_View, int, int, bytes]] = []
     hurt: dict[tuple[str, str], list[tuple[int, int]]] = {}  # (namespace, path) -> ranges
-    for _, raw in t.cursor(db=store._ns):
-        rec = json.loads(bytes(raw))
+    for _, raw in _records(t, store._ns):
+        rec = json.loads(raw)
         if rec["top"] not in layers:
             continue
-        view = store._view(t, rec["id"])
-        seen: set[tuple[int, int]] = set()
-        stack = [(0, ROOT_INO, "")]
-        if store._inode(t, view, 0, ROOT_INO) is None:
+        try:
+            view = store._view(t, rec["id"])
+            root = store._inode(t, view, 0, ROOT_INO)
+        except Corrupt as exc:
+            report.errors.append(f"namespace {rec['name']}: {exc}")
+            continue
+        if root is None:
             report.errors.append(f"namespace {view.name}: root directory is missing")
             continue
+        seen: set[tuple[int, int]] = set()
+        tree = _Tree({(0, ROOT_INO): root})
+        stack = [(0, ROOT_INO, "")]
         while stack:
             vol, ino, where = stack.pop()
             if (vol, ino) in seen:
                 continue
             seen.add((vol, ino))
             report.checked_objects += 1
-            for entry in store._list(t, view, vol, ino, 0):
-                node = store._inode(t, view, entry.oid.vol, entry.oid.ino)
-                path = f"{where}/{entry.name.decode(errors='replace')}"
-                if node is None:
-                    report.errors.append(
-                        f"namespace {view.name}: entry {entry.name!r} in directory "
-                        f"{vol}:{ino} points at a missing object"
-                    )
-                    dangling.append((view, vol, ino, entry.name))
-                elif entry.oid.vol >= SHARE_VOL_BASE:
-                    continue  # shares: checked at their source
-                elif node.type == FileType.DIR:
-                    stack.append((entry.oid.vol, entry.oid.ino, path))
-                elif node.type == FileType.REG and lost:
-                    ranges = _damaged_ranges(store, t, view, entry.oid, node.size, lost)
-                    if ranges:
-                        hurt.setdefault((view.name, path), []).extend(ranges)
+            try:
+                for entry in store._list(t, view, vol, ino, 0):
+                    oid = entry.oid
+                    node = store._inode(t, view, oid.vol, oid.ino)
+                    path = f"{where}/{entry.name.decode(errors='replace')}"
+                    if node is None:
+                        report.errors.append(
+                            f"namespace {view.name}: entry {entry.name!r} in directory "
+                            f"{vol}:{ino} points at a missing object"
+                        )
+                        dangling.append((view, vol, ino, entry.name))
+                        continue
+                    if node.type == FileType.DIR:
+                        tree.subdirs[(vol, ino)] += 1
+                    if oid.vol >= SHARE_VOL_BASE:
+                        continue  # shares: checked at their source
+                    tree.objects[(oid.vol, oid.ino)] = node
+                    tree.links[(oid.vol, oid.ino)] += 1
+                    if node.type == FileType.DIR:
+                        stack.append((oid.vol, oid.ino, path))
+                    elif node.type == FileType.REG and lost:
+                        ranges = _damaged_ranges(store, t, view, oid, node.size, lost)
+                        if ranges:
+                            hurt.setdefault((view.name, path), []).extend(ranges)
+            except Corrupt as exc:
+                tree.intact = False
+                report.errors.append(f"namespace {view.name}: directory {where or '/'}: {exc}")
+        if tree.intact:
+            try:
+                _cross_check(store, t, view, tree, report, fixes_usage)
+            except Corrupt as exc:
+                report.errors.append(f"namespace {view.name}: {exc}")
     for (ns_name, path), ranges in sorted(hurt.items()):
         spans = ", ".join(f"{lo}-{hi - 1}" for lo, hi in _merged(ranges))
         report.damaged.append(f"{ns_name}:{path} bytes {spans}")
@@ -283,7 +478,8 @@ def _fsck(
         )
 
     on_disk = set(store.segments.list_ids())
-    known = {R.U64.unpack(k)[0] for k, _ in t.cursor(db=store._segdb)}
+    known = {R.U64.unpack(k)[0] for k, _ in _records(t, store._segdb)}
+    known |= {R.U64.unpack(k)[0] for k in damaged_keys[store._segdb] if len(k) == 8}
     stray = on_disk - known
     if stray:
         report.debris.append(f"{len(stray)} segment files no committed chunk names")
@@ -296,6 +492,14 @@ def _fsck(
         report.repaired.append(f"fixed {len(fixes)} chunk refcounts")
     for key in bad_cmap:
         t.delete(key, db=store._cmap)
+    for key, value in relocate:
+        t.put(key, value, db=store._cmap)
+    if relocate:
+        report.repaired.append(f"pointed {len(relocate)} chunk-map records where the index says")
+    for ns_id in fixes_usage:
+        store._set_usage(t, ns_id, 0, 0, False)
+    if fixes_usage:
+        report.repaired.append(f"marked {len(fixes_usage)} usage records for recounting")
     moved: dict[bytes, tuple[int, int]] = {}
     for key, copy in copies.items():
         if copy is None:
@@ -309,7 +513,7 @@ def _fsck(
         moved[key] = (segment, offset)
     if moved:
         updates = []
-        for key, value in t.cursor(db=store._cmap):
+        for key, value in _records(t, store._cmap):
             if value:
                 digest, seq, length, _, _ = R.CMAP_VAL.unpack(value)
                 target = moved.get(R.CHUNK_KEY.pack(digest, seq))

@@ -6,9 +6,12 @@ On-disk layout of a data directory::
     DATA/meta/journal              redo journal of a running server (`prism.store.journal`)
     DATA/segments/<id>.seg         chunk bytes, appended back to back (`prism.store.segments`)
 
-LMDB databases (keys and values are packed as in `prism.store.records`):
+LMDB databases (keys and values are packed as in `prism.store.records`; every stored value
+is followed by a 4-byte seal over its database, key and value, checked on every read, see
+`prism.store.sealed`):
 
-    meta      b"format" -> version; b"secret" -> 32 random bytes (file-handle MAC key);
+    meta      b"format" -> version (2: sealed values);
+              b"secret" -> 32 random bytes (file-handle MAC key);
               b"journal_gen" -> generation of the journal records not yet checkpointed;
               b"ns_next" -> next namespace id; b"layer_next" -> next layer id;
               b"ino"+ns -> next inode number; b"stored_bytes", b"chunk_count" -> counters
@@ -55,6 +58,13 @@ cleanly; the only possible debris is segment bytes no committed chunk names, whi
 removes and `fsck` reports. Group commit: `begin_batch()` runs many operations in one LMDB
 transaction (each in a nested transaction, so a failing one changes nothing) that shares one
 fdatasync + one commit.
+
+Damage. A record whose bytes changed on disk fails its seal and is refused (`Corrupt`: EIO on
+the wire), never served; so is a chunk whose bytes no longer match its hash (each chunk is
+verified whole, once per fetch). `fsck` lists both; `fsck --repair` restores a chunk from
+another copy of its content and never turns damage into zeros. Upgrade: a format-1 store
+(values without seals) is sealed in place, in one transaction, by the first process that
+opens it (with progress in the log); a server of an older Prism must be stopped first.
 
 The journal (`prism.store.journal`, `DATA/meta/journal`). A store opened with `journal=True`
 (the server) makes a batch durable without committing it: `make_durable()` fdatasyncs the
@@ -116,6 +126,7 @@ from prism.store.journal import (
     encode_changes,
 )
 from prism.store.records import Inode
+from prism.store.sealed import SealedCursor, SealedTxn, seal, seal_all
 from prism.store.segments import DamagedChunk, SegmentFiles
 from prism.store.types import (
     ACCESS_DELETE,
@@ -145,7 +156,9 @@ from prism.store.types import (
     Usage,
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""1: values stored bare; 2: every value sealed (`prism.store.sealed`). Opening a format-1
+store seals every record in one transaction first."""
 MAP_SIZE = 1 << 40
 NLINK_MAX = 65000
 MAX_VOLUMES = 0x8000
@@ -160,7 +173,13 @@ stays stale until SHARE_SLOTS more shares have been made in that VM."""
 VM_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 SNAP_NAME = VM_NAME
 ZEROS = bytes(CHUNK_SIZE)
+VERIFIED_CHUNKS = 64
+"""Chunks read and verified lately, kept for the next small read of them (8 MiB at most)."""
 
+DB_NAMES = (
+    "meta", "ns", "names", "layers", "inodes", "dirents", "cmap", "chunks", "segments", "usage"
+)  # fmt: skip
+"""The databases in `Store._dbs` order: their index is the journal's and the seal's number."""
 _R, _W, _X = 4, 2, 1
 _NS_KEY = R.U32
 _JOURNAL_GEN = b"journal_gen"
@@ -246,6 +265,11 @@ class _Out:
         return ObjectId(self.ns, vol + self.base, ino)
 
 
+def _raw(txn: lmdb.Transaction | None) -> lmdb.Transaction | None:
+    """The LMDB transaction under a sealed one (LMDB nests only its own)."""
+    return cast(SealedTxn, txn).raw if txn is not None else None
+
+
 def _chunk_ref(raw: bytes | memoryview) -> _ChunkRef:
     digest, seq, length, segment, offset = R.CMAP_VAL.unpack(raw)
     return _ChunkRef(R.CHUNK_KEY.pack(digest, seq), length, segment, offset)
@@ -258,18 +282,21 @@ PathEntry = tuple[int, int, dict[int, int] | None]
 class _ReadTxn:
     """Context manager for reads; a plain class because it runs on every call."""
 
-    __slots__ = ("_batch", "_env", "_txn")
+    __slots__ = ("_batch", "_env", "_index", "_txn")
 
-    def __init__(self, env: lmdb.Environment, batch: lmdb.Transaction | None) -> None:
+    def __init__(
+        self, env: lmdb.Environment, batch: lmdb.Transaction | None, index: dict[Any, int]
+    ) -> None:
         self._env = env
         self._batch = batch
+        self._index = index
         self._txn: lmdb.Transaction | None = None
 
     def __enter__(self) -> lmdb.Transaction:
         if self._batch is not None:
             return self._batch
         self._txn = self._env.begin(buffers=False)
-        return self._txn
+        return cast(lmdb.Transaction, SealedTxn(self._txn, self._index))
 
     def __exit__(self, *exc: object) -> None:
         if self._txn is not None:
@@ -324,6 +351,7 @@ class Store:
         self.damaged_reads = 0
         """Reads refused because content failed its hash check (since this process began)."""
         self._damage_logged: set[bytes] = set()
+        self._verified: dict[tuple[int, int, int], bytes] = {}  # (segment, offset, length)
         self._dbs = (
             self._meta,
             self._ns,
@@ -337,9 +365,11 @@ class Store:
             self._usage,
         )
         self._db_index = {db: i for i, db in enumerate(self._dbs)}
+        assert len(DB_NAMES) == len(self._dbs)
         self._journal_path = root / "meta" / "journal"
         self.journal: Journal | None = None
         self._journaled: list[Change] = []  # the batch's changes not yet in the journal
+        self._upgrade()
         # The first write: `_begin_write` replays what a dead journal owner left, so every
         # process opening the store sees its acknowledged changes.
         with self._write() as t:
@@ -350,6 +380,43 @@ class Store:
             elif R.U32.unpack(version)[0] != FORMAT_VERSION:
                 raise Corrupt(f"{root} holds a store of an unknown format version")
             self.secret: bytes = bytes(t.get(b"secret", db=self._meta) or b"")
+
+    def _upgrade(self) -> None:
+        """Seal every record of a format-1 store, in one transaction (before any journal
+        replay, which seals what it replays). A live server of an older Prism must not
+        see its records change: while one owns the journal, refuse."""
+        with self._env.begin() as t:
+            version = t.get(b"format", db=self._meta)
+        if version is None or len(version) != R.U32.size or R.U32.unpack(version)[0] != 1:
+            return
+        if self._journal_path.exists():
+            try:
+                Journal.open(self._journal_path).close()
+            except JournalBusy:
+                raise Busy(
+                    f"{self.path} is served by an older Prism that owns {self._journal_path}; "
+                    "stop it, then run any prism command to upgrade the store"
+                ) from None
+        txn = self._env.begin(write=True)
+        try:
+            version = txn.get(b"format", db=self._meta)
+            if version is not None and len(version) == R.U32.size:  # nobody upgraded meanwhile
+                log.warning("upgrading %s to format 2: sealing every record", self.path)
+                count = seal_all(
+                    txn,
+                    self._dbs,
+                    lambda n: log.warning("upgrade: sealed %d records so far", n),
+                )
+                txn.put(
+                    b"format",
+                    seal(self._db_index[self._meta], b"format", R.U32.pack(FORMAT_VERSION)),
+                    db=self._meta,
+                )
+                log.warning("upgrade done: sealed %d records", count)
+            txn.commit()
+        except BaseException:
+            txn.abort()
+            raise
 
     @classmethod
     def open(
@@ -503,7 +570,7 @@ class Store:
     @contextlib.contextmanager
     def _write(self) -> Iterator[lmdb.Transaction]:
         if self._batch is not None:
-            child = self._env.begin(write=True, parent=self._batch)
+            child = self._sealed(self._env.begin(write=True, parent=_raw(self._batch)))
             recorder = None if self.journal is None else _Recorder(child, self._db_index)
             try:
                 yield child if recorder is None else cast(lmdb.Transaction, recorder)
@@ -526,7 +593,7 @@ class Store:
         """A top-level write transaction. A process that does not own the journal first
         checks whether its owner died with changes pending, and if so replays them in this
         transaction (holding LMDB's writer lock, so nobody writes in between)."""
-        txn = self._env.begin(write=True)
+        txn = self._sealed(self._env.begin(write=True))
         if self.journal is None and self._journal_path.exists():
             try:
                 orphan = Journal.open(self._journal_path)
@@ -558,7 +625,7 @@ class Store:
 
     def _replay_journal(self) -> None:
         assert self.journal is not None
-        txn = self._env.begin(write=True)
+        txn = self._sealed(self._env.begin(write=True))
         try:
             self._apply_journal(txn, self.journal)
         except BaseException:
@@ -588,9 +655,17 @@ class Store:
             generation += 1
         journal.start(generation)
 
+    def _sealed(self, raw: lmdb.Transaction) -> lmdb.Transaction:
+        """`raw` behind the one seam that seals and verifies every value (`sealed`)."""
+        return cast(lmdb.Transaction, SealedTxn(raw, self._db_index))
+
+    def _snapshot(self) -> lmdb.Transaction:
+        """A read-only transaction of the caller's own (to abort), values verified."""
+        return self._sealed(self._env.begin(buffers=False))
+
     def _read(self) -> _ReadTxn:
         """A read transaction (the open batch, when there is one, so reads see its writes)."""
-        return _ReadTxn(self._env, self._batch)
+        return _ReadTxn(self._env, self._batch, self._db_index)
 
     # -- counters ----------------------------------------------------------------------
 
@@ -635,6 +710,12 @@ class Store:
         raw = t.get(name.encode(), db=self._names)
         if raw is None:
             what = "snapshot" if "@" in name else "VM"
+            for key, rec in t.cursor(db=self._ns):  # the names index is derived from these
+                if _parsed(self._ns_cache, bytes(rec))["name"] == name:
+                    raise Corrupt(
+                        f"the names index has lost {what} {name!r} (namespace "
+                        f"{_NS_KEY.unpack(key)[0]}); run `prism fsck --repair` to rebuild it"
+                    )
             raise NotFound(f"no {what} named {name!r}; see `prism vm list`")
         return self._view(t, R.U32.unpack(raw)[0])
 
@@ -1120,10 +1201,17 @@ class Store:
     ) -> bytes:
         """Whole chunks `first`, `first`+1... of a file, adjacent in one segment, read in one
         pread and each verified against its hash. Damage raises Corrupt, after it is counted
-        in `damaged_reads` and logged once per chunk with the file and byte range."""
+        in `damaged_reads` and logged once per chunk with the file and byte range. A lone
+        chunk is kept (verified) for the next read of it: small reads of a chunk then fetch
+        and hash it once, not once per read."""
+        place = (refs[0].segment, refs[0].offset, refs[0].length)
+        if len(refs) == 1:
+            data = self._verified.get(place)
+            if data is not None:
+                return data
         try:
-            return self.segments.read_chunks(
-                refs[0].segment, refs[0].offset, [(r.length, r.key[:16]) for r in refs]
+            data = self.segments.read_chunks(
+                place[0], place[1], [(r.length, r.key[:16]) for r in refs]
             )
         except DamagedChunk as exc:
             ref = refs[exc.position]
@@ -1142,6 +1230,11 @@ class Store:
                 f"damaged content in {where}; run `prism fsck --repair` to restore it "
                 "from another copy or list the damaged files"
             ) from None
+        if len(refs) == 1:
+            if len(self._verified) >= VERIFIED_CHUNKS:  # bytes at a place never change
+                del self._verified[next(iter(self._verified))]
+            self._verified[place] = data
+        return data
 
     def _set_chunk(
         self,
@@ -1406,10 +1499,13 @@ class Store:
     def list_namespaces(self, kind: str | None = None) -> list[NamespaceInfo]:
         with self._read() as t:
             out = []
-            for _, raw in t.cursor(db=self._ns):
+            cur = cast(SealedCursor, t.cursor(db=self._ns))
+            for _, raw in cur.intact():
                 rec = json.loads(bytes(raw))
                 if kind is None or rec["kind"] == kind:
                     out.append(self._info(t, rec))
+            for key in cur.damaged:  # the others stay listed and served
+                log.error("namespace record %s is damaged, not served; run `prism fsck`", key.hex())
             return sorted(out, key=lambda info: info.name)
 
     _UNCHANGED: Any = object()
