@@ -434,6 +434,7 @@ def cmd_fsck(args: argparse.Namespace, store: Store) -> int:
         "debris": report.debris,
         "checked_objects": report.checked_objects,
         "checked_chunks": report.checked_chunks,
+        "checked_records": report.checked_records,
     }
 
     def text() -> str:
