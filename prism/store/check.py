@@ -17,8 +17,10 @@ Findings that a crash can legitimately leave (segment bytes no chunk names, laye
 namespace reaches, zero-reference chunks) are reported as *debris*, not errors: `gc` removes
 them. `repair=True` fixes refcounts and counters, drops directory entries that point at
 missing objects, points chunk-map records where the chunk index says, has wrong usage records
-recounted and rebuilds the names index; damaged records are left in place (they are refused
-when read: restoring what they held is the operator's call). A damaged or missing chunk is
+recounted and rebuilds what other records determine: the names index (from the namespace
+records), chunk index records (from the chunk maps, when the bytes there verify), segment and
+usage records. Other damaged records are left in place: they are refused when read, and
+restoring what they held is the operator's call. A damaged or missing chunk is
 restored from another copy of the same content when one exists (another chunk record with the
 same hash whose bytes verify): the copy is appended to a segment and the chunk record and
 every chunk-map record naming the chunk move there.
@@ -107,11 +109,13 @@ def _reachable_layers(
     return seen
 
 
-def _records(t: lmdb.Transaction, db: Any) -> Iterator[tuple[bytes, bytes]]:
-    """Every intact record of `db`, in key order: fsck's own passes skip the damaged ones,
-    which `_check_records` has reported."""
+def _records(
+    t: lmdb.Transaction, db: Any, start: bytes | None = None
+) -> Iterator[tuple[bytes, bytes]]:
+    """Every intact record of `db` (from `start`), in key order: fsck's own passes skip the
+    damaged ones, which `_check_records` has reported."""
     try:
-        yield from cast(SealedCursor, t.cursor(db=db)).intact()
+        yield from cast(SealedCursor, t.cursor(db=db)).intact(start)
     except Corrupt:
         return
 
@@ -170,13 +174,10 @@ def _good_copy(
     store: Store, t: lmdb.Transaction, digest: bytes, damaged: dict[bytes, int]
 ) -> bytes | None:
     """The bytes of another chunk record with this content hash that still verifies."""
-    cur = t.cursor(db=store._chunks)
-    if not cur.set_range(digest):
-        return None
-    for key, value in cur:
-        if bytes(key[:16]) != digest:
+    for key, value in _records(t, store._chunks, digest):
+        if key[:16] != digest:
             break
-        if bytes(key) in damaged:
+        if key in damaged:
             continue
         segment, offset, length, _ = R.CHUNK_VAL.unpack(value)
         try:
@@ -186,6 +187,33 @@ def _good_copy(
         if xxhash.xxh3_128_digest(data) == digest:
             return data
     return None
+
+
+def _verifies(store: Store, key: bytes, segment: int, offset: int, length: int) -> bool:
+    try:
+        data = store.segments.read(segment, offset, length)
+    except Corrupt:
+        return False
+    return xxhash.xxh3_128_digest(data) == key[:16]
+
+
+def _rebuild_segments(
+    store: Store, t: lmdb.Transaction, damaged: set[bytes], report: FsckReport
+) -> None:
+    """Give every segment that holds chunks but lost its (damaged) record a new one:
+    appended = the file's size, live = its chunks' bytes."""
+    if not damaged:
+        return
+    live: Counter[int] = Counter()
+    for _, value in _records(t, store._chunks):
+        segment, _, length, refs = R.CHUNK_VAL.unpack(value)
+        if refs:
+            live[segment] += length
+    known = {R.U64.unpack(k)[0] for k, _ in _records(t, store._segdb)}
+    for segment in live.keys() - known:
+        size = store.segments.size_of(segment)
+        t.put(R.U64.pack(segment), R.SEGMENT_VAL.pack(size, live[segment]), db=store._segdb)
+    report.repaired.append(f"rebuilt the records of {len(live.keys() - known)} segments")
 
 
 def _note_append(store: Store, t: lmdb.Transaction, segment: int, offset: int, length: int):
@@ -344,6 +372,7 @@ def _fsck(
     refs: Counter[bytes] = Counter()
     bad_cmap: list[bytes] = []
     relocate: list[tuple[bytes, bytes]] = []  # chunk-map records that disagree with the index
+    unindexed: dict[bytes, tuple[int, int, int]] = {}  # chunk key -> where chunk maps say
     for key, value in _records(t, store._cmap):
         if not value:
             continue
@@ -358,8 +387,10 @@ def _fsck(
         try:
             indexed = t.get(chunk_key, db=store._chunks)
         except Corrupt:
-            continue  # reported with the damaged records
-        if indexed is not None:
+            indexed = None  # a damaged record (reported): the chunk maps may restore it
+        if indexed is None:
+            unindexed.setdefault(chunk_key, (segment, offset, length))
+        else:
             isegment, ioffset, ilength, _ = R.CHUNK_VAL.unpack(indexed)
             if (isegment, ioffset, ilength) != (segment, offset, length):
                 report.errors.append(
@@ -394,9 +425,18 @@ def _fsck(
         if xxhash.xxh3_128_digest(data) != key[:16]:
             report.errors.append(f"chunk {key.hex()}: content does not match its hash")
             damaged[key] = want
+    rebuilt: list[tuple[bytes, bytes]] = []  # index records the chunk maps restore
     for key, count in refs.items():
-        if key in damaged_keys[store._chunks]:
-            continue  # its record is damaged (reported): the index entry is there
+        segment, offset, length = unindexed.get(key, (0, 0, 0))
+        if length and _verifies(store, key, segment, offset, length):
+            report.errors.append(
+                f"chunk {key.hex()}: its index record is missing or damaged; the chunk maps "
+                "say where its (intact) bytes are, and `--repair` rebuilds it"
+            )
+            rebuilt.append((key, R.CHUNK_VAL.pack(segment, offset, length, count)))
+            stored_bytes += length
+            chunk_count += 1
+            continue
         report.errors.append(f"chunk {key.hex()}: {count} references but not in the index")
         damaged[key] = count
     if store._get_meta(t, b"stored_bytes") != stored_bytes:
@@ -486,6 +526,20 @@ def _fsck(
 
     if not repair:
         return
+    # Records derived from others are rebuilt; first the damaged ones go.
+    for db in (store._chunks, store._segdb, store._usage):
+        for key in damaged_keys[db]:
+            t.delete(key, db=db)
+    for key, value in rebuilt:
+        t.put(key, value, db=store._chunks)
+    if rebuilt:
+        report.repaired.append(f"rebuilt {len(rebuilt)} chunk index records from the chunk maps")
+    if damaged_keys[store._usage]:
+        report.repaired.append(
+            f"dropped {len(damaged_keys[store._usage])} damaged usage records "
+            "(they are recounted when next needed)"
+        )
+    _rebuild_segments(store, t, damaged_keys[store._segdb], report)
     for key, value in fixes:
         t.put(key, value, db=store._chunks)
     if fixes:

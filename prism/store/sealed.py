@@ -186,11 +186,18 @@ class SealedCursor:
         except _PAGE_DAMAGE as exc:
             raise lmdb_damage(exc) from None
 
-    def intact(self) -> Iterator[tuple[bytes, bytes]]:
-        """Like iterating, but a damaged record is skipped and its key added to `damaged`
-        (for listings that must go on past one bad record, and for fsck)."""
+    def intact(self, start: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """Like iterating (from the first key >= `start`, if given), but a damaged record is
+        skipped and its key added to `damaged` (for listings that must go on past one bad
+        record, and for fsck)."""
         self.damaged: list[bytes] = []
         index = self.index
+        if start is not None:
+            try:
+                if not self._cur.set_range(start):
+                    return
+            except _PAGE_DAMAGE as exc:
+                raise lmdb_damage(exc) from None
         for key, stored in self.raw_items():
             try:
                 yield key, open_value(index, key, stored)
