@@ -474,9 +474,11 @@ def cmd_fsck(args: argparse.Namespace, store: Store) -> int:
         "clean": report.clean,
         "errors": report.errors,
         "repaired": report.repaired,
+        "damaged": report.damaged,
         "debris": report.debris,
         "checked_objects": report.checked_objects,
         "checked_chunks": report.checked_chunks,
+        "checked_records": report.checked_records,
     }
 
     def text() -> str:
@@ -495,7 +497,7 @@ def cmd_fsck(args: argparse.Namespace, store: Store) -> int:
         return "\n".join(lines)
 
     _emit(args, data, text)
-    return 0 if report.clean or args.repair else 1
+    return 0 if report.clean or (args.repair and not report.damaged) else 1
 
 
 def cmd_gc(args: argparse.Namespace, store: Store) -> int:

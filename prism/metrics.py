@@ -1,9 +1,10 @@
 """Prometheus text-format metrics for `prism serve --metrics ADDR:PORT`.
 
 A tiny HTTP/1.0 responder (GET /metrics only) on the server's event loop. Figures: per-VM
-logical bytes, objects and quota; store logical and stored bytes, dedup ratio and chunk
-count; per-procedure RPC call counts, errors and latency sums from the dispatcher; and the
-TCP connections open, refused, evicted and closed as stalled (`rpc.admission`).
+logical bytes, objects and quota; store logical and stored bytes, dedup ratio, chunk count and
+reads refused because content failed its hash check; per-procedure RPC call counts, errors
+and latency sums from the dispatcher; and the TCP connections open, refused, evicted and
+closed as stalled (`rpc.admission`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,12 @@ def collect_store(store: Store) -> list[str]:
         ("prism_store_dedup_ratio", round(st.dedup_ratio, 4), "Logical / stored bytes."),
     ):
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]
+    name = "prism_store_damaged_reads_total"
+    lines += [
+        f"# HELP {name} Reads refused (NFS3ERR_IO) because content failed its hash check.",
+        f"# TYPE {name} counter",
+        f"{name} {store.damaged_reads}",
+    ]
     return lines
 
 

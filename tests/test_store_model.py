@@ -567,7 +567,7 @@ class StoreMachine(RuleBasedStateMachine):
 
     def check_consistency(self) -> None:
         store = self.store
-        with store._env.begin() as t:
+        with store._snapshot() as t:
             refs: Counter[bytes] = Counter()
             for _, value in t.cursor(db=store._cmap):
                 if value:

@@ -31,6 +31,7 @@ _NFS: dict[int, NfsStat3] = {
 _MOUNT: dict[int, MountStat3] = {
     errno.EPERM: MountStat3.MNT3ERR_PERM,
     errno.ENOENT: MountStat3.MNT3ERR_NOENT,
+    errno.EIO: MountStat3.MNT3ERR_IO,
     errno.EACCES: MountStat3.MNT3ERR_ACCES,
     errno.ENOTDIR: MountStat3.MNT3ERR_NOTDIR,
     errno.EINVAL: MountStat3.MNT3ERR_INVAL,

@@ -1,18 +1,34 @@
 """Integrity checking (`fsck`) and space reclamation (`gc`) for a Prism store.
 
 fsck verifies, in one read-consistent pass:
+  * every record of every database matches its seal (`prism.store.sealed`); later checks
+    skip damaged records, and nothing is dropped on their account;
+  * the names index maps exactly every namespace's name to it (repair rebuilds it);
   * every layer's parent and import sources exist;
   * every share mount point is a live share of its namespace and every share is mounted
     (`_check_shares`; repair turns dangling mount points into empty directories);
   * every chunk's refcount equals the number of chunk-map records (in existing layers) that
     name it, and the store's stored-bytes and chunk counters match the chunk index;
   * every referenced chunk exists in its segment with the right length and xxh3-128 hash;
-  * no namespace reaches a missing object (each directory entry resolves to an inode).
+  * no namespace reaches a missing object (each directory entry resolves to an inode);
+  * what a damaged B-tree page would lose without a trace shows in the counts: chunk-map
+    records agree with the chunk index on where a chunk lives, each directory's nlink is 2 +
+    its subdirectories, each object of a namespace's own volume is named by as many entries
+    as its nlink says, and the usage record's object and byte counts equal the tree's.
 Findings that a crash can legitimately leave (segment bytes no chunk names, layers no
 namespace reaches, zero-reference chunks) are reported as *debris*, not errors: `gc` removes
 them. `repair=True` fixes refcounts and counters, drops directory entries that point at
-missing objects and turns chunk-map records that name missing or damaged chunks into holes
-(reported: that data is lost).
+missing objects, points chunk-map records where the chunk index says, has wrong usage records
+recounted and rebuilds what other records determine: the names index (from the namespace
+records), chunk index records (from the chunk maps, when the bytes there verify), segment and
+usage records. Other damaged records are left in place: they are refused when read, and
+restoring what they held is the operator's call. A damaged or missing chunk is
+restored from another copy of the same content when one exists (another chunk record with the
+same hash whose bytes verify): the copy is appended to a segment and the chunk record and
+every chunk-map record naming the chunk move there.
+Damage is never turned into zeros: a chunk with no other copy stays referenced, so reads of
+it keep failing with EIO, and fsck lists every file (namespace:path) and byte range it
+spoils (`FsckReport.damaged`), in the same run.
 
 gc first discards what imports that died had staged (`Store.reap_stagings`), then, in
 one write transaction: drops layers no namespace reaches (releasing their chunk
@@ -27,16 +43,19 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import lmdb
 import xxhash
 
-from prism.errors import NoSpace, StoreError
+from prism.errors import Corrupt, NoSpace, StoreError
 from prism.store import records as R
-from prism.store.store import SHARE_VOL_BASE, SHARE_VOL_SPAN, Store, _View
-from prism.store.types import ROOT_INO, DirEntry, FileType
+from prism.store.records import Inode
+from prism.store.sealed import DamagedRecord, SealedCursor, open_value
+from prism.store.store import DB_NAMES, SHARE_VOL_BASE, SHARE_VOL_SPAN, Store, _View
+from prism.store.types import CHUNK_SIZE, ROOT_INO, DirEntry, FileType, ObjectId
 
 COMPACT_BELOW = 0.5
 """Compact a segment when less than this fraction of its bytes is live."""
@@ -48,9 +67,12 @@ Progress = Callable[[str], None]
 class FsckReport:
     errors: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)
+    """Files (namespace:path and byte ranges) whose content is damaged with no other copy."""
     debris: list[str] = field(default_factory=list)
     checked_objects: int = 0
     checked_chunks: int = 0
+    checked_records: int = 0
 
     @property
     def clean(self) -> bool:
@@ -67,12 +89,16 @@ class GcReport:
     bytes_reclaimed: int = 0
 
 
-def _all_layers(store: Store, t: lmdb.Transaction) -> dict[int, dict]:
-    return {R.U64.unpack(k)[0]: json.loads(bytes(v)) for k, v in t.cursor(db=store._layers)}
+def _all_layers(store: Store, t: lmdb.Transaction, *, tolerant: bool = False) -> dict[int, dict]:
+    records = _records(t, store._layers) if tolerant else t.cursor(db=store._layers)
+    return {R.U64.unpack(k)[0]: json.loads(bytes(v)) for k, v in records}
 
 
-def _reachable_layers(store: Store, t: lmdb.Transaction, layers: dict[int, dict]) -> set[int]:
-    stack = [json.loads(bytes(v))["top"] for _, v in t.cursor(db=store._ns)]
+def _reachable_layers(
+    store: Store, t: lmdb.Transaction, layers: dict[int, dict], *, tolerant: bool = False
+) -> set[int]:
+    records = _records(t, store._ns) if tolerant else t.cursor(db=store._ns)
+    stack = [json.loads(bytes(v))["top"] for _, v in records]
     seen: set[int] = set()
     while stack:
         layer = stack.pop()
@@ -86,12 +112,225 @@ def _reachable_layers(store: Store, t: lmdb.Transaction, layers: dict[int, dict]
     return seen
 
 
+def _records(
+    t: lmdb.Transaction, db: Any, start: bytes | None = None
+) -> Iterator[tuple[bytes, bytes]]:
+    """Every intact record of `db` (from `start`), in key order: fsck's own passes skip the
+    damaged ones, which `_check_records` has reported."""
+    try:
+        yield from cast(SealedCursor, t.cursor(db=db)).intact(start)
+    except Corrupt:
+        return
+
+
+def _check_records(store: Store, t: lmdb.Transaction, report: FsckReport) -> dict[Any, set[bytes]]:
+    """Open every record of every database; report each whose seal does not match (its bytes
+    changed on disk) and each database LMDB cannot walk to its end. Returns the damaged
+    keys by database."""
+    damaged: dict[Any, set[bytes]] = {db: set() for db in store._dbs}
+    for name, db in zip(DB_NAMES, store._dbs, strict=True):
+        cur = cast(SealedCursor, t.cursor(db=db))
+        try:
+            for key, stored in cur.raw_items():
+                report.checked_records += 1
+                try:
+                    open_value(cur.index, key, stored)
+                except DamagedRecord:
+                    damaged[db].add(bytes(key))
+                    report.errors.append(
+                        f"{name} record {bytes(key).hex()}: damaged on disk (its checksum does "
+                        "not match); it is refused when read"
+                    )
+        except Corrupt as exc:
+            report.errors.append(f"{name} database: {exc}")
+    return damaged
+
+
+def _check_names(store: Store, t: lmdb.Transaction, report: FsckReport, repair: bool) -> None:
+    """The names index must map exactly every namespace's name to its id (MNT looks VMs up
+    there). With `repair`, rebuild it from the namespace records (the authority)."""
+    by_id = {R.U32.unpack(k)[0]: json.loads(v)["name"] for k, v in _records(t, store._ns)}
+    names = {k: R.U32.unpack(v)[0] for k, v in _records(t, store._names) if len(v) == 4}
+    wrong = 0
+    for ns_id, name in sorted(by_id.items()):
+        if names.get(name.encode()) != ns_id:
+            wrong += 1
+            report.errors.append(f"names index: {name!r} (namespace {ns_id}) is missing or wrong")
+    for key, ns_id in sorted(names.items()):
+        if by_id.get(ns_id) != key.decode(errors="replace"):
+            wrong += 1
+            report.errors.append(f"names index: {key!r} names no namespace of that name")
+    if not repair:
+        return
+    stale = {bytes(k) for k, _ in cast(SealedCursor, t.cursor(db=store._names)).raw_items()}
+    stale -= {name.encode() for name in by_id.values()}
+    if not wrong and not stale:
+        return
+    for key in stale:
+        t.delete(key, db=store._names)
+    for ns_id, name in by_id.items():
+        t.put(name.encode(), R.U32.pack(ns_id), db=store._names)
+    report.repaired.append("rebuilt the names index from the namespace records")
+
+
+def _good_copy(
+    store: Store, t: lmdb.Transaction, digest: bytes, damaged: dict[bytes, int]
+) -> bytes | None:
+    """The bytes of another chunk record with this content hash that still verifies."""
+    for key, value in _records(t, store._chunks, digest):
+        if key[:16] != digest:
+            break
+        if key in damaged:
+            continue
+        segment, offset, length, _ = R.CHUNK_VAL.unpack(value)
+        try:
+            data = store.segments.read(segment, offset, length)
+        except Corrupt:
+            continue
+        if xxhash.xxh3_128_digest(data) == digest:
+            return data
+    return None
+
+
+def _verifies(store: Store, key: bytes, segment: int, offset: int, length: int) -> bool:
+    try:
+        data = store.segments.read(segment, offset, length)
+    except Corrupt:
+        return False
+    return xxhash.xxh3_128_digest(data) == key[:16]
+
+
+def _rebuild_segments(
+    store: Store, t: lmdb.Transaction, damaged: set[bytes], report: FsckReport
+) -> None:
+    """Give every segment that holds chunks but lost its (damaged) record a new one:
+    appended = the file's size, live = its chunks' bytes."""
+    if not damaged:
+        return
+    live: Counter[int] = Counter()
+    for _, value in _records(t, store._chunks):
+        segment, _, length, refs = R.CHUNK_VAL.unpack(value)
+        if refs:
+            live[segment] += length
+    known = {R.U64.unpack(k)[0] for k, _ in _records(t, store._segdb)}
+    for segment in live.keys() - known:
+        size = store.segments.size_of(segment)
+        t.put(R.U64.pack(segment), R.SEGMENT_VAL.pack(size, live[segment]), db=store._segdb)
+    report.repaired.append(f"rebuilt the records of {len(live.keys() - known)} segments")
+
+
+def _note_append(store: Store, t: lmdb.Transaction, segment: int, offset: int, length: int):
+    """Account `length` live bytes appended at `offset` of `segment` in the segments db."""
+    seg_key = R.U64.pack(segment)
+    raw = t.get(seg_key, db=store._segdb)
+    appended, live = R.SEGMENT_VAL.unpack(raw) if raw else (0, 0)
+    t.put(
+        seg_key, R.SEGMENT_VAL.pack(max(appended, offset + length), live + length), db=store._segdb
+    )
+
+
+def _damaged_ranges(
+    store: Store, t: lmdb.Transaction, view: _View, oid: ObjectId, size: int, lost: set[bytes]
+) -> list[tuple[int, int]]:
+    """The byte ranges [lo, hi) of a file whose chunks are in `lost`."""
+    path = store._path(t, view.top, oid.vol)
+    out = []
+    for index in range(-(-size // CHUNK_SIZE)):
+        ref = store._chunk_at(t, path, oid.ino, index)
+        if ref is not None and ref.key in lost:
+            lo = index * CHUNK_SIZE
+            out.append((lo, min(size, lo + ref.length)))
+    return out
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+@dataclass
+class _Tree:
+    """What a walk of one namespace reached (share volumes excluded)."""
+
+    objects: dict[tuple[int, int], Inode]  # (vol, ino) -> its inode
+    links: Counter[tuple[int, int]] = field(default_factory=Counter)  # entries naming it
+    subdirs: Counter[tuple[int, int]] = field(default_factory=Counter)  # directory entries in it
+    intact: bool = True  # every directory could be listed
+
+
+def _cross_check(
+    store: Store,
+    t: lmdb.Transaction,
+    view: _View,
+    tree: _Tree,
+    report: FsckReport,
+    fixes_usage: list[int],
+) -> None:
+    """Compare what the walk found with what the records say it should find: a damaged
+    B-tree page loses records silently (entries vanish from listings), and these counts
+    are how that shows. Each directory's nlink is 2 + its subdirectories; every live object
+    of the namespace's own volume is named by an entry; the usage record's object and byte
+    counts equal the tree's."""
+    for (vol, ino), node in tree.objects.items():
+        if node.type == FileType.DIR and node.nlink != 2 + tree.subdirs[(vol, ino)]:
+            report.errors.append(
+                f"namespace {view.name}: directory {vol}:{ino} has nlink {node.nlink} but "
+                f"{tree.subdirs[(vol, ino)]} subdirectories: entries may be lost"
+            )
+        elif node.type != FileType.DIR and vol == 0 and node.nlink != tree.links[(vol, ino)]:
+            report.errors.append(
+                f"namespace {view.name}: object {vol}:{ino} has nlink {node.nlink} but "
+                f"{tree.links[(vol, ino)]} entries name it: entries may be lost"
+            )
+    own = [layer for layer, v, _ in store._path(t, view.top, 0) if v == 0]
+    orphans = set()
+    for layer in own:
+        prefix = R.INODE_KEY.pack(layer, 0, 0)[:10]
+        cur = t.cursor(db=store._inodes)
+        if not cur.set_range(prefix):
+            continue
+        for key, value in cur:
+            if not bytes(key).startswith(prefix):
+                break
+            ino = R.INODE_KEY.unpack(key)[2]
+            if (
+                value
+                and (0, ino) not in tree.objects
+                and (0, ino) not in orphans
+                and store._inode(t, view, 0, ino) is not None
+            ):
+                orphans.add((0, ino))
+    for vol, ino in sorted(orphans):
+        report.errors.append(
+            f"namespace {view.name}: object {vol}:{ino} exists but no directory entry names "
+            "it: its entry may be lost"
+        )
+    raw = t.get(R.U32.pack(view.id), db=store._usage)
+    if raw is not None:
+        nbytes, objects, valid = R.USAGE_VAL.unpack(raw)
+        found = (
+            sum(n.size for n in tree.objects.values() if n.type == FileType.REG),
+            len(tree.objects),
+        )
+        if valid and (nbytes, objects) != found:
+            report.errors.append(
+                f"namespace {view.name}: usage counts {objects} objects and {nbytes} bytes, "
+                f"the tree holds {found[1]} and {found[0]}: entries may be lost"
+            )
+            fixes_usage.append(view.id)
+
+
 def fsck(store: Store, *, repair: bool = False, progress: Progress | None = None) -> FsckReport:
     report = FsckReport()
     say = progress or (lambda _msg: None)
     if store.in_batch:
         store.commit()
-    txn = store._begin_write() if repair else store._env.begin()
+    txn = store._begin_write() if repair else store._snapshot()
     try:
         _fsck(store, txn, report, repair, say)
     except BaseException:
@@ -107,19 +346,26 @@ def fsck(store: Store, *, repair: bool = False, progress: Progress | None = None
 def _fsck(
     store: Store, t: lmdb.Transaction, report: FsckReport, repair: bool, say: Progress
 ) -> None:
-    layers = _all_layers(store, t)
+    say("verifying every metadata record")
+    damaged_keys = _check_records(store, t, report)
+    # Records present but damaged are not missing: nothing may be dropped on their account.
+    damaged_layers = {R.U64.unpack(k)[0] for k in damaged_keys[store._layers] if len(k) == 8}
+    _check_names(store, t, report, repair and not damaged_keys[store._ns])
+    fixes_usage: list[int] = []
+    layers = _all_layers(store, t, tolerant=True)
     say(f"checking {len(layers)} layers")
+    present = layers.keys() | damaged_layers  # damaged is not missing: nothing is dropped
     for layer, rec in layers.items():
-        if rec["parent"] and rec["parent"] not in layers:
+        if rec["parent"] and rec["parent"] not in present:
             report.errors.append(f"layer {layer}: parent layer {rec['parent']} is missing")
         for vol, src in rec["vols"].items():
-            if src[0] not in layers:
+            if src[0] not in present:
                 report.errors.append(f"layer {layer}: volume {vol} imports missing layer {src[0]}")
-    for _, raw in t.cursor(db=store._ns):
-        rec = json.loads(bytes(raw))
-        if rec["top"] not in layers:
+    for _, raw in _records(t, store._ns):
+        rec = json.loads(raw)
+        if rec["top"] not in present:
             report.errors.append(f"namespace {rec['name']}: top layer {rec['top']} is missing")
-    reachable = _reachable_layers(store, t, layers)
+    reachable = _reachable_layers(store, t, layers, tolerant=True)
     unreachable = set(layers) - reachable
     if unreachable:
         report.debris.append(f"{len(unreachable)} layers no namespace reaches (gc drops them)")
@@ -133,22 +379,41 @@ def _fsck(
     say("counting chunk references")
     refs: Counter[bytes] = Counter()
     bad_cmap: list[bytes] = []
-    for key, value in t.cursor(db=store._cmap):
+    relocate: list[tuple[bytes, bytes]] = []  # chunk-map records that disagree with the index
+    unindexed: dict[bytes, tuple[int, int, int]] = {}  # chunk key -> where chunk maps say
+    for key, value in _records(t, store._cmap):
         if not value:
             continue
         layer = R.U64.unpack_from(key)[0]
-        if layer not in layers:
+        if layer not in present:
             report.errors.append(f"chunk map record of missing layer {layer}")
             bad_cmap.append(bytes(key))
             continue
-        refs[R.CHUNK_KEY.pack(*R.CMAP_VAL.unpack(value)[:2])] += 1
+        digest, seq, length, segment, offset = R.CMAP_VAL.unpack(value)
+        chunk_key = R.CHUNK_KEY.pack(digest, seq)
+        refs[chunk_key] += 1
+        try:
+            indexed = t.get(chunk_key, db=store._chunks)
+        except Corrupt:
+            indexed = None  # a damaged record (reported): the chunk maps may restore it
+        if indexed is None:
+            unindexed.setdefault(chunk_key, (segment, offset, length))
+        else:
+            isegment, ioffset, ilength, _ = R.CHUNK_VAL.unpack(indexed)
+            if (isegment, ioffset, ilength) != (segment, offset, length):
+                report.errors.append(
+                    f"chunk map record {bytes(key).hex()}: names chunk {chunk_key.hex()} at "
+                    "another place than the chunk index does"
+                )
+                relocate.append(
+                    (bytes(key), R.CMAP_VAL.pack(digest, seq, ilength, isegment, ioffset))
+                )
 
     say(f"verifying {len(refs)} referenced chunks")
     stored_bytes = chunk_count = 0
-    damaged: set[bytes] = set()
+    damaged: dict[bytes, int] = {}  # chunk key -> its correct refcount (bytes bad or missing)
     fixes: list[tuple[bytes, bytes]] = []
-    for key, value in t.cursor(db=store._chunks):
-        key = bytes(key)
+    for key, value in _records(t, store._chunks):
         segment, offset, length, count = R.CHUNK_VAL.unpack(value)
         want = refs.pop(key, 0)
         if count != want:
@@ -163,77 +428,173 @@ def _fsck(
             data = store.segments.read(segment, offset, length)
         except Exception as exc:
             report.errors.append(f"chunk {key.hex()}: unreadable ({exc})")
-            damaged.add(key)
+            damaged[key] = want
             continue
         if xxhash.xxh3_128_digest(data) != key[:16]:
             report.errors.append(f"chunk {key.hex()}: content does not match its hash")
-            damaged.add(key)
+            damaged[key] = want
+    rebuilt: list[tuple[bytes, bytes]] = []  # index records the chunk maps restore
     for key, count in refs.items():
+        segment, offset, length = unindexed.get(key, (0, 0, 0))
+        if length and _verifies(store, key, segment, offset, length):
+            report.errors.append(
+                f"chunk {key.hex()}: its index record is missing or damaged; the chunk maps "
+                "say where its (intact) bytes are, and `--repair` rebuilds it"
+            )
+            rebuilt.append((key, R.CHUNK_VAL.pack(segment, offset, length, count)))
+            stored_bytes += length
+            chunk_count += 1
+            continue
         report.errors.append(f"chunk {key.hex()}: {count} references but not in the index")
-        damaged.add(key)
+        damaged[key] = count
     if store._get_meta(t, b"stored_bytes") != stored_bytes:
         report.errors.append("stored-bytes counter is wrong")
     if store._get_meta(t, b"chunk_count") != chunk_count:
         report.errors.append("chunk counter is wrong")
+    copies = {key: _good_copy(store, t, key[:16], damaged) for key in damaged}
+    lost = {key for key, data in copies.items() if data is None}
+    for key in damaged.keys() - lost:
+        if not repair:
+            report.errors.append(
+                f"chunk {key.hex()}: another chunk holds the same content; "
+                "`prism fsck --repair` restores it from there"
+            )
 
     say("walking namespaces")
     dangling: list[tuple[_View, int, int, bytes]] = []
     mounts: list[tuple[_View, int, int, DirEntry]] = []
-    for _, raw in t.cursor(db=store._ns):
-        rec = json.loads(bytes(raw))
+    hurt: dict[tuple[str, str], list[tuple[int, int]]] = {}  # (namespace, path) -> ranges
+    for _, raw in _records(t, store._ns):
+        rec = json.loads(raw)
         if rec["top"] not in layers:
             continue
-        view = store._view(t, rec["id"])
-        seen: set[tuple[int, int]] = set()
-        stack = [(0, ROOT_INO)]
-        if store._inode(t, view, 0, ROOT_INO) is None:
+        try:
+            view = store._view(t, rec["id"])
+            root = store._inode(t, view, 0, ROOT_INO)
+        except Corrupt as exc:
+            report.errors.append(f"namespace {rec['name']}: {exc}")
+            continue
+        if root is None:
             report.errors.append(f"namespace {view.name}: root directory is missing")
             continue
+        seen: set[tuple[int, int]] = set()
+        tree = _Tree({(0, ROOT_INO): root})
+        stack = [(0, ROOT_INO, "")]
         while stack:
-            vol, ino = stack.pop()
+            vol, ino, where = stack.pop()
             if (vol, ino) in seen:
                 continue
             seen.add((vol, ino))
             report.checked_objects += 1
-            for entry in store._list(t, view, vol, ino, 0):
-                if entry.oid.vol >= SHARE_VOL_BASE:
-                    mounts.append((view, vol, ino, entry))  # checked by `_check_shares`
-                    continue
-                node = store._inode(t, view, entry.oid.vol, entry.oid.ino)
-                if node is None:
-                    report.errors.append(
-                        f"namespace {view.name}: entry {entry.name!r} in directory "
-                        f"{vol}:{ino} points at a missing object"
-                    )
-                    dangling.append((view, vol, ino, entry.name))
-                elif node.type == FileType.DIR and entry.oid.vol < SHARE_VOL_BASE:
-                    stack.append((entry.oid.vol, entry.oid.ino))  # shares: checked at source
+            try:
+                for entry in store._list(t, view, vol, ino, 0):
+                    oid = entry.oid
+                    if oid.vol >= SHARE_VOL_BASE:  # a share's mount point (a directory)
+                        mounts.append((view, vol, ino, entry))  # checked by `_check_shares`
+                        tree.subdirs[(vol, ino)] += 1
+                        continue
+                    node = store._inode(t, view, oid.vol, oid.ino)
+                    path = f"{where}/{entry.name.decode(errors='replace')}"
+                    if node is None:
+                        report.errors.append(
+                            f"namespace {view.name}: entry {entry.name!r} in directory "
+                            f"{vol}:{ino} points at a missing object"
+                        )
+                        dangling.append((view, vol, ino, entry.name))
+                        continue
+                    if node.type == FileType.DIR:
+                        tree.subdirs[(vol, ino)] += 1
+                    tree.objects[(oid.vol, oid.ino)] = node
+                    tree.links[(oid.vol, oid.ino)] += 1
+                    if node.type == FileType.DIR:
+                        stack.append((oid.vol, oid.ino, path))
+                    elif node.type == FileType.REG and lost:
+                        ranges = _damaged_ranges(store, t, view, oid, node.size, lost)
+                        if ranges:
+                            hurt.setdefault((view.name, path), []).extend(ranges)
+            except Corrupt as exc:
+                tree.intact = False
+                report.errors.append(f"namespace {view.name}: directory {where or '/'}: {exc}")
+        if tree.intact:
+            try:
+                _cross_check(store, t, view, tree, report, fixes_usage)
+            except Corrupt as exc:
+                report.errors.append(f"namespace {view.name}: {exc}")
+    for (ns_name, path), ranges in sorted(hurt.items()):
+        spans = ", ".join(f"{lo}-{hi - 1}" for lo, hi in _merged(ranges))
+        report.damaged.append(f"{ns_name}:{path} bytes {spans}")
+        report.errors.append(
+            f"{report.damaged[-1]}: damaged, and no other copy exists; reads of those bytes "
+            "fail with EIO until they are rewritten (restore the file from a backup)"
+        )
 
     _check_shares(store, t, report, repair, mounts)
 
     on_disk = set(store.segments.list_ids())
-    known = {R.U64.unpack(k)[0] for k, _ in t.cursor(db=store._segdb)}
+    known = {R.U64.unpack(k)[0] for k, _ in _records(t, store._segdb)}
+    known |= {R.U64.unpack(k)[0] for k in damaged_keys[store._segdb] if len(k) == 8}
     stray = on_disk - known
     if stray:
         report.debris.append(f"{len(stray)} segment files no committed chunk names")
 
     if not repair:
         return
+    # Records derived from others are rebuilt; first the damaged ones go.
+    for db in (store._chunks, store._segdb, store._usage):
+        for key in damaged_keys[db]:
+            t.delete(key, db=db)
+    for key, value in rebuilt:
+        t.put(key, value, db=store._chunks)
+    if rebuilt:
+        report.repaired.append(f"rebuilt {len(rebuilt)} chunk index records from the chunk maps")
+    if damaged_keys[store._usage]:
+        report.repaired.append(
+            f"dropped {len(damaged_keys[store._usage])} damaged usage records "
+            "(they are recounted when next needed)"
+        )
+    _rebuild_segments(store, t, damaged_keys[store._segdb], report)
     for key, value in fixes:
         t.put(key, value, db=store._chunks)
     if fixes:
         report.repaired.append(f"fixed {len(fixes)} chunk refcounts")
     for key in bad_cmap:
         t.delete(key, db=store._cmap)
-    if damaged:
-        lost = 0
-        for key, value in list(t.cursor(db=store._cmap)):
-            if value and R.CHUNK_KEY.pack(*R.CMAP_VAL.unpack(value)[:2]) in damaged:
-                t.put(bytes(key), R.WHITEOUT, db=store._cmap)
-                lost += 1
+    for key, value in relocate:
+        t.put(key, value, db=store._cmap)
+    if relocate:
+        report.repaired.append(f"pointed {len(relocate)} chunk-map records where the index says")
+    for ns_id in fixes_usage:
+        store._set_usage(t, ns_id, 0, 0, False)
+    if fixes_usage:
+        report.repaired.append(f"marked {len(fixes_usage)} usage records for recounting")
+    moved: dict[bytes, tuple[int, int]] = {}
+    for key, copy in copies.items():
+        if copy is None:
+            continue
+        segment, offset = store.segments.append(copy)
+        _note_append(store, t, segment, offset, len(copy))
+        if t.get(key, db=store._chunks) is None:
+            stored_bytes += len(copy)
+            chunk_count += 1
+        t.put(key, R.CHUNK_VAL.pack(segment, offset, len(copy), damaged[key]), db=store._chunks)
+        moved[key] = (segment, offset)
+    if moved:
+        updates = []
+        for key, value in _records(t, store._cmap):
+            if value:
+                digest, seq, length, _, _ = R.CMAP_VAL.unpack(value)
+                target = moved.get(R.CHUNK_KEY.pack(digest, seq))
+                if target is not None:
+                    updates.append((bytes(key), R.CMAP_VAL.pack(digest, seq, length, *target)))
+        for key, value in updates:
+            t.put(key, value, db=store._cmap)
         report.repaired.append(
-            f"turned {lost} references to {len(damaged)} missing or damaged chunks into holes "
-            "(that data is lost)"
+            f"restored {len(moved)} damaged or missing chunks from other copies of their content"
+        )
+    if lost:
+        report.repaired.append(
+            f"left {len(lost)} damaged chunks with no other copy in place, so that reads of "
+            f"them keep failing with EIO (not zeros) in: {'; '.join(report.damaged)}"
         )
     for view, vol, ino, name in dangling:
         t.put(R.dirent_key(view.top, vol, ino, name), R.WHITEOUT, db=store._dirents)

@@ -7,7 +7,10 @@ exclusive `flock` on its active segment for as long as it may append to it; `gc`
 segments, so it never compacts or deletes bytes that a live writer has not committed yet.
 
 Chunks are appended back to back with no framing: the LMDB chunk index is the only authority
-on where a chunk lives, and `fsck` checks every referenced chunk's length and hash. Bytes that
+on where a chunk lives, and `fsck` checks every referenced chunk's length and hash. Readers of
+file content use `read_chunks`, which verifies every chunk it returns against its xxh3-128
+hash (a whole chunk at a time, once per fetch), so damaged bytes surface as `DamagedChunk`
+and are never served. Bytes that
 reached a segment but whose transaction never committed (a crash, an abort) are debris that
 `gc` reclaims by compaction. `sync()` (fdatasync, plus an fsync of the directory after a new
 segment appears) is called before the metadata that references new bytes commits.
@@ -28,8 +31,10 @@ import ctypes
 import fcntl
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import xxhash
 
 from prism.errors import Corrupt, NoSpace
 from prism.store.diskio import PRIVATE_DIR, PRIVATE_FILE, fsync_directory, pwrite_all
@@ -74,6 +79,15 @@ def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
 
 
 _start_writeback = _load_sync_file_range()
+
+
+class DamagedChunk(Corrupt):
+    """A chunk's bytes are missing or do not match its hash; `position` says which chunk of
+    the run that was read (the caller knows which file and range that is)."""
+
+    def __init__(self, message: str, position: int) -> None:
+        super().__init__(message)
+        self.position = position
 
 
 def segment_name(seg_id: int) -> str:
@@ -191,6 +205,29 @@ class SegmentFiles:
         data = os.pread(self._fd(seg_id), length, offset)
         if len(data) != length:
             raise Corrupt(f"segment {seg_id:016x} is short at offset {offset}; run `prism fsck`")
+        return data
+
+    def read_chunks(self, seg_id: int, offset: int, chunks: Sequence[tuple[int, bytes]]) -> bytes:
+        """The chunks stored back to back from `offset`, given as (length, xxh3-128 digest),
+        in one pread; each is verified against its digest before any byte is returned."""
+        total = sum(length for length, _ in chunks)
+        try:
+            data = os.pread(self._fd(seg_id), total, offset)
+        except Corrupt as exc:
+            raise DamagedChunk(str(exc), 0) from None
+        view = memoryview(data)
+        pos = 0
+        for position, (length, digest) in enumerate(chunks):
+            if pos + length > len(data):
+                raise DamagedChunk(
+                    f"segment {seg_id:016x} ends inside a chunk at offset {offset + pos}", position
+                )
+            if xxhash.xxh3_128_digest(view[pos : pos + length]) != digest:
+                raise DamagedChunk(
+                    f"chunk at segment {seg_id:016x} offset {offset + pos} does not match its hash",
+                    position,
+                )
+            pos += length
         return data
 
     def forget(self, seg_id: int) -> None:

@@ -8,9 +8,12 @@ the metadata holds the file-handle MAC key)::
     DATA/segments/<id>.seg         chunk bytes, appended back to back (`prism.store.segments`)
     DATA/staging/<token>.lock      flock'ed by the process building the import staged as token
 
-LMDB databases (keys and values are packed as in `prism.store.records`):
+LMDB databases (keys and values are packed as in `prism.store.records`; every stored value
+is followed by a 4-byte seal over its database, key and value, checked on every read, see
+`prism.store.sealed`):
 
-    meta      b"format" -> version; b"secret" -> 32 random bytes (file-handle MAC key);
+    meta      b"format" -> version (2: sealed values);
+              b"secret" -> 32 random bytes (file-handle MAC key);
               b"journal_gen" -> generation of the journal records not yet checkpointed;
               b"ns_next" -> next namespace id; b"layer_next" -> next layer id;
               b"ino"+ns -> next inode number; b"stored_bytes", b"chunk_count" -> counters;
@@ -89,6 +92,13 @@ committing in bounded batches, then `publish_staging` links it at its destinatio
 transaction. The builder holds DATA/staging/<token>.lock; a staged tree whose lock is free
 belongs to a dead import and is debris, which the next import or gc removes
 (`reap_stagings`). Until then its objects count in the VM's usage, as they did when built.
+
+Damage. A record whose bytes changed on disk fails its seal and is refused (`Corrupt`: EIO on
+the wire), never served; so is a chunk whose bytes no longer match its hash (each chunk is
+verified whole, once per fetch). `fsck` lists both; `fsck --repair` restores a chunk from
+another copy of its content and never turns damage into zeros. Upgrade: a format-1 store
+(values without seals) is sealed in place, in one transaction, by the first process that
+opens it (with progress in the log); a server of an older Prism must be stopped first.
 
 The journal (`prism.store.journal`, `DATA/meta/journal`). A store opened with `journal=True`
 (the server) makes a batch durable without committing it: `make_durable()` fdatasyncs the
@@ -173,7 +183,8 @@ from prism.store.journal import (
     encode_changes,
 )
 from prism.store.records import Inode
-from prism.store.segments import SegmentFiles, metadata_reserve
+from prism.store.sealed import SealedCursor, SealedTxn, seal, seal_all
+from prism.store.segments import DamagedChunk, SegmentFiles, metadata_reserve
 from prism.store.types import (
     ACCESS_DELETE,
     ACCESS_EXECUTE,
@@ -206,7 +217,9 @@ from prism.store.types import (
 )
 from prism.store.writelock import WriteLock
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""1: values stored bare; 2: every value sealed (`prism.store.sealed`). Opening a format-1
+store seals every record in one transaction first."""
 MAP_SIZE = 1 << 40
 NLINK_MAX = 65000
 WRITE_LOCK_WAIT = 120.0
@@ -227,7 +240,13 @@ STAGING_DIR = "staging"
 VM_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 SNAP_NAME = VM_NAME
 ZEROS = bytes(CHUNK_SIZE)
+VERIFIED_CHUNKS = 64
+"""Chunks read and verified lately, kept for the next small read of them (8 MiB at most)."""
 
+DB_NAMES = (
+    "meta", "ns", "names", "layers", "inodes", "dirents", "cmap", "chunks", "segments", "usage"
+)  # fmt: skip
+"""The databases in `Store._dbs` order: their index is the journal's and the seal's number."""
 _R, _W, _X = 4, 2, 1
 _NS_KEY = R.U32
 _JOURNAL_GEN = b"journal_gen"
@@ -379,6 +398,11 @@ class _Out:
         return ObjectId(self.ns, vol + self.base, ino)
 
 
+def _raw(txn: lmdb.Transaction | None) -> lmdb.Transaction | None:
+    """The LMDB transaction under a sealed one (LMDB nests only its own)."""
+    return cast(SealedTxn, txn).raw if txn is not None else None
+
+
 def _chunk_ref(raw: bytes | memoryview) -> _ChunkRef:
     digest, seq, length, segment, offset = R.CMAP_VAL.unpack(raw)
     return _ChunkRef(R.CHUNK_KEY.pack(digest, seq), length, segment, offset)
@@ -391,18 +415,21 @@ PathEntry = tuple[int, int, dict[int, int] | None]
 class _ReadTxn:
     """Context manager for reads; a plain class because it runs on every call."""
 
-    __slots__ = ("_batch", "_env", "_txn")
+    __slots__ = ("_batch", "_env", "_index", "_txn")
 
-    def __init__(self, env: lmdb.Environment, batch: lmdb.Transaction | None) -> None:
+    def __init__(
+        self, env: lmdb.Environment, batch: lmdb.Transaction | None, index: dict[Any, int]
+    ) -> None:
         self._env = env
         self._batch = batch
+        self._index = index
         self._txn: lmdb.Transaction | None = None
 
     def __enter__(self) -> lmdb.Transaction:
         if self._batch is not None:
             return self._batch
         self._txn = self._env.begin(buffers=False)
-        return self._txn
+        return cast(lmdb.Transaction, SealedTxn(self._txn, self._index))
 
     def __exit__(self, *exc: object) -> None:
         if self._txn is not None:
@@ -455,6 +482,10 @@ class Store:
         self._exports: dict[int, tuple[dict[str, Any], Export]] = {}
         self._import_maps: dict[tuple[int, int], dict[int, int]] = {}
         self.boot_id = secrets.randbits(63) | 1
+        self.damaged_reads = 0
+        """Reads refused because content failed its hash check (since this process began)."""
+        self._damage_logged: set[bytes] = set()
+        self._verified: dict[tuple[int, int, int], bytes] = {}  # (segment, offset, length)
         self._dbs = (
             self._meta,
             self._ns,
@@ -468,12 +499,14 @@ class Store:
             self._usage,
         )
         self._db_index = {db: i for i, db in enumerate(self._dbs)}
+        assert len(DB_NAMES) == len(self._dbs)
         self._journal_path = root / "meta" / "journal"
         self._write_lock = WriteLock(root)
         self._writer: lmdb.Transaction | None = None  # the top-level write txn, if any
         self._broken: BaseException | None = None  # why this process may no longer write
         self.journal = journal
         self._journaled: list[Change] = []  # the batch's changes not yet in the journal
+        self._upgrade()
         # The first write: `_begin_write` replays what a dead journal owner left, so every
         # process opening the store sees its acknowledged changes (the journal's owner
         # resumes its records afterwards, in `_resume_journal`).
@@ -490,6 +523,46 @@ class Store:
                     t.put(key, R.USAGE_VAL.pack(*R.USAGE_VAL.unpack(raw)[:2], 0), db=self._usage)
                 t.put(_USAGE_REV, R.U64.pack(USAGE_REV), db=self._meta)
             self.secret: bytes = bytes(t.get(b"secret", db=self._meta) or b"")
+
+    def _upgrade(self) -> None:
+        """Seal every record of a format-1 store, in one transaction (before any journal
+        replay, which seals what it replays). A live server of an older Prism must not
+        see its records change: while one owns the journal, refuse."""
+        with self._env.begin() as t:
+            version = t.get(b"format", db=self._meta)
+        if version is None or len(version) != R.U32.size or R.U32.unpack(version)[0] != 1:
+            return
+        if self.journal is None and self._journal_path.exists():  # (a server owns it already)
+            try:
+                Journal.open(self._journal_path).close()
+            except JournalBusy:
+                raise Busy(
+                    f"{self.path} is served by an older Prism that owns {self._journal_path}; "
+                    "stop it, then run any prism command to upgrade the store"
+                ) from None
+        self._write_lock.acquire(WRITE_LOCK_WAIT)
+        txn = self._env.begin(write=True)
+        try:
+            version = txn.get(b"format", db=self._meta)
+            if version is not None and len(version) == R.U32.size:  # nobody upgraded meanwhile
+                log.warning("upgrading %s to format 2: sealing every record", self.path)
+                count = seal_all(
+                    txn,
+                    self._dbs,
+                    lambda n: log.warning("upgrade: sealed %d records so far", n),
+                )
+                txn.put(
+                    b"format",
+                    seal(self._db_index[self._meta], b"format", R.U32.pack(FORMAT_VERSION)),
+                    db=self._meta,
+                )
+                log.warning("upgrade done: sealed %d records", count)
+            txn.commit()
+        except BaseException:
+            txn.abort()
+            raise
+        finally:
+            self._write_lock.release()
 
     @classmethod
     def open(
@@ -675,7 +748,7 @@ class Store:
     @contextlib.contextmanager
     def _write(self) -> Iterator[lmdb.Transaction]:
         if self._batch is not None:
-            child = self._env.begin(write=True, parent=self._batch)
+            child = self._sealed(self._env.begin(write=True, parent=_raw(self._batch)))
             recorder = None if self.journal is None else _Recorder(child, self._db_index)
             try:
                 yield child if recorder is None else cast(lmdb.Transaction, recorder)
@@ -706,7 +779,7 @@ class Store:
             )
         self._write_lock.acquire(WRITE_LOCK_WAIT)
         try:
-            txn = self._writer = self._env.begin(write=True)
+            txn = self._writer = self._sealed(self._env.begin(write=True))
         except BaseException:
             self._write_lock.release()
             raise
@@ -792,9 +865,17 @@ class Store:
             self.forget_layers()
         return generation, len(payloads)
 
+    def _sealed(self, raw: lmdb.Transaction) -> lmdb.Transaction:
+        """`raw` behind the one seam that seals and verifies every value (`sealed`)."""
+        return cast(lmdb.Transaction, SealedTxn(raw, self._db_index))
+
+    def _snapshot(self) -> lmdb.Transaction:
+        """A read-only transaction of the caller's own (to abort), values verified."""
+        return self._sealed(self._env.begin(buffers=False))
+
     def _read(self) -> _ReadTxn:
         """A read transaction (the open batch, when there is one, so reads see its writes)."""
-        return _ReadTxn(self._env, self._batch)
+        return _ReadTxn(self._env, self._batch, self._db_index)
 
     # -- counters ----------------------------------------------------------------------
 
@@ -839,6 +920,12 @@ class Store:
         raw = t.get(name.encode(), db=self._names)
         if raw is None:
             what = "snapshot" if "@" in name else "VM"
+            for key, rec in t.cursor(db=self._ns):  # the names index is derived from these
+                if _parsed(self._ns_cache, bytes(rec))["name"] == name:
+                    raise Corrupt(
+                        f"the names index has lost {what} {name!r} (namespace "
+                        f"{_NS_KEY.unpack(key)[0]}); run `prism fsck --repair` to rebuild it"
+                    )
             raise NotFound(f"no {what} named {name!r}; see `prism vm list`")
         return self._view(t, R.U32.unpack(raw)[0])
 
@@ -1364,10 +1451,53 @@ class Store:
                 return _chunk_ref(raw) if raw else None
         return None
 
-    def _chunk_bytes(self, ref: _ChunkRef | None) -> bytes:
+    def _chunk_bytes(
+        self, ref: _ChunkRef | None, view: _View, vol: int, ino: int, index: int
+    ) -> bytes:
+        """Chunk `index` of the file, verified (b"" for a hole)."""
         if ref is None:
             return b""
-        return self.segments.read(ref.segment, ref.offset, ref.length)
+        return self._read_run(view, vol, ino, index, [ref])
+
+    def _read_run(
+        self, view: _View, vol: int, ino: int, first: int, refs: list[_ChunkRef]
+    ) -> bytes:
+        """Whole chunks `first`, `first`+1... of a file, adjacent in one segment, read in one
+        pread and each verified against its hash. Damage raises Corrupt, after it is counted
+        in `damaged_reads` and logged once per chunk with the file and byte range. A lone
+        chunk is kept (verified) for the next read of it: small reads of a chunk then fetch
+        and hash it once, not once per read."""
+        place = (refs[0].segment, refs[0].offset, refs[0].length)
+        if len(refs) == 1:
+            data = self._verified.get(place)
+            if data is not None:
+                return data
+        try:
+            data = self.segments.read_chunks(
+                place[0], place[1], [(r.length, r.key[:16]) for r in refs]
+            )
+        except DamagedChunk as exc:
+            ref = refs[exc.position]
+            lo = (first + exc.position) * CHUNK_SIZE
+            where = (
+                f"{view.name}: file {ObjectId(view.id, vol, ino).fileid}, "
+                f"bytes {lo}-{lo + ref.length - 1} (chunk {ref.key.hex()})"
+            )
+            self.damaged_reads += 1
+            if ref.key not in self._damage_logged:
+                if len(self._damage_logged) > 4096:
+                    self._damage_logged.clear()
+                self._damage_logged.add(ref.key)
+                log.error("damaged content in %s: %s; reads of it fail with EIO", where, exc)
+            raise Corrupt(
+                f"damaged content in {where}; run `prism fsck --repair` to restore it "
+                "from another copy or list the damaged files"
+            ) from None
+        if len(refs) == 1:
+            if len(self._verified) >= VERIFIED_CHUNKS:  # bytes at a place never change
+                del self._verified[next(iter(self._verified))]
+            self._verified[place] = data
+        return data
 
     def _set_chunk(
         self,
@@ -1403,9 +1533,22 @@ class Store:
     def _read_range(
         self, t: lmdb.Transaction, view: _View, vol: int, ino: int, start: int, end: int
     ) -> bytes:
+        """Bytes [start, end) of a file: holes and the tails of short chunks read as zeros;
+        stored chunks are fetched whole (one pread per run of chunks adjacent in a segment)
+        and verified once per fetch, then the wanted bytes are sliced out."""
         path = self._path(t, view.top, vol)
-        parts: list[bytes] = []
-        run_seg = run_off = run_len = 0
+        parts: list[bytes | memoryview] = []
+        run: list[_ChunkRef] = []  # chunks adjacent in one segment, wanted end to end
+        run_first = run_lo = run_len = 0  # run's first chunk index; wanted bytes in the run
+
+        def flush() -> None:
+            data = self._read_run(view, vol, ino, run_first, run)
+            if run_lo == 0 and run_len == len(data):
+                parts.append(data)
+            else:
+                parts.append(memoryview(data)[run_lo : run_lo + run_len])
+            run.clear()
+
         for index in range(start // CHUNK_SIZE, (end - 1) // CHUNK_SIZE + 1):
             base = index * CHUNK_SIZE
             lo = max(start, base) - base
@@ -1413,21 +1556,30 @@ class Store:
             ref = self._chunk_at(t, path, ino, index)
             have = min(hi, ref.length) if ref is not None else 0
             if ref is not None and lo < have:
-                offset = ref.offset + lo
-                if run_len and run_seg == ref.segment and run_off + run_len == offset:
-                    run_len += have - lo
+                last = run[-1] if run else None
+                if (
+                    last is not None
+                    and lo == 0
+                    and last.segment == ref.segment
+                    and last.offset + last.length == ref.offset
+                    and run_lo + run_len == ref.offset - run[0].offset
+                ):
+                    run.append(ref)
+                    run_len += have
                 else:
-                    if run_len:
-                        parts.append(self.segments.read(run_seg, run_off, run_len))
-                    run_seg, run_off, run_len = ref.segment, offset, have - lo
+                    if run:
+                        flush()
+                    run.append(ref)
+                    run_first, run_lo, run_len = index, lo, have - lo
             if hi > max(lo, have):
-                if run_len:
-                    parts.append(self.segments.read(run_seg, run_off, run_len))
-                    run_len = 0
+                if run:
+                    flush()
                 parts.append(ZEROS[: hi - max(lo, have)])
-        if run_len:
-            parts.append(self.segments.read(run_seg, run_off, run_len))
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        if run:
+            flush()
+        if len(parts) == 1:
+            return parts[0] if isinstance(parts[0], bytes) else bytes(parts[0])
+        return b"".join(parts)
 
     def _write_range(
         self,
@@ -1451,7 +1603,7 @@ class Store:
             if lo == base and hi - base == clen:
                 content = bytes(piece)
             else:
-                old = self._chunk_bytes(self._chunk_at(t, path, ino, index))
+                old = self._chunk_bytes(self._chunk_at(t, path, ino, index), view, vol, ino, index)
                 buf = bytearray(clen)
                 buf[: min(len(old), clen)] = old[:clen]
                 buf[lo - base : hi - base] = piece
@@ -1466,7 +1618,7 @@ class Store:
         path = self._path(t, view.top, vol)
         if new_size % CHUNK_SIZE:
             index = new_size // CHUNK_SIZE
-            old = self._chunk_bytes(self._chunk_at(t, path, ino, index))
+            old = self._chunk_bytes(self._chunk_at(t, path, ino, index), view, vol, ino, index)
             keep = new_size % CHUNK_SIZE
             if len(old) > keep:
                 self._set_chunk(t, view.top, path, vol, ino, index, old[:keep])
@@ -1636,10 +1788,13 @@ class Store:
     def list_namespaces(self, kind: str | None = None) -> list[NamespaceInfo]:
         with self._read() as t:
             out = []
-            for _, raw in t.cursor(db=self._ns):
+            cur = cast(SealedCursor, t.cursor(db=self._ns))
+            for _, raw in cur.intact():
                 rec = json.loads(bytes(raw))
                 if kind is None or rec["kind"] == kind:
                     out.append(self._info(t, rec))
+            for key in cur.damaged:  # the others stay listed and served
+                log.error("namespace record %s is damaged, not served; run `prism fsck`", key.hex())
             return sorted(out, key=lambda info: info.name)
 
     _UNCHANGED: Any = object()
