@@ -54,7 +54,14 @@ from prism.errors import Corrupt, NoSpace, StoreError
 from prism.store import records as R
 from prism.store.records import Inode
 from prism.store.sealed import DamagedRecord, SealedCursor, open_value
-from prism.store.store import DB_NAMES, SHARE_VOL_BASE, SHARE_VOL_SPAN, Store, _View
+from prism.store.store import (
+    DB_NAMES,
+    SHARE_VOL_BASE,
+    SHARE_VOL_SPAN,
+    Store,
+    _View,
+    charged_bytes,
+)
 from prism.store.types import CHUNK_SIZE, ROOT_INO, DirEntry, FileType, ObjectId
 
 COMPACT_BELOW = 0.5
@@ -314,7 +321,7 @@ def _cross_check(
     if raw is not None:
         nbytes, objects, valid = R.USAGE_VAL.unpack(raw)
         found = (
-            sum(n.size for n in tree.objects.values() if n.type == FileType.REG),
+            sum(charged_bytes(n) for n in tree.objects.values()),
             len(tree.objects),
         )
         if valid and (nbytes, objects) != found:

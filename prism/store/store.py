@@ -1374,7 +1374,7 @@ class Store:
             if node is None:
                 continue
             objects += 1
-            nbytes += _charged(node)
+            nbytes += charged_bytes(node)
             if node.type == FileType.DIR:
                 stack.extend(
                     (e.oid.vol, e.oid.ino)
@@ -1653,7 +1653,7 @@ class Store:
         """The last link is gone: release the object's own records."""
         if node.type == FileType.REG:
             self._truncate(t, view, vol, ino, node.size, 0)
-        self._usage_add(t, view, -_charged(node), -1)
+        self._usage_add(t, view, -charged_bytes(node), -1)
         self._drop_inode(t, view, vol, ino)
 
     # -- public: namespaces --------------------------------------------------------------
@@ -2475,7 +2475,7 @@ class Store:
             cur = t.cursor(db=self._meta)
             out = []
             if cur.set_range(_STAGE):
-                for key in cur.iternext(values=False):
+                for key, _ in cur:
                     if not bytes(key).startswith(_STAGE):
                         break
                     out.append(bytes(key)[len(_STAGE) :].decode())
@@ -2848,7 +2848,7 @@ class Store:
                 dnode.nlink += 1
             dnode.mtime_ns = dnode.ctime_ns = now
             self._put_inode(t, view, d.vol, d.ino, dnode)
-            self._usage_add(t, view, _charged(node), 1)
+            self._usage_add(t, view, charged_bytes(node), 1)
             return self._attr(out.oid(0, ino), node)
 
     def create(
@@ -3189,7 +3189,7 @@ def _all_zero(data: bytes) -> bool:
     return data == (ZEROS if len(data) == CHUNK_SIZE else bytes(len(data)))
 
 
-def _charged(node: Inode) -> int:
+def charged_bytes(node: Inode) -> int:
     """The data bytes an object counts against its VM's quota: a file's size, a symlink's
     target (both are bytes a VM stores)."""
     return node.size if node.type in (FileType.REG, FileType.LNK) else 0
