@@ -5,6 +5,7 @@ wakeups, for every pairing of a native or Python server with a native or Python 
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import random
 import select
@@ -31,7 +32,7 @@ from hypothesis.stateful import (
 )
 
 from tests.vrpc_helpers import BACKENDS, PAIRS, Channel, channel
-from vrpc import abi
+from vrpc import abi, pyring
 from vrpc.native import NATIVE_AVAILABLE
 from vrpc.ring import RingClosed, RingProtocolError, ServerRing
 
@@ -382,6 +383,123 @@ def test_poll_mode_doorbell(server: str, client: str) -> None:
             assert ch.client.reap() == [(i % 4, 3, 0)]
         with pytest.raises(BlockingIOError):  # no eventfd was written in poll mode
             os.eventfd_read(ch.call)
+
+
+# ------------------------------------------------------------------------------- whole words
+
+_INDEX_WORDS = ("sq_tail", "sq_head", "cq_tail", "cq_head")
+
+
+def _watch(segment_map: object, first: int, calls: int, stop: object, ready: int) -> str | None:
+    """The watcher process: load the index and flag words, whole, until `stop[0]` is set.
+
+    A word is published with one store, so every value seen must be one the owner really
+    wrote: indices only move forward (mod 2^32) within [first, first + calls], flags stay
+    within their known bits. A store done in parts (a byte at a time, or `struct.pack_into`,
+    which zeroes the word before writing it) shows up as a value out of that order."""
+    with memoryview(segment_map) as whole:  # type: ignore[arg-type]
+        words = whole[: abi.SLOT_OFFSET].cast("I")
+    try:
+        at = [abi.RING_HEADER[name][0] // 4 for name in _INDEX_WORDS]
+        flags_at = [abi.RING_HEADER[name][0] // 4 for name in ("server_flags", "client_flags")]
+        known = abi.SERVER_IDLE | abi.SERVER_CLOSED | abi.CLIENT_WAITING
+        last = [first] * len(at)
+        os.write(ready, b"r")
+        while not stop[0]:  # type: ignore[index]
+            for _ in range(256):
+                for k, i in enumerate(at):
+                    value = words[i]
+                    if (value - last[k]) & M32 >= 2**31 or (value - first) & M32 > calls:
+                        return f"{_INDEX_WORDS[k]} read {value} after {last[k]} (first {first})"
+                    last[k] = value
+                for i in flags_at:
+                    if words[i] & ~known:
+                        return f"a flags word read {words[i]:#x}"
+        return None
+    finally:
+        words.release()
+
+
+@pytest.mark.parametrize(("server", "client"), PAIRS)
+def test_shared_words_are_never_seen_partly_written(server: str, client: str) -> None:
+    """Another process never sees an index word torn or transiently zeroed (across the wrap).
+
+    The cross-process stress hit this class only now and then (a Python client's sq_tail read
+    as 0 by the server: an SQ overrun); here a watcher process reads the words as fast as it
+    can for a second while this process runs both ends of the ring."""
+    calls, seconds = 10**6, 1.0
+    first = 2**32 - 3000
+    with channel(server, client, nslots=1, first_index=first) as ch:
+        stop_map = mmap.mmap(-1, 4096)
+        stop = memoryview(stop_map).cast("I")
+        ready_r, ready_w = os.pipe()
+        report_r, report_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the watcher
+            code = 1
+            try:
+                os.close(report_r)
+                error = _watch(ch.client_map, first, calls, stop, ready_w)
+                os.write(report_w, (error or "").encode())
+                code = 0 if error is None else 1
+            except BaseException:
+                os.write(report_w, traceback.format_exc().encode()[-2000:])
+            finally:
+                os._exit(code)
+        os.close(report_w)
+        os.close(ready_w)
+        try:
+            assert os.read(ready_r, 1) == b"r"
+            deadline = time.monotonic() + seconds
+            i = 0
+            while i < calls and (i % 256 or time.monotonic() < deadline):
+                ch.client.submit(0, i % 7)
+                if i % 3 == 0:
+                    ch.server.arm()
+                    ch.server.disarm()
+                assert ch.server.drain(4) == [(0, i % 7)]
+                ch.server.complete(0, b"x" * (i % 5))
+                assert ch.client.reap() == [(0, i % 5, 0)]
+                i += 1
+            assert i > 3000  # the indices wrapped
+        finally:
+            stop[0] = 1
+            status = _reap_child(pid)
+            report = os.read(report_r, 4096).decode()
+            os.close(report_r)
+            os.close(ready_r)
+            stop.release()
+            stop_map.close()
+        assert status == 0, report
+        assert report == ""
+
+
+def test_python_backend_stores_each_word_at_once() -> None:
+    """The mechanism, deterministically: a `_Words` store converts the value first and then
+    replaces the old word in one store, so no reader can see anything in between (the value's
+    `__index__` runs where `struct.pack_into` would already have zeroed the word). And the
+    Python backend does not use `struct` on the segment at all."""
+    buf = mmap.mmap(-1, abi.ring_size(1))
+    words = pyring._Words(buf)
+    try:
+        at = abi.RING_HEADER["sq_tail"][0] // 4
+        words.u32[at] = 0xFFFFFEFF
+        seen: list[int] = []
+
+        class Index:
+            def __index__(self) -> int:
+                seen.append(words.u32[at])
+                return 0xFFFFFF00
+
+        words.u32[at] = Index()  # type: ignore[call-overload]
+        assert seen == [0xFFFFFEFF]
+        assert words.u32[at] == 0xFFFFFF00
+        assert int.from_bytes(buf[128:132], sys.byteorder) == 0xFFFFFF00
+        assert words.get("sq_tail") == 0xFFFFFF00
+    finally:
+        words.release()
+        buf.close()
+    assert not hasattr(pyring, "struct")
 
 
 # ------------------------------------------------------------------------------- stress

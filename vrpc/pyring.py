@@ -1,4 +1,4 @@
-"""The pure-Python ring backend: the same functions as `native/vrpc_ring.c`, in mmap + struct.
+"""The pure-Python ring backend: the same functions as `native/vrpc_ring.c`, in mmap + memoryview.
 
 It exists as the reference the C code is tested against (every ring test runs on both) and as
 the fallback when the C module could not be built. It follows the same rules R1-R7
@@ -6,8 +6,13 @@ the fallback when the C module could not be built. It follows the same rules R1-
 it owns, validates each SQE it loads once, and sleepers and wakers use the flag / full fence /
 reload handshake of R4.
 
-Memory ordering from Python: every shared word is read or written by one `struct` call on an
-aligned address (a single load or store in CPython's memcpy). CPython gives no fences, so
+Memory ordering from Python: every shared word is read or written as one item of a typed
+memoryview of the segment (`_Words`: `memoryview.cast("H" / "I" / "Q")`), on its natural
+alignment, which CPython does with a single fixed-size memcpy: one load or one store. Never with
+`struct.pack_into`: it clears the destination (`memset(0)`) before it converts and stores the
+value, so a peer process can read a published index or flag word as 0 in between (a tail of 0
+is an SQ overrun to the server; that was the intermittent cross-process failure). Reads go
+through the same views so that no word is ever assembled from parts. CPython gives no fences, so
 `full_fence()` acquires and releases a lock: its atomic read-modify-write is a full barrier
 on x86 (a `lock`-prefixed instruction), which is what R4's seq_cst fence needs; loads are not
 reordered with loads nor stores with stores on x86, which covers R1's acquire and release.
@@ -21,31 +26,28 @@ import math
 import mmap
 import os
 import select
-import struct
 import threading
 import time
 
 from vrpc import abi
 from vrpc.ring import RingClosed, RingProtocolError, open_error
 
-_U16 = struct.Struct("=H")
-_U32 = struct.Struct("=I")
-_U64 = struct.Struct("=Q")
-_ENTRY = struct.Struct("=IIII")
 _M32 = 0xFFFFFFFF
 
 
-def _at(name: str) -> int:
-    return abi.RING_HEADER[name][0]
+def _word(name: str) -> int:
+    """The index of the u32 header word `name` in `_Words.u32`."""
+    offset, width = abi.RING_HEADER[name]
+    assert width == 4 and offset % 4 == 0
+    return offset // 4
 
 
-_MAGIC, _SQ_TAIL, _CLIENT_FLAGS = _at("magic"), _at("sq_tail"), _at("client_flags")
-_SQ_HEAD, _SERVER_FLAGS, _CQ_TAIL, _CQ_HEAD = (
-    _at("sq_head"),
-    _at("server_flags"),
-    _at("cq_tail"),
-    _at("cq_head"),
-)
+_SQ_TAIL, _CLIENT_FLAGS = _word("sq_tail"), _word("client_flags")
+_SQ_HEAD, _SERVER_FLAGS = _word("sq_head"), _word("server_flags")
+_CQ_TAIL, _CQ_HEAD = _word("cq_tail"), _word("cq_head")
+_MAGIC = abi.RING_HEADER["magic"][0] // 8  # in _Words.u64
+_SQ_WORD = abi.SQ_OFFSET // 4  # SQ entry i is u32 words _SQ_WORD + 4 * i .. + 3
+_ENTRY_WORDS = abi.ENTRY_SIZE // 4
 _CQE_KNOWN_FLAGS = abi.CQE_NOREPLY | abi.CQE_FAST
 _fence_lock = threading.Lock()
 
@@ -54,6 +56,43 @@ def full_fence() -> None:
     """A seq_cst fence between a store and a later load (R4), see the module docstring."""
     _fence_lock.acquire()
     _fence_lock.release()
+
+
+class _Words:
+    """Whole-word views of a segment's header and queues, `[0, SLOT_OFFSET)`.
+
+    `u32[i]` is the u32 at byte `4 * i` (likewise `u16`, `u64`). Reading or assigning an item
+    is one aligned load or store of the whole word (the mapping is page-aligned); see the
+    module docstring for why `struct.pack_into` must not touch shared words.
+    """
+
+    __slots__ = ("u16", "u32", "u64")
+
+    def __init__(self, buf: mmap.mmap) -> None:
+        with memoryview(buf) as whole:
+            area = whole[: abi.SLOT_OFFSET]
+            self.u16 = area.cast("H")
+            self.u32 = area.cast("I")
+            self.u64 = area.cast("Q")
+            area.release()
+        assert self.u16.itemsize == 2 and self.u32.itemsize == 4 and self.u64.itemsize == 8
+
+    def get(self, name: str) -> int:
+        """Header field `name` (geometry), by its ABI width."""
+        offset, width = abi.RING_HEADER[name]
+        return int(self._view(width)[offset // width])
+
+    def put(self, name: str, value: int) -> None:
+        offset, width = abi.RING_HEADER[name]
+        self._view(width)[offset // width] = value
+
+    def _view(self, width: int) -> memoryview:
+        return {2: self.u16, 4: self.u32, 8: self.u64}[width]
+
+    def release(self) -> None:
+        self.u16.release()
+        self.u32.release()
+        self.u64.release()
 
 
 def _pow2(x: int) -> bool:
@@ -104,7 +143,8 @@ class PyServerRing:
         self._cq = abi.SQ_OFFSET + abi.ENTRY_SIZE * entries
         first_index &= _M32
         buf[0 : abi.SLOT_OFFSET] = bytes(abi.SLOT_OFFSET)
-        h = abi.RING_HEADER
+        words = self._words = _Words(buf)
+        self._w = words.u32
         for name, value in (
             ("abi_major", abi.ABI_MAJOR),
             ("abi_minor", abi.ABI_MINOR),
@@ -125,9 +165,8 @@ class PyServerRing:
             ("cq_tail", first_index),
             ("cq_head", first_index),
         ):
-            offset, width = h[name]
-            {2: _U16, 4: _U32, 8: _U64}[width].pack_into(buf, offset, value)
-        _U64.pack_into(buf, _MAGIC, abi.RING_MAGIC)
+            words.put(name, value)
+        words.u64[_MAGIC] = abi.RING_MAGIC  # last: the client checks it first
         self._head = first_index
         self._cq_tail = first_index
         self._flags = 0
@@ -152,14 +191,14 @@ class PyServerRing:
             raise RingProtocolError(self.error)
         if self._flags & abi.SERVER_CLOSED:
             raise RingClosed("drain: the VRPC channel is closed")
-        buf, head = self._buf, self._head
-        tail = _U32.unpack_from(buf, _SQ_TAIL)[0]
+        w, head = self._w, self._head
+        tail = w[_SQ_TAIL]
         if (tail - head) & _M32 > self._entries:
             raise self._protocol_error(abi.ERR_SQ_OVERRUN, head, tail)
         work: list[tuple[int, int]] = []
         while head != tail and len(work) < max_calls:
-            at = abi.SQ_OFFSET + abi.ENTRY_SIZE * (head & self._mask)
-            slot, length, flags, _ = _ENTRY.unpack_from(buf, at)
+            at = _SQ_WORD + _ENTRY_WORDS * (head & self._mask)
+            slot, length, flags = w[at], w[at + 1], w[at + 2]
             if flags:
                 raise self._protocol_error(abi.ERR_SQE_FLAGS, head, flags)
             if slot >= self.nslots:
@@ -173,7 +212,7 @@ class PyServerRing:
             head = (head + 1) & _M32
         self.calls += len(work)
         self._head = head
-        _U32.pack_into(buf, _SQ_HEAD, head)
+        w[_SQ_HEAD] = head
         return work
 
     def record(self, slot: int, length: int) -> bytes:
@@ -196,16 +235,15 @@ class PyServerRing:
         self._inflight &= ~(1 << slot)
         if self._flags & abi.SERVER_CLOSED:
             raise RingClosed("complete: the VRPC channel is closed; reply dropped")
-        buf = self._buf
+        w = self._w
         start = abi.SLOT_OFFSET + slot * abi.SLOT_SIZE
-        buf[start : start + length] = reply
-        _ENTRY.pack_into(
-            buf, self._cq + abi.ENTRY_SIZE * (self._cq_tail & self._mask), slot, length, flags, 0
-        )
+        self._buf[start : start + length] = reply
+        at = (self._cq + abi.ENTRY_SIZE * (self._cq_tail & self._mask)) // 4
+        w[at], w[at + 1], w[at + 2], w[at + 3] = slot, length, flags, 0
         self._cq_tail = (self._cq_tail + 1) & _M32
-        _U32.pack_into(buf, _CQ_TAIL, self._cq_tail)
+        w[_CQ_TAIL] = self._cq_tail
         full_fence()
-        if _U32.unpack_from(buf, _CLIENT_FLAGS)[0] & abi.CLIENT_WAITING:
+        if w[_CLIENT_FLAGS] & abi.CLIENT_WAITING:
             _ring_bell(self._call_fd)
             return True
         return False
@@ -214,22 +252,22 @@ class PyServerRing:
         if self._flags & abi.SERVER_CLOSED:
             return False
         self._flags |= abi.SERVER_IDLE
-        _U32.pack_into(self._buf, _SERVER_FLAGS, self._flags)
+        self._w[_SERVER_FLAGS] = self._flags
         full_fence()
-        return _U32.unpack_from(self._buf, _SQ_TAIL)[0] != self._head
+        return bool(self._w[_SQ_TAIL] != self._head)
 
     def disarm(self) -> None:
         self._flags &= ~abi.SERVER_IDLE
-        _U32.pack_into(self._buf, _SERVER_FLAGS, self._flags)
+        self._w[_SERVER_FLAGS] = self._flags
 
     def close(self) -> None:
         self._flags |= abi.SERVER_CLOSED
-        _U32.pack_into(self._buf, _SERVER_FLAGS, self._flags)
+        self._w[_SERVER_FLAGS] = self._flags
         full_fence()
         _ring_bell(self._call_fd)
 
     def release(self) -> None:
-        pass
+        self._words.release()
 
 
 class PyClientRing:
@@ -239,14 +277,39 @@ class PyClientRing:
         size = len(buf)
         if size < abi.SLOT_OFFSET:
             raise open_error(errno.EINVAL)
-        if _U64.unpack_from(buf, _MAGIC)[0] != abi.RING_MAGIC:
+        words = _Words(buf)
+        try:
+            g = self._geometry(words, size, kick_fd, call_fd)
+        except BaseException:
+            words.release()
+            raise
+        self._words = words
+        self._w = words.u32
+        self._buf = buf
+        self._view = memoryview(buf)
+        self.nslots = g["nslots"]
+        self.features = g["features"]
+        self.boot_id = g["boot_id"]
+        self.channel_id = g["channel_id"]
+        self._entries = g["entries"]
+        self._mask = self._entries - 1
+        self._cq = g["cq_offset"]
+        self._tail = g["sq_tail"]
+        self._head = g["cq_head"]
+        self._inflight = 0
+        polling = g["doorbell"] == abi.DOORBELL_POLL
+        self._kick_fd = -1 if polling else kick_fd
+        self._call_fd = -1 if polling else call_fd
+        self._poll: tuple[int, select.poll] | None = None
+
+    @staticmethod
+    def _geometry(words: _Words, size: int, kick_fd: int, call_fd: int) -> dict[str, int]:
+        """The header's fields, loaded once into a dict and validated there (R2)."""
+        if words.u64[_MAGIC] != abi.RING_MAGIC:
             raise open_error(errno.EBADMSG)
-        if _U16.unpack_from(buf, abi.RING_HEADER["abi_major"][0])[0] != abi.ABI_MAJOR:
+        if words.get("abi_major") != abi.ABI_MAJOR:
             raise open_error(errno.EPROTONOSUPPORT)
-        g = {
-            name: {2: _U16, 4: _U32, 8: _U64}[width].unpack_from(buf, offset)[0]
-            for name, (offset, width) in abi.RING_HEADER.items()
-        }
+        g = {name: words.get(name) for name in abi.RING_HEADER}
         nslots, entries, doorbell = g["nslots"], g["entries"], g["doorbell"]
         if (
             g["header_size"] != abi.HEADER_SIZE
@@ -263,22 +326,7 @@ class PyClientRing:
             or (doorbell == abi.DOORBELL_EVENTFD and (kick_fd < 0 or call_fd < 0))
         ):
             raise open_error(errno.EINVAL)
-        self._buf = buf
-        self._view = memoryview(buf)
-        self.nslots = nslots
-        self.features = g["features"]
-        self.boot_id = g["boot_id"]
-        self.channel_id = g["channel_id"]
-        self._entries = entries
-        self._mask = entries - 1
-        self._cq = g["cq_offset"]
-        self._tail = g["sq_tail"]
-        self._head = g["cq_head"]
-        self._inflight = 0
-        polling = doorbell == abi.DOORBELL_POLL
-        self._kick_fd = -1 if polling else kick_fd
-        self._call_fd = -1 if polling else call_fd
-        self._poll: tuple[int, select.poll] | None = None
+        return g
 
     def slot(self, slot: int) -> memoryview:
         if not 0 <= slot < self.nslots:
@@ -287,10 +335,10 @@ class PyClientRing:
         return self._view[start : start + abi.SLOT_SIZE]
 
     def _closed(self) -> bool:
-        return bool(_U32.unpack_from(self._buf, _SERVER_FLAGS)[0] & abi.SERVER_CLOSED)
+        return bool(self._w[_SERVER_FLAGS] & abi.SERVER_CLOSED)
 
     def _ready(self) -> bool:
-        return _U32.unpack_from(self._buf, _CQ_TAIL)[0] != self._head
+        return bool(self._w[_CQ_TAIL] != self._head)
 
     def submit(self, slot: int, length: int) -> bool:
         if self._closed():
@@ -300,28 +348,26 @@ class PyClientRing:
         if self._inflight >> slot & 1:
             raise ValueError(f"submit: slot {slot} is already in flight")
         self._inflight |= 1 << slot
-        buf = self._buf
-        _ENTRY.pack_into(
-            buf, abi.SQ_OFFSET + abi.ENTRY_SIZE * (self._tail & self._mask), slot, length, 0, 0
-        )
+        w = self._w
+        at = _SQ_WORD + _ENTRY_WORDS * (self._tail & self._mask)
+        w[at], w[at + 1], w[at + 2], w[at + 3] = slot, length, 0, 0
         self._tail = (self._tail + 1) & _M32
-        _U32.pack_into(buf, _SQ_TAIL, self._tail)
+        w[_SQ_TAIL] = self._tail
         full_fence()
-        if _U32.unpack_from(buf, _SERVER_FLAGS)[0] & abi.SERVER_IDLE:
+        if w[_SERVER_FLAGS] & abi.SERVER_IDLE:
             _ring_bell(self._kick_fd)
             return True
         return False
 
     def reap(self, max_completions: int = abi.MAX_SLOTS) -> list[tuple[int, int, int]]:
-        buf, head = self._buf, self._head
-        tail = _U32.unpack_from(buf, _CQ_TAIL)[0]
+        w, head = self._w, self._head
+        tail = w[_CQ_TAIL]
         if (tail - head) & _M32 > self._entries:
             raise RingProtocolError(f"reap: cq_tail {tail} runs {tail - head} ahead of {head}")
         done: list[tuple[int, int, int]] = []
         while head != tail and len(done) < max_completions:
-            slot, length, flags, _ = _ENTRY.unpack_from(
-                buf, self._cq + abi.ENTRY_SIZE * (head & self._mask)
-            )
+            at = (self._cq + abi.ENTRY_SIZE * (head & self._mask)) // 4
+            slot, length, flags = w[at], w[at + 1], w[at + 2]
             if (
                 slot >= self.nslots
                 or not self._inflight >> slot & 1
@@ -336,7 +382,7 @@ class PyClientRing:
             done.append((slot, length, flags))
             head = (head + 1) & _M32
         self._head = head
-        _U32.pack_into(buf, _CQ_HEAD, head)
+        w[_CQ_HEAD] = head
         if not done and self._closed():
             raise RingClosed("reap: the VRPC channel is closed")
         return done
@@ -359,12 +405,12 @@ class PyClientRing:
         if self._call_fd < 0:
             return self._wait_polling(deadline)
         poller = self._poller(extra_fd)
-        buf = self._buf
+        w = self._w
         while True:
-            _U32.pack_into(buf, _CLIENT_FLAGS, abi.CLIENT_WAITING)
+            w[_CLIENT_FLAGS] = abi.CLIENT_WAITING
             full_fence()
             if self._ready() or self._closed():
-                _U32.pack_into(buf, _CLIENT_FLAGS, 0)
+                w[_CLIENT_FLAGS] = 0
                 if self._ready():
                     return True
                 raise RingClosed("wait: the VRPC channel is closed")
@@ -374,7 +420,7 @@ class PyClientRing:
             try:
                 events = poller.poll(left)
             finally:
-                _U32.pack_into(buf, _CLIENT_FLAGS, 0)
+                w[_CLIENT_FLAGS] = 0
             hangup = False
             for fd, ev in events:
                 if fd == self._call_fd and ev & select.POLLIN:
@@ -403,6 +449,7 @@ class PyClientRing:
 
     def release(self) -> None:
         self._view.release()
+        self._words.release()
 
 
 class PythonBackend:
