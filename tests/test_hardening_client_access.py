@@ -26,6 +26,8 @@ import pytest
 from prism.nfs.client import MountClient, NfsClient, auth_sys
 from prism.nfs.const import MOUNT_PROGRAM, MOUNT_V3, NFS_PROGRAM, NFS_V3, MountStat3, NfsStat3
 from prism.nfs.types import NfsFh3, Sattr3
+from prism.store.sealed import open_value, seal
+from prism.store.store import DB_NAMES
 from rpc.client import RpcClient
 from tests.op_helpers import PrismServe, nfs_put, prism, prism_json
 
@@ -193,11 +195,12 @@ def test_records_from_before_the_options_keep_their_access(tmp_path: Path) -> No
     env = lmdb.open(str(data / "meta"), max_dbs=16)
     ns = env.open_db(b"ns")
     with env.begin(write=True) as t:
+        index = DB_NAMES.index("ns")
         for key, raw in list(t.cursor(db=ns)):
-            rec = json.loads(raw)
+            rec = json.loads(open_value(index, key, raw))
             for field in ("secure", "squash", "anon_uid", "anon_gid"):
                 rec.pop(field)
-            t.put(key, json.dumps(rec, sort_keys=True).encode(), db=ns)
+            t.put(key, seal(index, key, json.dumps(rec, sort_keys=True).encode()), db=ns)
     env.close()
     shown = prism_json(data, "vm", "show", "old")
     assert (shown["secure"], shown["squash"]) == (False, "none")

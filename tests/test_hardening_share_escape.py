@@ -31,6 +31,8 @@ from prism.nfs.const import NfsStat3
 from prism.nfs.types import NfsFh3, Sattr3
 from prism.store import CloneSource, ObjectId, Store
 from prism.store import records as R
+from prism.store.sealed import open_value, seal
+from prism.store.store import DB_NAMES
 from tests.op_helpers import PrismServe, nfs_get, nfs_mkdirs, nfs_put, nfs_tree, prism, prism_json
 
 PRIVATE = b"src's private data\n"
@@ -217,11 +219,12 @@ def test_files_from_before_holders_were_recorded(tmp_path: Path) -> None:
     env = lmdb.open(str(data / "meta"), max_dbs=16)
     with env.begin(write=True) as t:  # as an older Prism wrote it
         ns, inodes = env.open_db(b"ns", txn=t), env.open_db(b"inodes", txn=t)
-        top = json.loads(t.get(R.U32.pack(root.ns), db=ns))["top"]
-        key = R.inode_key(top, 0, f.ino)
-        node = R.Inode.unpack(t.get(key, db=inodes))
+        ns_key, ns_index = R.U32.pack(root.ns), DB_NAMES.index("ns")
+        top = json.loads(open_value(ns_index, ns_key, t.get(ns_key, db=ns)))["top"]
+        key, index = R.inode_key(top, 0, f.ino), DB_NAMES.index("inodes")
+        node = R.Inode.unpack(open_value(index, key, t.get(key, db=inodes)))
         node.parent_vol, node.parent_ino = 0, R.HOLDER_UNRECORDED
-        t.put(key, node.pack(), db=inodes)
+        t.put(key, seal(index, key, node.pack()), db=inodes)
     env.close()
     with Store.open(data) as s:
         s.create_namespace("dst")

@@ -470,6 +470,8 @@ def _fsck(
     say("walking namespaces")
     dangling: list[tuple[_View, int, int, bytes]] = []
     mounts: list[tuple[_View, int, int, DirEntry]] = []
+    walked: set[int] = set()  # namespaces whose whole tree was read
+    staged = store.staged_roots(t)
     hurt: dict[tuple[str, str], list[tuple[int, int]]] = {}  # (namespace, path) -> ranges
     for _, raw in _records(t, store._ns):
         rec = json.loads(raw)
@@ -487,6 +489,16 @@ def _fsck(
         seen: set[tuple[int, int]] = set()
         tree = _Tree({(0, ROOT_INO): root})
         stack = [(0, ROOT_INO, "")]
+        for ns_id, ino in staged:  # an import's tree, linked from nowhere until published
+            try:
+                node = store._inode(t, view, 0, ino) if ns_id == view.id else None
+            except Corrupt as exc:
+                tree.intact = False
+                report.errors.append(f"namespace {view.name}: staged import {ino}: {exc}")
+                continue
+            if node is not None:
+                tree.objects[(0, ino)] = node
+                stack.append((0, ino, f"/(import staged in directory {ino})"))
         while stack:
             vol, ino, where = stack.pop()
             if (vol, ino) in seen:
@@ -523,6 +535,7 @@ def _fsck(
                 tree.intact = False
                 report.errors.append(f"namespace {view.name}: directory {where or '/'}: {exc}")
         if tree.intact:
+            walked.add(view.id)
             try:
                 _cross_check(store, t, view, tree, report, fixes_usage)
             except Corrupt as exc:
@@ -535,7 +548,7 @@ def _fsck(
             "fail with EIO until they are rewritten (restore the file from a backup)"
         )
 
-    _check_shares(store, t, report, repair, mounts)
+    _check_shares(store, t, report, repair, mounts, walked)
 
     on_disk = set(store.segments.list_ids())
     known = {R.U64.unpack(k)[0] for k, _ in _records(t, store._segdb)}
@@ -617,13 +630,15 @@ def _check_shares(
     report: FsckReport,
     repair: bool,
     mounts: list[tuple[_View, int, int, DirEntry]],
+    walked: set[int],
 ) -> None:
     """Shares: every share mount point met in a namespace's tree (`mounts`: view, directory
     volume and inode, entry) is a share that namespace lists, at that place, whose source VM
     and directory exist; and every share a namespace lists is mounted. A dangling mount
     point (left by older snapshots, clones or `vm rm`) is repaired into an empty directory
     (in a new private top layer for a snapshot, whose top layer others share) and the
-    shares that are not mounted are dropped from their namespace."""
+    shares that are not mounted are dropped from their namespace (only for the namespaces
+    in `walked`, whose whole tree was read: elsewhere a damaged directory may hide a mount)."""
     mounted: dict[int, set[int]] = {}
     private: set[int] = set()  # snapshots given a private top layer by this repair
     for view, dvol, dino, entry in mounts:
@@ -641,7 +656,7 @@ def _check_shares(
             [vol - share["base"], entry.oid.ino],
         ):
             problem = "is a share mount point that does not match its share"
-        elif store._ns_record(t, share["src"]) is None:
+        elif _source_gone(store, t, share["src"]):
             problem = "is a share of a VM that was removed"
         else:
             try:
@@ -665,8 +680,10 @@ def _check_shares(
                 f"namespace {view.name}: {entry.name!r} in {dvol}:{dino} is an empty "
                 "directory instead of a dangling share"
             )
-    for _, raw in t.cursor(db=store._ns):
-        rec = json.loads(bytes(raw))
+    for _, raw in _records(t, store._ns):
+        rec = json.loads(raw)
+        if rec["id"] not in walked:  # its tree was not read whole: mounts may be unseen
+            continue
         shares = rec.get("shares", ())
         kept = [sh for sh in shares if sh["base"] in mounted.get(rec["id"], ())]
         for sh in shares:
@@ -679,6 +696,15 @@ def _check_shares(
             report.repaired.append(
                 f"namespace {rec['name']}: dropped {len(shares) - len(kept)} shares"
             )
+
+
+def _source_gone(store: Store, t: lmdb.Transaction, ns_id: int) -> bool:
+    """Whether a share's source namespace was removed (a damaged record is not "removed":
+    `_check_records` reports it, and nothing is repaired on its account)."""
+    try:
+        return store._ns_record(t, ns_id) is None
+    except Corrupt:
+        return False
 
 
 def gc(store: Store, *, progress: Progress | None = None) -> GcReport:

@@ -2481,6 +2481,19 @@ class Store:
                     out.append(bytes(key)[len(_STAGE) :].decode())
             return out
 
+    def staged_roots(self, t: lmdb.Transaction) -> list[tuple[int, int]]:
+        """(namespace id, directory inode of volume 0) of every staged import tree, alive
+        or dead: part of its namespace (and its usage) though no entry names it."""
+        cur = t.cursor(db=self._meta)
+        out = []
+        if cur.set_range(_STAGE):
+            for key, raw in cur:
+                if not bytes(key).startswith(_STAGE):
+                    break
+                marker = json.loads(bytes(raw))
+                out.append((marker["ns"], marker["ino"]))
+        return out
+
     def _staging_dead(self, token: str) -> bool:
         """Whether no live process holds the staging's lock file."""
         try:
