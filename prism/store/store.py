@@ -1787,6 +1787,12 @@ class Store:
             _, _, node, _ = self._obj(t, oid)
             return self._attr(oid, node)
 
+    def identity(self, oid: ObjectId) -> ObjectId:
+        """The object's own identity: the same for every handle that names it (a share's
+        handles name objects of its source VM). What byte-range locks are held on."""
+        with self._read() as t:
+            return self._obj(t, oid)[1]
+
     def lookup(self, dir: ObjectId, name: bytes, cred: Cred | None = None) -> Attr:
         return self.lookup_in(dir, name, cred)[0]
 
