@@ -64,6 +64,7 @@ class LockClientHost:
         self.ports = (nfs_port, mount_port, nlm_port)
         self.granted: list[TestArgs] = []
         self.notified: list[StatChge] = []
+        self.results: list[tuple[NlmProc, bytes]] = []  # _RES calls: (procedure, args)
         self.answer = NlmStat.GRANTED
         self._cond = threading.Condition()
         self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -94,6 +95,8 @@ class LockClientHost:
             0: NULL_PROCEDURE,
             int(NlmProc.GRANTED): Procedure(int(NlmProc.GRANTED), "GRANTED", self._granted),
         }
+        for proc in (NlmProc.TEST_RES, NlmProc.LOCK_RES, NlmProc.CANCEL_RES, NlmProc.UNLOCK_RES):
+            nlm[int(proc)] = Procedure(int(proc), proc.name, self._result)
         callbacks.add_program(Program(NLM_PROGRAM, "nlm", {1: nlm, 3: nlm, 4: nlm}))
         nsm = {
             0: NULL_PROCEDURE,
@@ -113,6 +116,12 @@ class LockClientHost:
             self.granted.append(args)
             self._cond.notify_all()
         return encode(Res(args.cookie, self.answer), ctx.vers == 4)
+
+    async def _result(self, ctx: CallContext, data: bytes) -> bytes:
+        with self._cond:
+            self.results.append((NlmProc(ctx.proc), data))
+            self._cond.notify_all()
+        return b""
 
     async def _notify(self, ctx: CallContext, data: bytes) -> bytes:
         with self._cond:

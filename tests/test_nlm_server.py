@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,12 +24,14 @@ import pytest
 
 from prism.nfs.const import NfsStat3
 from prism.nfs.types import Sattr3
+from prism.nlm import types as nlm_types
 from prism.nlm.client import NlmClient
-from prism.nlm.types import NlmStat
+from prism.nlm.types import LockArgs, NlmProc, NlmStat, Res, decode
+from rpc.portmap import pmap_dump
 from tests.netns import TestHosts, require_netns
 from tests.nlm_helpers import LockClientHost
 from tests.op_helpers import PrismServe, prism, run_clone
-from tests.server_helpers import free_port
+from tests.server_helpers import free_port, running_server
 
 pytestmark = pytest.mark.netns
 
@@ -39,6 +42,7 @@ class World:
     def __init__(self, data: Any, hosts: TestHosts) -> None:
         self.data = data
         self.ports = [free_port("0.0.0.0") for _ in range(3)]
+        self.metrics_port = free_port()
         self.server = self._serve()
         self.a = LockClientHost(hosts[0], *self.ports).start()
         self.b = LockClientHost(hosts[1], *self.ports).start()
@@ -46,7 +50,18 @@ class World:
     def _serve(self) -> PrismServe:
         nfs, mount, nlm = self.ports
         extra = ("--nfs-port", str(nfs), "--mount-port", str(mount), "--nlm-port", str(nlm))
-        return PrismServe(self.data, *extra, "--grace", str(GRACE)).start()
+        metrics = ("--metrics", f"127.0.0.1:{self.metrics_port}")
+        return PrismServe(self.data, *extra, *metrics, "--grace", str(GRACE)).start()
+
+    def metrics(self) -> dict[str, float]:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            text = resp.read().decode()
+        return {
+            line.split()[0]: float(line.split()[1])
+            for line in text.splitlines()
+            if line.startswith("prism_lock")
+        }
 
     def restart(self) -> float:
         self.server.stop()
@@ -135,9 +150,65 @@ def test_two_guests_contend_through_a_share_and_a_blocked_lock_is_granted(world:
     held = na.test(na.alock(fh_a, 15, 1, svid=100))
     assert held.stat == NlmStat.DENIED and held.holder is not None
     assert held.holder.svid == 200 and (held.holder.offset, held.holder.length) == (10, 20)
+    m = world.metrics()
+    assert m["prism_locks_held"] == 2 and m["prism_lock_waits_granted_total"] >= 1
+    assert 0 < m["prism_lock_wait_seconds_total"] < 10
     assert nb.unlock(lock_b).stat == NlmStat.GRANTED
     assert na.unlock(na.alock(fh_copy, svid=300)).stat == NlmStat.GRANTED
     assert world.locks() == []
+    assert world.metrics()["prism_locks_held"] == 0
+
+
+def test_a_grant_the_client_declines_goes_to_the_next_waiter(world: World) -> None:
+    a, b = world.a, world.b
+    fh_a, fh_b = a.handle("/src", "shared/db"), b.handle("/dst", "shared/db")
+    na, nb = a.nlm(), b.nlm()
+    holder, waiter_a = na.alock(fh_a, svid=1), na.alock(fh_a, svid=2)
+    waiter_b = nb.alock(fh_b, svid=3)
+    assert na.lock(holder).stat == NlmStat.GRANTED
+    assert nb.lock(waiter_b, block=True).stat == NlmStat.BLOCKED  # first in line
+    assert na.lock(waiter_a, block=True).stat == NlmStat.BLOCKED
+    b.answer = NlmStat.DENIED  # B's process gave up meanwhile: it declines the grant
+    granted_a, granted_b = len(a.granted), len(b.granted)
+    try:
+        assert na.unlock(holder).stat == NlmStat.GRANTED
+        b.wait_for(lambda: len(b.granted) > granted_b)
+        a.wait_for(lambda: len(a.granted) > granted_a)  # so the lock went on to A
+    finally:
+        b.answer = NlmStat.GRANTED
+    assert a.granted[-1].alock == waiter_a
+    assert [(r["client"], r["svid"]) for r in world.locks("src")] == [(a.address, 2)]
+    assert na.unlock(waiter_a).stat == NlmStat.GRANTED
+
+
+def test_msg_forms_answer_through_the_clients_res_procedures(world: World) -> None:
+    a, b = world.a, world.b
+    fh_a, fh_b = a.handle("/src", "shared/db"), b.handle("/dst", "shared/db")
+    na, nb = a.nlm(), b.nlm()
+    assert na.lock(na.alock(fh_a, 0, 10, svid=5)).stat == NlmStat.GRANTED
+    before = len(b.results)
+    lock_b = nb.alock(fh_b, 5, 1, svid=6)
+    assert nb.call(NlmProc.LOCK_MSG, LockArgs(b"msg1", False, True, lock_b, False, 1)) == b""
+    assert nb.call(NlmProc.TEST_MSG, nlm_types.TestArgs(b"msg2", True, lock_b)) == b""
+    b.wait_for(lambda: len(b.results) >= before + 2)
+    got = dict(b.results[before:])
+    assert decode(Res, got[NlmProc.LOCK_RES]) == Res(b"msg1", NlmStat.DENIED)
+    test_res = decode(nlm_types.TestRes, got[NlmProc.TEST_RES])
+    assert test_res.stat == NlmStat.DENIED and test_res.holder is not None
+    assert test_res.holder.svid == 5
+    assert na.unlock(na.alock(fh_a, 0, 10, svid=5)).stat == NlmStat.GRANTED
+
+
+def test_free_all_releases_the_callers_locks(world: World) -> None:
+    a, b = world.a, world.b
+    fh_a, fh_b = a.handle("/src", "shared/db"), b.handle("/dst", "shared/db")
+    na, nb = a.nlm(), b.nlm()
+    assert na.lock(na.alock(fh_a, svid=11)).stat == NlmStat.GRANTED
+    nb.free_all()  # B's FREE_ALL frees B's locks only
+    assert nb.lock(nb.alock(fh_b, svid=12)).stat == NlmStat.DENIED
+    na.free_all()
+    assert nb.lock(nb.alock(fh_b, svid=12)).stat == NlmStat.GRANTED
+    assert nb.unlock(nb.alock(fh_b, svid=12)).stat == NlmStat.GRANTED
 
 
 def test_lock_calls_get_the_nfs_handle_and_address_checks(world: World) -> None:
@@ -217,3 +288,16 @@ def test_nfs_still_serves_beside_locks(world: World) -> None:
     c, root = world.server.mount("/setup")
     with c:
         assert c.getattr(root).status == NfsStat3.NFS3_OK
+
+
+def test_both_programs_are_registered_with_the_portmapper(tmp_path: Any) -> None:
+    """What `rpcinfo -p` shows: NLM v1, v3, v4 and NSM v1 on --nlm-port, TCP and UDP."""
+    nlm_port = free_port()
+    with running_server(
+        tmp_path, portmap=True, portmap_port=free_port(), extra_args=("--nlm-port", str(nlm_port))
+    ) as srv:
+        assert srv.portmap_port is not None
+        table = {(m.prog, m.vers, m.prot): m.port for m in pmap_dump("127.0.0.1", srv.portmap_port)}
+    for prog, vers in ((100021, 1), (100021, 3), (100021, 4), (100024, 1)):
+        for prot in (6, 17):
+            assert table[(prog, vers, prot)] == nlm_port
