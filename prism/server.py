@@ -41,6 +41,7 @@ from rpc.portmap import (
     RPCBIND_SOCKET,
     PortMapping,
     PortmapProgram,
+    pmap_getport,
     pmap_set,
     pmap_unset,
     rpcbind_answers,
@@ -189,6 +190,17 @@ class PrismServer:
         return fn("127.0.0.1", *args)
 
     def _register_with_rpcbind(self) -> None:
+        for prog, vers in LOCK_PROGRAMS:
+            with contextlib.suppress(OSError, RpcError):
+                port = pmap_getport("127.0.0.1", prog, vers, IPPROTO_TCP)
+                if port and port != self.nlm_port:
+                    log.warning(
+                        "replacing the rpcbind registration of program %d v%d (port %d): a "
+                        "kernel lockd or rpc.statd on this host loses its clients to Prism",
+                        prog,
+                        vers,
+                        port,
+                    )
         for prog, vers in PROGRAMS:
             with contextlib.suppress(OSError, RpcError):
                 self._rpcbind_call(pmap_unset, prog, vers)
