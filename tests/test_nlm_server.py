@@ -290,6 +290,27 @@ def test_nfs_still_serves_beside_locks(world: World) -> None:
         assert c.getattr(root).status == NfsStat3.NFS3_OK
 
 
+def test_a_grant_nobody_can_be_told_of_is_released_after_bounded_retries(world: World) -> None:
+    """Loopback (bound to VM `setup`) runs no NLM service here: the GRANTED callback fails,
+    CALLBACK_ATTEMPTS times, and the lock is released rather than held for nobody."""
+    c, root = world.server.mount("/setup")
+    with c:
+        made = c.create(root, "lonely", Sattr3(mode=0o666))
+        assert made.ok and made.obj is not None
+        fh = made.obj.data
+    failed = world.metrics()["prism_lock_callbacks_failed_total"]
+    with NlmClient("127.0.0.1", world.ports[2]) as n:
+        assert n.lock(n.alock(fh, svid=1)).stat == NlmStat.GRANTED
+        assert n.lock(n.alock(fh, svid=2), block=True).stat == NlmStat.BLOCKED
+        assert n.unlock(n.alock(fh, svid=1)).stat == NlmStat.GRANTED
+        assert [r["svid"] for r in world.locks("setup")] == [2]  # granted, being told
+        deadline = time.monotonic() + 30
+        while world.locks("setup") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert world.locks("setup") == []
+    assert world.metrics()["prism_lock_callbacks_failed_total"] == failed + 1
+
+
 def test_both_programs_are_registered_with_the_portmapper(tmp_path: Any) -> None:
     """What `rpcinfo -p` shows: NLM v1, v3, v4 and NSM v1 on --nlm-port, TCP and UDP."""
     nlm_port = free_port()
