@@ -96,6 +96,9 @@ CALLBACK_ATTEMPTS = 4
 CALLBACK_BACKOFF = 1.0
 """Seconds before the second attempt; doubled for each one after."""
 CALLBACK_TIMEOUT = 5.0
+MAX_CLIENTS = 1024
+"""Client addresses that may hold or wait for locks at once (each is limited by
+`prism.nlm.locks`); a new one beyond this gets DENIED_NOLOCKS."""
 EXPIRE_EVERY = 30.0
 SNAPSHOT_DELAY = 0.2
 
@@ -333,11 +336,21 @@ class NlmService:
         name = outcome.value
         self.stats.outcomes[name] = self.stats.outcomes.get(name, 0) + 1
 
+    def _too_many_clients(self, host: str) -> bool:
+        clients = self.manager.clients()
+        return host not in clients and len(clients) >= MAX_CLIENTS
+
     async def _monitor(self, host: str, name: str) -> None:
         """Record `host` durably before it is granted anything (see `prism.nlm.monitor`)."""
         self.names.setdefault(host, name)
-        if host not in self.monitor.clients:
-            await asyncio.to_thread(self.monitor.add, host, name)
+        if host in self.monitor.clients:
+            return
+        if len(self.monitor.clients) >= MAX_CLIENTS:  # forget those that hold nothing now
+            idle = set(self.monitor.clients) - self.manager.clients()
+            await asyncio.to_thread(self.monitor.forget, idle)
+            for address in idle:
+                self.names.pop(address, None)
+        await asyncio.to_thread(self.monitor.add, host, name)
 
     # -- NLM procedures ------------------------------------------------------------------
 
@@ -372,6 +385,8 @@ class NlmService:
             file = self._file(host, a.alock.fh)
         except _Refused as exc:
             return Res(a.cookie, self._stat(ctx, exc.stat))
+        if self._too_many_clients(host):
+            return Res(a.cookie, NlmStat.DENIED_NOLOCKS)
         if monitored:
             await self._monitor(host, a.alock.caller_name)
         start, end = span(a.alock.offset, a.alock.length)
@@ -431,6 +446,8 @@ class NlmService:
             file = self._file(host, a.share.fh)
         except _Refused as exc:
             return ShareRes(a.cookie, self._stat(ctx, exc.stat))
+        if self._too_many_clients(host):
+            return ShareRes(a.cookie, NlmStat.DENIED_NOLOCKS)
         await self._monitor(host, a.share.caller_name)
         owner = Owner(host, 0, a.share.oh)
         outcome = self.manager.share(file, owner, a.share.access, a.share.mode, self.clock())
@@ -460,8 +477,11 @@ class NlmService:
     # -- NSM procedures ------------------------------------------------------------------
 
     def sm_notify(self, ctx: CallContext, a: StatChge) -> None:
-        """A client rebooted (its status monitor tells us): its locks are gone."""
+        """A client rebooted (its status monitor tells us): its locks are gone. Only an
+        address bound to a VM can hold locks, so only such an address is listened to."""
         host = ctx.peer[0]
+        if not self.nfs.peer_bound(host):
+            return
         log.info("%s (%s) restarted (state %d): releasing its locks", host, a.mon_name, a.state)
         self.stats.released_by_notify += 1
         self.release_client(host)
