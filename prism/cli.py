@@ -214,8 +214,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_locks(args: argparse.Namespace) -> int:
+def cmd_locks(args: argparse.Namespace, store: Store) -> int:
     from prism.nlm.monitor import MonitorStateError, read_locks
+    from prism.nlm.paths import find_paths
 
     try:
         table = read_locks(Path(args.data))
@@ -224,11 +225,20 @@ def cmd_locks(args: argparse.Namespace) -> int:
     rows = [] if table is None else table["locks"]
     if args.vm:
         rows = [r for r in rows if r["vm"] == args.vm]
+    for vm in {r["vm"] for r in rows}:
+        try:
+            ns_id = store.namespace(vm).id
+        except StoreError:
+            continue
+        paths = find_paths(store, ns_id, {r["fileid"] for r in rows if r["vm"] == vm})
+        for r in rows:
+            if r["vm"] == vm:
+                r["path"] = paths.get(r["fileid"])
 
     def text() -> str:
         if table is None:
             return f"no server is running on {args.data}: no locks are held"
-        lines = [f"{'VM':<16} {'CLIENT':<22} {'FILEID':>10} {'RANGE':<24} {'TYPE':<13} SINCE"]
+        lines = [f"{'VM':<12} {'CLIENT':<22} {'PATH':<28} {'RANGE':<20} {'TYPE':<13} SINCE"]
         for r in rows:
             if r["kind"] == "share":
                 what, kind = "-", f"share a{r['access']}/d{r['deny']}"
@@ -238,9 +248,8 @@ def cmd_locks(args: argparse.Namespace) -> int:
                 kind = r["type"] + (" (waiting)" if r["kind"] == "waiting" else "")
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["since"]))
             client = f"{r['client']} ({r['name']})" if r["name"] else r["client"]
-            lines.append(
-                f"{r['vm']:<16} {client:<22} {r['fileid']:>10} {what:<24} {kind:<13} {since}"
-            )
+            path = r.get("path") or f"fileid {r['fileid']}"
+            lines.append(f"{r['vm']:<12} {client:<22} {path:<28} {what:<20} {kind:<13} {since}")
         if table.get("grace_left"):
             lines.append(f"grace period: {table['grace_left']} s left for reclaims")
         return "\n".join(lines)
@@ -742,7 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("locks", help="file locks held through the running server")
     _common(p)
     p.add_argument("vm", nargs="?", help="only this VM's")
-    p.set_defaults(func=cmd_locks, needs_store=False)
+    p.set_defaults(func=cmd_locks)
     p = sub.add_parser("stats", help="per-VM and store-wide figures")
     _common(p)
     p.set_defaults(func=cmd_stats)

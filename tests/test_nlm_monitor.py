@@ -4,6 +4,7 @@ whose server is gone (as after a crash)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -55,3 +56,22 @@ def test_read_locks_ignores_a_table_whose_server_is_gone(tmp_path: Path) -> None
     table["pid"] = os.getpid()
     (tmp_path / "nlm" / "locks.json").write_text(json.dumps(table))
     assert read_locks(tmp_path) == table
+
+
+def test_concurrent_changes_from_threads_all_land(tmp_path: Path) -> None:
+    """The server adds and forgets clients from worker threads at once (a LOCK's record
+    while a restart notice's forget runs): no write may fail or be lost."""
+    m = Monitor(tmp_path)
+    m.add("keep", "k")
+
+    def churn(i: int) -> None:
+        for j in range(30):
+            m.add(f"10.{i}.0.{j}", "g")
+            m.forget([f"10.{i}.0.{j}"])
+        m.add(f"10.{i}.1.1", "g")
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(churn, range(8)))
+    want = {"keep", *(f"10.{i}.1.1" for i in range(8))}
+    assert set(m.clients) == want
+    assert set(Monitor(tmp_path).clients) == want

@@ -134,9 +134,11 @@ def test_two_guests_contend_through_a_share_and_a_blocked_lock_is_granted(world:
     assert na.lock(na.alock(fh_copy, svid=300)).stat == NlmStat.GRANTED
 
     rows = world.locks("src")
-    assert [(r["client"], r["type"], r["start"], r["length"]) for r in rows] == [
-        (a.address, "write", 0, 0)
+    assert [(r["client"], r["path"], r["type"], r["start"], r["length"]) for r in rows] == [
+        (a.address, "/shared/db", "write", 0, 0)
     ]
+    text = prism(world.data, "locks")
+    assert a.address in text and "/shared/db" in text and "0-EOF" in text
     assert world.locks("copy")[0]["svid"] == 300
 
     # B blocks; A unlocks; the server calls B back with GRANTED
@@ -303,7 +305,8 @@ def test_a_grant_nobody_can_be_told_of_is_released_after_bounded_retries(world: 
         assert n.lock(n.alock(fh, svid=1)).stat == NlmStat.GRANTED
         assert n.lock(n.alock(fh, svid=2), block=True).stat == NlmStat.BLOCKED
         assert n.unlock(n.alock(fh, svid=1)).stat == NlmStat.GRANTED
-        assert [r["svid"] for r in world.locks("setup")] == [2]  # granted, being told
+        # granted, being told
+        assert [(r["svid"], r["path"]) for r in world.locks("setup")] == [(2, "/lonely")]
         deadline = time.monotonic() + 30
         while world.locks("setup") and time.monotonic() < deadline:
             time.sleep(0.5)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -63,7 +64,9 @@ class Client:
 
 
 class Monitor:
-    """The state number and monitored clients of one data directory."""
+    """The state number and monitored clients of one data directory. Its methods may be
+    called from several threads at once (the server runs them off its event loop): each
+    change and the write of its file happen under one lock."""
 
     def __init__(self, data: Path) -> None:
         self.dir = Path(data) / NLM_DIR
@@ -71,6 +74,7 @@ class Monitor:
         os.chmod(self.dir, 0o700)
         self.state = 0
         self.clients: dict[str, Client] = {}
+        self._lock = threading.Lock()
         self._load()
 
     @property
@@ -98,24 +102,26 @@ class Monitor:
 
     def restart(self) -> int:
         """Move to the next odd state number (on every server start) and persist it."""
-        self.state = (self.state | 1) + 2 if self.state else 1
-        write_private(self.dir / STATE_FILE, f"{self.state}\n".encode())
-        return self.state
+        with self._lock:
+            self.state = (self.state | 1) + 2 if self.state else 1
+            write_private(self.dir / STATE_FILE, f"{self.state}\n".encode())
+            return self.state
 
     def add(self, address: str, name: str) -> bool:
         """Record a client before it is granted anything; False if it already was."""
-        if address in self.clients:
-            return False
-        self.clients[address] = Client(address, name, time.time())
-        self._save()
-        return True
+        with self._lock:
+            if address in self.clients:
+                return False
+            self.clients = {**self.clients, address: Client(address, name, time.time())}
+            self._save()
+            return True
 
     def forget(self, addresses: Iterable[str]) -> None:
-        gone = [a for a in addresses if a in self.clients]
-        for address in gone:
-            del self.clients[address]
-        if gone:
-            self._save()
+        with self._lock:
+            gone = set(addresses) & set(self.clients)
+            if gone:
+                self.clients = {a: c for a, c in self.clients.items() if a not in gone}
+                self._save()
 
     def _save(self) -> None:
         body = {
