@@ -26,6 +26,7 @@ from prism.nfs.const import NfsStat3
 from prism.nfs.types import Sattr3
 from prism.nlm import types as nlm_types
 from prism.nlm.client import NlmClient
+from prism.nlm.service import SNAPSHOT_DELAY
 from prism.nlm.types import LockArgs, NlmProc, NlmStat, Res, decode
 from rpc.portmap import pmap_dump
 from tests.netns import TestHosts, require_netns
@@ -69,6 +70,7 @@ class World:
         return time.monotonic()
 
     def locks(self, *args: str) -> list[dict[str, Any]]:
+        time.sleep(2 * SNAPSHOT_DELAY)  # the server's table may be this old
         out: list[dict[str, Any]] = json.loads(prism(self.data, "locks", "--json", *args))
         return out
 
@@ -312,6 +314,33 @@ def test_a_grant_nobody_can_be_told_of_is_released_after_bounded_retries(world: 
             time.sleep(0.5)
         assert world.locks("setup") == []
     assert world.metrics()["prism_lock_callbacks_failed_total"] == failed + 1
+
+
+def test_a_pending_grant_is_settled_by_a_repeated_lock_or_released_by_cancel(
+    world: World,
+) -> None:
+    """While the server still tries to tell a client (loopback: nobody answers) that its
+    blocked lock was granted, the client's repeated LOCK takes it for good, and a CANCEL
+    leaves nothing held."""
+    c, root = world.server.mount("/setup")
+    with c:
+        made = c.create(root, "pending", Sattr3(mode=0o666))
+        assert made.ok and made.obj is not None
+        fh = made.obj.data
+    with NlmClient("127.0.0.1", world.ports[2]) as n:
+        holder, waiter = n.alock(fh, 0, 10, svid=1), n.alock(fh, 0, 10, svid=2)
+        assert n.lock(holder).stat == NlmStat.GRANTED
+        assert n.lock(waiter, block=True).stat == NlmStat.BLOCKED
+        assert n.unlock(holder).stat == NlmStat.GRANTED  # granted; the callback is failing
+        assert n.cancel(waiter).stat == NlmStat.GRANTED
+        assert world.locks("setup") == []  # at once, not after the callback gives up
+        assert n.lock(holder).stat == NlmStat.GRANTED
+        assert n.lock(waiter, block=True).stat == NlmStat.BLOCKED
+        assert n.unlock(holder).stat == NlmStat.GRANTED
+        assert n.lock(waiter, block=True).stat == NlmStat.GRANTED  # the client repeats it
+        time.sleep(9)  # longer than every callback attempt takes
+        assert [r["svid"] for r in world.locks("setup")] == [2]  # still held: settled
+        assert n.unlock(waiter).stat == NlmStat.GRANTED
 
 
 def test_both_programs_are_registered_with_the_portmapper(tmp_path: Any) -> None:

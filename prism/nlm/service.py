@@ -15,8 +15,10 @@ address; a lock owner is (address, svid, oh), as `prism.nlm.locks` defines.
 
 A blocked LOCK is queued; when it is granted the server calls the client's NLM GRANTED
 procedure (at most `CALLBACK_ATTEMPTS` times, backing off) and releases the lock again if
-the client cannot be reached or declines it. Waiters not repeated by their client for
-`WAITER_TTL` seconds are dropped.
+the client cannot be reached or declines it. While that call is pending, the client's
+repeated LOCK for the same range (Linux repeats a blocked LOCK every 30 s) answers GRANTED
+and settles it, and its CANCEL releases the lock, as a cancelled wait must leave nothing
+held. Waiters not repeated by their client for `WAITER_TTL` seconds are dropped.
 
 Restarts (NSM): before a client is granted anything it is recorded in the data directory
 (`prism.nlm.monitor`). On start the state number moves on; if clients were recorded, the
@@ -161,6 +163,10 @@ class _Refused(Exception):
         self.stat = stat
 
 
+def _key(file: Hashable, owner: Owner, start: int, end: int, exclusive: bool) -> tuple[Any, ...]:
+    return (file, owner, start, end, exclusive)
+
+
 def _length(start: int, end: int) -> int:
     return 0 if end == END else end - start
 
@@ -188,6 +194,8 @@ class NlmService:
         self.stats = NlmStats()
         self.names: dict[str, str] = {}  # client address -> caller name it gave
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._telling: dict[tuple[Any, ...], asyncio.Future[Any]] = {}
+        """Granted waiters whose client has not yet acknowledged, by `_key`."""
         self._vm_names: dict[int, str] = {}
         self._snapshot_due: asyncio.TimerHandle | None = None
         self._expiry: asyncio.TimerHandle | None = None
@@ -220,10 +228,11 @@ class NlmService:
     def in_grace(self) -> bool:
         return self.clock() < self.grace_until
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # -- programs ------------------------------------------------------------------------
 
@@ -403,6 +412,10 @@ class NlmService:
             token=grant,
         )
         self._count(outcome)
+        if outcome is Outcome.GRANTED:  # the client now knows: no GRANTED call needed
+            telling = self._telling.pop(_key(file, owner, start, end, a.exclusive), None)
+            if telling is not None:
+                telling.cancel()
         self._changed()
         return Res(a.cookie, self._stat(ctx, _STAT[outcome]))
 
@@ -418,7 +431,11 @@ class NlmService:
             return Res(a.cookie, self._stat(ctx, exc.stat))
         start, end = span(a.alock.offset, a.alock.length)
         owner = Owner(host, a.alock.svid, a.alock.oh)
-        self.manager.cancel(file, owner, start, end, a.exclusive)
+        if not self.manager.cancel(file, owner, start, end, a.exclusive):
+            telling = self._telling.pop(_key(file, owner, start, end, a.exclusive), None)
+            if telling is not None:  # granted, but the client gave up waiting first
+                telling.cancel()
+                self._wake(self.manager.unlock(file, owner, start, end, now=self.clock()))
         self._changed()
         return Res(a.cookie, NlmStat.GRANTED)
 
@@ -497,9 +514,10 @@ class NlmService:
         for w in granted:
             self.stats.waits_granted += 1
             self.stats.wait_seconds += now - w.since
-            self._spawn(self._tell_granted(w))
+            key = _key(w.file, w.owner, w.start, w.end, w.exclusive)
+            self._telling[key] = self._spawn(self._tell_granted(w, key))
 
-    async def _tell_granted(self, w: Waiter) -> None:
+    async def _tell_granted(self, w: Waiter, key: tuple[Any, ...]) -> None:
         grant = w.token
         assert isinstance(grant, Grant)
         args = encode(TestArgs(grant.cookie, grant.exclusive, grant.alock), grant.vers == NLM_V4)
@@ -510,6 +528,7 @@ class NlmService:
         if reply is not None:
             with contextlib.suppress(Exception):
                 ok = decode(Res, reply, grant.vers == NLM_V4).stat == NlmStat.GRANTED
+        self._telling.pop(key, None)
         if not ok:  # nobody to hold it: release it for the next waiter
             log.info("%s did not take its granted lock; releasing it", w.owner.client)
             self._wake(self.manager.unlock(w.file, w.owner, w.start, w.end, now=self.clock()))
