@@ -5,6 +5,7 @@ On-disk layout of a data directory::
     DATA/meta/data.mdb, lock.mdb   LMDB environment (all metadata, see the databases below)
     DATA/meta/journal              redo journal of a running server (`prism.store.journal`)
     DATA/segments/<id>.seg         chunk bytes, appended back to back (`prism.store.segments`)
+    DATA/nlm/                      the lock service's state, not the store's (`prism.nlm.monitor`)
 
 LMDB databases (keys and values are packed as in `prism.store.records`):
 
