@@ -250,6 +250,8 @@ def cmd_locks(args: argparse.Namespace, store: Store) -> int:
             client = f"{r['client']} ({r['name']})" if r["name"] else r["client"]
             path = r.get("path") or f"fileid {r['fileid']}"
             lines.append(f"{r['vm']:<12} {client:<22} {path:<28} {what:<20} {kind:<13} {since}")
+        if table.get("more"):
+            lines.append(f"... and {table['more']} more that the server's table leaves out")
         if table.get("grace_left"):
             lines.append(f"grace period: {table['grace_left']} s left for reclaims")
         return "\n".join(lines)

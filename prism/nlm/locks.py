@@ -28,6 +28,7 @@ conflicts with a held one of another owner if either's access meets the other's 
 
 from __future__ import annotations
 
+import bisect
 import collections
 import enum
 from collections.abc import Hashable, Iterable, Iterator
@@ -110,7 +111,9 @@ class Share:
 
 @dataclass(slots=True)
 class _File:
-    locks: list[Lock] = field(default_factory=list)  # sorted by (owner, start)
+    locks: dict[Owner, list[Lock]] = field(default_factory=dict)
+    """Each owner's locks, disjoint and sorted by start (so their ends are sorted too):
+    the ones overlapping a range are one slice, found by bisection."""
     waiters: collections.deque[Waiter] = field(default_factory=collections.deque)
     shares: list[Share] = field(default_factory=list)
 
@@ -151,11 +154,18 @@ class LockManager:
         f = self._files.get(file)
         if f is None:
             return None
-        return next((lk for lk in f.locks if lk.conflicts(owner, start, end, exclusive)), None)
+        for other, held in f.locks.items():
+            if other == owner:
+                continue
+            for lk in held[_first_ending_after(held, start) : _first_starting_at(held, end)]:
+                if lk.exclusive or exclusive:
+                    return lk
+        return None
 
     def locks(self) -> Iterator[Lock]:
         for f in self._files.values():
-            yield from f.locks
+            for held in f.locks.values():
+                yield from held
 
     def waiters(self) -> Iterator[Waiter]:
         for f in self._files.values():
@@ -234,7 +244,7 @@ class LockManager:
         granted: list[Waiter] = []
         for file, f in list(self._files.items()):
             before = len(f.locks) + len(f.shares)
-            f.locks = [lk for lk in f.locks if lk.owner.client != client]
+            f.locks = {o: held for o, held in f.locks.items() if o.client != client}
             f.shares = [sh for sh in f.shares if sh.owner.client != client]
             kept = collections.deque(w for w in f.waiters if w.owner.client != client)
             if len(kept) != len(f.waiters):
@@ -292,48 +302,47 @@ class LockManager:
 
     def _carve(self, f: _File, owner: Owner, start: int, end: int) -> None:
         """Remove the owner's coverage of [start, end), splitting locks that straddle it."""
-        out: list[Lock] = []
-        removed = added = 0
-        for lk in f.locks:
-            if lk.owner != owner or not lk.overlaps(start, end):
-                out.append(lk)
-                continue
-            removed += 1
-            if lk.start < start:
-                out.append(_with(lk, lk.start, start))
-                added += 1
-            if end < lk.end:
-                out.append(_with(lk, end, lk.end))
-                added += 1
-        if removed:
-            f.locks = sorted(out, key=_order)
-            self._held[owner.client] += added - removed
+        held = f.locks.get(owner)
+        if not held:
+            return
+        i, j = _first_ending_after(held, start), _first_starting_at(held, end)
+        if i >= j:
+            return
+        pieces = [_with(held[i], held[i].start, start)] if held[i].start < start else []
+        if end < held[j - 1].end:
+            pieces.append(_with(held[j - 1], end, held[j - 1].end))
+        self._held[owner.client] += len(pieces) - (j - i)
+        held[i:j] = pieces
+        if not held:
+            del f.locks[owner]
 
     def _apply(self, f: _File, new: Lock) -> bool:
         """Hold `new` (no conflict checked here), merging with the owner's touching locks
         of the same type; False, changing nothing, if that would exceed the client's limit."""
         owner = new.owner
-        kept: list[Lock] = []
-        start, end = new.start, new.end
-        since = new.since
-        for lk in f.locks:
-            if lk.owner != owner:
-                kept.append(lk)
-            elif lk.exclusive == new.exclusive and lk.start <= end and start <= lk.end:
-                start, end = min(start, lk.start), max(end, lk.end)  # merge
-                since = min(since, lk.since)
+        held = f.locks.setdefault(owner, [])
+        # the owner's locks that overlap or touch the new range
+        i, j = _first_ending_at(held, new.start), _first_starting_after(held, new.end)
+        start, end, since = new.start, new.end, new.since
+        pieces: list[Lock] = []
+        for lk in held[i:j]:
+            if lk.exclusive == new.exclusive:  # merge
+                start, end, since = min(start, lk.start), max(end, lk.end), min(since, lk.since)
             elif lk.overlaps(new.start, new.end):  # the other type: keep what sticks out
                 if lk.start < new.start:
-                    kept.append(_with(lk, lk.start, new.start))
+                    pieces.append(_with(lk, lk.start, new.start))
                 if new.end < lk.end:
-                    kept.append(_with(lk, new.end, lk.end))
-            else:
-                kept.append(lk)
-        kept.append(Lock(new.file, owner, start, end, new.exclusive, since))
-        delta = len(kept) - len(f.locks)  # kept is every lock after the change
+                    pieces.append(_with(lk, new.end, lk.end))
+            else:  # the other type, only touching
+                pieces.append(lk)
+        pieces.append(Lock(new.file, owner, start, end, new.exclusive, since))
+        pieces.sort(key=_start)
+        delta = len(pieces) - (j - i)
         if delta > 0 and self._held[owner.client] + delta > self.max_locks:
+            if not held:
+                del f.locks[owner]
             return False
-        f.locks = sorted(kept, key=_order)
+        held[i:j] = pieces
         self._held[owner.client] += delta
         return True
 
@@ -369,8 +378,32 @@ def _with(lk: Lock, start: int, end: int) -> Lock:
     return Lock(lk.file, lk.owner, start, end, lk.exclusive, lk.since)
 
 
-def _order(lk: Lock) -> tuple[Owner, int]:
-    return lk.owner, lk.start
+def _start(lk: Lock) -> int:
+    return lk.start
+
+
+def _end(lk: Lock) -> int:
+    return lk.end
+
+
+def _first_ending_after(held: list[Lock], at: int) -> int:
+    """Index of the first lock with end > at (in one owner's sorted, disjoint locks)."""
+    return bisect.bisect_right(held, at, key=_end)
+
+
+def _first_ending_at(held: list[Lock], at: int) -> int:
+    """Index of the first lock with end >= at."""
+    return bisect.bisect_left(held, at, key=_end)
+
+
+def _first_starting_at(held: list[Lock], at: int) -> int:
+    """Index of the first lock with start >= at."""
+    return bisect.bisect_left(held, at, key=_start)
+
+
+def _first_starting_after(held: list[Lock], at: int) -> int:
+    """Index of the first lock with start > at."""
+    return bisect.bisect_right(held, at, key=_start)
 
 
 def covered(locks: Iterable[Lock], limit: int) -> dict[int, dict[Owner, bool]]:

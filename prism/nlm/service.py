@@ -103,6 +103,8 @@ MAX_CLIENTS = 1024
 `prism.nlm.locks`); a new one beyond this gets DENIED_NOLOCKS."""
 EXPIRE_EVERY = 30.0
 SNAPSHOT_DELAY = 0.2
+SNAPSHOT_ROWS = 10_000
+"""Locks, waiters and shares `nlm/locks.json` lists at most (it counts the rest)."""
 
 CallbackFn = Callable[[str, int, int, int, bytes, str], bytes]
 """(host, prog, vers, proc, args, transport) -> results: one RPC call to a client."""
@@ -584,7 +586,7 @@ class NlmService:
         items: list[tuple[str, Any]] = [("lock", lk) for lk in self.manager.locks()]
         items += [("waiting", w) for w in self.manager.waiters()]
         items += [("share", sh) for sh in self.manager.shares()]
-        for kind, item in items:
+        for kind, item in items[:SNAPSHOT_ROWS]:
             oid = item.file
             row = {
                 "kind": kind,
@@ -609,6 +611,7 @@ class NlmService:
             "state": self.monitor.state,
             "grace_left": round(max(0.0, self.grace_until - self.clock()), 1),
             "locks": rows,
+            "more": max(0, len(items) - SNAPSHOT_ROWS),
         }
 
     def _vm_name(self, ns: int) -> str:
