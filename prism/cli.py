@@ -201,6 +201,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         max_connections_per_address=args.max_connections_per_address,
         record_timeout=args.record_timeout,
+        nlm_port=args.nlm_port,
+        grace=args.grace,
     )
     if args.async_replies:
         logging.getLogger("prism.server").warning(
@@ -212,8 +214,54 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(
             f"cannot listen ({exc.strerror}): is another NFS server running? "
-            "pick other ports with --nfs-port/--mount-port"
+            "pick other ports with --nfs-port/--mount-port/--nlm-port"
         ) from exc
+    return 0
+
+
+def cmd_locks(args: argparse.Namespace, store: Store) -> int:
+    from prism.nlm.monitor import MonitorStateError, read_locks
+    from prism.nlm.paths import find_paths
+
+    try:
+        table = read_locks(Path(args.data))
+    except MonitorStateError as exc:
+        raise UsageError(str(exc)) from exc
+    rows = [] if table is None else table["locks"]
+    if args.vm:
+        rows = [r for r in rows if r["vm"] == args.vm]
+    for vm in {r["vm"] for r in rows}:
+        try:
+            ns_id = store.namespace(vm).id
+        except StoreError:
+            continue
+        paths = find_paths(store, ns_id, {r["fileid"] for r in rows if r["vm"] == vm})
+        for r in rows:
+            if r["vm"] == vm:
+                r["path"] = paths.get(r["fileid"])
+
+    def text() -> str:
+        if table is None:
+            return f"no server is running on {args.data}: no locks are held"
+        lines = [f"{'VM':<12} {'CLIENT':<22} {'PATH':<28} {'RANGE':<20} {'TYPE':<13} SINCE"]
+        for r in rows:
+            if r["kind"] == "share":
+                what, kind = "-", f"share a{r['access']}/d{r['deny']}"
+            else:
+                end = "EOF" if r["length"] == 0 else str(r["start"] + r["length"])
+                what = f"{r['start']}-{end}"
+                kind = r["type"] + (" (waiting)" if r["kind"] == "waiting" else "")
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["since"]))
+            client = f"{r['client']} ({r['name']})" if r["name"] else r["client"]
+            path = r.get("path") or f"fileid {r['fileid']}"
+            lines.append(f"{r['vm']:<12} {client:<22} {path:<28} {what:<20} {kind:<13} {since}")
+        if table.get("more"):
+            lines.append(f"... and {table['more']} more that the server's table leaves out")
+        if table.get("grace_left"):
+            lines.append(f"grace period: {table['grace_left']} s left for reclaims")
+        return "\n".join(lines)
+
+    _emit(args, rows, text)
     return 0
 
 
@@ -675,6 +723,16 @@ def _access_options(p: argparse.ArgumentParser, defaults: str) -> None:
     g.add_argument("--anon-gid", type=int, default=None, metavar="GID", help="default 65534")
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds (0 or more), not {text!r}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
     p.add_argument("--data", default=None, help="data directory ($PRISM_DATA, ./prism-data)")
     if json_flag:
@@ -723,6 +781,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="close a connection whose half-sent request got no new bytes for this long"
         f" ({RECORD_TIMEOUT:g})",
+    )
+    p.add_argument(
+        "--nlm-port",
+        type=int,
+        default=0,
+        metavar="N",
+        help="port of the lock services NLM and NSM (default: an ephemeral port)",
+    )
+    p.add_argument(
+        "--grace",
+        type=_seconds,
+        default=90.0,
+        metavar="SECONDS",
+        help="after a restart, grant only lock reclaims for this long (90)",
     )
     p.add_argument("--demo", action="store_true", help="create VM 'demo' if missing")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -774,6 +846,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("snap")
         p.set_defaults(func=func)
 
+    p = sub.add_parser("locks", help="file locks held through the running server")
+    _common(p)
+    p.add_argument("vm", nargs="?", help="only this VM's")
+    p.set_defaults(func=cmd_locks)
     p = sub.add_parser("stats", help="per-VM and store-wide figures")
     _common(p)
     p.set_defaults(func=cmd_stats)

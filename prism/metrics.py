@@ -3,8 +3,9 @@
 A tiny HTTP/1.0 responder (GET /metrics only) on the server's event loop. Figures: per-VM
 logical bytes, objects and quota; store logical and stored bytes, dedup ratio, chunk count and
 reads refused because content failed its hash check; per-procedure RPC call counts, errors
-and latency sums from the dispatcher; and the TCP connections open, refused, evicted and
-closed as stalled (`rpc.admission`).
+and latency sums from the dispatcher; the TCP connections open, refused, evicted and closed
+as stalled (`rpc.admission`); and the file locks (`prism.nlm`): held, waiting, clients,
+blocked requests granted and their waits.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from prism.store import Store
 if TYPE_CHECKING:
     from prism.server import PrismServer
 
-PROGRAM_NAMES = {100003: "nfs", 100005: "mount", 100000: "portmap"}
+PROGRAM_NAMES = {
+    100003: "nfs",
+    100005: "mount",
+    100000: "portmap",
+    100021: "nlm",
+    100024: "status",
+}
 
 
 def parse_listen(spec: str) -> tuple[str, int]:
@@ -119,6 +126,49 @@ def collect_connections(server: PrismServer) -> list[str]:
     return lines
 
 
+def collect_locks(server: PrismServer) -> list[str]:
+    nlm = server.nlm
+    m, st = nlm.manager, nlm.stats
+    lines: list[str] = []
+    for name, kind, help_text, value in (
+        ("prism_locks_held", "gauge", "Byte-range locks held.", sum(1 for _ in m.locks())),
+        (
+            "prism_locks_waiting",
+            "gauge",
+            "Blocked lock requests queued.",
+            sum(1 for _ in m.waiters()),
+        ),
+        ("prism_lock_shares_held", "gauge", "Share reservations held.", sum(1 for _ in m.shares())),
+        ("prism_lock_clients", "gauge", "Clients holding or waiting for locks.", len(m.clients())),
+        (
+            "prism_lock_waits_granted_total",
+            "counter",
+            "Blocked lock requests granted later.",
+            st.waits_granted,
+        ),
+        (
+            "prism_lock_wait_seconds_total",
+            "counter",
+            "Seconds blocked requests waited before their grant.",
+            round(st.wait_seconds, 6),
+        ),
+        (
+            "prism_lock_callbacks_failed_total",
+            "counter",
+            "Calls to clients (GRANTED, results, SM_NOTIFY) given up after retries.",
+            st.callbacks_failed,
+        ),
+        (
+            "prism_lock_grace_refused_total",
+            "counter",
+            "New locks refused during the grace period after a restart.",
+            st.grace_refused,
+        ),
+    ):
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    return lines
+
+
 async def serve_metrics(spec: str, server: PrismServer) -> tuple[asyncio.AbstractServer, int]:
     host, port = parse_listen(spec)
 
@@ -133,6 +183,7 @@ async def serve_metrics(spec: str, server: PrismServer) -> tuple[asyncio.Abstrac
             else:
                 lines = await server.executor.call(collect_store)
                 lines += collect_rpc(server) + collect_connections(server)
+                lines += collect_locks(server)
                 body, status = ("\n".join(lines) + "\n").encode(), "200 OK"
             writer.write(
                 f"HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n"

@@ -1,8 +1,12 @@
-"""`prism serve`: MOUNT and NFS over TCP and UDP, plus portmapper registration.
+"""`prism serve`: MOUNT, NFS and file locking (NLM, NSM) over TCP and UDP, plus portmapper
+registration.
 
 Start-up: open the store and its executor (store calls run inline on the event loop, with
 group commit), build one RPC dispatcher carrying the NFS and MOUNT programs, and listen with
-it on the NFS and MOUNT ports over TCP and UDP. The two TCP listeners share one connection
+it on the NFS and MOUNT ports over TCP and UDP. The lock programs (`prism.nlm`: NLM v1/v3/v4
+and NSM v1) go on the same dispatcher and listen on their own port too (`--nlm-port`, an
+ephemeral one by default, as lockd's); their start moves the NSM state on and, after an
+unclean history, opens the grace period (`--grace`). The TCP listeners share one connection
 table (`rpc.transport.Connections`: total and per-address caps, stalled records) whose
 policy is the service's `peer_bound`, so addresses bound to no VM go first. Then make the
 ports discoverable: register with a system rpcbind if one answers on 127.0.0.1:111,
@@ -25,6 +29,9 @@ from typing import Any
 from prism.metrics import serve_metrics
 from prism.nfs.const import MOUNT_PROGRAM, MOUNT_V3, NFS_PROGRAM, NFS_V3
 from prism.nfs.service import NfsService
+from prism.nlm.monitor import Monitor
+from prism.nlm.service import DEFAULT_GRACE, NlmService
+from prism.nlm.types import NLM_PROGRAM, NLM_V1, NLM_V3, NLM_V4, NSM_PROGRAM, NSM_V1
 from prism.store import Store
 from prism.store.executor import StoreExecutor
 from rpc.admission import MAX_PER_ADDRESS, RECORD_TIMEOUT, ConnectionLimits
@@ -34,6 +41,7 @@ from rpc.portmap import (
     RPCBIND_SOCKET,
     PortMapping,
     PortmapProgram,
+    pmap_getport,
     pmap_set,
     pmap_unset,
     rpcbind_answers,
@@ -53,7 +61,13 @@ log = logging.getLogger("prism.server")
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
 DEFAULT_NFS_PORT = 2049
 DEFAULT_MOUNT_PORT = 20048
-PROGRAMS = ((NFS_PROGRAM, NFS_V3), (MOUNT_PROGRAM, MOUNT_V3), (MOUNT_PROGRAM, 1))
+LOCK_PROGRAMS = (
+    (NLM_PROGRAM, NLM_V4),
+    (NLM_PROGRAM, NLM_V3),
+    (NLM_PROGRAM, NLM_V1),
+    (NSM_PROGRAM, NSM_V1),
+)
+PROGRAMS = ((NFS_PROGRAM, NFS_V3), (MOUNT_PROGRAM, MOUNT_V3), (MOUNT_PROGRAM, 1), *LOCK_PROGRAMS)
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,10 @@ class ServeOptions:
     max_connections_per_address: int = MAX_PER_ADDRESS
     record_timeout: float = RECORD_TIMEOUT
     """Seconds an incomplete record may go without new bytes before its connection closes."""
+    nlm_port: int = 0
+    """NLM and NSM (TCP and UDP); 0: an ephemeral port, found through the portmapper."""
+    grace: float = DEFAULT_GRACE
+    """Seconds after a restart during which only lock reclaims are granted."""
 
 
 class PrismServer:
@@ -83,6 +101,9 @@ class PrismServer:
         self.dispatcher = RpcDispatcher()
         self.dispatcher.add_program(self.service.program())
         self.dispatcher.add_program(self.service.mount_program())
+        self.nlm = NlmService(self.service, Monitor(options.data), grace=options.grace)
+        self.dispatcher.add_program(self.nlm.program())
+        self.dispatcher.add_program(self.nlm.nsm_program())
         self.connections = Connections(
             ConnectionLimits(
                 options.max_connections or connection_budget(),
@@ -93,7 +114,7 @@ class PrismServer:
         )
         self._servers: list[asyncio.AbstractServer | UdpServer] = []
         self._registered_with_rpcbind = False
-        self.nfs_port = self.mount_port = 0
+        self.nfs_port = self.mount_port = self.nlm_port = 0
         self.portmap_port: int | None = None
         self.metrics_port: int | None = None
 
@@ -109,7 +130,11 @@ class PrismServer:
         )
         self.mount_port = bound_port(mount_tcp)
         mount_udp = await serve_udp(self.dispatcher, bind, self.mount_port)
-        self._servers += [nfs_tcp, nfs_udp, mount_tcp, mount_udp]
+        nlm_tcp = await serve_tcp(self.dispatcher, bind, self.options.nlm_port, connections=conns)
+        self.nlm_port = bound_port(nlm_tcp)
+        nlm_udp = await serve_udp(self.dispatcher, bind, self.nlm_port)
+        self._servers += [nfs_tcp, nfs_udp, mount_tcp, mount_udp, nlm_tcp, nlm_udp]
+        await self.nlm.start()
         if self.options.portmap:
             await self._start_portmap()
         if self.options.metrics:
@@ -123,6 +148,7 @@ class PrismServer:
                 (NFS_PROGRAM, NFS_V3, self.nfs_port),
                 (MOUNT_PROGRAM, MOUNT_V3, self.mount_port),
                 (MOUNT_PROGRAM, 1, self.mount_port),
+                *((prog, vers, self.nlm_port) for prog, vers in LOCK_PROGRAMS),
             )
             for prot in (IPPROTO_TCP, IPPROTO_UDP)
         ]
@@ -165,6 +191,17 @@ class PrismServer:
         return fn("127.0.0.1", *args)
 
     def _register_with_rpcbind(self) -> None:
+        for prog, vers in LOCK_PROGRAMS:
+            with contextlib.suppress(OSError, RpcError):
+                port = pmap_getport("127.0.0.1", prog, vers, IPPROTO_TCP)
+                if port and port != self.nlm_port:
+                    log.warning(
+                        "replacing the rpcbind registration of program %d v%d (port %d): a "
+                        "kernel lockd or rpc.statd on this host loses its clients to Prism",
+                        prog,
+                        vers,
+                        port,
+                    )
         for prog, vers in PROGRAMS:
             with contextlib.suppress(OSError, RpcError):
                 self._rpcbind_call(pmap_unset, prog, vers)
@@ -183,6 +220,7 @@ class PrismServer:
         self.portmap_port = PMAP_PORT
 
     async def stop(self) -> None:
+        await self.nlm.stop()
         for server in self._servers:
             server.close()
         for server in self._servers:
@@ -205,7 +243,8 @@ class PrismServer:
         metrics = f", metrics :{self.metrics_port}" if self.metrics_port else ""
         return (
             f"prism: ready: {vms} VMs from {self.options.data}; nfs {self.options.bind}:"
-            f"{self.nfs_port} mount {self.mount_port} (tcp+udp), {portmap}{metrics}"
+            f"{self.nfs_port} mount {self.mount_port} nlm {self.nlm_port} (tcp+udp), "
+            f"{portmap}{metrics}"
         )
 
 

@@ -210,6 +210,17 @@ class NfsService:
         call.cred = effective_cred(export, call.sent)
         return oid
 
+    def object_of(self, s: Store, host: str, fh: bytes) -> ObjectId:
+        """What handle `fh` names, if `host` may use it: the check every NFS call makes,
+        for the programs that take NFS handles too (NLM). Raises BadHandle, the store's
+        Stale if the VM is gone, or PermissionDenied if `host` is not bound to it."""
+        try:
+            return self._oid(s, Call(host, Cred(NOBODY, NOBODY, ())), T.NfsFh3(fh))
+        except _Fail as exc:
+            if exc.status == NfsStat3.NFS3ERR_BADHANDLE:
+                raise BadHandle("not a handle of this server") from None
+            raise PermissionDenied(f"{host} is not bound to this handle's VM") from None
+
     def fattr(self, attr: Attr) -> T.Fattr3:
         # The packed form encodes exactly like Fattr3 at a tenth of the cost.
         return cast(T.Fattr3, T.PackedFattr3(attr, attr.oid.ns))

@@ -7,6 +7,7 @@ the metadata holds the file-handle MAC key)::
     DATA/meta/journal              redo journal of a running server (`prism.store.journal`)
     DATA/segments/<id>.seg         chunk bytes, appended back to back (`prism.store.segments`)
     DATA/staging/<token>.lock      flock'ed by the process building the import staged as token
+    DATA/nlm/                      the lock service's state, not the store's (`prism.nlm.monitor`)
 
 LMDB databases (keys and values are packed as in `prism.store.records`; every stored value
 is followed by a 4-byte seal over its database, key and value, checked on every read, see
@@ -2585,6 +2586,12 @@ class Store:
         with self._read() as t:
             _, _, node, _ = self._obj(t, oid)
             return self._attr(oid, node)
+
+    def identity(self, oid: ObjectId) -> ObjectId:
+        """The object's own identity: the same for every handle that names it (a share's
+        handles name objects of its source VM). What byte-range locks are held on."""
+        with self._read() as t:
+            return self._obj(t, oid)[1]
 
     def lookup(self, dir: ObjectId, name: bytes, cred: Cred | None = None) -> Attr:
         return self.lookup_in(dir, name, cred)[0]

@@ -202,6 +202,19 @@ def run_guest(
     )
 
 
+def host_programs(paths: Iterable[str]) -> dict[str, bytes]:
+    """`files` for `run_guest`: the host's programs at `paths` plus the shared libraries
+    they load (their `ldd` closure, at the same paths), for daemons busybox lacks (the
+    guest's rpcbind and rpc.statd are the host's Debian packages, copied in at boot)."""
+    files: dict[str, bytes] = {}
+    for path in paths:
+        files[path] = Path(path).read_bytes()
+        out = subprocess.run(["ldd", path], capture_output=True, text=True, check=True).stdout
+        for lib in re.findall(r"(/\S+) \(0x", out):
+            files[lib] = Path(os.path.realpath(lib)).read_bytes()
+    return files
+
+
 def nfs_mount_command(
     *,
     nfs_port: int,
