@@ -277,11 +277,14 @@ def make_private(root: Path) -> None:
     """Give the data directory, its subdirectories and their files to the server's user
     alone (0700/0600): `meta/data.mdb` holds the file-handle MAC key. Stores made before
     this rule are tightened here, on every open."""
-    for path in (root, root / "meta", root / "segments"):
+    _chmod_private(root.resolve(), PRIVATE_DIR)
+    for path in root.iterdir():  # meta/, segments/, staging/, nlm/ and whatever comes next
+        if not path.is_dir():
+            _chmod_private(path, PRIVATE_FILE)
+            continue
         _chmod_private(path.resolve(), PRIVATE_DIR)  # (each may be a symlink to elsewhere)
-        if path is not root and path.is_dir():
-            for child in path.iterdir():
-                _chmod_private(child, PRIVATE_DIR if child.is_dir() else PRIVATE_FILE)
+        for child in path.iterdir():
+            _chmod_private(child, PRIVATE_DIR if child.is_dir() else PRIVATE_FILE)
 
 
 def _chmod_private(path: Path, mode: int) -> None:
