@@ -10,6 +10,7 @@ Each change is one store transaction: it happens completely or not at all.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -212,6 +213,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         run_event_loop(serve(options))
     except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise UsageError(f"cannot start: {exc.strerror}{where}") from exc
         raise UsageError(
             f"cannot listen ({exc.strerror}): is another NFS server running? "
             "pick other ports with --nfs-port/--mount-port/--nlm-port"

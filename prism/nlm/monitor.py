@@ -20,7 +20,9 @@ reclaims. A client is forgotten only once it has been notified.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import threading
 import time
@@ -28,6 +30,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 NLM_DIR = "nlm"
 STATE_FILE = "state"
@@ -101,11 +105,40 @@ class Monitor:
             ) from exc
 
     def restart(self) -> int:
-        """Move to the next odd state number (on every server start) and persist it."""
+        """Move to the next odd state number (on every server start) and persist it. A full
+        disk must not keep the server from starting (clients need it to free space): the
+        state is then rewritten in place, or, failing that, kept in memory with a warning."""
         with self._lock:
             self.state = (self.state | 1) + 2 if self.state else 1
-            write_private(self.dir / STATE_FILE, f"{self.state}\n".encode())
+            data = f"{self.state}\n".encode()
+            try:
+                write_private(self.dir / STATE_FILE, data)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                self._overwrite_state(data, exc)
             return self.state
+
+    def _overwrite_state(self, data: bytes, cause: OSError) -> None:
+        """Rewrite the state file's bytes where they are (no new block on a full disk)."""
+        path = self.dir / STATE_FILE
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.pwrite(fd, data.ljust(os.fstat(fd).st_size, b" "), 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning(
+                "cannot record the lock monitor's state %d in %s (%s, then %s): lock clients "
+                "may not learn of a restart until there is room; free space in the data "
+                "directory",
+                self.state,
+                path,
+                cause.strerror,
+                exc.strerror,
+            )
 
     def add(self, address: str, name: str) -> bool:
         """Record a client before it is granted anything; False if it already was."""
