@@ -36,7 +36,7 @@ from prism.nlm.types import NlmStat
 from prism.nlm.types import TestRes as NlmTestRes
 from rpc.portmap import PMAP_PORT, rpcbind_answers
 from tests.guest.harness import HOST_ADDR, GuestRun, host_programs, run_guest
-from tests.server_helpers import PrismProcess, new_data_dir, port_listening
+from tests.server_helpers import PrismProcess, new_data_dir, port_listening, prism_cli
 
 DAEMONS = ("/usr/sbin/rpcbind", "/usr/sbin/rpc.statd")
 LOCKF_SOURCE = Path(__file__).parent / "guest" / "lockf.c"
@@ -103,6 +103,7 @@ def test_kernel_client_locks_without_nolock(tmp_path: Path) -> None:
     else:
         mode = (True, PMAP_PORT)
     data = new_data_dir(tmp_path / "data")
+    prism_cli(data, "vm", "set", "vm", "--insecure")  # QEMU's user networking: ordinary ports
     server = PrismProcess(data, tmp_path / "logs", portmap=mode[0], portmap_port=mode[1])
     server.start()
     nlm_port = int(server.ready_line.split(" nlm ")[1].split()[0])
