@@ -20,7 +20,7 @@ from typing import Any
 
 from vrpc import abi
 from vrpc.pyring import PythonBackend
-from vrpc.ring import Backend, RingProtocolError, check_result, open_error
+from vrpc.ring import Backend, RingProtocolError, check_result, geometry_error, open_error
 
 _native: Any
 try:
@@ -64,10 +64,7 @@ class NativeServerRing:
         )  # fmt: skip
         if result < 0:
             ffi.release(self._ptr)
-            raise ValueError(
-                f"bad ring geometry: {nslots} slots, {entries} entries, {len(buf)} bytes, "
-                f"doorbell {doorbell}"
-            )
+            raise geometry_error(nslots, entries, len(buf), doorbell)
         self.nslots = nslots
         self._entries = entries
 

@@ -30,7 +30,7 @@ import threading
 import time
 
 from vrpc import abi
-from vrpc.ring import RingClosed, RingProtocolError, open_error
+from vrpc.ring import RingClosed, RingProtocolError, geometry_error, open_error
 
 _M32 = 0xFFFFFFFF
 
@@ -132,10 +132,7 @@ class PyServerRing:
             or not nslots <= entries <= abi.MAX_ENTRIES
             or doorbell not in (abi.DOORBELL_EVENTFD, abi.DOORBELL_POLL)
         ):
-            raise ValueError(
-                f"bad ring geometry: {nslots} slots, {entries} entries, {size} bytes, "
-                f"doorbell {doorbell}"
-            )
+            raise geometry_error(nslots, entries, size, doorbell)
         self._buf = buf
         self.nslots = nslots
         self._entries = entries
