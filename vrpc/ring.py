@@ -143,6 +143,14 @@ class ClientRing(Protocol):
     def release(self) -> None: ...
 
 
+def slot_view(segment: memoryview, nslots: int, slot: int) -> memoryview:
+    """Slot `slot` of a ring segment of `nslots` slots (a client's `ClientRing.slot`)."""
+    if not 0 <= slot < nslots:
+        raise ValueError(f"slot {slot} does not exist (0..{nslots - 1})")
+    start = abi.SLOT_OFFSET + slot * abi.SLOT_SIZE
+    return segment[start : start + abi.SLOT_SIZE]
+
+
 class Backend(Protocol):
     name: str
 
