@@ -38,6 +38,15 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+def _single_samples(*rows: tuple[str, str, str, object]) -> list[str]:
+    """The lines of metrics that have one sample without labels: rows of (name, type, help
+    text, value)."""
+    lines: list[str] = []
+    for name, kind, help_text, value in rows:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    return lines
+
+
 def collect_store(store: Store) -> list[str]:
     lines = [
         "# HELP prism_vm_logical_bytes Logical bytes stored in the VM's files.",
@@ -60,19 +69,18 @@ def collect_store(store: Store) -> list[str]:
         if vm.quota is not None
     ]
     st = store.stats()
-    for name, value, help_text in (
-        ("prism_store_logical_bytes", st.logical_bytes, "Logical bytes over all VMs."),
-        ("prism_store_stored_bytes", st.stored_bytes, "Distinct chunk bytes referenced."),
-        ("prism_store_chunks", st.chunk_count, "Distinct chunks referenced."),
-        ("prism_store_dedup_ratio", round(st.dedup_ratio, 4), "Logical / stored bytes."),
-    ):
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]
-    name = "prism_store_damaged_reads_total"
-    lines += [
-        f"# HELP {name} Reads refused (NFS3ERR_IO) because content failed its hash check.",
-        f"# TYPE {name} counter",
-        f"{name} {store.damaged_reads}",
-    ]
+    lines += _single_samples(
+        ("prism_store_logical_bytes", "gauge", "Logical bytes over all VMs.", st.logical_bytes),
+        ("prism_store_stored_bytes", "gauge", "Distinct chunk bytes referenced.", st.stored_bytes),
+        ("prism_store_chunks", "gauge", "Distinct chunks referenced.", st.chunk_count),
+        ("prism_store_dedup_ratio", "gauge", "Logical / stored bytes.", round(st.dedup_ratio, 4)),
+        (
+            "prism_store_damaged_reads_total",
+            "counter",
+            "Reads refused (NFS3ERR_IO) because content failed its hash check.",
+            store.damaged_reads,
+        ),
+    )
     return lines
 
 
@@ -100,8 +108,7 @@ def collect_rpc(server: PrismServer) -> list[str]:
 
 def collect_connections(server: PrismServer) -> list[str]:
     table = server.connections.table
-    lines: list[str] = []
-    for name, kind, help_text, value in (
+    return _single_samples(
         ("prism_connections_open", "gauge", "NFS and MOUNT TCP connections open.", len(table)),
         (
             "prism_connections_refused_total",
@@ -121,16 +128,13 @@ def collect_connections(server: PrismServer) -> list[str]:
             "Connections closed after --record-timeout with a half-sent request.",
             table.expired_count,
         ),
-    ):
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
-    return lines
+    )
 
 
 def collect_locks(server: PrismServer) -> list[str]:
     nlm = server.nlm
     m, st = nlm.manager, nlm.stats
-    lines: list[str] = []
-    for name, kind, help_text, value in (
+    return _single_samples(
         ("prism_locks_held", "gauge", "Byte-range locks held.", sum(1 for _ in m.locks())),
         (
             "prism_locks_waiting",
@@ -164,9 +168,7 @@ def collect_locks(server: PrismServer) -> list[str]:
             "New locks refused during the grace period after a restart.",
             st.grace_refused,
         ),
-    ):
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
-    return lines
+    )
 
 
 async def serve_metrics(spec: str, server: PrismServer) -> tuple[asyncio.AbstractServer, int]:

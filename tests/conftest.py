@@ -1,7 +1,9 @@
-"""Shared fixtures for the server tests: real `prism serve` processes on free ports."""
+"""Shared fixtures: real `prism serve` processes on free ports, and a small real filesystem."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,3 +27,18 @@ def prism_module_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pr
     """Like `prism_server`, shared by the tests of one module (use distinct names)."""
     with running_server(tmp_path_factory.mktemp("prism")) as server:
         yield server
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB tmpfs of its own (a test may grow it with `mount -o remount,size=...`),
+    unmounted after the test; skipped unless root."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root")
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

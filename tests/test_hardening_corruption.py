@@ -27,7 +27,6 @@ import random
 import re
 import subprocess
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,20 +51,6 @@ from tests.op_helpers import (
 
 CHUNK = 128 * 1024
 METRICS_PORT = re.compile(r"^prism: ready: .* metrics :(?P<port>\d+)\s*$")
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 64 MiB tmpfs of its own for the data directory."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small filesystem needs root")
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def flip_in_segments(data: Path, content: bytes, at: int) -> None:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,20 +27,6 @@ from tests.server_helpers import REPO_ROOT, PrismProcess, prism_cli
 from tests.test_store_journal import crash_with_acknowledged_changes
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 64 MiB tmpfs (grown by `resize`), unmounted after the test."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small filesystem needs root")
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def resize(mnt: Path, size: str) -> None:
@@ -82,16 +68,18 @@ def names_in(nfs: Any, dir_fh: Any) -> list[str]:
     return sorted(n for e in nfs.listdir(dir_fh) if (n := e.name.decode()) not in (".", ".."))
 
 
-def _create_many(server: PrismProcess, dir_fh: Any, names: list[str]) -> dict[str, str]:
-    """CREATE `names` from 4 concurrent clients (so durable points group several calls);
-    each name's outcome: its NFS status name, or the RPC error."""
+def _from_four_clients(
+    server: PrismProcess, names: list[str], call: Callable[[Any, str], Any]
+) -> dict[str, str]:
+    """`call(nfs, name)` for each of `names`, from 4 concurrent clients (so durable points
+    group several calls); each name's outcome: its NFS status name, or the RPC error."""
     out: dict[str, str] = {}
 
     def worker(part: list[str]) -> None:
         with server.nfs_client("tcp", timeout=30) as nfs:
             for name in part:
                 try:
-                    out[name] = status(nfs.create(dir_fh, name)).name
+                    out[name] = status(call(nfs, name)).name
                 except RpcError as exc:
                     out[name] = repr(exc)
 
@@ -101,6 +89,11 @@ def _create_many(server: PrismProcess, dir_fh: Any, names: list[str]) -> dict[st
     for t in threads:
         t.join()
     return out
+
+
+def _create_many(server: PrismProcess, dir_fh: Any, names: list[str]) -> dict[str, str]:
+    """CREATE `names` from 4 concurrent clients; each name's outcome as in `_from_four_clients`."""
+    return _from_four_clients(server, names, lambda nfs, name: nfs.create(dir_fh, name))
 
 
 def _fill_with_data(server: PrismProcess, root: Any) -> tuple[Any, int]:
@@ -171,23 +164,8 @@ def test_disk_full_keeps_every_acknowledged_change(small_fs: Path, tmp_path: Pat
 
 
 def _remove_many(server: PrismProcess, dir_fh: Any, names: list[str]) -> dict[str, str]:
-    """REMOVE `names` from 4 concurrent clients; each name's outcome as in `_create_many`."""
-    out: dict[str, str] = {}
-
-    def worker(part: list[str]) -> None:
-        with server.nfs_client("tcp", timeout=30) as nfs:
-            for name in part:
-                try:
-                    out[name] = status(nfs.remove(dir_fh, name)).name
-                except RpcError as exc:
-                    out[name] = repr(exc)
-
-    threads = [threading.Thread(target=worker, args=(names[i::4],)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
+    """REMOVE `names` from 4 concurrent clients; each name's outcome as in `_from_four_clients`."""
+    return _from_four_clients(server, names, lambda nfs, name: nfs.remove(dir_fh, name))
 
 
 def test_a_disk_filled_by_others_refuses_changes_but_loses_none(

@@ -433,20 +433,9 @@ def test_shared_words_are_never_seen_partly_written(server: str, client: str) ->
         stop_map = mmap.mmap(-1, 4096)
         stop = memoryview(stop_map).cast("I")
         ready_r, ready_w = os.pipe()
-        report_r, report_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the watcher
-            code = 1
-            try:
-                os.close(report_r)
-                error = _watch(ch.client_map, first, calls, stop, ready_w)
-                os.write(report_w, (error or "").encode())
-                code = 0 if error is None else 1
-            except BaseException:
-                os.write(report_w, traceback.format_exc().encode()[-2000:])
-            finally:
-                os._exit(code)
-        os.close(report_w)
+        pid, report_r = _fork_child(  # the watcher
+            lambda: _watch(ch.client_map, first, calls, stop, ready_w)
+        )
         os.close(ready_w)
         try:
             assert os.read(ready_r, 1) == b"r"
@@ -464,9 +453,7 @@ def test_shared_words_are_never_seen_partly_written(server: str, client: str) ->
             assert i > 3000  # the indices wrapped
         finally:
             stop[0] = 1
-            status = _reap_child(pid)
-            report = os.read(report_r, 4096).decode()
-            os.close(report_r)
+            status, report = _child_outcome(pid, report_r)
             os.close(ready_r)
             stop.release()
             stop_map.close()
@@ -568,23 +555,40 @@ def _reap_child(pid: int, grace: float = 10.0) -> int:
     return os.waitpid(pid, 0)[1]
 
 
+def _fork_child(check: Callable[[], str | None]) -> tuple[int, int]:
+    """Run `check` in a forked child; (its pid, the read end of its report pipe). The child
+    reports `check`'s error (or its traceback) and exits 1, or reports nothing and exits 0."""
+    report_r, report_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(report_r)
+            error = check()
+            os.write(report_w, (error or "").encode())
+            code = 0 if error is None else 1
+        except BaseException:
+            os.write(report_w, traceback.format_exc().encode()[-2000:])
+        finally:
+            os._exit(code)
+    os.close(report_w)
+    return pid, report_r
+
+
+def _child_outcome(pid: int, report_r: int) -> tuple[int, str]:
+    """The exit status and report of a `_fork_child` child (see `_reap_child`)."""
+    status = _reap_child(pid)
+    report = os.read(report_r, 4096).decode()
+    os.close(report_r)
+    return status, report
+
+
 def _stress(server_backend: str, client_backend: str, total: int) -> float:
     nslots = 8
     with channel(server_backend, client_backend, nslots=nslots, first_index=2**32 - 1000) as ch:
-        report_r, report_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the server process
-            code = 1
-            try:
-                os.close(report_r)
-                error = _serve(ch.server, ch.kick, seed=total)
-                os.write(report_w, (error or "").encode())
-                code = 0 if error is None else 1
-            except BaseException:
-                os.write(report_w, traceback.format_exc().encode()[-2000:])
-            finally:
-                os._exit(code)
-        os.close(report_w)
+        pid, report_r = _fork_child(  # the server process
+            lambda: _serve(ch.server, ch.kick, seed=total)
+        )
         rng = random.Random(total)
         client = ch.client
         free = list(range(nslots))
@@ -622,9 +626,7 @@ def _stress(server_backend: str, client_backend: str, total: int) -> float:
             assert client.wait(5.0)
             client.reap()
         finally:
-            status = _reap_child(pid)
-            report = os.read(report_r, 4096).decode()
-            os.close(report_r)
+            status, report = _child_outcome(pid, report_r)
         assert status == 0, report
         assert report == ""
         assert worst < 1.0, f"a round trip took {worst:.3f} s"

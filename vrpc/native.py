@@ -20,7 +20,14 @@ from typing import Any
 
 from vrpc import abi
 from vrpc.pyring import PythonBackend
-from vrpc.ring import Backend, RingProtocolError, check_result, open_error
+from vrpc.ring import (
+    Backend,
+    RingProtocolError,
+    check_result,
+    geometry_error,
+    open_error,
+    slot_view,
+)
 
 _native: Any
 try:
@@ -64,10 +71,7 @@ class NativeServerRing:
         )  # fmt: skip
         if result < 0:
             ffi.release(self._ptr)
-            raise ValueError(
-                f"bad ring geometry: {nslots} slots, {entries} entries, {len(buf)} bytes, "
-                f"doorbell {doorbell}"
-            )
+            raise geometry_error(nslots, entries, len(buf), doorbell)
         self.nslots = nslots
         self._entries = entries
 
@@ -140,10 +144,7 @@ class NativeClientRing:
         self._view = memoryview(buf)
 
     def slot(self, slot: int) -> memoryview:
-        if not 0 <= slot < self.nslots:
-            raise ValueError(f"slot {slot} does not exist (0..{self.nslots - 1})")
-        start = abi.SLOT_OFFSET + slot * abi.SLOT_SIZE
-        return self._view[start : start + abi.SLOT_SIZE]
+        return slot_view(self._view, self.nslots, slot)
 
     def submit(self, slot: int, length: int) -> bool:
         if not 0 <= slot < 2**32 or not 0 <= length < 2**32:

@@ -30,7 +30,7 @@ import threading
 import time
 
 from vrpc import abi
-from vrpc.ring import RingClosed, RingProtocolError, open_error
+from vrpc.ring import RingClosed, RingProtocolError, geometry_error, open_error, slot_view
 
 _M32 = 0xFFFFFFFF
 
@@ -132,10 +132,7 @@ class PyServerRing:
             or not nslots <= entries <= abi.MAX_ENTRIES
             or doorbell not in (abi.DOORBELL_EVENTFD, abi.DOORBELL_POLL)
         ):
-            raise ValueError(
-                f"bad ring geometry: {nslots} slots, {entries} entries, {size} bytes, "
-                f"doorbell {doorbell}"
-            )
+            raise geometry_error(nslots, entries, size, doorbell)
         self._buf = buf
         self.nslots = nslots
         self._entries = entries
@@ -329,10 +326,7 @@ class PyClientRing:
         return g
 
     def slot(self, slot: int) -> memoryview:
-        if not 0 <= slot < self.nslots:
-            raise ValueError(f"slot {slot} does not exist (0..{self.nslots - 1})")
-        start = abi.SLOT_OFFSET + slot * abi.SLOT_SIZE
-        return self._view[start : start + abi.SLOT_SIZE]
+        return slot_view(self._view, self.nslots, slot)
 
     def _closed(self) -> bool:
         return bool(self._w[_SERVER_FLAGS] & abi.SERVER_CLOSED)

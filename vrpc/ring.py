@@ -54,6 +54,13 @@ def open_error(err: int) -> RingOpenError:
     return RingOpenError(err, "the ring segment's geometry is inconsistent: refusing to map it")
 
 
+def geometry_error(nslots: int, entries: int, size: int, doorbell: int) -> ValueError:
+    """A server ring asked for a geometry no ring can have (the local caller's mistake)."""
+    return ValueError(
+        f"bad ring geometry: {nslots} slots, {entries} entries, {size} bytes, doorbell {doorbell}"
+    )
+
+
 def check_result(result: int, what: str) -> int:
     """Turn a negative errno from a ring function into the matching exception."""
     if result >= 0:
@@ -134,6 +141,14 @@ class ClientRing(Protocol):
         ...
 
     def release(self) -> None: ...
+
+
+def slot_view(segment: memoryview, nslots: int, slot: int) -> memoryview:
+    """Slot `slot` of a ring segment of `nslots` slots (a client's `ClientRing.slot`)."""
+    if not 0 <= slot < nslots:
+        raise ValueError(f"slot {slot} does not exist (0..{nslots - 1})")
+    start = abi.SLOT_OFFSET + slot * abi.SLOT_SIZE
+    return segment[start : start + abi.SLOT_SIZE]
 
 
 class Backend(Protocol):

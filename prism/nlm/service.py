@@ -169,6 +169,12 @@ def _key(file: Hashable, owner: Owner, start: int, end: int, exclusive: bool) ->
     return (file, owner, start, end, exclusive)
 
 
+def _lock_range(host: str, alock: NlmLock) -> tuple[Owner, int, int]:
+    """The owner and the [start, end) range that `alock`, sent from `host`, names."""
+    start, end = span(alock.offset, alock.length)
+    return Owner(host, alock.svid, alock.oh), start, end
+
+
 def _length(start: int, end: int) -> int:
     return 0 if end == END else end - start
 
@@ -339,6 +345,16 @@ class NlmService:
         except StoreError:
             raise _Refused(NlmStat.STALE_FH) from None
 
+    def _stop_telling(
+        self, file: Hashable, owner: Owner, start: int, end: int, exclusive: bool
+    ) -> bool:
+        """Cancel the GRANTED call under way for this lock, if any (True if there was one)."""
+        telling = self._telling.pop(_key(file, owner, start, end, exclusive), None)
+        if telling is None:
+            return False
+        telling.cancel()
+        return True
+
     @staticmethod
     def _stat(ctx: CallContext, stat: NlmStat) -> NlmStat:
         return stat.for_version(ctx.vers)
@@ -373,8 +389,7 @@ class NlmService:
             file = self._file(host, a.alock.fh)
         except _Refused as exc:
             return TestRes(a.cookie, self._stat(ctx, exc.stat))
-        start, end = span(a.alock.offset, a.alock.length)
-        owner = Owner(host, a.alock.svid, a.alock.oh)
+        owner, start, end = _lock_range(host, a.alock)
         held = self.manager.test(file, owner, start, end, a.exclusive)
         if held is None:
             return TestRes(a.cookie, NlmStat.GRANTED)
@@ -400,8 +415,7 @@ class NlmService:
             return Res(a.cookie, NlmStat.DENIED_NOLOCKS)
         if monitored:
             await self._monitor(host, a.alock.caller_name)
-        start, end = span(a.alock.offset, a.alock.length)
-        owner = Owner(host, a.alock.svid, a.alock.oh)
+        owner, start, end = _lock_range(host, a.alock)
         grant = Grant(ctx.vers, ctx.transport, a.cookie, a.exclusive, a.alock)
         outcome = self.manager.lock(
             file,
@@ -415,9 +429,7 @@ class NlmService:
         )
         self._count(outcome)
         if outcome is Outcome.GRANTED:  # the client now knows: no GRANTED call needed
-            telling = self._telling.pop(_key(file, owner, start, end, a.exclusive), None)
-            if telling is not None:
-                telling.cancel()
+            self._stop_telling(file, owner, start, end, a.exclusive)
         self._changed()
         return Res(a.cookie, self._stat(ctx, _STAT[outcome]))
 
@@ -431,13 +443,11 @@ class NlmService:
             file = self._file(host, a.alock.fh)
         except _Refused as exc:
             return Res(a.cookie, self._stat(ctx, exc.stat))
-        start, end = span(a.alock.offset, a.alock.length)
-        owner = Owner(host, a.alock.svid, a.alock.oh)
-        if not self.manager.cancel(file, owner, start, end, a.exclusive):
-            telling = self._telling.pop(_key(file, owner, start, end, a.exclusive), None)
-            if telling is not None:  # granted, but the client gave up waiting first
-                telling.cancel()
-                self._wake(self.manager.unlock(file, owner, start, end, now=self.clock()))
+        owner, start, end = _lock_range(host, a.alock)
+        cancelled = self.manager.cancel(file, owner, start, end, a.exclusive)
+        # No such waiter, but a GRANTED call under way: the client gave up waiting first.
+        if not cancelled and self._stop_telling(file, owner, start, end, a.exclusive):
+            self._wake(self.manager.unlock(file, owner, start, end, now=self.clock()))
         self._changed()
         return Res(a.cookie, NlmStat.GRANTED)
 
@@ -447,8 +457,7 @@ class NlmService:
             file = self._file(host, a.alock.fh)
         except _Refused as exc:
             return Res(a.cookie, self._stat(ctx, exc.stat))
-        start, end = span(a.alock.offset, a.alock.length)
-        owner = Owner(host, a.alock.svid, a.alock.oh)
+        owner, start, end = _lock_range(host, a.alock)
         self._wake(self.manager.unlock(file, owner, start, end, now=self.clock()))
         self._changed()
         return Res(a.cookie, NlmStat.GRANTED)
