@@ -30,18 +30,35 @@ Damage is never turned into zeros: a chunk with no other copy stays referenced, 
 it keep failing with EIO, and fsck lists every file (namespace:path) and byte range it
 spoils (`FsckReport.damaged`), in the same run.
 
-gc first discards what imports that died had staged (`Store.reap_stagings`), then, in
-one write transaction: drops layers no namespace reaches (releasing their chunk
-references), deletes zero-reference chunks, then compacts segments that are mostly garbage
-by copying their live chunks into a fresh segment (fdatasync before the commit that moves
-them) and deletes segment files no committed chunk names. Segments locked by a live writer
-are never touched.
+gc works in bounded steps: each step is a write transaction of its own (the store's write
+lock is held only during it, so a server's writes get in between steps), and stops after
+STEP_SECONDS or STEP_RECORDS records, whichever comes first. Every step re-reads what it
+decides on, since others write between steps. In order:
+  1. discard what imports that died had staged (`Store.reap_stagings`, bounded steps too);
+  2. drop layers no namespace reaches, deleting their records and releasing the chunks their
+     chunk maps name (in the same transaction), a bounded number of records per step. Only
+     a layer no other layer names (as parent or import source) is dropped, and its layer
+     record goes with its last records, so every remaining layer's parent exists;
+  3. merge layers that only one child uses, one fold (one child layer's records) per step;
+  4. delete zero-reference chunk records (a chunk referenced again meanwhile stays);
+  5. compact segments, emptiest first, at least one segment per step: a segment no live
+     chunk names is dropped, a mostly-garbage one has its live chunks copied into this
+     process's segment; the copies are fdatasync'd before the commit that moves the chunk
+     and chunk-map records (and deletes chunk records that fell to zero references since
+     step 4 and still name the segment), and the old files are deleted only after that
+     commit. Segments locked by a live writer are never touched.
+Crash ordering: content first, then metadata, within each step. A kill between or inside
+steps leaves only what fsck reports as debris and the next gc removes: unreachable layers
+(dropped in part: their records are unreachable, their chunk references already consistent),
+zero-reference chunks, copies in a segment that no committed chunk names, and old segment
+files whose moves committed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -66,6 +83,10 @@ from prism.store.types import CHUNK_SIZE, ROOT_INO, DirEntry, FileType, ObjectId
 
 COMPACT_BELOW = 0.5
 """Compact a segment when less than this fraction of its bytes is live."""
+STEP_SECONDS = 0.25
+"""gc commits a step (and releases the write lock) once it has worked this long..."""
+STEP_RECORDS = 20000
+"""...or deleted this many records or copied this many chunks, whichever comes first."""
 
 Progress = Callable[[str], None]
 
@@ -713,86 +734,191 @@ def gc(store: Store, *, progress: Progress | None = None) -> GcReport:
     if store.in_batch:
         store.commit()
     say(f"discarded {store.reap_stagings()} trees staged by imports that died")
-    locked: list[int] = []
-    t = store._begin_write()
-    try:
-        doomed_segments = _gc(store, t, report, say, locked)
-        store.segments.sync()
-    except BaseException:
-        store._aborted(t)
-        for fd in locked:
-            os.close(fd)
-        raise
-    store._durable_commit(t)
-    store.forget_layers()
-    # Only now, with the moves committed, may the old segment files go.
-    for seg_id in doomed_segments:
-        store.segments.remove(seg_id)
-    for fd in locked:
-        os.close(fd)
-    store.segments.roll_if_full()
+    say("dropping unreachable layers")
+    while _step(store, lambda t: _drop_step(store, t, report)):
+        pass
+    say(f"dropped {report.layers_dropped} unreachable layers")
+    say("merging layers that only one namespace still uses")
+    while _step(store, lambda t: _merge_step(store, t, report)):
+        pass
+    say("freeing unreferenced chunks")
+    resume: list[bytes] = [b""]
+    while _step(store, lambda t: _free_step(store, t, report, resume)):
+        pass
+    say("compacting segments")
+    tried: set[int] = set()
+    while _compact_step(store, report, tried):
+        pass
     return report
 
 
-def _gc(
-    store: Store, t: lmdb.Transaction, report: GcReport, say: Progress, locked: list[int]
-) -> list[int]:
-    """Do gc's metadata work; return the segment files to delete once it commits."""
+def _step(store: Store, work: Callable[[lmdb.Transaction], bool]) -> bool:
+    """Run `work` in a write transaction of its own (the write lock held only meanwhile);
+    return whether it found work, so that the caller runs another step."""
+    t = store._begin_write()
+    try:
+        more = work(t)
+    except BaseException:
+        store._aborted(t)
+        raise
+    store._durable_commit(t)
+    store.forget_layers()
+    return more
+
+
+def _over(began: float, done: int) -> bool:
+    return done >= STEP_RECORDS or time.monotonic() - began >= STEP_SECONDS
+
+
+def _drop_step(store: Store, t: lmdb.Transaction, report: GcReport) -> bool:
+    """Delete records of unreachable layers (and release their chunks), a bounded number;
+    a layer's own record goes with its last records. Only a layer no other layer names
+    (as parent or import source) is dropped, so every remaining layer's parent exists.
+    Returns whether unreachable layers remain."""
+    began = time.monotonic()
     layers = _all_layers(store, t)
     dead = set(layers) - _reachable_layers(store, t, layers)
-    say(f"dropping {len(dead)} unreachable layers")
-    for layer in dead:
-        layers.pop(layer)
-    for layer in dead:
+    named: Counter[int] = Counter()
+    for rec in layers.values():
+        if rec["parent"]:
+            named[rec["parent"]] += 1
+        for src in rec["vols"].values():
+            named[src[0]] += 1
+    leaves = sorted(layer for layer in dead if not named[layer])
+    done = 0
+    while leaves:
+        layer = leaves.pop(0)
         prefix = R.layer_prefix(layer)
+        finished = True
         for db in (store._inodes, store._dirents, store._cmap):
             cur = t.cursor(db=db)
-            doomed = []
+            doomed: list[tuple[bytes, bytes]] = []
             if cur.set_range(prefix):
                 for key, value in cur:
                     if not bytes(key).startswith(prefix):
+                        break
+                    if _over(began, done + len(doomed)):
+                        finished = False
                         break
                     doomed.append((bytes(key), bytes(value)))
             for key, value in doomed:
                 t.delete(key, db=db)
                 if db is store._cmap and value:
                     store._unref_chunk(t, R.CHUNK_KEY.pack(*R.CMAP_VAL.unpack(value)[:2]))
+            done += len(doomed)
+            if not finished:
+                return True
         t.delete(R.U64.pack(layer), db=store._layers)
         report.layers_dropped += 1
+        done += 1
+        rec = layers.pop(layer)
+        dead.discard(layer)
+        for parent in [rec["parent"], *(src[0] for src in rec["vols"].values())]:
+            if parent:
+                named[parent] -= 1
+                if parent in dead and not named[parent]:
+                    leaves.append(parent)
+        if _over(began, done):
+            break
+    return bool(dead) and done > 0
 
-    say("merging layers that only one namespace still uses")
-    while _merge_one(store, t, layers):
-        report.layers_merged += 1
 
-    say("freeing unreferenced chunks")
+def _merge_step(store: Store, t: lmdb.Transaction, report: GcReport) -> bool:
+    """Fold one layer into its parent (one transaction per fold); whether one was folded."""
+    if not _merge_one(store, t, _all_layers(store, t)):
+        return False
+    report.layers_merged += 1
+    return True
+
+
+def _free_step(store: Store, t: lmdb.Transaction, report: GcReport, resume: list[bytes]) -> bool:
+    """Delete zero-reference chunks (as read now: a chunk referenced again meanwhile stays)
+    from `resume[0]` on, a bounded number; return whether the index has more to visit."""
+    began = time.monotonic()
+    freed: list[tuple[bytes, int]] = []
+    cur = t.cursor(db=store._chunks)
+    more = False
+    if cur.set_range(resume[0]):  # b"": from the first key
+        for key, value in cur:
+            if _over(began, len(freed)):
+                resume[0] = bytes(key)
+                more = True
+                break
+            _, _, length, refs = R.CHUNK_VAL.unpack(value)
+            if refs == 0:
+                freed.append((bytes(key), length))
+    for key, length in freed:
+        t.delete(key, db=store._chunks)
+        report.bytes_reclaimed += length
+    report.chunks_freed += len(freed)
+    return more
+
+
+def _compact_step(store: Store, report: GcReport, tried: set[int]) -> bool:
+    """One step of compaction: in one write transaction, pick the emptiest segments not yet
+    `tried` and, until the step's budget is spent (at least one segment), drop a segment
+    no chunk names or copy a mostly-garbage one's live chunks into this process's segment;
+    then fdatasync, commit the moved chunk and chunk-map records, and only after that delete
+    the old files. Returns whether segments may remain."""
+    began = time.monotonic()
+    locked: list[int] = []
+    t = store._begin_write()
+    try:
+        doomed, more = _compact(store, t, report, tried, locked, began)
+    except BaseException:
+        store._aborted(t)
+        for fd in locked:
+            os.close(fd)
+        raise
+    try:
+        store._durable_commit(t)
+        store.forget_layers()
+        # Only now, with the moves committed, may the old segment files go.
+        for seg_id in doomed:
+            store.segments.remove(seg_id)
+    finally:
+        for fd in locked:
+            os.close(fd)
+    return more
+
+
+def _compact(
+    store: Store,
+    t: lmdb.Transaction,
+    report: GcReport,
+    tried: set[int],
+    locked: list[int],
+    began: float,
+) -> tuple[list[int], bool]:
+    """Do one compaction step's metadata work; return (segment files to delete once it
+    commits, whether segments remain to look at)."""
     live_by_segment: Counter[int] = Counter()
     chunks_by_segment: dict[int, list[tuple[bytes, int, int]]] = {}
-    freed = []
+    zero_by_segment: dict[int, list[tuple[bytes, int]]] = {}
     for key, value in t.cursor(db=store._chunks):
         segment, offset, length, refs = R.CHUNK_VAL.unpack(value)
         if refs == 0:
-            freed.append(bytes(key))
-            report.bytes_reclaimed += length
+            zero_by_segment.setdefault(segment, []).append((bytes(key), length))
             continue
         live_by_segment[segment] += length
         chunks_by_segment.setdefault(segment, []).append((bytes(key), offset, length))
-    for key in freed:
-        t.delete(key, db=store._chunks)
-    report.chunks_freed = len(freed)
-
-    say("compacting segments")
     pending: list[int] = []
     moved: dict[tuple[int, int], tuple[int, int]] = {}
     known = {R.U64.unpack(k)[0]: R.SEGMENT_VAL.unpack(v) for k, v in t.cursor(db=store._segdb)}
     # Emptiest first: dropping dead segments needs no room, and compaction (which may use the
     # metadata reserve) stops at the first append that finds the disk full.
-    disk_full = False
-    for seg_id in sorted(
-        set(store.segments.list_ids()) | set(known), key=lambda s: live_by_segment.get(s, 0)
-    ):
+    candidates = sorted(
+        (set(store.segments.list_ids()) | set(known)) - tried,
+        key=lambda s: live_by_segment.get(s, 0),
+    )
+    copied = 0
+    for position, seg_id in enumerate(candidates):
+        if copied and _over(began, copied):
+            return pending, True
+        tried.add(seg_id)
         appended = known.get(seg_id, (0, 0))[0]
         live = live_by_segment.get(seg_id, 0)
-        if live and (disk_full or (appended and live >= COMPACT_BELOW * appended)):
+        if live and appended and live >= COMPACT_BELOW * appended:
             if seg_id in known and known[seg_id][1] != live:
                 t.put(R.U64.pack(seg_id), R.SEGMENT_VAL.pack(appended, live), db=store._segdb)
             continue
@@ -801,6 +927,7 @@ def _gc(
             continue
         locked.append(fd)
         moved_bytes = 0
+        disk_full = False
         for key, offset, length in chunks_by_segment.get(seg_id, []):
             data = store.segments.read(seg_id, offset, length)
             try:
@@ -808,18 +935,12 @@ def _gc(
             except NoSpace:
                 disk_full = True  # the chunks moved so far stay moved; the segment stays
                 break
+            copied += 1
             moved_bytes += length
             moved[(seg_id, offset)] = (new_seg, new_off)
             refs = R.CHUNK_VAL.unpack(t.get(key, db=store._chunks) or bytes(28))[3]
             t.put(key, R.CHUNK_VAL.pack(new_seg, new_off, length, refs), db=store._chunks)
-            seg_key = R.U64.pack(new_seg)
-            raw = t.get(seg_key, db=store._segdb)
-            app, liv = R.SEGMENT_VAL.unpack(raw) if raw else (0, 0)
-            t.put(
-                seg_key,
-                R.SEGMENT_VAL.pack(max(app, new_off + length), liv + length),
-                db=store._segdb,
-            )
+            _note_append(store, t, new_seg, new_off, length)
         if disk_full:
             if seg_id in known:
                 t.put(
@@ -827,7 +948,13 @@ def _gc(
                     R.SEGMENT_VAL.pack(appended, live - moved_bytes),
                     db=store._segdb,
                 )
-            continue
+            tried.update(candidates[position:])
+            break
+        # Chunks released since the freeing steps name this segment too: they go with it.
+        for key, length in zero_by_segment.get(seg_id, []):
+            t.delete(key, db=store._chunks)
+            report.chunks_freed += 1
+            report.bytes_reclaimed += length
         if live:
             report.segments_compacted += 1
         else:
@@ -835,6 +962,7 @@ def _gc(
         report.bytes_reclaimed += max(0, store.segments.size_of(seg_id) - live)
         t.delete(R.U64.pack(seg_id), db=store._segdb)
         pending.append(seg_id)
+        copied += 1
     if moved:
         updates = []
         for key, value in t.cursor(db=store._cmap):
@@ -848,7 +976,7 @@ def _gc(
                 )
         for key, value in updates:
             t.put(key, value, db=store._cmap)
-    return pending
+    return pending, False
 
 
 def _merge_one(store: Store, t: lmdb.Transaction, layers: dict[int, dict]) -> bool:

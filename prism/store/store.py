@@ -114,8 +114,9 @@ LMDB's writer mutex. Every top-level write transaction takes the write lock firs
 when it ends, so no process ever waits inside LMDB for another's writer: the server only tries
 the lock (`try_begin_batch`) and lets its writes wait asynchronously while reads, which never
 wait for a writer, go on; an operator command waits for it, and commits its batches in
-bounded steps (`prism import`: every COMMIT_EVERY_SECONDS) so that the server's writes wait
-little.
+bounded steps (`prism import`: every COMMIT_EVERY_SECONDS; `prism gc`: every
+`check.STEP_SECONDS` or `check.STEP_RECORDS`, or one layer fold or segment compaction) so
+that the server's writes wait little.
 
 A full disk. Content appends leave `segments.metadata_reserve()` bytes free, and new names half
 of it, so checkpoints and REMOVE keep working once data or names have filled the disk. If a
