@@ -2477,26 +2477,22 @@ class Store:
 
     def _stagings(self) -> list[str]:
         with self._read() as t:
-            cur = t.cursor(db=self._meta)
-            out = []
-            if cur.set_range(_STAGE):
-                for key, _ in cur:
-                    if not bytes(key).startswith(_STAGE):
-                        break
-                    out.append(bytes(key)[len(_STAGE) :].decode())
-            return out
+            return list(self._stage_markers(t))
 
     def staged_roots(self, t: lmdb.Transaction) -> list[tuple[int, int]]:
         """(namespace id, directory inode of volume 0) of every staged import tree, alive
         or dead: part of its namespace (and its usage) though no entry names it."""
+        return [(m["ns"], m["ino"]) for m in self._stage_markers(t).values()]
+
+    def _stage_markers(self, t: lmdb.Transaction) -> dict[str, dict[str, Any]]:
+        """Every staged import's marker (b"stage:"+token -> {ns, ino}), by token."""
         cur = t.cursor(db=self._meta)
-        out = []
+        out: dict[str, dict[str, Any]] = {}
         if cur.set_range(_STAGE):
             for key, raw in cur:
                 if not bytes(key).startswith(_STAGE):
                     break
-                marker = json.loads(bytes(raw))
-                out.append((marker["ns"], marker["ino"]))
+                out[bytes(key)[len(_STAGE) :].decode()] = json.loads(bytes(raw))
         return out
 
     def _staging_dead(self, token: str) -> bool:
