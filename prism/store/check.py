@@ -40,6 +40,8 @@ decides on, since others write between steps. In order:
      a layer no other layer names (as parent or import source) is dropped, and its layer
      record goes with its last records, so every remaining layer's parent exists;
   3. merge layers that only one child uses, one fold (one child layer's records) per step;
+     an inode whiteout folded onto a layer drops that layer's chunk-map records of the
+     inode and releases their chunks;
   4. delete zero-reference chunk records (a chunk referenced again meanwhile stays);
   5. compact segments, emptiest first, at least one segment per step: a segment no live
      chunk names is dropped, a mostly-garbage one has its live chunks copied into this
@@ -1048,6 +1050,8 @@ def _fold(store: Store, t: lmdb.Transaction, child: int, parent: int, layers: di
         for key, value in moves:
             t.delete(key, db=db)
             target = new_prefix + key[8:]
+            if db is store._inodes and not value:
+                _drop_shadowed_chunks(store, t, target)
             old = t.get(target, db=db)
             if db is store._cmap and old:
                 store._unref_chunk(t, R.CHUNK_KEY.pack(*R.CMAP_VAL.unpack(old)[:2]))
@@ -1057,3 +1061,20 @@ def _fold(store: Store, t: lmdb.Transaction, child: int, parent: int, layers: di
                     t.delete(target, db=db)
             else:
                 t.put(target, value, db=db)
+
+
+def _drop_shadowed_chunks(store: Store, t: lmdb.Transaction, prefix: bytes) -> None:
+    """An inode whiteout reaches layer|vol|ino `prefix`: the chunk-map records there are
+    shadowed by it for good (a removed file leaves no per-chunk whiteouts), so they go and
+    release their chunks."""
+    cur = t.cursor(db=store._cmap)
+    doomed = []
+    if cur.set_range(prefix):
+        for key, value in cur:
+            if not bytes(key).startswith(prefix):
+                break
+            doomed.append((bytes(key), bytes(value)))
+    for key, value in doomed:
+        t.delete(key, db=store._cmap)
+        if value:
+            store._unref_chunk(t, R.CHUNK_KEY.pack(*R.CMAP_VAL.unpack(value)[:2]))

@@ -29,7 +29,9 @@ is followed by a 4-byte seal over its database, key and value, checked on every 
     layers    layer id u64 -> JSON {parent, vols, imports, next_vol, next_import}
     inodes    layer|vol|ino -> packed Inode, or b"" (whiteout: removed in this layer)
     dirents   layer|vol|dir|cookie|name -> vol|ino|type, or b"" (whiteout)
-    cmap      layer|vol|ino|chunk index -> chunk key|length|segment|offset, or b"" (hole)
+    cmap      layer|vol|ino|chunk index -> chunk key|length|segment|offset, or b"" (hole);
+              an inode's whiteout also hides every lower cmap record of that inode, so
+              removing a file writes no per-chunk whiteouts (gc's fold drops what it hides)
     chunks    xxh3-128 hash|seq -> segment|offset|length|refcount
     segments  segment id -> appended bytes|live bytes
     usage     ns id -> logical bytes (file sizes and symlink targets)|objects|valid
@@ -1628,18 +1630,7 @@ class Store:
             if len(old) > keep:
                 self._set_chunk(t, view.top, path, vol, ino, index, old[:keep])
         first_dropped = -(-new_size // CHUNK_SIZE)
-        top_prefix = R.cmap_prefix(view.top, vol, ino)
-        doomed: list[tuple[bytes, bytes]] = []
-        cur = t.cursor(db=self._cmap)
-        if cur.set_range(R.cmap_key(view.top, vol, ino, first_dropped)):
-            for key, value in cur:
-                if not bytes(key).startswith(top_prefix):
-                    break
-                doomed.append((bytes(key), bytes(value)))
-        for key, value in doomed:
-            t.delete(key, db=self._cmap)
-            if value:
-                self._unref_chunk(t, _chunk_ref(value).key)
+        self._drop_top_chunks(t, view.top, vol, ino, first_dropped)
         whiteouts: set[int] = set()
         for layer, v, _ in path[1:]:
             prefix = R.cmap_prefix(layer, v, ino)
@@ -1654,10 +1645,30 @@ class Store:
         for index in whiteouts:
             t.put(R.cmap_key(view.top, vol, ino, index), R.WHITEOUT, db=self._cmap)
 
+    def _drop_top_chunks(self, t: lmdb.Transaction, top: int, vol: int, ino: int, first: int):
+        """Delete the file's chunk-map records in layer `top` from chunk `first` on and
+        release the chunks they name."""
+        prefix = R.cmap_prefix(top, vol, ino)
+        doomed: list[tuple[bytes, bytes]] = []
+        cur = t.cursor(db=self._cmap)
+        if cur.set_range(R.cmap_key(top, vol, ino, first)):
+            for key, value in cur:
+                if not bytes(key).startswith(prefix):
+                    break
+                doomed.append((bytes(key), bytes(value)))
+        for key, value in doomed:
+            t.delete(key, db=self._cmap)
+            if value:
+                self._unref_chunk(t, _chunk_ref(value).key)
+
     def _destroy(self, t: lmdb.Transaction, view: _View, vol: int, ino: int, node: Inode) -> None:
-        """The last link is gone: release the object's own records."""
+        """The last link is gone: release the object's own records. Only the top layer's
+        chunk-map records go (O(chunks written since the last freeze), never O(file size)):
+        the inode's whiteout shadows every chunk-map record of it below the top, since a
+        file's chunks are only ever read through its live inode and an inode number is never
+        given out again in a namespace. gc's fold drops the shadowed records (`check._fold`)."""
         if node.type == FileType.REG:
-            self._truncate(t, view, vol, ino, node.size, 0)
+            self._drop_top_chunks(t, view.top, vol, ino, 0)
         self._usage_add(t, view, -charged_bytes(node), -1)
         self._drop_inode(t, view, vol, ino)
 
