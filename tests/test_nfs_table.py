@@ -155,3 +155,29 @@ def test_unusable_handles_and_readdir_checks_get_the_status_alone(
     assert notdir == T.ReaddirRes(NfsStat3.NFS3ERR_NOTDIR)
     cookie = c.call(Nfs3Proc.READDIR, T.ReaddirArgs(root, 2**64 - 1, bytes(8), 4096))
     assert cookie == T.ReaddirRes(NfsStat3.NFS3ERR_BAD_COOKIE)
+
+
+def test_create_of_an_existing_name_is_rofs_wherever_the_directory_is_read_only(
+    world: tuple[NfsService, NfsClient, T.NfsFh3],
+) -> None:
+    """CREATE of an existing name changes nothing, yet on a read-only directory it is
+    NFS3ERR_ROFS like every other modifying procedure: in a snapshot, and in a read-only
+    share inside a writable VM (whose handles name the writable VM)."""
+    service, c, root = world
+    store = service.store
+    src = store.create_namespace("src")
+    pub = store.mkdir(src.root, b"pub", 0o777)
+    store.create(pub.oid, b"there", 0o644)
+    store.share("src", "/pub", "vm", "/pub")
+    shared = c.lookup(root, "pub")
+    assert shared.status == OK and shared.object is not None
+    assert c.create(root, "f").status == OK
+    store.snapshot("vm", "s1")
+    snap_root = service.fh(store.namespace("vm@s1").root)
+    for directory in (shared.object, snap_root):
+        name = "there" if directory == shared.object else "f"
+        for mode in (CreateMode.UNCHECKED, CreateMode.EXCLUSIVE):
+            res = c.create(directory, name, mode=mode)
+            assert res.status == NfsStat3.NFS3ERR_ROFS, (directory, mode, res.status)
+            assert res.dir_wcc.before is not None and res.dir_wcc.after is not None
+        assert c.create(directory, "new").status == NfsStat3.NFS3ERR_ROFS

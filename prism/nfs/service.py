@@ -388,11 +388,6 @@ class NfsService:
 
     def create(self, s: Store, call: Call, a: T.CreateArgs) -> T.CreateRes:
         dir_oid = self._changing(s, call, a.where.dir)
-        if s.namespace_by_id(dir_oid.ns).readonly:
-            # CREATE of an existing name (UNCHECKED, or an EXCLUSIVE retry) changes nothing,
-            # so the store would answer OK; like every other modifying procedure on a
-            # read-only export it is NFS3ERR_ROFS (as in knfsd).
-            raise NfsError(NfsStat3.NFS3ERR_ROFS)
         sattr = setattr_of(a.obj_attributes or T.SATTR_EMPTY)
         attr = s.create(
             dir_oid,
