@@ -1,7 +1,7 @@
 """A synchronous NFSv3 / MOUNTv3 client for tests and tools.
 
 Theory of operation: each method builds the procedure's argument dataclass, encodes it with
-`prism.nfs.types`, sends it through an RPC caller (by default `rpc.client.RpcClient`, over
+`prism.nfs.wire`, sends it through an RPC caller (by default `rpc.client.RpcClient`, over
 TCP or UDP) and decodes the reply into the procedure's result dataclass. Per-procedure
 methods never raise on NFS errors: a result carries `.status` (and `.ok`), so tests can check
 the exact status and failure body. RPC-level failures (timeouts, PROG_UNAVAIL, GARBAGE_ARGS,
@@ -30,13 +30,14 @@ from prism.nfs.const import (
     NFS_PROGRAM,
     NFS_V3,
     CreateMode,
+    Ftype3,
     Mount3Proc,
     MountStat3,
     Nfs3Proc,
     NfsStat3,
     StableHow,
 )
-from prism.nfs.types import (
+from prism.nfs.wire import (
     SATTR_EMPTY,
     VOID,
     AccessArgs,
@@ -96,7 +97,6 @@ from prism.nfs.types import (
     encode_args,
     encode_mount_args,
 )
-from prism.store.types import FileType
 
 FhLike = NfsFh3 | bytes
 NameLike = bytes | str
@@ -345,15 +345,15 @@ class NfsClient(_Base):
         self,
         dir_fh: FhLike,
         name: NameLike,
-        type: FileType,
+        type: Ftype3,
         attributes: Sattr3 = SATTR_EMPTY,
         spec: SpecData3 | None = None,
     ) -> MknodRes:
         """MKNOD; `spec` (major, minor) applies to CHR/BLK only."""
         where = DirOpArgs3(_fh(dir_fh), _name(name))
-        if type in (FileType.CHR, FileType.BLK):
+        if type in (Ftype3.CHR, Ftype3.BLK):
             args = MknodArgs(where, type, attributes, spec or SpecData3())
-        elif type in (FileType.SOCK, FileType.FIFO):
+        elif type in (Ftype3.SOCK, Ftype3.FIFO):
             args = MknodArgs(where, type, attributes)
         else:
             args = MknodArgs(where, type)

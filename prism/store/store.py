@@ -2895,7 +2895,9 @@ class Store:
     ) -> Attr:
         check_name(name)
         with self._read() as t:
-            view, d, dnode, out = self._obj(t, dir)
+            # writable: even when the name exists and nothing changes, a read-only directory
+            # (a snapshot, a read-only share) answers ReadOnly, as every other change does.
+            view, d, dnode, out = self._obj(t, dir, writable=True)
             if dnode.type != FileType.DIR:
                 raise NotADirectory("not a directory")
             self._require(dnode, cred, _X, "no search permission on the directory")
