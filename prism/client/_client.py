@@ -240,9 +240,9 @@ class Client:
         """The directory that holds the last name of `path`, and that name (not followed)."""
         found = self._find(path, follow=False)
         if found.dir is None:
-            raise OSError(
-                errno.EBUSY, "names the VM's root: cannot be created, removed or renamed", path
-            )
+            busy = os.strerror(errno.EBUSY)
+            message = f"{busy} (the VM's root cannot be created, removed or renamed)"
+            raise OSError(errno.EBUSY, message, os.fspath(path))
         return found.dir, found.name
 
     def handle(self, path: PathLike, *, follow_symlinks: bool = True) -> T.NfsFh3:
