@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import stat
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -22,10 +23,19 @@ from typing import Any
 import pytest
 
 from prism.client import DEFAULT_VRPC_SOCKET, Client, DirEntry, TransportUnavailable, connect
-from prism.client._transport import NFS_PORT, Target, is_local_host, parse_url
+from prism.client._transport import (
+    NFS_PORT,
+    RecordTransport,
+    Target,
+    is_local_host,
+    parse_url,
+)
 from prism.nfs import types as T
+from prism.nfs.client import auth_sys, connect_rpc
 from prism.nfs.const import (
     ACCESS3_READ,
+    MOUNT_PROGRAM,
+    NFS_PROGRAM,
     CreateMode,
     Nfs3Proc,
     NfsStat3,
@@ -724,3 +734,36 @@ def test_a_server_that_stays_down_times_out(prism_server: PrismProcess) -> None:
     with pytest.raises(ValueError):
         c.stat("/f")
     server.start()
+
+
+# -- the transport seam ----------------------------------------------------------------------
+
+
+def test_a_client_over_any_record_exchange(server: PrismProcess) -> None:
+    """`RecordTransport` is the seam the VRPC channel plugs into: anything that sends a CALL
+    record and returns its REPLY record. Here that is a raw TCP connection per program."""
+    conns = {
+        NFS_PROGRAM: connect_rpc("127.0.0.1", server.nfs_port, NFS_PROGRAM, 3),
+        MOUNT_PROGRAM: connect_rpc("127.0.0.1", server.mount_port, MOUNT_PROGRAM, 3),
+    }
+    exchanged: list[int] = []
+
+    def exchange(record: bytes) -> bytes:
+        prog = struct.unpack_from(">I", record, 12)[0]
+        exchanged.append(prog)
+        conns[prog].send_raw(record)
+        return conns[prog].recv_record()
+
+    def close() -> None:
+        for conn in conns.values():
+            conn.close()
+
+    transport = RecordTransport("records", exchange, auth_sys(0, 0), close)
+    with Client(transport, "a test", "/vm", umask=0o022, commit_limit=1 << 20) as c:
+        assert (c.transport, c.transport_reason) == ("records", "a test")
+        c.mkdir("/records", exist_ok=True)
+        c.write_text("/records/f", "over records")
+        assert c.read_text("/records/f") == "over records"
+        assert c.listdir("/records") == ["f"]
+    assert exchanged[0] == MOUNT_PROGRAM and set(exchanged) == {MOUNT_PROGRAM, NFS_PROGRAM}
+    assert all(conn.sock.fileno() == -1 for conn in conns.values())  # closed with the client

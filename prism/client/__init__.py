@@ -2,7 +2,7 @@
 
     from prism.client import connect
     with connect("nfs://127.0.0.1/web?mountport=20048", uid=1000, gid=1000) as c:
-        c.makedirs("/srv/www", exist_ok=True)
+        c.makedirs("/srv/www", exist_ok=True)              # as uid 1000: needs the right
         with c.open("/srv/www/index.html", "w") as f:     # a standard io.TextIOWrapper
             f.write("<h1>hello</h1>\\n")                   # close() commits to disk
         c.stat("/srv/www/index.html").st_size              # os.stat_result

@@ -267,7 +267,7 @@ class Client:
             st = self.stat(path, follow_symlinks=follow)
         except (ConnectionError, TimeoutError):
             raise
-        except (OSError, ValueError):
+        except OSError:
             return False
         return kind is None or stat.S_IFMT(st.st_mode) == kind
 
@@ -523,7 +523,7 @@ class Client:
             raw.close()
             raise
         if not binary:
-            f.mode = mode
+            f.mode = mode  # as the built-in open's text files say
         return f
 
     def read_bytes(self, path: PathLike) -> bytes:

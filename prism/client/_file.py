@@ -233,13 +233,6 @@ class RawFile(io.RawIOBase):
         self._checkClosed()  # type: ignore[attr-defined]
         return stat_result(self._attrs())
 
-    def close(self) -> None:
-        if not self.closed:
-            try:
-                self.flush()
-            finally:
-                super().close()
-
 
 class _Stat:
     """Adds `stat()` and `handle` to a buffered file."""
@@ -339,12 +332,10 @@ def wrap(
         buffered = BufferedReader(raw, size)
     if binary:
         return buffered
-    text = TextFile(
+    return TextFile(
         buffered,
         encoding or TEXT_ENCODING,
         errors,
         newline,
         line_buffering=line_buffering,
     )
-    text.mode = raw.mode  # type: ignore[misc]
-    return text

@@ -15,8 +15,10 @@ duplicate request cache answers a retransmission from it) until the call's deadl
 file handles stay valid because a restarted Prism accepts the handles it issued. A call
 that gets no reply on a live connection before its deadline raises `TimeoutError`.
 
-VRPC (the shared-memory ring) plugs in here: `_open_vrpc` is its one entry point. Until it
-exists `transport="vrpc"` raises `TransportUnavailable` and "auto" uses TCP, saying why.
+VRPC (the shared-memory ring) plugs in here: `_open_vrpc` is its one entry point, and
+`RecordTransport` turns any `exchange(call record) -> reply record` (a channel's call) into a
+`Transport`. Until it exists `transport="vrpc"` raises `TransportUnavailable` and "auto"
+uses TCP, saying why.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import random
 import socket
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,7 +48,7 @@ from rpc.client import (
     RpcTimeout,
     raise_for_reply,
 )
-from rpc.message import AuthSys, peek_xid
+from rpc.message import AuthSys, decode_reply, encode_call, peek_xid
 from rpc.portmap import PMAP_PORT, pmap_getport
 
 NFS_PORT = 2049
@@ -211,6 +215,41 @@ def _open_vrpc(
         f"this prism.client has no VRPC transport yet (socket {socket_path}); "
         'use transport="tcp" or "auto"'
     )
+
+
+class RecordTransport:
+    """A `Transport` over `exchange(call_record) -> reply_record`, which sends one complete
+    ONC-RPC CALL record and returns the REPLY record to it (as a VRPC channel does; it
+    handles its own reattaching and raises `ConnectionError` or `TimeoutError` when it cannot).
+    Calls are serialized; each gets the next xid."""
+
+    def __init__(
+        self,
+        name: str,
+        exchange: Callable[[bytes], bytes],
+        cred: AuthSys,
+        close: Callable[[], None] | None = None,
+    ) -> None:
+        self.name = name
+        self._exchange = exchange
+        self._cred = cred.to_opaque()
+        self._close = close
+        self._lock = threading.Lock()
+        self._xid = random.getrandbits(32)
+
+    def call(self, prog: int, vers: int, proc: int, args: bytes) -> bytes:
+        with self._lock:
+            self._xid = (self._xid + 1) & 0xFFFF_FFFF
+            reply = self._exchange(encode_call(self._xid, prog, vers, proc, args, self._cred))
+            if peek_xid(reply) != self._xid:
+                raise ConnectionClosed(
+                    f"{self.name}: a reply to xid {peek_xid(reply)} for call {self._xid}"
+                )
+            return raise_for_reply(decode_reply(reply))
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
 
 
 class TcpTransport:
