@@ -491,6 +491,7 @@ def test_errors_carry_errno_and_paths(c: Client, d: str) -> None:
         (lambda: c.readlink(f), OSError, errno.EINVAL, f, None),
         (lambda: c.read_bytes(dr), IsADirectoryError, errno.EISDIR, dr, None),
         (lambda: c.rmdir("/"), OSError, errno.EBUSY, "/", None),
+        (lambda: c.mkdir("/"), FileExistsError, errno.EEXIST, "/", None),
         (lambda: c.chmod(none, 0), FileNotFoundError, errno.ENOENT, none, None),
         (lambda: c.truncate(dr, 0), IsADirectoryError, errno.EISDIR, dr, None),
         (lambda: c.rename(none, f), FileNotFoundError, errno.ENOENT, none, f),
@@ -508,6 +509,16 @@ def test_errors_carry_errno_and_paths(c: Client, d: str) -> None:
         assert (exc.value.filename, exc.value.filename2) == (path, path2), where
         assert exc.value.strerror and os.strerror(err) in exc.value.strerror
         assert path in str(exc.value)
+    # I/O on an open file whose object is gone names the file too
+    c.write_bytes(f"{d}/gone", b"data")
+    reader, writer = c.open(f"{d}/gone", "rb"), c.open(f"{d}/gone", "ab", buffering=0)
+    c.remove(f"{d}/gone")
+    for call in (reader.read, lambda: writer.write(b"x"), reader.stat):
+        with pytest.raises(OSError) as exc:
+            call()
+        assert (exc.value.errno, exc.value.filename) == (errno.ESTALE, f"{d}/gone")
+    reader.close()
+    writer.close()
 
 
 def test_permissions_follow_uid_and_gid(server: PrismProcess, c: Client, d: str) -> None:

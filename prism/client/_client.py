@@ -413,9 +413,11 @@ class Client:
             self.mkdir(_dirname(path), mode, parents=True, exist_ok=True)
             where, name = self._parent(path)
         except OSError as exc:
-            if exc.errno == errno.EBUSY and exist_ok:  # the root exists
+            if exc.errno != errno.EBUSY:
+                raise
+            if exist_ok:  # the VM's root, which exists
                 return
-            raise
+            raise nfs_error(NfsStat3.NFS3ERR_EXIST, "MKDIR", os.fspath(path)) from None
         attrs = T.Sattr3(mode=mode & 0o7777 & ~self.umask)
         res = self.nfs.mkdir(where, name, attrs)
         if res.status == NfsStat3.NFS3ERR_EXIST and exist_ok and self.isdir(path):
@@ -491,7 +493,7 @@ class Client:
             how = CreateMode.GUARDED if kind == "x" else CreateMode.UNCHECKED
             attrs = T.Sattr3(mode=0o666 & ~self.umask, size=0 if kind == "w" else None)
             res = check(self.nfs.create(found.dir, found.name, attrs, how), "CREATE", where)
-            fh = res.obj or self.nfs.walk(found.dir, found.name)
+            fh = res.obj or self.handle(path)
         else:
             assert found.attrs is not None
             if found.attrs.type == FileType.DIR:

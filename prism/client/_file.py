@@ -99,7 +99,8 @@ class RawFile(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         self._need(readable=True)
         view = memoryview(buffer).cast("B")
-        res = check(self._nfs.read(self.handle, self._pos, min(len(view), self._rtmax)), "READ")
+        res = self._nfs.read(self.handle, self._pos, min(len(view), self._rtmax))
+        check(res, "READ", self.name)
         n = len(res.data)
         view[:n] = res.data
         self._pos += n
@@ -131,7 +132,8 @@ class RawFile(io.RawIOBase):
 
     def _write_kept(self, offset: int, chunk: bytes) -> int:
         """One UNSTABLE WRITE whose data is kept until COMMIT; returns the bytes written."""
-        res = check(self._nfs.write(self.handle, offset, chunk, StableHow.UNSTABLE), "WRITE")
+        res = self._nfs.write(self.handle, offset, chunk, StableHow.UNSTABLE)
+        check(res, "WRITE", self.name)
         if res.count == 0:
             raise OSError(errno.EIO, "the server wrote 0 bytes", self.name)
         kept_before = bool(self._kept)
