@@ -750,31 +750,42 @@ def test_a_server_that_stays_down_times_out(prism_server: PrismProcess) -> None:
 # -- the transport seam ----------------------------------------------------------------------
 
 
-def test_a_client_over_any_record_exchange(server: PrismProcess) -> None:
-    """`RecordTransport` is the seam the VRPC channel plugs into: anything that sends a CALL
-    record and returns its REPLY record. Here that is a raw TCP connection per program."""
-    conns = {
-        NFS_PROGRAM: connect_rpc("127.0.0.1", server.nfs_port, NFS_PROGRAM, 3),
-        MOUNT_PROGRAM: connect_rpc("127.0.0.1", server.mount_port, MOUNT_PROGRAM, 3),
-    }
-    exchanged: list[int] = []
+def test_a_client_over_any_link(server: PrismProcess) -> None:
+    """`RecordTransport` over `Link`s is the seam a VRPC channel plugs into: anything that
+    sends a CALL record and returns its REPLY record. Here, raw TCP connections of our own;
+    when the server restarts, the transport opens a new link and resends."""
+    opened: list[RawLink] = []
 
-    def exchange(record: bytes) -> bytes:
-        prog = struct.unpack_from(">I", record, 12)[0]
-        exchanged.append(prog)
-        conns[prog].send_raw(record)
-        return conns[prog].recv_record()
+    class RawLink:
+        def __init__(self) -> None:
+            self.conns = {
+                NFS_PROGRAM: connect_rpc("127.0.0.1", server.nfs_port, NFS_PROGRAM, 3),
+                MOUNT_PROGRAM: connect_rpc("127.0.0.1", server.mount_port, MOUNT_PROGRAM, 3),
+            }
+            self.progs: list[int] = []
+            opened.append(self)
 
-    def close() -> None:
-        for conn in conns.values():
-            conn.close()
+        def call(self, record: bytes, timeout: float) -> bytes:
+            prog = struct.unpack_from(">I", record, 12)[0]
+            self.progs.append(prog)
+            self.conns[prog].send_raw(record)
+            return self.conns[prog].recv_record(timeout)
 
-    transport = RecordTransport("records", exchange, auth_sys(0, 0), close)
+        def close(self) -> None:
+            for conn in self.conns.values():
+                conn.close()
+
+    transport = RecordTransport("raw", lambda timeout: RawLink(), auth_sys(0, 0), timeout=30)
     with Client(transport, "a test", "/vm", umask=0o022, commit_limit=1 << 20) as c:
-        assert (c.transport, c.transport_reason) == ("records", "a test")
-        c.mkdir("/records", exist_ok=True)
-        c.write_text("/records/f", "over records")
-        assert c.read_text("/records/f") == "over records"
-        assert c.listdir("/records") == ["f"]
-    assert exchanged[0] == MOUNT_PROGRAM and set(exchanged) == {MOUNT_PROGRAM, NFS_PROGRAM}
-    assert all(conn.sock.fileno() == -1 for conn in conns.values())  # closed with the client
+        assert (c.transport, c.transport_reason) == ("raw", "a test")
+        c.mkdir("/links", exist_ok=True)
+        c.write_text("/links/f", "over a link")
+        assert c.read_text("/links/f") == "over a link"
+        server.restart()
+        assert c.listdir("/links") == ["f"]
+    assert len(opened) == 2 and transport.reconnects == 1
+    assert opened[0].progs[0] == MOUNT_PROGRAM and set(opened[0].progs) == {
+        MOUNT_PROGRAM,
+        NFS_PROGRAM,
+    }
+    assert all(conn.sock.fileno() == -1 for link in opened for conn in link.conns.values())

@@ -1,4 +1,4 @@
-"""How `prism.client` reaches a server: the URL, the transport seam, TCP with reconnection.
+"""How `prism.client` reaches a server: the URL, the transport seam, reconnection.
 
 Theory of operation: `parse_url` turns "nfs://HOST[:PORT]/VM?mountport=N" into a `Target`.
 `open_transport` picks the transport ("auto", "tcp" or "vrpc") and returns it with the reason
@@ -7,18 +7,23 @@ for the choice. A `Transport` is anything with `call(prog, vers, proc, args) -> 
 `RpcCallerFor` adapts one (prog, vers) of it to `prism.nfs.client.RpcCaller`, so
 `NfsClient` and `MountClient` run unchanged over any transport.
 
-`TcpTransport` holds one connection per program (NFS on the NFS port, MOUNT on the mount
-port, opened on first use) and one lock: calls are serialized, one in flight at a time.
-When a connection fails (reset, closed, refused: the server restarted), it reconnects with
-a growing pause and resends the very same record (same xid, so a server that kept its
-duplicate request cache answers a retransmission from it) until the call's deadline; the
-file handles stay valid because a restarted Prism accepts the handles it issued. A call
-that gets no reply on a live connection before its deadline raises `TimeoutError`.
+The one transport class is `RecordTransport`: it encodes each call as an ONC-RPC CALL
+record (AUTH_SYS, the next xid) and hands it to a `Link`, which sends one record and
+returns the REPLY record (`call(record, timeout)`, `close()`); a link is opened by a
+`connect(timeout)` function. `TcpLink` is one TCP connection per program (NFS on the NFS
+port, MOUNT on the mount port, opened on first use; MOUNT's closed after each call); a
+VRPC channel (`vrpc.client.VrpcChannel`) has the same two methods. Calls are serialized
+(one lock, one call in flight). When a link fails with `ConnectionError` or another
+`OSError` (the server restarted, crashed or detached the channel), the transport opens a
+new link with a growing pause and resends the very same record (same xid, so a server
+that kept its duplicate request cache answers a retransmission from it) until the call's
+deadline; file handles stay valid because a restarted Prism accepts the handles it issued.
+A link that never worked fails at once (wrong address or port). A call that gets no reply
+on a live link before its deadline raises `TimeoutError`.
 
-VRPC (the shared-memory ring) plugs in here: `_open_vrpc` is its one entry point, and
-`RecordTransport` turns any `exchange(call record) -> reply record` (a channel's call) into a
-`Transport`. Until it exists `transport="vrpc"` raises `TransportUnavailable` and "auto"
-uses TCP, saying why.
+VRPC plugs in at `_open_vrpc` (a `RecordTransport` whose `connect` attaches a channel).
+Until it does, `transport="vrpc"` raises `TransportUnavailable` and "auto" uses TCP, saying
+why.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import ipaddress
 import os
 import random
 import socket
+import struct
 import threading
 import time
 import urllib.parse
@@ -45,7 +51,6 @@ from rpc.client import (
     ProgUnavailable,
     RpcClient,
     RpcError,
-    RpcTimeout,
     raise_for_reply,
 )
 from rpc.message import AuthSys, decode_reply, encode_call, peek_xid
@@ -61,6 +66,9 @@ URL_PARAMS = ("mountport", "nfsport")
 IPPROTO_TCP = 6
 RECONNECT_FIRST_PAUSE = 0.05
 RECONNECT_MAX_PAUSE = 1.0
+_PROG = struct.Struct(">I")
+_PROG_OFFSET = 12
+"""Where a CALL record holds its program number (after xid, msg_type, rpcvers)."""
 
 
 class TransportUnavailable(OSError):
@@ -203,115 +211,67 @@ def open_transport(
             )
         except TransportUnavailable as exc:
             reason = f"VRPC at {socket_path} unavailable: {exc.strerror}"
-    return TcpTransport(target, cred, timeout=timeout), reason
+    return tcp_transport(target, cred, timeout=timeout), reason
 
 
 def _open_vrpc(
     target: Target, cred: AuthSys, socket_path: str, token: bytes | str | None, timeout: float
 ) -> Transport:
-    """Attach to the server's VRPC control socket: the seam the shared-memory transport fills
-    (it must also check that the channel's root handle is the TCP MNT's)."""
+    """Attach to the server's VRPC control socket: the seam the shared-memory transport fills,
+    as `RecordTransport("vrpc", connect, cred, timeout=timeout)` whose `connect` attaches a
+    channel to the VM (`target.export`) and checks that the channel's root handle is the TCP
+    MNT's (same store, same VM), raising `TransportUnavailable` with the reason if not."""
     raise TransportUnavailable(
         f"this prism.client has no VRPC transport yet (socket {socket_path}); "
         'use transport="tcp" or "auto"'
     )
 
 
+class Link(Protocol):
+    """One connection over which records travel; useless once it raised ConnectionError."""
+
+    def call(self, record: bytes, timeout: float) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
 class RecordTransport:
-    """A `Transport` over `exchange(call_record) -> reply_record`, which sends one complete
-    ONC-RPC CALL record and returns the REPLY record to it (as a VRPC channel does; it
-    handles its own reattaching and raises `ConnectionError` or `TimeoutError` when it cannot).
-    Calls are serialized; each gets the next xid."""
+    """A `Transport` over links that `connect(timeout)` opens, reconnecting as needed."""
 
     def __init__(
         self,
         name: str,
-        exchange: Callable[[bytes], bytes],
+        connect: Callable[[float], Link],
         cred: AuthSys,
-        close: Callable[[], None] | None = None,
+        *,
+        timeout: float,
+        peer: str = "the server",
     ) -> None:
         self.name = name
-        self._exchange = exchange
-        self._cred = cred.to_opaque()
-        self._close = close
-        self._lock = threading.Lock()
-        self._xid = random.getrandbits(32)
-
-    def call(self, prog: int, vers: int, proc: int, args: bytes) -> bytes:
-        with self._lock:
-            self._xid = (self._xid + 1) & 0xFFFF_FFFF
-            reply = self._exchange(encode_call(self._xid, prog, vers, proc, args, self._cred))
-            if peek_xid(reply) != self._xid:
-                raise ConnectionClosed(
-                    f"{self.name}: a reply to xid {peek_xid(reply)} for call {self._xid}"
-                )
-            return raise_for_reply(decode_reply(reply))
-
-    def close(self) -> None:
-        if self._close is not None:
-            self._close()
-
-
-class TcpTransport:
-    """ONC-RPC over TCP to the NFS and MOUNT ports of one server, reconnecting as needed."""
-
-    name = "tcp"
-
-    def __init__(self, target: Target, cred: AuthSys, *, timeout: float) -> None:
-        self.target = target
-        self.cred = cred
+        self.peer = peer
         self.timeout = timeout
         self.reconnects = 0
-        """How many connections were opened again after a failure (for tests and tools)."""
+        """How many links were opened again after a failure (for tests and tools)."""
+        self._connect = connect
+        self._cred = cred.to_opaque()
         self._lock = threading.Lock()
-        self._conns: dict[tuple[int, int], RpcClient] = {}
-        self._mount_port = target.mount_port
+        self._xid = random.getrandbits(32)
+        self._link: Link | None = None
+        self._worked = False  # once a call got through, failures mean "reconnect"
         self._closed = False
-        self._connected = False  # once a call got through, failures mean "reconnect"
 
-    def _port(self, prog: int) -> int:
-        if prog == NFS_PROGRAM:
-            return self.target.nfs_port
-        if prog != MOUNT_PROGRAM:
-            raise ValueError(f"no port known for RPC program {prog}")
-        if not self._mount_port:
-            try:
-                port = pmap_getport(self.target.host, MOUNT_PROGRAM, MOUNT_V3, IPPROTO_TCP)
-            except OSError as exc:
-                raise ConnectionRefusedError(
-                    errno.ECONNREFUSED,
-                    f"no portmapper at {self.target.host}:{PMAP_PORT} to find the MOUNT port "
-                    f"({exc}); give it in the URL: ?mountport=N",
-                ) from None
-            if not port:
-                raise ConnectionRefusedError(
-                    errno.ECONNREFUSED,
-                    f"the portmapper at {self.target.host} knows no MOUNT v3 service; "
-                    "give the port in the URL: ?mountport=N",
-                )
-            self._mount_port = port
-        return self._mount_port
-
-    def _conn(self, prog: int, vers: int, timeout: float, again: bool) -> RpcClient:
-        conn = self._conns.get((prog, vers))
-        if conn is None:
-            port = self._port(prog)
-            conn = connect_rpc(self.target.host, port, prog, vers, "tcp", self.cred, None, timeout)
-            self._conns[(prog, vers)] = conn
-            self.reconnects += again
-        return conn
-
-    def _drop(self, prog: int, vers: int) -> None:
-        conn = self._conns.pop((prog, vers), None)
-        if conn is not None:
-            conn.close()
+    def _drop(self) -> None:
+        link, self._link = self._link, None
+        if link is not None:
+            link.close()
 
     def call(self, prog: int, vers: int, proc: int, args: bytes) -> bytes:
         with self._lock:
             if self._closed:
                 raise ValueError("I/O operation on a closed prism.client connection")
+            self._xid = (self._xid + 1) & 0xFFFF_FFFF
+            record = encode_call(self._xid, prog, vers, proc, args, self._cred)
             deadline = time.monotonic() + self.timeout
-            record: bytes | None = None
             pause = RECONNECT_FIRST_PAUSE
             failure: OSError | None = None
             while True:
@@ -319,39 +279,103 @@ class TcpTransport:
                 if left <= 0:
                     raise TimeoutError(
                         errno.ETIMEDOUT,
-                        f"no reply from {self.target.host} in {self.timeout:g} s"
-                        + (f" (last failure: {failure})" if failure else ""),
+                        f"no reply from {self.peer} over {self.name} in {self.timeout:g} s "
+                        f"(last failure: {failure})",
                     )
                 try:
-                    conn = self._conn(prog, vers, left, failure is not None)
-                    if record is None:
-                        record = conn.encode(proc, args)
-                    conn.timeout = left
-                    reply = conn.exchange(record)
-                except RpcTimeout:
-                    self._drop(prog, vers)
+                    if self._link is None:
+                        self._link = self._connect(left)
+                        self.reconnects += failure is not None
+                    reply = self._link.call(record, left)
+                except TimeoutError:
+                    self._drop()
                     raise TimeoutError(
                         errno.ETIMEDOUT,
-                        f"no reply from {self.target.host} to xid {peek_xid(record or b'')}"
-                        f" in {self.timeout:g} s",
+                        f"no reply from {self.peer} over {self.name} in {self.timeout:g} s",
                     ) from None
-                except (ConnectionClosed, OSError) as exc:
-                    self._drop(prog, vers)
-                    if not self._connected:
+                except OSError as exc:  # ConnectionError and RpcError's ConnectionClosed too
+                    self._drop()
+                    if not self._worked:
                         raise  # never reached: a wrong address or port fails at once
-                    # The server went away (restart, crash, network): connect again and
-                    # resend the same record until the deadline.
-                    failure = exc
+                    failure = exc  # the server went away: connect again, resend the record
                     time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
                     pause = min(pause * 2, RECONNECT_MAX_PAUSE)
                     continue
-                self._connected = True
-                if prog == MOUNT_PROGRAM:
-                    self._drop(prog, vers)  # MNT happens once: keep no second connection
-                return raise_for_reply(reply)
+                if peek_xid(reply) != self._xid:
+                    self._drop()
+                    raise ConnectionClosed(f"{self.peer} answered another call over {self.name}")
+                self._worked = True
+                return raise_for_reply(decode_reply(reply))
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            for key in list(self._conns):
-                self._drop(*key)
+            self._drop()
+
+
+class TcpLink:
+    """One TCP connection per RPC program to the server of `target` (a `Link`)."""
+
+    def __init__(self, target: Target, cred: AuthSys, ports: dict[int, int]) -> None:
+        self.target = target
+        self.cred = cred
+        self._ports = ports  # program -> port, shared by the links of one transport
+        self._conns: dict[int, RpcClient] = {}
+
+    def _port(self, prog: int) -> int:
+        if prog in self._ports:
+            return self._ports[prog]
+        if prog != MOUNT_PROGRAM:
+            raise ValueError(f"no port known for RPC program {prog}")
+        try:
+            port = pmap_getport(self.target.host, MOUNT_PROGRAM, MOUNT_V3, IPPROTO_TCP)
+        except OSError as exc:
+            raise ConnectionRefusedError(
+                errno.ECONNREFUSED,
+                f"no portmapper at {self.target.host}:{PMAP_PORT} to find the MOUNT port "
+                f"({exc}); give it in the URL: ?mountport=N",
+            ) from None
+        if not port:
+            raise ConnectionRefusedError(
+                errno.ECONNREFUSED,
+                f"the portmapper at {self.target.host} knows no MOUNT v3 service; "
+                "give the port in the URL: ?mountport=N",
+            )
+        self._ports[prog] = port
+        return port
+
+    def call(self, record: bytes, timeout: float) -> bytes:
+        prog = _PROG.unpack_from(record, _PROG_OFFSET)[0]
+        conn = self._conns.get(prog)
+        if conn is None:
+            port = self._port(prog)
+            # (version 0: the records come encoded, the connection only carries them)
+            conn = connect_rpc(self.target.host, port, prog, 0, "tcp", self.cred, None, timeout)
+            self._conns[prog] = conn
+        xid = peek_xid(record)
+        deadline = time.monotonic() + timeout
+        conn.send_raw(record)
+        while True:  # skip late replies to calls given up on
+            reply = conn.recv_record(deadline - time.monotonic())
+            if peek_xid(reply) == xid:
+                break
+        if prog == MOUNT_PROGRAM:  # MNT happens once: keep no second connection
+            self._conns.pop(prog).close()
+        return reply
+
+    def close(self) -> None:
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()
+
+
+def tcp_transport(target: Target, cred: AuthSys, *, timeout: float) -> RecordTransport:
+    """ONC-RPC over TCP to the NFS and MOUNT ports of `target`, reconnecting as needed."""
+    ports = {NFS_PROGRAM: target.nfs_port}
+    if target.mount_port:
+        ports[MOUNT_PROGRAM] = target.mount_port
+
+    def connect(timeout: float) -> Link:
+        return TcpLink(target, cred, ports)
+
+    return RecordTransport("tcp", connect, cred, timeout=timeout, peer=target.host)
