@@ -17,7 +17,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -168,6 +168,11 @@ def test_stat_lstat_exists_isdir_isfile(c: Client, d: str) -> None:
     assert stat.S_ISDIR(c.stat(f"{d}/ld/").st_mode)
     assert c.stat(f"{d}/sub/../f").st_ino == st.st_ino  # ".." by the server
     assert c.stat(d.encode() + b"/f").st_ino == st.st_ino  # bytes paths
+    assert c.stat(PurePosixPath(d) / "f").st_ino == st.st_ino  # and path-like objects
+    with pytest.raises(FileNotFoundError) as exc:
+        c.stat(PurePosixPath(d) / "none" / "x")
+    assert exc.value.filename == f"{d}/none/x"
+    assert "f" in c.listdir(PurePosixPath(d))
     assert c.exists(f"{d}/f") and c.exists(f"{d}/sub") and c.exists(f"{d}/lf")
     assert not c.exists(f"{d}/dangling") and not c.exists(f"{d}/none")
     assert not c.exists(f"{d}/f/x")
@@ -239,7 +244,8 @@ def test_mkdir_makedirs_rmdir_listdir_scandir(c: Client, d: str) -> None:
         c.mkdir(f"{d}/file", exist_ok=True)  # exists, but not as a directory
     assert sorted(c.listdir(d)) == ["a", "b", "file", "p", "x"]
     assert sorted(c.listdir(d.encode())) == [b"a", b"b", b"file", b"p", b"x"]
-    entries = {e.name: e for e in c.scandir(d)}
+    with c.scandir(d) as it:
+        entries = {e.name: e for e in it}
     assert all(isinstance(e, DirEntry) for e in entries.values())
     assert entries["a"].is_dir() and not entries["a"].is_file()
     assert entries["file"].is_file() and entries["file"].path == f"{d}/file"

@@ -129,6 +129,25 @@ class DirEntry:
         return self._is(stat.S_IFREG, follow_symlinks)
 
 
+class ScandirIterator(Iterator[DirEntry]):
+    """What `Client.scandir` returns: an iterator of `DirEntry` with `close()` and `with`."""
+
+    def __init__(self, entries: list[DirEntry]) -> None:
+        self._entries = iter(entries)
+
+    def __next__(self) -> DirEntry:
+        return next(self._entries)
+
+    def close(self) -> None:
+        self._entries = iter(())
+
+    def __enter__(self) -> ScandirIterator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class Client:
     """A connection to one VM's filesystem; made by `prism.client.connect`."""
 
@@ -195,6 +214,7 @@ class Client:
         directory part and, with `follow`, in the last one. A missing last name gives
         `fh=None` (its directory exists); any other failure raises."""
         parts, must_be_dir = _split(path)
+        shown = os.fspath(path)
         todo = parts[::-1]
         where, name, fh, attrs = self.root, b"", self.root, None
         links = 0
@@ -204,15 +224,15 @@ class Client:
             res = self.nfs.lookup(where, name)
             if res.status == NfsStat3.NFS3ERR_NOENT and last:
                 return _Found(where, name, None, None)
-            check(res, "LOOKUP", path)
+            check(res, "LOOKUP", shown)
             assert res.object is not None
             fh = res.object
-            attrs = res.obj_attributes or self._getattr(fh, path)
+            attrs = res.obj_attributes or self._getattr(fh, shown)
             if attrs.type == FileType.LNK and (not last or follow or must_be_dir):
                 links += 1
                 if links > MAXSYMLINKS:
-                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), os.fspath(path))
-                target = check(self.nfs.readlink(fh), "READLINK", path).data
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), shown)
+                target = check(self.nfs.readlink(fh), "READLINK", shown).data
                 if target.startswith(b"/"):
                     where = self.root
                 more, _ = _split(target) if target else ([], False)
@@ -222,12 +242,12 @@ class Client:
                 continue
             if not last:
                 if attrs.type != FileType.DIR:
-                    raise nfs_error(NfsStat3.NFS3ERR_NOTDIR, "LOOKUP", os.fspath(path))
+                    raise nfs_error(NfsStat3.NFS3ERR_NOTDIR, "LOOKUP", shown)
                 where = fh
         if attrs is None:
-            attrs = self._getattr(fh, path)
+            attrs = self._getattr(fh, shown)
         if must_be_dir and attrs.type != FileType.DIR:
-            raise nfs_error(NfsStat3.NFS3ERR_NOTDIR, "LOOKUP", os.fspath(path))
+            raise nfs_error(NfsStat3.NFS3ERR_NOTDIR, "LOOKUP", shown)
         return _Found(None if fh == self.root or not name else where, name, fh, attrs)
 
     def _existing(self, path: PathLike, *, follow: bool = True) -> _Found:
@@ -364,9 +384,10 @@ class Client:
         """Names in the directory (not "." and ".."), str or bytes as `path` is."""
         return [_same_kind(path, entry.name) for entry in self._entries(path)]
 
-    def scandir(self, path: PathLike = "/") -> Iterator[DirEntry]:
-        """`DirEntry`s of the directory, attributes included (READDIRPLUS)."""
-        return iter([DirEntry(self, path, entry) for entry in self._entries(path)])
+    def scandir(self, path: PathLike = "/") -> ScandirIterator:
+        """`DirEntry`s of the directory, attributes included (READDIRPLUS); also a context
+        manager, as `os.scandir`'s iterator is."""
+        return ScandirIterator([DirEntry(self, path, entry) for entry in self._entries(path)])
 
     def walk(
         self,
