@@ -29,6 +29,7 @@ from prism.client._transport import (
     Target,
     is_local_host,
     parse_url,
+    tcp_transport,
 )
 from prism.nfs import types as T
 from prism.nfs.client import auth_sys, connect_rpc
@@ -42,7 +43,7 @@ from prism.nfs.const import (
     StableHow,
 )
 from prism.store.types import FileType
-from tests.server_helpers import PrismProcess
+from tests.server_helpers import PrismProcess, free_port, running_server
 
 USER, OTHER, GROUP = 1000, 2000, 3000
 
@@ -145,6 +146,22 @@ def test_connect_errors(server: PrismProcess) -> None:
     with pytest.raises(ConnectionRefusedError):
         connect(f"nfs://127.0.0.1:{server.nfs_port}/vm?mountport={port}", timeout=30)
     assert time.monotonic() - started < 5
+
+
+def test_the_mount_port_comes_from_the_portmapper(tmp_path: Path) -> None:
+    """Without ?mountport= the client asks the portmapper on HOST (here Prism's own, on a
+    port of the test's choosing) and says how to do without one when there is none."""
+    pmap = free_port()
+    with running_server(tmp_path, portmap=True, portmap_port=pmap) as server:
+        target = Target("127.0.0.1", "/vm", server.nfs_port, 0, pmap)
+        transport = tcp_transport(target, auth_sys(0, 0), timeout=30)
+        with Client(transport, "test", "/vm", umask=0o022, commit_limit=1 << 20) as c:
+            c.write_text("/found", "through the portmapper")
+            assert c.read_text("/found") == "through the portmapper"
+        nowhere = Target("127.0.0.1", "/vm", server.nfs_port, 0, free_port())
+        transport = tcp_transport(nowhere, auth_sys(0, 0), timeout=30)
+        with pytest.raises(ConnectionRefusedError, match=r"\?mountport=N"):
+            Client(transport, "test", "/vm", umask=0o022, commit_limit=1 << 20)
 
 
 # -- attributes -----------------------------------------------------------------------------

@@ -123,6 +123,7 @@ class Target:
     nfs_port: int = NFS_PORT
     mount_port: int = 0
     """0: ask the portmapper on HOST."""
+    portmap_port: int = PMAP_PORT
 
 
 def parse_url(url: str) -> Target:
@@ -328,11 +329,12 @@ class TcpLink:
         if prog != MOUNT_PROGRAM:
             raise ValueError(f"no port known for RPC program {prog}")
         try:
-            port = pmap_getport(self.target.host, MOUNT_PROGRAM, MOUNT_V3, IPPROTO_TCP)
+            where = self.target.portmap_port
+            port = pmap_getport(self.target.host, MOUNT_PROGRAM, MOUNT_V3, IPPROTO_TCP, where)
         except OSError as exc:
             raise ConnectionRefusedError(
                 errno.ECONNREFUSED,
-                f"no portmapper at {self.target.host}:{PMAP_PORT} to find the MOUNT port "
+                f"no portmapper at {self.target.host}:{where} to find the MOUNT port "
                 f"({exc}); give it in the URL: ?mountport=N",
             ) from None
         if not port:
