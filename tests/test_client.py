@@ -140,6 +140,11 @@ def test_connect_errors(server: PrismProcess) -> None:
     with pytest.raises(FileNotFoundError) as exc:
         connect(url_of(server, "nosuchvm"))
     assert exc.value.filename == "/nosuchvm"
+    assert "prism vm list" in str(exc.value)
+    server.cli("vm", "create", "fenced", "--client", "192.0.2.0/24")  # not loopback
+    with pytest.raises(PermissionError) as denied:
+        connect(url_of(server, "fenced"))
+    assert denied.value.filename == "/fenced" and "--client CIDR" in str(denied.value)
     # Nothing listening: refused at once, not retried for `timeout` seconds.
     port = server.nfs_port + 1 if server.nfs_port + 1 != server.mount_port else server.nfs_port + 2
     started = time.monotonic()

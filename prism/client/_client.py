@@ -35,6 +35,13 @@ MAXSYMLINKS = 40
 READDIR_MAXCOUNT = 64 * 1024
 """Bytes of directory entries asked for per READDIRPLUS."""
 STATVFS_FRSIZE = 4096
+_MOUNT_HINTS = {
+    MountStat3.MNT3ERR_NOENT: "; `prism vm list` shows the VMs",
+    MountStat3.MNT3ERR_ACCES: (
+        "; the VM must list this client's address (`prism vm set VM --client CIDR`) and,"
+        " unless it is --insecure, calls must come from a privileged port (run as root)"
+    ),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,9 +186,8 @@ class Client:
         except MountError as exc:
             transport.close()
             err = int(exc.status) if exc.status < MountStat3.MNT3ERR_NOTSUPP else errno.EIO
-            raise OSError(
-                err, f"the server refused to mount {export} ({exc.status.name})", export
-            ) from None
+            message = f"the server refused to mount {export} ({exc.status.name})"
+            raise OSError(err, message + _MOUNT_HINTS.get(exc.status, ""), export) from None
         except BaseException:
             transport.close()
             raise
