@@ -43,6 +43,7 @@ from prism.nfs.const import (
     StableHow,
 )
 from prism.store.types import FileType
+from rpc.record import RecordReader, frame
 from tests.server_helpers import PrismProcess, free_port, running_server
 
 USER, OTHER, GROUP = 1000, 2000, 3000
@@ -817,3 +818,29 @@ def test_a_client_over_any_link(server: PrismProcess) -> None:
         NFS_PROGRAM,
     }
     assert all(conn.sock.fileno() == -1 for link in opened for conn in link.conns.values())
+
+
+def test_an_undecodable_reply_is_an_io_error() -> None:
+    """A peer that answers with garbage (right xid, not a reply) gets EIO, not a crash."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                reader = RecordReader()
+                while True:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    for record in reader.feed(data):
+                        conn.sendall(frame(record[:4] + b"\0\0\0\7 not a reply"))
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        transport = tcp_transport(Target("127.0.0.1", "/vm", port, port), auth_sys(), timeout=5)
+        with pytest.raises(OSError) as exc:
+            transport.call(NFS_PROGRAM, 3, 0, b"")
+        assert exc.value.errno == errno.EIO and "undecodable reply" in str(exc.value)
+        transport.close()
+        thread.join(5)

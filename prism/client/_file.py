@@ -102,6 +102,8 @@ class RawFile(io.RawIOBase):
         res = self._nfs.read(self.handle, self._pos, min(len(view), self._rtmax))
         check(res, "READ", self.name)
         n = len(res.data)
+        if n > len(view):
+            raise OSError(errno.EIO, "the server returned more than asked for", self.name)
         view[:n] = res.data
         self._pos += n
         return n

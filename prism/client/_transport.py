@@ -53,7 +53,7 @@ from rpc.client import (
     RpcError,
     raise_for_reply,
 )
-from rpc.message import AuthSys, decode_reply, encode_call, peek_xid
+from rpc.message import AuthSys, UndecodableReply, decode_reply, encode_call, peek_xid
 from rpc.portmap import PMAP_PORT, pmap_getport
 
 NFS_PORT = 2049
@@ -305,8 +305,14 @@ class RecordTransport:
                 if peek_xid(reply) != self._xid:
                     self._drop()
                     raise ConnectionClosed(f"{self.peer} answered another call over {self.name}")
+                try:
+                    decoded = decode_reply(reply)
+                except UndecodableReply as exc:
+                    self._drop()
+                    message = f"{self.peer} sent an undecodable reply: {exc}"
+                    raise OSError(errno.EIO, message) from None
                 self._worked = True
-                return raise_for_reply(decode_reply(reply))
+                return raise_for_reply(decoded)
 
     def close(self) -> None:
         with self._lock:
