@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prism.nfs.const import (
     ACCESS3_ALL,
@@ -98,6 +98,9 @@ from prism.nfs.wire import (
     encode_mount_args,
 )
 
+if TYPE_CHECKING:
+    from rpc.client import RpcClient
+
 FhLike = NfsFh3 | bytes
 NameLike = bytes | str
 
@@ -156,16 +159,17 @@ def _name(name: NameLike) -> bytes:
     return os.fsencode(name)
 
 
-def _connect(
+def connect_rpc(
     host: str,
     port: int,
     prog: int,
     vers: int,
-    transport: str,
-    cred: Any,
-    source: Any,
-    timeout: float,
-) -> RpcCaller:
+    transport: str = "tcp",
+    cred: Any = None,
+    source: Any = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> RpcClient:
+    """An `rpc.client.RpcClient` for prog/vers; as root, bound to a privileged source port."""
     from rpc.client import RpcClient
 
     kwargs: dict[str, Any] = {"transport": transport, "cred": cred, "timeout": timeout}
@@ -179,8 +183,7 @@ def _connect(
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:  # every reserved port busy: use any port
                 raise
-    client: RpcCaller = RpcClient(host, port, prog, vers, **kwargs)
-    return client
+    return RpcClient(host, port, prog, vers, **kwargs)
 
 
 class _Base:
@@ -202,7 +205,8 @@ class _Base:
         rpc: RpcCaller | None = None,
     ) -> None:
         if rpc is None:
-            rpc = _connect(host, port, self.PROGRAM, self.VERSION, transport, cred, source, timeout)
+            prog, vers = self.PROGRAM, self.VERSION
+            rpc = connect_rpc(host, port, prog, vers, transport, cred, source, timeout)
         self._rpc = rpc
 
     def close(self) -> None:
