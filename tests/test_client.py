@@ -31,7 +31,7 @@ from prism.client._transport import (
     parse_url,
     tcp_transport,
 )
-from prism.nfs import types as T
+from prism.nfs import wire as T
 from prism.nfs.client import auth_sys, connect_rpc
 from prism.nfs.const import (
     ACCESS3_READ,

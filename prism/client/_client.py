@@ -12,7 +12,7 @@ from typing import Any
 from prism.client._common import PathLike, check, nfs_error, stat_result
 from prism.client._file import RawFile, parse_mode, wrap
 from prism.client._transport import RpcCallerFor, Transport
-from prism.nfs import types as T
+from prism.nfs import wire as T
 from prism.nfs.client import MountClient, MountError, NfsClient
 from prism.nfs.const import (
     ACCESS3_EXTEND,
@@ -24,11 +24,11 @@ from prism.nfs.const import (
     NFS_PROGRAM,
     NFS_V3,
     CreateMode,
+    Ftype3,
     MountStat3,
     NfsStat3,
     TimeHow,
 )
-from prism.store.types import FileType
 
 MAXSYMLINKS = 40
 """Symbolic links followed in one path before ELOOP (Linux's limit)."""
@@ -116,7 +116,7 @@ class DirEntry:
         return self._lstat().fileid
 
     def is_symlink(self) -> bool:
-        return self._lstat().type == FileType.LNK
+        return self._lstat().type == Ftype3.LNK
 
     def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
         if follow_symlinks and self.is_symlink():
@@ -234,7 +234,7 @@ class Client:
             assert res.object is not None
             fh = res.object
             attrs = res.obj_attributes or self._getattr(fh, shown)
-            if attrs.type == FileType.LNK and (not last or follow or must_be_dir):
+            if attrs.type == Ftype3.LNK and (not last or follow or must_be_dir):
                 links += 1
                 if links > MAXSYMLINKS:
                     raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), shown)
@@ -247,12 +247,12 @@ class Client:
                     fh, attrs, name = where, None, b""
                 continue
             if not last:
-                if attrs.type != FileType.DIR:
+                if attrs.type != Ftype3.DIR:
                     raise nfs_error(NfsStat3.NFS3ERR_NOTDIR, "LOOKUP", shown)
                 where = fh
         if attrs is None:
             attrs = self._getattr(fh, shown)
-        if must_be_dir and attrs.type != FileType.DIR:
+        if must_be_dir and attrs.type != Ftype3.DIR:
             raise nfs_error(NfsStat3.NFS3ERR_NOTDIR, "LOOKUP", shown)
         return _Found(None if fh == self.root or not name else where, name, fh, attrs)
 
@@ -523,7 +523,7 @@ class Client:
             fh = res.obj or self.handle(path)
         else:
             assert found.attrs is not None
-            if found.attrs.type == FileType.DIR:
+            if found.attrs.type == Ftype3.DIR:
                 raise nfs_error(NfsStat3.NFS3ERR_ISDIR, "open", where)
             want = ACCESS3_READ if kind == "r" or plus else 0
             want |= ACCESS3_MODIFY | ACCESS3_EXTEND if kind != "r" or plus else 0

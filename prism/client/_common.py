@@ -6,23 +6,22 @@ import os
 import stat
 from typing import Any, TypeVar
 
-from prism.nfs import types as T
-from prism.nfs.const import NfsStat3
+from prism.nfs import wire as T
+from prism.nfs.const import Ftype3, NfsStat3
 from prism.nfs.status import errno_for
-from prism.store.types import FileType
 
 PathLike = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 
 _R = TypeVar("_R")
 
-FORMAT_BITS: dict[FileType, int] = {
-    FileType.REG: stat.S_IFREG,
-    FileType.DIR: stat.S_IFDIR,
-    FileType.BLK: stat.S_IFBLK,
-    FileType.CHR: stat.S_IFCHR,
-    FileType.LNK: stat.S_IFLNK,
-    FileType.SOCK: stat.S_IFSOCK,
-    FileType.FIFO: stat.S_IFIFO,
+FORMAT_BITS: dict[Ftype3, int] = {
+    Ftype3.REG: stat.S_IFREG,
+    Ftype3.DIR: stat.S_IFDIR,
+    Ftype3.BLK: stat.S_IFBLK,
+    Ftype3.CHR: stat.S_IFCHR,
+    Ftype3.LNK: stat.S_IFLNK,
+    Ftype3.SOCK: stat.S_IFSOCK,
+    Ftype3.FIFO: stat.S_IFIFO,
 }
 """ftype3 -> the S_IF* bits of st_mode."""
 STAT_BLOCK = 512

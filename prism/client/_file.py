@@ -25,7 +25,7 @@ import os
 from typing import Any
 
 from prism.client._common import check, stat_result
-from prism.nfs import types as T
+from prism.nfs import wire as T
 from prism.nfs.client import NfsClient
 from prism.nfs.const import StableHow
 
