@@ -11,11 +11,13 @@ for the module (TCG: boot and setup take some seconds per guest) and the tests r
 * contention, for fcntl and for flock: guest 2's non-blocking attempts fail with EAGAIN
   while guest 1 holds the lock, and its blocking attempt returns within `GRANT_BOUND`
   seconds of guest 1's release, which only the server's GRANTED callback can do (the
-  kernel's own retry of a blocked LOCK comes after 30 s);
+  kernel's own retry of a blocked LOCK comes after 30 s); a blocking attempt killed while
+  it waits is cancelled (the kernel's CANCEL) and leaves nothing held;
 * server restart: SM_NOTIFY reaches guest 1's statd and its kernel reclaims its lock
   within the grace period; meanwhile a new lock is refused (the test's client gets
   DENIED_GRACE_PERIOD; guest 2's kernel keeps retrying until grace ends), after grace the
-  test's client is granted, and guest 2 finds the reclaimed lock held;
+  test's client is granted, and guest 2 finds the reclaimed lock held; guest 2's wait,
+  begun before the restart, is taken up again after grace and granted at the release;
 * a guest that vanishes (QEMU killed) while holding a lock: `prism locks` keeps showing its
   lock while guest 1 waits for it; when the guest boots again (its /var/lib/nfs carried
   over, as a disk would) its sm-notify tells the server, which releases the lock and grants
@@ -58,7 +60,7 @@ WAIT_BEFORE_RELEASE = 3.0
 """Seconds a blocking attempt is left waiting before the holder releases."""
 POLL = 0.2
 VMS = ("a", "b")
-FILES = ("fcntl", "flock", "reclaim", "other", "vanish")
+FILES = ("fcntl", "flock", "cancel", "reclaim", "other", "vanish")
 EAGAIN_EXIT = 11  # lockf's exit status when a non-blocking attempt finds the lock taken
 
 
@@ -211,9 +213,28 @@ def test_contention_between_guests(pair: Pair, kind: str) -> None:
     wait_for("no locks left", lambda: not rows_for(pair, f"/shared/{kind}"), 10)
 
 
+def test_killed_wait_is_cancelled(pair: Pair) -> None:
+    g1, g2 = pair.guests
+    hold(g1, "/mnt/shared/cancel")
+    start_waiter(g2, "/mnt/shared/cancel")
+    waiting = ("waiting", pair.address(1), "write")
+    wait_for("guest 2 waits", lambda: waiting in rows_for(pair, "/shared/cancel"), 10)
+    g2.check("kill $(cat /tmp/wait.pid); wait $(cat /tmp/wait.pid); true")
+    gone = wait_for(
+        "guest 2's wait cancelled", lambda: waiting not in rows_for(pair, "/shared/cancel"), 10
+    )
+    timing("guest 2's killed wait was cancelled at the server", gone)
+    release(g1)
+    wait_for("no locks left", lambda: not rows_for(pair, "/shared/cancel"), 10)
+    assert g1.run("lockf -n /mnt/shared/cancel").exit_code == 0
+
+
 def test_server_restart_reclaim_and_grace(pair: Pair) -> None:
     g1, g2 = pair.guests
     hold(g1, "/mnt/shared/reclaim")
+    start_waiter(g2, "/mnt/shared/reclaim")
+    waiting = ("waiting", pair.address(1), "write")
+    wait_for("guest 2 waits", lambda: waiting in rows_for(pair, "/shared/reclaim"), 10)
     with pair.server.mount_client() as m:
         root, _ = m.mnt("/a")
     with pair.server.nfs_client() as c:
@@ -226,7 +247,7 @@ def test_server_restart_reclaim_and_grace(pair: Pair) -> None:
     restarted = time.monotonic()
     reclaimed = wait_for(
         "guest 1 reclaims its lock",
-        lambda: rows_for(pair, "/shared/reclaim") == [("lock", pair.address(0), "write")],
+        lambda: ("lock", pair.address(0), "write") in rows_for(pair, "/shared/reclaim"),
         GRACE,
     )
     timing("guest 1 reclaimed its lock after the restart", reclaimed)
@@ -246,7 +267,17 @@ def test_server_restart_reclaim_and_grace(pair: Pair) -> None:
         assert waited >= GRACE - 1
         assert nlm.lock(lock).stat == NlmStat.GRANTED
         assert nlm.unlock(lock).stat == NlmStat.GRANTED
+    wait_for("guest 2 waits again", lambda: waiting in rows_for(pair, "/shared/reclaim"), 10)
+    assert not waiter_done(g2)
     release(g1)
+    released = time.monotonic()
+    out = join_waiter(g2, timeout=60)
+    timing(
+        "guest 2's wait from before the restart returned after the release",
+        time.monotonic() - released,
+    )
+    assert "rc=0" in out and "locked" in out, out
+    assert time.monotonic() - released < GRANT_BOUND
     wait_for("no locks left", lambda: not rows_for(pair, "/shared/reclaim"), 10)
 
 
