@@ -13,11 +13,11 @@ for the module (TCG: boot and setup take some seconds per guest) and the tests r
   seconds of guest 1's release, which only the server's GRANTED callback can do (the
   kernel's own retry of a blocked LOCK comes after 30 s); a blocking attempt killed while
   it waits is cancelled (the kernel's CANCEL) and leaves nothing held;
-* server restart: SM_NOTIFY reaches guest 1's statd and its kernel reclaims its lock
-  within the grace period; meanwhile a new lock is refused (the test's client gets
-  DENIED_GRACE_PERIOD; guest 2's kernel keeps retrying until grace ends), after grace the
-  test's client is granted, and guest 2 finds the reclaimed lock held; guest 2's wait,
-  begun before the restart, is taken up again after grace and granted at the release;
+* server restart (clean, and kill -9): SM_NOTIFY reaches guest 1's statd and its kernel
+  reclaims its lock within the grace period; meanwhile a new lock is refused (the test's
+  client gets DENIED_GRACE_PERIOD; guest 2's kernel keeps retrying until grace ends), after
+  grace the test's client is granted, and guest 2 finds the reclaimed lock held; guest 2's
+  wait, begun before the restart, is taken up again after grace and granted at the release;
 * a guest that vanishes (QEMU killed) while holding a lock: `prism locks` keeps showing its
   lock while guest 1 waits for it; when the guest boots again (its /var/lib/nfs carried
   over, as a disk would) its sm-notify tells the server, which releases the lock and grants
@@ -229,7 +229,8 @@ def test_killed_wait_is_cancelled(pair: Pair) -> None:
     assert g1.run("lockf -n /mnt/shared/cancel").exit_code == 0
 
 
-def test_server_restart_reclaim_and_grace(pair: Pair) -> None:
+@pytest.mark.parametrize("crash", [False, True], ids=["stop", "kill-9"])
+def test_server_restart_reclaim_and_grace(pair: Pair, crash: bool) -> None:
     g1, g2 = pair.guests
     hold(g1, "/mnt/shared/reclaim")
     start_waiter(g2, "/mnt/shared/reclaim")
@@ -243,7 +244,7 @@ def test_server_restart_reclaim_and_grace(pair: Pair) -> None:
         other = c.lookup(shared, "other").object
         assert other is not None
 
-    pair.server.restart()
+    pair.server.restart(crash=crash)
     restarted = time.monotonic()
     reclaimed = wait_for(
         "guest 1 reclaims its lock",
