@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -135,3 +136,15 @@ def test_tap_guests_are_distinct_clients_the_server_can_call() -> None:
                 g.close()
             echo.kill()
             echo.wait()
+
+
+@pytest.mark.guest
+def test_session_guest_powers_off_after_its_lifetime() -> None:
+    """A session outliving its test process must not leave QEMU running for ever."""
+    with GuestSession(lifetime=5, name="short") as g:
+        assert g.check("echo up") == "up\n"
+        deadline = time.monotonic() + 120
+        while g.running and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not g.running
+        assert "PRISM-GUEST-LIFETIME-OVER" in g.console

@@ -79,6 +79,8 @@ ERROR_TAIL_LINES = 40
 CONTROL_MARKER = "PRISM-GUEST-CONTROL"
 #: Seconds a GuestSession waits for its guest to boot into the command loop.
 SESSION_BOOT_TIMEOUT = 240.0
+#: Seconds after which a GuestSession's guest powers itself off.
+SESSION_LIFETIME = 3600.0
 
 _EXIT_RE = re.compile(rf"^{EXIT_MARKER} (-?\d+)\s*$", re.MULTILINE)
 _SETUP_FAILED_RE = re.compile(rf"^{SETUP_FAILED_MARKER} (.*)$", re.MULTILINE)
@@ -263,6 +265,7 @@ class CommandResult:
 
 
 _CONTROL_LOOP = f"""
+( sleep "$1"; echo "PRISM-GUEST-LIFETIME-OVER"; poweroff -f ) </dev/null &
 exec 3<>/dev/ttyS1
 stty raw -echo <&3 || exit 90
 echo {CONTROL_MARKER}
@@ -282,7 +285,9 @@ class GuestSession:
     in one busybox shell, in order; a command must not ``exit`` (that ends the guest) and
     should redirect the output of anything it leaves running in the background. ``kill()``
     is pulling the plug (QEMU killed); ``start()`` boots again with the same files and
-    network. ``console`` is the serial console so far (kernel messages included).
+    network. ``console`` is the serial console so far (kernel messages included). The
+    guest powers itself off after ``lifetime`` seconds, so that a test process killed
+    before ``close()`` leaves no QEMU running on.
     """
 
     def __init__(
@@ -294,8 +299,10 @@ class GuestSession:
         cpus: int = 1,
         kernel_args: str = "",
         name: str = "guest",
+        lifetime: float = SESSION_LIFETIME,
     ) -> None:
         self.files = dict(files or {})
+        self.lifetime = lifetime
         self.net = net
         self.memory_mb = memory_mb
         self.cpus = cpus
@@ -332,7 +339,8 @@ class GuestSession:
         self.boots += 1
         control = self._dir / "control.sock"
         control.unlink(missing_ok=True)
-        initrd = _initrd(self._dir, _CONTROL_LOOP, {**self.files, **(files or {})})
+        script = f"set -- {int(self.lifetime)}\n{_CONTROL_LOOP}"
+        initrd = _initrd(self._dir, script, {**self.files, **(files or {})})
         argv = _qemu_argv(initrd, self.memory_mb, self.cpus, self.kernel_args, self.net)
         argv += ["-chardev", f"socket,id=ctl,path={control},server=on,wait=off"]
         argv += ["-serial", "chardev:ctl"]
