@@ -253,6 +253,8 @@ def test_server_restart_reclaim_and_grace(pair: Pair, crash: bool) -> None:
     )
     timing("guest 1 reclaimed its lock after the restart", reclaimed)
     assert json.loads((pair.server.data / "nlm" / "locks.json").read_text())["grace_left"] > 0
+    monitored = json.loads((pair.server.data / "nlm" / "monitored").read_text())["clients"]
+    assert monitored[pair.address(0)]["name"] == "guest1"  # a crash now would notify it again
 
     with NlmClient(
         pair.server.address, pair.nlm_port(), caller_name="test", reserved_port=True
