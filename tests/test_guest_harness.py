@@ -139,10 +139,14 @@ def test_tap_guests_are_distinct_clients_the_server_can_call() -> None:
 
 
 @pytest.mark.guest
-def test_session_guest_powers_off_after_its_lifetime() -> None:
-    """A session outliving its test process must not leave QEMU running for ever."""
-    with GuestSession(lifetime=5, name="short") as g:
+def test_session_answers_in_order_and_powers_off_after_its_lifetime() -> None:
+    """A command that times out does not hand its late answer to the next one; a session
+    outliving its test process does not leave QEMU running for ever."""
+    with GuestSession(lifetime=15, name="short") as g:
         assert g.check("echo up") == "up\n"
+        with pytest.raises(GuestTimeout):
+            g.run("sleep 3; echo late", timeout=1)
+        assert g.check("echo next") == "next\n"
         deadline = time.monotonic() + 120
         while g.running and time.monotonic() < deadline:
             time.sleep(0.5)

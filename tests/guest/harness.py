@@ -22,8 +22,8 @@ ends QEMU.
 ``run_guest`` runs one script per boot. A ``GuestSession`` keeps the guest up and runs
 commands on demand, so one boot serves many test steps: its workload is a loop reading
 commands from the second serial port (ttyS1, a unix socket on the host) in raw mode, one
-base64 line each, sourcing each in the same shell (so ``$!`` and ``wait`` span commands) and
-answering ``PRISM-RC <status> <base64 of the output>``.
+line each (``<n> <base64 of the command>``), sourcing each in the same shell (so ``$!`` and
+``wait`` span commands) and answering ``PRISM-RC <n> <status> <base64 of the output>``.
 
 ``/dev/kvm`` is used only when the kvm_intel or kvm_amd module is loaded (some hosts expose a
 ``/dev/kvm`` that cannot boot a stock kernel); otherwise QEMU uses TCG, which boots and loads
@@ -269,13 +269,14 @@ _CONTROL_LOOP = f"""
 exec 3<>/dev/ttyS1
 stty raw -echo <&3 || exit 90
 echo {CONTROL_MARKER}
-while read -r line <&3; do
-    echo "$line" | base64 -d > /tmp/.prism-cmd
+while read -r _prism_id _prism_cmd <&3; do
+    echo "$_prism_cmd" | base64 -d > /tmp/.prism-cmd
     . /tmp/.prism-cmd </dev/null >/tmp/.prism-out 2>&1
-    echo "PRISM-RC $? $(base64 /tmp/.prism-out | tr -d '\\n')" >&3
+    _prism_rc=$?
+    echo "PRISM-RC $_prism_id $_prism_rc $(base64 /tmp/.prism-out | tr -d '\\n')" >&3
 done
 """
-_RC_RE = re.compile(rb"^PRISM-RC (-?\d+) ?([A-Za-z0-9+/=]*)\r?$")
+_RC_RE = re.compile(rb"^PRISM-RC (\d+) (-?\d+) ?([A-Za-z0-9+/=]*)\r?$")
 
 
 class GuestSession:
@@ -315,6 +316,7 @@ class GuestSession:
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._buffer = b""
+        self._serial = 0  # numbers commands, so a late answer is never taken for the next
 
     @property
     def running(self) -> bool:
@@ -371,16 +373,17 @@ class GuestSession:
         if self._sock is None or not self.running:
             raise GuestError(f"{self.name} is not running", self.console)
         started = time.monotonic()
-        self._sock.sendall(base64.b64encode(command.encode()) + b"\n")
+        self._serial += 1
+        self._sock.sendall(b"%d %s\n" % (self._serial, base64.b64encode(command.encode())))
         while True:
             line, sep, rest = self._buffer.partition(b"\n")
             if sep:
                 self._buffer = rest
                 m = _RC_RE.match(line)
-                if m:
-                    output = base64.b64decode(m[2]).decode("utf-8", "replace")
-                    return CommandResult(int(m[1]), output, time.monotonic() - started)
-                continue  # not an answer (nothing else writes there): skip it
+                if m and int(m[1]) == self._serial:
+                    output = base64.b64decode(m[3]).decode("utf-8", "replace")
+                    return CommandResult(int(m[2]), output, time.monotonic() - started)
+                continue  # the late answer to a command that timed out: skip it
             left = started + timeout - time.monotonic()
             if left <= 0:
                 raise GuestTimeout(
