@@ -299,6 +299,8 @@ def test_vanished_guest_keeps_locks_until_it_reboots_and_notifies(pair: Pair) ->
     time.sleep(WAIT_BEFORE_RELEASE)
     rows = rows_for(pair, "/shared/vanish")
     assert ("lock", pair.address(1), "write") in rows, rows
+    table = pair.server.cli("locks").stdout  # what an operator reads
+    assert any(pair.address(1) in line and "/shared/vanish" in line for line in table.splitlines())
     assert not waiter_done(g1)
 
     booted = time.monotonic()
