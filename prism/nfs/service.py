@@ -134,6 +134,8 @@ class Call:
     transport: str = TRANSPORT_TCP
     port: int = 0
     cred: Cred = ANONYMOUS
+    vm: int | None = None
+    """The VM a VRPC channel is bound to: its calls reach that VM's handles only."""
 
     @property
     def max_read(self) -> int:
@@ -162,7 +164,7 @@ def cred_of(ctx: CallContext) -> Cred | None:
 
 
 def call_of(ctx: CallContext) -> Call:
-    return Call(ctx.peer[0], cred_of(ctx), ctx.transport, ctx.peer[1])
+    return Call(ctx.peer[0], cred_of(ctx), ctx.transport, ctx.peer[1], vm=ctx.binding)
 
 
 class NfsService:
@@ -203,9 +205,12 @@ class NfsService:
         except BadHandle:
             raise _Fail(NfsStat3.NFS3ERR_BADHANDLE) from None
         export = s.export_of(oid.ns)  # Stale if the VM is gone
-        if not clients_allow(export.clients, call.host):
+        if call.vm is not None:  # a VRPC channel (its peer's right to it: vrpc.server)
+            if export.vm != call.vm:
+                raise _Fail(NfsStat3.NFS3ERR_ACCES)
+        elif not clients_allow(export.clients, call.host):
             raise _Fail(NfsStat3.NFS3ERR_ACCES)
-        if not port_allowed(export, call.port):
+        elif not port_allowed(export, call.port):
             raise _Fail(NfsStat3.NFS3ERR_PERM)  # knfsd's answer to an insecure port
         call.cred = effective_cred(export, call.sent)
         return oid
@@ -703,9 +708,12 @@ class NfsService:
                 return T.MountRes(MountStat3.MNT3ERR_NOENT)
             try:
                 info = s.namespace(name)
-                if not client_allowed(info, host):
+                if ctx.binding is not None:  # a VRPC channel, bound to one VM
+                    if info.export.vm != ctx.binding:
+                        raise PermissionDenied(f"{host} is a channel of another VM than {name}")
+                elif not client_allowed(info, host):
                     raise PermissionDenied(f"{host} is not bound to {name}")
-                if not port_allowed(info.export, port):
+                elif not port_allowed(info.export, port):
                     raise PermissionDenied(
                         f"{host} called from unprivileged port {port} and {name} is secure "
                         f"(mount as root, or allow it with `prism vm set {name} --insecure`)"
@@ -751,6 +759,10 @@ class NfsService:
                     ("/" + info.name).encode(), tuple(g.encode() for g in export_groups(info))
                 )
                 for info in infos
-                if client_allowed(info, host)
+                if (
+                    info.export.vm == ctx.binding
+                    if ctx.binding is not None
+                    else client_allowed(info, host)
+                )
             )
         )
