@@ -112,11 +112,13 @@ def getattr_record(ch: VrpcChannel) -> bytes:
     return ch.rpc(NFS_PROGRAM, NFS_V3, CRED).encode(Nfs3Proc.GETATTR, args)
 
 
+def tail_far_ahead(ch: VrpcChannel) -> None:
+    poke(ch, SQ_TAIL, word(ch, SQ_HEAD) + 2**31)
+    os.eventfd_write(ch.kick_fd, 1)
+
+
 ATTACKS: dict[str, Callable[[VrpcChannel], None]] = {
-    "sq_tail far ahead": lambda ch: (
-        poke(ch, SQ_TAIL, word(ch, SQ_HEAD) + 2**31),
-        os.eventfd_write(ch.kick_fd, 1),
-    ),
+    "sq_tail far ahead": tail_far_ahead,
     "slot beyond the channel": lambda ch: raw_submit(ch, (ch.ring.nslots, 100, 0)),
     "length beyond a slot": lambda ch: raw_submit(ch, (0, abi.SLOT_SIZE + 1, 0)),
     "a slot twice in flight": lambda ch: raw_submit(
@@ -285,6 +287,7 @@ def _busy_client(path: Path, n: int) -> None:
         payload = os.urandom(MiB)
         made = vr.create(ch.root_fh, f"kill-{n}", mode=CreateMode.GUARDED)
         fh = made.obj if made.ok else vr.lookup(ch.root_fh, f"kill-{n}").object
+        assert fh is not None
         i = 0
         while True:
             i += 1

@@ -135,7 +135,8 @@ def test_nfs_calls_over_vrpc_answer_as_over_tcp(srv: PrismProcess) -> None:
             assert over_vrpc.ok and over_vrpc.data == want
             assert (over_vrpc.data, over_vrpc.eof) == (over_tcp.data, over_tcp.eof)
         assert vr.getattr(fh) == tcp.getattr(fh)
-        assert vr.getattr(fh).obj_attributes.size == 2 * MiB
+        attrs = vr.getattr(fh).obj_attributes
+        assert attrs is not None and attrs.size == 2 * MiB
         assert vr.lookup(wd, "missing").status == tcp.lookup(wd, "missing").status
         with pytest.raises(GarbageArgsError):  # RPC-level errors are answered, not fatal
             ch.rpc(100003, 3).call(1, b"\x00\x00\x00\x05junk")

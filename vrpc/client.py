@@ -32,7 +32,15 @@ import time
 from types import TracebackType
 
 from rpc.client import RpcTimeout, raise_for_reply
-from rpc.message import NULL_AUTH, AuthSys, OpaqueAuth, decode_reply, encode_call, peek_xid
+from rpc.message import (
+    NULL_AUTH,
+    AuthSys,
+    OpaqueAuth,
+    Reply,
+    decode_reply,
+    encode_call,
+    peek_xid,
+)
 from rpc.xdr import XdrError
 from vrpc import abi
 from vrpc.control import (
@@ -82,7 +90,12 @@ class VrpcChannel:
     """One attached channel; see the module docstring."""
 
     def __init__(
-        self, sock: socket.socket, attached: Attached, fds: list[int], timeout: float
+        self,
+        sock: socket.socket,
+        attached: Attached,
+        fds: list[int],
+        timeout: float,
+        client_id: bytes,
     ) -> None:
         self.sock = sock
         self.attached = attached
@@ -99,6 +112,7 @@ class VrpcChannel:
         except RingOpenError:
             self.map.close()
             raise
+        self.client_id = client_id
         self._free = list(range(self.ring.nslots))
         self._done: dict[int, tuple[int, int]] = {}  # reaped completions: slot -> (len, flags)
         self._closed = False
@@ -146,7 +160,8 @@ class VrpcChannel:
             if len(fds) != answer.fd_count:
                 raise VrpcError(f"ATTACHED carried {len(fds)} fds, not {answer.fd_count}")
             sock.setblocking(False)
-            channel = cls(sock, answer, fds[:3], timeout)  # (meta fds: a later phase)
+            # (the attribute table's fds, once a later phase sends them, are closed below)
+            channel = cls(sock, answer, fds[:3], timeout, msg.client_id)
             fds = fds[3:]
             return channel
         except BaseException:
@@ -163,24 +178,28 @@ class VrpcChannel:
         return self.attached.root_fh
 
     def call(self, record: bytes | memoryview, timeout: float | None = None) -> bytes:
-        """Send one complete CALL record; return its REPLY record."""
+        """Send one complete CALL record; return its REPLY record. A call the server dropped
+        (`CQE_NOREPLY`) is resent, same xid, after a back-off; raises `RpcTimeout` after
+        `timeout` seconds (default: the channel's), `ServerGone` if the channel ends."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         backoff = NOREPLY_BACKOFF
         while True:
             slot = self.submit(record)
             length, flags = self.collect(slot, deadline)
             if not flags & abi.CQE_NOREPLY:
-                reply = bytes(self.ring.slot(slot)[:length])
-                self._free.append(slot)
-                return reply
-            self._free.append(slot)
+                return self.reply(slot, length)
+            self.release(slot)
             if time.monotonic() + backoff > deadline:
                 raise RpcTimeout(f"no reply to xid {peek_xid(bytes(record[:4]))} in time")
             time.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 
+    # The parts of `call`, for callers that keep several calls in flight: `submit` each,
+    # then `collect` a given slot or take the `next_completion`, and hand every slot back
+    # with `reply` (which reads it) or `release`.
+
     def submit(self, record: bytes | memoryview) -> int:
-        """Put `record` into a free slot and publish it: the slot, for `collect`."""
+        """Put `record` into a free slot and publish it; returns the slot."""
         if self._closed:
             raise ServerGone("the channel is closed")
         if not self._free:
@@ -197,21 +216,44 @@ class VrpcChannel:
         return slot
 
     def collect(self, slot: int, deadline: float) -> tuple[int, int]:
-        """Wait for `slot`'s completion: (reply length, CQE flags)."""
-        done = self._done
-        while slot not in done:
-            try:
-                for s, length, flags in self.ring.reap():
-                    done[s] = (length, flags)
-                if slot in done:
-                    break
+        """Wait until `slot` completes (until `deadline`, a `time.monotonic()` value):
+        (reply length, CQE flags)."""
+        while slot not in self._done:
+            self._reap(deadline)
+        return self._done.pop(slot)
+
+    def next_completion(self, deadline: float) -> tuple[int, int, int]:
+        """Wait for any submitted call to complete: (slot, reply length, CQE flags)."""
+        while not self._done:
+            self._reap(deadline)
+        slot = next(iter(self._done))
+        length, flags = self._done.pop(slot)
+        return slot, length, flags
+
+    def reply(self, slot: int, length: int) -> bytes:
+        """The reply in a completed slot; the slot is free again."""
+        data = bytes(self.ring.slot(slot)[:length])
+        self._free.append(slot)
+        return data
+
+    def release(self, slot: int) -> None:
+        """Free a completed slot without reading it."""
+        self._free.append(slot)
+
+    def _reap(self, deadline: float) -> None:
+        """Move completions into `_done`, sleeping for them if there are none yet."""
+        try:
+            got = self.ring.reap()
+            if not got:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise RpcTimeout("no reply from the VRPC server in time")
                 self.ring.wait(left, self.sock.fileno())
-            except RingClosed:
-                raise self._gone() from None
-        return done.pop(slot)
+                got = self.ring.reap()
+        except RingClosed:
+            raise self._gone() from None
+        for slot, length, flags in got:
+            self._done[slot] = (length, flags)
 
     def _gone(self) -> ServerGone:
         """Why the channel ended: the server's REFUSED message, if it left one."""
@@ -224,10 +266,12 @@ class VrpcChannel:
                 why = f"the server detached the channel: {answer.message}"
         return ServerGone(why)
 
-    def rpc(self, prog: int, vers: int, cred: AuthSys | OpaqueAuth | None = None) -> ChannelRpc:
-        """A caller of program `prog` version `vers` over this channel, for
+    def rpc(
+        self, prog: int, vers: int, cred: AuthSys | OpaqueAuth | None = None, *, owns: bool = False
+    ) -> ChannelRpc:
+        """A client of program `prog` version `vers` over this channel (`ChannelRpc`), for
         `prism.nfs.client.NfsClient(rpc=...)` and `MountClient(rpc=...)`."""
-        return ChannelRpc(self, prog, vers, cred)
+        return ChannelRpc(self, prog, vers, cred, owns=owns)
 
     # -- the end -------------------------------------------------------------------------
 
@@ -254,15 +298,25 @@ class VrpcChannel:
 
 
 class ChannelRpc:
-    """An `RpcCaller` (`prism.nfs.client`) for one program version over a channel."""
+    """A client of one program version over a channel, shaped like `rpc.client.RpcClient`
+    (`call`, `call_reply`, `encode`, `exchange`, and `send_raw` / `recv_record` for tests),
+    so it serves as `prism.nfs.client.NfsClient(rpc=...)` and `MountClient(rpc=...)`.
+    Closing it closes the channel only if it `owns` it."""
 
     def __init__(
-        self, channel: VrpcChannel, prog: int, vers: int, cred: AuthSys | OpaqueAuth | None
+        self,
+        channel: VrpcChannel,
+        prog: int,
+        vers: int,
+        cred: AuthSys | OpaqueAuth | None = None,
+        *,
+        owns: bool = False,
     ) -> None:
         self.channel = channel
         self.prog = prog
         self.vers = vers
         self.cred: OpaqueAuth = cred.to_opaque() if isinstance(cred, AuthSys) else cred or NULL_AUTH
+        self.owns = owns
         self._xid = int.from_bytes(os.urandom(4), "big")
 
     def next_xid(self) -> int:
@@ -270,15 +324,44 @@ class ChannelRpc:
         return self._xid
 
     def encode(self, proc: int, args: bytes = b"", *, xid: int | None = None) -> bytes:
+        """A complete CALL record for `proc`, with the next xid unless given."""
         return encode_call(
             self.next_xid() if xid is None else xid, self.prog, self.vers, proc, args, self.cred
         )
 
     def call(self, proc: int, args: bytes = b"") -> bytes:
-        return raise_for_reply(decode_reply(self.channel.call(self.encode(proc, args))))
+        """Call `proc`: its encoded results; any other reply raises its `RpcError`."""
+        return raise_for_reply(self.call_reply(proc, args))
+
+    def call_reply(self, proc: int, args: bytes = b"") -> Reply:
+        return self.exchange(self.encode(proc, args))
+
+    def exchange(self, record: bytes) -> Reply:
+        return decode_reply(self.channel.call(record))
+
+    def send_raw(self, record: bytes) -> None:
+        """Submit a CALL record without waiting for its reply (`recv_record` reads it)."""
+        self.channel.submit(record)
+
+    def recv_record(self, timeout: float | None = None) -> bytes:
+        """The next reply to a record sent with `send_raw` (dropped calls are skipped)."""
+        wait = self.channel.timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        while True:
+            slot, length, flags = self.channel.next_completion(deadline)
+            if not flags & abi.CQE_NOREPLY:
+                return self.channel.reply(slot, length)
+            self.channel.release(slot)
 
     def close(self) -> None:
-        """The channel is the caller's to close."""
+        if self.owns:
+            self.channel.close()
+
+    def __enter__(self) -> ChannelRpc:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _receive(sock: socket.socket, fds: list[int]) -> bytes:

@@ -53,7 +53,6 @@ from prism.access import LocalPeer, vrpc_allows
 from prism.errors import StoreError
 from prism.nfs.const import MAX_READ, MAX_WRITE
 from prism.nfs.service import NfsService
-from prism.store.types import Export
 from rpc.server import TRANSPORT_SHM, Outcome, RpcDispatcher
 from rpc.transport import start_eagerly
 from rpc.xdr import XdrError
@@ -480,23 +479,19 @@ class VrpcServer:
 
     # -- who may go on -------------------------------------------------------------------
 
-    def _export(self, vm: int) -> Export | None:
-        try:
-            return self.service.executor.call_now(lambda s: s.export_of(vm))
-        except StoreError:
-            return None
-
     def still_allowed(self, ch: Channel) -> bool:
-        """Whether `ch`'s peer may still use its VM (else the channel is detached)."""
-        export = self._export(ch.vm)
-        if export is None:
-            ch.detach(f"the VM {ch.vm_name} was removed", RefuseStatus.NOENT)
-        elif not vrpc_allows(export, ch.peer):
-            self.stats.revoked += 1
-            what = "its token was rotated" if ch.peer.token else "its principals changed"
-            ch.detach(f"may no longer use {ch.vm_name}: {what}", RefuseStatus.ACCES)
-        else:
+        """Whether `ch`'s peer may still use its VM (else the channel is detached). A
+        removed VM's channel stays: its calls get STALE, as its handles do over TCP, and it
+        can reach nothing else (a VM made again under that name has another id)."""
+        try:
+            export = self.service.executor.call_now(lambda s: s.export_of(ch.vm))
+        except StoreError:
             return True
+        if vrpc_allows(export, ch.peer):
+            return True
+        self.stats.revoked += 1
+        what = "its token was rotated" if ch.peer.token else "its principals changed"
+        ch.detach(f"may no longer use {ch.vm_name}: {what}", RefuseStatus.ACCES)
         return False
 
     def _sweep_channels(self) -> None:
