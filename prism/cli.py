@@ -187,6 +187,7 @@ def _emit(args: argparse.Namespace, data: Any, text: str | Callable[[], str]) ->
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from prism.server import ServeOptions, run_event_loop, serve
+    from vrpc.server import ListenError
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -220,6 +221,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     try:
         run_event_loop(serve(options))
+    except ListenError as exc:
+        raise UsageError(f"cannot start: {exc}") from exc
     except OSError as exc:
         if exc.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
             where = f" ({exc.filename})" if exc.filename else ""

@@ -13,6 +13,8 @@ import re
 import shutil
 import socket
 import stat
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -23,7 +25,7 @@ import pytest
 from prism.nfs.const import MountStat3, NfsStat3, StableHow
 from prism.nfs.types import NfsFh3
 from rpc.client import GarbageArgsError
-from tests.server_helpers import PrismProcess, new_data_dir
+from tests.server_helpers import REPO_ROOT, PrismProcess, new_data_dir
 from tests.vrpc_helpers import (
     as_user,
     mount_over,
@@ -111,6 +113,31 @@ def test_default_socket_is_in_the_data_directory_and_no_vrpc_means_none(
     with PrismProcess(data, tmp_path / "logs2", extra_args=["--no-vrpc"]) as server:
         assert "no vrpc" in server.ready_line
         assert not (data / "vrpc.sock").exists()
+
+
+def _serve_fails(data: Path, vrpc: str) -> str:
+    """Start `prism serve --vrpc VRPC` on `data`; it must exit 2 at once: its stderr."""
+    argv = [sys.executable, "-m", "prism", "serve", "--data", str(data), "--vrpc", vrpc]
+    argv += ["--bind", "127.0.0.1", "--nfs-port", "0", "--mount-port", "0", "--no-portmap"]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    return proc.stderr
+
+
+def test_a_socket_in_use_or_a_bad_path_is_refused_with_a_hint(
+    srv: PrismProcess, tmp_path: Path
+) -> None:
+    data = new_data_dir(tmp_path / "data")
+    err = _serve_fails(data, str(sock(srv)))  # another data directory, the same socket
+    assert "another server listens for VRPC" in err and "--no-vrpc" in err
+    with attach(srv) as ch:  # the running server kept its socket
+        assert nfs_over(ch).getattr(ch.root_fh).ok
+    err = _serve_fails(data, str(tmp_path / "missing" / "vrpc.sock"))
+    assert "cannot listen for VRPC on" in err and "missing" in err
+    (tmp_path / "file").write_text("not a socket")
+    assert "is not a socket" in _serve_fails(data, str(tmp_path / "file"))
+    assert (tmp_path / "file").read_text() == "not a socket"
 
 
 def test_nfs_calls_over_vrpc_answer_as_over_tcp(srv: PrismProcess) -> None:

@@ -103,6 +103,10 @@ def peer_of(conn: socket.socket, token: bytes = b"") -> LocalPeer:
     return LocalPeer(pid, uid, frozenset(gids), token)
 
 
+class ListenError(Exception):
+    """The control socket cannot be made where asked (the message says what to do)."""
+
+
 @dataclass(eq=False)
 class Channel:
     """One attached channel: its ring, doorbells, control connection and running calls."""
@@ -285,16 +289,21 @@ class VrpcServer:
     # -- life ----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Listen on `path`; raises `ListenError` saying what to do if that cannot be."""
         path = self.path
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(path.lstat().st_mode):
-                path.unlink()  # a dead server's (the store's lock proves no other one runs)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
+            self._clear_stale(path)
             sock.bind(str(path))
             os.chmod(path, 0o666)  # who may attach is decided by peer credentials
             sock.listen(64)
             sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise ListenError(
+                f"cannot listen for VRPC on {path}: {exc.strerror}; give --vrpc a path in an"
+                " existing directory the server may write, or pass --no-vrpc"
+            ) from exc
         except BaseException:
             sock.close()
             raise
@@ -302,6 +311,28 @@ class VrpcServer:
         asyncio.get_running_loop().add_reader(sock.fileno(), self._accept)
         self._publish()
         log.info("vrpc: control socket %s (%s ring backend)", path, BACKEND)
+
+    @staticmethod
+    def _clear_stale(path: Path) -> None:
+        """Remove a dead server's socket at `path`; refuse a live one's, or anything else."""
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise ListenError(f"{path} exists and is not a socket: give --vrpc another path")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+            try:
+                probe.connect(str(path))
+            except ConnectionRefusedError:
+                path.unlink()  # nobody listens: a server that died
+                return
+            except OSError:
+                return  # (bind will say what is wrong)
+        raise ListenError(
+            f"another server listens for VRPC on {path}: give this one another --vrpc PATH,"
+            " or --no-vrpc"
+        )
 
     async def stop(self) -> None:
         """Stop attaching; wake and detach every channel; let running calls finish."""
