@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import hmac
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prism.store.types import Cred, Export, NamespaceInfo
 
@@ -94,7 +94,7 @@ class LocalPeer:
     pid: int
     uid: int
     gids: frozenset[int]
-    token: bytes = b""
+    token: bytes = field(default=b"", repr=False)
 
 
 def vrpc_allows(export: Export, peer: LocalPeer) -> bool:
