@@ -71,7 +71,7 @@ def metrics(srv: PrismProcess) -> dict[str, float]:
         body = resp.read().decode()
     out = {}
     for line in body.splitlines():
-        if line.startswith("prism_vrpc"):
+        if line.startswith(("prism_vrpc", "prism_rpc_calls_total")):
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
@@ -245,6 +245,16 @@ def test_peer_credentials_decide_who_attaches(srv: PrismProcess) -> None:
     assert run() == "ok"
 
 
+def test_principals_take_names_and_none_clears(srv: PrismProcess) -> None:
+    made = json.loads(srv.cli("vm", "create", "named", "--vrpc-user", "root", "--json").stdout)
+    assert made["vrpc_users"] == [0]
+    assert "VRPC: uid 0" in srv.cli("vm", "show", "named").stdout
+    bad = srv.cli("vm", "set", "named", "--vrpc-group", "no-such-group-here", check=False)
+    assert bad.returncode == 2 and "no local group 'no-such-group-here'" in bad.stderr
+    shown = json.loads(srv.cli("vm", "set", "named", "--vrpc-user", "none", "--json").stdout)
+    assert shown["vrpc_users"] == []
+
+
 def test_changing_principals_detaches_a_live_channel_at_its_next_call(
     srv: PrismProcess,
 ) -> None:
@@ -328,6 +338,8 @@ def test_stats_and_metrics_count_vrpc(srv: PrismProcess) -> None:
         for _ in range(10):
             assert vr.getattr(ch.root_fh).ok
         now = metrics(srv)
+        getattrs = 'prism_rpc_calls_total{program="nfs",version="3",proc="GETATTR"}'
+        assert now[getattrs] >= before.get(getattrs, 0) + 10  # the same statistics as TCP's
         assert now["prism_vrpc_channels"] == before["prism_vrpc_channels"] + 1
         assert now['prism_vrpc_calls_total{path="python"}'] >= (
             before['prism_vrpc_calls_total{path="python"}'] + 10
