@@ -108,6 +108,7 @@ class PrismProcess:
         portmap_port: int | None = None,
         bind: str = HOST,
         extra_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.data = Path(data)
         self.log_dir = Path(log_dir)
@@ -116,6 +117,8 @@ class PrismProcess:
         self.portmap_port = portmap_port
         self.bind = bind
         self.extra_args = tuple(extra_args)
+        self.env = dict(env or {})
+        """Environment variables the server runs with beyond ours (PRISM_VRPC_BACKEND...)."""
         self.nfs_port = 0
         self.mount_port = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -176,7 +179,7 @@ class PrismProcess:
             self.proc = subprocess.Popen(
                 self._argv(),
                 cwd=REPO_ROOT,
-                env=_env(),
+                env=_env() | self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,

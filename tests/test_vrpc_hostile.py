@@ -42,9 +42,10 @@ from prism.store.types import FileType
 from rpc.message import AcceptedReply, AcceptStat, decode_reply
 from tests.server_helpers import PrismProcess, new_data_dir, prism_cli
 from tests.test_server_hostile import CRED, mount_corpus, mutated, nfs_corpus
-from tests.vrpc_helpers import nfs_over, socket_of
+from tests.vrpc_helpers import BACKENDS, nfs_over, socket_of
 from vrpc import abi
 from vrpc.client import ServerGone, VrpcChannel
+from vrpc.native import BACKEND
 
 MiB = 1 << 20
 _U32 = struct.Struct("=I")
@@ -53,14 +54,28 @@ SERVER_FLAGS, CQ_TAIL = abi.RING_HEADER["server_flags"][0], abi.RING_HEADER["cq_
 ENTRIES = abi.RING_HEADER["entries"][0]
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrismProcess]:
-    base = tmp_path_factory.mktemp("vrpc-hostile")
+def _server(base: Path, backend: str) -> Iterator[PrismProcess]:
     data = new_data_dir(base / "data", ["vm"])
-    with PrismProcess(data, base / "logs") as server:
+    env = {"PRISM_VRPC_BACKEND": backend}
+    with PrismProcess(data, base / "logs", env=env) as server:
         yield server
+        assert f"({backend} ring backend)" in server.stderr()
     fsck = prism_cli(data, "fsck", "--json")
     assert '"clean": true' in fsck.stdout, fsck.stdout
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrismProcess]:
+    """The server of the module, with the default ring backend (native when built)."""
+    yield from _server(tmp_path_factory.mktemp("vrpc-hostile"), BACKEND)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def any_srv(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PrismProcess]:
+    """A server per ring backend: the ring's checks are C or Python, both must hold."""
+    yield from _server(tmp_path_factory.mktemp(f"vrpc-{request.param}"), request.param)
 
 
 def attach(srv: PrismProcess, **kw: object) -> VrpcChannel:
@@ -136,7 +151,8 @@ ATTACKS: dict[str, Callable[[VrpcChannel], None]] = {
 
 
 @pytest.mark.parametrize("attack", list(ATTACKS))
-def test_breaking_the_ring_closes_only_that_channel(srv: PrismProcess, attack: str) -> None:
+def test_breaking_the_ring_closes_only_that_channel(any_srv: PrismProcess, attack: str) -> None:
+    srv = any_srv
     with attach(srv) as bystander, attach(srv) as hostile:
         assert nfs_over(hostile).getattr(hostile.root_fh).ok
         ATTACKS[attack](hostile)
