@@ -13,7 +13,8 @@ connection stays open for the channel's life: EOF there means the client is gone
 A channel is bound to its VM: every record it submits goes to `RpcDispatcher.handle_now` with
 `binding=` the VM's namespace id, so the NFS and MOUNT programs accept its calls only for that
 VM's handles (and what the VM reaches through its shares and snapshots), and the peer's right
-to the VM is checked again before every call, against the VM record of that moment: changing
+to the VM is checked again before every batch of calls, against the VM record of that moment
+(one read of the VM record, like the NFS service's own check of each handle): changing
 the VM's principals or rotating its token detaches the channel at its next call, and a sweep
 every `SWEEP_SECONDS` detaches idle revoked channels (and drains channels that forgot to kick).
 
@@ -155,10 +156,10 @@ class Channel:
                 return
             except RingClosed:
                 return
+            if work and not server.still_allowed(self):  # once per batch, before any call
+                return
             for slot, length in work:
                 if self.closed:
-                    return
-                if not server.still_allowed(self):
                     return
                 record = self.ring.record(slot, length)  # the one copy (R2)
                 server.stats.calls += 1
