@@ -36,6 +36,7 @@ from tests.vrpc_helpers import (
 from vrpc import abi
 from vrpc.client import AttachRefused, ServerGone, VrpcChannel
 from vrpc.control import MAX_CHANNELS_PER_UID, MAX_MESSAGE, RefuseStatus, decode_reply
+from vrpc.server import ATTACH_TIMEOUT, MAX_PENDING
 
 MiB = 1 << 20
 UNLISTED, LISTED, GROUP_MEMBER, GROUP = 1002, 1001, 1003, 2000
@@ -326,6 +327,28 @@ def test_channels_in_all_are_bounded(tmp_path: Path) -> None:
             assert nfs_over(a).getattr(a.root_fh).ok and nfs_over(b).getattr(b.root_fh).ok
         with VrpcChannel.attach(path, "vm") as c:  # the closed ones were freed
             assert nfs_over(c).getattr(c.root_fh).ok
+
+
+def test_connections_that_never_attach_are_bounded_and_timed_out(srv: PrismProcess) -> None:
+    idle = []
+    try:
+        for _ in range(MAX_PENDING):
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            conn.connect(str(sock(srv)))
+            idle.append(conn)
+        time.sleep(0.5)  # (the server accepts them)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as extra:
+            extra.settimeout(1)  # well within ATTACH_TIMEOUT
+            extra.connect(str(sock(srv)))
+            assert extra.recv(MAX_MESSAGE) == b""  # closed at once: too many waiting
+        for conn in idle:  # each is closed once its ATTACH_TIMEOUT has passed
+            conn.settimeout(ATTACH_TIMEOUT + 5)
+            assert conn.recv(MAX_MESSAGE) == b""
+    finally:
+        for conn in idle:
+            conn.close()
+    with attach(srv) as ch:
+        assert nfs_over(ch).getattr(ch.root_fh).ok
 
 
 # -- accounting ------------------------------------------------------------------------------
