@@ -28,8 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from prism.nfs.const import NFS_PROGRAM, NFS_V3, CreateMode, Nfs3Proc, StableHow
-from prism.nfs.types import (
+from prism.nfs.client import (  # (the wire types, wherever the client takes them from)
     SATTR_EMPTY,
     CreateArgs,
     DirOpArgs3,
@@ -38,7 +37,7 @@ from prism.nfs.types import (
     WriteArgs,
     encode_args,
 )
-from prism.store.types import FileType
+from prism.nfs.const import NFS_PROGRAM, NFS_V3, CreateMode, Nfs3Proc, StableHow
 from rpc.message import AcceptedReply, AcceptStat, decode_reply
 from tests.server_helpers import PrismProcess, new_data_dir, prism_cli
 from tests.test_server_hostile import CRED, mount_corpus, mutated, nfs_corpus
@@ -48,6 +47,7 @@ from vrpc.client import ServerGone, VrpcChannel
 from vrpc.native import BACKEND
 
 MiB = 1 << 20
+NF3REG = 1  # ftype3 of a regular file (RFC 1813)
 _U32 = struct.Struct("=I")
 SQ_TAIL, SQ_HEAD = abi.RING_HEADER["sq_tail"][0], abi.RING_HEADER["sq_head"][0]
 SERVER_FLAGS, CQ_TAIL = abi.RING_HEADER["server_flags"][0], abi.RING_HEADER["cq_tail"][0]
@@ -338,7 +338,7 @@ def test_clients_killed_mid_call_leave_nothing_behind(srv: PrismProcess) -> None
         assert made
         for entry in made:  # every CREATE happened whole (or not at all): a file, named
             assert entry.name_attributes is not None and entry.name_handle is not None
-            assert entry.name_attributes.type == FileType.REG
+            assert entry.name_attributes.type == NF3REG
             assert tcp.getattr(entry.name_handle).ok
     err = srv.stderr()
     assert "Traceback" not in err and " ERROR " not in err, err[-3000:]

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from prism.nfs.client import NfsFh3  # (the wire types, wherever the client takes them from)
 from prism.nfs.const import MountStat3, NfsStat3, StableHow
-from prism.nfs.types import NfsFh3
 from rpc.client import GarbageArgsError
 from tests.server_helpers import REPO_ROOT, PrismProcess, new_data_dir
 from tests.vrpc_helpers import (
