@@ -22,9 +22,10 @@ is followed by a 4-byte seal over its database, key and value, checked on every 
               invalid on open, so they are re-measured);
               b"stage:"+token -> JSON {ns, ino}: an import being built (see below)
     ns        ns id u32 -> JSON {name, kind ("vm"|"snapshot"), top layer, clients, quota, of,
-              shares, and for a VM: secure, squash, anon_uid, anon_gid (`types.Export`; a
-              record written before these existed lacks them and means insecure, squash none,
-              the access it always had)}
+              shares, and for a VM: secure, squash, anon_uid, anon_gid, vrpc_users,
+              vrpc_groups, vrpc_token (`types.Export`; a record written before these existed
+              lacks them and means insecure, squash none, VRPC for root only: the access it
+              always had)}
     names     name -> ns id u32 ("web" for a VM, "web@monday" for its snapshot)
     layers    layer id u64 -> JSON {parent, vols, imports, next_vol, next_import}
     inodes    layer|vol|ino -> packed Inode, or b"" (whiteout: removed in this layer)
@@ -144,7 +145,7 @@ import secrets
 import shutil
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -316,6 +317,10 @@ def _export_of(rec: dict[str, Any]) -> Export:
         rec.get("squash", "none"),
         rec.get("anon_uid", NOBODY),
         rec.get("anon_gid", NOBODY),
+        rec["id"],
+        tuple(rec.get("vrpc_users", ())),
+        tuple(rec.get("vrpc_groups", ())),
+        rec.get("vrpc_token", ""),
     )
 
 
@@ -325,11 +330,17 @@ def _set_export(
     squash: str | None,
     anon_uid: int | None,
     anon_gid: int | None,
+    vrpc_users: Sequence[int] | None = None,
+    vrpc_groups: Sequence[int] | None = None,
 ) -> None:
     """Change the given access options of VM record `rec` in place."""
     if squash is not None and squash not in SQUASH_MODES:
         raise InvalidArgument(f"invalid squash {squash!r}: use one of {', '.join(SQUASH_MODES)}")
-    for what, value in (("anon uid", anon_uid), ("anon gid", anon_gid)):
+    ids = [("anon uid", anon_uid), ("anon gid", anon_gid)]
+    ids += [("VRPC user", v) for v in vrpc_users or ()] + [
+        ("VRPC group", v) for v in vrpc_groups or ()
+    ]
+    for what, value in ids:
         if value is not None and not 0 <= value < 1 << 32:
             raise InvalidArgument(f"invalid {what} {value}: use 0 to 4294967295")
     changes: dict[str, Any] = {
@@ -337,6 +348,8 @@ def _set_export(
         "squash": squash,
         "anon_uid": anon_uid,
         "anon_gid": anon_gid,
+        "vrpc_users": None if vrpc_users is None else sorted(set(vrpc_users)),
+        "vrpc_groups": None if vrpc_groups is None else sorted(set(vrpc_groups)),
     }
     rec.update((key, value) for key, value in changes.items() if value is not None)
 
@@ -1750,9 +1763,11 @@ class Store:
         squash: str | None = None,
         anon_uid: int | None = None,
         anon_gid: int | None = None,
+        vrpc_users: Sequence[int] | None = None,
+        vrpc_groups: Sequence[int] | None = None,
     ) -> NamespaceInfo:
         """A new VM; access options not given take the new-VM defaults (secure, squash
-        none, anonymous 65534:65534)."""
+        none, anonymous 65534:65534, VRPC for root only)."""
         check_vm_name(name)
         clients = parse_clients(clients)
         if quota is not None and quota < 0:
@@ -1760,7 +1775,7 @@ class Store:
         with self._write() as t:
             top = self._new_layer(t, 0, None)
             rec = self._make_ns(t, name, "vm", top, clients=clients, quota=quota)
-            _set_export(rec, secure, squash, anon_uid, anon_gid)
+            _set_export(rec, secure, squash, anon_uid, anon_gid, vrpc_users, vrpc_groups)
             self._put_ns(t, rec)
             now = time.time_ns()
             root = Inode(FileType.DIR, 0o755, 2, 0, 0, 0, 0, 0, now, now, now, 0, ROOT_INO)
@@ -1825,6 +1840,8 @@ class Store:
         squash: str | None = None,
         anon_uid: int | None = None,
         anon_gid: int | None = None,
+        vrpc_users: Sequence[int] | None = None,
+        vrpc_groups: Sequence[int] | None = None,
     ) -> NamespaceInfo:
         with self._write() as t:
             view = self._view_by_name(t, name)
@@ -1837,9 +1854,22 @@ class Store:
                 if quota is not None and quota < 0:
                     raise InvalidArgument("quota must be positive")
                 rec["quota"] = quota
-            _set_export(rec, secure, squash, anon_uid, anon_gid)
+            _set_export(rec, secure, squash, anon_uid, anon_gid, vrpc_users, vrpc_groups)
             self._put_ns(t, rec)
             return self._info(t, rec)
+
+    def vrpc_token(self, name: str, *, rotate: bool = False) -> str:
+        """VM `name`'s VRPC attach token, made at first use; `rotate` replaces it, so every
+        channel attached with the old one is detached at its next call."""
+        with self._write() as t:
+            view = self._view_by_name(t, name)
+            if view.kind != "vm":
+                raise InvalidArgument(f"{name!r} is a snapshot; its VM's token attaches to it")
+            token: str = view.record.get("vrpc_token", "")
+            if rotate or not token:
+                token = "pvt1-" + secrets.token_urlsafe(24)
+                self._put_ns(t, dict(view.record, vrpc_token=token))
+            return token
 
     def remove_namespace(self, name: str, *, force: bool = False) -> None:
         """Remove a namespace (a VM with its snapshots). A VM that others share from is
