@@ -1,4 +1,4 @@
-"""Unit tests of the store API (`docs/store-api.md`): objects, namespaces, dedup, batches."""
+"""Unit tests of the store API (`prism.store.api`): objects, namespaces, dedup, batches."""
 
 from __future__ import annotations
 

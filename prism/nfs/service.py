@@ -343,10 +343,12 @@ class NfsService:
     def lookup(self, s: Store, call: Call, a: T.LookupArgs) -> T.LookupRes:
         dir_oid = self._oid(s, call, a.what.dir)
         try:
-            attr, dir_attr = s.lookup_in(dir_oid, a.what.name, call.cred)
+            found = s.lookup_in(dir_oid, a.what.name, call.cred)
         except StoreError as exc:
             return T.LookupRes(nfsstat_for(exc), dir_attributes=self._post(s, dir_oid))
-        return T.LookupRes(OK, self.fh(attr.oid), self.fattr(attr), self.fattr(dir_attr))
+        return T.LookupRes(
+            OK, self.fh(found.attr.oid), self.fattr(found.attr), self.fattr(found.dir)
+        )
 
     def access(self, s: Store, call: Call, a: T.AccessArgs) -> T.AccessRes:
         oid = self._oid(s, call, a.object)
@@ -364,10 +366,10 @@ class NfsService:
     def read(self, s: Store, call: Call, a: T.ReadArgs) -> T.ReadRes:
         oid = self._oid(s, call, a.file)
         try:
-            data, eof, attr = s.read_attr(oid, a.offset, min(a.count, call.max_read), call.cred)
+            got = s.read_attr(oid, a.offset, min(a.count, call.max_read), call.cred)
         except StoreError as exc:
             return T.ReadRes(nfsstat_for(exc), self._post(s, oid))
-        return T.ReadRes(OK, self.fattr(attr), eof, data)
+        return T.ReadRes(OK, self.fattr(got.attr), got.eof, got.data)
 
     def write(self, s: Store, call: Call, a: T.WriteArgs) -> T.WriteRes:
         oid = self._oid(s, call, a.file)
@@ -551,7 +553,8 @@ class NfsService:
         while True:
             # What is left of the page holds about this many entries: fetch just those.
             limit = max(8, min(1024, (budget - used) // guess + 8))
-            batch, eof = s.readdir_raw(dir_oid, after, call.cred, limit=limit, attrs=plus)
+            listing = s.readdir_raw(dir_oid, after, call.cred, limit=limit, attrs=plus)
+            batch, eof = listing.entries, listing.eof
             for c, name, vol, ino, record in batch:
                 fileid = (vol << INO_BITS) | ino
                 if plus:

@@ -62,7 +62,7 @@ from prism.store.layers import (
     view_by_name,
     view_of,
 )
-from prism.store.posix import destroy, new_dir
+from prism.store.names import destroy, new_dir
 from prism.store.quota import get_usage, set_usage
 from prism.store.records import Inode
 from prism.store.schema import NS_KEY, Ctx, get_meta

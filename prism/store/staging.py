@@ -25,7 +25,8 @@ from prism.errors import Exists, InvalidArgument, NotADirectory, NotFound, ReadO
 from prism.store import txn
 from prism.store.compose import place
 from prism.store.layers import SHARE_VOL_BASE, ns_record, view_by_name, view_of
-from prism.store.posix import destroy, new_dir, readdir, remove, rmdir
+from prism.store.names import destroy, new_dir, remove, rmdir
+from prism.store.posix import readdir
 from prism.store.quota import check_quota
 from prism.store.schema import STAGE_PREFIX, STAGING_DIR, Ctx
 from prism.store.tree import drop_entry, find_entry, get_inode, list_dir, put_entry, put_inode

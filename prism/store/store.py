@@ -1,9 +1,9 @@
 """The Prism store: per-VM namespaces over content-addressed chunks, in LMDB and segments.
 
 `Store` is the facade: it opens and closes a data directory and exposes the operations that
-`prism.nfs`, `prism.nlm`, the CLI and the importer call. The work is done by the rooms, each
-a module of free functions over one context (`schema.Ctx`), each opening with its theory of
-operation:
+`prism.nfs`, `prism.nlm`, the CLI and the importer call (their contract is `api.FileStore`).
+The work is done by the rooms, each a module of free functions over one context
+(`schema.Ctx`), each opening with its theory of operation:
 
     schema    the on-disk layout: LMDB environment, named databases, counters, `Ctx`
     txn       batches, durable points, journal replay, locks: the crash ordering
@@ -12,7 +12,8 @@ operation:
     content   chunking, dedup, the chunk map, segment accounting, damage
     quota     usage, quotas, statistics
     perms     permission rules (pure)
-    posix     the per-object operations
+    posix     the per-object operations that change no names
+    names     making, linking, moving and removing names
     compose   namespace lifecycle: create, remove, snapshot, rollback, clone, share
     staging   imports built out of sight and published in one transaction
     check/gc  integrity checking and space reclamation, over the rooms' public functions
@@ -22,10 +23,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prism.errors import NotFound
-from prism.store import compose, layers, posix, quota, staging, txn
+from prism.store import compose, layers, names, posix, quota, staging, txn
+from prism.store.api import Access, FileStore, Found, Listing, Made, Read, Renamed, Target, Wcc
 from prism.store.diskio import PRIVATE_DIR
 from prism.store.layers import UNCHANGED
 from prism.store.schema import Ctx, Dbs, make_private, open_env, prepare
@@ -160,10 +162,6 @@ class Store:
     def abort(self) -> None:
         txn.abort(self.ctx)
 
-    def forget_layers(self) -> None:
-        """Drop what is cached by layer id (after an abort, or gc moving records)."""
-        txn.forget_layers(self.ctx)
-
     # -- namespaces (`layers`, `compose`, `quota`) ----------------------------------------
 
     def create_namespace(
@@ -200,10 +198,6 @@ class Store:
         """How a namespace may be reached (a snapshot as its VM); Stale if gone. The per-call
         fast path of the NFS server's access checks."""
         return layers.export_of(self.ctx, ns_id)
-
-    def clients_of(self, ns_id: int) -> tuple[str, ...]:
-        """The client CIDRs bound to a namespace (a snapshot's are its VM's); Stale if gone."""
-        return self.export_of(ns_id).clients
 
     def list_namespaces(self, kind: str | None = None) -> list[NamespaceInfo]:
         return layers.list_namespaces(self.ctx, kind)
@@ -310,7 +304,9 @@ class Store:
         """Discard what imports that died had staged; return how many there were."""
         return staging.reap_stagings(self.ctx)
 
-    # -- objects (`posix`) ---------------------------------------------------------------
+    # -- objects (`posix`, `names`) ------------------------------------------------------
+    # The `*_wcc` and `*_attr` operations answer with everything an NFS reply needs, from
+    # one transaction (`api`); the plain ones are shorthands for operators and tests.
 
     def root(self, ns_id: int) -> ObjectId:
         return posix.root(self.ctx, ns_id)
@@ -323,18 +319,45 @@ class Store:
         handles name objects of its source VM). What byte-range locks are held on."""
         return posix.identity(self.ctx, oid)
 
-    def lookup(self, dir: ObjectId, name: bytes, cred: Cred | None = None) -> Attr:
-        return posix.lookup_in(self.ctx, dir, name, cred)[0]
-
-    def lookup_in(self, dir: ObjectId, name: bytes, cred: Cred | None = None) -> tuple[Attr, Attr]:
-        """`lookup`, plus the directory's attributes read in the same transaction."""
-        return posix.lookup_in(self.ctx, dir, name, cred)
-
     def resolve(self, ns_id: int, path: str) -> Attr:
         return posix.resolve(self.ctx, ns_id, path)
 
-    def access(self, oid: ObjectId, cred: Cred | None, mask: int) -> int:
+    def lookup_in(self, dir: ObjectId, name: bytes, cred: Cred | None = None) -> Found:
+        return posix.lookup_in(self.ctx, dir, name, cred)
+
+    def lookup(self, dir: ObjectId, name: bytes, cred: Cred | None = None) -> Attr:
+        return self.lookup_in(dir, name, cred).attr
+
+    def access_attr(self, oid: ObjectId, cred: Cred | None, mask: int) -> Access:
         return posix.access(self.ctx, oid, cred, mask)
+
+    def access(self, oid: ObjectId, cred: Cred | None, mask: int) -> int:
+        return self.access_attr(oid, cred, mask).granted
+
+    def readlink_attr(self, oid: ObjectId) -> Target:
+        return posix.readlink(self.ctx, oid)
+
+    def readlink(self, oid: ObjectId) -> bytes:
+        return self.readlink_attr(oid).target
+
+    def read_attr(self, oid: ObjectId, offset: int, count: int, cred: Cred | None = None) -> Read:
+        return posix.read_attr(self.ctx, oid, offset, count, cred)
+
+    def read(
+        self, oid: ObjectId, offset: int, count: int, cred: Cred | None = None
+    ) -> tuple[bytes, bool]:
+        got = self.read_attr(oid, offset, count, cred)
+        return got.data, got.eof
+
+    def setattr_wcc(
+        self,
+        oid: ObjectId,
+        sattr: SetAttr,
+        cred: Cred | None = None,
+        *,
+        guard_ctime_ns: int | None = None,
+    ) -> Wcc:
+        return posix.set_attributes(self.ctx, oid, sattr, cred, guard_ctime_ns=guard_ctime_ns)
 
     def setattr(
         self,
@@ -344,22 +367,28 @@ class Store:
         *,
         guard_ctime_ns: int | None = None,
     ) -> Attr:
-        return posix.set_attributes(self.ctx, oid, sattr, cred, guard_ctime_ns=guard_ctime_ns)
+        return self.setattr_wcc(oid, sattr, cred, guard_ctime_ns=guard_ctime_ns).after
 
-    def read(
-        self, oid: ObjectId, offset: int, count: int, cred: Cred | None = None
-    ) -> tuple[bytes, bool]:
-        data, eof, _ = posix.read_attr(self.ctx, oid, offset, count, cred)
-        return data, eof
-
-    def read_attr(
-        self, oid: ObjectId, offset: int, count: int, cred: Cred | None = None
-    ) -> tuple[bytes, bool, Attr]:
-        """`read` plus the file's attributes, from the same transaction (NFS READ)."""
-        return posix.read_attr(self.ctx, oid, offset, count, cred)
+    def write_wcc(self, oid: ObjectId, offset: int, data: bytes, cred: Cred | None = None) -> Wcc:
+        return posix.write(self.ctx, oid, offset, data, cred)
 
     def write(self, oid: ObjectId, offset: int, data: bytes, cred: Cred | None = None) -> Attr:
-        return posix.write(self.ctx, oid, offset, data, cred)
+        return self.write_wcc(oid, offset, data, cred).after
+
+    def create_wcc(
+        self,
+        dir: ObjectId,
+        name: bytes,
+        mode: int = 0o644,
+        cred: Cred | None = None,
+        *,
+        exclusive: bytes | None = None,
+        guarded: bool = False,
+        sattr: SetAttr | None = None,
+    ) -> Made:
+        return names.create(
+            self.ctx, dir, name, mode, cred, exclusive=exclusive, guarded=guarded, sattr=sattr
+        )
 
     def create(
         self,
@@ -372,9 +401,20 @@ class Store:
         guarded: bool = False,
         sattr: SetAttr | None = None,
     ) -> Attr:
-        return posix.create(
-            self.ctx, dir, name, mode, cred, exclusive=exclusive, guarded=guarded, sattr=sattr
-        )
+        return self.create_wcc(
+            dir, name, mode, cred, exclusive=exclusive, guarded=guarded, sattr=sattr
+        ).attr
+
+    def mkdir_wcc(
+        self,
+        dir: ObjectId,
+        name: bytes,
+        mode: int = 0o755,
+        cred: Cred | None = None,
+        *,
+        sattr: SetAttr | None = None,
+    ) -> Made:
+        return names.mkdir(self.ctx, dir, name, mode, cred, sattr=sattr)
 
     def mkdir(
         self,
@@ -385,7 +425,19 @@ class Store:
         *,
         sattr: SetAttr | None = None,
     ) -> Attr:
-        return posix.mkdir(self.ctx, dir, name, mode, cred, sattr=sattr)
+        return self.mkdir_wcc(dir, name, mode, cred, sattr=sattr).attr
+
+    def symlink_wcc(
+        self,
+        dir: ObjectId,
+        name: bytes,
+        target: bytes,
+        cred: Cred | None = None,
+        *,
+        mode: int = 0o777,
+        sattr: SetAttr | None = None,
+    ) -> Made:
+        return names.symlink(self.ctx, dir, name, target, cred, mode=mode, sattr=sattr)
 
     def symlink(
         self,
@@ -397,7 +449,20 @@ class Store:
         mode: int = 0o777,
         sattr: SetAttr | None = None,
     ) -> Attr:
-        return posix.symlink(self.ctx, dir, name, target, cred, mode=mode, sattr=sattr)
+        return self.symlink_wcc(dir, name, target, cred, mode=mode, sattr=sattr).attr
+
+    def mknod_wcc(
+        self,
+        dir: ObjectId,
+        name: bytes,
+        ftype: FileType,
+        mode: int,
+        cred: Cred | None = None,
+        *,
+        rdev: tuple[int, int] = (0, 0),
+        sattr: SetAttr | None = None,
+    ) -> Made:
+        return names.mknod(self.ctx, dir, name, ftype, mode, cred, rdev=rdev, sattr=sattr)
 
     def mknod(
         self,
@@ -410,16 +475,29 @@ class Store:
         rdev: tuple[int, int] = (0, 0),
         sattr: SetAttr | None = None,
     ) -> Attr:
-        return posix.mknod(self.ctx, dir, name, ftype, mode, cred, rdev=rdev, sattr=sattr)
+        return self.mknod_wcc(dir, name, ftype, mode, cred, rdev=rdev, sattr=sattr).attr
 
-    def readlink(self, oid: ObjectId) -> bytes:
-        return posix.readlink(self.ctx, oid)
+    def remove_wcc(self, dir: ObjectId, name: bytes, cred: Cred | None = None) -> Wcc:
+        return names.remove(self.ctx, dir, name, cred)
 
     def remove(self, dir: ObjectId, name: bytes, cred: Cred | None = None) -> None:
-        posix.remove(self.ctx, dir, name, cred)
+        self.remove_wcc(dir, name, cred)
+
+    def rmdir_wcc(self, dir: ObjectId, name: bytes, cred: Cred | None = None) -> Wcc:
+        return names.rmdir(self.ctx, dir, name, cred)
 
     def rmdir(self, dir: ObjectId, name: bytes, cred: Cred | None = None) -> None:
-        posix.rmdir(self.ctx, dir, name, cred)
+        self.rmdir_wcc(dir, name, cred)
+
+    def rename_wcc(
+        self,
+        src_dir: ObjectId,
+        src_name: bytes,
+        dst_dir: ObjectId,
+        dst_name: bytes,
+        cred: Cred | None = None,
+    ) -> Renamed:
+        return names.rename(self.ctx, src_dir, src_name, dst_dir, dst_name, cred)
 
     def rename(
         self,
@@ -429,10 +507,13 @@ class Store:
         dst_name: bytes,
         cred: Cred | None = None,
     ) -> None:
-        posix.rename(self.ctx, src_dir, src_name, dst_dir, dst_name, cred)
+        self.rename_wcc(src_dir, src_name, dst_dir, dst_name, cred)
+
+    def link_wcc(self, oid: ObjectId, dir: ObjectId, name: bytes, cred: Cred | None = None) -> Made:
+        return names.link(self.ctx, oid, dir, name, cred)
 
     def link(self, oid: ObjectId, dir: ObjectId, name: bytes, cred: Cred | None = None) -> Attr:
-        return posix.link(self.ctx, oid, dir, name, cred)
+        return self.link_wcc(oid, dir, name, cred).attr
 
     def readdir(
         self, dir: ObjectId, cookie: int = 0, cred: Cred | None = None, *, limit: int = 1000
@@ -447,8 +528,14 @@ class Store:
         *,
         limit: int = 1000,
         attrs: bool = True,
-    ) -> tuple[list[tuple[int, bytes, int, int, bytes | None]], bool]:
-        """The READDIR/READDIRPLUS fast path: entries after `cookie` as plain tuples
-        (cookie, name, vol, ino, inode record or None), read in one transaction, no objects
-        built. The inode record's attributes unpack with `records.INODE_ATTRS`."""
-        return posix.readdir_raw(self.ctx, dir, cookie, cred, limit=limit, attrs=attrs)
+        parent: bool = False,
+    ) -> Listing:
+        return posix.readdir_raw(
+            self.ctx, dir, cookie, cred, limit=limit, attrs=attrs, parent=parent
+        )
+
+
+if TYPE_CHECKING:  # mypy (`make lint`) proves that the facade keeps the contract
+
+    def _keeps_contract(store: Store) -> FileStore:
+        return store

@@ -196,11 +196,18 @@ def locate(
                 f"object {oid.fileid} is no longer inside {outer.name}:{share['path']} "
                 "(its source VM moved it out of the shared directory)"
             )
-    if writable and view.readonly:
+    out = Out(outer.id, base)
+    if writable:
+        require_writable(view, out)
+    return view, ObjectId(view.id, vol, oid.ino), node, out
+
+
+def require_writable(view: View, out: Out) -> None:
+    """Refuse changes in a snapshot or through a read-only share."""
+    if view.readonly:
         raise ReadOnly(
-            f"{view.name} is read-only" if base else f"{view.name} is a read-only snapshot"
+            f"{view.name} is read-only" if out.base else f"{view.name} is a read-only snapshot"
         )
-    return view, ObjectId(view.id, vol, oid.ino), node, Out(outer.id, base)
 
 
 def to_attr(oid: ObjectId, node: Inode) -> Attr:
