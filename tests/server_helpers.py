@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from prism.nfs.client import MountClient, NfsClient, auth_sys
-from prism.nfs.types import NfsFh3
+from prism.nfs.wire import NfsFh3
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 READY_PREFIX = "prism: ready:"

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from prism.nfs.types import Sattr3
+from prism.nfs.wire import Sattr3
 from prism.nlm.client import NlmClient
 from prism.nlm.types import NlmStat
 from prism.nlm.types import TestRes as NlmTestRes

@@ -28,7 +28,7 @@ import pytest
 from prism.errors import Stale
 from prism.nfs.client import MountClient, NfsClient
 from prism.nfs.const import NfsStat3
-from prism.nfs.types import NfsFh3, Sattr3
+from prism.nfs.wire import NfsFh3, Sattr3
 from prism.store import CloneSource, ObjectId, Store
 from prism.store import records as R
 from prism.store.schema import DB_NAMES

@@ -42,7 +42,7 @@ from prism.nfs.const import (
     NfsStat3,
     StableHow,
 )
-from prism.nfs.types import (
+from prism.nfs.wire import (
     SATTR_EMPTY,
     CreateArgs,
     DirOpArgs3,

@@ -41,9 +41,11 @@ Errors each operation may raise, besides `Stale` (the handle's object or namespa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from prism.store import records as R
 from prism.store.types import (
     Attr,
     CloneSource,
@@ -121,7 +123,12 @@ class Read:
 
 RawEntry = tuple[int, bytes, int, int, bytes | None]
 """(cookie, name, vol, ino, the inode record or None): what READDIR(PLUS) encodes, no
-objects built. The record's attributes unpack with `records.INODE_ATTRS`."""
+objects built. The record is opaque but for `record_attrs`; equal records, equal attributes."""
+record_attrs: Callable[[bytes], tuple[Any, ...]] = R.INODE_ATTRS.unpack_from
+"""A RawEntry record's attributes: (type, mode, nlink, uid, gid, size, rdev major, rdev
+minor, atime ns, mtime ns, ctime ns)."""
+LAST_COOKIE = R.LAST_COOKIE
+"""The largest cookie an entry is ever given: a READDIR cookie above it was never issued."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -280,18 +280,7 @@ def truncate(
         if len(old) > keep:
             _set_chunk(ctx, t, view.top, path, vol, ino, index, old[:keep])
     first_dropped = -(-new_size // CHUNK_SIZE)
-    top_prefix = R.cmap_prefix(view.top, vol, ino)
-    doomed: list[tuple[bytes, bytes]] = []
-    cur = t.cursor(db=ctx.db.cmap)
-    if cur.set_range(R.cmap_key(view.top, vol, ino, first_dropped)):
-        for key, value in cur:
-            if not bytes(key).startswith(top_prefix):
-                break
-            doomed.append((bytes(key), bytes(value)))
-    for key, value in doomed:
-        t.delete(key, db=ctx.db.cmap)
-        if value:
-            unref_chunk(ctx, t, chunk_ref(value).key)
+    drop_top_chunks(ctx, t, view.top, vol, ino, first_dropped)
     whiteouts: set[int] = set()
     for layer, v, _ in path[1:]:
         prefix = R.cmap_prefix(layer, v, ino)
@@ -305,6 +294,30 @@ def truncate(
                     whiteouts.add(R.CMAP_KEY.unpack(key)[3])
     for index in whiteouts:
         t.put(R.cmap_key(view.top, vol, ino, index), R.WHITEOUT, db=ctx.db.cmap)
+
+
+def drop_top_chunks(
+    ctx: Ctx, t: lmdb.Transaction, top: int, vol: int, ino: int, first: int
+) -> None:
+    """Delete the file's chunk-map records in layer `top` from chunk `first` on and release
+    the chunks they name."""
+    drop_chunks(ctx, t, R.cmap_prefix(top, vol, ino), R.cmap_key(top, vol, ino, first))
+
+
+def drop_chunks(ctx: Ctx, t: lmdb.Transaction, prefix: bytes, start: bytes = b"") -> None:
+    """Delete the chunk-map records under `prefix` (layer|vol|ino), from key `start` on,
+    and release the chunks they name."""
+    doomed: list[tuple[bytes, bytes]] = []
+    cur = t.cursor(db=ctx.db.cmap)
+    if cur.set_range(start or prefix):
+        for key, value in cur:
+            if not bytes(key).startswith(prefix):
+                break
+            doomed.append((bytes(key), bytes(value)))
+    for key, value in doomed:
+        t.delete(key, db=ctx.db.cmap)
+        if value:
+            unref_chunk(ctx, t, chunk_ref(value).key)
 
 
 def note_append(ctx: Ctx, t: lmdb.Transaction, segment: int, offset: int, length: int) -> None:

@@ -10,6 +10,8 @@ decides on, since others write between steps. In order:
      a layer no other layer names (as parent or import source) is dropped, and its layer
      record goes with its last records, so every remaining layer's parent exists;
   3. merge layers that only one child uses, one fold (one child layer's records) per step;
+     an inode whiteout folded onto a layer drops that layer's chunk-map records of the
+     inode and releases their chunks;
   4. delete zero-reference chunk records (a chunk referenced again meanwhile stays);
   5. compact segments, emptiest first, at least one segment per step: a segment no live
      chunk names is dropped, a mostly-garbage one has its live chunks copied into this
@@ -38,7 +40,7 @@ import lmdb
 from prism.errors import NoSpace
 from prism.store import records as R
 from prism.store import txn
-from prism.store.content import note_append, unref_chunk
+from prism.store.content import drop_chunks, note_append, unref_chunk
 from prism.store.layers import all_layers, put_layer, put_ns, reachable_layers
 from prism.store.schema import Ctx
 from prism.store.store import Store
@@ -383,6 +385,9 @@ def _fold(ctx: Ctx, t: lmdb.Transaction, child: int, parent: int, layers: dict) 
         for key, value in moves:
             t.delete(key, db=db)
             target = new_prefix + key[8:]
+            if db is ctx.db.inodes and not value:
+                # The whiteout shadows the layer's chunk-map records of the inode for good.
+                drop_chunks(ctx, t, target)
             old = t.get(target, db=db)
             if db is ctx.db.cmap and old:
                 unref_chunk(ctx, t, R.CHUNK_KEY.pack(*R.CMAP_VAL.unpack(old)[:2]))

@@ -10,7 +10,7 @@ mount point is removed only by `prism unshare`.
 
 Link counts: a directory has 2 + its subdirectories; a non-directory, its directory entries
 (at most NLINK_MAX). When the last link goes, `destroy` releases the object's records and
-content (`content.truncate`) and its usage. New names keep half of the metadata reserve free
+content (its top layer's chunk map) and its usage. New names keep half of the metadata reserve free
 (`segments.require_room`), so that REMOVE still works on a full disk. A non-directory that
 keeps other links after losing the one it was last placed by no longer knows its holding
 directory (`tree.lost_link`).
@@ -38,7 +38,7 @@ from prism.errors import (
 )
 from prism.store import txn
 from prism.store.api import Made, Renamed, Wcc
-from prism.store.content import truncate
+from prism.store.content import drop_top_chunks
 from prism.store.layers import SHARE_VOL_BASE, Out, View
 from prism.store.perms import MAY_EXEC, MAY_WRITE, require, sticky_ok
 from prism.store.posix import apply_sattr, set_attributes, unchanged_on_failure
@@ -75,9 +75,13 @@ NLINK_MAX = 65000
 
 
 def destroy(ctx: Ctx, t: lmdb.Transaction, view: View, vol: int, ino: int, node: Inode) -> None:
-    """The last link is gone: release the object's own records."""
+    """The last link is gone: release the object's own records. Only the top layer's
+    chunk-map records go (O(chunks written since the last freeze), never O(file size)): the
+    inode's whiteout shadows every chunk-map record of it below the top, since a file's
+    chunks are only ever read through its live inode and an inode number is never given out
+    again in a namespace. gc's fold drops the shadowed records (`gc._fold`)."""
     if node.type == FileType.REG:
-        truncate(ctx, t, view, vol, ino, node.size, 0)
+        drop_top_chunks(ctx, t, view.top, vol, ino, 0)
     add_usage(ctx, t, view, -charged_bytes(node), -1)
     drop_inode(ctx, t, view, vol, ino)
 

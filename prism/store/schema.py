@@ -30,7 +30,9 @@ is followed by a 4-byte seal over its database, key and value, checked on every 
     layers    layer id u64 -> JSON {parent, vols, imports, next_vol, next_import}
     inodes    layer|vol|ino -> packed Inode, or b"" (whiteout: removed in this layer)
     dirents   layer|vol|dir|cookie|name -> vol|ino|type, or b"" (whiteout)
-    cmap      layer|vol|ino|chunk index -> chunk key|length|segment|offset, or b"" (hole)
+    cmap      layer|vol|ino|chunk index -> chunk key|length|segment|offset, or b"" (hole);
+              an inode's whiteout also hides every lower cmap record of that inode, so
+              removing a file writes no per-chunk whiteouts (gc's fold drops what it hides)
     chunks    xxh3-128 hash|seq -> segment|offset|length|refcount
     segments  segment id -> appended bytes|live bytes
     usage     ns id -> logical bytes (file sizes and symlink targets)|objects|valid
