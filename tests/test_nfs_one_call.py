@@ -95,6 +95,7 @@ def test_each_procedure_asks_the_store_once(
         "LINK": lambda: c.link(f, root, "f2"),
         "READDIR": lambda: c.readdir(root),
         "READDIRPLUS": lambda: c.readdirplus(root),
+        "FSSTAT": lambda: c.fsstat(root),
         "FSINFO": lambda: c.fsinfo(root),
         "PATHCONF": lambda: c.pathconf(root),
         "COMMIT": lambda: c.commit(f),

@@ -556,10 +556,11 @@ class NfsService:
 
     def fsstat(self, s: FileStore, call: Call, a: T.FsstatArgs) -> T.FsstatRes:
         oid = self._oid(s, call, a.fsroot)
-        st = s.fsstat(oid.ns)
+        space = s.fsstat_attr(oid)
+        st = space.stat
         return T.FsstatRes(
             OK,
-            post_attr(s, oid),
+            None if space.attr is None else fattr3(space.attr),
             st.total_bytes,
             st.free_bytes,
             st.avail_bytes,

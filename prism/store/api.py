@@ -121,6 +121,15 @@ class Read:
     attr: Attr
 
 
+@dataclass(frozen=True, slots=True)
+class Space:
+    """A namespace's space and object counts, and the attributes of the object asked
+    through (None if it is gone)."""
+
+    stat: FsStat
+    attr: Attr | None
+
+
 RawEntry = tuple[int, bytes, int, int, bytes | None]
 """(cookie, name, vol, ino, the inode record or None): what READDIR(PLUS) encodes, no
 objects built. The record is opaque but for `record_attrs`; equal records, equal attributes."""
@@ -254,6 +263,8 @@ class FileStore(Protocol):
     def stats(self) -> StoreStats: ...
 
     def fsstat(self, ns_id: int) -> FsStat: ...
+
+    def fsstat_attr(self, oid: ObjectId) -> Space: ...
 
     # -- staged imports (the importer) --
 

@@ -17,14 +17,15 @@ import shutil
 
 import lmdb
 
-from prism.errors import QuotaExceeded
+from prism.errors import QuotaExceeded, Stale
 from prism.store import records as R
 from prism.store import txn
+from prism.store.api import Space
 from prism.store.layers import SHARE_VOL_BASE, View, view_by_name, view_of
 from prism.store.records import Inode
 from prism.store.schema import NS_KEY, Ctx, get_meta
-from prism.store.tree import get_inode, list_dir
-from prism.store.types import ROOT_INO, FileType, FsStat, StoreStats, Usage
+from prism.store.tree import get_inode, list_dir, locate, to_attr
+from prism.store.types import ROOT_INO, Attr, FileType, FsStat, ObjectId, StoreStats, Usage
 
 
 def get_usage(ctx: Ctx, t: lmdb.Transaction, view: View) -> tuple[int, int]:
@@ -114,14 +115,29 @@ def stats(ctx: Ctx) -> StoreStats:
 
 def fsstat(ctx: Ctx, ns_id: int) -> FsStat:
     with txn.read(ctx) as t:
-        view = view_of(ctx, t, ns_id)
-        raw = t.get(NS_KEY.pack(view.id), db=ctx.db.usage)
-        used, objects, _ = R.USAGE_VAL.unpack(raw) if raw else (0, 0, 0)
-    disk = shutil.disk_usage(ctx.path)
+        return _fsstat(ctx, t, view_of(ctx, t, ns_id))
+
+
+def fsstat_attr(ctx: Ctx, oid: ObjectId) -> Space:
+    """`fsstat` of the object's namespace, and the object's attributes (None if it is gone:
+    the namespace's figures still stand), from one transaction (NFS FSSTAT)."""
+    with txn.read(ctx) as t:
+        stat = _fsstat(ctx, t, view_of(ctx, t, oid.ns))
+        try:
+            attr: Attr | None = to_attr(oid, locate(ctx, t, oid)[2])
+        except Stale:
+            attr = None
+        return Space(stat, attr)
+
+
+def _fsstat(ctx: Ctx, t: lmdb.Transaction, view: View) -> FsStat:
+    raw = t.get(NS_KEY.pack(view.id), db=ctx.db.usage)
+    used, objects, _ = R.USAGE_VAL.unpack(raw) if raw else (0, 0, 0)
     free_files = 1 << 32
     if view.quota is not None:
         free = max(0, view.quota - used)
         return FsStat(view.quota, free, free, objects + free_files, free_files)
+    disk = shutil.disk_usage(ctx.path)
     return FsStat(disk.total, disk.free, disk.free, objects + free_files, free_files)
 
 

@@ -27,7 +27,18 @@ from typing import TYPE_CHECKING, Any
 
 from prism.errors import NotFound
 from prism.store import compose, layers, names, posix, quota, staging, txn
-from prism.store.api import Access, FileStore, Found, Listing, Made, Read, Renamed, Target, Wcc
+from prism.store.api import (
+    Access,
+    FileStore,
+    Found,
+    Listing,
+    Made,
+    Read,
+    Renamed,
+    Space,
+    Target,
+    Wcc,
+)
 from prism.store.diskio import PRIVATE_DIR
 from prism.store.layers import UNCHANGED
 from prism.store.schema import Ctx, Dbs, make_private, open_env, prepare
@@ -283,6 +294,9 @@ class Store:
 
     def fsstat(self, ns_id: int) -> FsStat:
         return quota.fsstat(self.ctx, ns_id)
+
+    def fsstat_attr(self, oid: ObjectId) -> Space:
+        return quota.fsstat_attr(self.ctx, oid)
 
     # -- staged imports (`staging`) --------------------------------------------------------
 
