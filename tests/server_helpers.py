@@ -7,7 +7,8 @@ a subprocess with stdout and stderr going to files in `log_dir`, and polls stdou
 status 0 and "prism: stopped cleanly". `kill()` is `kill -9` (a crash). `restart()` starts a
 new process on the same data directory and ports, so clients keep their addresses and file
 handles. If the very first start loses a port race it retries with fresh ports; a restart
-never changes ports.
+never changes ports. `wrap` runs the server inside something (`ip netns exec NS`), and
+`address` is where the test's clients then reach it.
 
 `prism_cli(data, ...)` runs the operator's CLI (`python3 -m prism ... --data DIR`) against
 the same data directory, which is allowed while the server runs.
@@ -108,6 +109,8 @@ class PrismProcess:
         portmap_port: int | None = None,
         bind: str = HOST,
         extra_args: Sequence[str] = (),
+        wrap: Sequence[str] = (),
+        address: str = HOST,
     ) -> None:
         self.data = Path(data)
         self.log_dir = Path(log_dir)
@@ -116,6 +119,8 @@ class PrismProcess:
         self.portmap_port = portmap_port
         self.bind = bind
         self.extra_args = tuple(extra_args)
+        self.wrap = tuple(wrap)
+        self.address = address
         self.nfs_port = 0
         self.mount_port = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -132,6 +137,7 @@ class PrismProcess:
 
     def _argv(self) -> list[str]:
         argv = [
+            *self.wrap,
             sys.executable,
             "-m",
             "prism",
@@ -273,12 +279,12 @@ class PrismProcess:
 
     def mount_client(self, transport: str = "tcp", **kw: Any) -> MountClient:
         kw.setdefault("cred", auth_sys())
-        return MountClient(HOST, self.mount_port, transport, **kw)
+        return MountClient(self.address, self.mount_port, transport, **kw)
 
     def nfs_client(self, transport: str = "tcp", **kw: Any) -> NfsClient:
         """An NfsClient; root (AUTH_SYS uid 0) unless `cred` is given."""
         kw.setdefault("cred", auth_sys())
-        return NfsClient(HOST, self.nfs_port, transport, **kw)
+        return NfsClient(self.address, self.nfs_port, transport, **kw)
 
     def mount(self, export: str = "/vm", transport: str = "tcp") -> NfsFh3:
         """MNT `export` and return its root handle."""
@@ -288,7 +294,7 @@ class PrismProcess:
 
     def url(self, path: str) -> str:
         """A libnfs URL for `path` (starting with the export), bypassing the portmapper."""
-        return f"nfs://{HOST}{path}?nfsport={self.nfs_port}&mountport={self.mount_port}&version=3"
+        return f"nfs://{self.address}{path}?nfsport={self.nfs_port}&mountport={self.mount_port}&version=3"
 
 
 class _PortInUse(AssertionError):
