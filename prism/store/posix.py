@@ -12,9 +12,7 @@ routes them, the caller's ids map back through `layers.Out`).
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 
 import lmdb
 
@@ -294,15 +292,23 @@ def write(ctx: Ctx, oid: ObjectId, offset: int, data: bytes, cred: Cred | None =
         return Wcc(before, to_attr(oid, node))
 
 
-@contextlib.contextmanager
-def unchanged_on_failure(oid: ObjectId, attr: Attr) -> Iterator[None]:
+class unchanged_on_failure:
     """A StoreError leaving the block carries `attr` as `oid`'s attributes: the failing
-    operation changes nothing, so they hold after it as before (see `StoreError.attrs`)."""
-    try:
-        yield
-    except StoreError as exc:
-        exc.attrs.setdefault(oid, attr)
-        raise
+    operation changes nothing, so they hold after it as before (see `StoreError.attrs`).
+    A plain class, not a generator: it runs on every operation."""
+
+    __slots__ = ("attr", "oid")
+
+    def __init__(self, oid: ObjectId, attr: Attr) -> None:
+        self.oid = oid
+        self.attr = attr
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, StoreError):
+            exc.attrs.setdefault(self.oid, self.attr)
 
 
 def readlink(ctx: Ctx, oid: ObjectId) -> Target:
