@@ -609,7 +609,7 @@ def cmd_fsck(args: argparse.Namespace, store: Store) -> int:
 
 
 def cmd_gc(args: argparse.Namespace, store: Store) -> int:
-    from prism.store.check import gc
+    from prism.store.gc import gc
 
     report = gc(store, progress=_progress(args))
     data = dict(vars(report))

@@ -37,8 +37,8 @@ from prism.nfs.client import MountClient, NfsClient, NfsError
 from prism.nfs.const import Ftype3, MountStat3, NfsStat3
 from prism.nfs.wire import Fattr3, NfsFh3, Sattr3
 from prism.store import Store
+from prism.store.schema import DB_NAMES
 from prism.store.sealed import SEAL
-from prism.store.store import DB_NAMES
 from tests.op_helpers import (
     PrismServe,
     clone_command,

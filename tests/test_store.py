@@ -1,4 +1,4 @@
-"""Unit tests of the store API (`docs/store-api.md`): objects, namespaces, dedup, batches."""
+"""Unit tests of the store API (`prism.store.api`): objects, namespaces, dedup, batches."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ from prism.errors import (
     Stale,
     StoreError,
 )
-from prism.store import CHUNK_SIZE, CloneSource, Cred, FileType, ObjectId, SetAttr, Store
+from prism.store import CHUNK_SIZE, CloneSource, Cred, FileType, ObjectId, SetAttr, Store, txn
+from prism.store.gc import gc
 from prism.store.types import (
     ACCESS_DELETE,
     ACCESS_EXECUTE,
@@ -186,10 +187,9 @@ def test_truncate_in_clone_does_not_affect_source(store: Store) -> None:
 
 
 def _metadata_records(store: Store) -> int:
-    with store._snapshot() as t:
-        return sum(
-            sum(1 for _ in t.cursor(db=db)) for db in (store._inodes, store._dirents, store._cmap)
-        )
+    db = store.ctx.db
+    with txn.read(store.ctx) as t:
+        return sum(sum(1 for _ in t.cursor(db=d)) for d in (db.inodes, db.dirents, db.cmap))
 
 
 def test_removing_a_frozen_file_costs_the_same_whatever_its_size(store: Store) -> None:
@@ -218,11 +218,11 @@ def test_removing_a_frozen_file_costs_the_same_whatever_its_size(store: Store) -
     store.remove_snapshot("vm", "s")
     store.remove_snapshot("vm", "t")
     if check is not None:
-        check.gc(store)
+        gc(store)
         assert store.stats().stored_bytes == 0
         assert check.fsck(store).errors == []
-        with store._snapshot() as t:
-            assert sum(1 for _ in t.cursor(db=store._cmap)) == 0
+        with txn.read(store.ctx) as t:
+            assert sum(1 for _ in t.cursor(db=store.ctx.db.cmap)) == 0
 
 
 # --- directories ----------------------------------------------------------------------------

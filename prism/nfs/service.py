@@ -10,12 +10,15 @@ store's batch; an UNSTABLE WRITE is the one modifying call that may be answered 
 A handler's arguments are decoded first (XdrError -> GARBAGE_ARGS); its body then runs through
 the store's executor (`prism.store.executor`, inline on the event loop): it resolves each
 handle, checking that the caller's address and source port may reach the handle's VM and
-mapping its credential through the VM's squash (`prism.access`), gathers pre-operation
-attributes of what it changes, performs the operation and builds the OK result. A failure is
-raised, never built by the body (as in go-nfs): a `StoreError` (through the one errno ->
-nfsstat3 mapping, `prism.nfs.status`) or an `NfsError` becomes the procedure's failure result,
-whose body (wcc_data / post_op_attr) its result type builds from what the call gathered
-(`XxxRes.failed`). A handle that cannot be used is answered with its status alone.
+mapping its credential through the VM's squash (`prism.access`), then makes one store call
+(`prism.store.api.FileStore`), which answers everything the OK result needs from one
+transaction: the attributes before and after a change, the object made, the data read. A
+failure is raised, never built by the body (as in go-nfs): a `StoreError` (through the one
+errno -> nfsstat3 mapping, `prism.nfs.status`) or an `NfsError` becomes the procedure's
+failure result, whose body (wcc_data / post_op_attr) its result type builds (`XxxRes.failed`)
+from the attributes the failed store call had read (`StoreError.attrs`; a failure changes
+nothing, so they hold before and after). A handle that cannot be used is answered with its
+status alone.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from prism.access import (
     export_groups,
     port_allowed,
 )
-from prism.errors import NotFound, PermissionDenied, Stale, StoreError
+from prism.errors import NotADirectory, NotFound, PermissionDenied, Stale, StoreError
 from prism.nfs import wire as T
 from prism.nfs.const import (
     FSF3_CANSETTIME,
@@ -59,9 +62,8 @@ from prism.nfs.const import (
 from prism.nfs.convert import fattr3, file_type, packed_fattr3, setattr_of, wcc_attr
 from prism.nfs.handles import BadHandle, HandleCodec
 from prism.nfs.status import mountstat_for, nfsstat_for
-from prism.store import Store
+from prism.store.api import LAST_COOKIE, FileStore, Made, Wcc, record_attrs
 from prism.store.executor import StoreExecutor
-from prism.store.records import INODE_ATTRS, LAST_COOKIE
 from prism.store.types import (
     INO_BITS,
     MAX_FILE_SIZE,
@@ -131,8 +133,8 @@ class Call:
     """What a handler body knows about the caller, and what it gathered. `cred` is whom the
     caller acts as: anonymous until `NfsService._oid` admits the call to a VM and maps
     `sent` (its AUTH_SYS credential, None for AUTH_NONE) through that VM's squash.
-    `objects` are the handles admitted (by handle bytes), `before` the pre-operation
-    attributes gathered of the objects the call changes (None: could not be read)."""
+    `objects` are the handles admitted (by handle bytes), `changing` the objects the call
+    changes (whose failure bodies carry wcc data)."""
 
     host: str
     sent: Cred | None
@@ -140,7 +142,7 @@ class Call:
     port: int = 0
     cred: Cred = ANONYMOUS
     objects: dict[bytes, ObjectId] = field(default_factory=dict)
-    before: dict[ObjectId, T.WccAttr | None] = field(default_factory=dict)
+    changing: set[ObjectId] = field(default_factory=set)
     vm: int | None = None
     """The VM a VRPC channel is bound to: its calls reach that VM's handles only."""
 
@@ -174,7 +176,7 @@ def call_of(ctx: CallContext) -> Call:
     return Call(ctx.peer[0], cred_of(ctx), ctx.transport, ctx.peer[1], vm=ctx.binding)
 
 
-def post_attr(s: Store, oid: ObjectId) -> T.Fattr3 | None:
+def post_attr(s: FileStore, oid: ObjectId) -> T.Fattr3 | None:
     """post_op_attr of `oid`: its attributes now, or None if they cannot be read."""
     try:
         return fattr3(s.getattr(oid))
@@ -182,27 +184,46 @@ def post_attr(s: Store, oid: ObjectId) -> T.Fattr3 | None:
         return None
 
 
-def wcc_of(s: Store, call: Call, oid: ObjectId) -> T.WccData:
-    """wcc_data of `oid`: what the call gathered before, and its attributes now."""
-    return T.WccData(call.before.get(oid), post_attr(s, oid))
+def wcc_data(wcc: Wcc) -> T.WccData:
+    """The store's attributes around a change as wcc_data."""
+    return T.WccData(None if wcc.before is None else wcc_attr(wcc.before), fattr3(wcc.after))
+
+
+def unchanged(attr: Attr | None) -> T.WccData:
+    """wcc_data of an object a call left as it was (`attr`: None if unknown)."""
+    return T.WCC_EMPTY if attr is None else T.WccData(wcc_attr(attr), fattr3(attr))
 
 
 @dataclass(frozen=True, slots=True)
 class Gathered:
-    """`wire.Gathered` over one call: a failure body tells only of handles it admitted."""
+    """`wire.Gathered` over one failed call: a failure body tells only of handles it
+    admitted. A failure changed nothing, so an object's attributes are the same before and
+    after it: those the store read before failing (`StoreError.attrs`), else read now."""
 
-    s: Store
+    s: FileStore
     call: Call
+    attrs: dict[ObjectId, Attr]
+
+    def _attr(self, fh: T.NfsFh3) -> Attr | None:
+        oid = self.call.objects.get(fh.data)
+        if oid is None:
+            return None
+        attr = self.attrs.get(oid)
+        if attr is None:  # the call failed before the store read the object
+            try:
+                attr = self.s.getattr(oid)
+            except StoreError:
+                return None
+        return attr
 
     def post(self, fh: T.NfsFh3) -> T.Fattr3 | None:
-        oid = self.call.objects.get(fh.data)
-        return None if oid is None else post_attr(self.s, oid)
+        attr = self._attr(fh)
+        return None if attr is None else fattr3(attr)
 
     def wcc(self, fh: T.NfsFh3) -> T.WccData:
-        oid = self.call.objects.get(fh.data)
-        if oid is None or oid not in self.call.before:
+        if self.call.objects.get(fh.data) not in self.call.changing:
             return T.WCC_EMPTY
-        return wcc_of(self.s, self.call, oid)
+        return unchanged(self._attr(fh))
 
 
 class NfsService:
@@ -212,7 +233,7 @@ class NfsService:
         self.executor = executor
         self.durable_replies = durable_replies
         """False (`prism serve --async`): only COMMIT waits for durability."""
-        self.store: Store = executor.store
+        self.store: FileStore = executor.store
         self.handles = HandleCodec(self.store.secret)
         self._encoded_entries: dict[tuple[int, int, int, bytes, bytes], T.EncodedEntry] = {}
         """READDIRPLUS entries by (fsid, vol, ino, name, inode record): an entry's bytes are a
@@ -237,7 +258,7 @@ class NfsService:
 
     # -- helpers (run on the store thread) -----------------------------------------------
 
-    def _oid(self, s: Store, call: Call, fh: T.NfsFh3) -> ObjectId:
+    def _oid(self, s: FileStore, call: Call, fh: T.NfsFh3) -> ObjectId:
         """The object `fh` names, admitting the call to its VM; a handle that cannot be
         used raises a bare NfsError."""
         try:
@@ -259,16 +280,13 @@ class NfsService:
         call.objects[fh.data] = oid
         return oid
 
-    def _changing(self, s: Store, call: Call, fh: T.NfsFh3) -> ObjectId:
-        """`_oid` for an object the call changes, gathering its pre-operation attributes."""
+    def _changing(self, s: FileStore, call: Call, fh: T.NfsFh3) -> ObjectId:
+        """`_oid` for an object the call changes (its failure body carries wcc data)."""
         oid = self._oid(s, call, fh)
-        try:
-            call.before[oid] = wcc_attr(s.getattr(oid))
-        except StoreError:
-            call.before[oid] = None
+        call.changing.add(oid)
         return oid
 
-    def object_of(self, s: Store, host: str, fh: bytes) -> ObjectId:
+    def object_of(self, s: FileStore, host: str, fh: bytes) -> ObjectId:
         """What handle `fh` names, if `host` may use it: the check every NFS call makes,
         for the programs that take NFS handles too (NLM). Raises BadHandle, the store's
         Stale if the VM is gone, or PermissionDenied if `host` is not bound to it."""
@@ -291,21 +309,21 @@ class NfsService:
     # -- the RPC glue: one procedure per table row ----------------------------------------
 
     def _procedure(self, proc: Nfs3Proc, row: T.ProcRow) -> Procedure:
-        body: Callable[[Store, Call, Any], Any] = getattr(self, row.handler)
+        body: Callable[[FileStore, Call, Any], Any] = getattr(self, row.handler)
         decode, encode = row.args, row.res
         durability = row.durability
 
-        def answer(s: Store, call: Call, args: Any) -> Any:
+        def answer(s: FileStore, call: Call, args: Any) -> Any:
             """The procedure's result; a raised failure becomes its failure result."""
             try:
                 return body(s, call, args)
             except NfsError as exc:
                 if exc.bare:
                     return row.res(exc.status)
-                status = exc.status
+                status, attrs = exc.status, {}
             except StoreError as exc:
-                status = nfsstat_for(exc)
-            return row.failed(status, args, Gathered(s, call))
+                status, attrs = nfsstat_for(exc), exc.attrs
+            return row.failed(status, args, Gathered(s, call, attrs))
 
         def durable(args: Any) -> bool:
             if not self.durable_replies:
@@ -342,59 +360,56 @@ class NfsService:
 
     # -- procedures, in RFC 1813 order ----------------------------------------------------
 
-    def null(self, s: Store, call: Call, a: T.Void) -> T.Void:
+    def null(self, s: FileStore, call: Call, a: T.Void) -> T.Void:
         return T.VOID
 
-    def getattr(self, s: Store, call: Call, a: T.GetattrArgs) -> T.GetattrRes:
+    def getattr(self, s: FileStore, call: Call, a: T.GetattrArgs) -> T.GetattrRes:
         oid = self._oid(s, call, a.object)
         return T.GetattrRes(OK, fattr3(s.getattr(oid)))
 
-    def setattr(self, s: Store, call: Call, a: T.SetattrArgs) -> T.SetattrRes:
+    def setattr(self, s: FileStore, call: Call, a: T.SetattrArgs) -> T.SetattrRes:
         oid = self._changing(s, call, a.object)
         guard = a.guard.to_ns() if a.guard is not None else None
-        attr = s.setattr(oid, setattr_of(a.new_attributes), call.cred, guard_ctime_ns=guard)
-        return T.SetattrRes(OK, T.WccData(call.before[oid], fattr3(attr)))
+        wcc = s.setattr_wcc(oid, setattr_of(a.new_attributes), call.cred, guard_ctime_ns=guard)
+        return T.SetattrRes(OK, wcc_data(wcc))
 
-    def lookup(self, s: Store, call: Call, a: T.LookupArgs) -> T.LookupRes:
+    def lookup(self, s: FileStore, call: Call, a: T.LookupArgs) -> T.LookupRes:
         dir_oid = self._oid(s, call, a.what.dir)
-        attr, dir_attr = s.lookup_in(dir_oid, a.what.name, call.cred)
-        return T.LookupRes(OK, self.fh(attr.oid), fattr3(attr), fattr3(dir_attr))
+        found = s.lookup_in(dir_oid, a.what.name, call.cred)
+        return T.LookupRes(OK, self.fh(found.attr.oid), fattr3(found.attr), fattr3(found.dir))
 
-    def access(self, s: Store, call: Call, a: T.AccessArgs) -> T.AccessRes:
+    def access(self, s: FileStore, call: Call, a: T.AccessArgs) -> T.AccessRes:
         oid = self._oid(s, call, a.object)
-        granted = s.access(oid, call.cred, a.access)
-        return T.AccessRes(OK, post_attr(s, oid), granted)
+        access = s.access_attr(oid, call.cred, a.access)
+        return T.AccessRes(OK, fattr3(access.attr), access.granted)
 
-    def readlink(self, s: Store, call: Call, a: T.ReadlinkArgs) -> T.ReadlinkRes:
+    def readlink(self, s: FileStore, call: Call, a: T.ReadlinkArgs) -> T.ReadlinkRes:
         oid = self._oid(s, call, a.symlink)
-        target = s.readlink(oid)
-        return T.ReadlinkRes(OK, post_attr(s, oid), target)
+        link = s.readlink_attr(oid)
+        return T.ReadlinkRes(OK, fattr3(link.attr), link.target)
 
-    def read(self, s: Store, call: Call, a: T.ReadArgs) -> T.ReadRes:
+    def read(self, s: FileStore, call: Call, a: T.ReadArgs) -> T.ReadRes:
         oid = self._oid(s, call, a.file)
-        data, eof, attr = s.read_attr(oid, a.offset, min(a.count, call.max_read), call.cred)
-        return T.ReadRes(OK, fattr3(attr), eof, data)
+        got = s.read_attr(oid, a.offset, min(a.count, call.max_read), call.cred)
+        return T.ReadRes(OK, fattr3(got.attr), got.eof, got.data)
 
-    def write(self, s: Store, call: Call, a: T.WriteArgs) -> T.WriteRes:
+    def write(self, s: FileStore, call: Call, a: T.WriteArgs) -> T.WriteRes:
         oid = self._changing(s, call, a.file)
         data = a.data if len(a.data) <= MAX_WRITE else a.data[:MAX_WRITE]  # a short write
-        attr = s.write(oid, a.offset, data, call.cred)
+        wcc = s.write_wcc(oid, a.offset, data, call.cred)
         # With --async nothing is durable before COMMIT, and the reply says so.
         unstable = a.stable == StableHow.UNSTABLE or not self.durable_replies
         committed = StableHow.UNSTABLE if unstable else StableHow.FILE_SYNC
-        wcc = T.WccData(call.before[oid], fattr3(attr))
-        return T.WriteRes(OK, wcc, len(data), committed, self.verifier())
+        return T.WriteRes(OK, wcc_data(wcc), len(data), committed, self.verifier())
 
-    def _made(
-        self, s: Store, call: Call, res: type[T.CreateRes], dir_oid: ObjectId, attr: Attr
-    ) -> T.CreateRes:
-        """CREATE, MKDIR, SYMLINK and MKNOD's OK result for the object made (`attr`)."""
-        return res(OK, self.fh(attr.oid), fattr3(attr), wcc_of(s, call, dir_oid))
+    def _made(self, res: type[T.CreateRes], made: Made) -> T.CreateRes:
+        """CREATE, MKDIR, SYMLINK and MKNOD's OK result for the object made."""
+        return res(OK, self.fh(made.attr.oid), fattr3(made.attr), wcc_data(made.dir))
 
-    def create(self, s: Store, call: Call, a: T.CreateArgs) -> T.CreateRes:
+    def create(self, s: FileStore, call: Call, a: T.CreateArgs) -> T.CreateRes:
         dir_oid = self._changing(s, call, a.where.dir)
         sattr = setattr_of(a.obj_attributes or T.SATTR_EMPTY)
-        attr = s.create(
+        made = s.create_wcc(
             dir_oid,
             a.where.name,
             sattr.mode if sattr.mode is not None else 0o644,
@@ -403,22 +418,22 @@ class NfsService:
             guarded=a.mode == CreateMode.GUARDED,
             sattr=sattr if a.mode != CreateMode.EXCLUSIVE else None,
         )
-        return self._made(s, call, T.CreateRes, dir_oid, attr)
+        return self._made(T.CreateRes, made)
 
-    def mkdir(self, s: Store, call: Call, a: T.MkdirArgs) -> T.CreateRes:
+    def mkdir(self, s: FileStore, call: Call, a: T.MkdirArgs) -> T.CreateRes:
         dir_oid = self._changing(s, call, a.where.dir)
         sattr = setattr_of(a.attributes)
         mode = sattr.mode if sattr.mode is not None else 0o755
-        attr = s.mkdir(dir_oid, a.where.name, mode, call.cred, sattr=sattr)
-        return self._made(s, call, T.MkdirRes, dir_oid, attr)
+        made = s.mkdir_wcc(dir_oid, a.where.name, mode, call.cred, sattr=sattr)
+        return self._made(T.MkdirRes, made)
 
-    def symlink(self, s: Store, call: Call, a: T.SymlinkArgs) -> T.CreateRes:
+    def symlink(self, s: FileStore, call: Call, a: T.SymlinkArgs) -> T.CreateRes:
         dir_oid = self._changing(s, call, a.where.dir)
         sattr = setattr_of(a.symlink_attributes)
-        attr = s.symlink(dir_oid, a.where.name, a.symlink_data, call.cred, sattr=sattr)
-        return self._made(s, call, T.SymlinkRes, dir_oid, attr)
+        made = s.symlink_wcc(dir_oid, a.where.name, a.symlink_data, call.cred, sattr=sattr)
+        return self._made(T.SymlinkRes, made)
 
-    def mknod(self, s: Store, call: Call, a: T.MknodArgs) -> T.CreateRes:
+    def mknod(self, s: FileStore, call: Call, a: T.MknodArgs) -> T.CreateRes:
         dir_oid = self._changing(s, call, a.where.dir)
         if a.type not in MKNOD_TYPES:
             raise NfsError(NfsStat3.NFS3ERR_BADTYPE)
@@ -427,41 +442,50 @@ class NfsService:
         mode = sattr.mode if sattr.mode is not None else 0o644
         rdev = (spec.specdata1, spec.specdata2)
         kind = file_type(a.type)
-        attr = s.mknod(dir_oid, a.where.name, kind, mode, call.cred, rdev=rdev, sattr=sattr)
-        return self._made(s, call, T.MknodRes, dir_oid, attr)
+        made = s.mknod_wcc(dir_oid, a.where.name, kind, mode, call.cred, rdev=rdev, sattr=sattr)
+        return self._made(T.MknodRes, made)
 
-    def remove(self, s: Store, call: Call, a: T.RemoveArgs) -> T.RemoveRes:
+    def remove(self, s: FileStore, call: Call, a: T.RemoveArgs) -> T.RemoveRes:
         dir_oid = self._changing(s, call, a.object.dir)
-        s.remove(dir_oid, a.object.name, call.cred)
-        return T.RemoveRes(OK, wcc_of(s, call, dir_oid))
+        return T.RemoveRes(OK, wcc_data(s.remove_wcc(dir_oid, a.object.name, call.cred)))
 
-    def rmdir(self, s: Store, call: Call, a: T.RmdirArgs) -> T.RemoveRes:
+    def rmdir(self, s: FileStore, call: Call, a: T.RmdirArgs) -> T.RemoveRes:
         dir_oid = self._changing(s, call, a.object.dir)
-        s.rmdir(dir_oid, a.object.name, call.cred)
-        return T.RmdirRes(OK, wcc_of(s, call, dir_oid))
+        return T.RmdirRes(OK, wcc_data(s.rmdir_wcc(dir_oid, a.object.name, call.cred)))
 
-    def rename(self, s: Store, call: Call, a: T.RenameArgs) -> T.RenameRes:
+    def rename(self, s: FileStore, call: Call, a: T.RenameArgs) -> T.RenameRes:
         src = self._changing(s, call, a.from_.dir)
         dst = self._changing(s, call, a.to.dir)
-        s.rename(src, a.from_.name, dst, a.to.name, call.cred)
-        return T.RenameRes(OK, wcc_of(s, call, src), wcc_of(s, call, dst))
+        moved = s.rename_wcc(src, a.from_.name, dst, a.to.name, call.cred)
+        return T.RenameRes(OK, wcc_data(moved.src), wcc_data(moved.dst))
 
-    def link(self, s: Store, call: Call, a: T.LinkArgs) -> T.LinkRes:
+    def link(self, s: FileStore, call: Call, a: T.LinkArgs) -> T.LinkRes:
         oid = self._oid(s, call, a.file)
         dir_oid = self._changing(s, call, a.link.dir)
-        attr = s.link(oid, dir_oid, a.link.name, call.cred)
-        return T.LinkRes(OK, fattr3(attr), wcc_of(s, call, dir_oid))
+        made = s.link_wcc(oid, dir_oid, a.link.name, call.cred)
+        return T.LinkRes(OK, fattr3(made.attr), wcc_data(made.dir))
 
     def _listing(
-        self, s: Store, call: Call, fh: T.NfsFh3, cookie: int, budget: int, plus: bool
-    ) -> tuple[ObjectId, list[Any], bool]:
-        """Entries after `cookie` that fit in `budget` reply bytes ('.' and '..' first)."""
+        self, s: FileStore, call: Call, fh: T.NfsFh3, cookie: int, budget: int, plus: bool
+    ) -> tuple[Attr, list[Any], bool]:
+        """The directory's attributes and its entries after `cookie` that fit in `budget`
+        reply bytes ('.' and '..' first)."""
         dir_oid = self._oid(s, call, fh)
-        dir_attr = s.getattr(dir_oid)
-        if dir_attr.type != FileType.DIR:
-            raise NfsError(NfsStat3.NFS3ERR_NOTDIR, bare=True)
+        guess = ENTRY_PLUS_GUESS if plus else ENTRY_GUESS
+        try:  # the first page, with the directory's attributes and its parent's
+            listing = s.readdir_raw(
+                dir_oid,
+                min(cookie, LAST_COOKIE),
+                call.cred,
+                limit=max(8, min(1024, budget // guess + 8)),
+                attrs=plus,
+                parent=cookie < DOTDOT_COOKIE,
+            )
+        except NotADirectory:
+            raise NfsError(NfsStat3.NFS3ERR_NOTDIR, bare=True) from None
         if cookie > LAST_COOKIE:  # no entry was ever given this cookie
             raise NfsError(NfsStat3.NFS3ERR_BAD_COOKIE, bare=True)
+        dir_attr = listing.dir
         entries: list[Any] = []
         used = 0
 
@@ -483,21 +507,14 @@ class NfsService:
 
         if cookie < DOT_COOKIE and not fits(make(b".", dir_attr, DOT_COOKIE)):
             raise NfsError(NfsStat3.NFS3ERR_TOOSMALL, bare=True)
-        if cookie < DOTDOT_COOKIE:
-            parent = s.lookup(dir_oid, b"..")
-            if not fits(make(b"..", parent, DOTDOT_COOKIE)):
-                return dir_oid, entries, False
+        if listing.parent is not None and not fits(make(b"..", listing.parent, DOTDOT_COOKIE)):
+            return dir_attr, entries, False
         after = cookie
-        guess = ENTRY_PLUS_GUESS if plus else ENTRY_GUESS
         ns = dir_oid.ns
         encode_handle = self.handles.encode_ids
-        inode_attrs = INODE_ATTRS.unpack_from
         encoded = self._encoded_entries
         while True:
-            # What is left of the page holds about this many entries: fetch just those.
-            limit = max(8, min(1024, (budget - used) // guess + 8))
-            batch, eof = s.readdir_raw(dir_oid, after, call.cred, limit=limit, attrs=plus)
-            for c, name, vol, ino, record in batch:
+            for c, name, vol, ino, record in listing.entries:
                 fileid = (vol << INO_BITS) | ino
                 if plus:
                     if record is None:
@@ -510,7 +527,7 @@ class NfsService:
                             name,
                             c,
                             ns,
-                            inode_attrs(record),
+                            record_attrs(record),
                             encode_handle(ns, vol, ino),
                         )
                         if len(encoded) >= ENTRY_CACHE_SIZE:
@@ -522,29 +539,33 @@ class NfsService:
                 if used + size > budget:
                     if not entries:
                         raise NfsError(NfsStat3.NFS3ERR_TOOSMALL, bare=True)
-                    return dir_oid, entries, False
+                    return dir_attr, entries, False
                 used += size
                 entries.append(item)
                 after = c
-            if eof:
-                return dir_oid, entries, True
+            if listing.eof:
+                return dir_attr, entries, True
+            # What is left of the page holds about this many entries: fetch just those.
+            limit = max(8, min(1024, (budget - used) // guess + 8))
+            listing = s.readdir_raw(dir_oid, after, call.cred, limit=limit, attrs=plus)
 
-    def readdir(self, s: Store, call: Call, a: T.ReaddirArgs) -> T.ReaddirRes:
+    def readdir(self, s: FileStore, call: Call, a: T.ReaddirArgs) -> T.ReaddirRes:
         budget = min(a.count, call.max_readdir) - T.READDIR_RESOK_MAX_FIXED
-        dir_oid, entries, eof = self._listing(s, call, a.dir, a.cookie, budget, False)
-        return T.ReaddirRes(OK, post_attr(s, dir_oid), COOKIE_VERIFIER, tuple(entries), eof)
+        dir_attr, entries, eof = self._listing(s, call, a.dir, a.cookie, budget, False)
+        return T.ReaddirRes(OK, fattr3(dir_attr), COOKIE_VERIFIER, tuple(entries), eof)
 
-    def readdirplus(self, s: Store, call: Call, a: T.ReaddirplusArgs) -> T.ReaddirplusRes:
+    def readdirplus(self, s: FileStore, call: Call, a: T.ReaddirplusArgs) -> T.ReaddirplusRes:
         budget = min(a.maxcount, call.max_readdir) - T.READDIR_RESOK_MAX_FIXED
-        dir_oid, entries, eof = self._listing(s, call, a.dir, a.cookie, budget, True)
-        return T.ReaddirplusRes(OK, post_attr(s, dir_oid), COOKIE_VERIFIER, tuple(entries), eof)
+        dir_attr, entries, eof = self._listing(s, call, a.dir, a.cookie, budget, True)
+        return T.ReaddirplusRes(OK, fattr3(dir_attr), COOKIE_VERIFIER, tuple(entries), eof)
 
-    def fsstat(self, s: Store, call: Call, a: T.FsstatArgs) -> T.FsstatRes:
+    def fsstat(self, s: FileStore, call: Call, a: T.FsstatArgs) -> T.FsstatRes:
         oid = self._oid(s, call, a.fsroot)
-        st = s.fsstat(oid.ns)
+        space = s.fsstat_attr(oid)
+        st = space.stat
         return T.FsstatRes(
             OK,
-            post_attr(s, oid),
+            None if space.attr is None else fattr3(space.attr),
             st.total_bytes,
             st.free_bytes,
             st.avail_bytes,
@@ -554,7 +575,7 @@ class NfsService:
             0,
         )
 
-    def fsinfo(self, s: Store, call: Call, a: T.FsinfoArgs) -> T.FsinfoRes:
+    def fsinfo(self, s: FileStore, call: Call, a: T.FsinfoArgs) -> T.FsinfoRes:
         oid = self._oid(s, call, a.fsroot)
         return T.FsinfoRes(
             OK,
@@ -571,7 +592,7 @@ class NfsService:
             properties=FSF3_LINK | FSF3_SYMLINK | FSF3_HOMOGENEOUS | FSF3_CANSETTIME,
         )
 
-    def pathconf(self, s: Store, call: Call, a: T.PathconfArgs) -> T.PathconfRes:
+    def pathconf(self, s: FileStore, call: Call, a: T.PathconfArgs) -> T.PathconfRes:
         oid = self._oid(s, call, a.object)
         return T.PathconfRes(
             OK,
@@ -584,11 +605,15 @@ class NfsService:
             case_preserving=True,
         )
 
-    def commit(self, s: Store, call: Call, a: T.CommitArgs) -> T.CommitRes:
+    def commit(self, s: FileStore, call: Call, a: T.CommitArgs) -> T.CommitRes:
         oid = self._changing(s, call, a.file)
         # Durability comes from the executor: this call is `durable`, so its reply waits for
         # the commit of the open batch, which holds every earlier UNSTABLE write.
-        return T.CommitRes(OK, wcc_of(s, call, oid), self.verifier())
+        try:
+            attr: Attr | None = s.getattr(oid)
+        except StoreError:
+            attr = None
+        return T.CommitRes(OK, unchanged(attr), self.verifier())
 
     # -- MOUNT ---------------------------------------------------------------------------
 
@@ -613,7 +638,7 @@ class NfsService:
         host, port = ctx.peer
         path = args.path
 
-        def run(s: Store) -> T.MountRes:
+        def run(s: FileStore) -> T.MountRes:
             try:
                 text = path.decode()
             except UnicodeDecodeError:
