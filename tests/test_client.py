@@ -47,11 +47,14 @@ from prism.nfs.const import (
     StableHow,
 )
 from prism.store.types import FileType
+from rpc.client import raise_for_reply
+from rpc.message import decode_reply, encode_call
 from rpc.record import RecordReader, frame
 from tests.server_helpers import PrismProcess, free_port, running_server
 from vrpc.client import ServerGone
 
 USER, OTHER, GROUP = 1000, 2000, 3000
+CRED = auth_sys(0, 0).to_opaque()
 
 
 def url_of(server: PrismProcess, vm: str = "vm") -> str:
@@ -905,6 +908,32 @@ def test_a_call_asleep_on_the_ring_wakes_when_the_server_ends_and_goes_on(
         assert done == [None]
         assert c.read_bytes("/asleep") == b"made across the restart"
         assert c.transport == "vrpc" and c._transport.reconnects >= 1  # type: ignore[attr-defined]
+
+
+def test_every_channel_of_a_vrpc_client_is_one_client_to_the_drc(server: PrismProcess) -> None:
+    """The channels a VRPC transport attaches (at start, and after each failure) carry one
+    client id, so a CREATE resent with its xid on a new channel (its reply lost with the
+    old one) gets the server's cached reply, not EEXIST; a client of its own does not."""
+    with open_client(server, "vrpc", uid=0, gid=0) as c:
+        c.mkdir("/drc", exist_ok=True)
+        top = c.handle("/drc")
+        transport: Any = c._transport
+        args = T.encode_args(
+            Nfs3Proc.CREATE,
+            T.CreateArgs(T.DirOpArgs3(top, b"once"), CreateMode.GUARDED, T.Sattr3(mode=0o600)),
+        )
+        record = encode_call(0x5EED, NFS_PROGRAM, 3, Nfs3Proc.CREATE, args, CRED)
+        first, again = transport._connect(10), transport._connect(10)
+        try:
+            answer = first.call(record, 10)
+            first.close()  # the channel ends: as if its reply had been lost with it
+            assert again.call(record, 10) == answer  # the same xid on another channel: cached
+            assert T.decode_result(Nfs3Proc.CREATE, raise_for_reply(decode_reply(answer))).ok
+        finally:
+            again.close()
+        with open_client(server, "vrpc", uid=0, gid=0) as other:
+            res = other._transport.call(NFS_PROGRAM, 3, Nfs3Proc.CREATE, args)  # type: ignore[attr-defined]
+            assert T.decode_result(Nfs3Proc.CREATE, res).status == NfsStat3.NFS3ERR_EXIST
 
 
 # -- the transport seam ----------------------------------------------------------------------
