@@ -855,6 +855,12 @@ def test_a_server_that_stays_down_times_out(prism_server: PrismProcess, transpor
     assert 1.5 < time.monotonic() - started < 10
     peer = "127.0.0.1 over tcp" if transport == "tcp" else f"VRPC {server.vrpc_socket()} over vrpc"
     assert f"no reply from {peer} in 2 s" in str(exc.value)
+    assert "(the link failed: " in str(exc.value)  # why the server went, then why it stays
+    if transport == "vrpc":
+        assert "the server closed the channel (it stopped or died); reconnecting: " in str(
+            exc.value
+        )
+        assert f"no server listens on {server.vrpc_socket()}" in str(exc.value)
     c.close()
     with pytest.raises(ValueError):
         c.stat("/f")

@@ -260,6 +260,11 @@ def open_vrpc(
             )
         except AttachRefused:
             raise
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, f"no VRPC socket at {socket_path}") from None
+        except ConnectionRefusedError:
+            message = f"no server listens on {socket_path} (is prism serve running?)"
+            raise ConnectionRefusedError(errno.ECONNREFUSED, message) from None
         except VrpcError as exc:  # e.g. a server stopping while we attach: try again
             raise ConnectionError(errno.ECONNRESET, f"attach at {socket_path}: {exc}") from None
 
@@ -268,14 +273,8 @@ def open_vrpc(
     except AttachRefused as exc:
         message = f"the server refused to attach VM {vm!r}: {exc.message}"
         raise TransportUnavailable(message) from None
-    except FileNotFoundError:
-        raise TransportUnavailable(f"no VRPC socket at {socket_path}") from None
-    except ConnectionRefusedError:
-        raise TransportUnavailable(
-            f"no server listens on {socket_path} (is prism serve running?)"
-        ) from None
-    except (OSError, VrpcError) as exc:
-        raise TransportUnavailable(f"cannot attach at {socket_path}: {exc}") from None
+    except OSError as exc:
+        raise TransportUnavailable(exc.strerror or str(exc)) from None
 
     def reconnect(left: float) -> Link:
         return first.pop() if first else connect(left)
@@ -332,13 +331,16 @@ class RecordTransport:
             deadline = time.monotonic() + self.timeout
             pause = RECONNECT_FIRST_PAUSE
             failure: OSError | None = None
+            broke: OSError | None = None  # how the link this call was on failed
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    why = f"last failure: {failure}"
+                    if broke is not None and broke is not failure:
+                        why = f"the link failed: {broke}; reconnecting: {failure}"
                     raise TimeoutError(
                         errno.ETIMEDOUT,
-                        f"no reply from {self.peer} over {self.name} in {self.timeout:g} s "
-                        f"(last failure: {failure})",
+                        f"no reply from {self.peer} over {self.name} in {self.timeout:g} s ({why})",
                     )
                 try:
                     if self._link is None:
@@ -356,6 +358,7 @@ class RecordTransport:
                     if not self._worked:
                         raise  # never reached: a wrong address or port fails at once
                     failure = self.last_failure = exc  # the server went away: resend
+                    broke = broke or exc
                     time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
                     pause = min(pause * 2, RECONNECT_MAX_PAUSE)
                     continue
