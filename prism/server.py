@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prism.metrics import serve_metrics
+from prism.metrics import MetricSources, serve_metrics
 from prism.nfs.const import MOUNT_PROGRAM, MOUNT_V3, NFS_PROGRAM, NFS_V3
 from prism.nfs.service import NfsService
 from prism.nlm.monitor import Monitor
@@ -138,7 +138,14 @@ class PrismServer:
         if self.options.portmap:
             await self._start_portmap()
         if self.options.metrics:
-            server, self.metrics_port = await serve_metrics(self.options.metrics, self)
+            sources = MetricSources(
+                self.executor,
+                self.dispatcher.stats,
+                self.connections.table,
+                self.nlm.manager,
+                self.nlm.stats,
+            )
+            server, self.metrics_port = await serve_metrics(self.options.metrics, sources)
             self._servers.append(server)
 
     def _mappings(self) -> list[PortMapping]:

@@ -270,6 +270,7 @@ class DuplicateRequestCache:
 
 @dataclass(slots=True)
 class ProcStats:
+    program: str
     name: str
     calls: int = 0
     errors: int = 0  # replies other than SUCCESS (and dropped calls)
@@ -458,7 +459,8 @@ class RpcDispatcher:
         key = (ctx.prog, ctx.vers, ctx.proc)
         stats = self.stats.procs.get(key)
         if stats is None:
-            stats = self.stats.procs[key] = ProcStats(procedure.name)
+            program = self._programs[ctx.prog].name
+            stats = self.stats.procs[key] = ProcStats(program, procedure.name)
         stats.calls += 1
         stats.seconds += elapsed
         if elapsed > stats.max_seconds:
