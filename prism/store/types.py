@@ -6,12 +6,14 @@ import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from prism.limits import NAME_MAX as NAME_MAX
+from prism.limits import NLINK_MAX as NLINK_MAX
+from prism.limits import SYMLINK_MAX as SYMLINK_MAX
+
 CHUNK_SIZE = 128 * 1024
 """Files are cut into fixed, offset-aligned chunks of this size (see `prism.store` docs)."""
 
-NAME_MAX = 255
 MAX_FILE_SIZE = 1 << 50
-SYMLINK_MAX = 4096
 VOL_BITS = 16
 INO_BITS = 44
 ROOT_INO = 1

@@ -1,0 +1,88 @@
+"""A constant has one home: each value below is written once in `prism`, `rpc` and `vrpc`, as
+a named module-level constant, and every other place uses the name.
+
+Not scanned: the files engineers are rewriting (`prism/store/` apart from `types.py`,
+`prism/nfs/service.py`, `prism/nfs/types.py`, `prism/nfs/wire/`), which still hold their
+own copies of NLINK_MAX, the VM-name pattern and PATHCONF's 255 until they adopt
+`prism.limits`; tests and benchmarks, which may spell wire numbers out on purpose.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PENDING = ("prism/store/", "prism/nfs/service.py", "prism/nfs/types.py", "prism/nfs/wire/")
+KEEP = ("prism/store/types.py",)
+
+ONE_HOME = {
+    "VM-name pattern": "[a-z0-9][a-z0-9_.-]",
+    "NLINK_MAX": 65000,
+    "NFS_PORT": 2049,
+    "MOUNT_PORT": 20048,
+    "portmapper program": 100000,
+    "NFS program": 100003,
+    "MOUNT program": 100005,
+    "NLM program": 100021,
+    "NSM program": 100024,
+    "grace seconds": 90.0,
+}
+NAMED_ONLY = {255: "NAME_MAX, MNTNAMLEN, MAX_MACHINENAME, MAX_REFUSAL..."}
+"""Values several limits share by coincidence: each may have several homes, but is never
+written inline."""
+
+
+def sources() -> Iterator[tuple[str, ast.Module]]:
+    for package in ("prism", "rpc", "vrpc"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel.startswith(PENDING) and not rel.startswith(KEEP):
+                continue
+            yield rel, ast.parse(path.read_text(), rel)
+
+
+def literals(tree: ast.Module) -> Iterator[tuple[ast.Constant, bool]]:
+    """Every constant in `tree`, and whether it is the whole value of a module-level
+    assignment (`NAME = value`), i.e. a named constant's home."""
+    homes: set[int] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Constant):
+            homes.add(id(node.value))
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.JoinedStr):
+            homes.update(id(v) for v in node.value.values)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and not isinstance(node.value, bool):
+            yield node, id(node) in homes
+
+
+def written(value: object, found: ast.Constant) -> bool:
+    if isinstance(value, str):
+        return isinstance(found.value, str) and value in found.value
+    return type(found.value) is type(value) and found.value == value
+
+
+@pytest.mark.parametrize("what", sorted(ONE_HOME))
+def test_each_constant_is_written_once(what: str) -> None:
+    value = ONE_HOME[what]
+    places = [
+        (rel, node.lineno, home)
+        for rel, tree in sources()
+        for node, home in literals(tree)
+        if written(value, node)
+    ]
+    assert len(places) == 1 and places[0][2], f"{what} ({value!r}) written at {places}"
+
+
+@pytest.mark.parametrize("value", sorted(NAMED_ONLY))
+def test_shared_values_are_never_inline(value: int) -> None:
+    inline = [
+        (rel, node.lineno)
+        for rel, tree in sources()
+        for node, home in literals(tree)
+        if written(value, node) and not home
+    ]
+    assert not inline, f"{value} written inline at {inline}: name it"
