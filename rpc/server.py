@@ -310,13 +310,6 @@ class RpcDispatcher:
             raise ValueError(f"program {program.number} ({program.name}) is already registered")
         self._programs[program.number] = program
 
-    def remove_program(self, number: int) -> None:
-        self._programs.pop(number, None)
-
-    @property
-    def programs(self) -> Mapping[int, Program]:
-        return self._programs
-
     async def dispatch(self, record: bytes, peer: tuple[str, int], transport: str) -> bytes | None:
         """The unframed reply record for `record`, or None to send nothing."""
         reply, _ = await self.handle(record, peer, transport)

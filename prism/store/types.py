@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -31,9 +30,6 @@ class FileType(IntEnum):
     FIFO = 7
 
 
-_OID = struct.Struct(">IHQ")
-
-
 @dataclass(frozen=True, slots=True, order=True)
 class ObjectId:
     """The lasting identity of an object: namespace, volume within it, inode number.
@@ -51,16 +47,6 @@ class ObjectId:
     def fileid(self) -> int:
         """NFS fileid: unique and non-zero within the namespace."""
         return (self.vol << INO_BITS) | self.ino
-
-    def to_bytes(self) -> bytes:
-        return _OID.pack(self.ns, self.vol, self.ino)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> ObjectId:
-        ns, vol, ino = _OID.unpack(data)
-        return cls(ns, vol, ino)
-
-    SIZE = _OID.size
 
 
 @dataclass(frozen=True, slots=True)
