@@ -86,3 +86,40 @@ def test_shared_values_are_never_inline(value: int) -> None:
         if written(value, node) and not home
     ]
     assert not inline, f"{value} written inline at {inline}: name it"
+
+
+def docstrings(tree: ast.Module) -> set[int]:
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = node.body[0] if node.body else None
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                found.add(id(first.value))
+    return found
+
+
+def test_one_prism_serve_launcher() -> None:
+    """Tests and benchmarks start `prism serve` only through `tests/server_helpers.py`: no
+    other argv list holds "serve", and no command template with a `{prism}` placeholder
+    runs it (docstrings aside)."""
+    launchers = []
+    for directory in ("tests", "benchmarks"):
+        for path in sorted((ROOT / directory).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            if path == Path(__file__).resolve():
+                continue
+            tree = ast.parse(path.read_text(), rel)
+            skip = docstrings(tree)
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.List, ast.Tuple)):
+                    words = [e.value for e in node.elts if isinstance(e, ast.Constant)]
+                    if "serve" in words:
+                        launchers.append((rel, node.lineno))
+                elif (
+                    isinstance(node, ast.Constant)
+                    and isinstance(node.value, str)
+                    and "{prism} serve" in node.value
+                    and id(node) not in skip
+                ):
+                    launchers.append((rel, node.lineno))
+    assert {rel for rel, _ in launchers} == {"tests/server_helpers.py"}, launchers
