@@ -10,6 +10,7 @@ own copies of NLINK_MAX, the VM-name pattern and PATHCONF's 255 until they adopt
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,13 +37,16 @@ NAMED_ONLY = {255: "NAME_MAX, MNTNAMLEN, MAX_MACHINENAME, MAX_REFUSAL..."}
 written inline."""
 
 
-def sources() -> Iterator[tuple[str, ast.Module]]:
+@functools.cache
+def sources() -> tuple[tuple[str, ast.Module], ...]:
+    found = []
     for package in ("prism", "rpc", "vrpc"):
         for path in sorted((ROOT / package).rglob("*.py")):
             rel = path.relative_to(ROOT).as_posix()
             if rel.startswith(PENDING) and not rel.startswith(KEEP):
                 continue
-            yield rel, ast.parse(path.read_text(), rel)
+            found.append((rel, ast.parse(path.read_text(), rel)))
+    return tuple(found)
 
 
 def literals(tree: ast.Module) -> Iterator[tuple[ast.Constant, bool]]:
