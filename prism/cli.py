@@ -753,8 +753,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve MOUNT and NFS over TCP and UDP")
     _common(p, json_flag=False)
     p.add_argument("--bind", default="0.0.0.0", help="address to listen on (0.0.0.0)")
-    p.add_argument("--nfs-port", type=int, default=NFS_PORT, help=f"({NFS_PORT})")
-    p.add_argument("--mount-port", type=int, default=MOUNT_PORT, help=f"({MOUNT_PORT})")
+    p.add_argument("--nfs-port", type=int, default=NFS_PORT, help=f"NFS port ({NFS_PORT})")
+    p.add_argument("--mount-port", type=int, default=MOUNT_PORT, help=f"MOUNT port ({MOUNT_PORT})")
     p.add_argument("--portmap-port", type=int, default=None)
     p.add_argument("--no-portmap", action="store_true")
     p.add_argument(

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from rpc.server import DispatcherStats
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MetricSources:
     """What the endpoint reads, handed in by whoever serves it: the store only through its
     executor (one call per scrape), the rest as live counters read without locks."""
