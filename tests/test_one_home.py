@@ -5,6 +5,8 @@ Not scanned: the files engineers are rewriting (`prism/store/` apart from `types
 `prism/nfs/service.py`, `prism/nfs/types.py`, `prism/nfs/wire/`), which still hold their
 own copies of NLINK_MAX, the VM-name pattern and PATHCONF's 255 until they adopt
 `prism.limits`; tests and benchmarks, which may spell wire numbers out on purpose.
+
+Likewise `prism serve` has one launcher in tests and benchmarks: `tests/server_helpers.py`.
 """
 
 from __future__ import annotations
