@@ -48,17 +48,19 @@ import struct
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from prism.access import LocalPeer, vrpc_allows
 from prism.errors import StoreError
 from prism.nfs.const import MAX_READ, MAX_WRITE
 from prism.nfs.service import NfsService
+from prism.store.epoch import EpochFile
 from rpc.server import TRANSPORT_SHM, Outcome, RpcDispatcher
 from rpc.transport import start_eagerly
 from rpc.xdr import XdrError
 from vrpc import abi
 from vrpc.control import (
+    ATTACH_META,
     MAX_CHANNELS,
     MAX_CHANNELS_PER_UID,
     MAX_MESSAGE,
@@ -71,6 +73,7 @@ from vrpc.control import (
     encode_refused,
 )
 from vrpc.native import BACKEND, ring_backend
+from vrpc.publisher import MetaPublisher
 from vrpc.ring import RingClosed, RingProtocolError, Segment, ServerRing, eventfd, new_segment
 from vrpc.stats import VrpcStats, publish, snapshot, unpublish
 
@@ -123,6 +126,8 @@ class Channel:
     ring: ServerRing
     kick: int
     call: int
+    meta: bool = False
+    """Whether it mapped its VM's attribute table (`VrpcServer.meta`)."""
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     in_flight: int = 0
     closed: bool = False
@@ -254,6 +259,8 @@ class Channel:
         self.segment.close()
         os.close(self.kick)
         os.close(self.call)
+        if self.meta:
+            self.server.meta.detach(self.vm)
         self.server.forget(self)
 
 
@@ -270,8 +277,14 @@ class VrpcServer:
         max_channels: int = MAX_CHANNELS,
         max_per_uid: int = MAX_CHANNELS_PER_UID,
         default_slots: int = DEFAULT_SLOTS,
+        meta_entries: int = abi.DEFAULT_META_BUCKETS,
     ) -> None:
         self.dispatcher = dispatcher
+        store = cast(Any, service.store)
+        self.meta = MetaPublisher(
+            getattr(store, "epoch", None), buckets=meta_entries, boot_id=store.boot_id
+        )
+        """The VMs' attribute tables (made as ATTACH_META channels come)."""
         self.service = service
         self.path = Path(path)
         self.max_channels = max_channels
@@ -309,6 +322,8 @@ class VrpcServer:
             sock.close()
             raise
         self._sock = sock
+        self.service.meta = self.meta
+        cast(Any, self.service.store).observer = self.meta
         asyncio.get_running_loop().add_reader(sock.fileno(), self._accept)
         self._publish()
         log.info("vrpc: control socket %s (%s ring backend)", path, BACKEND)
@@ -358,6 +373,9 @@ class VrpcServer:
             ch.detach("the server is stopping: attach again once it is back", RefuseStatus.BUSY)
         if tasks:
             await asyncio.wait(tasks, timeout=10)
+        self.service.meta = None
+        cast(Any, self.service.store).observer = None
+        self.meta.close()
 
     # -- attaching -----------------------------------------------------------------------
 
@@ -460,7 +478,13 @@ class VrpcServer:
         boot_id = self.service.store.boot_id
         segment = new_segment(nslots, f"prism-vrpc-{msg.vm}")
         kick, call = eventfd(), eventfd()
+        want_meta = bool(msg.flags & ATTACH_META) and self.meta.epoch is not None
+        extra: list[int] = []
         try:
+            if want_meta:
+                table = self.meta.attach(vm, msg.vm)
+                extra = [table.fd]
+                extra.append(cast(EpochFile, self.meta.epoch).open_readonly())
             ring = ring_backend.server(
                 segment.map, nslots=nslots, boot_id=boot_id, channel_id=channel_id, call_fd=call
             )
@@ -469,21 +493,26 @@ class VrpcServer:
                     channel_id=channel_id,
                     boot_id=boot_id,
                     ring_size=abi.ring_size(nslots),
-                    meta_size=0,
+                    meta_size=abi.meta_size(self.meta.buckets) if want_meta else 0,
                     vm_ns=vm,
                     root_fh=root_fh,
                     max_io=min(MAX_READ, MAX_WRITE),
-                    features=0,
+                    features=abi.F_META if want_meta else 0,
                 )
             )
-            fds = array.array("i", [segment.fd, kick, call])
+            fds = array.array("i", [segment.fd, kick, call, *extra])
             conn.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         except BaseException:
             segment.close()
             os.close(kick)
             os.close(call)
+            if extra:
+                self.meta.detach(vm)
             conn.close()
             raise
+        finally:
+            if len(extra) == 2:
+                os.close(extra[1])  # the epoch fd: the client's copy travelled
         ch = Channel(
             self,
             channel_id,
@@ -498,6 +527,7 @@ class VrpcServer:
             ring,
             kick,
             call,
+            meta=want_meta,
         )
         self.channels[channel_id] = ch
         self.stats.attached += 1

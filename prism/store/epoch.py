@@ -41,9 +41,11 @@ def epoch_path(data: Path) -> Path:
 class EpochFile:
     """A mapping of the epoch file, read-write (store processes) or read-only (clients)."""
 
-    __slots__ = ("_map", "_words")
+    __slots__ = ("_map", "_words", "path")
 
-    def __init__(self, buf: mmap.mmap) -> None:
+    def __init__(self, buf: mmap.mmap, path: Path | None = None) -> None:
+        self.path = path
+        """The file (None when mapped from an fd)."""
         if len(buf) < EPOCH_SIZE:
             raise ValueError(f"an epoch file has {EPOCH_SIZE} bytes, not {len(buf)}")
         self._map = buf
@@ -67,7 +69,7 @@ class EpochFile:
         with memoryview(buf) as whole, whole[:8].cast("Q") as magic:
             if magic[0] == 0:  # new file; concurrent creators write the same word
                 magic[0] = EPOCH_MAGIC
-        return cls(buf)
+        return cls(buf, path)
 
     @classmethod
     def from_fd(cls, fd: int) -> EpochFile:
@@ -105,6 +107,11 @@ class EpochFile:
     def repair(self) -> None:
         """The server, holding the writer lock: no external writer is in progress."""
         self._words[_ENDED] = self._words[_BEGUN]
+
+    def open_readonly(self) -> int:
+        """A new O_RDONLY fd of the file, to hand to a VRPC client (the caller closes it)."""
+        assert self.path is not None
+        return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
 
     def close(self) -> None:
         self._words.release()
