@@ -6,6 +6,7 @@ the file-handle MAC key)::
 
     DATA/meta/data.mdb, lock.mdb   LMDB environment (all metadata, see the databases below)
     DATA/meta/journal              redo journal of a running server (`prism.store.journal`)
+    DATA/meta/epoch                writes by other processes, for VRPC tables (`prism.store.epoch`)
     DATA/segments/<id>.seg         chunk bytes, appended back to back (`prism.store.segments`)
     DATA/staging/<token>.lock      flock'ed by the process building the import staged as token
     DATA/nlm/                      the lock service's state, not the store's (`prism.nlm.monitor`)

@@ -6,7 +6,8 @@ The work is done by the rooms, each a module of free functions over one context
 (`schema.Ctx`), each opening with its theory of operation:
 
     schema    the on-disk layout: LMDB environment, named databases, counters, `Ctx`
-    txn       batches, durable points, journal replay, locks: the crash ordering
+    txn       batches, durable points, journal replay, locks, the store epoch and observer
+              events: the crash ordering
     layers    namespace records, layer chains, volumes, share routing
     tree      inodes, directory entries, whiteouts, merged listings, share containment
     content   chunking, dedup, the chunk map, segment accounting, damage
