@@ -210,3 +210,85 @@ def test_a_reader_never_sees_a_size_older_than_the_last_acknowledged_setattr(
         child.join(30)
     assert stale == 0
     assert hits > 0
+
+
+def _fattr_or_none(srv: PrismProcess, tcp: object, fh: bytes) -> bytes | None:
+    res = tcp.getattr(NfsFh3(fh))  # type: ignore[attr-defined]
+    if not res.ok:
+        return None
+    p = Packer()
+    res.obj_attributes.pack(p)
+    return p.get_buffer()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_model_every_table_hit_equals_a_fresh_tcp_getattr(srv: PrismProcess, seed: int) -> None:
+    """Two VMs, an rw share (vm:/pub seen as other:/from-vm), TCP writers, VRPC clients of
+    both VMs and operator commands in subprocesses, in a random order: after every step,
+    every hit of either VM's table equals what a TCP GETATTR answers right then."""
+    import random
+
+    rng = random.Random(seed)
+    with srv.nfs_client() as tcp:
+        root = srv.mount("/vm")
+        res = tcp.mkdir(root, "pub")
+        assert res.ok or res.status.name == "NFS3ERR_EXIST"
+    srv.cli("share", "vm:/pub", "other:/from-vm", "--rw", check=False)
+    with srv.nfs_client() as tcp, attach(srv, "vm") as a, attach(srv, "other") as b:
+        nfs_a, nfs_b = nfs_over(a), nfs_over(b)
+        pub = tcp.lookup(root, "pub").object
+        b_share = nfs_b.lookup(srv.mount("/other", "vrpc"), "from-vm").object
+        assert pub is not None and b_share is not None
+        files: dict[str, bytes] = {}  # name in vm:/pub -> A's handle
+        seen: set[bytes] = set()  # every handle either client ever held
+        steps = hits = 0
+        for step in range(70):
+            op = rng.choice(
+                ["create", "create", "setattr", "write", "getattr_a", "getattr_a", "getattr_a",
+                 "lookup_b", "lookup_b", "lookup_b", "setattr_b", "remove", "move_out",
+                 "operator"]
+            )  # fmt: skip
+            name = f"f{seed}-{rng.randrange(6)}"
+            if op in ("getattr_a", "lookup_b", "setattr_b") and files:
+                name = rng.choice(sorted(files))  # (read and write what exists)
+            fh = files.get(name)
+            if op == "create":
+                made = tcp.create(pub, name)
+                if made.ok and made.obj is not None:
+                    files[name] = made.obj.data
+                    seen.add(made.obj.data)
+            elif op == "setattr" and fh:
+                tcp.setattr(NfsFh3(fh), Sattr3(size=rng.randrange(1 << 16)))
+            elif op == "write" and fh:
+                tcp.write(NfsFh3(fh), rng.randrange(4096), b"x" * rng.randrange(1, 100))
+            elif op == "getattr_a" and fh:
+                nfs_a.getattr(NfsFh3(fh))
+            elif op == "lookup_b":
+                got = nfs_b.lookup(b_share, name)
+                if got.ok and got.object is not None:
+                    seen.add(got.object.data)
+            elif op == "setattr_b":
+                got = nfs_b.lookup(b_share, name)
+                if got.ok and got.object is not None:
+                    seen.add(got.object.data)
+                    nfs_b.setattr(got.object, Sattr3(mode=rng.choice([0o600, 0o644, 0o755])))
+            elif op == "remove" and fh:
+                tcp.remove(pub, name)
+                files.pop(name, None)
+            elif op == "move_out" and fh:  # out of the share: STALE through it from now on
+                tcp.rename(pub, name, root, f"{name}-out-{step}")
+                files.pop(name, None)
+            elif op == "operator":
+                srv.cli("vm", "set", "other", "--quota", rng.choice(["1G", "2G", "none"]))
+            else:
+                continue
+            steps += 1
+            for h in seen:
+                fresh = _fattr_or_none(srv, tcp, h)
+                for ch in (a, b):
+                    hit = ch.stat_from_table(h)
+                    assert hit is None or hit == fresh, (step, op, name, ch is a)
+                    hits += hit is not None
+                if h[1:5] == pub.data[1:5]:  # A's own handles: never in B's table
+                    assert b.stat_from_table(h) is None
+        assert steps > 20 and hits > 30
