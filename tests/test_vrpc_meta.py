@@ -242,6 +242,7 @@ def test_model_every_table_hit_equals_a_fresh_tcp_getattr(srv: PrismProcess, see
         files: dict[str, bytes] = {}  # name in vm:/pub -> A's handle
         seen: set[bytes] = set()  # every handle either client ever held
         steps = hits = 0
+        snap, snapped, at_snapshot = "", False, set()
         for step in range(70):
             op = rng.choice(
                 ["create", "create", "setattr", "write", "getattr_a", "getattr_a", "getattr_a",
@@ -278,7 +279,15 @@ def test_model_every_table_hit_equals_a_fresh_tcp_getattr(srv: PrismProcess, see
             elif op == "move_out" and fh:  # out of the share: STALE through it from now on
                 tcp.rename(pub, name, root, f"{name}-out-{step}")
                 files.pop(name, None)
-            elif op == "operator":
+            elif op == "operator":  # another process writes the store
+                if snapped:  # back to the snapshot: attributes change, later files go stale
+                    srv.cli("snapshot", "rollback", "vm", snap)
+                    files = {n: h for n, h in files.items() if h in at_snapshot}
+                else:
+                    snap = f"m{seed}-{step}"
+                    srv.cli("snapshot", "create", "vm", snap)
+                    at_snapshot = set(files.values())
+                snapped = not snapped
                 srv.cli("vm", "set", "other", "--quota", rng.choice(["1G", "2G", "none"]))
             else:
                 continue
