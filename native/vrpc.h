@@ -52,6 +52,9 @@
 #define VRPC_META_MIN_BUCKETS 2
 #define VRPC_META_MAX_BUCKETS 1048576
 #define VRPC_EPOCH_SIZE       4096
+#define VRPC_FAST_MAX_RECORD  512
+#define VRPC_FAST_GETATTR_REPLY 112
+#define VRPC_FAST_NULL_REPLY  24
 
 /* Ring segment: [0, 4096) header, [4096, 8192) SQ then CQ (16-byte entries, entries <= 128),
  * [8192, 8192 + nslots * slot_size) slots. VRPC_MAGIC = "PRISMVR1", META "PRISMMT1",
@@ -258,6 +261,24 @@ int vrpc_epoch_stable(const void *epoch, uint64_t *begun);
 uint64_t vrpc_epoch_begin(void *epoch);
 void vrpc_epoch_end(void *epoch, uint64_t begun);
 void vrpc_epoch_repair(void *epoch);
+/* The C fast path (section 5.3; vrpc_fast.c). Counters are server-private. */
+struct vrpc_fast_stats {
+    uint64_t drained;              /* SQEs consumed by vrpc_srv_drain_fast */
+    uint64_t getattr;              /* GETATTR answered in C */
+    uint64_t null;                 /* NULL answered in C */
+    uint64_t ns;                   /* nanoseconds spent answering them */
+};
+/* Answer one CALL record (already copied out of the ring) into out (>= 112 bytes) when every
+ * check holds: NFSv3 GETATTR whose handle has a fresh entry in the VM table m with the same
+ * private MAC, or NFSv3 NULL; AUTH_NONE (empty) or a well-formed AUTH_SYS
+ * credential, an empty AUTH_NONE verifier, exact arguments. The reply length, or 0 to
+ * decline (Python answers). m may be NULL (NULL only). */
+int vrpc_fast_answer(const struct vrpc_meta *m, const uint8_t *rec, uint32_t len, uint8_t *out);
+/* vrpc_srv_drain, then answer what vrpc_fast_answer can in C (completing those slots with
+ * VRPC_CQE_FAST) and keep the rest in work[] for Python: that count, or what vrpc_srv_drain
+ * returned when negative. st->drained says how many SQEs were consumed in all. */
+int vrpc_srv_drain_fast(struct vrpc_srv *srv, const struct vrpc_meta *m, struct vrpc_work *work,
+                        uint32_t max, struct vrpc_fast_stats *st);
 /* CDEF-END */
 
 #endif

@@ -147,6 +147,11 @@ class NativeMetaWriter:
     def table_epoch(self) -> int:
         return int(self._m.table_epoch)
 
+    @property
+    def cdata(self) -> Any:
+        """The `struct vrpc_meta *` the C fast path reads (`NativeServerRing.drain_fast`)."""
+        return self._m
+
     def publish(
         self,
         ns: int,
@@ -186,6 +191,8 @@ class NativeMetaWriter:
 
     def release(self) -> None:
         _native.ffi.release(self._ptr)
+        if self._eptr != _native.ffi.NULL:
+            _native.ffi.release(self._eptr)
 
 
 class NativeMetaReader:
@@ -219,6 +226,8 @@ class NativeMetaReader:
 
     def release(self) -> None:
         _native.ffi.release(self._ptr)
+        if self._eptr != _native.ffi.NULL:
+            _native.ffi.release(self._eptr)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from prism.nfs.convert import packed_fattr3
 from prism.store.epoch import EpochFile
@@ -116,6 +117,11 @@ class MetaPublisher:
             entry.table.close()
         self.tables.clear()
         self._shared.clear()
+
+    def cdata(self, vm: int) -> Any:
+        """The C view of the VM's table, for the fast path (None: no native table)."""
+        entry = self.tables.get(vm)
+        return getattr(entry.writer, "cdata", None) if entry is not None else None
 
     # -- publication from replies --------------------------------------------------------
 
