@@ -46,6 +46,9 @@ MAC_SIZE = 16
 META_MIN_BUCKETS = 2
 META_MAX_BUCKETS = 1 << 20
 EPOCH_SIZE = 4096
+FAST_MAX_RECORD = 512  # records the C fast path looks at (copied to its stack)
+FAST_GETATTR_REPLY = 112  # xid | REPLY | ACCEPTED | AUTH_NONE, 0 | SUCCESS | NFS3_OK | fattr3
+FAST_NULL_REPLY = 24
 DEFAULT_META_BUCKETS = 65536  # prism serve --vrpc-meta-entries: 8 MiB (+4 KiB) per VM
 
 SQ_OFFSET = HEADER_SIZE
