@@ -301,3 +301,37 @@ def test_model_every_table_hit_equals_a_fresh_tcp_getattr(srv: PrismProcess, see
                 if h[1:5] == pub.data[1:5]:  # A's own handles: never in B's table
                     assert b.stat_from_table(h) is None
         assert steps > 20 and hits > 30
+
+
+CRASH_BETWEEN_BEGIN_AND_END = """
+import os, sys
+from prism.store import Store, txn
+store = Store.open(sys.argv[1])
+txn.begin_write(store.ctx)  # begun += 1 ... and the process dies before `ended` follows
+os._exit(0)
+"""
+
+
+def test_a_writer_dying_mid_transaction_disables_tables_until_the_next_server_batch(
+    srv: PrismProcess,
+) -> None:
+    import subprocess
+    import sys
+
+    from tests.server_helpers import REPO_ROOT
+
+    fh = new_file(srv, "crash")
+    with attach(srv) as ch:
+        assert nfs_over(ch).getattr(NfsFh3(fh)).ok
+        assert ch.stat_from_table(fh) is not None
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+        subprocess.run(
+            [sys.executable, "-c", CRASH_BETWEEN_BEGIN_AND_END, str(srv.data)],
+            cwd=REPO_ROOT, env=env, check=True, timeout=60,
+        )  # fmt: skip
+        assert ch.stat_from_table(fh) is None
+        assert nfs_over(ch).getattr(NfsFh3(fh)).ok  # a read: nothing published (unstable)
+        assert ch.stat_from_table(fh) is None
+        new_file(srv, "crash-2")  # the server's next batch holds the writer lock: repaired
+        assert nfs_over(ch).getattr(NfsFh3(fh)).ok
+        assert ch.stat_from_table(fh) == tcp_fattr(srv, fh)

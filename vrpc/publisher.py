@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from prism.errors import StoreError
 from prism.nfs.convert import packed_fattr3
 from prism.store.epoch import EpochFile
 from prism.store.layers import SHARE_VOL_BASE as _SHARE_VOL_BASE
@@ -144,7 +145,10 @@ class MetaPublisher:
         if entry is None or epoch0 is None:
             return
         if oid.vol >= _SHARE_VOL_BASE:
-            home = owner()
+            try:
+                home = owner()
+            except StoreError:  # (gone meanwhile: then nothing to publish)
+                return
             views = self._shared.setdefault(home.ns, {}).setdefault((home.vol, home.ino), set())
             view = (vm, oid.ns, oid.vol, oid.ino)
             if view not in views:
