@@ -61,6 +61,9 @@ def test_attached_table_is_sealed_read_only_and_a_hit_equals_tcp_getattr(
     fh = new_file(srv, "a")
     with attach(srv) as ch:
         assert ch.attached.features & abi.F_META and ch.attached.meta_size
+        assert ch._meta is not None and ch._meta.vm_ns == ch.attached.vm_ns  # its VM's own
+        with attach(srv, "other") as other:
+            assert other._meta is not None and other._meta.vm_ns != ch._meta.vm_ns
         assert ch.stat_from_table(fh) is None  # nobody asked yet
         assert nfs_over(ch).getattr(NfsFh3(fh)).ok  # the reply publishes
         hit = ch.stat_from_table(fh)
