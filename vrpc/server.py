@@ -52,7 +52,7 @@ from typing import Any, cast
 
 from prism.access import LocalPeer, vrpc_allows
 from prism.errors import StoreError
-from prism.nfs.const import MAX_READ, MAX_WRITE
+from prism.nfs.const import MAX_READ, MAX_WRITE, NFS_PROGRAM, NFS_V3, Nfs3Proc
 from prism.nfs.service import NfsService
 from prism.store.epoch import EpochFile
 from rpc.server import TRANSPORT_SHM, Outcome, ProcStats, RpcDispatcher
@@ -604,15 +604,15 @@ class VrpcServer:
         if answered:
             each = (ns - t0) / 1e9 / answered
             stats = self.dispatcher.stats
-            for key, name, n in (((100003, 3, 1), "GETATTR", getattr_ - g0),
-                                 ((100003, 3, 0), "NULL", null - n0)):  # fmt: skip
+            for proc, n in ((Nfs3Proc.GETATTR, getattr_ - g0), (Nfs3Proc.NULL, null - n0)):
+                key, name = (NFS_PROGRAM, NFS_V3, int(proc)), proc.name
                 if n:
-                    proc = stats.procs.get(key)
-                    if proc is None:
-                        proc = stats.procs[key] = ProcStats(name)
-                    proc.calls += n
-                    proc.seconds += each * n
-                    proc.max_seconds = max(proc.max_seconds, each)
+                    row = stats.procs.get(key)
+                    if row is None:
+                        row = stats.procs[key] = ProcStats(name)
+                    row.calls += n
+                    row.seconds += each * n
+                    row.max_seconds = max(row.max_seconds, each)
             stats.outcomes["SUCCESS"] += answered
             self.stats.fast_path_hits += answered
         return drained - d0
