@@ -45,6 +45,16 @@
 #define VRPC_ERR_SQE_SLOT     3
 #define VRPC_ERR_SQE_LEN      4
 #define VRPC_ERR_SLOT_BUSY    5
+#define VRPC_META_HEADER_SIZE 4096
+#define VRPC_ATTR_ENTRY_SIZE  128
+#define VRPC_FATTR3_SIZE      84
+#define VRPC_MAC_SIZE         16
+#define VRPC_META_MIN_BUCKETS 2
+#define VRPC_META_MAX_BUCKETS 1048576
+#define VRPC_EPOCH_SIZE       4096
+#define VRPC_FAST_MAX_RECORD  512
+#define VRPC_FAST_GETATTR_REPLY 112
+#define VRPC_FAST_NULL_REPLY  24
 
 /* Ring segment: [0, 4096) header, [4096, 8192) SQ then CQ (16-byte entries, entries <= 128),
  * [8192, 8192 + nslots * slot_size) slots. VRPC_MAGIC = "PRISMVR1", META "PRISMMT1",
@@ -197,6 +207,78 @@ int vrpc_cli_reap(struct vrpc_cli *cli, struct vrpc_cqe *out, uint32_t max);
  * control socket, -1: none) becomes readable or hangs up: 1 ready, 0 timeout, -EPIPE (server
  * closed or extra_fd), -EINTR (retry after handling signals), other -errno from poll. */
 int vrpc_cli_wait(struct vrpc_cli *cli, int timeout_ms, int extra_fd);
+/* Attribute table (section 7; native/README.md "Attribute table"). Private state of one end:
+ * the server's (macs: buckets * 16 bytes of its heap, never shared; the table mapped RW) or a
+ * client's (macs NULL; the table mapped read-only). epoch maps DATA/meta/epoch (NULL: a table
+ * used without one, tests only, which then never misses for an epoch). */
+struct vrpc_meta {
+    struct vrpc_meta_header *hdr;
+    struct vrpc_attr_entry *attrs;
+    struct vrpc_epoch_file *epoch;
+    uint8_t *macs;
+    uint64_t size;
+    uint64_t gen;                  /* server: last publication counter */
+    uint32_t buckets;
+    uint32_t vm_ns;
+    uint32_t table_epoch;          /* server: private copy of what the header shows */
+    uint32_t reserved;
+};
+
+/* Bytes of a table with `buckets` entries (0 unless a power of 2 within the limits). */
+uint64_t vrpc_meta_size(uint32_t buckets);
+/* The even bucket b of a key; the key lives in b or b ^ 1. */
+uint32_t vrpc_meta_bucket(uint32_t buckets, uint32_t ns, uint16_t vol, uint64_t ino);
+/* Server: write the header of a zeroed, mapped table of `size` bytes. 0 or -EINVAL. */
+int vrpc_meta_init(struct vrpc_meta *m, void *base, uint64_t size, uint32_t buckets,
+                   uint32_t vm_ns, uint64_t boot_id, void *epoch, uint8_t *macs);
+/* Client: validate a mapped table and epoch file. 0, -EBADMSG (magic), -EPROTONOSUPPORT (ABI
+ * major), -EINVAL (geometry or sizes). */
+int vrpc_meta_open(struct vrpc_meta *m, const void *base, uint64_t mapped_size,
+                   const void *epoch, uint64_t epoch_size);
+/* Server: write `fattr3` (84 bytes) for the key under the seqlock, stamped with the store epoch
+ * epoch0 and the table epoch, and keep `mac` (16 bytes, or NULL) privately. With insert 0 only
+ * a key already present (valid) is rewritten. The bucket index, -ENOENT (absent, insert 0) or
+ * -ESTALE (the store epoch is not stable at epoch0: an external writer began since; nothing
+ * written). */
+int vrpc_meta_publish(struct vrpc_meta *m, uint32_t ns, uint16_t vol, uint64_t ino,
+                      const uint8_t *fattr3, uint32_t flags, const uint8_t *mac, uint64_t epoch0,
+                      int insert);
+/* Server: invalidate the key's entry. 1 if it was valid, 0 if absent. */
+int vrpc_meta_invalidate(struct vrpc_meta *m, uint32_t ns, uint16_t vol, uint64_t ino);
+/* Server: invalidate every entry at once (bump table_epoch). */
+void vrpc_meta_bump(struct vrpc_meta *m);
+/* Either end: copy the key's fresh fattr3 into out (84 bytes): its bucket index, or -ENOENT
+ * (absent, invalid, older than the store or table epoch, an external writer in progress, or
+ * torn by a concurrent rewrite three times). With mac non-NULL (server), the private MAC of
+ * the bucket must equal mac too. */
+int vrpc_meta_lookup(const struct vrpc_meta *m, uint32_t ns, uint16_t vol, uint64_t ino,
+                     uint8_t *out, const uint8_t *mac);
+/* Store epoch file (section 7.5). stable: 0 and *begun when no external writer is in progress,
+ * -EBUSY otherwise. begin: after taking LMDB's writer lock, the new begun. end: after commit or
+ * abort, ended = max(ended, begun). repair: the server, holding the writer lock, ended = begun
+ * (a writer died in between). */
+int vrpc_epoch_stable(const void *epoch, uint64_t *begun);
+uint64_t vrpc_epoch_begin(void *epoch);
+void vrpc_epoch_end(void *epoch, uint64_t begun);
+void vrpc_epoch_repair(void *epoch);
+/* The C fast path (section 5.3; vrpc_fast.c). Counters are server-private. */
+struct vrpc_fast_stats {
+    uint64_t drained;              /* SQEs consumed by vrpc_srv_drain_fast */
+    uint64_t getattr;              /* GETATTR answered in C */
+    uint64_t null;                 /* NULL answered in C */
+    uint64_t ns;                   /* nanoseconds spent answering them */
+};
+/* Answer one CALL record (already copied out of the ring) into out (>= 112 bytes) when every
+ * check holds: NFSv3 GETATTR whose handle has a fresh entry in the VM table m with the same
+ * private MAC, or NFSv3 NULL; AUTH_NONE (empty) or a well-formed AUTH_SYS
+ * credential, an empty AUTH_NONE verifier, exact arguments. The reply length, or 0 to
+ * decline (Python answers). m may be NULL (NULL only). */
+int vrpc_fast_answer(const struct vrpc_meta *m, const uint8_t *rec, uint32_t len, uint8_t *out);
+/* vrpc_srv_drain, then answer what vrpc_fast_answer can in C (completing those slots with
+ * VRPC_CQE_FAST) and keep the rest in work[] for Python: that count, or what vrpc_srv_drain
+ * returned when negative. st->drained says how many SQEs were consumed in all. */
+int vrpc_srv_drain_fast(struct vrpc_srv *srv, const struct vrpc_meta *m, struct vrpc_work *work,
+                        uint32_t max, struct vrpc_fast_stats *st);
 /* CDEF-END */
 
 #endif

@@ -69,3 +69,8 @@ _Static_assert(sizeof(struct vrpc_epoch_file) == 4096, "epoch file size");
 PIN(struct vrpc_epoch_file, magic, 0);
 PIN(struct vrpc_epoch_file, begun, 64);
 PIN(struct vrpc_epoch_file, ended, 128);
+
+_Static_assert(VRPC_FATTR3_SIZE + 40 <= VRPC_ATTR_ENTRY_SIZE, "fattr3 fits its entry");
+_Static_assert(VRPC_ATTR_ENTRY_SIZE % 4 == 0, "entries are whole u32 words");
+_Static_assert(sizeof(struct vrpc_meta_header) == VRPC_META_HEADER_SIZE, "meta header constant");
+_Static_assert(sizeof(struct vrpc_epoch_file) == VRPC_EPOCH_SIZE, "epoch file constant");

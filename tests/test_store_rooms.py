@@ -25,7 +25,17 @@ ROOMS = [
     "gc",
 ]
 """Bottom up: a room may import the rooms before it, never one after it."""
-SUPPORT = {"records", "types", "sealed", "segments", "journal", "diskio", "writelock", "api"}
+SUPPORT = {
+    "records",
+    "types",
+    "sealed",
+    "segments",
+    "journal",
+    "diskio",
+    "writelock",
+    "api",
+    "epoch",
+}
 """Modules under the rooms (formats, files, locks, the contract's types), importable by all."""
 MAX_LINES = 700
 

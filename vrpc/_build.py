@@ -17,7 +17,7 @@ from pathlib import Path
 from cffi import FFI
 
 NATIVE = Path(__file__).resolve().parent.parent / "native"
-SOURCES = ("vrpc_ring.c", "vrpc_abi.c")
+SOURCES = ("vrpc_ring.c", "vrpc_meta.c", "vrpc_fast.c", "vrpc_abi.c")
 BEGIN, END = "/* CDEF-BEGIN */", "/* CDEF-END */"
 
 

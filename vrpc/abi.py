@@ -39,6 +39,17 @@ ERR_SQE_FLAGS = 2
 ERR_SQE_SLOT = 3
 ERR_SQE_LEN = 4
 ERR_SLOT_BUSY = 5
+META_HEADER_SIZE = 4096
+ATTR_ENTRY_SIZE = 128
+FATTR3_SIZE = 84
+MAC_SIZE = 16
+META_MIN_BUCKETS = 2
+META_MAX_BUCKETS = 1 << 20
+EPOCH_SIZE = 4096
+FAST_MAX_RECORD = 512  # records the C fast path looks at (copied to its stack)
+FAST_GETATTR_REPLY = 112  # xid | REPLY | ACCEPTED | AUTH_NONE, 0 | SUCCESS | NFS3_OK | fattr3
+FAST_NULL_REPLY = 24
+DEFAULT_META_BUCKETS = 65536  # prism serve --vrpc-meta-entries: 8 MiB (+4 KiB) per VM
 
 SQ_OFFSET = HEADER_SIZE
 SLOT_OFFSET = 2 * HEADER_SIZE
@@ -127,6 +138,16 @@ def ring_size(nslots: int) -> int:
 def default_entries(nslots: int) -> int:
     """The smallest power of two holding `nslots` entries: SQ and CQ cannot overflow."""
     return 1 << max(0, nslots - 1).bit_length()
+
+
+def meta_size(buckets: int) -> int:
+    """Bytes of an attribute table of `buckets` entries (a power of two within the limits)."""
+    if not META_MIN_BUCKETS <= buckets <= META_MAX_BUCKETS or buckets & (buckets - 1):
+        raise ValueError(
+            f"an attribute table has a power of two of {META_MIN_BUCKETS}..{META_MAX_BUCKETS}"
+            f" entries, not {buckets}"
+        )
+    return META_HEADER_SIZE + buckets * ATTR_ENTRY_SIZE
 
 
 def describe_error(code: int, index: int, value: int, nslots: int, entries: int) -> str:

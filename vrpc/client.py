@@ -28,9 +28,12 @@ import contextlib
 import os
 import select
 import socket
+import struct
 import time
 from types import TracebackType
 
+from prism.nfs.handles import HANDLE_SIZE, HANDLE_VERSION
+from prism.store.epoch import EpochFile
 from rpc.client import RpcTimeout, raise_for_reply
 from rpc.message import (
     NULL_AUTH,
@@ -44,6 +47,7 @@ from rpc.message import (
 from rpc.xdr import XdrError
 from vrpc import abi
 from vrpc.control import (
+    ATTACH_META,
     CLIENT_ID_SIZE,
     MAX_MESSAGE,
     Attach,
@@ -55,6 +59,7 @@ from vrpc.control import (
 from vrpc.control import (
     decode_reply as decode_control,
 )
+from vrpc.meta import MetaReader, map_table, meta_backend
 from vrpc.native import ring_backend
 from vrpc.ring import ClientRing, RingClosed, RingOpenError, map_segment
 
@@ -86,6 +91,9 @@ class ServerGone(VrpcError, ConnectionError):
     """The channel is gone: the server stopped, died or detached it. Attach again."""
 
 
+_HANDLE_BODY = struct.Struct(">BIHQ")  # a handle's version, ns, vol, ino (prism.nfs.handles)
+
+
 class VrpcChannel:
     """One attached channel; see the module docstring."""
 
@@ -113,6 +121,7 @@ class VrpcChannel:
             self.map.close()
             raise
         self.client_id = client_id
+        self._meta: MetaReader | None = None
         self._free = list(range(self.ring.nslots))
         self._done: dict[int, tuple[int, int]] = {}  # reaped completions: slot -> (len, flags)
         self._closed = False
@@ -129,13 +138,17 @@ class VrpcChannel:
         flags: int = 0,
         timeout: float = 10.0,
         abi_major: int = abi.ABI_MAJOR,
+        meta: bool = False,
     ) -> VrpcChannel:
         """Attach to VM `vm` through the control socket at `path`. `token` is the VM's
         (`prism vm vrpc-token`), if this process's user is not one of its VRPC users;
         `client_id` (16 bytes) keeps the server's duplicate request cache across channels.
-        `timeout` bounds each call. Raises `AttachRefused`, or `OSError` if no server listens."""
+        `timeout` bounds each call; `meta` maps the VM's attribute table too
+        (`stat_from_table`). Raises `AttachRefused`, or `OSError` if no server listens."""
         if isinstance(token, str):
             token = token.encode()
+        if meta:
+            flags |= ATTACH_META
         msg = Attach(
             vm,
             client_id or os.urandom(CLIENT_ID_SIZE),
@@ -160,9 +173,14 @@ class VrpcChannel:
             if len(fds) != answer.fd_count:
                 raise VrpcError(f"ATTACHED carried {len(fds)} fds, not {answer.fd_count}")
             sock.setblocking(False)
-            # (the attribute table's fds, once a later phase sends them, are closed below)
             channel = cls(sock, answer, fds[:3], timeout, msg.client_id)
-            fds = fds[3:]
+            fds = fds[3:]  # (the table's and the epoch file's are closed below once mapped)
+            if len(fds) == 2:
+                try:
+                    channel._map_meta(*fds)
+                except BaseException:
+                    channel.close()
+                    raise
             return channel
         except BaseException:
             sock.close()
@@ -170,6 +188,25 @@ class VrpcChannel:
         finally:
             for fd in fds:
                 os.close(fd)
+
+    def _map_meta(self, table_fd: int, epoch_fd: int) -> None:
+        epoch = EpochFile.from_fd(epoch_fd)
+        try:
+            self._meta = meta_backend().reader(map_table(table_fd), epoch=epoch)
+        except BaseException:
+            epoch.close()
+            raise
+
+    def stat_from_table(self, handle: bytes) -> bytes | None:
+        """The object's fattr3 (84 XDR bytes) from the VM's attribute table, with no RPC:
+        exactly what a GETATTR would answer at this instant, or None when the table cannot
+        say (not attached with `meta`, not published yet, changed since, an operator command
+        writing the store): then ask the server (its reply publishes it)."""
+        meta = self._meta
+        if meta is None or len(handle) != HANDLE_SIZE or handle[0] != HANDLE_VERSION:
+            return None
+        _, ns, vol, ino = _HANDLE_BODY.unpack_from(handle)
+        return meta.lookup(ns, vol, ino)
 
     # -- calls ---------------------------------------------------------------------------
 
@@ -279,6 +316,9 @@ class VrpcChannel:
         if self._closed:
             return
         self._closed = True
+        if self._meta is not None:
+            self._meta.release()
+            self._meta = None
         self.ring.release()
         self.map.close()
         os.close(self.kick_fd)

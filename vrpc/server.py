@@ -48,17 +48,20 @@ import struct
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from prism.access import LocalPeer, vrpc_allows
 from prism.errors import StoreError
-from prism.nfs.const import MAX_READ, MAX_WRITE
+from prism.nfs.const import MAX_READ, MAX_WRITE, NFS_PROGRAM, NFS_V3, Nfs3Proc
 from prism.nfs.service import NfsService
-from rpc.server import TRANSPORT_SHM, Outcome, RpcDispatcher
+from prism.store.epoch import EpochFile
+from rpc.server import TRANSPORT_SHM, Outcome, ProcStats, RpcDispatcher
 from rpc.transport import start_eagerly
 from rpc.xdr import XdrError
 from vrpc import abi
 from vrpc.control import (
+    ATTACH_META,
+    ATTACH_NO_FASTPATH,
     MAX_CHANNELS,
     MAX_CHANNELS_PER_UID,
     MAX_MESSAGE,
@@ -72,6 +75,7 @@ from vrpc.control import (
     encode_refused,
 )
 from vrpc.native import BACKEND, ring_backend
+from vrpc.publisher import MetaPublisher
 from vrpc.ring import RingClosed, RingProtocolError, Segment, ServerRing, eventfd, new_segment
 from vrpc.stats import VrpcStats, publish, snapshot, unpublish
 
@@ -124,6 +128,12 @@ class Channel:
     ring: ServerRing
     kick: int
     call: int
+    meta: bool = False
+    """Whether it holds its VM's attribute table (`VrpcServer.meta`)."""
+    fast: bool = False
+    """Whether GETATTR hits and NULL are answered in C (`vrpc_srv_drain_fast`)."""
+    fast_seen: tuple[int, int, int, int] = (0, 0, 0, 0)
+    """The ring's fast-path counters already folded into the statistics."""
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     in_flight: int = 0
     closed: bool = False
@@ -151,7 +161,13 @@ class Channel:
         server = self.server
         while not self.closed:
             try:
-                work = self.ring.drain(BATCH)
+                fast = self.fast and server.meta.cdata(self.vm)
+                if fast:
+                    work = cast(Any, self.ring).drain_fast(BATCH, fast)
+                    drained = server.count_fast(self)
+                else:
+                    work = self.ring.drain(BATCH)
+                    drained = len(work)
             except RingProtocolError:
                 self.fail(self.ring.error or "the ring broke")
                 return
@@ -172,7 +188,7 @@ class Channel:
                 else:
                     self.in_flight += 1
                     start_eagerly(self._serve(slot, cast(Awaitable[Outcome], outcome)), self.tasks)
-            if len(work) == BATCH:  # more may wait: after every other reader's turn
+            if drained == BATCH:  # more may wait: after every other reader's turn
                 self.again = asyncio.get_running_loop().call_soon(self.drain)
                 return
             if not self.ring.arm():
@@ -255,6 +271,8 @@ class Channel:
         self.segment.close()
         os.close(self.kick)
         os.close(self.call)
+        if self.meta:
+            self.server.meta.detach(self.vm)
         self.server.forget(self)
 
 
@@ -271,8 +289,14 @@ class VrpcServer:
         max_channels: int = MAX_CHANNELS,
         max_per_uid: int = MAX_CHANNELS_PER_UID,
         default_slots: int = DEFAULT_SLOTS,
+        meta_entries: int = abi.DEFAULT_META_BUCKETS,
     ) -> None:
         self.dispatcher = dispatcher
+        store = cast(Any, service.store)
+        self.meta = MetaPublisher(
+            getattr(store, "epoch", None), buckets=meta_entries, boot_id=store.boot_id
+        )
+        """The VMs' attribute tables (made as ATTACH_META channels come)."""
         self.service = service
         self.path = Path(path)
         self.max_channels = max_channels
@@ -310,6 +334,8 @@ class VrpcServer:
             sock.close()
             raise
         self._sock = sock
+        self.service.meta = self.meta
+        cast(Any, self.service.store).observer = self.meta
         asyncio.get_running_loop().add_reader(sock.fileno(), self._accept)
         self._publish()
         log.info("vrpc: control socket %s (%s ring backend)", path, BACKEND)
@@ -359,6 +385,9 @@ class VrpcServer:
             ch.detach("the server is stopping: attach again once it is back", RefuseStatus.BUSY)
         if tasks:
             await asyncio.wait(tasks, timeout=10)
+        self.service.meta = None
+        cast(Any, self.service.store).observer = None
+        self.meta.close()
 
     # -- attaching -----------------------------------------------------------------------
 
@@ -461,7 +490,19 @@ class VrpcServer:
         boot_id = self.service.store.boot_id
         segment = new_segment(nslots, f"prism-vrpc-{msg.vm}")
         kick, call = eventfd(), eventfd()
+        have_epoch = self.meta.epoch is not None
+        want_meta = bool(msg.flags & ATTACH_META) and have_epoch
+        # the C fast path answers from the VM's table, so it needs one too
+        fast = have_epoch and ring_backend.name == "native" and not msg.flags & ATTACH_NO_FASTPATH
+        extra: list[int] = []
+        held = False
         try:
+            if want_meta or fast:
+                table = self.meta.attach(vm, msg.vm)
+                held = True
+            if want_meta:
+                extra = [table.fd]
+                extra.append(cast(EpochFile, self.meta.epoch).open_readonly())
             ring = ring_backend.server(
                 segment.map, nslots=nslots, boot_id=boot_id, channel_id=channel_id, call_fd=call
             )
@@ -470,21 +511,26 @@ class VrpcServer:
                     channel_id=channel_id,
                     boot_id=boot_id,
                     ring_size=abi.ring_size(nslots),
-                    meta_size=0,
+                    meta_size=abi.meta_size(self.meta.buckets) if want_meta else 0,
                     vm_ns=vm,
                     root_fh=root_fh,
                     max_io=min(MAX_READ, MAX_WRITE),
-                    features=0,
+                    features=(abi.F_META if want_meta else 0) | (abi.F_FASTPATH if fast else 0),
                 )
             )
-            fds = array.array("i", [segment.fd, kick, call])
+            fds = array.array("i", [segment.fd, kick, call, *extra])
             conn.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         except BaseException:
             segment.close()
             os.close(kick)
             os.close(call)
+            if held:
+                self.meta.detach(vm)
             conn.close()
             raise
+        finally:
+            if len(extra) == 2:
+                os.close(extra[1])  # the epoch fd: the client's copy travelled
         ch = Channel(
             self,
             channel_id,
@@ -499,6 +545,8 @@ class VrpcServer:
             ring,
             kick,
             call,
+            meta=held,
+            fast=fast,
         )
         self.channels[channel_id] = ch
         self.stats.attached += 1
@@ -545,6 +593,30 @@ class VrpcServer:
         except OSError as exc:
             log.warning("vrpc: cannot write the figures for `prism stats`: %s", exc)
         self._published = figures
+
+    def count_fast(self, ch: Channel) -> int:
+        """Fold what `ch`'s C fast path answered since the last look into the one set of
+        statistics (the dispatcher's per-procedure figures and outcomes, VRPC's fast-path
+        hits); the SQEs it drained meanwhile."""
+        drained, getattr_, null, ns = cast(Any, ch.ring).fast_stats
+        d0, g0, n0, t0 = ch.fast_seen
+        ch.fast_seen = (drained, getattr_, null, ns)
+        answered = getattr_ - g0 + null - n0
+        if answered:
+            each = (ns - t0) / 1e9 / answered
+            stats = self.dispatcher.stats
+            for proc, n in ((Nfs3Proc.GETATTR, getattr_ - g0), (Nfs3Proc.NULL, null - n0)):
+                key, name = (NFS_PROGRAM, NFS_V3, int(proc)), proc.name
+                if n:
+                    row = stats.procs.get(key)
+                    if row is None:
+                        row = stats.procs[key] = ProcStats("nfs", name)
+                    row.calls += n
+                    row.seconds += each * n
+                    row.max_seconds = max(row.max_seconds, each)
+            stats.outcomes["SUCCESS"] += answered
+            self.stats.fast_path_hits += answered
+        return drained - d0
 
     def forget(self, ch: Channel) -> None:
         self.channels.pop(ch.id, None)

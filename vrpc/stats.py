@@ -23,7 +23,7 @@ STATS_FILE = "vrpc-stats.json"
 @dataclass(slots=True)
 class VrpcStats:
     calls: int = 0  # records dispatched through Python (`RpcDispatcher.handle_now`)
-    fast_path_hits: int = 0  # records answered in C (none until the C fast path exists)
+    fast_path_hits: int = 0  # records answered in C (`vrpc_srv_drain_fast`)
     protocol_errors: int = 0  # channels closed because their client broke the protocol
     attached: int = 0  # ATTACHes granted
     refused: int = 0  # ATTACHes refused

@@ -28,7 +28,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 from prism.access import (
     client_allowed,
@@ -60,7 +60,7 @@ from prism.nfs.const import (
     StableHow,
 )
 from prism.nfs.convert import fattr3, file_type, packed_fattr3, setattr_of, wcc_attr
-from prism.nfs.handles import BadHandle, HandleCodec
+from prism.nfs.handles import MAC_SIZE, BadHandle, HandleCodec
 from prism.nfs.status import mountstat_for, nfsstat_for
 from prism.store.api import LAST_COOKIE, FileStore, Made, Wcc, record_attrs
 from prism.store.executor import StoreExecutor
@@ -226,12 +226,31 @@ class Gathered:
         return unchanged(self._attr(fh))
 
 
+class MetaSink(Protocol):
+    """Where VRPC-bound replies' attributes go (`vrpc.publisher.MetaPublisher`)."""
+
+    def epoch0(self) -> int | None: ...
+
+    def published(
+        self,
+        vm: int,
+        oid: ObjectId,
+        raw: bytes,
+        mac: bytes,
+        epoch0: int | None,
+        owner: Callable[[], ObjectId],
+    ) -> None: ...
+
+
 class NfsService:
     """Shared state of the NFS and MOUNT programs: the store executor and handle codec."""
 
     def __init__(self, executor: StoreExecutor, *, durable_replies: bool = True) -> None:
         self.executor = executor
         self.durable_replies = durable_replies
+        self.meta: MetaSink | None = None
+        """VRPC's attribute tables (`vrpc.publisher.MetaPublisher`), once a server has them:
+        what VRPC-bound GETATTR and LOOKUP replies carry is published there."""
         """False (`prism serve --async`): only COMMIT waits for durability."""
         self.store: FileStore = executor.store
         self.handles = HandleCodec(self.store.secret)
@@ -364,8 +383,13 @@ class NfsService:
         return T.VOID
 
     def getattr(self, s: FileStore, call: Call, a: T.GetattrArgs) -> T.GetattrRes:
+        meta = self.meta if call.vm is not None else None
+        epoch0 = meta.epoch0() if meta is not None else None  # before the store reads
         oid = self._oid(s, call, a.object)
-        return T.GetattrRes(OK, fattr3(s.getattr(oid)))
+        attr = fattr3(s.getattr(oid))
+        if meta is not None:
+            self._publish(meta, s, call, oid, attr, a.object.data, epoch0)
+        return T.GetattrRes(OK, attr)
 
     def setattr(self, s: FileStore, call: Call, a: T.SetattrArgs) -> T.SetattrRes:
         oid = self._changing(s, call, a.object)
@@ -374,9 +398,29 @@ class NfsService:
         return T.SetattrRes(OK, wcc_data(wcc))
 
     def lookup(self, s: FileStore, call: Call, a: T.LookupArgs) -> T.LookupRes:
+        meta = self.meta if call.vm is not None else None
+        epoch0 = meta.epoch0() if meta is not None else None  # before the store reads
         dir_oid = self._oid(s, call, a.what.dir)
         found = s.lookup_in(dir_oid, a.what.name, call.cred)
-        return T.LookupRes(OK, self.fh(found.attr.oid), fattr3(found.attr), fattr3(found.dir))
+        fh, attr = self.fh(found.attr.oid), fattr3(found.attr)
+        if meta is not None:
+            self._publish(meta, s, call, found.attr.oid, attr, fh.data, epoch0)
+        return T.LookupRes(OK, fh, attr, fattr3(found.dir))
+
+    @staticmethod
+    def _publish(
+        meta: MetaSink,
+        s: FileStore,
+        call: Call,
+        oid: ObjectId,
+        attr: T.Fattr3,
+        fh: bytes,
+        epoch0: int | None,
+    ) -> None:
+        """Publish a reply's attributes into the calling VM's table (VRPC calls only)."""
+        assert call.vm is not None
+        raw = cast(T.PackedFattr3, attr).raw
+        meta.published(call.vm, oid, raw, fh[-MAC_SIZE:], epoch0, lambda: s.identity(oid))
 
     def access(self, s: FileStore, call: Call, a: T.AccessArgs) -> T.AccessRes:
         oid = self._oid(s, call, a.object)

@@ -151,11 +151,33 @@ class Listing:
     parent: Attr | None
 
 
+class StoreObserver(Protocol):
+    """Told of every change to inode and directory-entry records, as `Store.observer`
+    (VRPC's attribute tables, `vrpc.publisher`). Calls come on the writing thread after the
+    nested transaction that made the changes committed (a failed operation reports nothing),
+    before control returns to the operation's caller; `ns` is the namespace written (an
+    object's owner: writes through a share land in its source VM), `vol` its own volume.
+    `batch_lost` says that changes reported since the last durable point were undone."""
+
+    def inode_written(self, ns: int, vol: int, ino: int, inode: bytes) -> None:
+        """The object's record is now `inode` (`records.Inode` packed)."""
+
+    def inode_dropped(self, ns: int, vol: int, ino: int) -> None: ...
+
+    def dirents_changed(self, ns: int, vol: int, dir_ino: int) -> None:
+        """An entry of the directory was added, replaced or removed."""
+
+    def batch_lost(self) -> None: ...
+
+
 class FileStore(Protocol):
     """What the store's callers may call (`prism.store.Store` satisfies it; `tests/
     store_contract.py` checks that with mypy). Operations not named in the module docstring
     raise NotFound / Stale for a missing namespace or object and InvalidArgument for a bad
     argument, each with a message that tells an operator what to do."""
+
+    observer: StoreObserver | None
+    """Who is told of inode and dirent changes made by this process (None: nobody)."""
 
     @property
     def secret(self) -> bytes:

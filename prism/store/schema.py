@@ -6,6 +6,7 @@ the file-handle MAC key)::
 
     DATA/meta/data.mdb, lock.mdb   LMDB environment (all metadata, see the databases below)
     DATA/meta/journal              redo journal of a running server (`prism.store.journal`)
+    DATA/meta/epoch                writes by other processes, for VRPC tables (`prism.store.epoch`)
     DATA/segments/<id>.seg         chunk bytes, appended back to back (`prism.store.segments`)
     DATA/staging/<token>.lock      flock'ed by the process building the import staged as token
     DATA/nlm/                      the lock service's state, not the store's (`prism.nlm.monitor`)
@@ -153,6 +154,16 @@ class Ctx:
     damage_logged: set[bytes] = field(default_factory=set)
     damaged_reads: int = 0
     """Reads refused because content failed its hash check (since this process began)."""
+    # -- VRPC's attribute tables (`txn`, `tree`; design vrpc.md 7.3-7.5) --
+    epoch: Any = None
+    """DATA/meta/epoch (`prism.store.epoch.EpochFile`): bumped around every write
+    transaction of a process that does not own the journal."""
+    epoch_begun: int | None = None
+    """The epoch's `begun` of this process's open top-level write transaction."""
+    observer: Any = None
+    """`api.StoreObserver` told of inode and dirent changes at each nested commit."""
+    events: list[tuple[Any, ...]] = field(default_factory=list)
+    """The open nested transaction's changes for `observer` (recorded only with one)."""
 
     @property
     def journal_path(self) -> Path:

@@ -6,7 +6,8 @@ The work is done by the rooms, each a module of free functions over one context
 (`schema.Ctx`), each opening with its theory of operation:
 
     schema    the on-disk layout: LMDB environment, named databases, counters, `Ctx`
-    txn       batches, durable points, journal replay, locks: the crash ordering
+    txn       batches, durable points, journal replay, locks, the store epoch and observer
+              events: the crash ordering
     layers    namespace records, layer chains, volumes, share routing
     tree      inodes, directory entries, whiteouts, merged listings, share containment
     content   chunking, dedup, the chunk map, segment accounting, damage
@@ -24,7 +25,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from prism.errors import NotFound
 from prism.store import compose, layers, names, posix, quota, staging, txn
@@ -37,10 +38,12 @@ from prism.store.api import (
     Read,
     Renamed,
     Space,
+    StoreObserver,
     Target,
     Wcc,
 )
 from prism.store.diskio import PRIVATE_DIR
+from prism.store.epoch import EpochFile
 from prism.store.layers import UNCHANGED
 from prism.store.schema import Ctx, Dbs, make_private, open_env, prepare
 from prism.store.segments import SegmentFiles
@@ -102,6 +105,7 @@ class Store:
             ctx = Ctx(
                 root, env, Dbs.open(env), SegmentFiles(root / "segments"), WriteLock(root), owned
             )
+            ctx.epoch = EpochFile.open(root)
             txn.upgrade(ctx)
             store = cls(ctx)
         except BaseException:
@@ -126,6 +130,8 @@ class Store:
             ctx.journal.close()
             ctx.journal = None
         ctx.write_lock.close()
+        if ctx.epoch is not None:
+            ctx.epoch.close()
         ctx.env.close()
 
     def __enter__(self) -> Store:
@@ -133,6 +139,20 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def observer(self) -> StoreObserver | None:
+        return cast("StoreObserver | None", self.ctx.observer)
+
+    @observer.setter
+    def observer(self, observer: StoreObserver | None) -> None:
+        self.ctx.observer = observer
+        self.ctx.events.clear()
+
+    @property
+    def epoch(self) -> EpochFile | None:
+        """DATA/meta/epoch, mapped (`prism.store.epoch`)."""
+        return cast("EpochFile | None", self.ctx.epoch)
 
     @property
     def journal(self) -> Any:

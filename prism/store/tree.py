@@ -156,7 +156,10 @@ def inode_record(ctx: Ctx, t: lmdb.Transaction, view: View, vol: int, ino: int) 
 
 
 def put_inode(ctx: Ctx, t: lmdb.Transaction, view: View, vol: int, ino: int, node: Inode) -> None:
-    t.put(R.inode_key(view.top, vol, ino), node.pack(), db=ctx.db.inodes)
+    packed = node.pack()
+    t.put(R.inode_key(view.top, vol, ino), packed, db=ctx.db.inodes)
+    if ctx.observer is not None:  # delivered at the nested commit (`txn.write`)
+        ctx.events.append(("inode_written", view.id, vol, ino, packed))
 
 
 def lower_has(
@@ -177,6 +180,8 @@ def drop_inode(ctx: Ctx, t: lmdb.Transaction, view: View, vol: int, ino: int) ->
         t.put(key, R.WHITEOUT, db=ctx.db.inodes)
     else:
         t.delete(key, db=ctx.db.inodes)
+    if ctx.observer is not None:
+        ctx.events.append(("inode_dropped", view.id, vol, ino))
 
 
 def locate(
@@ -269,6 +274,8 @@ def put_entry(
         R.DIRENT_VAL.pack(target[0], target[1], int(target[2])),
         db=ctx.db.dirents,
     )
+    if ctx.observer is not None:
+        ctx.events.append(("dirents_changed", view.id, dvol, dino))
 
 
 def drop_entry(ctx: Ctx, t: lmdb.Transaction, view: View, dvol: int, dino: int, name: bytes):
@@ -278,6 +285,8 @@ def drop_entry(ctx: Ctx, t: lmdb.Transaction, view: View, dvol: int, dino: int, 
         t.put(key, R.WHITEOUT, db=ctx.db.dirents)
     else:
         t.delete(key, db=ctx.db.dirents)
+    if ctx.observer is not None:
+        ctx.events.append(("dirents_changed", view.id, dvol, dino))
 
 
 def _scan_layer_dir(

@@ -165,6 +165,7 @@ def commit(ctx: Ctx) -> None:
         forget_layers(ctx)
         batch.abort()
         ctx.writer = None
+        batch_lost(ctx)
         reopen_batch(ctx)
         raise _commit_error(exc, ctx.path) from exc
     ctx.writer = None
@@ -215,6 +216,7 @@ def durable_commit(ctx: Ctx, txn: lmdb.Transaction) -> None:
         raise error from exc
     ctx.writer = None
     ctx.write_lock.release()
+    _end_epoch(ctx)
     ctx.segments.roll_if_full()
 
 
@@ -223,6 +225,7 @@ def abort(ctx: Ctx) -> None:
         batch, ctx.batch = ctx.batch, None
         ctx.journaled.clear()
         aborted(ctx, batch)
+        batch_lost(ctx)
 
 
 def aborted(ctx: Ctx, txn: lmdb.Transaction) -> None:
@@ -234,6 +237,7 @@ def aborted(ctx: Ctx, txn: lmdb.Transaction) -> None:
     if txn is ctx.writer:
         ctx.writer = None
         ctx.write_lock.release()
+        _end_epoch(ctx)
 
 
 def forget_layers(ctx: Ctx) -> None:
@@ -250,19 +254,54 @@ def write(ctx: Ctx) -> Iterator[lmdb.Transaction]:
         try:
             yield child if recorder is None else cast(lmdb.Transaction, recorder)
         except BaseException:
+            ctx.events.clear()
             aborted(ctx, child)
             raise
         child.commit()
         if recorder is not None:
             ctx.journaled += recorder.changes
+        deliver(ctx)
         return
     txn = begin_write(ctx)
     try:
         yield txn
     except BaseException:
+        ctx.events.clear()
         aborted(ctx, txn)
         raise
     durable_commit(ctx, txn)
+    deliver(ctx)
+
+
+def deliver(ctx: Ctx) -> None:
+    """Tell the observer what the nested transaction that just committed changed, before
+    control returns to the caller (so before any other call runs); a failed operation
+    tells it nothing. An observer that fails must not fail the operation: it is told the
+    batch was lost instead (VRPC then invalidates every table)."""
+    events, ctx.events = ctx.events, []
+    observer = ctx.observer
+    if observer is None or not events:
+        return
+    try:
+        for kind, *args in events:
+            getattr(observer, kind)(*args)
+    except Exception:
+        log.exception("store observer failed; invalidating what it observes")
+        batch_lost(ctx)
+
+
+def batch_lost(ctx: Ctx) -> None:
+    """The observer's view of the open batch is void (it was aborted or reopened)."""
+    ctx.events.clear()
+    if ctx.observer is not None:
+        ctx.observer.batch_lost()
+
+
+def _end_epoch(ctx: Ctx) -> None:
+    """After a top-level write transaction committed or aborted (`prism.store.epoch`)."""
+    if ctx.epoch_begun is not None:
+        begun, ctx.epoch_begun = ctx.epoch_begun, None
+        ctx.epoch.end(begun)
 
 
 def begin_write(ctx: Ctx) -> lmdb.Transaction:
@@ -281,6 +320,11 @@ def begin_write(ctx: Ctx) -> lmdb.Transaction:
     except BaseException:
         ctx.write_lock.release()
         raise
+    if ctx.epoch is not None:  # holding LMDB's writer lock: no other writer is in progress
+        if ctx.journal is None:
+            ctx.epoch_begun = ctx.epoch.begin()
+        else:
+            ctx.epoch.repair()  # a non-owner died between begin and end
     if ctx.journal is None and ctx.journal_path.exists():
         try:
             orphan = Journal.open(ctx.journal_path)
