@@ -2,16 +2,18 @@
 
 A tiny HTTP/1.0 responder (GET /metrics only) on the server's event loop. Figures: per-VM
 logical bytes, objects and quota; store logical and stored bytes, dedup ratio, chunk count and
-reads refused because content failed its hash check; per-procedure RPC call counts, errors
-and latency sums from the dispatcher; the TCP connections open, refused, evicted and closed
-as stalled (`rpc.admission`); the file locks (`prism.nlm`): held, waiting, clients,
-blocked requests granted and their waits; and VRPC (`vrpc.server`): channels, calls by path
-(python, and fast for the C fast path), protocol errors, refused and revoked attachments.
+reads refused because content failed its hash check; per-procedure RPC call counts, errors by
+status (every reply other than OK, counted by the dispatcher) and latency sums; the TCP
+connections open, refused, evicted and closed as stalled (`rpc.admission`); the file locks
+(`prism.nlm`): held, waiting, clients, blocked requests granted and their waits; and VRPC
+(`vrpc.server`): channels, calls by path (python, and fast for the C fast path), protocol
+errors, refused and revoked attachments.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -98,7 +100,13 @@ def collect_store(store: Store) -> list[str]:
 
 RPC_SERIES = (
     ("prism_rpc_calls_total", "counter", "RPC calls by program and procedure.", "calls"),
-    ("prism_rpc_errors_total", "counter", "Replies other than SUCCESS.", "errors"),
+    (
+        "prism_rpc_errors_total",
+        "counter",
+        "Replies other than OK by status: the protocol's (NFS3ERR_NOENT, MNT3ERR_ACCES,"
+        " DENIED...) or the RPC layer's (GARBAGE_ARGS, SYSTEM_ERR, AUTH_ERROR, DROPPED).",
+        "errors",
+    ),
     ("prism_rpc_latency_seconds_sum", "counter", "Sum of handler latencies.", "seconds"),
     ("prism_rpc_latency_seconds_max", "gauge", "Slowest call.", "max_seconds"),
 )
@@ -112,6 +120,12 @@ def collect_rpc(stats: DispatcherStats) -> list[str]:
         for (_prog, vers, _proc), ps in rows:
             labels = f'program="{ps.program}",version="{vers}",proc="{ps.name}"'
             value = getattr(ps, field)
+            if isinstance(value, Counter):
+                lines += [
+                    f'{name}{{{labels},status="{_label(status)}"}} {count}'
+                    for status, count in sorted(value.items())
+                ]
+                continue
             shown = f"{value:.6f}" if isinstance(value, float) else str(value)
             lines.append(f"{name}{{{labels}}} {shown}")
     return lines

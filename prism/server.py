@@ -30,10 +30,19 @@ from typing import Any
 
 from prism.metrics import MetricSources, serve_metrics
 from prism.nfs.const import MOUNT_PORT, MOUNT_PROGRAM, MOUNT_V3, NFS_PORT, NFS_PROGRAM, NFS_V3
+from prism.nfs.replies import mount_status, nfs_status
 from prism.nfs.service import NfsService
 from prism.nlm.monitor import DEFAULT_GRACE, Monitor
 from prism.nlm.service import NlmService
-from prism.nlm.types import NLM_PROGRAM, NLM_V1, NLM_V3, NLM_V4, NSM_PROGRAM, NSM_V1
+from prism.nlm.types import (
+    NLM_PROGRAM,
+    NLM_V1,
+    NLM_V3,
+    NLM_V4,
+    NSM_PROGRAM,
+    NSM_V1,
+    nlm_status,
+)
 from prism.store import Store
 from prism.store.executor import StoreExecutor
 from rpc.admission import MAX_PER_ADDRESS, RECORD_TIMEOUT, ConnectionLimits
@@ -109,10 +118,10 @@ class PrismServer:
         self.executor = StoreExecutor(self.store)
         self.service = NfsService(self.executor, durable_replies=options.durable_replies)
         self.dispatcher = RpcDispatcher()
-        self.dispatcher.add_program(self.service.program())
-        self.dispatcher.add_program(self.service.mount_program())
+        self.dispatcher.add_program(self.service.program(), nfs_status)
+        self.dispatcher.add_program(self.service.mount_program(), mount_status)
         self.nlm = NlmService(self.service, Monitor(options.data), grace=options.grace)
-        self.dispatcher.add_program(self.nlm.program())
+        self.dispatcher.add_program(self.nlm.program(), nlm_status)
         self.dispatcher.add_program(self.nlm.nsm_program())
         self.connections = Connections(
             ConnectionLimits(

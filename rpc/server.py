@@ -23,7 +23,10 @@ retransmission of a completed call is answered with the original reply bytes wit
 the handler again, and one arriving while the original still runs is dropped.
 
 `dispatcher.stats` counts calls, errors and latency per (prog, vers, proc) and outcomes by
-name, for a metrics endpoint to read.
+name, for a metrics endpoint to read. An error is any reply other than OK: an RPC-level
+failure (GARBAGE_ARGS, SYSTEM_ERR...), or a SUCCESS whose results carry a non-OK status of
+the program's own (NFS3ERR_NOENT, MNT3ERR_ACCES...), which the `StatusOf` given with the
+program at `add_program` reads from the encoded results.
 """
 
 from __future__ import annotations
@@ -103,6 +106,9 @@ Handler = Callable[[CallContext, bytes], Awaitable[bytes]]
 ImmediateHandler = Callable[[CallContext, bytes], bytes]
 Outcome = tuple[bytes | None, bool]
 """(reply record or None, whether a stream transport should close the connection)"""
+StatusOf = Callable[[int, bytes], str | None]
+"""How a program's results report failure: (procedure, encoded results) -> the name of the
+non-OK status they carry, or None (OK, or a procedure whose results carry no status)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,7 +281,9 @@ class ProcStats:
     program: str
     name: str
     calls: int = 0
-    errors: int = 0  # replies other than SUCCESS (and dropped calls)
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    """Replies other than OK by status: the program's own status of a SUCCESS reply
+    (`StatusOf`), else the RPC outcome (GARBAGE_ARGS, SYSTEM_ERR, AUTH_ERROR, DROPPED)."""
     seconds: float = 0.0  # sum of handler latencies
     max_seconds: float = 0.0
 
@@ -303,14 +311,19 @@ class RpcDispatcher:
         flavors: Iterable[int] = DEFAULT_FLAVORS,
     ) -> None:
         self._programs: dict[int, Program] = {}
+        self._status_of: dict[int, StatusOf] = {}
         self.drc = drc if drc is not None else DuplicateRequestCache()
         self.flavors = frozenset(flavors)
         self.stats = DispatcherStats()
 
-    def add_program(self, program: Program) -> None:
+    def add_program(self, program: Program, status_of: StatusOf | None = None) -> None:
+        """Serve `program`; `status_of` reads the status its results carry, so that replies
+        with a non-OK one count as errors (without it only RPC-level failures do)."""
         if program.number in self._programs:
             raise ValueError(f"program {program.number} ({program.name}) is already registered")
         self._programs[program.number] = program
+        if status_of is not None:
+            self._status_of[program.number] = status_of
 
     async def dispatch(self, record: bytes, peer: tuple[str, int], transport: str) -> bytes | None:
         """The unframed reply record for `record`, or None to send nothing."""
@@ -423,11 +436,16 @@ class RpcDispatcher:
         self, procedure: Procedure, ctx: CallContext, body: bytes | Exception, start: float
     ) -> bytes | None:
         """The reply to a call whose handler returned `body` (or raised it), counted."""
+        status = None
         if isinstance(body, Exception):
             reply, outcome = self._failed(procedure, ctx, body)
+            status = outcome
         else:
             reply, outcome = encode_accepted(ctx.xid, AcceptStat.SUCCESS, body), "SUCCESS"
-        self._count(procedure, ctx, outcome, time.perf_counter() - start)
+            status_of = self._status_of.get(ctx.prog)
+            if status_of is not None:
+                status = status_of(ctx.proc, body)
+        self._count(procedure, ctx, outcome, status, time.perf_counter() - start)
         return reply
 
     def _failed(
@@ -452,7 +470,15 @@ class RpcDispatcher:
         )
         return encode_accepted(ctx.xid, AcceptStat.SYSTEM_ERR), "SYSTEM_ERR"
 
-    def _count(self, procedure: Procedure, ctx: CallContext, outcome: str, elapsed: float) -> None:
+    def _count(
+        self,
+        procedure: Procedure,
+        ctx: CallContext,
+        outcome: str,
+        status: str | None,
+        elapsed: float,
+    ) -> None:
+        """Count a call: its outcome, and `status` (None: OK) as an error of its procedure."""
         key = (ctx.prog, ctx.vers, ctx.proc)
         stats = self.stats.procs.get(key)
         if stats is None:
@@ -462,6 +488,6 @@ class RpcDispatcher:
         stats.seconds += elapsed
         if elapsed > stats.max_seconds:
             stats.max_seconds = elapsed
-        if outcome != "SUCCESS":
-            stats.errors += 1
+        if status is not None:
+            stats.errors[status] += 1
         self.stats.outcomes[outcome] += 1

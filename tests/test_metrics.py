@@ -18,8 +18,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from prism.nfs.const import NfsStat3
+from prism.nfs.client import MountClient
+from prism.nfs.const import NFS_PROGRAM, NFS_V3, MountStat3, Nfs3Proc, NfsStat3, StableHow
 from prism.nfs.wire import Sattr3
+from prism.nlm.client import NlmClient
+from prism.nlm.types import NlmStat
+from rpc.message import AcceptedReply, AcceptStat, decode_reply, encode_call
+from rpc.record import RecordReader, frame
 from tests.op_helpers import PrismServe, nfs_put, prism
 
 CHUNK = 128 * 1024
@@ -90,6 +95,21 @@ def nfs(series: Series, name: str, proc: str) -> float:
     return value(series, name, program="nfs", version="3", proc=proc)
 
 
+def errors(series: Series) -> dict[tuple[str, str, str], float]:
+    """prism_rpc_errors_total: (program, procedure, status) -> count."""
+    out = {}
+    for (name, labels), count in series.items():
+        if name == "prism_rpc_errors_total":
+            d = dict(labels)
+            out[d["program"], d["proc"], d["status"]] = count
+    return out
+
+
+def grown(before: Series, after: Series) -> dict[tuple[str, str, str], float]:
+    old = errors(before)
+    return {k: v - old.get(k, 0) for k, v in errors(after).items() if v != old.get(k, 0)}
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PrismServe, Metrics]]:
     data = tmp_path_factory.mktemp("metrics") / "data"
@@ -155,10 +175,6 @@ def test_procedure_counts_and_latency_grow_with_calls(served: tuple[PrismServe, 
             before, "prism_rpc_latency_seconds_sum", proc
         )
         assert nfs(after, "prism_rpc_latency_seconds_max", proc) > 0
-        # an NFS error status (NOENT) is a successful RPC reply, not an RPC error
-        assert nfs(after, "prism_rpc_errors_total", proc) == nfs(
-            before, "prism_rpc_errors_total", proc
-        )
     # MOUNT calls are counted under their own program
     assert value(after, "prism_rpc_calls_total", program="mount", version="3", proc="MNT") >= 1
 
@@ -177,3 +193,70 @@ def test_other_requests_get_404_and_do_not_disturb_it(served: tuple[PrismServe, 
         sock.sendall(b"\xff\xfe garbage\r\n\r\n")
         sock.recv(4096)
     assert metrics.scrape()
+
+
+NLM_PORT = re.compile(r" nlm (?P<port>\d+) ")
+
+
+def test_every_non_ok_status_is_an_error_by_procedure_and_status(
+    served: tuple[PrismServe, Metrics],
+) -> None:
+    """NFS, MOUNT and NLM replies that carry a failure status are RPC SUCCESS replies, and
+    each is counted in prism_rpc_errors_total under its procedure and status; OK replies
+    and procedures without a status are not."""
+    server, metrics = served
+    prism(server.data, "vm", "create", "tight", "--quota", "512K")
+    prism(server.data, "vm", "create", "fenced", "--client", "10.99.0.1/32")
+    prism(server.data, "snapshot", "create", "alpha", "frozen")
+    before = metrics.scrape()
+    c, root = server.mount("/alpha")
+    with c:
+        assert c.lookup(root, "absent").status == NfsStat3.NFS3ERR_NOENT
+        assert c.lookup(root, "absent").status == NfsStat3.NFS3ERR_NOENT
+        gone = nfs_put(c, root, "gone", b"soon removed")
+        assert c.remove(root, "gone").ok
+        assert c.getattr(gone).status == NfsStat3.NFS3ERR_STALE
+        mine = nfs_put(c, root, "locked", b"x" * 10)
+        assert c.getattr(mine).ok and c.lookup(root, "locked").ok
+    c, snap_root = server.mount("/alpha@frozen")
+    with c:
+        made = c.create(snap_root, "new", Sattr3(mode=0o644))
+        assert made.status == NfsStat3.NFS3ERR_ROFS
+    c, tight = server.mount("/tight")
+    with c:
+        f = c.create(tight, "big", Sattr3(mode=0o644))
+        assert f.ok and f.obj is not None
+        wrote = c.write(f.obj, 0, bytes(1 << 20), StableHow.FILE_SYNC)
+        assert wrote.status == NfsStat3.NFS3ERR_DQUOT
+    with MountClient("127.0.0.1", server.mount_port) as m:
+        assert m.mnt_raw("/fenced").status == MountStat3.MNT3ERR_ACCES
+        assert m.mnt_raw("/no-such-vm").status == MountStat3.MNT3ERR_NOENT
+    nlm_port = next(int(m["port"]) for line in server.lines if (m := NLM_PORT.search(line)))
+    with NlmClient("127.0.0.1", nlm_port) as one, NlmClient("127.0.0.1", nlm_port) as two:
+        held = one.alock(mine.data, svid=1)
+        assert one.lock(held).stat == NlmStat.GRANTED
+        assert two.lock(two.alock(mine.data, svid=2)).stat == NlmStat.DENIED
+        assert one.unlock(held).stat == NlmStat.GRANTED
+    assert grown(before, metrics.scrape()) == {
+        ("nfs", "LOOKUP", "NFS3ERR_NOENT"): 2,
+        ("nfs", "GETATTR", "NFS3ERR_STALE"): 1,
+        ("nfs", "CREATE", "NFS3ERR_ROFS"): 1,
+        ("nfs", "WRITE", "NFS3ERR_DQUOT"): 1,
+        ("mount", "MNT", "MNT3ERR_ACCES"): 1,
+        ("mount", "MNT", "MNT3ERR_NOENT"): 1,
+        ("nlm", "LOCK", "DENIED"): 1,
+    }
+
+
+def test_rpc_level_failures_are_errors_by_their_outcome(served: tuple[PrismServe, Metrics]) -> None:
+    server, metrics = served
+    before = metrics.scrape()
+    with socket.create_connection(("127.0.0.1", server.nfs_port), timeout=10) as sock:
+        # GETATTR whose argument (an nfs_fh3) is cut short: GARBAGE_ARGS
+        body = encode_call(7, NFS_PROGRAM, NFS_V3, Nfs3Proc.GETATTR, b"\0\0\0\x40")
+        sock.sendall(frame(body))
+        reply = RecordReader(1 << 20)
+        while not (records := reply.feed(sock.recv(65536))):
+            pass
+        assert decode_reply(records[0]) == AcceptedReply(7, AcceptStat.GARBAGE_ARGS)
+    assert grown(before, metrics.scrape()) == {("nfs", "GETATTR", "GARBAGE_ARGS"): 1}

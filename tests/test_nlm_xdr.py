@@ -25,6 +25,7 @@ from prism.nlm.types import (
     MyId,
     NlmHolder,
     NlmLock,
+    NlmProc,
     NlmShare,
     NlmStat,
     Notify,
@@ -187,3 +188,21 @@ def test_fuzz_mutated_valid_messages(base: object, flips: list[tuple[int, int]])
             data[pos] = value
     with contextlib.suppress(XdrError):
         decode(type(base), bytes(data))
+
+
+@given(st.binary(max_size=40), st.sampled_from(list(NlmStat)), st.booleans())
+def test_nlm_status_reads_the_status_after_any_cookie(
+    cookie: bytes, stat: NlmStat, wide: bool
+) -> None:
+    """`nlm_status` (the dispatcher's error count) finds the status behind a cookie of any
+    length (netobj padding included) in every result that has one; GRANTED and the void
+    results are no error."""
+    want = None if stat == NlmStat.GRANTED else stat.name
+    holder = NlmHolder(True, 7, b"owner", 0, 10) if stat == NlmStat.DENIED else None
+    for result in (
+        Res(cookie, stat),
+        nlm_types.TestRes(cookie, stat, holder),
+        ShareRes(cookie, stat, 7),
+    ):
+        assert nlm_types.nlm_status(NlmProc.LOCK, encode(result, wide)) == want
+    assert nlm_types.nlm_status(NlmProc.LOCK_MSG, b"") is None

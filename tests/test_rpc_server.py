@@ -141,12 +141,30 @@ def test_stats() -> None:
     dispatch(d, call(ADD, b""))
     dispatch(d, call(99))
     echo = d.stats.procs[(TOY_PROG, 3, ECHO)]
-    assert (echo.name, echo.calls, echo.errors) == ("ECHO", 3, 0)
+    assert (echo.program, echo.name, echo.calls, echo.errors) == ("toy", "ECHO", 3, {})
     assert echo.seconds >= 0 and echo.max_seconds <= echo.seconds
-    assert d.stats.procs[(TOY_PROG, 3, ADD)].errors == 1
+    assert d.stats.procs[(TOY_PROG, 3, ADD)].errors == {"GARBAGE_ARGS": 1}
     assert d.stats.outcomes["SUCCESS"] == 3
     assert d.stats.outcomes["GARBAGE_ARGS"] == 1
     assert d.stats.outcomes["PROC_UNAVAIL"] == 1
+
+
+def test_a_program_s_own_failure_statuses_count_as_errors() -> None:
+    """A SUCCESS reply whose results carry a non-OK status of the program's own is an error
+    of its procedure, by that status; RPC-level failures count by their outcome."""
+    service = ToyService()
+    d = RpcDispatcher()
+    d.add_program(service.program(), lambda proc, body: "BAD" if body[:3] == b"bad" else None)
+    for args in (b"bad1", b"good", b"bad2", b""):
+        assert dispatch(d, call(ECHO, args)) == AcceptedReply(42, AcceptStat.SUCCESS, args)
+    dispatch(d, call(ADD, u32(1)))
+    dispatch(d, call(DROP))
+    procs = d.stats.procs
+    assert procs[(TOY_PROG, 3, ECHO)].calls == 4
+    assert procs[(TOY_PROG, 3, ECHO)].errors == {"BAD": 2}
+    assert procs[(TOY_PROG, 3, ADD)].errors == {"GARBAGE_ARGS": 1}
+    assert procs[(TOY_PROG, 3, DROP)].errors == {"DROPPED": 1}
+    assert d.stats.outcomes["SUCCESS"] == 4
 
 
 # --------------------------------------------------------------------------- DRC

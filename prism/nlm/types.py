@@ -499,3 +499,18 @@ def encode(value: _Wire, wide: bool = True) -> bytes:
     p = Packer()
     value.pack(p, wide)
     return p.get_buffer()
+
+
+_NLM_NAMES = {int(s): s.name for s in NlmStat}
+
+
+def nlm_status(proc: int, body: bytes) -> str | None:
+    """The NlmStat name of a result other than GRANTED, else None (`rpc.server.StatusOf`).
+
+    Every NLM result with a status (nlm4_res, nlm4_testres, nlm4_shareres) opens with the
+    call's cookie (a netobj) and then the status; the other procedures answer nothing."""
+    if len(body) < 8:
+        return None
+    at = 4 + ((int.from_bytes(body[:4], "big") + 3) & ~3)
+    code = int.from_bytes(body[at : at + 4], "big")
+    return None if code == NlmStat.GRANTED else _NLM_NAMES.get(code, str(code))
