@@ -1,16 +1,25 @@
 """The command line: the `prism` and `prism-clone` parsers, and the argument types that turn
-an operator's text into values (each refusing bad input in one line)."""
+an operator's text into values (each refusing bad input in one line).
+
+Every option and subcommand carries help text (a test walks the tree); shell completion
+(`prism completion`) and the serve config file's keys (`prism.cli.config`) are derived from
+these parsers, so an option added here is completable and configurable with no other change.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 from typing import NoReturn
 
+import prism
+from prism.cli.completion import cmd_completion
 from prism.cli.serve import cmd_serve
 from prism.cli.storage import cmd_fsck, cmd_gc, cmd_import, cmd_locks, cmd_stats
 from prism.cli.values import UsageError, parse_size
 from prism.cli.vm import (
     UNSET,
+    VM_LIST_FIELDS,
     cmd_clone,
     cmd_share,
     cmd_snapshot_create,
@@ -27,12 +36,23 @@ from prism.cli.vm import (
 from prism.store.types import SQUASH_MODES
 from rpc.admission import FD_RESERVE, MAX_PER_ADDRESS, RECORD_TIMEOUT
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ParseError(UsageError):
+    """The command line could not be parsed; `prog` is the (sub)command that refused it."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(f"{message}; see `{prog} --help`")
+        self.prog = prog
+
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with the one-line error every Prism command promises (no usage dump)."""
+    """argparse with the one-line error every Prism command promises (no usage dump); the
+    error is raised so that the caller prints it as text or, with --json, as JSON."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+        raise ParseError(self.prog, message)
 
 
 def _size_arg(text: str) -> int | None:
@@ -86,8 +106,12 @@ def _access_options(p: argparse.ArgumentParser, defaults: str) -> None:
         default=None,
         help="callers mapped to the anonymous ids: none, root (uid/gid 0), or all",
     )
-    g.add_argument("--anon-uid", type=int, default=None, metavar="UID", help="default 65534")
-    g.add_argument("--anon-gid", type=int, default=None, metavar="GID", help="default 65534")
+    g.add_argument(
+        "--anon-uid", type=int, default=None, metavar="UID", help="anonymous uid (65534)"
+    )
+    g.add_argument(
+        "--anon-gid", type=int, default=None, metavar="GID", help="anonymous gid (65534)"
+    )
 
 
 def _seconds(text: str) -> float:
@@ -100,23 +124,96 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"port {text!r} is out of range: give 1-65535, or 0 for any free port"
+        )
+    return value
+
+
+def _address(text: str) -> str:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an IP address: give one of this host's addresses "
+            "(see `ip -br addr`), or 0.0.0.0 for all of them"
+        ) from None
+    return text
+
+
+def _listen(text: str) -> str:
+    """ADDR:PORT (ADDR may be empty for every address, [v6]:PORT for IPv6)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has no address: give ADDR:PORT, e.g. 127.0.0.1:{text} for this host "
+            f"only or 0.0.0.0:{text} for every address"
+        )
+    _port(port)
+    if host:
+        _address(host.removeprefix("[").removesuffix("]"))
+    return text
+
+
 def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
-    p.add_argument("--data", default=None, help="data directory ($PRISM_DATA, ./prism-data)")
+    # SUPPRESS: absent unless given, so `prism --data D CMD` is not overwritten here
+    p.add_argument("--data", default=argparse.SUPPRESS, metavar="DIR", help=DATA_HELP)
     if json_flag:
-        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument(
+            "--json", action="store_true", help="machine-readable output (errors too, on stderr)"
+        )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="prism", description="Prism NFSv3 server for VMs")
-    sub = parser.add_subparsers(dest="command", required=True)
+DATA_HELP = "data directory (default: $PRISM_DATA, else ./prism-data)"
 
-    p = sub.add_parser("serve", help="serve MOUNT and NFS over TCP and UDP")
+
+def _serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve MOUNT, NFS and file locking over TCP and UDP",
+        description="Serve the data directory's VMs. Every option can also be set in the"
+        " config file (/etc/prism/prism.toml or --config): its keys are the long option names,"
+        " e.g. nfs-port = 2049; options given here override it. SIGHUP reloads the config"
+        " (log level, log file) and reopens the log file.",
+    )
     _common(p, json_flag=False)
-    p.add_argument("--bind", default="0.0.0.0", help="address to listen on (0.0.0.0)")
-    p.add_argument("--nfs-port", type=int, default=2049)
-    p.add_argument("--mount-port", type=int, default=20048)
-    p.add_argument("--portmap-port", type=int, default=None)
-    p.add_argument("--no-portmap", action="store_true")
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="PATH",
+        help="TOML file of serve options (default: /etc/prism/prism.toml if it exists)",
+    )
+    p.add_argument(
+        "--bind",
+        type=_address,
+        default="0.0.0.0",
+        metavar="ADDR",
+        help="address to listen on (0.0.0.0: all)",
+    )
+    p.add_argument(
+        "--nfs-port", type=_port, default=2049, metavar="N", help="NFS port (2049; 0: any)"
+    )
+    p.add_argument(
+        "--mount-port", type=_port, default=20048, metavar="N", help="MOUNT port (20048; 0: any)"
+    )
+    p.add_argument(
+        "--portmap-port",
+        type=_port,
+        default=None,
+        metavar="N",
+        help="answer the portmapper here when no system rpcbind runs (default: 111)",
+    )
+    p.add_argument(
+        "--no-portmap",
+        action="store_true",
+        help="neither register with rpcbind nor answer the portmapper ourselves",
+    )
     p.add_argument(
         "--async",
         dest="async_replies",
@@ -125,7 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
         " are on disk (a crash may lose the last 0.25 s of them); writes are answered"
         " UNSTABLE and COMMIT still waits. Faster on slow-fsync disks; off by default",
     )
-    p.add_argument("--metrics", default=None, metavar="ADDR:PORT")
+    p.add_argument(
+        "--metrics",
+        type=_listen,
+        default=None,
+        metavar="ADDR:PORT",
+        help="serve Prometheus metrics at http://ADDR:PORT/metrics (off by default)",
+    )
     p.add_argument(
         "--max-connections",
         type=_positive_int,
@@ -151,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--nlm-port",
-        type=int,
+        type=_port,
         default=0,
         metavar="N",
         help="port of the lock services NLM and NSM (default: an ephemeral port)",
@@ -164,53 +267,108 @@ def build_parser() -> argparse.ArgumentParser:
         help="after a restart, grant only lock reclaims for this long (90)",
     )
     p.add_argument("--demo", action="store_true", help="create VM 'demo' if missing")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="info",
+        help="least severe log messages written (info); reloaded on SIGHUP",
+    )
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="log debug messages (--log-level debug)"
+    )
+    p.add_argument(
+        "--log-file",
+        default=None,
+        metavar="PATH",
+        help="append log messages here instead of stderr; reopened on SIGHUP (logrotate)",
+    )
     p.set_defaults(func=cmd_serve, needs_store=False)
 
-    vm = sub.add_parser("vm", help="VM lifecycle").add_subparsers(dest="vm_cmd", required=True)
-    p = vm.add_parser("create", help="create a VM filesystem exported at /NAME")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="prism",
+        description="Prism: an NFSv3 server for VMs, over a deduplicating copy-on-write store.",
+        epilog="Run `prism COMMAND --help` for a command's options.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"prism {prism.__version__}", help="show version"
+    )
+    parser.add_argument("--data", default=argparse.SUPPRESS, metavar="DIR", help=DATA_HELP)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _serve_parser(sub)
+
+    vm = sub.add_parser("vm", help="create, list, show, change and remove VMs")
+    vms = vm.add_subparsers(dest="vm_cmd", required=True, metavar="VM_COMMAND")
+    p = vms.add_parser("create", help="create a VM filesystem exported at /NAME")
     _common(p)
-    p.add_argument("name")
-    p.add_argument("--client", action="append", metavar="CIDR")
-    p.add_argument("--quota", type=_size_arg, default=None, metavar="SIZE")
+    p.add_argument("name", help="the VM's name (a-z 0-9 _ . -, 1-63 characters)")
+    p.add_argument("--client", action="append", metavar="CIDR", help=CLIENT_HELP)
+    p.add_argument(
+        "--quota", type=_size_arg, default=None, metavar="SIZE", help="e.g. 10G (default: none)"
+    )
     _access_options(p, "default: secure, squash none")
     p.set_defaults(func=cmd_vm_create)
-    p = vm.add_parser("list", help="list VMs")
+    p = vms.add_parser("list", help="list VMs")
     _common(p)
+    p.add_argument(
+        "-H",
+        dest="scripted",
+        action="store_true",
+        help="scripted mode: no header, fields separated by one tab",
+    )
+    p.add_argument(
+        "-p",
+        dest="parsable",
+        action="store_true",
+        help="exact numbers (bytes, 'none' as -) instead of human-readable sizes",
+    )
+    p.add_argument(
+        "-o",
+        dest="fields",
+        type=_fields,
+        default=None,
+        metavar="FIELD,...",
+        help=f"columns to show, from {','.join(VM_LIST_FIELDS)} (default: "
+        "name,export,clients,quota,used,files)",
+    )
     p.set_defaults(func=cmd_vm_list)
-    p = vm.add_parser("show", help="show one VM")
+    p = vms.add_parser("show", help="show one VM's settings, usage, snapshots and shares")
     _common(p)
-    p.add_argument("name")
+    p.add_argument("name", help="the VM")
     p.set_defaults(func=cmd_vm_show)
-    p = vm.add_parser("set", help="change a VM's clients, quota or access options")
+    p = vms.add_parser("set", help="change a VM's clients, quota or access options")
     _common(p)
-    p.add_argument("name")
-    p.add_argument("--client", action="append", metavar="CIDR")
-    p.add_argument("--quota", type=_size_arg, default=UNSET, metavar="SIZE")
+    p.add_argument("name", help="the VM")
+    p.add_argument(
+        "--client", action="append", metavar="CIDR", help=CLIENT_HELP + "; replaces the list"
+    )
+    p.add_argument(
+        "--quota", type=_size_arg, default=UNSET, metavar="SIZE", help="e.g. 10G, or none"
+    )
     _access_options(p, "unchanged unless given")
     p.set_defaults(func=cmd_vm_set)
-    p = vm.add_parser("rm", help="remove a VM and its snapshots")
+    p = vms.add_parser("rm", help="remove a VM and its snapshots")
     _common(p)
-    p.add_argument("name")
+    p.add_argument("name", help="the VM")
     p.add_argument(
         "--force", action="store_true", help="also remove the shares other VMs have of it"
     )
     p.set_defaults(func=cmd_vm_rm)
 
-    snap = sub.add_parser("snapshot", help="read-only snapshots").add_subparsers(
-        dest="snap_cmd", required=True
-    )
-    for name, func, with_snap in (
-        ("create", cmd_snapshot_create, True),
-        ("list", cmd_snapshot_list, False),
-        ("rm", cmd_snapshot_rm, True),
-        ("rollback", cmd_snapshot_rollback, True),
+    snap = sub.add_parser("snapshot", help="read-only snapshots of a VM, exported at /VM@SNAP")
+    snaps = snap.add_subparsers(dest="snap_cmd", required=True, metavar="SNAPSHOT_COMMAND")
+    for name, func, with_snap, what in (
+        ("create", cmd_snapshot_create, True, "take a read-only snapshot of a VM"),
+        ("list", cmd_snapshot_list, False, "list a VM's snapshots"),
+        ("rm", cmd_snapshot_rm, True, "remove a snapshot"),
+        ("rollback", cmd_snapshot_rollback, True, "return a VM to a snapshot"),
     ):
-        p = snap.add_parser(name)
+        p = snaps.add_parser(name, help=what)
         _common(p)
-        p.add_argument("vm")
+        p.add_argument("vm", help="the VM")
         if with_snap:
-            p.add_argument("snap")
+            p.add_argument("snap", help="the snapshot's name (without VM@)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("locks", help="file locks held through the running server")
@@ -222,29 +380,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stats)
     p = sub.add_parser("fsck", help="verify the store")
     _common(p)
-    p.add_argument("--repair", action="store_true")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="restore damaged chunks from other copies, remove debris, rebuild indexes",
+    )
     p.set_defaults(func=cmd_fsck)
     p = sub.add_parser("gc", help="reclaim unreferenced content")
     _common(p)
     p.set_defaults(func=cmd_gc)
     p = sub.add_parser("share", help="show a live view of one VM's subtree inside another")
     _common(p)
-    p.add_argument("source", metavar="SRC_VM:/path")
-    p.add_argument("dest", metavar="DST_VM:/path")
+    p.add_argument("source", metavar="SRC_VM:/path", help="the directory to share")
+    p.add_argument("dest", metavar="DST_VM:/path", help="where it appears (parent must exist)")
     p.add_argument("--rw", action="store_true", help="let the destination write (default: ro)")
     p.set_defaults(func=cmd_share)
     p = sub.add_parser("unshare", help="remove a share")
     _common(p)
-    p.add_argument("dest", metavar="DST_VM:/path")
+    p.add_argument("dest", metavar="DST_VM:/path", help="where the share appears")
     p.set_defaults(func=cmd_unshare)
 
     p = sub.add_parser("import", help="copy a host directory tree into a VM")
     _common(p)
-    p.add_argument("vm")
-    p.add_argument("src")
-    p.add_argument("--to", default="/", metavar="PATH")
+    p.add_argument("vm", help="the VM to fill")
+    p.add_argument("src", help="the host directory to copy")
+    p.add_argument("--to", default="/", metavar="PATH", help="where in the VM (default: its root)")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("completion", help="print a shell completion script")
+    p.add_argument(
+        "shell",
+        choices=("bash", "zsh"),
+        help="bash: `source <(prism completion bash)`; zsh: put it in $fpath as _prism",
+    )
+    p.set_defaults(func=cmd_completion, needs_store=False)
     return parser
+
+
+CLIENT_HELP = "client addresses allowed to mount it (repeatable; default: loopback only)"
+
+
+def _fields(text: str) -> list[str]:
+    fields = [f.strip().lower() for f in text.split(",") if f.strip()]
+    unknown = [f for f in fields if f not in VM_LIST_FIELDS]
+    if unknown or not fields:
+        raise argparse.ArgumentTypeError(
+            f"unknown field {', '.join(unknown) or text!r}: choose from " + ",".join(VM_LIST_FIELDS)
+        )
+    return fields
 
 
 def build_clone_parser() -> argparse.ArgumentParser:
@@ -254,11 +437,16 @@ def build_clone_parser() -> argparse.ArgumentParser:
         epilog="SOURCE is VM, VM@SNAP, VM:/path, VM:/path=/dest or VM@SNAP:/path=/dest; later "
         "sources are laid over earlier ones.",
     )
+    p.add_argument(
+        "--version", action="version", version=f"prism {prism.__version__}", help="show version"
+    )
     _common(p)
-    p.add_argument("new", metavar="NEW")
-    p.add_argument("sources", nargs="+", metavar="SOURCE")
-    p.add_argument("--client", action="append", metavar="CIDR")
-    p.add_argument("--quota", type=_size_arg, default=None, metavar="SIZE")
+    p.add_argument("new", metavar="NEW", help="the VM to create (or add to, with --into)")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="what to lay in it, in order")
+    p.add_argument("--client", action="append", metavar="CIDR", help=CLIENT_HELP)
+    p.add_argument(
+        "--quota", type=_size_arg, default=None, metavar="SIZE", help="e.g. 10G (default: none)"
+    )
     p.add_argument("--into", action="store_true", help="add to an existing VM")
     p.add_argument(
         "--replace",

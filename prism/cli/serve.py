@@ -1,29 +1,33 @@
-"""`prism serve`: start the server on a data directory (and the demo VM with --demo)."""
+"""`prism serve`: start the server on a data directory (and the demo VM with --demo), tell a
+service manager when it is ready (`prism.cli.systemd`), and reload on SIGHUP."""
 
 from __future__ import annotations
 
 import argparse
 import errno
 import logging
+import os
+import socket
+from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from prism.cli.systemd import configure_logging, monotonic_usec, sd_notify
 from prism.cli.values import UsageError
 from prism.errors import StoreError
 from prism.store import Store
 
+if TYPE_CHECKING:
+    from prism.server import ServeOptions
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from prism.server import ServeOptions, run_event_loop, serve
+log = logging.getLogger("prism.serve")
 
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    data = Path(args.data)
-    if args.demo:
-        ensure_demo(data)
-    options = ServeOptions(
-        data=data,
+
+def serve_options(args: argparse.Namespace) -> ServeOptions:
+    from prism.server import ServeOptions
+
+    return ServeOptions(
+        data=Path(args.data),
         bind=args.bind,
         nfs_port=args.nfs_port,
         mount_port=args.mount_port,
@@ -37,15 +41,93 @@ def cmd_serve(args: argparse.Namespace) -> int:
         nlm_port=args.nlm_port,
         grace=args.grace,
     )
+
+
+def log_level(args: argparse.Namespace) -> str:
+    return "debug" if args.verbose else str(args.log_level)
+
+
+class Service:
+    """The server's side of the service manager: readiness, and SIGHUP, which reads the
+    command line and config file again, applies what can change while serving (log level,
+    log file, reopened either way) and names what needs a restart."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.argv: list[str] = args.argv
+        self.running = serve_options(args)
+
+    def ready(self, status: str) -> None:
+        sd_notify(f"READY=1\nSTATUS={status}\nMAINPID={os.getpid()}")
+
+    def stopping(self) -> None:
+        sd_notify("STOPPING=1")
+
+    def reload(self) -> None:
+        from prism.cli import parse_command_line
+
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec()}")
+        try:
+            new = parse_command_line(self.argv)
+            configure_logging(log_level(new), new.log_file)
+        except (UsageError, OSError) as exc:
+            log.error("reload failed, still serving with the previous settings: %s", exc)
+            sd_notify("READY=1")
+            return
+        after = serve_options(new)
+        pending = [
+            f.name for f in fields(after) if getattr(self.running, f.name) != getattr(after, f.name)
+        ]
+        log.info(
+            "reloaded %s: log level %s, logging to %s",
+            new.config_file or "(no config file)",
+            log_level(new),
+            new.log_file or "stderr",
+        )
+        if pending:
+            log.warning(
+                "changed settings need a restart to apply (systemctl restart prism): %s",
+                ", ".join(pending),
+            )
+        sd_notify("READY=1")
+
+
+def _check_addresses(options: ServeOptions) -> None:
+    """Refuse, before anything starts, an address this host does not have."""
+    wanted = [("--bind", options.bind)]
+    if options.metrics:
+        host = options.metrics.rpartition(":")[0].removeprefix("[").removesuffix("]")
+        wanted.append(("--metrics", host or "0.0.0.0"))
+    for flag, addr in wanted:
+        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((addr, 0))
+            except OSError as exc:
+                if exc.errno != errno.EADDRNOTAVAIL:
+                    raise
+                raise UsageError(
+                    f"{flag} {addr}: this host has no such address; give one of its "
+                    "addresses (see `ip -br addr`), or 0.0.0.0 for all of them"
+                ) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from prism.server import run_event_loop, serve
+
+    configure_logging(log_level(args), args.log_file)
+    options = serve_options(args)
+    _check_addresses(options)
+    if args.demo:
+        ensure_demo(options.data)
     if args.async_replies:
         logging.getLogger("prism.server").warning(
             "--async: metadata changes are acknowledged before they are durable; a crash"
             " may lose the last 0.25 s of them"
         )
     try:
-        run_event_loop(serve(options))
+        run_event_loop(serve(options, Service(args)))
     except OSError as exc:
-        if exc.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+        if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
             where = f" ({exc.filename})" if exc.filename else ""
             raise UsageError(f"cannot start: {exc.strerror}{where}") from exc
         raise UsageError(

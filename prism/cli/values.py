@@ -6,12 +6,17 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 
 from prism.store import CloneSource
 
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-_SIZE = re.compile(r"(\d+)([KMGTP]?)(?:i?B)?", re.IGNORECASE)
+_SIZE = re.compile(r"(\d+)([KMGTP]?)(iB)?", re.IGNORECASE)
+_DECIMAL_SIZE = re.compile(r"(\d+)([KMGTP])B", re.IGNORECASE)
+_FRACTION_SIZE = re.compile(r"(\d*\.\d+)([KMGTP])(iB)?", re.IGNORECASE)
+MAX_SIZE = (1 << 63) - 1
+"""The largest size NFSv3 clients handle (they treat size3 as a signed 64-bit offset)."""
 SOURCE = re.compile(
     r"(?P<ns>[a-z0-9][a-z0-9_.-]{0,62})(?:@(?P<snap>[a-z0-9][a-z0-9_.-]{0,62}))?"
     r"(?::(?P<path>[^=]+)(?:=(?P<dest>.+))?)?"
@@ -23,13 +28,43 @@ class UsageError(Exception):
 
 
 def parse_size(text: str) -> int | None:
-    """'512M' -> 512 MiB, '10G', plain bytes, or 'none' -> None."""
+    """'512M' or '512MiB' -> 512 MiB, '10G', plain bytes, or 'none' -> None. Units are
+    binary; '10GB' is refused as ambiguous (10^10 or 10 GiB?) rather than guessed."""
     if text.strip().lower() == "none":
         return None
     m = _SIZE.fullmatch(text.strip())
     if not m:
-        raise UsageError(f"invalid size {text!r}: use bytes or a unit like 512M, 10G, or 'none'")
-    return int(m.group(1)) * SIZE_UNITS[m.group(2).upper()]
+        f = _FRACTION_SIZE.fullmatch(text.strip())
+        if f:
+            raise UsageError(
+                f"invalid size {text!r}: sizes are whole numbers; write {_whole(f)} instead"
+            )
+        d = _DECIMAL_SIZE.fullmatch(text.strip())
+        if d:
+            raise UsageError(
+                f"ambiguous size {text!r}: Prism's units are binary; write "
+                f"{d.group(1)}{d.group(2).upper()} for {d.group(1)} {d.group(2).upper()}iB, "
+                "or the number of bytes"
+            )
+        raise UsageError(
+            f"invalid size {text!r}: use whole bytes or a unit like 512M, 10G, or 'none'"
+        )
+    size = int(m.group(1)) * SIZE_UNITS[m.group(2).upper()]
+    if size > MAX_SIZE:
+        raise UsageError(
+            f"size {text!r} is larger than any filesystem can hold (NFS sizes stop below "
+            "8 EiB); give a size like 10G or 2T, or 'none' for no limit"
+        )
+    return size
+
+
+def _whole(m: re.Match[str]) -> str:
+    """'1.5G' -> '1536M': the fraction in the largest unit that makes it whole."""
+    size = Fraction(m.group(1)) * SIZE_UNITS[m.group(2).upper()]
+    for unit, factor in sorted(SIZE_UNITS.items(), key=lambda kv: -kv[1]):
+        if size >= factor and (size / factor).denominator == 1:
+            return f"{size // factor}{unit}"
+    return f"{round(size)}"
 
 
 def vm_path(text: str, where: str) -> str:

@@ -42,22 +42,50 @@ def cmd_vm_create(args: argparse.Namespace, store: Store) -> int:
     return 0
 
 
+VM_LIST_FIELDS = ("name", "export", "clients", "quota", "used", "files", "secure", "squash")
+_DEFAULT_FIELDS = VM_LIST_FIELDS[:6]
+_NUMERIC = frozenset({"quota", "used", "files"})
+
+
+def _list_cell(vm: dict[str, Any], field: str, parsable: bool) -> str:
+    if field == "clients":
+        return ",".join(vm["clients"]) or "loopback"
+    if field in ("quota", "used"):
+        n = vm["quota"] if field == "quota" else vm["logical_bytes"]
+        if n is None:
+            return "-" if parsable else "none"
+        return str(n) if parsable else human(n)
+    if field == "secure":
+        return "secure" if vm["secure"] else "insecure"
+    return str(vm[field])
+
+
 def cmd_vm_list(args: argparse.Namespace, store: Store) -> int:
+    """A table whose columns are as wide as their widest cell; -H (no header, one tab
+    between fields), -p (exact numbers) and -o FIELD,... as `zfs list` has them."""
     vms = store.list_namespaces("vm")
     rows = [vm_json(vm, store.usage(vm.name)) for vm in vms]
+    fields = args.fields or list(_DEFAULT_FIELDS)
 
     def text() -> str:
+        cells = [[_list_cell(r, f, args.parsable) for f in fields] for r in rows]
+        if args.scripted:
+            return "\n".join("\t".join(row) for row in cells)
         if not rows:
             return "no VMs; create one with `prism vm create NAME`"
-        lines = [f"{'NAME':<24} {'EXPORT':<26} {'CLIENTS':<28} {'QUOTA':>10} {'USED':>10} FILES"]
-        for r in rows:
-            lines.append(
-                f"{r['name']:<24} {r['export']:<26} {','.join(r['clients']) or 'loopback':<28} "
-                f"{human(r['quota']) if r['quota'] is not None else 'none':>10} "
-                f"{human(r['logical_bytes']):>10} {r['files']}"
-            )
+        header = [f.upper() for f in fields]
+        widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(fields))]
+        lines = []
+        for row in [header, *cells]:
+            padded = [
+                cell.rjust(w) if f in _NUMERIC else cell.ljust(w)
+                for cell, w, f in zip(row, widths, fields, strict=True)
+            ]
+            lines.append("  ".join(padded).rstrip())
         return "\n".join(lines)
 
+    if args.scripted and not rows and not args.json:
+        return 0
     emit(args, rows, text)
     return 0
 
@@ -239,6 +267,12 @@ def cmd_clone(args: argparse.Namespace, store: Store) -> int:
         raise UsageError(
             f"{exc}; give paths that exist in the sources and destinations whose parent "
             "directory exists (nothing was changed)"
+        ) from None
+    except Exists as exc:
+        if args.into:
+            raise
+        raise UsageError(
+            f"{exc}, or add the sources to that VM with `prism-clone {args.new} ... --into`"
         ) from None
     elapsed = time.perf_counter() - start
     parts = [

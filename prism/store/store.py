@@ -931,7 +931,8 @@ class Store:
                         f"the names index has lost {what} {name!r} (namespace "
                         f"{_NS_KEY.unpack(key)[0]}); run `prism fsck --repair` to rebuild it"
                     )
-            raise NotFound(f"no {what} named {name!r}; see `prism vm list`")
+            where = f"prism snapshot list {name.split('@')[0]}" if "@" in name else "prism vm list"
+            raise NotFound(f"no {what} named {name!r}; see `{where}`")
         return self._view(t, R.U32.unpack(raw)[0])
 
     def _put_ns(self, t: lmdb.Transaction, rec: dict[str, Any]) -> None:

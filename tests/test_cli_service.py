@@ -1,0 +1,277 @@
+"""`prism serve` as a service: its config file, systemd readiness (sd_notify), SIGHUP reload
+and log reopening, and journald-friendly log lines.
+
+Each test runs a real `prism serve` subprocess on ephemeral ports against a real data
+directory; readiness is read from a real Unix datagram socket given as $NOTIFY_SOCKET, as
+systemd gives it; a MOUNT of an unknown export (logged at INFO by the server) shows which
+log level is in force.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from prism.nfs.client import MountClient
+from tests.op_helpers import READY, env, prism
+from tests.op_helpers import run_prism as run
+
+PORTS = ["--bind", "127.0.0.1", "--nfs-port", "0", "--mount-port", "0", "--no-portmap"]
+REFUSED = "refused: not a VM name"  # the server's INFO line for a MOUNT of a bad name
+
+
+class Notifications:
+    """A datagram socket standing in for systemd's notify socket."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+
+    def next(self, timeout: float = 30.0) -> dict[str, str]:
+        ready, _, _ = select.select([self.sock], [], [], timeout)
+        assert ready, "no notification from the server"
+        msg = self.sock.recv(4096).decode()
+        return dict(line.split("=", 1) for line in msg.splitlines())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Serve:
+    """`prism serve` with stdout and stderr kept; the ready line gives the MOUNT port."""
+
+    def __init__(self, data: Path, *args: str, extra_env: dict[str, str] | None = None) -> None:
+        e = env() | (extra_env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "prism", "serve", "--data", str(data), *PORTS, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=e,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        m = READY.match(line)
+        assert m, f"no ready line: {line!r}; stderr: {self.stderr_now()}"
+        self.mount_port = int(m.group("mount"))
+
+    def stderr_now(self) -> str:
+        if self.proc.poll() is None:
+            return ""
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read()
+
+    def mount_bad_name(self) -> None:
+        """A MOUNT the server refuses and logs at INFO."""
+        with MountClient("127.0.0.1", self.mount_port) as m:
+            m.null()
+            with pytest.raises(Exception):  # noqa: B017 - any refusal; the log line is checked
+                m.mnt("/Not_A_VM")
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=30)
+        assert self.proc.returncode == 0, err
+        return err
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    prism(d, "vm", "create", "vm")
+    return d
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[Notifications]:
+    n = Notifications(tmp_path / "notify.sock")
+    yield n
+    n.close()
+
+
+def wait_for(predicate: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached")
+
+
+# -- the config file ------------------------------------------------------------------------
+
+
+def test_config_file_sets_options_and_the_command_line_overrides(
+    data: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "prism.toml"
+    log = tmp_path / "prism.log"
+    config.write_text(
+        f'data = "{data}"\nlog-level = "warning"\nlog-file = "{log}"\n'
+        "max-connections-per-address = 7\nno-portmap = true\n"
+    )
+    # data, log level and log file come from the file (no --data on this command line)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prism", "serve", "--config", str(config), *PORTS[:-1]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(),
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert READY.match(line) and f"from {data}" in line and "no portmap" in line, line
+    mount = int(READY.match(line).group("mount"))  # type: ignore[union-attr]
+    with MountClient("127.0.0.1", mount) as m, pytest.raises(Exception):  # noqa: B017
+        m.mnt("/Not_A_VM")
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert REFUSED not in log.read_text()  # warning from the file: INFO is not logged
+
+    # the command line wins over the file
+    server = Serve(data, "--config", str(config), "--log-level", "info")
+    server.mount_bad_name()
+    server.stop()
+    wait_for(lambda: REFUSED in log.read_text())
+
+
+@pytest.mark.parametrize(
+    ("text", "hint"),
+    [
+        ("nfs_port = 2049\n", "unknown key 'nfs_port'; did you mean 'nfs-port'?"),
+        ("colour = 'blue'\n", "unknown key 'colour'"),
+        ("nfs-port = 99999\n", "nfs-port: port '99999' is out of range"),
+        ("metrics = 9100\n", "metrics: '9100' has no address"),
+        ("async = 'yes'\n", "async is a flag: write async = true or async = false"),
+        ("log-level = 'loud'\n", "log-level: 'loud' is not one of debug, info"),
+        ("nfs-port = \n", "is not valid TOML"),
+    ],
+)
+def test_config_file_errors_name_the_key(tmp_path: Path, text: str, hint: str) -> None:
+    config = tmp_path / "prism.toml"
+    config.write_text(text)
+    proc = run(tmp_path / "data", "serve", "--config", str(config), *PORTS)
+    assert proc.returncode == 2, proc.stdout
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert str(config) in proc.stderr and hint in proc.stderr, proc.stderr
+
+
+def test_every_serve_option_is_a_config_key() -> None:
+    from prism.cli.config import config_options, subparser
+    from prism.cli.parser import build_parser
+
+    serve = subparser(build_parser(), "serve")
+    keys = set(config_options(serve))
+    flags = {o[2:] for a in serve._actions for o in a.option_strings if o.startswith("--")}
+    assert keys == flags - {"help", "config"}
+
+
+# -- systemd: readiness, reload, logging ------------------------------------------------------
+
+
+def test_sd_notify_ready_reload_and_stopping(
+    data: Path, tmp_path: Path, notify: Notifications
+) -> None:
+    config = tmp_path / "prism.toml"
+    config.write_text('log-level = "warning"\n')
+    server = Serve(data, "--config", str(config), extra_env={"NOTIFY_SOCKET": str(notify.path)})
+    msg = notify.next()
+    assert msg["READY"] == "1" and msg["MAINPID"] == str(server.proc.pid)
+    assert msg["STATUS"].startswith("prism: ready:")
+
+    server.mount_bad_name()  # not logged: warning
+    config.write_text('log-level = "info"\n')
+    server.proc.send_signal(signal.SIGHUP)
+    msg = notify.next()
+    assert msg["RELOADING"] == "1" and int(msg["MONOTONIC_USEC"]) > 0
+    assert notify.next() == {"READY": "1"}
+    assert server.proc.poll() is None  # SIGHUP no longer kills the server
+    server.mount_bad_name()  # still serving, and now logged: info applied
+
+    # a broken config on reload: an error, still serving with what it had
+    config.write_text("nfs-port = 'x'\n")
+    server.proc.send_signal(signal.SIGHUP)
+    assert notify.next()["RELOADING"] == "1" and notify.next() == {"READY": "1"}
+    server.mount_bad_name()
+    # a setting that needs a restart is named, not silently ignored
+    config.write_text('log-level = "info"\ngrace = 5\n')
+    server.proc.send_signal(signal.SIGHUP)
+    assert notify.next()["RELOADING"] == "1" and notify.next() == {"READY": "1"}
+
+    server.proc.send_signal(signal.SIGTERM)
+    assert notify.next() == {"STOPPING": "1"}
+    _, err = server.proc.communicate(timeout=30)
+    assert server.proc.returncode == 0, err
+    assert err.count(REFUSED) == 2, err
+    assert "reload failed, still serving with the previous settings" in err
+    assert "need a restart to apply (systemctl restart prism): grace" in err
+
+
+def test_sighup_reopens_the_log_file(data: Path, tmp_path: Path) -> None:
+    log = tmp_path / "prism.log"
+    server = Serve(data, "--log-file", str(log))
+    server.mount_bad_name()
+    wait_for(lambda: REFUSED in log.read_text())
+    log.rename(tmp_path / "prism.log.1")  # what logrotate does
+    server.proc.send_signal(signal.SIGHUP)
+    wait_for(log.exists)
+    server.mount_bad_name()
+    wait_for(lambda: REFUSED in log.read_text())
+    server.stop()
+    assert (tmp_path / "prism.log.1").read_text().count(REFUSED) == 1
+
+
+def test_log_lines_under_journald_have_priority_and_no_timestamp(data: Path) -> None:
+    stamp = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ prism\.nfs\S* INFO .*" + REFUSED)
+    plain = Serve(data)
+    plain.mount_bad_name()
+    err = plain.stop()
+    assert any(stamp.match(line) for line in err.splitlines()), err
+
+    # stderr is a stream whose device:inode $JOURNAL_STREAM names, as journald sets it up
+    r, w = os.pipe()
+    st = os.fstat(w)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prism", "serve", "--data", str(data), *PORTS],
+        stdout=subprocess.PIPE,
+        stderr=w,
+        text=True,
+        env=env() | {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
+    )
+    os.close(w)
+    assert proc.stdout is not None
+    m = READY.match(proc.stdout.readline())
+    assert m
+    with MountClient("127.0.0.1", int(m.group("mount"))) as client, pytest.raises(Exception):  # noqa: B017
+        client.mnt("/Not_A_VM")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    with os.fdopen(r) as f:
+        journal = f.read()
+    lines = [line for line in journal.splitlines() if REFUSED in line]
+    assert lines and all(re.fullmatch(r"<6>prism\.nfs\S*: MNT .*", x) for x in lines), journal
+    assert not re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d", journal), journal
+
+
+def test_the_unit_file_is_valid_and_uses_notify_and_sighup() -> None:
+    unit = Path(__file__).resolve().parent.parent / "contrib" / "prism.service"
+    lines = unit.read_text().splitlines()
+    assert "Type=notify" in lines and "ExecReload=/bin/kill -HUP $MAINPID" in lines
+    assert any(x.startswith("ExecStart=") and "prism serve" in x for x in lines)
+    if shutil.which("systemd-analyze"):
+        proc = subprocess.run(
+            ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False
+        )
+        assert proc.returncode == 0, proc.stderr
