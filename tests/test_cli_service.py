@@ -147,6 +147,40 @@ def test_config_file_sets_options_and_the_command_line_overrides(
     wait_for(lambda: REFUSED in log.read_text())
 
 
+def test_the_default_config_file_names_the_store_for_every_command(
+    data: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "prism.toml"
+    config.write_text(f'data = "{data}"\nno-portmap = true\n')
+    cfg = {"PRISM_CONFIG": str(config)}
+    listed = run(None, "vm", "list", "-H", "-o", "name", extra_env=cfg, cwd=tmp_path)
+    assert listed.returncode == 0 and listed.stdout == "vm\n", listed.stderr
+    # --data and $PRISM_DATA still win over the file
+    other = tmp_path / "other"
+    prism(other, "vm", "create", "other")
+    proc = run(other, "vm", "list", "-H", "-o", "name", extra_env=cfg)
+    assert proc.stdout == "other\n"
+    proc = run(None, "vm", "list", "-H", "-o", "name", extra_env=cfg | {"PRISM_DATA": str(other)})
+    assert proc.stdout == "other\n"
+    # serve reads it without --config: the store and no-portmap come from it
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prism", "serve", *PORTS[:-1]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env() | cfg,
+        cwd=tmp_path,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert f"from {data};" in line and "no portmap" in line, line
+    config.write_text("nfs-prot = 1\n")
+    proc = run(None, "vm", "list", extra_env=cfg, cwd=tmp_path)
+    assert proc.returncode == 2 and "unknown key 'nfs-prot'" in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize(
     ("text", "hint"),
     [

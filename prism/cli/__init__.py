@@ -1,7 +1,7 @@
 """The `prism` and `prism-clone` commands.
 
 Every command takes --data DIR, before or after the subcommand (default $PRISM_DATA, else
-./prism-data; `serve` also reads it from its config file), works whether or
+`data` in the config file, else ./prism-data), works whether or
 not `prism serve` runs on the same data (LMDB serialises writers, and the server reads the
 namespace table on every call, so changes reach mounted clients at once), prints
 human-readable output or --json, and on bad input exits 2 with one line on stderr saying
@@ -65,9 +65,9 @@ def _run(
         return _fail(exc.prog, str(exc), 2, as_json)
     except UsageError as exc:
         return _fail(prog, str(exc), 2, as_json)
-    if getattr(args, "data", None) is None:
-        args.data = str(default_data())
     try:
+        if getattr(args, "data", None) is None:
+            args.data = str(default_data())
         if not getattr(args, "needs_store", True):
             return int(args.func(args))
         create = args.func in (cmd_vm_create,)

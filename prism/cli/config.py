@@ -7,7 +7,9 @@
     log-level = "warning"
     async = false
 
-The file is `--config PATH`, else /etc/prism/prism.toml when it exists. A value is checked
+The file is `--config PATH`, else $PRISM_CONFIG, else /etc/prism/prism.toml when it exists.
+Its `data` is also where every other command finds the store when neither --data nor
+$PRISM_DATA is given, so `prism vm list` on the server's host needs no flag. A value is checked
 by the same parser function as its option (a port's range, a size's units), a flag takes
 true/false, and a key that is no serve option is an error naming it. Precedence, highest
 first: the command line (and $PRISM_DATA for `data`), the file, the option's default. The
@@ -27,6 +29,13 @@ from typing import Any
 from prism.cli.values import UsageError
 
 DEFAULT_CONFIG = Path("/etc/prism/prism.toml")
+
+
+def default_config() -> Path:
+    """$PRISM_CONFIG, else /etc/prism/prism.toml (read only when it exists)."""
+    return Path(os.environ.get("PRISM_CONFIG") or DEFAULT_CONFIG)
+
+
 NOT_CONFIGURABLE = frozenset({"help", "config"})
 
 
@@ -115,7 +124,7 @@ def apply_config(
     """Fill `args` (parsed from `argv` by `parser`) with the config file's settings where the
     command line left an option unset. `fresh` is an unused copy of `parser`. Returns the
     file read, or None when there is none."""
-    path = Path(args.config) if args.config else DEFAULT_CONFIG
+    path = Path(args.config) if args.config else default_config()
     if args.config is None and not path.exists():
         return None
     settings = read_config(path, subparser(parser, "serve"))
@@ -126,3 +135,14 @@ def apply_config(
         if dest not in given:
             setattr(args, dest, value)
     return path
+
+
+def configured_data() -> str | None:
+    """The default config file's `data`, for commands other than serve; None without one."""
+    from prism.cli.parser import build_parser
+
+    path = default_config()
+    if not path.exists():
+        return None
+    data = read_config(path, subparser(build_parser(), "serve")).get("data")
+    return None if data is None else str(data)

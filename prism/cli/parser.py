@@ -170,7 +170,10 @@ def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
         )
 
 
-DATA_HELP = "data directory (default: $PRISM_DATA, else ./prism-data)"
+DATA_HELP = (
+    "data directory (default: $PRISM_DATA, else `data` in $PRISM_CONFIG or"
+    " /etc/prism/prism.toml, else ./prism-data)"
+)
 
 
 def _serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
@@ -178,7 +181,8 @@ def _serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         "serve",
         help="serve MOUNT, NFS and file locking over TCP and UDP",
         description="Serve the data directory's VMs. Every option can also be set in the"
-        " config file (/etc/prism/prism.toml or --config): its keys are the long option names,"
+        " config file (--config, $PRISM_CONFIG or /etc/prism/prism.toml): its keys are the long"
+        " option names,"
         " e.g. nfs-port = 2049; options given here override it. SIGHUP reloads the config"
         " (log level, log file) and reopens the log file.",
     )
@@ -187,7 +191,8 @@ def _serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         "--config",
         default=None,
         metavar="PATH",
-        help="TOML file of serve options (default: /etc/prism/prism.toml if it exists)",
+        help="TOML file of serve options (default: $PRISM_CONFIG, else /etc/prism/prism.toml"
+        " if it exists)",
     )
     p.add_argument(
         "--bind",

@@ -135,7 +135,11 @@ def human(n: float) -> str:
 
 
 def default_data() -> Path:
-    return Path(os.environ.get("PRISM_DATA") or "./prism-data")
+    """Where the store is when --data is not given: $PRISM_DATA, else the config file's
+    `data` (`prism.cli.config`), else ./prism-data."""
+    from prism.cli.config import configured_data
+
+    return Path(os.environ.get("PRISM_DATA") or configured_data() or "./prism-data")
 
 
 _VM_PATH = re.compile(r"(?P<vm>[a-z0-9][a-z0-9_.-]{0,62}):(?P<path>/.*)")
