@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 import prism
 from prism.cli.completion import bash_script, zsh_script
 from prism.cli.parser import build_clone_parser, build_parser
-from tests.op_helpers import ok, prism_json, run_clone, run_prism
+from tests.op_helpers import env, ok, prism_json, run_clone, run_prism
 
 
 def walk(parser: argparse.ArgumentParser, path: str = "") -> list[tuple[str, str, str | None]]:
@@ -71,12 +72,13 @@ def complete(script: str, line: str) -> list[str]:
     words = line.split(" ")
     program = (
         script
+        + f'\nprism() {{ {sys.executable} -m prism "$@"; }}'  # VM names come from prism
         + "\nCOMP_WORDS=("
         + " ".join(f"'{w}'" for w in words)
         + f")\nCOMP_CWORD={len(words) - 1}\n_prism\nprintf '%s\\n' \"${{COMPREPLY[@]}}\"\n"
     )
     out = subprocess.run(
-        ["bash", "--norc", "-c", program], capture_output=True, text=True, check=True
+        ["bash", "--norc", "-c", program], capture_output=True, text=True, check=True, env=env()
     )
     return [w for w in out.stdout.splitlines() if w]
 
@@ -97,6 +99,15 @@ def test_bash_completion_follows_the_parser(tmp_path: Path) -> None:
     (tmp_path / "prism.toml").write_text("")
     assert complete(script, f"prism serve --config {tmp_path}/pri") == [f"{tmp_path}/prism.toml"]
     assert complete(script, "prism completion ") == ["bash", "zsh"]
+
+    # a VM argument completes to the VMs of the store named on the line
+    data = tmp_path / "data"
+    for vm in ("web1", "web2", "db"):
+        ok(run_prism(data, "vm", "create", vm))
+    assert complete(script, f"prism --data {data} vm show w") == ["web1", "web2"]
+    assert complete(script, f"prism snapshot create --data {data} ") == ["db", "web1", "web2"]
+    assert complete(script, f"prism snapshot create --data {data} db ") == []  # SNAP: new
+    assert complete(script, f"prism vm create --data {data} ") == []  # a new name
 
 
 def test_zsh_completion_covers_the_parser() -> None:
