@@ -24,9 +24,10 @@ from pathlib import Path
 import pytest
 
 from prism.nfs.client import MountClient
-from tests.op_helpers import READY, env, prism
+from tests.op_helpers import env, prism
 from tests.op_helpers import run_prism as run
 
+READY = re.compile(r"^prism: ready: .* nfs (?P<bind>\S+):(?P<nfs>\d+) mount (?P<mount>\d+) ")
 PORTS = ["--bind", "127.0.0.1", "--nfs-port", "0", "--mount-port", "0", "--no-portmap"]
 REFUSED = "refused: not a VM name"  # the server's INFO line for a MOUNT of a bad name
 
