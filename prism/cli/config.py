@@ -9,11 +9,14 @@
 
 The file is `--config PATH`, else $PRISM_CONFIG, else /etc/prism/prism.toml when it exists.
 Its `data` is also where every other command finds the store when neither --data nor
-$PRISM_DATA is given, so `prism vm list` on the server's host needs no flag. A value is checked
-by the same parser function as its option (a port's range, a size's units), a flag takes
-true/false, and a key that is no serve option is an error naming it. Precedence, highest
-first: the command line (and $PRISM_DATA for `data`), the file, the option's default. The
-keys are derived from the serve parser, so every serve option is configurable.
+$PRISM_DATA is given, so `prism vm list` on the server's host needs no flag.
+
+A value is checked by the same parser function as its option (a port's range, an address),
+a flag takes true/false, and a key that is no serve option is an error naming it. Of
+options that exclude each other (--vrpc PATH / --no-vrpc) the file may set one, and one
+given on the command line overrides the file's choice. Precedence, highest first: the
+command line (and $PRISM_DATA for `data`), the file, the option's default. The keys are
+derived from the serve parser, so every serve option is configurable.
 """
 
 from __future__ import annotations
@@ -97,7 +100,16 @@ def read_config(path: Path, serve: argparse.ArgumentParser) -> dict[str, Any]:
                 " without '--' (see `prism serve --help`)"
             )
         settings[action.dest] = _value(path, key, action, raw)
+    for group in exclusive_groups(serve):
+        both = [f"{k}" for k, a in options.items() if a in group and a.dest in settings]
+        if len(both) > 1:
+            raise UsageError(f"{path}: {' and '.join(both)} exclude each other; keep one")
     return settings
+
+
+def exclusive_groups(parser: argparse.ArgumentParser) -> list[list[argparse.Action]]:
+    """The parser's sets of options of which only one may be given (--vrpc / --no-vrpc)."""
+    return [list(g._group_actions) for g in parser._mutually_exclusive_groups]
 
 
 def given_on_command_line(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
@@ -131,6 +143,9 @@ def apply_config(
     given = given_on_command_line(fresh, argv)
     if os.environ.get("PRISM_DATA"):
         given.add("data")  # the environment is the caller's choice too, as for every command
+    for group in exclusive_groups(subparser(parser, "serve")):
+        if any(a.dest in given for a in group):  # the command line chose one of them
+            given |= {a.dest for a in group}
     for dest, value in settings.items():
         if dest not in given:
             setattr(args, dest, value)
