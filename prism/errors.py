@@ -7,15 +7,24 @@ only ever raises these classes, so every failure reaches the wire as a precise s
 from __future__ import annotations
 
 import errno as _errno
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prism.store.types import Attr, ObjectId
 
 
 class StoreError(Exception):
-    """Base class: `errno` says what went wrong in POSIX terms."""
+    """Base class: `errno` says what went wrong in POSIX terms.
+
+    `attrs` holds, by the caller's ObjectId, the attributes of the objects a failing store
+    operation had read: it changed nothing, so they are the objects' attributes after the
+    failure too (what an NFS reply's wcc and post-operation attributes need)."""
 
     errno: int = _errno.EIO
 
     def __init__(self, message: str = "") -> None:
         super().__init__(message or self.__class__.__doc__ or self.__class__.__name__)
+        self.attrs: dict[ObjectId, Attr] = {}
 
 
 class NotFound(StoreError):

@@ -10,10 +10,13 @@
 #   guest.env      key=value facts about the image (kernel_release, package versions)
 #   stamp          hash of this recipe; when it matches, the script exits at once
 #
-# /init mounts proc/sys/dev, loads the modules, configures eth0 as QEMU user networking expects
-# (10.0.2.15/24, gateway and host loopback at 10.0.2.2), runs `sh /workload.sh`, prints
+# /init mounts proc/sys/dev, loads the modules, configures eth0, runs `sh /workload.sh`, prints
 # "PRISM-GUEST-EXIT <code>" and powers off. A setup failure prints
-# "PRISM-GUEST-SETUP-FAILED <what>" and skips the workload.
+# "PRISM-GUEST-SETUP-FAILED <what>" and skips the workload. eth0 is set up as QEMU user
+# networking expects (10.0.2.15/24, gateway and host loopback at 10.0.2.2) unless the kernel
+# command line says otherwise: prism.ip=ADDR/PREFIX, prism.gw=ADDR (empty: no default route)
+# and prism.hostname=NAME (default prism-guest), for guests on a tap device with their own
+# address (tests/guest/harness.py).
 #
 # Packages come from apt (`apt-get download` + `dpkg -x`); nothing is installed on the host.
 # Needs: apt-get, dpkg, gzip, flock, sha256sum. busybox-static (amd64, runs on the host) does
@@ -144,7 +147,15 @@ while read -r m; do
     modprobe "$m" || setup_failed "modprobe $m"
 done </etc/prism-guest-modules
 
-hostname prism-guest
+address=10.0.2.15/24 gateway=10.0.2.2 name=prism-guest
+for arg in $(cat /proc/cmdline); do
+    case $arg in
+        prism.ip=*) address=${arg#prism.ip=} ;;
+        prism.gw=*) gateway=${arg#prism.gw=} ;;
+        prism.hostname=*) name=${arg#prism.hostname=} ;;
+    esac
+done
+hostname "$name"
 ip link set lo up
 i=0
 while [ ! -e /sys/class/net/eth0 ] && [ "$i" -lt 250 ]; do
@@ -152,8 +163,8 @@ while [ ! -e /sys/class/net/eth0 ] && [ "$i" -lt 250 ]; do
     i=$((i + 1))
 done
 { ip link set eth0 up &&
-  ip addr add 10.0.2.15/24 dev eth0 &&
-  ip route add default via 10.0.2.2; } || setup_failed "network"
+  ip addr add "$address" dev eth0 &&
+  { [ -z "$gateway" ] || ip route add default via "$gateway"; }; } || setup_failed "network"
 i=0
 while [ "$(cat /sys/class/net/eth0/carrier 2>/dev/null)" != 1 ] && [ "$i" -lt 100 ]; do
     usleep 20000

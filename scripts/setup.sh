@@ -15,6 +15,7 @@ APT_PACKAGES=(
     qemu-system-x86  # boots the guest whose kernel NFS client mounts Prism
     iproute2
     rpcbind
+    nfs-common       # rpc.statd and sm-notify, copied into the guests of the locking tests
     ca-certificates
     gzip             # build-guest.sh (busybox-static from the guest does cpio and depmod)
     util-linux       # flock

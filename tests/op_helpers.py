@@ -28,7 +28,7 @@ from typing import Any, Self
 
 from prism.nfs.client import MountClient, NfsClient, NfsError, auth_sys
 from prism.nfs.const import Nfs3Proc, NfsStat3
-from prism.nfs.types import NfsFh3, Sattr3
+from prism.nfs.wire import NfsFh3, Sattr3
 from prism.store.types import FileType
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

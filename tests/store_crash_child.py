@@ -94,7 +94,7 @@ def main() -> None:
     rng = random.Random(seed)
     gc = None
     with contextlib.suppress(ImportError):  # the checker may not exist yet
-        from prism.store.check import gc
+        from prism.store.gc import gc
     store = Store.open(Path(data_dir), journal=journaled)
     state, contents = read_state(store)
     snaps = sorted(n for n in state if n.startswith(VM + "@"))

@@ -66,6 +66,7 @@ class Serve:
         line = self.proc.stdout.readline()
         m = READY.match(line)
         assert m, f"no ready line: {line!r}; stderr: {self.stderr_now()}"
+        self.ready_line = line
         self.mount_port = int(m.group("mount"))
 
     def stderr_now(self) -> str:
@@ -182,6 +183,20 @@ def test_the_default_config_file_names_the_store_for_every_command(
     assert proc.returncode == 2 and "unknown key 'nfs-prot'" in proc.stderr, proc.stderr
 
 
+def test_the_command_line_overrides_the_files_choice_among_exclusive_options(
+    data: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "prism.toml"
+    config.write_text("no-vrpc = true\n")
+    server = Serve(data, "--config", str(config))
+    assert "no vrpc" in server.ready_line
+    server.stop()
+    sock = tmp_path / "vrpc.sock"
+    server = Serve(data, "--config", str(config), "--vrpc", str(sock))
+    assert f"vrpc {sock}" in server.ready_line
+    server.stop()
+
+
 @pytest.mark.parametrize(
     ("text", "hint"),
     [
@@ -192,6 +207,7 @@ def test_the_default_config_file_names_the_store_for_every_command(
         ("async = 'yes'\n", "async is a flag: write async = true or async = false"),
         ("log-level = 'loud'\n", "log-level: 'loud' is not one of debug, info"),
         ("nfs-port = \n", "is not valid TOML"),
+        ("vrpc = '/run/x.sock'\nno-vrpc = true\n", "vrpc and no-vrpc exclude each other"),
     ],
 )
 def test_config_file_errors_name_the_key(tmp_path: Path, text: str, hint: str) -> None:

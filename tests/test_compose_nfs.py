@@ -13,7 +13,7 @@ import pytest
 
 from prism.nfs.client import NfsClient
 from prism.nfs.const import NfsStat3
-from prism.nfs.types import NfsFh3
+from prism.nfs.wire import NfsFh3
 from tests.op_helpers import (
     PrismServe,
     nfs_get,

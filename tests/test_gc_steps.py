@@ -25,6 +25,7 @@ import pytest
 
 from prism.nfs.const import NfsStat3
 from prism.store import Store, check
+from prism.store.gc import gc as store_gc
 from tests.server_helpers import REPO_ROOT, PrismProcess, new_data_dir
 
 CONTENT = 2048
@@ -71,8 +72,8 @@ def live_files(data: Path) -> dict[str, bytes]:
 
 def garbage_records(data: Path) -> int:
     """Layer and chunk records and segment files: what gc's steps take away."""
-    with Store.open(data) as store, store._env.begin() as t:
-        records = sum(t.stat(db)["entries"] for db in (store._layers, store._chunks))
+    with Store.open(data) as store, store.ctx.env.begin() as t:
+        records = sum(t.stat(db)["entries"] for db in (store.ctx.db.layers, store.ctx.db.chunks))
         return records + len(store.segments.list_ids())
 
 
@@ -150,7 +151,7 @@ def test_kill_9_of_gc_at_random_moments_leaves_a_sound_store(tmp_path: Path) -> 
     assert kills >= 5, f"gc finished before most kills (seed {seed})"
     expected = live_files(data)
     with Store.open(data) as store:
-        check.gc(store)
+        store_gc(store)
         report = check.fsck(store)
     assert report.errors == [] and report.debris == [], (report.errors, report.debris)
     assert live_files(data) == expected

@@ -1,19 +1,27 @@
-"""The QEMU guest boots, has the NFS client loaded, and reaches the host's loopback."""
+"""The QEMU guest boots, has the NFS client loaded, and reaches the host's loopback; guests on
+a GuestLan have addresses of their own."""
 
 from __future__ import annotations
 
 import secrets
 import socket
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
 from tests.guest.harness import (
     HOST_ADDR,
+    GuestSession,
     GuestTimeout,
     ensure_guest_image,
     run_guest,
+    start_all,
 )
+from tests.guest.lan import SERVER_ADDR, GuestLan
+from tests.netns import require_netns
 
 LISTENER_TIMEOUT_S = 120
 
@@ -79,3 +87,68 @@ exit 7
 def test_guest_timeout_kills_qemu() -> None:
     with pytest.raises(GuestTimeout):
         run_guest("sleep 600", timeout=1.5)
+
+
+ECHO_PEER = """
+import socket, sys
+srv = socket.create_server((sys.argv[1], 0))
+srv.settimeout(120)
+print(srv.getsockname()[1], flush=True)
+for _ in range(int(sys.argv[2])):
+    conn, peer = srv.accept()
+    with conn:
+        conn.sendall(peer[0].encode() + b"\\n")
+"""
+CALL_GUEST = """
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as s:
+    s.sendall(sys.argv[3].encode() + b"\\n")
+"""
+
+
+@pytest.mark.guest
+@pytest.mark.netns
+def test_tap_guests_are_distinct_clients_the_server_can_call() -> None:
+    """Two guests on a GuestLan: a server in the namespace sees each at its own address, and
+    can open connections to each (what NLM callbacks need); commands run in a session."""
+    require_netns()
+    with GuestLan(2) as lan:
+        nets = [lan.guest_net(i) for i in range(2)]
+        echo = lan.host.popen(
+            [sys.executable, "-c", ECHO_PEER, SERVER_ADDR, "2"], stdout=subprocess.PIPE
+        )
+        guests = [GuestSession(net=net, name=net.hostname) for net in nets]
+        try:
+            assert echo.stdout is not None
+            port = int(echo.stdout.readline())
+            start_all(guests)
+            for g, net in zip(guests, nets, strict=True):
+                assert g.check("hostname").strip() == net.hostname
+                seen = g.check(f"echo hi | nc -w 10 {SERVER_ADDR} {port}").strip()
+                assert seen == net.address
+                token = secrets.token_hex(8)
+                g.check("nc -l -p 7777 > /tmp/got 2>&1 & echo $! > /tmp/nc.pid")
+                lan.host.python(CALL_GUEST, net.address, "7777", token, timeout=30)
+                assert g.check("wait $(cat /tmp/nc.pid); cat /tmp/got").strip() == token
+                assert g.run("exit_code_is_kept() { return 3; }; exit_code_is_kept").exit_code == 3
+        finally:
+            for g in guests:
+                g.close()
+            echo.kill()
+            echo.wait()
+
+
+@pytest.mark.guest
+def test_session_answers_in_order_and_powers_off_after_its_lifetime() -> None:
+    """A command that times out does not hand its late answer to the next one; a session
+    outliving its test process does not leave QEMU running for ever."""
+    with GuestSession(lifetime=15, name="short") as g:
+        assert g.check("echo up") == "up\n"
+        with pytest.raises(GuestTimeout):
+            g.run("sleep 3; echo late", timeout=1)
+        assert g.check("echo next") == "next\n"
+        deadline = time.monotonic() + 120
+        while g.running and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not g.running
+        assert "PRISM-GUEST-LIFETIME-OVER" in g.console

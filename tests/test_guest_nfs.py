@@ -20,7 +20,7 @@ import pytest
 
 from prism.nfs.client import NfsClient
 from prism.nfs.const import MOUNT_PROGRAM, MOUNT_V3, NFS_PROGRAM, NFS_V3, NfsStat3
-from prism.nfs.types import NfsFh3
+from prism.nfs.wire import NfsFh3
 from prism.store.types import FileType
 from rpc.portmap import PMAP_PORT, pmap_getport, rpcbind_answers
 from tests.guest.harness import HOST_ADDR, GuestRun, nfs_mount_command, run_guest

@@ -13,16 +13,15 @@ lock holder is this test, through the project's NLM client:
   the guest's lockd repeats its blocked LOCK every 30 s and gets it then.)
 * a lock the guest holds is seen by the host's TEST and listed by `prism locks`.
 
-QEMU user networking puts every guest behind the host's 127.0.0.1, so one guest plus the
-host client is the widest test this harness allows: two guests would be one NLM client.
+QEMU user networking puts every guest behind the host's 127.0.0.1, so here one guest plus
+the host client is the widest test: two such guests would be one NLM client. Guests with
+addresses of their own, which the server can call back, are in test_guest_nlm_pair.py.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -30,36 +29,22 @@ from typing import Any
 
 import pytest
 
-from prism.nfs.types import Sattr3
+from prism.nfs.wire import Sattr3
 from prism.nlm.client import NlmClient
 from prism.nlm.types import NlmStat
 from prism.nlm.types import TestRes as NlmTestRes
 from rpc.portmap import PMAP_PORT, rpcbind_answers
-from tests.guest.harness import HOST_ADDR, GuestRun, host_programs, run_guest
+from tests.guest.harness import HOST_ADDR, GuestRun, run_guest
+from tests.guest.locking import lock_files, missing_tools
 from tests.server_helpers import PrismProcess, new_data_dir, port_listening, prism_cli
-
-DAEMONS = ("/usr/sbin/rpcbind", "/usr/sbin/rpc.statd")
-LOCKF_SOURCE = Path(__file__).parent / "guest" / "lockf.c"
 
 pytestmark = [
     pytest.mark.guest,
-    pytest.mark.skipif(
-        shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 not installed"
-    ),
-    pytest.mark.skipif(
-        not all(Path(p).exists() for p in DAEMONS), reason="rpcbind and nfs-common not installed"
-    ),
-    pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is needed to build lockf"),
+    pytest.mark.skipif(missing_tools() is not None, reason=str(missing_tools())),
 ]
 
 BOOT_TIMEOUT = 240.0
 BLOCKED_BOUND = 45  # seconds: Linux repeats a blocked LOCK every 30 s
-ETC_PASSWD = (
-    "root:x:0:0:root:/root:/bin/sh\n"
-    "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
-    "_rpc:x:100:65534::/run/rpcbind:/bin/false\n"
-    "statd:x:101:65534::/var/lib/nfs:/bin/false\n"
-)
 
 WORKLOAD = f"""
 mkdir -p /var/lib/nfs/sm /var/lib/nfs/sm.bak /run/rpcbind
@@ -83,12 +68,6 @@ wait
 """
 
 
-def build_lockf(tmp: Path) -> bytes:
-    out = tmp / "lockf"
-    subprocess.run(["gcc", "-static", "-O2", "-o", str(out), str(LOCKF_SOURCE)], check=True)
-    return out.read_bytes()
-
-
 def results(run: GuestRun) -> dict[str, str]:
     found = dict(re.findall(r"^R (\w+)=(.*)$", run.workload_output, re.MULTILINE))
     assert "rpcbind" not in found and "statd" not in found, run.workload_output
@@ -107,13 +86,7 @@ def test_kernel_client_locks_without_nolock(tmp_path: Path) -> None:
     server = PrismProcess(data, tmp_path / "logs", portmap=mode[0], portmap_port=mode[1])
     server.start()
     nlm_port = int(server.ready_line.split(" nlm ")[1].split()[0])
-    files = host_programs(DAEMONS)
-    files["/bin/lockf"] = build_lockf(tmp_path)
-    files["/etc/passwd"] = ETC_PASSWD.encode()
-    files["/etc/hosts"] = b"127.0.0.1 localhost prism-guest\n"
-    for etc in ("/etc/netconfig", "/etc/rpc", "/etc/protocols", "/etc/services"):
-        files[etc] = Path(etc).read_bytes()  # libtirpc's transports, RPC program names
-    files["/etc/nsswitch.conf"] = b"passwd: files\ngroup: files\nhosts: files\n"
+    files = lock_files(tmp_path)
     console = tmp_path / "console.log"
     try:
         root = server.mount("/vm")

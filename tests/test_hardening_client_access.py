@@ -25,9 +25,9 @@ import pytest
 
 from prism.nfs.client import MountClient, NfsClient, auth_sys
 from prism.nfs.const import MOUNT_PROGRAM, MOUNT_V3, NFS_PROGRAM, NFS_V3, MountStat3, NfsStat3
-from prism.nfs.types import NfsFh3, Sattr3
+from prism.nfs.wire import NfsFh3, Sattr3
+from prism.store.schema import DB_NAMES
 from prism.store.sealed import open_value, seal
-from prism.store.store import DB_NAMES
 from rpc.client import RpcClient
 from tests.op_helpers import PrismServe, nfs_put, prism, prism_json
 

@@ -34,11 +34,11 @@ import lmdb
 import pytest
 
 from prism.nfs.client import MountClient, NfsClient, NfsError
-from prism.nfs.const import FileType, MountStat3, NfsStat3
-from prism.nfs.types import Fattr3, NfsFh3, Sattr3
+from prism.nfs.const import Ftype3, MountStat3, NfsStat3
+from prism.nfs.wire import Fattr3, NfsFh3, Sattr3
 from prism.store import Store
+from prism.store.schema import DB_NAMES
 from prism.store.sealed import SEAL
-from prism.store.store import DB_NAMES
 from tests.op_helpers import (
     PrismServe,
     clone_command,
@@ -187,7 +187,7 @@ def observe(c: NfsClient, root: NfsFh3, before: dict[str, Any] | None = None) ->
             return
         assert res.obj_attributes is not None
         kind = res.obj_attributes.type
-        if kind == FileType.DIR:
+        if kind == Ftype3.DIR:
             try:
                 listing: Any = sorted(
                     (e.name, _attrs(e.name_attributes))
@@ -206,7 +206,7 @@ def observe(c: NfsClient, root: NfsFh3, before: dict[str, Any] | None = None) ->
                 )
                 if found.ok and found.object is not None:
                     visit(child, found.object)
-        elif kind == FileType.REG:
+        elif kind == Ftype3.REG:
             try:
                 out[path + "#data"] = c.read_all(fh)
             except NfsError as exc:

@@ -19,7 +19,7 @@ import pytest
 
 from prism.nfs.client import NfsClient, auth_sys
 from prism.nfs.const import NfsStat3
-from prism.nfs.types import NfsFh3, Sattr3
+from prism.nfs.wire import NfsFh3, Sattr3
 from prism.store.types import FileType
 from tests.op_helpers import PrismServe, prism
 

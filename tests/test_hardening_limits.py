@@ -16,7 +16,7 @@ import pytest
 
 from prism.nfs.client import NfsClient
 from prism.nfs.const import MAX_NAME, MAX_PATH, MAX_READ, NfsStat3, StableHow, TimeHow
-from prism.nfs.types import NfsFh3, NfsTime3, Sattr3
+from prism.nfs.wire import NfsFh3, NfsTime3, Sattr3
 from prism.store.types import FileType
 from tests.server_helpers import PrismProcess, running_server
 

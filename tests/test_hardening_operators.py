@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from prism.nfs.const import NfsStat3
-from prism.store import Store
+from prism.store import Store, quota, txn
 from tests.op_helpers import PrismServe, prism, prism_json, run_clone
 
 MiB = 1 << 20
@@ -124,9 +124,9 @@ def test_usage_of_an_existing_store_is_remeasured_with_symlinks(tmp_path: Path) 
         for i in range(5):
             store.symlink(root, b"l%d" % i, b"x" * 1000)
         # what an older Prism left: the counters without symlinks, and no usage revision
-        with store._write() as t:
-            store._set_usage(t, store.namespace("old").id, 0, 6, True)
-            t.delete(b"usage_rev", db=store._meta)
+        with txn.write(store.ctx) as t:
+            quota.set_usage(store.ctx, t, store.namespace("old").id, 0, 6, True)
+            t.delete(b"usage_rev", db=store.ctx.db.meta)
     assert prism_json(data, "vm", "show", "old")["logical_bytes"] == 5000
 
 

@@ -28,11 +28,11 @@ import pytest
 from prism.errors import Stale
 from prism.nfs.client import MountClient, NfsClient
 from prism.nfs.const import NfsStat3
-from prism.nfs.types import NfsFh3, Sattr3
+from prism.nfs.wire import NfsFh3, Sattr3
 from prism.store import CloneSource, ObjectId, Store
 from prism.store import records as R
+from prism.store.schema import DB_NAMES
 from prism.store.sealed import open_value, seal
-from prism.store.store import DB_NAMES
 from tests.op_helpers import PrismServe, nfs_get, nfs_mkdirs, nfs_put, nfs_tree, prism, prism_json
 
 PRIVATE = b"src's private data\n"

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from prism.nfs.const import NfsStat3
-from prism.store import Store
+from prism.store import Store, layers, txn
 from prism.store import records as R
 from tests.op_helpers import (
     PrismServe,
@@ -153,13 +153,14 @@ def test_fsck_repairs_dangling_shares_of_older_stores(tmp_path: Path) -> None:
     prism(data, "share", "seed:/", "other:/seed")
     # What older versions left: a snapshot whose top is the frozen layer itself (so it
     # carries dst's share entries without the shares), and a VM shared from a removed VM.
-    with Store.open(data) as store, store._write() as t:
-        snap = store._view_by_name(t, "dst@old")
-        store._put_ns(t, dict(snap.record, top=store._layer(t, snap.top)["parent"]))
-        seed = R.U32.pack(store._view_by_name(t, "seed").id)  # `vm rm seed`, unchecked
-        t.delete(seed, db=store._ns)
-        t.delete(seed, db=store._usage)
-        t.delete(b"seed", db=store._names)
+    with Store.open(data) as store, txn.write(store.ctx) as t:
+        ctx = store.ctx
+        snap = layers.view_by_name(ctx, t, "dst@old")
+        layers.put_ns(ctx, t, dict(snap.record, top=layers.load_layer(ctx, t, snap.top)["parent"]))
+        seed = R.U32.pack(layers.view_by_name(ctx, t, "seed").id)  # `vm rm seed`, unchecked
+        t.delete(seed, db=ctx.db.ns)
+        t.delete(seed, db=ctx.db.usage)
+        t.delete(b"seed", db=ctx.db.names)
     proc = run_prism(data, "fsck", "--json")
     assert proc.returncode == 1, proc.stderr  # errors found (not a crash: exit 2)
     errors = json.loads(proc.stdout)["errors"]

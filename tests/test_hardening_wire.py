@@ -25,7 +25,7 @@ import pytest
 
 from prism.nfs.client import auth_sys
 from prism.nfs.const import NFS_PROGRAM, NFS_V3, Nfs3Proc, NfsStat3, StableHow
-from prism.nfs.types import GetattrArgs, NfsFh3, WriteArgs, decode_result, encode_args
+from prism.nfs.wire import GetattrArgs, NfsFh3, WriteArgs, decode_result, encode_args
 from rpc.message import AcceptedReply, AcceptStat, decode_reply, encode_call
 from rpc.record import LAST_FRAGMENT, RecordReader, frame, record_marker
 from tests.server_helpers import HOST, PrismProcess, prism_cli, running_server

@@ -20,7 +20,7 @@ import pytest
 
 from prism.nfs.client import MountClient, NfsClient, auth_sys
 from prism.nfs.const import MountStat3, NfsStat3
-from prism.nfs.types import NfsFh3
+from prism.nfs.wire import NfsFh3
 from tests.netns import NamespaceHost, TestHosts, require_netns
 from tests.op_helpers import PrismServe, prism
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.netns
 CLIENT = """
 import json, sys
 from prism.nfs.client import MountClient, NfsClient, auth_sys
-from prism.nfs.types import NfsFh3
+from prism.nfs.wire import NfsFh3
 
 gateway, mount_port, nfs_port, label = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 

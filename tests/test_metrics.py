@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from prism.nfs.const import NfsStat3
-from prism.nfs.types import Sattr3
+from prism.nfs.wire import Sattr3
 from tests.op_helpers import PrismServe, nfs_put, prism
 
 CHUNK = 128 * 1024

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prism.nfs import types as t
+from prism.nfs import convert
+from prism.nfs import wire as t
 from prism.nfs.client import MountClient, MountError, NfsClient, NfsError, auth_sys
 from prism.nfs.const import (
     MAX_NAME,
@@ -652,16 +653,16 @@ def test_store_conversions() -> None:
         mtime_ns=2_000_000_001,
         ctime_ns=-5,
     )
-    f = t.Fattr3.from_attr(attr, fsid=9)
+    f = convert.fattr3_of(attr, fsid=9)
     assert f.mode == 0o644 and f.fileid == 5 and f.rdev == t.SpecData3(8, 1) and f.fsid == 9
     assert f.atime == t.NfsTime3(1, 500_000_000) and f.ctime == t.NfsTime3(0, 0)
-    assert t.WccAttr.from_attr(attr) == t.WccAttr(10, t.NfsTime3(2, 1), t.NfsTime3(0, 0))
+    assert convert.wcc_attr(attr) == t.WccAttr(10, t.NfsTime3(2, 1), t.NfsTime3(0, 0))
     assert t.NfsTime3.from_ns(2**70) == t.NfsTime3(2**32 - 1, 999_999_999)
     s = t.Sattr3(mode=0o4755, atime=TimeHow.SET_TO_SERVER_TIME, mtime=t.NfsTime3(3, 4))
-    sa = s.to_setattr()
+    sa = convert.setattr_of(s)
     assert sa.mode == 0o4755 and sa.atime_ns == NOW and sa.mtime_ns == 3_000_000_004
     assert sa.uid is None and sa.size is None
-    assert t.Sattr3().to_setattr().atime_ns is None
+    assert convert.setattr_of(t.Sattr3()).atime_ns is None
 
 
 # --- the client, over an in-process fake server ---------------------------------------------

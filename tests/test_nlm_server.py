@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from prism.nfs.const import NfsStat3
-from prism.nfs.types import Sattr3
+from prism.nfs.wire import Sattr3
 from prism.nlm import types as nlm_types
 from prism.nlm.client import NlmClient
 from prism.nlm.service import SNAPSHOT_DELAY

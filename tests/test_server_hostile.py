@@ -40,7 +40,7 @@ from prism.nfs.const import (
     Nfs3Proc,
     StableHow,
 )
-from prism.nfs.types import (
+from prism.nfs.wire import (
     VOID,
     AccessArgs,
     CommitArgs,

@@ -14,7 +14,7 @@ from typing import Any
 
 from prism.nfs.client import NfsClient
 from prism.nfs.const import NfsStat3, StableHow
-from prism.nfs.types import NfsFh3
+from prism.nfs.wire import NfsFh3
 from rpc.client import RpcError
 from tests.server_helpers import PrismProcess, running_server
 

@@ -24,7 +24,7 @@ import pytest
 from prism import cli
 from prism.nfs.client import NfsClient
 from prism.nfs.const import NfsStat3
-from prism.nfs.types import NfsFh3, Sattr3
+from prism.nfs.wire import NfsFh3, Sattr3
 from prism.store.types import FileType
 from tests.op_helpers import (
     PrismServe,

@@ -16,7 +16,7 @@ import pytest
 
 from prism.nfs.client import MountClient, NfsClient
 from prism.nfs.const import MountStat3, NfsStat3
-from prism.nfs.types import NfsFh3, Sattr3
+from prism.nfs.wire import NfsFh3, Sattr3
 from tests.op_helpers import PrismServe, nfs_get, nfs_mkdirs, nfs_put, nfs_tree, prism, prism_json
 
 MiB = 1 << 20

@@ -1,4 +1,4 @@
-"""Unit tests of the store API (`docs/store-api.md`): objects, namespaces, dedup, batches."""
+"""Unit tests of the store API (`prism.store.api`): objects, namespaces, dedup, batches."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ from prism.errors import (
     Stale,
     StoreError,
 )
-from prism.store import CHUNK_SIZE, CloneSource, Cred, FileType, ObjectId, SetAttr, Store
+from prism.store import CHUNK_SIZE, CloneSource, Cred, FileType, ObjectId, SetAttr, Store, txn
+from prism.store.gc import gc
 from prism.store.types import (
     ACCESS_DELETE,
     ACCESS_EXECUTE,
@@ -183,6 +184,45 @@ def test_truncate_in_clone_does_not_affect_source(store: Store) -> None:
     store.setattr(g, SetAttr(size=len(data)))
     assert read_all(store, g) == data[:100] + bytes(len(data) - 100)
     assert read_all(store, f) == data
+
+
+def _metadata_records(store: Store) -> int:
+    db = store.ctx.db
+    with txn.read(store.ctx) as t:
+        return sum(sum(1 for _ in t.cursor(db=d)) for d in (db.inodes, db.dirents, db.cmap))
+
+
+def test_removing_a_frozen_file_costs_the_same_whatever_its_size(store: Store) -> None:
+    root = new_vm(store, "vm")
+    sizes = {b"small": CHUNK_SIZE, b"large": 40 * CHUNK_SIZE + 5}
+    for seed, (name, size) in enumerate(sizes.items()):
+        write_file(store, root, name, pattern(size, seed=seed))
+    store.snapshot("vm", "s")  # both files now live in a frozen layer
+    store.setattr(root, SetAttr(mode=0o755))  # (the root's copy-up is not the remove's)
+    written = {}
+    for name in sizes:
+        before = _metadata_records(store)
+        store.remove(root, name)
+        written[name] = _metadata_records(store) - before
+    assert written[b"large"] == written[b"small"] == 2  # whiteouts: the entry, the inode
+    snap = store.root(store.namespace("vm@s").id)
+    assert read_all(store, store.lookup(snap, b"large").oid) == pattern(sizes[b"large"], seed=1)
+    # a file rewritten in part after the freeze: the top's own chunk-map records go with it
+    f = write_file(store, root, b"f", pattern(8 * CHUNK_SIZE, seed=7))
+    store.snapshot("vm", "t")
+    store.write(f, 3 * CHUNK_SIZE, b"new bytes")
+    store.remove(root, b"f")
+    assert listdir(store, root) == []
+    assert store.usage("vm").logical_bytes == 0
+    # once no snapshot keeps them, gc folds the layers and frees every chunk
+    store.remove_snapshot("vm", "s")
+    store.remove_snapshot("vm", "t")
+    if check is not None:
+        gc(store)
+        assert store.stats().stored_bytes == 0
+        assert check.fsck(store).errors == []
+        with txn.read(store.ctx) as t:
+            assert sum(1 for _ in t.cursor(db=store.ctx.db.cmap)) == 0
 
 
 # --- directories ----------------------------------------------------------------------------

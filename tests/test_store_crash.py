@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import store_crash_child as child
 
 try:
-    from prism.store import check
+    from prism.store import check, gc
 except ImportError:  # the checker is being written alongside; run without it meanwhile
-    check = None  # type: ignore[assignment]
+    check = gc = None  # type: ignore[assignment]
 
 CHILD = Path(__file__).with_name("store_crash_child.py")
 REPO = Path(__file__).resolve().parent.parent
@@ -128,6 +128,6 @@ def test_sigkill_at_random_moments_loses_nothing_durable(
     with Store.open(data) as store:
         assert child.read_state(store)[0] == durable
         if check is not None:
-            check.gc(store)
+            gc.gc(store)
             assert check.fsck(store).errors == []
             assert child.read_state(store)[0] == durable

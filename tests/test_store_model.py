@@ -37,13 +37,13 @@ from prism.errors import (
     NotFound,
     StoreError,
 )
-from prism.store import CHUNK_SIZE, CloneSource, FileType, ObjectId, SetAttr, Store
+from prism.store import CHUNK_SIZE, CloneSource, FileType, ObjectId, SetAttr, Store, txn
 from prism.store import records as R
 
 try:
-    from prism.store import check
+    from prism.store import check, gc
 except ImportError:  # the checker is being written alongside; run without it meanwhile
-    check = None  # type: ignore[assignment]
+    check = gc = None  # type: ignore[assignment]
 
 NAMES = ["a", "b", "c"]
 OFFSETS = [0, 7, 4096, 131000, 131050, 131071, 131072, 131100, 2 * CHUNK_SIZE - 3, 400000]
@@ -509,7 +509,7 @@ class StoreMachine(RuleBasedStateMachine):
     @precondition(lambda self: check is not None)
     @rule()
     def gc(self) -> None:
-        check.gc(self.store)
+        gc.gc(self.store)
 
     # -- invariants --------------------------------------------------------------------
 
@@ -567,12 +567,12 @@ class StoreMachine(RuleBasedStateMachine):
 
     def check_consistency(self) -> None:
         store = self.store
-        with store._snapshot() as t:
+        with txn.read(store.ctx) as t:
             refs: Counter[bytes] = Counter()
-            for _, value in t.cursor(db=store._cmap):
+            for _, value in t.cursor(db=store.ctx.db.cmap):
                 if value:
                     refs[R.CHUNK_KEY.pack(*R.CMAP_VAL.unpack(value)[:2])] += 1
-            for key, value in t.cursor(db=store._chunks):
+            for key, value in t.cursor(db=store.ctx.db.chunks):
                 count = R.CHUNK_VAL.unpack(value)[3]
                 assert count == refs.pop(bytes(key), 0), "chunk refcount != references"
             assert not refs, "chunk-map records name chunks missing from the index"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-FILE_OPTIONS = frozenset({"--data", "--config", "--log-file"})
+FILE_OPTIONS = frozenset({"--data", "--config", "--log-file", "--vrpc"})
 VM_POSITIONALS = frozenset({"vm", "name"})
 NEW_VM_COMMANDS = frozenset({"vm create"})
 

@@ -32,6 +32,9 @@ def vm_json(info: NamespaceInfo, usage: Any = None) -> dict[str, Any]:
         "squash": info.export.squash,
         "anon_uid": info.export.anon_uid,
         "anon_gid": info.export.anon_gid,
+        "vrpc_users": list(info.export.vrpc_users),
+        "vrpc_groups": list(info.export.vrpc_groups),
+        "vrpc_token": bool(info.export.vrpc_token),
     }
     if usage is not None:
         out["logical_bytes"] = usage.logical_bytes

@@ -32,9 +32,11 @@ from prism.cli.vm import (
     cmd_vm_rm,
     cmd_vm_set,
     cmd_vm_show,
+    cmd_vm_vrpc_token,
 )
 from prism.store.types import SQUASH_MODES
 from rpc.admission import FD_RESERVE, MAX_PER_ADDRESS, RECORD_TIMEOUT
+from vrpc.control import MAX_CHANNELS, MAX_CHANNELS_PER_UID
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -112,6 +114,16 @@ def _access_options(p: argparse.ArgumentParser, defaults: str) -> None:
     g.add_argument(
         "--anon-gid", type=int, default=None, metavar="GID", help="anonymous gid (65534)"
     )
+    for kind, meta in (("user", "UID"), ("group", "GID")):
+        g.add_argument(
+            f"--vrpc-{kind}",
+            action="extend",
+            nargs="+",
+            default=None,
+            metavar=meta,
+            help=f"local {kind}s whose processes may attach VRPC channels to the VM (`none`"
+            " clears); with no users and no groups, only root and holders of its token may",
+        )
 
 
 def _seconds(text: str) -> float:
@@ -271,6 +283,22 @@ def _serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         metavar="SECONDS",
         help="after a restart, grant only lock reclaims for this long (90)",
     )
+    vrpc = p.add_mutually_exclusive_group()
+    vrpc.add_argument(
+        "--vrpc",
+        default=None,
+        metavar="PATH",
+        help="VRPC control socket for local shared-memory clients (default DATA/vrpc.sock,"
+        " reachable by the server's user only; see README 'VRPC')",
+    )
+    vrpc.add_argument("--no-vrpc", action="store_true", help="no VRPC control socket")
+    p.add_argument(
+        "--vrpc-max-channels",
+        type=_positive_int,
+        default=MAX_CHANNELS,
+        metavar="N",
+        help=f"VRPC channels attached at once ({MAX_CHANNELS}; {MAX_CHANNELS_PER_UID} per user)",
+    )
     p.add_argument("--demo", action="store_true", help="create VM 'demo' if missing")
     p.add_argument(
         "--log-level",
@@ -353,6 +381,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _access_options(p, "unchanged unless given")
     p.set_defaults(func=cmd_vm_set)
+    p = vms.add_parser("vrpc-token", help="print a VM's VRPC attach token (made at first use)")
+    _common(p)
+    p.add_argument("name", help="the VM")
+    p.add_argument(
+        "--rotate",
+        action="store_true",
+        help="replace it: channels attached with the old one are detached at their next call",
+    )
+    p.set_defaults(func=cmd_vm_vrpc_token)
     p = vms.add_parser("rm", help="remove a VM and its snapshots")
     _common(p)
     p.add_argument("name", help="the VM")

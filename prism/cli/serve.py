@@ -40,6 +40,9 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         record_timeout=args.record_timeout,
         nlm_port=args.nlm_port,
         grace=args.grace,
+        vrpc=not args.no_vrpc,
+        vrpc_socket=Path(args.vrpc) if args.vrpc else None,
+        vrpc_max_channels=args.vrpc_max_channels,
     )
 
 
@@ -113,6 +116,7 @@ def _check_addresses(options: ServeOptions) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from prism.server import run_event_loop, serve
+    from vrpc.server import ListenError
 
     configure_logging(log_level(args), args.log_file)
     options = serve_options(args)
@@ -126,6 +130,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     try:
         run_event_loop(serve(options, Service(args)))
+    except ListenError as exc:
+        raise UsageError(f"cannot start: {exc}") from exc
     except OSError as exc:
         if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
             where = f" ({exc.filename})" if exc.filename else ""

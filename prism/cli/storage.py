@@ -14,6 +14,7 @@ from prism.cli.values import UsageError, vm_path
 from prism.cli.vm import vm_info
 from prism.errors import StoreError
 from prism.store import Store
+from vrpc.stats import read_stats as read_vrpc_stats
 
 
 def cmd_locks(args: argparse.Namespace, store: Store) -> int:
@@ -66,6 +67,7 @@ def cmd_stats(args: argparse.Namespace, store: Store) -> int:
     vms = store.list_namespaces("vm")
     per_vm = [vm_json(vm, store.usage(vm.name)) for vm in vms]
     st = store.stats()
+    vrpc = read_vrpc_stats(Path(args.data))
     data = {
         "vms": per_vm,
         "store": {
@@ -75,6 +77,7 @@ def cmd_stats(args: argparse.Namespace, store: Store) -> int:
             "chunk_count": st.chunk_count,
             "segment_bytes": st.segment_bytes,
         },
+        "vrpc": vrpc,
     }
 
     def text() -> str:
@@ -90,6 +93,14 @@ def cmd_stats(args: argparse.Namespace, store: Store) -> int:
             f"in {st.chunk_count} chunks, dedup ratio {st.dedup_ratio:.2f}x, "
             f"segment files {human(st.segment_bytes)}",
         ]
+        v = vrpc
+        lines.append(
+            "vrpc: no server is running with VRPC"
+            if v is None
+            else f"vrpc: {v['channels']} channels, {v['calls']} calls ({v['fast_path_hits']} on"
+            f" the fast path), {v['protocol_errors']} protocol errors, {v['refused']} attaches"
+            f" refused, {v['revoked']} channels revoked"
+        )
         return "\n".join(lines)
 
     emit(args, data, text)
@@ -131,7 +142,7 @@ def cmd_fsck(args: argparse.Namespace, store: Store) -> int:
 
 
 def cmd_gc(args: argparse.Namespace, store: Store) -> int:
-    from prism.store.check import gc
+    from prism.store.gc import gc
 
     report = gc(store, progress=progress_printer(args))
     data = dict(vars(report))

@@ -127,7 +127,9 @@ def _access_text(vm: dict[str, Any]) -> str:
         "root": f"root squashed to {vm['anon_uid']}:{vm['anon_gid']}",
         "all": f"everyone squashed to {vm['anon_uid']}:{vm['anon_gid']}",
     }[vm["squash"]]
-    return f"{ports}, {squash}"
+    users = [f"uid {u}" for u in vm["vrpc_users"]] + [f"gid {g}" for g in vm["vrpc_groups"]]
+    vrpc = ", ".join(users) or "root"
+    return f"{ports}, {squash}; VRPC: {vrpc}" + (" or its token" if vm["vrpc_token"] else "")
 
 
 def _export_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -137,8 +139,40 @@ def _export_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "squash": args.squash,
         "anon_uid": args.anon_uid,
         "anon_gid": args.anon_gid,
+        "vrpc_users": _ids(args.vrpc_user, "user"),
+        "vrpc_groups": _ids(args.vrpc_group, "group"),
     }
     return {k: v for k, v in given.items() if v is not None}
+
+
+def _ids(words: list[str] | None, kind: str) -> list[int] | None:
+    """`--vrpc-user`/`--vrpc-group` words: numeric ids or names; `none` alone clears."""
+    if words is None:
+        return None
+    if words == ["none"]:
+        return []
+    import grp
+    import pwd
+
+    ids = []
+    for word in words:
+        if word.isdigit():
+            ids.append(int(word))
+            continue
+        try:
+            ids.append(pwd.getpwnam(word).pw_uid if kind == "user" else grp.getgrnam(word).gr_gid)
+        except KeyError:
+            raise UsageError(
+                f"no local {kind} {word!r}: give a numeric id or a name from this host, or"
+                f" `none` alone to clear the list"
+            ) from None
+    return ids
+
+
+def cmd_vm_vrpc_token(args: argparse.Namespace, store: Store) -> int:
+    token = store.vrpc_token(args.name, rotate=args.rotate)
+    emit(args, {"vm": args.name, "token": token, "rotated": args.rotate}, token)
+    return 0
 
 
 def cmd_share(args: argparse.Namespace, store: Store) -> int:
@@ -179,7 +213,8 @@ def cmd_vm_set(args: argparse.Namespace, store: Store) -> int:
     if not kwargs:
         raise UsageError(
             "nothing to change: give --client CIDR, --quota SIZE, --secure/--insecure, "
-            "--squash none|root|all, --anon-uid N or --anon-gid N"
+            "--squash none|root|all, --anon-uid N, --anon-gid N, --vrpc-user UID... or "
+            "--vrpc-group GID..."
         )
     info = store.set_namespace(args.name, **kwargs)
     emit_vm(args, store, info, f"updated VM {info.name}:")

@@ -1,7 +1,7 @@
 """A synchronous NFSv3 / MOUNTv3 client for tests and tools.
 
 Theory of operation: each method builds the procedure's argument dataclass, encodes it with
-`prism.nfs.types`, sends it through an RPC caller (by default `rpc.client.RpcClient`, over
+`prism.nfs.wire`, sends it through an RPC caller (by default `rpc.client.RpcClient`, over
 TCP or UDP) and decodes the reply into the procedure's result dataclass. Per-procedure
 methods never raise on NFS errors: a result carries `.status` (and `.ok`), so tests can check
 the exact status and failure body. RPC-level failures (timeouts, PROG_UNAVAIL, GARBAGE_ARGS,
@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prism.nfs.const import (
     ACCESS3_ALL,
@@ -30,13 +30,14 @@ from prism.nfs.const import (
     NFS_PROGRAM,
     NFS_V3,
     CreateMode,
+    Ftype3,
     Mount3Proc,
     MountStat3,
     Nfs3Proc,
     NfsStat3,
     StableHow,
 )
-from prism.nfs.types import (
+from prism.nfs.wire import (
     SATTR_EMPTY,
     VOID,
     AccessArgs,
@@ -96,7 +97,9 @@ from prism.nfs.types import (
     encode_args,
     encode_mount_args,
 )
-from prism.store.types import FileType
+
+if TYPE_CHECKING:
+    from rpc.client import RpcClient
 
 FhLike = NfsFh3 | bytes
 NameLike = bytes | str
@@ -156,16 +159,17 @@ def _name(name: NameLike) -> bytes:
     return os.fsencode(name)
 
 
-def _connect(
+def connect_rpc(
     host: str,
     port: int,
     prog: int,
     vers: int,
-    transport: str,
-    cred: Any,
-    source: Any,
-    timeout: float,
-) -> RpcCaller:
+    transport: str = "tcp",
+    cred: Any = None,
+    source: Any = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> RpcClient:
+    """An `rpc.client.RpcClient` for prog/vers; as root, bound to a privileged source port."""
     from rpc.client import RpcClient
 
     kwargs: dict[str, Any] = {"transport": transport, "cred": cred, "timeout": timeout}
@@ -179,8 +183,7 @@ def _connect(
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:  # every reserved port busy: use any port
                 raise
-    client: RpcCaller = RpcClient(host, port, prog, vers, **kwargs)
-    return client
+    return RpcClient(host, port, prog, vers, **kwargs)
 
 
 class _Base:
@@ -202,7 +205,8 @@ class _Base:
         rpc: RpcCaller | None = None,
     ) -> None:
         if rpc is None:
-            rpc = _connect(host, port, self.PROGRAM, self.VERSION, transport, cred, source, timeout)
+            prog, vers = self.PROGRAM, self.VERSION
+            rpc = connect_rpc(host, port, prog, vers, transport, cred, source, timeout)
         self._rpc = rpc
 
     def close(self) -> None:
@@ -345,15 +349,15 @@ class NfsClient(_Base):
         self,
         dir_fh: FhLike,
         name: NameLike,
-        type: FileType,
+        type: Ftype3,
         attributes: Sattr3 = SATTR_EMPTY,
         spec: SpecData3 | None = None,
     ) -> MknodRes:
         """MKNOD; `spec` (major, minor) applies to CHR/BLK only."""
         where = DirOpArgs3(_fh(dir_fh), _name(name))
-        if type in (FileType.CHR, FileType.BLK):
+        if type in (Ftype3.CHR, Ftype3.BLK):
             args = MknodArgs(where, type, attributes, spec or SpecData3())
-        elif type in (FileType.SOCK, FileType.FIFO):
+        elif type in (Ftype3.SOCK, Ftype3.FIFO):
             args = MknodArgs(where, type, attributes)
         else:
             args = MknodArgs(where, type)

@@ -2,15 +2,14 @@
 
 Theory of operation: everything a decoder checks or a dispatcher switches on is named here,
 once. Wire enums are `IntEnum`s so a decoded value is both an int (packs unchanged) and a
-self-describing member; a value outside the enum is invalid XDR and `prism.nfs.types` turns
-it into `XdrError`. ftype3 is the store's own `FileType`, whose values are ftype3's.
+self-describing member; a value outside the enum is invalid XDR and `prism.nfs.wire` turns
+it into `XdrError`. Nothing here depends on the store: ftype3 is the wire's own `Ftype3`,
+whose values the store's `FileType` shares (`prism.nfs.convert` maps between them).
 """
 
 from __future__ import annotations
 
 from enum import IntEnum
-
-from prism.store.types import FileType
 
 # --- programs -------------------------------------------------------------------------------
 
@@ -134,8 +133,17 @@ class MountStat3(IntEnum):
 
 # --- other wire enums -----------------------------------------------------------------------
 
-Ftype3 = FileType
-"""ftype3: NF3REG=1 .. NF3FIFO=7, shared with the store."""
+
+class Ftype3(IntEnum):
+    """ftype3: NF3REG=1 .. NF3FIFO=7."""
+
+    REG = 1
+    DIR = 2
+    BLK = 3
+    CHR = 4
+    LNK = 5
+    SOCK = 6
+    FIFO = 7
 
 
 class StableHow(IntEnum):

@@ -1,18 +1,24 @@
-"""The NFSv3 and MOUNTv3 programs: RPC procedure tables over the store.
+"""The NFSv3 and MOUNTv3 programs: the procedure tables' handlers over the store.
 
-Theory of operation: `NfsService.program()` and `.mount_program()` return `rpc.server.Program`
-tables. Each row names the procedure, its handler and its flags: `idempotent` (False sends
-retransmissions through the duplicate request cache) and `modifies` (the call must be durable
-before its reply leaves, so the store executor commits the batch first; an UNSTABLE WRITE is
-the one modifying call that may be answered before the commit).
+Theory of operation: `NfsService.program()` and `.mount_program()` turn the wire layer's
+procedure tables (`prism.nfs.wire.NFS3_PROCS`, `MOUNT3_PROCS`) into `rpc.server.Program`s:
+each row gives the codec, the handler (a method of `NfsService` named by the row) and the
+flags: `writes` (a write transaction), `idempotent` (False sends retransmissions through the
+duplicate request cache) and `durability` (whether the reply waits for the commit of the
+store's batch; an UNSTABLE WRITE is the one modifying call that may be answered first).
 
-A handler decodes its arguments (XdrError -> GARBAGE_ARGS), then runs one closure through
-the store's executor (`prism.store.executor`, inline on the event loop) that resolves the
-handle, checks that the caller's address and source port may reach the handle's VM and maps
-its credential through the VM's squash (`prism.access`), gathers pre-operation attributes,
-performs the operation and builds the result. A `StoreError` becomes the procedure's
-failure result through the one errno -> nfsstat3 mapping (`prism.nfs.status`),
-carrying the wcc_data / post_op_attr that the procedure's failure arm allows.
+A handler's arguments are decoded first (XdrError -> GARBAGE_ARGS); its body then runs through
+the store's executor (`prism.store.executor`, inline on the event loop): it resolves each
+handle, checking that the caller's address and source port may reach the handle's VM and
+mapping its credential through the VM's squash (`prism.access`), then makes one store call
+(`prism.store.api.FileStore`), which answers everything the OK result needs from one
+transaction: the attributes before and after a change, the object made, the data read. A
+failure is raised, never built by the body (as in go-nfs): a `StoreError` (through the one
+errno -> nfsstat3 mapping, `prism.nfs.status`) or an `NfsError` becomes the procedure's
+failure result, whose body (wcc_data / post_op_attr) its result type builds (`XxxRes.failed`)
+from the attributes the failed store call had read (`StoreError.attrs`; a failure changes
+nothing, so they hold before and after). A handle that cannot be used is answered with its
+status alone.
 """
 
 from __future__ import annotations
@@ -21,8 +27,8 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, cast
+from dataclasses import dataclass, field
+from typing import Any
 
 from prism.access import (
     client_allowed,
@@ -31,8 +37,8 @@ from prism.access import (
     export_groups,
     port_allowed,
 )
-from prism.errors import InvalidArgument, NotFound, PermissionDenied, Stale, StoreError
-from prism.nfs import types as T
+from prism.errors import NotADirectory, NotFound, PermissionDenied, Stale, StoreError
+from prism.nfs import wire as T
 from prism.nfs.const import (
     FSF3_CANSETTIME,
     FSF3_HOMOGENEOUS,
@@ -46,17 +52,18 @@ from prism.nfs.const import (
     NFS_PROGRAM,
     NFS_V3,
     CreateMode,
+    Ftype3,
     Mount3Proc,
     MountStat3,
     Nfs3Proc,
     NfsStat3,
     StableHow,
 )
+from prism.nfs.convert import fattr3, file_type, packed_fattr3, setattr_of, wcc_attr
 from prism.nfs.handles import BadHandle, HandleCodec
 from prism.nfs.status import mountstat_for, nfsstat_for
-from prism.store import Store
+from prism.store.api import LAST_COOKIE, FileStore, Made, Wcc, record_attrs
 from prism.store.executor import StoreExecutor
-from prism.store.records import INODE_ATTRS, LAST_COOKIE
 from prism.store.types import (
     INO_BITS,
     MAX_FILE_SIZE,
@@ -65,7 +72,6 @@ from prism.store.types import (
     Cred,
     FileType,
     ObjectId,
-    SetAttr,
 )
 from rpc.message import AuthFlavor
 from rpc.server import (
@@ -80,6 +86,7 @@ from rpc.server import (
 log = logging.getLogger("prism.nfs")
 
 OK = NfsStat3.NFS3_OK
+Durability = T.Durability
 COOKIE_VERIFIER = bytes(8)
 """Cookies are derived from names and never expire, so one constant verifier suffices."""
 DOT_COOKIE, DOTDOT_COOKIE = 1, 2
@@ -90,9 +97,9 @@ ENTRY_CACHE_SIZE = 32 * 1024
 """Encoded READDIRPLUS entries kept (about 250 bytes each); the cache is emptied when full."""
 UDP_MAX_IO = 32 * 1024
 """READ/WRITE/READDIR payload over UDP: a reply must fit one datagram (rpc.record's
-UDP_MAX_PAYLOAD) with its headers, so FSINFO advertises this and READ/READDIR clamp to it
-(Linux's knfsd uses the same 32 KiB). Fix: READ used to honour counts up to MAX_READ on UDP,
-so a 64 KiB+ READ got SYSTEM_ERR because its reply did not fit a datagram."""
+UDP_MAX_PAYLOAD) with its headers, so FSINFO advertises this and READ/READDIR clamp every
+count to it (Linux's knfsd uses the same 32 KiB): no count a client sends can make a reply
+that does not fit."""
 LINK_MAX = 65000
 EXPORT_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}(?:@[a-z0-9][a-z0-9_.-]{0,62})?")
 """What MNT accepts as the first path component: a VM name, or VM@SNAPSHOT."""
@@ -101,39 +108,43 @@ MAX_MOUNT_ENTRIES = 1024
 BINDINGS_TTL = 1.0
 """Seconds `peer_bound` reuses the VMs' client ranges it read (a rebinding reaches the
 connection caps' eviction order that much later)."""
-
-
-def setattr_of(sattr: T.Sattr3) -> SetAttr:
-    """The store's SetAttr for a client's sattr3. An nfstime3 counts nanoseconds within its
-    second, so nseconds >= 10^9 is InvalidArgument (NFS3ERR_INVAL), as in knfsd."""
-    for when in (sattr.atime, sattr.mtime):
-        if isinstance(when, T.NfsTime3) and when.nseconds >= 1_000_000_000:
-            raise InvalidArgument(f"nfstime3 with {when.nseconds} nseconds (must be < 10^9)")
-    return sattr.to_setattr()
-
+MKNOD_TYPES = (Ftype3.CHR, Ftype3.BLK, Ftype3.SOCK, Ftype3.FIFO)
 
 ANONYMOUS = Cred(NOBODY, NOBODY, ())
 
 
-class _Fail(Exception):
-    """Abort a handler with a status (for checks that are not store errors)."""
+class NfsError(Exception):
+    """A procedure's failure with its status, answered with the procedure's failure result.
+    `bare` answers the status alone: a handle that cannot be used (nothing about the
+    objects of a VM the caller may not reach is told) and READDIR's checks of its
+    arguments. `error` is the store's error behind it, if any."""
 
-    def __init__(self, status: NfsStat3) -> None:
+    def __init__(
+        self, status: NfsStat3, *, bare: bool = False, error: StoreError | None = None
+    ) -> None:
         super().__init__(status.name)
         self.status = status
+        self.bare = bare
+        self.error = error
 
 
 @dataclass(slots=True)
 class Call:
-    """What a handler closure needs to know about the caller. `cred` is whom the caller
-    acts as: anonymous until `NfsService._oid` admits the call to a VM and maps `sent`
-    (its AUTH_SYS credential, None for AUTH_NONE) through that VM's squash."""
+    """What a handler body knows about the caller, and what it gathered. `cred` is whom the
+    caller acts as: anonymous until `NfsService._oid` admits the call to a VM and maps
+    `sent` (its AUTH_SYS credential, None for AUTH_NONE) through that VM's squash.
+    `objects` are the handles admitted (by handle bytes), `changing` the objects the call
+    changes (whose failure bodies carry wcc data)."""
 
     host: str
     sent: Cred | None
     transport: str = TRANSPORT_TCP
     port: int = 0
     cred: Cred = ANONYMOUS
+    objects: dict[bytes, ObjectId] = field(default_factory=dict)
+    changing: set[ObjectId] = field(default_factory=set)
+    vm: int | None = None
+    """The VM a VRPC channel is bound to: its calls reach that VM's handles only."""
 
     @property
     def max_read(self) -> int:
@@ -162,7 +173,57 @@ def cred_of(ctx: CallContext) -> Cred | None:
 
 
 def call_of(ctx: CallContext) -> Call:
-    return Call(ctx.peer[0], cred_of(ctx), ctx.transport, ctx.peer[1])
+    return Call(ctx.peer[0], cred_of(ctx), ctx.transport, ctx.peer[1], vm=ctx.binding)
+
+
+def post_attr(s: FileStore, oid: ObjectId) -> T.Fattr3 | None:
+    """post_op_attr of `oid`: its attributes now, or None if they cannot be read."""
+    try:
+        return fattr3(s.getattr(oid))
+    except StoreError:
+        return None
+
+
+def wcc_data(wcc: Wcc) -> T.WccData:
+    """The store's attributes around a change as wcc_data."""
+    return T.WccData(None if wcc.before is None else wcc_attr(wcc.before), fattr3(wcc.after))
+
+
+def unchanged(attr: Attr | None) -> T.WccData:
+    """wcc_data of an object a call left as it was (`attr`: None if unknown)."""
+    return T.WCC_EMPTY if attr is None else T.WccData(wcc_attr(attr), fattr3(attr))
+
+
+@dataclass(frozen=True, slots=True)
+class Gathered:
+    """`wire.Gathered` over one failed call: a failure body tells only of handles it
+    admitted. A failure changed nothing, so an object's attributes are the same before and
+    after it: those the store read before failing (`StoreError.attrs`), else read now."""
+
+    s: FileStore
+    call: Call
+    attrs: dict[ObjectId, Attr]
+
+    def _attr(self, fh: T.NfsFh3) -> Attr | None:
+        oid = self.call.objects.get(fh.data)
+        if oid is None:
+            return None
+        attr = self.attrs.get(oid)
+        if attr is None:  # the call failed before the store read the object
+            try:
+                attr = self.s.getattr(oid)
+            except StoreError:
+                return None
+        return attr
+
+    def post(self, fh: T.NfsFh3) -> T.Fattr3 | None:
+        attr = self._attr(fh)
+        return None if attr is None else fattr3(attr)
+
+    def wcc(self, fh: T.NfsFh3) -> T.WccData:
+        if self.call.objects.get(fh.data) not in self.call.changing:
+            return T.WCC_EMPTY
+        return unchanged(self._attr(fh))
 
 
 class NfsService:
@@ -172,7 +233,7 @@ class NfsService:
         self.executor = executor
         self.durable_replies = durable_replies
         """False (`prism serve --async`): only COMMIT waits for durability."""
-        self.store: Store = executor.store
+        self.store: FileStore = executor.store
         self.handles = HandleCodec(self.store.secret)
         self._encoded_entries: dict[tuple[int, int, int, bytes, bytes], T.EncodedEntry] = {}
         """READDIRPLUS entries by (fsid, vol, ino, name, inode record): an entry's bytes are a
@@ -197,50 +258,46 @@ class NfsService:
 
     # -- helpers (run on the store thread) -----------------------------------------------
 
-    def _oid(self, s: Store, call: Call, fh: T.NfsFh3) -> ObjectId:
+    def _oid(self, s: FileStore, call: Call, fh: T.NfsFh3) -> ObjectId:
+        """The object `fh` names, admitting the call to its VM; a handle that cannot be
+        used raises a bare NfsError."""
         try:
             oid = self.handles.decode(fh.data)
         except BadHandle:
-            raise _Fail(NfsStat3.NFS3ERR_BADHANDLE) from None
-        export = s.export_of(oid.ns)  # Stale if the VM is gone
-        if not clients_allow(export.clients, call.host):
-            raise _Fail(NfsStat3.NFS3ERR_ACCES)
-        if not port_allowed(export, call.port):
-            raise _Fail(NfsStat3.NFS3ERR_PERM)  # knfsd's answer to an insecure port
+            raise NfsError(NfsStat3.NFS3ERR_BADHANDLE, bare=True) from None
+        try:
+            export = s.export_of(oid.ns)  # Stale if the VM is gone
+        except StoreError as exc:
+            raise NfsError(nfsstat_for(exc), bare=True, error=exc) from None
+        if call.vm is not None:  # a VRPC channel (its peer's right to it: vrpc.server)
+            if export.vm != call.vm:
+                raise NfsError(NfsStat3.NFS3ERR_ACCES, bare=True)
+        elif not clients_allow(export.clients, call.host):
+            raise NfsError(NfsStat3.NFS3ERR_ACCES, bare=True)
+        elif not port_allowed(export, call.port):
+            raise NfsError(NfsStat3.NFS3ERR_PERM, bare=True)  # knfsd's insecure port answer
         call.cred = effective_cred(export, call.sent)
+        call.objects[fh.data] = oid
         return oid
 
-    def object_of(self, s: Store, host: str, fh: bytes) -> ObjectId:
+    def _changing(self, s: FileStore, call: Call, fh: T.NfsFh3) -> ObjectId:
+        """`_oid` for an object the call changes (its failure body carries wcc data)."""
+        oid = self._oid(s, call, fh)
+        call.changing.add(oid)
+        return oid
+
+    def object_of(self, s: FileStore, host: str, fh: bytes) -> ObjectId:
         """What handle `fh` names, if `host` may use it: the check every NFS call makes,
         for the programs that take NFS handles too (NLM). Raises BadHandle, the store's
         Stale if the VM is gone, or PermissionDenied if `host` is not bound to it."""
         try:
             return self._oid(s, Call(host, Cred(NOBODY, NOBODY, ())), T.NfsFh3(fh))
-        except _Fail as exc:
+        except NfsError as exc:
+            if exc.error is not None:
+                raise exc.error from None
             if exc.status == NfsStat3.NFS3ERR_BADHANDLE:
                 raise BadHandle("not a handle of this server") from None
             raise PermissionDenied(f"{host} is not bound to this handle's VM") from None
-
-    def fattr(self, attr: Attr) -> T.Fattr3:
-        # The packed form encodes exactly like Fattr3 at a tenth of the cost.
-        return cast(T.Fattr3, T.PackedFattr3(attr, attr.oid.ns))
-
-    def _post(self, s: Store, oid: ObjectId | None) -> T.Fattr3 | None:
-        if oid is None:
-            return None
-        try:
-            return self.fattr(s.getattr(oid))
-        except StoreError:
-            return None
-
-    def _pre(self, s: Store, oid: ObjectId) -> T.WccAttr | None:
-        try:
-            return T.WccAttr.from_attr(s.getattr(oid))
-        except StoreError:
-            return None
-
-    def _wcc(self, s: Store, oid: ObjectId | None, before: T.WccAttr | None) -> T.WccData:
-        return T.WccData(before, self._post(s, oid))
 
     def verifier(self) -> bytes:
         """The write verifier: changes when the server restarts or loses a batch."""
@@ -249,270 +306,186 @@ class NfsService:
     def fh(self, oid: ObjectId) -> T.NfsFh3:
         return T.NfsFh3(self.handles.encode(oid))
 
-    # -- the RPC glue --------------------------------------------------------------------
+    # -- the RPC glue: one procedure per table row ----------------------------------------
 
-    def _row(
-        self,
-        proc: Nfs3Proc,
-        body: Callable[[Store, Call, Any], Any],
-        *,
-        idempotent: bool = True,
-        modifies: bool = False,
-    ) -> Procedure:
-        codec = T.NFS3_PROCS[proc]
+    def _procedure(self, proc: Nfs3Proc, row: T.ProcRow) -> Procedure:
+        body: Callable[[FileStore, Call, Any], Any] = getattr(self, row.handler)
+        decode, encode = row.args, row.res
+        durability = row.durability
 
-        def answer(s: Store, call: Call, args: Any) -> Any:
-            """The procedure's result; a failure becomes its status-only result."""
+        def answer(s: FileStore, call: Call, args: Any) -> Any:
+            """The procedure's result; a raised failure becomes its failure result."""
             try:
                 return body(s, call, args)
-            except _Fail as exc:
-                return codec.res(exc.status)
+            except NfsError as exc:
+                if exc.bare:
+                    return row.res(exc.status)
+                status, attrs = exc.status, {}
             except StoreError as exc:
-                return codec.res(nfsstat_for(exc))
+                status, attrs = nfsstat_for(exc), exc.attrs
+            return row.failed(status, args, Gathered(s, call, attrs))
+
+        def durable(args: Any) -> bool:
+            if not self.durable_replies:
+                return durability is Durability.COMMIT
+            if durability is Durability.STABLE:
+                return bool(args.stable != StableHow.UNSTABLE)
+            return durability is not Durability.NONE
 
         async def handler(ctx: CallContext, data: bytes) -> bytes:
-            args = T.decode_args(proc, data)
+            args = T.decode_as(decode, data)
             call = call_of(ctx)
-            writes = modifies and proc != Nfs3Proc.COMMIT
-            if self.durable_replies:
-                durable = modifies and not (
-                    proc == Nfs3Proc.WRITE and args.stable == StableHow.UNSTABLE
-                )
-            else:
-                durable = proc == Nfs3Proc.COMMIT
             try:
                 result = await self.executor.call(
-                    lambda s: answer(s, call, args), writes=writes, durable=durable
+                    lambda s: answer(s, call, args), writes=row.writes, durable=durable(args)
                 )
             except StoreError as exc:  # the change could not be made durable: not done
-                result = codec.res(nfsstat_for(exc))
-            return T.encode_result(proc, result)
+                result = row.res(nfsstat_for(exc))
+            return T.encode_as(encode, result)
 
         def immediate(ctx: CallContext, data: bytes) -> bytes:
             """A call that changes nothing never waits: answer it without a coroutine."""
-            args = T.decode_args(proc, data)
+            args = T.decode_as(decode, data)
             call = call_of(ctx)
-            return T.encode_result(proc, self.executor.call_now(lambda s: answer(s, call, args)))
+            return T.encode_as(encode, self.executor.call_now(lambda s: answer(s, call, args)))
 
-        return Procedure(int(proc), proc.name, handler, idempotent, None if modifies else immediate)
+        waits = durability is not Durability.NONE
+        return Procedure(
+            int(proc), proc.name, handler, row.idempotent, None if waits else immediate
+        )
 
     def program(self) -> Program:
-        P = Nfs3Proc
-        rows = [
-            self._row(P.NULL, lambda s, c, a: T.Void()),
-            self._row(P.GETATTR, self.getattr),
-            self._row(P.SETATTR, self.setattr, idempotent=False, modifies=True),
-            self._row(P.LOOKUP, self.lookup),
-            self._row(P.ACCESS, self.access),
-            self._row(P.READLINK, self.readlink),
-            self._row(P.READ, self.read),
-            self._row(P.WRITE, self.write, modifies=True),
-            self._row(P.CREATE, self.create, idempotent=False, modifies=True),
-            self._row(P.MKDIR, self.mkdir, idempotent=False, modifies=True),
-            self._row(P.SYMLINK, self.symlink, idempotent=False, modifies=True),
-            self._row(P.MKNOD, self.mknod, idempotent=False, modifies=True),
-            self._row(P.REMOVE, self.remove, idempotent=False, modifies=True),
-            self._row(P.RMDIR, self.rmdir, idempotent=False, modifies=True),
-            self._row(P.RENAME, self.rename, idempotent=False, modifies=True),
-            self._row(P.LINK, self.link, idempotent=False, modifies=True),
-            self._row(P.READDIR, self.readdir),
-            self._row(P.READDIRPLUS, self.readdirplus),
-            self._row(P.FSSTAT, self.fsstat),
-            self._row(P.FSINFO, self.fsinfo),
-            self._row(P.PATHCONF, self.pathconf),
-            self._row(P.COMMIT, self.commit, modifies=True),
-        ]
+        rows = [self._procedure(proc, row) for proc, row in T.NFS3_PROCS.items()]
         return Program(NFS_PROGRAM, "nfs", {NFS_V3: procedure_table(rows)})
 
-    # -- procedures ----------------------------------------------------------------------
+    # -- procedures, in RFC 1813 order ----------------------------------------------------
 
-    def getattr(self, s: Store, call: Call, a: T.GetattrArgs) -> T.GetattrRes:
+    def null(self, s: FileStore, call: Call, a: T.Void) -> T.Void:
+        return T.VOID
+
+    def getattr(self, s: FileStore, call: Call, a: T.GetattrArgs) -> T.GetattrRes:
         oid = self._oid(s, call, a.object)
-        return T.GetattrRes(OK, self.fattr(s.getattr(oid)))
+        return T.GetattrRes(OK, fattr3(s.getattr(oid)))
 
-    def setattr(self, s: Store, call: Call, a: T.SetattrArgs) -> T.SetattrRes:
-        oid = self._oid(s, call, a.object)
-        before = self._pre(s, oid)
-        try:
-            guard = a.guard.to_ns() if a.guard is not None else None
-            attr = s.setattr(oid, setattr_of(a.new_attributes), call.cred, guard_ctime_ns=guard)
-        except StoreError as exc:
-            return T.SetattrRes(nfsstat_for(exc), self._wcc(s, oid, before))
-        return T.SetattrRes(OK, T.WccData(before, self.fattr(attr)))
+    def setattr(self, s: FileStore, call: Call, a: T.SetattrArgs) -> T.SetattrRes:
+        oid = self._changing(s, call, a.object)
+        guard = a.guard.to_ns() if a.guard is not None else None
+        wcc = s.setattr_wcc(oid, setattr_of(a.new_attributes), call.cred, guard_ctime_ns=guard)
+        return T.SetattrRes(OK, wcc_data(wcc))
 
-    def lookup(self, s: Store, call: Call, a: T.LookupArgs) -> T.LookupRes:
+    def lookup(self, s: FileStore, call: Call, a: T.LookupArgs) -> T.LookupRes:
         dir_oid = self._oid(s, call, a.what.dir)
-        try:
-            attr, dir_attr = s.lookup_in(dir_oid, a.what.name, call.cred)
-        except StoreError as exc:
-            return T.LookupRes(nfsstat_for(exc), dir_attributes=self._post(s, dir_oid))
-        return T.LookupRes(OK, self.fh(attr.oid), self.fattr(attr), self.fattr(dir_attr))
+        found = s.lookup_in(dir_oid, a.what.name, call.cred)
+        return T.LookupRes(OK, self.fh(found.attr.oid), fattr3(found.attr), fattr3(found.dir))
 
-    def access(self, s: Store, call: Call, a: T.AccessArgs) -> T.AccessRes:
+    def access(self, s: FileStore, call: Call, a: T.AccessArgs) -> T.AccessRes:
         oid = self._oid(s, call, a.object)
-        granted = s.access(oid, call.cred, a.access)
-        return T.AccessRes(OK, self._post(s, oid), granted)
+        access = s.access_attr(oid, call.cred, a.access)
+        return T.AccessRes(OK, fattr3(access.attr), access.granted)
 
-    def readlink(self, s: Store, call: Call, a: T.ReadlinkArgs) -> T.ReadlinkRes:
+    def readlink(self, s: FileStore, call: Call, a: T.ReadlinkArgs) -> T.ReadlinkRes:
         oid = self._oid(s, call, a.symlink)
-        try:
-            target = s.readlink(oid)
-        except StoreError as exc:
-            return T.ReadlinkRes(nfsstat_for(exc), self._post(s, oid))
-        return T.ReadlinkRes(OK, self._post(s, oid), target)
+        link = s.readlink_attr(oid)
+        return T.ReadlinkRes(OK, fattr3(link.attr), link.target)
 
-    def read(self, s: Store, call: Call, a: T.ReadArgs) -> T.ReadRes:
+    def read(self, s: FileStore, call: Call, a: T.ReadArgs) -> T.ReadRes:
         oid = self._oid(s, call, a.file)
-        try:
-            data, eof, attr = s.read_attr(oid, a.offset, min(a.count, call.max_read), call.cred)
-        except StoreError as exc:
-            return T.ReadRes(nfsstat_for(exc), self._post(s, oid))
-        return T.ReadRes(OK, self.fattr(attr), eof, data)
+        got = s.read_attr(oid, a.offset, min(a.count, call.max_read), call.cred)
+        return T.ReadRes(OK, fattr3(got.attr), got.eof, got.data)
 
-    def write(self, s: Store, call: Call, a: T.WriteArgs) -> T.WriteRes:
-        oid = self._oid(s, call, a.file)
-        before = self._pre(s, oid)
+    def write(self, s: FileStore, call: Call, a: T.WriteArgs) -> T.WriteRes:
+        oid = self._changing(s, call, a.file)
         data = a.data if len(a.data) <= MAX_WRITE else a.data[:MAX_WRITE]  # a short write
-        try:
-            attr = s.write(oid, a.offset, data, call.cred)
-        except StoreError as exc:
-            return T.WriteRes(nfsstat_for(exc), self._wcc(s, oid, before))
+        wcc = s.write_wcc(oid, a.offset, data, call.cred)
         # With --async nothing is durable before COMMIT, and the reply says so.
         unstable = a.stable == StableHow.UNSTABLE or not self.durable_replies
         committed = StableHow.UNSTABLE if unstable else StableHow.FILE_SYNC
-        return T.WriteRes(
-            OK, T.WccData(before, self.fattr(attr)), len(data), committed, self.verifier()
-        )
+        return T.WriteRes(OK, wcc_data(wcc), len(data), committed, self.verifier())
 
-    def _made(
-        self,
-        s: Store,
-        res: type[T.CreateRes],
-        dir_oid: ObjectId,
-        before: T.WccAttr | None,
-        make: Callable[[], Attr],
-    ) -> T.CreateRes:
-        try:
-            attr = make()
-        except StoreError as exc:
-            return res(nfsstat_for(exc), dir_wcc=self._wcc(s, dir_oid, before))
-        return res(OK, self.fh(attr.oid), self.fattr(attr), self._wcc(s, dir_oid, before))
+    def _made(self, res: type[T.CreateRes], made: Made) -> T.CreateRes:
+        """CREATE, MKDIR, SYMLINK and MKNOD's OK result for the object made."""
+        return res(OK, self.fh(made.attr.oid), fattr3(made.attr), wcc_data(made.dir))
 
-    def create(self, s: Store, call: Call, a: T.CreateArgs) -> T.CreateRes:
-        dir_oid = self._oid(s, call, a.where.dir)
-        before = self._pre(s, dir_oid)
-        if s.namespace_by_id(dir_oid.ns).readonly:
-            # Fix: CREATE of an existing name (UNCHECKED, or an EXCLUSIVE retry) changes
-            # nothing, so the store answered OK even in a snapshot; like every other
-            # modifying procedure on a read-only export it is NFS3ERR_ROFS (as in knfsd).
-            return T.CreateRes(NfsStat3.NFS3ERR_ROFS, dir_wcc=self._wcc(s, dir_oid, before))
-
-        def make() -> Attr:
-            sattr = setattr_of(a.obj_attributes or T.SATTR_EMPTY)
-            mode = sattr.mode if sattr.mode is not None else 0o644
-            return s.create(
-                dir_oid,
-                a.where.name,
-                mode,
-                call.cred,
-                exclusive=a.verf if a.mode == CreateMode.EXCLUSIVE else None,
-                guarded=a.mode == CreateMode.GUARDED,
-                sattr=sattr if a.mode != CreateMode.EXCLUSIVE else None,
-            )
-
-        return self._made(s, T.CreateRes, dir_oid, before, make)
-
-    def mkdir(self, s: Store, call: Call, a: T.MkdirArgs) -> T.CreateRes:
-        dir_oid = self._oid(s, call, a.where.dir)
-        before = self._pre(s, dir_oid)
-
-        def make() -> Attr:
-            sattr = setattr_of(a.attributes)
-            mode = sattr.mode if sattr.mode is not None else 0o755
-            return s.mkdir(dir_oid, a.where.name, mode, call.cred, sattr=sattr)
-
-        return self._made(s, T.MkdirRes, dir_oid, before, make)
-
-    def symlink(self, s: Store, call: Call, a: T.SymlinkArgs) -> T.CreateRes:
-        dir_oid = self._oid(s, call, a.where.dir)
-        before = self._pre(s, dir_oid)
-        return self._made(
-            s,
-            T.SymlinkRes,
+    def create(self, s: FileStore, call: Call, a: T.CreateArgs) -> T.CreateRes:
+        dir_oid = self._changing(s, call, a.where.dir)
+        sattr = setattr_of(a.obj_attributes or T.SATTR_EMPTY)
+        made = s.create_wcc(
             dir_oid,
-            before,
-            lambda: s.symlink(
-                dir_oid,
-                a.where.name,
-                a.symlink_data,
-                call.cred,
-                sattr=setattr_of(a.symlink_attributes),
-            ),
+            a.where.name,
+            sattr.mode if sattr.mode is not None else 0o644,
+            call.cred,
+            exclusive=a.verf if a.mode == CreateMode.EXCLUSIVE else None,
+            guarded=a.mode == CreateMode.GUARDED,
+            sattr=sattr if a.mode != CreateMode.EXCLUSIVE else None,
         )
+        return self._made(T.CreateRes, made)
 
-    def mknod(self, s: Store, call: Call, a: T.MknodArgs) -> T.CreateRes:
-        dir_oid = self._oid(s, call, a.where.dir)
-        before = self._pre(s, dir_oid)
-        if a.type not in (FileType.CHR, FileType.BLK, FileType.SOCK, FileType.FIFO):
-            return T.MknodRes(NfsStat3.NFS3ERR_BADTYPE, dir_wcc=self._wcc(s, dir_oid, before))
+    def mkdir(self, s: FileStore, call: Call, a: T.MkdirArgs) -> T.CreateRes:
+        dir_oid = self._changing(s, call, a.where.dir)
+        sattr = setattr_of(a.attributes)
+        mode = sattr.mode if sattr.mode is not None else 0o755
+        made = s.mkdir_wcc(dir_oid, a.where.name, mode, call.cred, sattr=sattr)
+        return self._made(T.MkdirRes, made)
+
+    def symlink(self, s: FileStore, call: Call, a: T.SymlinkArgs) -> T.CreateRes:
+        dir_oid = self._changing(s, call, a.where.dir)
+        sattr = setattr_of(a.symlink_attributes)
+        made = s.symlink_wcc(dir_oid, a.where.name, a.symlink_data, call.cred, sattr=sattr)
+        return self._made(T.SymlinkRes, made)
+
+    def mknod(self, s: FileStore, call: Call, a: T.MknodArgs) -> T.CreateRes:
+        dir_oid = self._changing(s, call, a.where.dir)
+        if a.type not in MKNOD_TYPES:
+            raise NfsError(NfsStat3.NFS3ERR_BADTYPE)
         spec = a.spec or T.SpecData3()
+        sattr = setattr_of(a.attributes or T.SATTR_EMPTY)
+        mode = sattr.mode if sattr.mode is not None else 0o644
+        rdev = (spec.specdata1, spec.specdata2)
+        kind = file_type(a.type)
+        made = s.mknod_wcc(dir_oid, a.where.name, kind, mode, call.cred, rdev=rdev, sattr=sattr)
+        return self._made(T.MknodRes, made)
 
-        def make() -> Attr:
-            sattr = setattr_of(a.attributes or T.SATTR_EMPTY)
-            mode = sattr.mode if sattr.mode is not None else 0o644
-            rdev = (spec.specdata1, spec.specdata2)
-            return s.mknod(dir_oid, a.where.name, a.type, mode, call.cred, rdev=rdev, sattr=sattr)
+    def remove(self, s: FileStore, call: Call, a: T.RemoveArgs) -> T.RemoveRes:
+        dir_oid = self._changing(s, call, a.object.dir)
+        return T.RemoveRes(OK, wcc_data(s.remove_wcc(dir_oid, a.object.name, call.cred)))
 
-        return self._made(s, T.MknodRes, dir_oid, before, make)
+    def rmdir(self, s: FileStore, call: Call, a: T.RmdirArgs) -> T.RemoveRes:
+        dir_oid = self._changing(s, call, a.object.dir)
+        return T.RmdirRes(OK, wcc_data(s.rmdir_wcc(dir_oid, a.object.name, call.cred)))
 
-    def _removal(
-        self, s: Store, call: Call, where: T.DirOpArgs3, res: type[T.RemoveRes], fn: Callable
-    ) -> T.RemoveRes:
-        dir_oid = self._oid(s, call, where.dir)
-        before = self._pre(s, dir_oid)
-        try:
-            fn(dir_oid, where.name, call.cred)
-        except StoreError as exc:
-            return res(nfsstat_for(exc), self._wcc(s, dir_oid, before))
-        return res(OK, self._wcc(s, dir_oid, before))
+    def rename(self, s: FileStore, call: Call, a: T.RenameArgs) -> T.RenameRes:
+        src = self._changing(s, call, a.from_.dir)
+        dst = self._changing(s, call, a.to.dir)
+        moved = s.rename_wcc(src, a.from_.name, dst, a.to.name, call.cred)
+        return T.RenameRes(OK, wcc_data(moved.src), wcc_data(moved.dst))
 
-    def remove(self, s: Store, call: Call, a: T.RemoveArgs) -> T.RemoveRes:
-        return self._removal(s, call, a.object, T.RemoveRes, s.remove)
-
-    def rmdir(self, s: Store, call: Call, a: T.RmdirArgs) -> T.RemoveRes:
-        return self._removal(s, call, a.object, T.RmdirRes, s.rmdir)
-
-    def rename(self, s: Store, call: Call, a: T.RenameArgs) -> T.RenameRes:
-        src = self._oid(s, call, a.from_.dir)
-        dst = self._oid(s, call, a.to.dir)
-        src_before, dst_before = self._pre(s, src), self._pre(s, dst)
-        try:
-            s.rename(src, a.from_.name, dst, a.to.name, call.cred)
-            status = OK
-        except StoreError as exc:
-            status = nfsstat_for(exc)
-        return T.RenameRes(status, self._wcc(s, src, src_before), self._wcc(s, dst, dst_before))
-
-    def link(self, s: Store, call: Call, a: T.LinkArgs) -> T.LinkRes:
+    def link(self, s: FileStore, call: Call, a: T.LinkArgs) -> T.LinkRes:
         oid = self._oid(s, call, a.file)
-        dir_oid = self._oid(s, call, a.link.dir)
-        before = self._pre(s, dir_oid)
-        try:
-            attr = s.link(oid, dir_oid, a.link.name, call.cred)
-        except StoreError as exc:
-            return T.LinkRes(nfsstat_for(exc), self._post(s, oid), self._wcc(s, dir_oid, before))
-        return T.LinkRes(OK, self.fattr(attr), self._wcc(s, dir_oid, before))
+        dir_oid = self._changing(s, call, a.link.dir)
+        made = s.link_wcc(oid, dir_oid, a.link.name, call.cred)
+        return T.LinkRes(OK, fattr3(made.attr), wcc_data(made.dir))
 
     def _listing(
-        self, s: Store, call: Call, fh: T.NfsFh3, cookie: int, budget: int, plus: bool
-    ) -> tuple[ObjectId, list[Any], bool]:
-        """Entries after `cookie` that fit in `budget` reply bytes ('.' and '..' first)."""
+        self, s: FileStore, call: Call, fh: T.NfsFh3, cookie: int, budget: int, plus: bool
+    ) -> tuple[Attr, list[Any], bool]:
+        """The directory's attributes and its entries after `cookie` that fit in `budget`
+        reply bytes ('.' and '..' first)."""
         dir_oid = self._oid(s, call, fh)
-        dir_attr = s.getattr(dir_oid)
-        if dir_attr.type != FileType.DIR:
-            raise _Fail(NfsStat3.NFS3ERR_NOTDIR)
-        if cookie > LAST_COOKIE:
-            raise _Fail(NfsStat3.NFS3ERR_BAD_COOKIE)  # no entry was ever given this cookie
+        guess = ENTRY_PLUS_GUESS if plus else ENTRY_GUESS
+        try:  # the first page, with the directory's attributes and its parent's
+            listing = s.readdir_raw(
+                dir_oid,
+                min(cookie, LAST_COOKIE),
+                call.cred,
+                limit=max(8, min(1024, budget // guess + 8)),
+                attrs=plus,
+                parent=cookie < DOTDOT_COOKIE,
+            )
+        except NotADirectory:
+            raise NfsError(NfsStat3.NFS3ERR_NOTDIR, bare=True) from None
+        if cookie > LAST_COOKIE:  # no entry was ever given this cookie
+            raise NfsError(NfsStat3.NFS3ERR_BAD_COOKIE, bare=True)
+        dir_attr = listing.dir
         entries: list[Any] = []
         used = 0
 
@@ -528,31 +501,20 @@ class NfsService:
         def make(name: bytes, attr: Attr, c: int) -> Any:
             if plus:
                 return T.EncodedEntry.entryplus3(
-                    attr.fileid,
-                    name,
-                    c,
-                    T.PackedFattr3(attr, attr.oid.ns),
-                    self.handles.encode(attr.oid),
+                    attr.fileid, name, c, packed_fattr3(attr), self.handles.encode(attr.oid)
                 )
             return T.EncodedEntry.entry3(attr.fileid, name, c)
 
         if cookie < DOT_COOKIE and not fits(make(b".", dir_attr, DOT_COOKIE)):
-            raise _Fail(NfsStat3.NFS3ERR_TOOSMALL)
-        if cookie < DOTDOT_COOKIE:
-            parent = s.lookup(dir_oid, b"..")
-            if not fits(make(b"..", parent, DOTDOT_COOKIE)):
-                return dir_oid, entries, False
+            raise NfsError(NfsStat3.NFS3ERR_TOOSMALL, bare=True)
+        if listing.parent is not None and not fits(make(b"..", listing.parent, DOTDOT_COOKIE)):
+            return dir_attr, entries, False
         after = cookie
-        guess = ENTRY_PLUS_GUESS if plus else ENTRY_GUESS
         ns = dir_oid.ns
         encode_handle = self.handles.encode_ids
-        inode_attrs = INODE_ATTRS.unpack_from
         encoded = self._encoded_entries
         while True:
-            # What is left of the page holds about this many entries: fetch just those.
-            limit = max(8, min(1024, (budget - used) // guess + 8))
-            batch, eof = s.readdir_raw(dir_oid, after, call.cred, limit=limit, attrs=plus)
-            for c, name, vol, ino, record in batch:
+            for c, name, vol, ino, record in listing.entries:
                 fileid = (vol << INO_BITS) | ino
                 if plus:
                     if record is None:
@@ -565,7 +527,7 @@ class NfsService:
                             name,
                             c,
                             ns,
-                            inode_attrs(record),
+                            record_attrs(record),
                             encode_handle(ns, vol, ino),
                         )
                         if len(encoded) >= ENTRY_CACHE_SIZE:
@@ -576,42 +538,34 @@ class NfsService:
                 size = 4 + len(item.raw)  # (`fits` and `wire_size` inlined: READDIR's loop)
                 if used + size > budget:
                     if not entries:
-                        raise _Fail(NfsStat3.NFS3ERR_TOOSMALL)
-                    return dir_oid, entries, False
+                        raise NfsError(NfsStat3.NFS3ERR_TOOSMALL, bare=True)
+                    return dir_attr, entries, False
                 used += size
                 entries.append(item)
                 after = c
-            if eof:
-                return dir_oid, entries, True
+            if listing.eof:
+                return dir_attr, entries, True
+            # What is left of the page holds about this many entries: fetch just those.
+            limit = max(8, min(1024, (budget - used) // guess + 8))
+            listing = s.readdir_raw(dir_oid, after, call.cred, limit=limit, attrs=plus)
 
-    def readdir(self, s: Store, call: Call, a: T.ReaddirArgs) -> T.ReaddirRes:
+    def readdir(self, s: FileStore, call: Call, a: T.ReaddirArgs) -> T.ReaddirRes:
         budget = min(a.count, call.max_readdir) - T.READDIR_RESOK_MAX_FIXED
-        try:
-            dir_oid, entries, eof = self._listing(s, call, a.dir, a.cookie, budget, False)
-        except StoreError as exc:
-            return T.ReaddirRes(nfsstat_for(exc), self._post_fh(s, call, a.dir))
-        return T.ReaddirRes(OK, self._post(s, dir_oid), COOKIE_VERIFIER, tuple(entries), eof)
+        dir_attr, entries, eof = self._listing(s, call, a.dir, a.cookie, budget, False)
+        return T.ReaddirRes(OK, fattr3(dir_attr), COOKIE_VERIFIER, tuple(entries), eof)
 
-    def readdirplus(self, s: Store, call: Call, a: T.ReaddirplusArgs) -> T.ReaddirplusRes:
+    def readdirplus(self, s: FileStore, call: Call, a: T.ReaddirplusArgs) -> T.ReaddirplusRes:
         budget = min(a.maxcount, call.max_readdir) - T.READDIR_RESOK_MAX_FIXED
-        try:
-            dir_oid, entries, eof = self._listing(s, call, a.dir, a.cookie, budget, True)
-        except StoreError as exc:
-            return T.ReaddirplusRes(nfsstat_for(exc), self._post_fh(s, call, a.dir))
-        return T.ReaddirplusRes(OK, self._post(s, dir_oid), COOKIE_VERIFIER, tuple(entries), eof)
+        dir_attr, entries, eof = self._listing(s, call, a.dir, a.cookie, budget, True)
+        return T.ReaddirplusRes(OK, fattr3(dir_attr), COOKIE_VERIFIER, tuple(entries), eof)
 
-    def _post_fh(self, s: Store, call: Call, fh: T.NfsFh3) -> T.Fattr3 | None:
-        try:
-            return self._post(s, self._oid(s, call, fh))
-        except (StoreError, _Fail):
-            return None
-
-    def fsstat(self, s: Store, call: Call, a: T.FsstatArgs) -> T.FsstatRes:
+    def fsstat(self, s: FileStore, call: Call, a: T.FsstatArgs) -> T.FsstatRes:
         oid = self._oid(s, call, a.fsroot)
-        st = s.fsstat(oid.ns)
+        space = s.fsstat_attr(oid)
+        st = space.stat
         return T.FsstatRes(
             OK,
-            self._post(s, oid),
+            None if space.attr is None else fattr3(space.attr),
             st.total_bytes,
             st.free_bytes,
             st.avail_bytes,
@@ -621,11 +575,11 @@ class NfsService:
             0,
         )
 
-    def fsinfo(self, s: Store, call: Call, a: T.FsinfoArgs) -> T.FsinfoRes:
+    def fsinfo(self, s: FileStore, call: Call, a: T.FsinfoArgs) -> T.FsinfoRes:
         oid = self._oid(s, call, a.fsroot)
         return T.FsinfoRes(
             OK,
-            self._post(s, oid),
+            post_attr(s, oid),
             rtmax=call.max_read,
             rtpref=call.max_read,
             rtmult=4096,
@@ -638,11 +592,11 @@ class NfsService:
             properties=FSF3_LINK | FSF3_SYMLINK | FSF3_HOMOGENEOUS | FSF3_CANSETTIME,
         )
 
-    def pathconf(self, s: Store, call: Call, a: T.PathconfArgs) -> T.PathconfRes:
+    def pathconf(self, s: FileStore, call: Call, a: T.PathconfArgs) -> T.PathconfRes:
         oid = self._oid(s, call, a.object)
         return T.PathconfRes(
             OK,
-            self._post(s, oid),
+            post_attr(s, oid),
             linkmax=LINK_MAX,
             name_max=255,
             no_trunc=True,
@@ -651,61 +605,58 @@ class NfsService:
             case_preserving=True,
         )
 
-    def commit(self, s: Store, call: Call, a: T.CommitArgs) -> T.CommitRes:
-        oid = self._oid(s, call, a.file)
-        before = self._pre(s, oid)
+    def commit(self, s: FileStore, call: Call, a: T.CommitArgs) -> T.CommitRes:
+        oid = self._changing(s, call, a.file)
         # Durability comes from the executor: this call is `durable`, so its reply waits for
         # the commit of the open batch, which holds every earlier UNSTABLE write.
-        return T.CommitRes(OK, self._wcc(s, oid, before), self.verifier())
+        try:
+            attr: Attr | None = s.getattr(oid)
+        except StoreError:
+            attr = None
+        return T.CommitRes(OK, unchanged(attr), self.verifier())
 
     # -- MOUNT ---------------------------------------------------------------------------
 
     def mount_program(self) -> Program:
-        M = Mount3Proc
+        def procedure(proc: Mount3Proc, row: T.ProcRow) -> Procedure:
+            fn: Callable[[CallContext, Any], Any] = getattr(self, row.handler)
 
-        def row(proc: Mount3Proc, fn: Callable[[CallContext, Any], Any], **kw: Any) -> Procedure:
             async def handler(ctx: CallContext, data: bytes) -> bytes:
-                args = T.decode_mount_args(proc, data)
-                result = await fn(ctx, args)
-                return T.encode_mount_result(proc, result)
+                return T.encode_as(row.res, await fn(ctx, T.decode_as(row.args, data)))
 
-            return Procedure(int(proc), proc.name, handler, **kw)
+            return Procedure(int(proc), proc.name, handler, row.idempotent)
 
-        rows = [
-            row(M.NULL, self._mnt_null),
-            row(M.MNT, self._mnt),
-            row(M.DUMP, self._mnt_dump),
-            row(M.UMNT, self._umnt),
-            row(M.UMNTALL, self._umntall),
-            row(M.EXPORT, self._export),
-        ]
+        rows = [procedure(proc, row) for proc, row in T.MOUNT3_PROCS.items()]
         return Program(
             MOUNT_PROGRAM, "mount", {1: procedure_table(rows), MOUNT_V3: procedure_table(rows)}
         )
 
-    async def _mnt_null(self, ctx: CallContext, args: Any) -> T.Void:
-        return T.Void()
+    async def mount_null(self, ctx: CallContext, args: T.Void) -> T.Void:
+        return T.VOID
 
-    async def _mnt(self, ctx: CallContext, args: T.DirPath) -> T.MountRes:
+    async def mnt(self, ctx: CallContext, args: T.DirPath) -> T.MountRes:
         host, port = ctx.peer
         path = args.path
 
-        def run(s: Store) -> T.MountRes:
+        def run(s: FileStore) -> T.MountRes:
             try:
                 text = path.decode()
             except UnicodeDecodeError:
                 return T.MountRes(MountStat3.MNT3ERR_NOENT)
             name, _, rest = text.strip("/").partition("/")
             if not EXPORT_NAME.fullmatch(name):
-                # Fix: an empty or over-long name ("/", "", 600 bytes) reached LMDB as a key
-                # it cannot hold and MNT answered SYSTEM_ERR; no VM has such a name.
+                # No VM has an empty or over-long name ("/", "", 600 bytes), and only a VM
+                # name may reach LMDB as a key: anything else is NOENT, never SYSTEM_ERR.
                 log.info("MNT %r from %s refused: not a VM name", text[:100], host)
                 return T.MountRes(MountStat3.MNT3ERR_NOENT)
             try:
                 info = s.namespace(name)
-                if not client_allowed(info, host):
+                if ctx.binding is not None:  # a VRPC channel, bound to one VM
+                    if info.export.vm != ctx.binding:
+                        raise PermissionDenied(f"{host} is a channel of another VM than {name}")
+                elif not client_allowed(info, host):
                     raise PermissionDenied(f"{host} is not bound to {name}")
-                if not port_allowed(info.export, port):
+                elif not port_allowed(info.export, port):
                     raise PermissionDenied(
                         f"{host} called from unprivileged port {port} and {name} is secure "
                         f"(mount as root, or allow it with `prism vm set {name} --insecure`)"
@@ -728,18 +679,18 @@ class NfsService:
 
         return await self.executor.call(run)
 
-    async def _mnt_dump(self, ctx: CallContext, args: Any) -> T.MountList:
+    async def dump(self, ctx: CallContext, args: Any) -> T.MountList:
         return T.MountList(tuple(T.MountBody(h.encode(), p) for h, p in sorted(self.mounts)))
 
-    async def _umnt(self, ctx: CallContext, args: T.DirPath) -> T.Void:
+    async def umnt(self, ctx: CallContext, args: T.DirPath) -> T.Void:
         self.mounts.discard((ctx.peer[0], canonical_mount_path(args.path)))
         return T.Void()
 
-    async def _umntall(self, ctx: CallContext, args: Any) -> T.Void:
+    async def umntall(self, ctx: CallContext, args: Any) -> T.Void:
         self.mounts = {m for m in self.mounts if m[0] != ctx.peer[0]}
         return T.Void()
 
-    async def _export(self, ctx: CallContext, args: Any) -> T.Exports:
+    async def export(self, ctx: CallContext, args: Any) -> T.Exports:
         """The exports the caller may mount (VMs and their snapshots bound to its address),
         nothing to an address bound to no VM: the list of VMs and of their client ranges
         is not for every prober to read."""
@@ -751,6 +702,10 @@ class NfsService:
                     ("/" + info.name).encode(), tuple(g.encode() for g in export_groups(info))
                 )
                 for info in infos
-                if client_allowed(info, host)
+                if (
+                    info.export.vm == ctx.binding
+                    if ctx.binding is not None
+                    else client_allowed(info, host)
+                )
             )
         )

@@ -1,4 +1,5 @@
-"""The one mapping from store errors (POSIX errno) to NFSv3 and MOUNTv3 status codes."""
+"""The one mapping from store errors (POSIX errno) to NFSv3 and MOUNTv3 status codes, and back
+(`errno_for`, for clients)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,27 @@ _MOUNT: dict[int, MountStat3] = {
     errno.ENAMETOOLONG: MountStat3.MNT3ERR_NAMETOOLONG,
     errno.ESTALE: MountStat3.MNT3ERR_NOENT,
 }
+
+
+_ERRNO: dict[NfsStat3, int] = {stat: err for err, stat in _NFS.items()} | {
+    NfsStat3.NFS3ERR_NXIO: errno.ENXIO,
+    NfsStat3.NFS3ERR_NODEV: errno.ENODEV,
+    NfsStat3.NFS3ERR_REMOTE: errno.EREMOTE,
+    NfsStat3.NFS3ERR_BADHANDLE: errno.ESTALE,
+    NfsStat3.NFS3ERR_NOT_SYNC: errno.EIO,
+    NfsStat3.NFS3ERR_BAD_COOKIE: errno.EIO,
+    NfsStat3.NFS3ERR_TOOSMALL: errno.EINVAL,
+    NfsStat3.NFS3ERR_SERVERFAULT: errno.EREMOTEIO,
+    NfsStat3.NFS3ERR_BADTYPE: errno.EINVAL,
+    NfsStat3.NFS3ERR_JUKEBOX: errno.EAGAIN,
+}
+"""The client's direction: the errno an NFSv3 status stands for (the inverse of the table
+above, plus the statuses no store error produces)."""
+
+
+def errno_for(status: NfsStat3) -> int:
+    """The POSIX errno a client reports for a failed NFSv3 call (EIO for unknown codes)."""
+    return _ERRNO.get(status, errno.EIO)
 
 
 def nfsstat_for(exc: StoreError) -> NfsStat3:

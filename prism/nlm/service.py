@@ -39,7 +39,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,6 +205,8 @@ class NlmService:
         self._telling: dict[tuple[Any, ...], asyncio.Future[Any]] = {}
         """Granted waiters whose client has not yet acknowledged, by `_key`."""
         self._vm_names: dict[int, str] = {}
+        self._recording = asyncio.Lock()
+        """Held from checking the monitored list to changing it (`_monitor`)."""
         self._snapshot_due: asyncio.TimerHandle | None = None
         self._expiry: asyncio.TimerHandle | None = None
 
@@ -368,16 +370,24 @@ class NlmService:
         return host not in clients and len(clients) >= MAX_CLIENTS
 
     async def _monitor(self, host: str, name: str) -> None:
-        """Record `host` durably before it is granted anything (see `prism.nlm.monitor`)."""
-        self.names.setdefault(host, name)
-        if host in self.monitor.clients:
-            return
-        if len(self.monitor.clients) >= MAX_CLIENTS:  # forget those that hold nothing now
-            idle = set(self.monitor.clients) - self.manager.clients()
+        """Record `host` durably before it is granted anything (see `prism.nlm.monitor`).
+        Callers grant as soon as this returns, with no await in between, and a forget
+        holds `_recording` from its check to its write: so a client is never forgotten
+        between being found recorded here and holding a lock."""
+        async with self._recording:
+            if host not in self.monitor.clients and len(self.monitor.clients) >= MAX_CLIENTS:
+                for address in await self._forget_idle(self.monitor.clients):
+                    self.names.pop(address, None)
+            self.names.setdefault(host, name)
+            if host not in self.monitor.clients:
+                await asyncio.to_thread(self.monitor.add, host, name)
+
+    async def _forget_idle(self, hosts: Iterable[str]) -> set[str]:
+        """Forget those of `hosts` that hold and wait for nothing now. Hold `_recording`."""
+        idle = set(hosts) - self.manager.clients()
+        if idle:
             await asyncio.to_thread(self.monitor.forget, idle)
-            for address in idle:
-                self.names.pop(address, None)
-        await asyncio.to_thread(self.monitor.add, host, name)
+        return idle
 
     # -- NLM procedures ------------------------------------------------------------------
 
@@ -574,8 +584,9 @@ class NlmService:
         """Tell a recorded client that this server restarted (SM_NOTIFY to its monitor)."""
         args = encode(StatChge(_local_address_for(host), self.monitor.state))
         reply = await self._send(host, NSM_V1, int(NsmProc.NOTIFY), args, "udp", NSM_PROGRAM)
-        if reply is not None and host not in self.manager.clients():
-            await asyncio.to_thread(self.monitor.forget, [host])
+        if reply is not None:  # told: unless it reclaimed meanwhile, it need not be again
+            async with self._recording:
+                await self._forget_idle([host])
 
     def _expire(self) -> None:
         self.manager.expire(self.clock())

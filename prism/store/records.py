@@ -1,4 +1,4 @@
-"""Binary layouts of the store's LMDB keys and values (see `prism.store.store` for the map).
+"""Binary layouts of the store's LMDB keys and values (see `prism.store.schema` for the map).
 
 All integers are big-endian so that LMDB's byte order is numeric order: a cursor walks a
 directory in cookie order and a file's chunk map in offset order.

@@ -9,11 +9,11 @@ Layout of a stored value::
 
     value | seal u32 (big-endian) = xxh32(key | value, seed = the database's index)
 
-The index is the database's position in `Store._dbs` (the same number the journal uses), so a
-record is also bound to its database. A whiteout (an empty value) is stored as its seal
-alone. `SealedTxn.get` and `SealedCursor` open every value they hand out and raise `Corrupt`
-naming the database and key when the seal does not match, so a damaged record is refused,
-never served; LMDB's own errors about damaged pages become `Corrupt` too.
+The index is the database's position in `schema.DB_NAMES` (the same number the journal
+uses), so a record is also bound to its database. A whiteout (an empty value) is stored as
+its seal alone. `SealedTxn.get` and `SealedCursor` open every value they hand out and raise
+`Corrupt` naming the database and key when the seal does not match, so a damaged record is
+refused, never served; LMDB's own errors about damaged pages become `Corrupt` too.
 
 A flipped byte in a *key* moves no record: it stays where it was in its page, out of order, so
 a search for its original key ends on it or right after it, and a range scan may start right

@@ -7,35 +7,56 @@ the NFS client and virtio-net modules, and an ``/init``) in ``.cache/guest/``. F
 append a second gzip'd cpio archive holding ``/workload.sh`` (and any extra files); the kernel
 unpacks concatenated archives in order, so the base image is never rewritten.
 
-QEMU boots with user networking: the guest is 10.0.2.15, and 10.0.2.2 is the host's loopback,
-so a server the test binds on 127.0.0.1 is reachable from the guest at 10.0.2.2. Connections
-arrive at the host from an ordinary (non-privileged) port. The serial console is captured to a
-file; ``/init`` ends with ``PRISM-GUEST-EXIT <code>`` and powers off, which ends QEMU.
+QEMU boots with user networking by default: the guest is 10.0.2.15, and 10.0.2.2 is the host's
+loopback, so a server the test binds on 127.0.0.1 is reachable from the guest at 10.0.2.2.
+Connections arrive at the host from an ordinary (non-privileged) port, and nothing can connect
+to the guest, so every such guest is the same client, 127.0.0.1, that no server can call back.
+With a ``TapNetwork`` the guest's NIC is a tap device in a network namespace instead (QEMU runs
+in that namespace) and ``/init`` gives it the static address passed on the kernel command line
+(``prism.ip=``, see scripts/build-guest.sh): each guest is a client of its own, as a server in
+the namespace sees it, and reachable for callbacks. ``tests.guest.lan.GuestLan`` builds such a
+namespace: a bridge holding the server's address and one tap per guest. The serial console
+is captured to a file; ``/init`` ends with ``PRISM-GUEST-EXIT <code>`` and powers off, which
+ends QEMU.
+
+``run_guest`` runs one script per boot. A ``GuestSession`` keeps the guest up and runs
+commands on demand, so one boot serves many test steps: its workload is a loop reading
+commands from the second serial port (ttyS1, a unix socket on the host) in raw mode, one
+line each (``<n> <base64 of the command>``), sourcing each in the same shell (so ``$!`` and
+``wait`` span commands) and answering ``PRISM-RC <n> <status> <base64 of the output>``.
 
 ``/dev/kvm`` is used only when the kvm_intel or kvm_amd module is loaded (some hosts expose a
 ``/dev/kvm`` that cannot boot a stock kernel); otherwise QEMU uses TCG, which boots and loads
 the modules in a few seconds. Set ``PRISM_GUEST_ACCEL=tcg|kvm`` to override.
 
 Whose fault: ``GuestImageError`` (the image could not be built), ``GuestSetupError`` (the
-guest's own /init failed before the workload ran), ``GuestTimeout`` (the run exceeded its
-budget; QEMU was killed), ``GuestCrash`` (QEMU ended without the exit marker). A workload that
-fails is not an error: its exit code is in ``GuestRun.exit_code``.
+guest's own /init failed before the workload ran), ``GuestTimeout`` (the run, or a session
+command, exceeded its budget; a timed-out run's QEMU was killed), ``GuestCrash`` (QEMU ended
+without the exit marker). A workload or command that fails is not an error: its exit code is
+in ``GuestRun.exit_code`` / ``CommandResult.exit_code``.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import functools
 import gzip
+import ipaddress
 import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-guest.sh"
@@ -54,6 +75,12 @@ KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
 QEMU_BINARY = "qemu-system-x86_64"
 #: Console lines quoted in an exception message.
 ERROR_TAIL_LINES = 40
+
+CONTROL_MARKER = "PRISM-GUEST-CONTROL"
+#: Seconds a GuestSession waits for its guest to boot into the command loop.
+SESSION_BOOT_TIMEOUT = 240.0
+#: Seconds after which a GuestSession's guest powers itself off.
+SESSION_LIFETIME = 3600.0
 
 _EXIT_RE = re.compile(rf"^{EXIT_MARKER} (-?\d+)\s*$", re.MULTILINE)
 _SETUP_FAILED_RE = re.compile(rf"^{SETUP_FAILED_MARKER} (.*)$", re.MULTILINE)
@@ -111,6 +138,44 @@ class GuestRun:
         return body[:marker] if marker >= 0 else body
 
 
+@dataclass(frozen=True, slots=True)
+class TapNetwork:
+    """The guest's NIC on tap device ``tap`` (existing, persistent) in network namespace
+    ``netns``, where QEMU then runs; the guest gives itself ``address``/``prefixlen``."""
+
+    netns: str
+    tap: str
+    address: str
+    prefixlen: int
+    gateway: str = ""  # the guest's default route, if any
+    hostname: str = "prism-guest"  # the guest's name (NLM caller_name, NSM mon_name)
+
+    @property
+    def mac(self) -> str:
+        """A locally administered MAC from the address, so guests on one bridge differ."""
+        tail = ipaddress.IPv4Address(self.address).packed[1:]
+        return "52:54:00:" + ":".join(f"{b:02x}" for b in tail)
+
+    def kernel_args(self) -> str:
+        """What /init reads to configure eth0 and the hostname (an empty gw: no route)."""
+        return (
+            f"prism.ip={self.address}/{self.prefixlen} prism.gw={self.gateway} "
+            f"prism.hostname={self.hostname}"
+        )
+
+    def qemu_args(self) -> list[str]:
+        return [
+            "-netdev",
+            f"tap,id=n0,ifname={self.tap},script=no,downscript=no",
+            "-device",
+            f"virtio-net-pci,netdev=n0,mac={self.mac},romfile=",
+        ]
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` run inside the namespace (where the tap is)."""
+        return ["ip", "netns", "exec", self.netns, *argv]
+
+
 @functools.cache
 def ensure_guest_image() -> GuestImage:
     """Build the guest image if it is missing or stale (once per process) and describe it."""
@@ -144,6 +209,7 @@ def run_guest(
     files: Mapping[str, bytes | str] | None = None,
     kernel_args: str = "",
     console_log: Path | None = None,
+    net: TapNetwork | None = None,
 ) -> GuestRun:
     """Boot the guest, run ``script`` with busybox ``sh`` as root, and return its exit code.
 
@@ -151,26 +217,13 @@ def run_guest(
     a tty: keep output to text lines. ``timeout`` covers the whole run, boot included.
     ``files`` maps absolute guest paths to contents (e.g. helper scripts; mode 0755).
     ``console_log`` keeps the raw console in a file of your choosing (default: a temp file).
+    ``net`` puts the guest on a tap device with its own address (default: user networking).
     """
-    image = ensure_guest_image()
-    qemu = shutil.which(QEMU_BINARY)
-    if qemu is None:
-        raise GuestError(f"{QEMU_BINARY} not found: apt-get install -y qemu-system-x86")
-
-    extra: dict[str, bytes] = {"/workload.sh": script.encode()}
-    for path, content in (files or {}).items():
-        if not path.startswith("/") or path == "/workload.sh":
-            raise ValueError(f"guest file path must be absolute and not /workload.sh: {path!r}")
-        extra[path] = content.encode() if isinstance(content, str) else content
-
     with tempfile.TemporaryDirectory(prefix="prism-guest-") as tmp:
-        initrd = Path(tmp) / "initrd.cpio.gz"
-        with initrd.open("wb") as out:
-            out.write(image.initrd.read_bytes())
-            out.write(gzip.compress(newc_archive(extra.items()), compresslevel=1, mtime=0))
+        initrd = _initrd(Path(tmp), script, files)
         log_path = console_log or Path(tmp) / "console.log"
         stderr_path = Path(tmp) / "qemu.stderr"
-        argv = _qemu_argv(qemu, image, initrd, memory_mb, cpus, kernel_args)
+        argv = _qemu_argv(initrd, memory_mb, cpus, kernel_args, net)
 
         timed_out = False
         started = time.monotonic()
@@ -200,6 +253,220 @@ def run_guest(
     raise GuestCrash(
         f"QEMU exited with status {proc.returncode} and no {EXIT_MARKER} line{detail}", output
     )
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    exit_code: int
+    #: The command's stdout and stderr, interleaved.
+    output: str
+    #: Wall-clock seconds from sending the command to its answer.
+    elapsed: float
+
+
+_CONTROL_LOOP = f"""
+( sleep "$1"; echo "PRISM-GUEST-LIFETIME-OVER"; poweroff -f ) </dev/null &
+exec 3<>/dev/ttyS1
+stty raw -echo <&3 || exit 90
+echo {CONTROL_MARKER}
+while read -r _prism_id _prism_cmd <&3; do
+    echo "$_prism_cmd" | base64 -d > /tmp/.prism-cmd
+    . /tmp/.prism-cmd </dev/null >/tmp/.prism-out 2>&1
+    _prism_rc=$?
+    echo "PRISM-RC $_prism_id $_prism_rc $(base64 /tmp/.prism-out | tr -d '\\n')" >&3
+done
+"""
+_RC_RE = re.compile(rb"^PRISM-RC (\d+) (-?\d+) ?([A-Za-z0-9+/=]*)\r?$")
+
+
+class GuestSession:
+    """A booted guest that runs shell commands on demand; see the module docstring.
+
+    ``with GuestSession(files=..., net=...) as g: g.run("mount ...")``. Commands run as root
+    in one busybox shell, in order; a command must not ``exit`` (that ends the guest) and
+    should redirect the output of anything it leaves running in the background. ``kill()``
+    is pulling the plug (QEMU killed); ``start()`` boots again with the same files and
+    network. ``console`` is the serial console so far (kernel messages included). The
+    guest powers itself off after ``lifetime`` seconds, so that a test process killed
+    before ``close()`` leaves no QEMU running on.
+    """
+
+    def __init__(
+        self,
+        *,
+        files: Mapping[str, bytes | str] | None = None,
+        net: TapNetwork | None = None,
+        memory_mb: int = 512,
+        cpus: int = 1,
+        kernel_args: str = "",
+        name: str = "guest",
+        lifetime: float = SESSION_LIFETIME,
+    ) -> None:
+        self.files = dict(files or {})
+        self.lifetime = lifetime
+        self.net = net
+        self.memory_mb = memory_mb
+        self.cpus = cpus
+        self.kernel_args = kernel_args
+        self.name = name
+        self.boots = 0
+        #: Seconds the last start() took, QEMU start to the command loop.
+        self.boot_seconds = 0.0
+        self._dir = Path(tempfile.mkdtemp(prefix="pg-"))  # short: unix socket paths are short
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._buffer = b""
+        self._serial = 0  # numbers commands, so a late answer is never taken for the next
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def console_path(self) -> Path:
+        return self._dir / f"console-{self.boots}.log"
+
+    @property
+    def console(self) -> str:
+        with contextlib.suppress(FileNotFoundError):
+            raw = self.console_path.read_bytes()
+            return raw.decode("utf-8", "replace").replace("\r\n", "\n")
+        return ""
+
+    def start(self, files: Mapping[str, bytes | str] | None = None) -> Self:
+        """Boot (again), adding ``files`` to those given at construction for this boot, and
+        wait until the guest reads commands."""
+        if self.running:
+            raise GuestError(f"{self.name} is already running")
+        self.boots += 1
+        control = self._dir / "control.sock"
+        control.unlink(missing_ok=True)
+        script = f"set -- {int(self.lifetime)}\n{_CONTROL_LOOP}"
+        initrd = _initrd(self._dir, script, {**self.files, **(files or {})})
+        argv = _qemu_argv(initrd, self.memory_mb, self.cpus, self.kernel_args, self.net)
+        argv += ["-chardev", f"socket,id=ctl,path={control},server=on,wait=off"]
+        argv += ["-serial", "chardev:ctl"]
+        started = time.monotonic()
+        with self.console_path.open("wb") as log, (self._dir / "qemu.stderr").open("wb") as err:
+            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=err)
+        deadline = started + SESSION_BOOT_TIMEOUT
+        try:
+            while f"{CONTROL_MARKER}\n" not in self.console:
+                self._check_alive()
+                if time.monotonic() > deadline:
+                    raise GuestTimeout(
+                        f"{self.name} did not boot within {SESSION_BOOT_TIMEOUT:g} s",
+                        self.console,
+                    )
+                time.sleep(0.1)
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._sock.connect(str(control))
+            self._buffer = b""
+        except BaseException:
+            self.kill()
+            raise
+        self.boot_seconds = time.monotonic() - started
+        return self
+
+    def run(self, command: str, *, timeout: float = 60.0) -> CommandResult:
+        """Run ``command`` (shell text, any number of lines) and wait for its answer."""
+        if self._sock is None or not self.running:
+            raise GuestError(f"{self.name} is not running", self.console)
+        started = time.monotonic()
+        self._serial += 1
+        self._sock.sendall(b"%d %s\n" % (self._serial, base64.b64encode(command.encode())))
+        while True:
+            line, sep, rest = self._buffer.partition(b"\n")
+            if sep:
+                self._buffer = rest
+                m = _RC_RE.match(line)
+                if m and int(m[1]) == self._serial:
+                    output = base64.b64decode(m[3]).decode("utf-8", "replace")
+                    return CommandResult(int(m[2]), output, time.monotonic() - started)
+                continue  # the late answer to a command that timed out: skip it
+            left = started + timeout - time.monotonic()
+            if left <= 0:
+                raise GuestTimeout(
+                    f"{self.name}: no answer in {timeout:g} s to {command!r}", self.console
+                )
+            self._sock.settimeout(min(left, 1.0))
+            try:
+                chunk = self._sock.recv(65536)
+            except TimeoutError:
+                self._check_alive()
+                continue
+            if not chunk:
+                self._check_alive()
+                raise GuestCrash(f"{self.name}: control port closed", self.console)
+            self._buffer += chunk
+
+    def check(self, command: str, *, timeout: float = 60.0) -> str:
+        """``run`` that raises unless the command exits 0; returns its output."""
+        result = self.run(command, timeout=timeout)
+        if result.exit_code != 0:
+            raise GuestError(
+                f"{self.name}: {command!r} exited {result.exit_code}:\n{result.output}",
+                self.console,
+            )
+        return result.output
+
+    def kill(self) -> None:
+        """Pull the plug: QEMU is killed, the guest gets no chance to say goodbye."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+    def close(self) -> None:
+        self.kill()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _check_alive(self) -> None:
+        if self._proc is not None and self._proc.poll() is not None:
+            rc = self._proc.returncode
+            stderr = (self._dir / "qemu.stderr").read_text("utf-8", "replace").strip()
+            self._proc = None
+            setup = _SETUP_FAILED_RE.findall(self.console)
+            if setup:
+                raise GuestSetupError(
+                    f"{self.name}: setup failed: {'; '.join(setup)}", self.console
+                )
+            detail = f"; QEMU stderr: {stderr}" if stderr else ""
+            raise GuestCrash(f"{self.name}: QEMU exited with status {rc}{detail}", self.console)
+
+
+def start_all(sessions: Iterable[GuestSession]) -> None:
+    """Boot ``sessions`` side by side; raise the first failure once all have finished."""
+    errors: list[BaseException] = []
+
+    def boot(session: GuestSession) -> None:
+        try:
+            session.start()
+        except BaseException as exc:  # re-raised below, in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=boot, args=(s,)) for s in sessions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def host_programs(paths: Iterable[str]) -> dict[str, bytes]:
@@ -256,11 +523,42 @@ def qemu_accel() -> str:
     return "tcg"
 
 
+def _initrd(directory: Path, script: str, files: Mapping[str, bytes | str] | None) -> Path:
+    """The base initramfs plus an archive of ``/workload.sh`` and ``files``, in ``directory``."""
+    image = ensure_guest_image()
+    extra: dict[str, bytes] = {"/workload.sh": script.encode()}
+    for path, content in (files or {}).items():
+        if not path.startswith("/") or path == "/workload.sh":
+            raise ValueError(f"guest file path must be absolute and not /workload.sh: {path!r}")
+        extra[path] = content.encode() if isinstance(content, str) else content
+    initrd = directory / "initrd.cpio.gz"
+    with initrd.open("wb") as out:
+        out.write(image.initrd.read_bytes())
+        out.write(gzip.compress(newc_archive(extra.items()), compresslevel=1, mtime=0))
+    return initrd
+
+
 def _qemu_argv(
-    qemu: str, image: GuestImage, initrd: Path, memory_mb: int, cpus: int, kernel_args: str
+    initrd: Path, memory_mb: int, cpus: int, kernel_args: str, net: TapNetwork | None
 ) -> list[str]:
+    image = ensure_guest_image()
+    qemu = shutil.which(QEMU_BINARY)
+    if qemu is None:
+        raise GuestError(f"{QEMU_BINARY} not found: apt-get install -y qemu-system-x86")
+    if net is not None:
+        kernel_args = f"{net.kernel_args()} {kernel_args}"
+    nic = (
+        net.qemu_args()
+        if net is not None
+        else [
+            "-netdev",
+            "user,id=n0",
+            "-device",
+            "virtio-net-pci,netdev=n0,romfile=",  # no iPXE option ROM: we boot -kernel
+        ]
+    )
     accel = qemu_accel()
-    return [
+    argv = [
         qemu,
         "-accel",
         accel,
@@ -281,12 +579,10 @@ def _qemu_argv(
         str(initrd),
         "-append",
         f"{KERNEL_CMDLINE} {kernel_args}".strip(),
-        "-netdev",
-        "user,id=n0",
-        "-device",
-        "virtio-net-pci,netdev=n0,romfile=",  # no iPXE option ROM: we boot -kernel
+        *nic,
         "-no-reboot",
     ]
+    return net.command(argv) if net is not None else argv
 
 
 def newc_archive(entries: Iterable[tuple[str, bytes]]) -> bytes:

@@ -1,0 +1,147 @@
+"""Usage, quotas and space statistics.
+
+A namespace's usage record (`usage` database: ns id -> bytes|objects|valid) counts the data
+bytes it holds (file sizes and symlink targets: `charged_bytes`) and its objects; every
+operation that changes them adjusts it in the same transaction (`add_usage`). A composition
+cannot know its result's usage in O(1), so it marks the record invalid; the next reader
+re-measures it by walking the tree (`get_usage`), then keeps it current again. A share's
+objects count in their source VM, not where they are mounted. A quota limits the bytes;
+`check_quota` refuses a change that would exceed it, and a VM at its quota may still remove
+and shrink.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import lmdb
+
+from prism.errors import QuotaExceeded, Stale
+from prism.store import records as R
+from prism.store import txn
+from prism.store.api import Space
+from prism.store.layers import SHARE_VOL_BASE, View, view_by_name, view_of
+from prism.store.records import Inode
+from prism.store.schema import NS_KEY, Ctx, get_meta
+from prism.store.tree import get_inode, list_dir, locate, to_attr
+from prism.store.types import ROOT_INO, Attr, FileType, FsStat, ObjectId, StoreStats, Usage
+
+
+def get_usage(ctx: Ctx, t: lmdb.Transaction, view: View) -> tuple[int, int]:
+    raw = t.get(NS_KEY.pack(view.id), db=ctx.db.usage)
+    if raw is not None:
+        nbytes, objects, valid = R.USAGE_VAL.unpack(raw)
+        if valid:
+            return nbytes, objects
+    nbytes, objects = _measure(ctx, t, view)
+    t.put(NS_KEY.pack(view.id), R.USAGE_VAL.pack(nbytes, objects, 1), db=ctx.db.usage)
+    return nbytes, objects
+
+
+def add_usage(ctx: Ctx, t: lmdb.Transaction, view: View, dbytes: int, dobjects: int) -> None:
+    raw = t.get(NS_KEY.pack(view.id), db=ctx.db.usage)
+    if raw is None:
+        return
+    nbytes, objects, valid = R.USAGE_VAL.unpack(raw)
+    if valid:
+        t.put(
+            NS_KEY.pack(view.id),
+            R.USAGE_VAL.pack(max(0, nbytes + dbytes), max(0, objects + dobjects), 1),
+            db=ctx.db.usage,
+        )
+
+
+def set_usage(ctx: Ctx, t: lmdb.Transaction, ns_id: int, nbytes: int, objects: int, valid: bool):
+    t.put(NS_KEY.pack(ns_id), R.USAGE_VAL.pack(nbytes, objects, int(valid)), db=ctx.db.usage)
+
+
+def _measure(ctx: Ctx, t: lmdb.Transaction, view: View) -> tuple[int, int]:
+    """Walk the whole tree (after a composition made the counters unknown)."""
+    seen: set[tuple[int, int]] = set()
+    nbytes = objects = 0
+    stack = [(0, ROOT_INO)]
+    while stack:
+        vol, ino = stack.pop()
+        if (vol, ino) in seen:
+            continue
+        seen.add((vol, ino))
+        node = get_inode(ctx, t, view, vol, ino)
+        if node is None:
+            continue
+        objects += 1
+        nbytes += charged_bytes(node)
+        if node.type == FileType.DIR:
+            stack.extend(
+                (e.oid.vol, e.oid.ino)
+                for e in list_dir(ctx, t, view, vol, ino, 0)
+                if e.oid.vol < SHARE_VOL_BASE  # a share's bytes belong to its source
+            )
+    return nbytes, objects
+
+
+def check_quota(ctx: Ctx, t: lmdb.Transaction, view: View, more_bytes: int) -> None:
+    if view.quota is None:
+        return
+    used, _ = get_usage(ctx, t, view)
+    if used + more_bytes > view.quota or (more_bytes == 0 and used >= view.quota):
+        raise QuotaExceeded(
+            f"{view.name} would exceed its quota of {view.quota} bytes "
+            f"({used} used); raise it with `prism vm set {view.name} --quota SIZE`"
+        )
+
+
+def usage(ctx: Ctx, name: str) -> Usage:
+    with txn.write(ctx) as t:
+        nbytes, objects = get_usage(ctx, t, view_by_name(ctx, t, name))
+        return Usage(nbytes, objects)
+
+
+def stats(ctx: Ctx) -> StoreStats:
+    with txn.write(ctx) as t:
+        logical = 0
+        for _, raw in t.cursor(db=ctx.db.ns):
+            rec = json.loads(bytes(raw))
+            if rec["kind"] == "vm":
+                logical += get_usage(ctx, t, view_of(ctx, t, rec["id"]))[0]
+        segment_bytes = sum(R.SEGMENT_VAL.unpack(v)[0] for _, v in t.cursor(db=ctx.db.segments))
+        return StoreStats(
+            logical_bytes=logical,
+            stored_bytes=get_meta(ctx, t, b"stored_bytes"),
+            chunk_count=get_meta(ctx, t, b"chunk_count"),
+            segment_bytes=segment_bytes,
+        )
+
+
+def fsstat(ctx: Ctx, ns_id: int) -> FsStat:
+    with txn.read(ctx) as t:
+        return _fsstat(ctx, t, view_of(ctx, t, ns_id))
+
+
+def fsstat_attr(ctx: Ctx, oid: ObjectId) -> Space:
+    """`fsstat` of the object's namespace, and the object's attributes (None if it is gone:
+    the namespace's figures still stand), from one transaction (NFS FSSTAT)."""
+    with txn.read(ctx) as t:
+        stat = _fsstat(ctx, t, view_of(ctx, t, oid.ns))
+        try:
+            attr: Attr | None = to_attr(oid, locate(ctx, t, oid)[2])
+        except Stale:
+            attr = None
+        return Space(stat, attr)
+
+
+def _fsstat(ctx: Ctx, t: lmdb.Transaction, view: View) -> FsStat:
+    raw = t.get(NS_KEY.pack(view.id), db=ctx.db.usage)
+    used, objects, _ = R.USAGE_VAL.unpack(raw) if raw else (0, 0, 0)
+    free_files = 1 << 32
+    if view.quota is not None:
+        free = max(0, view.quota - used)
+        return FsStat(view.quota, free, free, objects + free_files, free_files)
+    disk = shutil.disk_usage(ctx.path)
+    return FsStat(disk.total, disk.free, disk.free, objects + free_files, free_files)
+
+
+def charged_bytes(node: Inode) -> int:
+    """The data bytes an object counts against its VM's quota: a file's size, a symlink's
+    target (both are bytes a VM stores)."""
+    return node.size if node.type in (FileType.REG, FileType.LNK) else 0
