@@ -184,13 +184,7 @@ BAD_INPUT = [
     ("into-missing-vm", ["clone", "nope", "base", "--into"], "no VM named 'nope'"),
     ("set-nothing", ["vm", "set", "web"], "give --client CIDR, --quota SIZE, --secure/--insecure"),
     ("missing-argument", ["vm", "create"], "see `prism vm create --help`"),
-    ("metrics-no-address", ["serve", "--metrics", "9100"], "give ADDR:PORT, e.g. 127.0.0.1:9100"),
-    ("nfs-port-range", ["serve", "--nfs-port", "99999"], "out of range: give 1-65535"),
-    ("bind-not-an-ip", ["serve", "--bind", "nfs.example"], "is not an IP address"),
-    # TEST-NET-1 (RFC 5737) is on no interface; refused before anything listens
-    ("bind-not-here", ["serve", "--bind", "192.0.2.77"], "this host has no such address"),
-    ("metrics-not-here", ["serve", "--metrics", "192.0.2.77:0"], "--metrics 192.0.2.77"),
-    ("config-missing", ["serve", "--config", "/no/such/prism.toml"], "cannot read config"),
+    # serve's bad options: tests/test_cli_service.py (through the one serve launcher)
     ("unknown-command", ["vm", "destroy", "web"], "see `prism vm --help`"),
 ]
 

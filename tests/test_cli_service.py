@@ -16,19 +16,19 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from prism.nfs.client import MountClient
-from tests.op_helpers import env, prism
+from tests.op_helpers import prism
 from tests.op_helpers import run_prism as run
+from tests.server_helpers import PrismProcess
 
 READY = re.compile(r"^prism: ready: .* nfs (?P<bind>\S+):(?P<nfs>\d+) mount (?P<mount>\d+) ")
-PORTS = ["--bind", "127.0.0.1", "--nfs-port", "0", "--mount-port", "0", "--no-portmap"]
 REFUSED = "refused: not a VM name"  # the server's INFO line for a MOUNT of a bad name
 
 
@@ -51,29 +51,26 @@ class Notifications:
 
 
 class Serve:
-    """`prism serve` with stdout and stderr kept; the ready line gives the MOUNT port."""
+    """`prism serve` through the one launcher (tests/server_helpers.PrismProcess), on
+    ephemeral ports; the ready line gives the MOUNT port."""
 
-    def __init__(self, data: Path, *args: str, extra_env: dict[str, str] | None = None) -> None:
-        e = env() | (extra_env or {})
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "prism", "serve", "--data", str(data), *PORTS, *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=e,
+    def __init__(
+        self,
+        data: Path,
+        log_dir: Path,
+        *args: str,
+        extra_env: dict[str, str] | None = None,
+        portmap: bool = False,
+    ) -> None:
+        self.server = PrismProcess(
+            data, log_dir, extra_args=args, env=extra_env, nfs_port=0, mount_port=0, portmap=portmap
         )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        m = READY.match(line)
-        assert m, f"no ready line: {line!r}; stderr: {self.stderr_now()}"
-        self.ready_line = line
+        self.ready_line = self.server.start()
+        m = READY.match(self.ready_line)
+        assert m, self.ready_line
         self.mount_port = int(m.group("mount"))
-
-    def stderr_now(self) -> str:
-        if self.proc.poll() is None:
-            return ""
-        assert self.proc.stderr is not None
-        return self.proc.stderr.read()
+        assert self.server.proc is not None
+        self.proc = self.server.proc
 
     def mount_bad_name(self) -> None:
         """A MOUNT the server refuses and logs at INFO."""
@@ -83,10 +80,20 @@ class Serve:
                 m.mnt("/Not_A_VM")
 
     def stop(self) -> str:
-        self.proc.send_signal(signal.SIGTERM)
-        _, err = self.proc.communicate(timeout=30)
-        assert self.proc.returncode == 0, err
-        return err
+        """Stops cleanly; returns stderr."""
+        self.server.stop()
+        return self.server.stderr()
+
+
+def refused_start(data: Path, log_dir: Path, *args: str, **kw: Any) -> str:
+    """`prism serve ARGS` that must exit before it is ready: its one line of stderr."""
+    server = PrismProcess(data, log_dir, extra_args=args, nfs_port=0, mount_port=0, **kw)
+    with pytest.raises(AssertionError, match="exited before ready"):
+        server.start()
+    err = server.stderr()
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
 
 
 @pytest.fixture
@@ -121,29 +128,19 @@ def test_config_file_sets_options_and_the_command_line_overrides(
     config = tmp_path / "prism.toml"
     log = tmp_path / "prism.log"
     config.write_text(
-        f'data = "{data}"\nlog-level = "warning"\nlog-file = "{log}"\n'
+        f'data = "{tmp_path / "elsewhere"}"\nlog-level = "warning"\nlog-file = "{log}"\n'
         "max-connections-per-address = 7\nno-portmap = true\n"
     )
-    # data, log level and log file come from the file (no --data on this command line)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prism", "serve", "--config", str(config), *PORTS[:-1]],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env(),
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert READY.match(line) and f"from {data}" in line and "no portmap" in line, line
-    mount = int(READY.match(line).group("mount"))  # type: ignore[union-attr]
-    with MountClient("127.0.0.1", mount) as m, pytest.raises(Exception):  # noqa: B017
-        m.mnt("/Not_A_VM")
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=30)
+    # log level, log file and no-portmap come from the file; --data wins over its data
+    server = Serve(data, tmp_path / "logs", "--config", str(config), portmap=True)
+    assert f"from {data};" in server.ready_line and "no portmap" in server.ready_line
+    server.mount_bad_name()
+    server.stop()
     assert REFUSED not in log.read_text()  # warning from the file: INFO is not logged
+    assert not (tmp_path / "elsewhere").exists()
 
     # the command line wins over the file
-    server = Serve(data, "--config", str(config), "--log-level", "info")
+    server = Serve(data, tmp_path / "logs", "--config", str(config), "--log-level", "info")
     server.mount_bad_name()
     server.stop()
     wait_for(lambda: REFUSED in log.read_text())
@@ -164,20 +161,10 @@ def test_the_default_config_file_names_the_store_for_every_command(
     assert proc.stdout == "other\n"
     proc = run(None, "vm", "list", "-H", "-o", "name", extra_env=cfg | {"PRISM_DATA": str(other)})
     assert proc.stdout == "other\n"
-    # serve reads it without --config: the store and no-portmap come from it
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prism", "serve", *PORTS[:-1]],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env() | cfg,
-        cwd=tmp_path,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=30)
-    assert f"from {data};" in line and "no portmap" in line, line
+    # serve reads it without --config
+    server = Serve(data, tmp_path / "logs", extra_env=cfg, portmap=True)
+    assert "no portmap" in server.ready_line
+    server.stop()
     config.write_text("nfs-prot = 1\n")
     proc = run(None, "vm", "list", extra_env=cfg, cwd=tmp_path)
     assert proc.returncode == 2 and "unknown key 'nfs-prot'" in proc.stderr, proc.stderr
@@ -188,11 +175,11 @@ def test_the_command_line_overrides_the_files_choice_among_exclusive_options(
 ) -> None:
     config = tmp_path / "prism.toml"
     config.write_text("no-vrpc = true\n")
-    server = Serve(data, "--config", str(config))
+    server = Serve(data, tmp_path / "logs", "--config", str(config))
     assert "no vrpc" in server.ready_line
     server.stop()
     sock = tmp_path / "vrpc.sock"
-    server = Serve(data, "--config", str(config), "--vrpc", str(sock))
+    server = Serve(data, tmp_path / "logs", "--config", str(config), "--vrpc", str(sock))
     assert f"vrpc {sock}" in server.ready_line
     server.stop()
 
@@ -213,10 +200,26 @@ def test_the_command_line_overrides_the_files_choice_among_exclusive_options(
 def test_config_file_errors_name_the_key(tmp_path: Path, text: str, hint: str) -> None:
     config = tmp_path / "prism.toml"
     config.write_text(text)
-    proc = run(tmp_path / "data", "serve", "--config", str(config), *PORTS)
-    assert proc.returncode == 2, proc.stdout
-    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert str(config) in proc.stderr and hint in proc.stderr, proc.stderr
+    err = refused_start(tmp_path / "data", tmp_path / "logs", "--config", str(config))
+    assert str(config) in err and hint in err, err
+
+
+@pytest.mark.parametrize(
+    ("args", "hint"),
+    [
+        (("--metrics", "9100"), "give ADDR:PORT, e.g. 127.0.0.1:9100"),
+        (("--nfs-port", "99999"), "out of range: give 1-65535"),
+        (("--bind", "nfs.example"), "is not an IP address"),
+        # TEST-NET-1 (RFC 5737) is on no interface; refused before anything listens
+        (("--bind", "192.0.2.77"), "this host has no such address"),
+        (("--metrics", "192.0.2.77:0"), "--metrics 192.0.2.77"),
+        (("--config", "/no/such/prism.toml"), "cannot read config"),
+    ],
+)
+def test_serve_refuses_bad_options_in_one_line(
+    data: Path, tmp_path: Path, args: tuple[str, ...], hint: str
+) -> None:
+    assert hint in refused_start(data, tmp_path / "logs", *args)
 
 
 def test_every_serve_option_is_a_config_key() -> None:
@@ -237,7 +240,13 @@ def test_sd_notify_ready_reload_and_stopping(
 ) -> None:
     config = tmp_path / "prism.toml"
     config.write_text('log-level = "warning"\n')
-    server = Serve(data, "--config", str(config), extra_env={"NOTIFY_SOCKET": str(notify.path)})
+    server = Serve(
+        data,
+        tmp_path / "logs",
+        "--config",
+        str(config),
+        extra_env={"NOTIFY_SOCKET": str(notify.path)},
+    )
     msg = notify.next()
     assert msg["READY"] == "1" and msg["MAINPID"] == str(server.proc.pid)
     assert msg["STATUS"].startswith("prism: ready:")
@@ -261,10 +270,8 @@ def test_sd_notify_ready_reload_and_stopping(
     server.proc.send_signal(signal.SIGHUP)
     assert notify.next()["RELOADING"] == "1" and notify.next() == {"READY": "1"}
 
-    server.proc.send_signal(signal.SIGTERM)
+    err = server.stop()  # SIGTERM, a clean exit
     assert notify.next() == {"STOPPING": "1"}
-    _, err = server.proc.communicate(timeout=30)
-    assert server.proc.returncode == 0, err
     assert err.count(REFUSED) == 2, err
     assert "reload failed, still serving with the previous settings" in err
     assert "need a restart to apply (systemctl restart prism): grace" in err
@@ -272,7 +279,7 @@ def test_sd_notify_ready_reload_and_stopping(
 
 def test_sighup_reopens_the_log_file(data: Path, tmp_path: Path) -> None:
     log = tmp_path / "prism.log"
-    server = Serve(data, "--log-file", str(log))
+    server = Serve(data, tmp_path / "logs", "--log-file", str(log))
     server.mount_bad_name()
     wait_for(lambda: REFUSED in log.read_text())
     log.rename(tmp_path / "prism.log.1")  # what logrotate does
@@ -284,33 +291,25 @@ def test_sighup_reopens_the_log_file(data: Path, tmp_path: Path) -> None:
     assert (tmp_path / "prism.log.1").read_text().count(REFUSED) == 1
 
 
-def test_log_lines_under_journald_have_priority_and_no_timestamp(data: Path) -> None:
+def test_log_lines_under_journald_have_priority_and_no_timestamp(
+    data: Path, tmp_path: Path
+) -> None:
     stamp = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ prism\.nfs\S* INFO .*" + REFUSED)
-    plain = Serve(data)
+    plain = Serve(data, tmp_path / "plain")
     plain.mount_bad_name()
     err = plain.stop()
     assert any(stamp.match(line) for line in err.splitlines()), err
 
     # stderr is a stream whose device:inode $JOURNAL_STREAM names, as journald sets it up
-    r, w = os.pipe()
-    st = os.fstat(w)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prism", "serve", "--data", str(data), *PORTS],
-        stdout=subprocess.PIPE,
-        stderr=w,
-        text=True,
-        env=env() | {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
-    )
-    os.close(w)
-    assert proc.stdout is not None
-    m = READY.match(proc.stdout.readline())
-    assert m
-    with MountClient("127.0.0.1", int(m.group("mount"))) as client, pytest.raises(Exception):  # noqa: B017
-        client.mnt("/Not_A_VM")
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
-    with os.fdopen(r) as f:
-        journal = f.read()
+    # (the launcher reopens this file, truncated, as the server's stderr: same inode)
+    logs = tmp_path / "journal"
+    logs.mkdir()
+    stream = logs / "serve-1.err"
+    stream.touch()
+    st = os.stat(stream)
+    server = Serve(data, logs, extra_env={"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+    server.mount_bad_name()
+    journal = server.stop()
     lines = [line for line in journal.splitlines() if REFUSED in line]
     assert lines and all(re.fullmatch(r"<6>prism\.nfs\S*: MNT .*", x) for x in lines), journal
     assert not re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d", journal), journal

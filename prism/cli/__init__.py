@@ -13,18 +13,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from prism.cli.config import apply_config
+from prism.cli.config import apply_config, configured_data, subparser
 from prism.cli.parser import ParseError, build_clone_parser, build_parser
-from prism.cli.values import UsageError, default_data
+from prism.cli.values import UsageError
 from prism.cli.vm import cmd_vm_create
 from prism.errors import StoreError
 from prism.store import Store
 
 __all__ = ["build_clone_parser", "build_parser", "clone_main", "main", "parse_command_line"]
+
+
+def default_data() -> Path:
+    """Where the store is when --data is not given: $PRISM_DATA, else the config file's
+    `data` (`prism.cli.config`), else ./prism-data."""
+    env = os.environ.get("PRISM_DATA")
+    return Path(env or configured_data(subparser(build_parser(), "serve")) or "./prism-data")
 
 
 def parse_command_line(argv: Sequence[str]) -> argparse.Namespace:
@@ -34,6 +42,7 @@ def parse_command_line(argv: Sequence[str]) -> argparse.Namespace:
     args.argv = list(argv)
     if args.command == "serve":
         args.config_file = apply_config(args, argv, parser, build_parser())
+        args.reparse = parse_command_line  # SIGHUP reads the command line and config again
     return args
 
 

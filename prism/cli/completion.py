@@ -216,11 +216,3 @@ else
     compdef {fn} {prog}  # sourced
 fi
 """
-
-
-def cmd_completion(args: argparse.Namespace) -> int:
-    from prism.cli.parser import build_parser
-
-    script = bash_script if args.shell == "bash" else zsh_script
-    print(script(build_parser()), end="")
-    return 0

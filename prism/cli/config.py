@@ -152,12 +152,10 @@ def apply_config(
     return path
 
 
-def configured_data() -> str | None:
+def configured_data(serve: argparse.ArgumentParser) -> str | None:
     """The default config file's `data`, for commands other than serve; None without one."""
-    from prism.cli.parser import build_parser
-
     path = default_config()
     if not path.exists():
         return None
-    data = read_config(path, subparser(build_parser(), "serve")).get("data")
+    data = read_config(path, serve).get("data")
     return None if data is None else str(data)

@@ -13,7 +13,7 @@ import ipaddress
 from typing import NoReturn
 
 import prism
-from prism.cli.completion import cmd_completion
+from prism.cli.completion import bash_script, zsh_script
 from prism.cli.serve import cmd_serve
 from prism.cli.storage import cmd_fsck, cmd_gc, cmd_import, cmd_locks, cmd_stats
 from prism.cli.values import UsageError, parse_size
@@ -34,7 +34,9 @@ from prism.cli.vm import (
     cmd_vm_show,
     cmd_vm_vrpc_token,
 )
-from prism.store.types import SQUASH_MODES
+from prism.nfs.const import MOUNT_PORT, NFS_PORT
+from prism.nlm.monitor import DEFAULT_GRACE
+from prism.store.types import NOBODY, SQUASH_MODES
 from rpc.admission import FD_RESERVE, MAX_PER_ADDRESS, RECORD_TIMEOUT
 from vrpc.control import MAX_CHANNELS, MAX_CHANNELS_PER_UID
 
@@ -109,10 +111,10 @@ def _access_options(p: argparse.ArgumentParser, defaults: str) -> None:
         help="callers mapped to the anonymous ids: none, root (uid/gid 0), or all",
     )
     g.add_argument(
-        "--anon-uid", type=int, default=None, metavar="UID", help="anonymous uid (65534)"
+        "--anon-uid", type=int, default=None, metavar="UID", help=f"anonymous uid ({NOBODY})"
     )
     g.add_argument(
-        "--anon-gid", type=int, default=None, metavar="GID", help="anonymous gid (65534)"
+        "--anon-gid", type=int, default=None, metavar="GID", help=f"anonymous gid ({NOBODY})"
     )
     for kind, meta in (("user", "UID"), ("group", "GID")):
         g.add_argument(
@@ -214,10 +216,18 @@ def _serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         help="address to listen on (0.0.0.0: all)",
     )
     p.add_argument(
-        "--nfs-port", type=_port, default=2049, metavar="N", help="NFS port (2049; 0: any)"
+        "--nfs-port",
+        type=_port,
+        default=NFS_PORT,
+        metavar="N",
+        help=f"NFS port ({NFS_PORT}; 0: any)",
     )
     p.add_argument(
-        "--mount-port", type=_port, default=20048, metavar="N", help="MOUNT port (20048; 0: any)"
+        "--mount-port",
+        type=_port,
+        default=MOUNT_PORT,
+        metavar="N",
+        help=f"MOUNT port ({MOUNT_PORT}; 0: any)",
     )
     p.add_argument(
         "--portmap-port",
@@ -279,9 +289,9 @@ def _serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument(
         "--grace",
         type=_seconds,
-        default=90.0,
+        default=DEFAULT_GRACE,
         metavar="SECONDS",
-        help="after a restart, grant only lock reclaims for this long (90)",
+        help=f"after a restart, grant only lock reclaims for this long ({DEFAULT_GRACE:g})",
     )
     vrpc = p.add_mutually_exclusive_group()
     vrpc.add_argument(
@@ -497,3 +507,9 @@ def build_clone_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_clone)
     return p
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    script = bash_script if args.shell == "bash" else zsh_script
+    print(script(build_parser()), end="")
+    return 0

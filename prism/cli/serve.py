@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,6 +58,7 @@ class Service:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.argv: list[str] = args.argv
+        self.reparse: Callable[[list[str]], argparse.Namespace] = args.reparse
         self.running = serve_options(args)
 
     def ready(self, status: str) -> None:
@@ -66,11 +68,9 @@ class Service:
         sd_notify("STOPPING=1")
 
     def reload(self) -> None:
-        from prism.cli import parse_command_line
-
         sd_notify(f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec()}")
         try:
-            new = parse_command_line(self.argv)
+            new = self.reparse(self.argv)
             configure_logging(log_level(new), new.log_file)
         except (UsageError, OSError) as exc:
             log.error("reload failed, still serving with the previous settings: %s", exc)

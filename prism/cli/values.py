@@ -3,12 +3,11 @@ one-line complaint (exit status 2) every command gives for bad input."""
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 from fractions import Fraction
-from pathlib import Path
 
+from prism.limits import VM_NAME_PATTERN
 from prism.store import CloneSource
 
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
@@ -18,7 +17,7 @@ _FRACTION_SIZE = re.compile(r"(\d*\.\d+)([KMGTP])(iB)?", re.IGNORECASE)
 MAX_SIZE = (1 << 63) - 1
 """The largest size NFSv3 clients handle (they treat size3 as a signed 64-bit offset)."""
 SOURCE = re.compile(
-    r"(?P<ns>[a-z0-9][a-z0-9_.-]{0,62})(?:@(?P<snap>[a-z0-9][a-z0-9_.-]{0,62}))?"
+    rf"(?P<ns>{VM_NAME_PATTERN})(?:@(?P<snap>{VM_NAME_PATTERN}))?"
     r"(?::(?P<path>[^=]+)(?:=(?P<dest>.+))?)?"
 )
 
@@ -134,15 +133,7 @@ def human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def default_data() -> Path:
-    """Where the store is when --data is not given: $PRISM_DATA, else the config file's
-    `data` (`prism.cli.config`), else ./prism-data."""
-    from prism.cli.config import configured_data
-
-    return Path(os.environ.get("PRISM_DATA") or configured_data() or "./prism-data")
-
-
-_VM_PATH = re.compile(r"(?P<vm>[a-z0-9][a-z0-9_.-]{0,62}):(?P<path>/.*)")
+_VM_PATH = re.compile(rf"(?P<vm>{VM_NAME_PATTERN}):(?P<path>/.*)")
 
 
 def parse_vm_path(text: str) -> tuple[str, str]:
