@@ -13,7 +13,8 @@ policy is the service's `peer_bound`, so addresses bound to no VM go first. Then
 ports discoverable: register with a system rpcbind if one answers on 127.0.0.1:111,
 otherwise answer PMAP v2 ourselves on --portmap-port (or 111 when it can be bound).
 Shutdown (SIGTERM/SIGINT): detach every VRPC channel (which wakes its client), stop
-listening, commit pending work, unregister, close the store.
+listening, commit pending work, unregister, close the store. SIGHUP goes to the caller's
+`ServiceHooks.reload` (the CLI rereads its config there).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import signal
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from prism.metrics import MetricSources, serve_metrics
 from prism.nfs.const import MOUNT_PORT, MOUNT_PROGRAM, MOUNT_V3, NFS_PORT, NFS_PROGRAM, NFS_V3
@@ -326,7 +327,15 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
     uvloop.run(main)
 
 
-async def serve(options: ServeOptions) -> None:
+class ServiceHooks(Protocol):
+    """What a service manager hears: ready (with the ready line), SIGHUP, stopping."""
+
+    def ready(self, status: str) -> None: ...
+    def reload(self) -> None: ...
+    def stopping(self) -> None: ...
+
+
+async def serve(options: ServeOptions, hooks: ServiceHooks | None = None) -> None:
     if not keep_large_buffers_on_heap():
         log.debug("no glibc mallopt: large buffers stay on the default allocator policy")
     server = PrismServer(options)
@@ -335,8 +344,15 @@ async def serve(options: ServeOptions) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(server.ready_line(), flush=True)
+    if hooks is not None:
+        loop.add_signal_handler(signal.SIGHUP, hooks.reload)
+    ready = server.ready_line()
+    print(ready, flush=True)
+    if hooks is not None:
+        hooks.ready(ready)
     await stop.wait()
     log.info("stopping")
+    if hooks is not None:
+        hooks.stopping()
     await server.stop()
     print("prism: stopped cleanly", flush=True)

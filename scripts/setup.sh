@@ -20,6 +20,7 @@ APT_PACKAGES=(
     ca-certificates
     gzip             # build-guest.sh (busybox-static from the guest does cpio and depmod)
     util-linux       # flock
+    zsh              # runs the script of `prism completion zsh` in tests/test_cli_parser.py
     gcc              # builds the native VRPC ring (vrpc._native) at pip install
     libc6-dev
     python3-dev      # Python.h for Debian's python3 (pyenv and venv Pythons ship their own)

@@ -113,8 +113,14 @@ def test_data_directory_defaults(tmp_path: Path) -> None:
     assert [vm["name"] for vm in ok_json(run_prism(None, "vm", "list", "--json", cwd=tmp_path))]
     assert prism_json(env_data, "vm", "list")[0]["name"] == "a"
     proc = run_prism(tmp_path / "nowhere", "vm", "list")
-    assert "create one with `prism vm create`" in one_line_error(proc)
+    line = one_line_error(proc)
+    assert "create one with `prism vm create" in line
     assert not (tmp_path / "nowhere").exists()
+    # the absolute path, and both ways to name another: a relative --data is resolved
+    proc = run_prism(Path("nowhere"), "vm", "list", cwd=tmp_path)
+    line = one_line_error(proc)
+    assert f"no Prism store at {tmp_path / 'nowhere'}:" in line
+    assert "--data" in line and "$PRISM_DATA" in line
 
 
 # -- bad input --------------------------------------------------------------------------
@@ -127,19 +133,23 @@ BAD_INPUT = [
     ("unknown-vm-snapshot", ["snapshot", "create", "nope", "s"], "no VM named 'nope'"),
     ("unknown-vm-import", ["import", "nope", "{src}"], "no VM named 'nope'"),
     ("unknown-vm-clone", ["clone", "new", "nope"], "no VM named 'nope'"),
-    ("unknown-snapshot", ["snapshot", "rollback", "web", "nope"], "no snapshot named"),
-    ("unknown-snapshot-rm", ["snapshot", "rm", "web", "nope"], "no snapshot named"),
+    ("unknown-snapshot", ["snapshot", "rollback", "web", "nope"], "`prism snapshot list web`"),
+    ("unknown-snapshot-rm", ["snapshot", "rm", "web", "nope"], "`prism snapshot list web`"),
+    ("unknown-snapshot-clone", ["clone", "new", "web@nope"], "`prism snapshot list web`"),
     ("snapshot-not-vm", ["vm", "rm", "web@s1"], "`prism snapshot rm VM SNAP`"),
     ("bad-cidr-octet", ["vm", "create", "a", "--client", "10.0.0.300/24"], "use a CIDR like"),
     ("bad-cidr-prefix", ["vm", "create", "a", "--client", "10.0.0.0/33"], "use a CIDR like"),
     ("bad-cidr-set", ["vm", "set", "web", "--client", "not-an-ip"], "use a CIDR like"),
     ("bad-cidr-clone", ["clone", "new", "web", "--client", "1.2.3"], "use a CIDR like"),
     ("bad-size-unit", ["vm", "create", "a", "--quota", "12Q"], "like 512M, 10G, or 'none'"),
-    ("bad-size-fraction", ["vm", "create", "a", "--quota", "1.5G"], "like 512M, 10G"),
+    ("bad-size-fraction", ["vm", "create", "a", "--quota", "1.5G"], "whole numbers; write 1536M"),
+    ("bad-size-decimal", ["vm", "create", "a", "--quota", "10GB"], "write 10G for 10 GiB"),
+    ("bad-size-absurd", ["vm", "set", "web", "--quota", "99999999999P"], "larger than any"),
     ("bad-size-negative", ["vm", "set", "web", "--quota", "-1"], "--quota"),
     ("bad-size-clone", ["clone", "new", "web", "--quota", "lots"], "like 512M, 10G"),
     ("name-clash-vm", ["vm", "create", "web"], "pick another name or remove it"),
     ("name-clash-clone", ["clone", "web", "base"], "pick another name or remove it"),
+    ("clone-target-exists", ["clone", "web", "base"], "`prism-clone web ... --into`"),
     ("name-clash-snapshot", ["snapshot", "create", "web", "s1"], "pick another name"),
     ("bad-name-upper", ["vm", "create", "Web"], "invalid VM name"),
     ("bad-name-leading", ["vm", "create", "_web"], "a-z 0-9 _ . -"),
@@ -174,6 +184,7 @@ BAD_INPUT = [
     ("into-missing-vm", ["clone", "nope", "base", "--into"], "no VM named 'nope'"),
     ("set-nothing", ["vm", "set", "web"], "give --client CIDR, --quota SIZE, --secure/--insecure"),
     ("missing-argument", ["vm", "create"], "see `prism vm create --help`"),
+    # serve's bad options: tests/test_cli_service.py (through the one serve launcher)
     ("unknown-command", ["vm", "destroy", "web"], "see `prism vm --help`"),
 ]
 
@@ -213,6 +224,29 @@ def test_bad_input_is_refused_with_one_line(
     assert line.startswith(prog) and ": error: " in line
     assert hint in line, line
     assert state(data) == before
+
+
+@pytest.mark.parametrize(
+    ("argv", "hint", "prog"),
+    [
+        (["vm", "show", "nope"], "no VM named 'nope'", "prism"),
+        (["vm", "create", "a", "--quota", "10GB"], "write 10G for 10 GiB", "prism vm create"),
+        (["vm", "lisst"], "invalid choice", "prism vm"),
+        (["snapshot", "rm", "web", "nope"], "`prism snapshot list web`", "prism"),
+    ],
+)
+def test_errors_are_json_on_stderr_with_json(
+    populated: tuple[Path, Path], argv: list[str], hint: str, prog: str
+) -> None:
+    data, _ = populated
+    proc = run_prism(data, *argv, "--json")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.endswith("\n") and proc.stderr.count("\n") == 1, proc.stderr
+    err = json.loads(proc.stderr)
+    assert hint in err["error"], err
+    assert err["command"] == prog and err["exit_status"] == 2
+    missing = run_prism(data.parent / "nowhere", "stats", "--json")
+    assert "no Prism store at" in json.loads(missing.stderr)["error"]
 
 
 # -- snapshots ----------------------------------------------------------------------------

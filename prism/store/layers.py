@@ -203,7 +203,8 @@ def view_by_name(ctx: Ctx, t: lmdb.Transaction, name: str) -> View:
                     f"the names index has lost {what} {name!r} (namespace "
                     f"{NS_KEY.unpack(key)[0]}); run `prism fsck --repair` to rebuild it"
                 )
-        raise NotFound(f"no {what} named {name!r}; see `prism vm list`")
+        where = f"prism snapshot list {name.split('@')[0]}" if "@" in name else "prism vm list"
+        raise NotFound(f"no {what} named {name!r}; see `{where}`")
     return view_of(ctx, t, R.U32.unpack(raw)[0])
 
 

@@ -1,0 +1,198 @@
+"""Store-wide commands: stats, fsck, gc, import, and the lock table of a running server."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+from prism.cli.output import emit, human, progress_printer, vm_json
+from prism.cli.values import UsageError, vm_path
+from prism.cli.vm import vm_info
+from prism.errors import StoreError
+from prism.store import Store
+from vrpc.stats import read_stats as read_vrpc_stats
+
+
+def cmd_locks(args: argparse.Namespace, store: Store) -> int:
+    from prism.nlm.monitor import MonitorStateError, read_locks
+    from prism.nlm.paths import find_paths
+
+    try:
+        table = read_locks(Path(args.data))
+    except MonitorStateError as exc:
+        raise UsageError(str(exc)) from exc
+    rows = [] if table is None else table["locks"]
+    if args.vm:
+        rows = [r for r in rows if r["vm"] == args.vm]
+    for vm in {r["vm"] for r in rows}:
+        try:
+            ns_id = store.namespace(vm).id
+        except StoreError:
+            continue
+        paths = find_paths(store, ns_id, {r["fileid"] for r in rows if r["vm"] == vm})
+        for r in rows:
+            if r["vm"] == vm:
+                r["path"] = paths.get(r["fileid"])
+
+    def text() -> str:
+        if table is None:
+            return f"no server is running on {args.data}: no locks are held"
+        lines = [f"{'VM':<12} {'CLIENT':<22} {'PATH':<28} {'RANGE':<20} {'TYPE':<13} SINCE"]
+        for r in rows:
+            if r["kind"] == "share":
+                what, kind = "-", f"share a{r['access']}/d{r['deny']}"
+            else:
+                end = "EOF" if r["length"] == 0 else str(r["start"] + r["length"])
+                what = f"{r['start']}-{end}"
+                kind = r["type"] + (" (waiting)" if r["kind"] == "waiting" else "")
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["since"]))
+            client = f"{r['client']} ({r['name']})" if r["name"] else r["client"]
+            path = r.get("path") or f"fileid {r['fileid']}"
+            lines.append(f"{r['vm']:<12} {client:<22} {path:<28} {what:<20} {kind:<13} {since}")
+        if table.get("more"):
+            lines.append(f"... and {table['more']} more that the server's table leaves out")
+        if table.get("grace_left"):
+            lines.append(f"grace period: {table['grace_left']} s left for reclaims")
+        return "\n".join(lines)
+
+    emit(args, rows, text)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace, store: Store) -> int:
+    vms = store.list_namespaces("vm")
+    per_vm = [vm_json(vm, store.usage(vm.name)) for vm in vms]
+    st = store.stats()
+    vrpc = read_vrpc_stats(Path(args.data))
+    data = {
+        "vms": per_vm,
+        "store": {
+            "logical_bytes": st.logical_bytes,
+            "stored_bytes": st.stored_bytes,
+            "dedup_ratio": round(st.dedup_ratio, 3),
+            "chunk_count": st.chunk_count,
+            "segment_bytes": st.segment_bytes,
+        },
+        "vrpc": vrpc,
+    }
+
+    def text() -> str:
+        lines = [f"{'VM':<24} {'LOGICAL':>12} {'FILES':>9} {'QUOTA':>10}"]
+        for r in per_vm:
+            quota = human(r["quota"]) if r["quota"] is not None else "none"
+            lines.append(
+                f"{r['name']:<24} {human(r['logical_bytes']):>12} {r['files']:>9} {quota:>10}"
+            )
+        lines += [
+            "",
+            f"store: logical {human(st.logical_bytes)}, stored {human(st.stored_bytes)} "
+            f"in {st.chunk_count} chunks, dedup ratio {st.dedup_ratio:.2f}x, "
+            f"segment files {human(st.segment_bytes)}",
+        ]
+        v = vrpc
+        lines.append(
+            "vrpc: no server is running with VRPC"
+            if v is None
+            else f"vrpc: {v['channels']} channels, {v['calls']} calls ({v['fast_path_hits']} on"
+            f" the fast path), {v['protocol_errors']} protocol errors, {v['refused']} attaches"
+            f" refused, {v['revoked']} channels revoked"
+        )
+        return "\n".join(lines)
+
+    emit(args, data, text)
+    return 0
+
+
+def cmd_fsck(args: argparse.Namespace, store: Store) -> int:
+    from prism.store.check import fsck
+
+    report = fsck(store, repair=args.repair, progress=progress_printer(args))
+    data = {
+        "clean": report.clean,
+        "errors": report.errors,
+        "repaired": report.repaired,
+        "damaged": report.damaged,
+        "debris": report.debris,
+        "checked_objects": report.checked_objects,
+        "checked_chunks": report.checked_chunks,
+        "checked_records": report.checked_records,
+    }
+
+    def text() -> str:
+        lines = [f"error: {e}" for e in report.errors[:100]]
+        if len(report.errors) > 100:
+            lines.append(f"... and {len(report.errors) - 100} more errors")
+        lines += [f"repaired: {r}" for r in report.repaired]
+        lines += [f"debris: {d}" for d in report.debris]
+        verdict = "clean" if report.clean else f"{len(report.errors)} errors"
+        if not report.clean and not args.repair:
+            verdict += " (run `prism fsck --repair`)"
+        lines.append(
+            f"fsck: {verdict}; checked {report.checked_objects} objects, "
+            f"{report.checked_chunks} chunks"
+        )
+        return "\n".join(lines)
+
+    emit(args, data, text)
+    return 0 if report.clean or (args.repair and not report.damaged) else 1
+
+
+def cmd_gc(args: argparse.Namespace, store: Store) -> int:
+    from prism.store.gc import gc
+
+    report = gc(store, progress=progress_printer(args))
+    data = dict(vars(report))
+    emit(
+        args,
+        data,
+        f"gc: reclaimed {human(report.bytes_reclaimed)}; dropped {report.layers_dropped} "
+        f"layers, merged {report.layers_merged}, freed {report.chunks_freed} chunks, removed "
+        f"{report.segments_removed} and compacted {report.segments_compacted} segments",
+    )
+    return 0
+
+
+def cmd_import(args: argparse.Namespace, store: Store) -> int:
+    from prism.importer import import_tree
+
+    src = Path(args.src)
+    if not src.is_dir():
+        raise UsageError(f"{src} is not a directory; give the host directory to import")
+    to = vm_path(args.to, "--to")
+    vm_info(store, args.vm, "import into a VM, then take a snapshot")
+
+    def terminated(signum: int, frame: Any) -> NoReturn:
+        raise KeyboardInterrupt  # unwinds the import, which discards what it staged
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        report = import_tree(
+            store, args.vm, src, to, progress=sys.stderr.isatty() and not args.json
+        )
+    except OSError as exc:
+        raise UsageError(
+            f"cannot read {exc.filename or src}: {exc.strerror or exc}; nothing was imported"
+        ) from exc
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if report.skipped:
+        print(
+            f"prism: warning: skipped {len(report.skipped)} entries that changed while being "
+            f"imported (not copied): {', '.join(report.skipped[:20])}"
+            + (" ..." if len(report.skipped) > 20 else ""),
+            file=sys.stderr,
+        )
+    emit(
+        args,
+        vars(report),
+        f"imported {report.files} files, {report.dirs} directories, {report.symlinks} symlinks,"
+        f" {report.hardlinks} hard links, {report.specials} special files, "
+        f"{human(report.bytes)} into {args.vm}:{to} in "
+        f"{report.seconds:.1f} s ({report.files / max(report.seconds, 1e-9):.0f} files/s, "
+        f"{report.bytes / max(report.seconds, 1e-9) / 1e6:.1f} MB/s)",
+    )
+    return 0
