@@ -5,12 +5,20 @@ its CIDRs; a `secure` VM answers only calls from privileged source ports (below 
 only root can bind: the kernel client and libnfs running as root use them), as knfsd's
 default `secure`; and `squash` maps AUTH_SYS callers to the anonymous uid/gid as knfsd's
 root_squash / all_squash do (AUTH_NONE callers are always anonymous).
+
+Over VRPC (the shared-memory transport, `vrpc.server`) a local process attaches a channel to
+one VM: it may if it presents the VM's token, or presents none and its kernel-verified uid
+or one of its groups (SO_PEERCRED, SO_PEERGROUPS) is among the VM's `vrpc_users` /
+`vrpc_groups`; a VM that lists no users and no groups admits root (and token holders) only, as a
+VM with no client addresses admits loopback only. Squashing applies as on any transport.
 """
 
 from __future__ import annotations
 
 import functools
+import hmac
 import ipaddress
+from dataclasses import dataclass, field
 
 from prism.store.types import Cred, Export, NamespaceInfo
 
@@ -76,3 +84,32 @@ def effective_cred(export: Export, sent: Cred | None) -> Cred:
             tuple(anon if g == 0 else g for g in sent.groups),
         )
     return sent
+
+
+@dataclass(frozen=True, slots=True)
+class LocalPeer:
+    """Who is at the other end of a VRPC control socket, as the kernel reports it, and the
+    token it presented (b"" for none)."""
+
+    pid: int
+    uid: int
+    gids: frozenset[int]
+    token: bytes = field(default=b"", repr=False)
+
+
+def vrpc_allows(export: Export, peer: LocalPeer) -> bool:
+    """Whether `peer` may attach to (and go on calling) the VM of `export`; checked on every
+    call, so a changed VM record bites on the next one. A peer that presented a token lives
+    by it (compared in constant time): once the token is rotated, its uid does not save it."""
+    if peer.token:
+        return hmac.compare_digest(peer.token, export.vrpc_token.encode())
+    return _principal_allows(export.vrpc_users, export.vrpc_groups, peer.uid, peer.gids)
+
+
+@functools.lru_cache(maxsize=4096)
+def _principal_allows(
+    users: tuple[int, ...], groups: tuple[int, ...], uid: int, gids: frozenset[int]
+) -> bool:
+    if not users and not groups:
+        return uid == 0
+    return uid in users or not gids.isdisjoint(groups)

@@ -26,6 +26,8 @@ from prism.errors import Exists, InvalidArgument, NotADirectory, NotFound, Store
 from prism.store import CloneSource, Store
 from prism.store.types import SQUASH_MODES, NamespaceInfo
 from rpc.admission import FD_RESERVE, MAX_PER_ADDRESS, RECORD_TIMEOUT
+from vrpc.control import MAX_CHANNELS, MAX_CHANNELS_PER_UID
+from vrpc.stats import read_stats as read_vrpc_stats
 
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 _SIZE = re.compile(r"(\d+)([KMGTP]?)(?:i?B)?", re.IGNORECASE)
@@ -141,6 +143,9 @@ def _vm_json(info: NamespaceInfo, usage: Any = None) -> dict[str, Any]:
         "squash": info.export.squash,
         "anon_uid": info.export.anon_uid,
         "anon_gid": info.export.anon_gid,
+        "vrpc_users": list(info.export.vrpc_users),
+        "vrpc_groups": list(info.export.vrpc_groups),
+        "vrpc_token": bool(info.export.vrpc_token),
     }
     if usage is not None:
         out["logical_bytes"] = usage.logical_bytes
@@ -182,6 +187,7 @@ def _emit(args: argparse.Namespace, data: Any, text: str | Callable[[], str]) ->
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from prism.server import ServeOptions, run_event_loop, serve
+    from vrpc.server import ListenError
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -204,6 +210,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         record_timeout=args.record_timeout,
         nlm_port=args.nlm_port,
         grace=args.grace,
+        vrpc=not args.no_vrpc,
+        vrpc_socket=Path(args.vrpc) if args.vrpc else None,
+        vrpc_max_channels=args.vrpc_max_channels,
     )
     if args.async_replies:
         logging.getLogger("prism.server").warning(
@@ -212,6 +221,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     try:
         run_event_loop(serve(options))
+    except ListenError as exc:
+        raise UsageError(f"cannot start: {exc}") from exc
     except OSError as exc:
         if exc.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
             where = f" ({exc.filename})" if exc.filename else ""
@@ -363,7 +374,9 @@ def _access_text(vm: dict[str, Any]) -> str:
         "root": f"root squashed to {vm['anon_uid']}:{vm['anon_gid']}",
         "all": f"everyone squashed to {vm['anon_uid']}:{vm['anon_gid']}",
     }[vm["squash"]]
-    return f"{ports}, {squash}"
+    users = [f"uid {u}" for u in vm["vrpc_users"]] + [f"gid {g}" for g in vm["vrpc_groups"]]
+    vrpc = ", ".join(users) or "root"
+    return f"{ports}, {squash}; VRPC: {vrpc}" + (" or its token" if vm["vrpc_token"] else "")
 
 
 def _export_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -373,8 +386,40 @@ def _export_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "squash": args.squash,
         "anon_uid": args.anon_uid,
         "anon_gid": args.anon_gid,
+        "vrpc_users": _ids(args.vrpc_user, "user"),
+        "vrpc_groups": _ids(args.vrpc_group, "group"),
     }
     return {k: v for k, v in given.items() if v is not None}
+
+
+def _ids(words: list[str] | None, kind: str) -> list[int] | None:
+    """`--vrpc-user`/`--vrpc-group` words: numeric ids or names; `none` alone clears."""
+    if words is None:
+        return None
+    if words == ["none"]:
+        return []
+    import grp
+    import pwd
+
+    ids = []
+    for word in words:
+        if word.isdigit():
+            ids.append(int(word))
+            continue
+        try:
+            ids.append(pwd.getpwnam(word).pw_uid if kind == "user" else grp.getgrnam(word).gr_gid)
+        except KeyError:
+            raise UsageError(
+                f"no local {kind} {word!r}: give a numeric id or a name from this host, or"
+                f" `none` alone to clear the list"
+            ) from None
+    return ids
+
+
+def cmd_vm_vrpc_token(args: argparse.Namespace, store: Store) -> int:
+    token = store.vrpc_token(args.name, rotate=args.rotate)
+    _emit(args, {"vm": args.name, "token": token, "rotated": args.rotate}, token)
+    return 0
 
 
 def cmd_share(args: argparse.Namespace, store: Store) -> int:
@@ -415,7 +460,8 @@ def cmd_vm_set(args: argparse.Namespace, store: Store) -> int:
     if not kwargs:
         raise UsageError(
             "nothing to change: give --client CIDR, --quota SIZE, --secure/--insecure, "
-            "--squash none|root|all, --anon-uid N or --anon-gid N"
+            "--squash none|root|all, --anon-uid N, --anon-gid N, --vrpc-user UID... or "
+            "--vrpc-group GID..."
         )
     info = store.set_namespace(args.name, **kwargs)
     _emit_vm(args, store, info, f"updated VM {info.name}:")
@@ -482,6 +528,7 @@ def cmd_stats(args: argparse.Namespace, store: Store) -> int:
     vms = store.list_namespaces("vm")
     per_vm = [_vm_json(vm, store.usage(vm.name)) for vm in vms]
     st = store.stats()
+    vrpc = read_vrpc_stats(Path(args.data))
     data = {
         "vms": per_vm,
         "store": {
@@ -491,6 +538,7 @@ def cmd_stats(args: argparse.Namespace, store: Store) -> int:
             "chunk_count": st.chunk_count,
             "segment_bytes": st.segment_bytes,
         },
+        "vrpc": vrpc,
     }
 
     def text() -> str:
@@ -506,6 +554,14 @@ def cmd_stats(args: argparse.Namespace, store: Store) -> int:
             f"in {st.chunk_count} chunks, dedup ratio {st.dedup_ratio:.2f}x, "
             f"segment files {human(st.segment_bytes)}",
         ]
+        v = vrpc
+        lines.append(
+            "vrpc: no server is running with VRPC"
+            if v is None
+            else f"vrpc: {v['channels']} channels, {v['calls']} calls ({v['fast_path_hits']} on"
+            f" the fast path), {v['protocol_errors']} protocol errors, {v['refused']} attaches"
+            f" refused, {v['revoked']} channels revoked"
+        )
         return "\n".join(lines)
 
     _emit(args, data, text)
@@ -725,6 +781,16 @@ def _access_options(p: argparse.ArgumentParser, defaults: str) -> None:
     )
     g.add_argument("--anon-uid", type=int, default=None, metavar="UID", help="default 65534")
     g.add_argument("--anon-gid", type=int, default=None, metavar="GID", help="default 65534")
+    for kind, meta in (("user", "UID"), ("group", "GID")):
+        g.add_argument(
+            f"--vrpc-{kind}",
+            action="extend",
+            nargs="+",
+            default=None,
+            metavar=meta,
+            help=f"local {kind}s whose processes may attach VRPC channels to the VM (`none`"
+            " clears); with no users and no groups, only root and holders of its token may",
+        )
 
 
 def _seconds(text: str) -> float:
@@ -800,6 +866,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="after a restart, grant only lock reclaims for this long (90)",
     )
+    vrpc = p.add_mutually_exclusive_group()
+    vrpc.add_argument(
+        "--vrpc",
+        default=None,
+        metavar="PATH",
+        help="VRPC control socket for local shared-memory clients (default DATA/vrpc.sock,"
+        " reachable by the server's user only; see README 'VRPC')",
+    )
+    vrpc.add_argument("--no-vrpc", action="store_true", help="no VRPC control socket")
+    p.add_argument(
+        "--vrpc-max-channels",
+        type=_positive_int,
+        default=MAX_CHANNELS,
+        metavar="N",
+        help=f"VRPC channels attached at once ({MAX_CHANNELS}; {MAX_CHANNELS_PER_UID} per user)",
+    )
     p.add_argument("--demo", action="store_true", help="create VM 'demo' if missing")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_serve, needs_store=False)
@@ -826,6 +908,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quota", type=_size_arg, default=_UNSET, metavar="SIZE")
     _access_options(p, "unchanged unless given")
     p.set_defaults(func=cmd_vm_set)
+    p = vm.add_parser("vrpc-token", help="print a VM's VRPC attach token (made at first use)")
+    _common(p)
+    p.add_argument("name")
+    p.add_argument(
+        "--rotate",
+        action="store_true",
+        help="replace it: channels attached with the old one are detached at their next call",
+    )
+    p.set_defaults(func=cmd_vm_vrpc_token)
     p = vm.add_parser("rm", help="remove a VM and its snapshots")
     _common(p)
     p.add_argument("name")

@@ -4,8 +4,9 @@ A tiny HTTP/1.0 responder (GET /metrics only) on the server's event loop. Figure
 logical bytes, objects and quota; store logical and stored bytes, dedup ratio, chunk count and
 reads refused because content failed its hash check; per-procedure RPC call counts, errors
 and latency sums from the dispatcher; the TCP connections open, refused, evicted and closed
-as stalled (`rpc.admission`); and the file locks (`prism.nlm`): held, waiting, clients,
-blocked requests granted and their waits.
+as stalled (`rpc.admission`); the file locks (`prism.nlm`): held, waiting, clients,
+blocked requests granted and their waits; and VRPC (`vrpc.server`): channels, calls by path
+(python, and fast for the C fast path), protocol errors, refused and revoked attachments.
 """
 
 from __future__ import annotations
@@ -171,6 +172,35 @@ def collect_locks(server: PrismServer) -> list[str]:
     )
 
 
+def collect_vrpc(server: PrismServer) -> list[str]:
+    vrpc = server.vrpc
+    if vrpc is None:
+        return []
+    st = vrpc.stats
+    lines = [
+        "# HELP prism_vrpc_calls_total VRPC calls, by where they were answered.",
+        "# TYPE prism_vrpc_calls_total counter",
+        f'prism_vrpc_calls_total{{path="python"}} {st.calls}',
+        f'prism_vrpc_calls_total{{path="fast"}} {st.fast_path_hits}',
+    ]
+    return lines + _single_samples(
+        ("prism_vrpc_channels", "gauge", "VRPC channels attached.", vrpc.open_channels),
+        (
+            "prism_vrpc_protocol_errors_total",
+            "counter",
+            "VRPC channels closed because their client broke the ring protocol.",
+            st.protocol_errors,
+        ),
+        ("prism_vrpc_attach_refused_total", "counter", "VRPC ATTACHes refused.", st.refused),
+        (
+            "prism_vrpc_revoked_total",
+            "counter",
+            "VRPC channels detached after their VM's principals or token changed.",
+            st.revoked,
+        ),
+    )
+
+
 async def serve_metrics(spec: str, server: PrismServer) -> tuple[asyncio.AbstractServer, int]:
     host, port = parse_listen(spec)
 
@@ -185,7 +215,7 @@ async def serve_metrics(spec: str, server: PrismServer) -> tuple[asyncio.Abstrac
             else:
                 lines = await server.executor.call(collect_store)
                 lines += collect_rpc(server) + collect_connections(server)
-                lines += collect_locks(server)
+                lines += collect_locks(server) + collect_vrpc(server)
                 body, status = ("\n".join(lines) + "\n").encode(), "200 OK"
             writer.write(
                 f"HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n"

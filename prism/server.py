@@ -1,5 +1,6 @@
 """`prism serve`: MOUNT, NFS and file locking (NLM, NSM) over TCP and UDP, plus portmapper
-registration.
+registration, and VRPC (shared-memory channels for local clients, `vrpc.server`) on a Unix
+control socket, `DATA/vrpc.sock` unless `--vrpc PATH` or `--no-vrpc`.
 
 Start-up: open the store and its executor (store calls run inline on the event loop, with
 group commit), build one RPC dispatcher carrying the NFS and MOUNT programs, and listen with
@@ -11,7 +12,8 @@ table (`rpc.transport.Connections`: total and per-address caps, stalled records)
 policy is the service's `peer_bound`, so addresses bound to no VM go first. Then make the
 ports discoverable: register with a system rpcbind if one answers on 127.0.0.1:111,
 otherwise answer PMAP v2 ourselves on --portmap-port (or 111 when it can be bound).
-Shutdown (SIGTERM/SIGINT): stop listening, commit pending work, unregister, close the store.
+Shutdown (SIGTERM/SIGINT): detach every VRPC channel (which wakes its client), stop
+listening, commit pending work, unregister, close the store.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ from rpc.transport import (
     serve_tcp,
     serve_udp,
 )
+from vrpc.control import MAX_CHANNELS
+from vrpc.server import VrpcServer, default_socket
 
 log = logging.getLogger("prism.server")
 
@@ -90,6 +94,11 @@ class ServeOptions:
     """NLM and NSM (TCP and UDP); 0: an ephemeral port, found through the portmapper."""
     grace: float = DEFAULT_GRACE
     """Seconds after a restart during which only lock reclaims are granted."""
+    vrpc: bool = True
+    """Listen for VRPC channels (`--no-vrpc`: not)."""
+    vrpc_socket: Path | None = None
+    """The VRPC control socket (`--vrpc PATH`); None: DATA/vrpc.sock."""
+    vrpc_max_channels: int = MAX_CHANNELS
 
 
 class PrismServer:
@@ -113,6 +122,15 @@ class PrismServer:
             is_bound=self.service.peer_bound,
         )
         self._servers: list[asyncio.AbstractServer | UdpServer] = []
+        self.vrpc: VrpcServer | None = None
+        if options.vrpc:
+            self.vrpc = VrpcServer(
+                self.dispatcher,
+                self.service,
+                options.vrpc_socket or default_socket(options.data),
+                data=options.data,
+                max_channels=options.vrpc_max_channels,
+            )
         self._registered_with_rpcbind = False
         self.nfs_port = self.mount_port = self.nlm_port = 0
         self.portmap_port: int | None = None
@@ -135,6 +153,8 @@ class PrismServer:
         nlm_udp = await serve_udp(self.dispatcher, bind, self.nlm_port)
         self._servers += [nfs_tcp, nfs_udp, mount_tcp, mount_udp, nlm_tcp, nlm_udp]
         await self.nlm.start()
+        if self.vrpc is not None:
+            await self.vrpc.start()
         if self.options.portmap:
             await self._start_portmap()
         if self.options.metrics:
@@ -220,6 +240,8 @@ class PrismServer:
         self.portmap_port = PMAP_PORT
 
     async def stop(self) -> None:
+        if self.vrpc is not None:
+            await self.vrpc.stop()
         await self.nlm.stop()
         for server in self._servers:
             server.close()
@@ -241,10 +263,11 @@ class PrismServer:
             else (f"portmap {self.portmap_port}" if self.portmap_port else "no portmap")
         )
         metrics = f", metrics :{self.metrics_port}" if self.metrics_port else ""
+        vrpc = f"vrpc {self.vrpc.path}" if self.vrpc is not None else "no vrpc"
         return (
             f"prism: ready: {vms} VMs from {self.options.data}; nfs {self.options.bind}:"
             f"{self.nfs_port} mount {self.mount_port} nlm {self.nlm_port} (tcp+udp), "
-            f"{portmap}{metrics}"
+            f"{vrpc}, {portmap}{metrics}"
         )
 
 

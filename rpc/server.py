@@ -95,6 +95,8 @@ class CallContext:
     auth_sys: AuthSys | None
     peer: tuple[str, int]
     transport: str
+    binding: int | None = None
+    """The VM (namespace id) a VRPC channel is bound to; None on TCP and UDP."""
 
 
 Handler = Callable[[CallContext, bytes], Awaitable[bytes]]
@@ -330,10 +332,11 @@ class RpcDispatcher:
         return await cast(Awaitable[Outcome], outcome)
 
     def handle_now(
-        self, record: bytes, peer: tuple[str, int], transport: str
+        self, record: bytes, peer: tuple[str, int], transport: str, binding: int | None = None
     ) -> Outcome | Awaitable[Outcome]:
         """The outcome of `record` when it can be had without waiting (every error, and
-        calls to procedures with an `immediate` handler), else an awaitable of it."""
+        calls to procedures with an `immediate` handler), else an awaitable of it.
+        `binding` is the VM a shared-memory channel is bound to (`CallContext.binding`)."""
         outcomes = self.stats.outcomes
         try:
             header, args = decode_call(record)
@@ -369,6 +372,7 @@ class RpcDispatcher:
             header.auth_sys,
             peer,
             transport,
+            binding,
         )
         if procedure.idempotent:
             if procedure.immediate is not None:

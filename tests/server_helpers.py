@@ -111,6 +111,7 @@ class PrismProcess:
         extra_args: Sequence[str] = (),
         wrap: Sequence[str] = (),
         address: str = HOST,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.data = Path(data)
         self.log_dir = Path(log_dir)
@@ -121,6 +122,8 @@ class PrismProcess:
         self.extra_args = tuple(extra_args)
         self.wrap = tuple(wrap)
         self.address = address
+        self.env = dict(env or {})
+        """Environment variables the server runs with beyond ours (PRISM_VRPC_BACKEND...)."""
         self.nfs_port = 0
         self.mount_port = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -182,7 +185,7 @@ class PrismProcess:
             self.proc = subprocess.Popen(
                 self._argv(),
                 cwd=REPO_ROOT,
-                env=_env(),
+                env=_env() | self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
@@ -277,24 +280,63 @@ class PrismProcess:
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return prism_cli(self.data, *args, check=check)
 
-    def mount_client(self, transport: str = "tcp", **kw: Any) -> MountClient:
+    # Over "vrpc" a client is a channel of its own, bound to VM `vm` ("vm" by default), on
+    # the control socket the ready line names.
+
+    def vrpc_socket(self) -> Path:
+        m = re.search(r"vrpc (?P<path>\S+),", self.ready_line)
+        assert m, f"the server listens for no VRPC channels: {self.ready_line!r}"
+        return Path(m["path"])
+
+    def rpc_client(
+        self, prog: int, vers: int, transport: str = "tcp", *, vm: str = "vm", **kw: Any
+    ) -> Any:
+        """An `rpc.client.RpcClient` to `prog` (on the NFS or MOUNT port), or over "vrpc"
+        its look-alike over a channel of `vm` (`vrpc.client.ChannelRpc`)."""
+        from rpc.client import RpcClient
+        from vrpc.client import VrpcChannel
+
+        if transport == "vrpc":
+            kw.pop("reserved_port", None)
+            timeout = kw.pop("timeout", 10.0)
+            channel = VrpcChannel.attach(self.vrpc_socket(), vm, timeout=timeout)
+            return channel.rpc(prog, vers, kw.pop("cred", None), owns=True)
+        port = self.mount_port if prog == 100005 else self.nfs_port
+        return RpcClient(self.address, port, prog, vers, transport=transport, **kw)
+
+    def mount_client(self, transport: str = "tcp", *, vm: str = "vm", **kw: Any) -> MountClient:
         kw.setdefault("cred", auth_sys())
+        if transport == "vrpc":
+            return MountClient(rpc=self.rpc_client(100005, 3, "vrpc", vm=vm, **kw))
         return MountClient(self.address, self.mount_port, transport, **kw)
 
-    def nfs_client(self, transport: str = "tcp", **kw: Any) -> NfsClient:
+    def nfs_client(self, transport: str = "tcp", *, vm: str = "vm", **kw: Any) -> NfsClient:
         """An NfsClient; root (AUTH_SYS uid 0) unless `cred` is given."""
         kw.setdefault("cred", auth_sys())
+        if transport == "vrpc":
+            return NfsClient(rpc=self.rpc_client(100003, 3, "vrpc", vm=vm, **kw))
         return NfsClient(self.address, self.nfs_port, transport, **kw)
 
     def mount(self, export: str = "/vm", transport: str = "tcp") -> NfsFh3:
-        """MNT `export` and return its root handle."""
-        with self.mount_client(transport) as m:
+        """MNT `export` and return its root handle (over "vrpc": on a channel of its VM)."""
+        vm = export.strip("/").split("/")[0].split("@")[0]
+        with self.mount_client(transport, vm=vm) as m:
             fh, _ = m.mnt(export)
         return fh
 
     def url(self, path: str) -> str:
         """A libnfs URL for `path` (starting with the export), bypassing the portmapper."""
         return f"nfs://{self.address}{path}?nfsport={self.nfs_port}&mountport={self.mount_port}&version=3"
+
+
+def dump_host(client: MountClient) -> bytes:
+    """The host name MOUNT's DUMP records for `client`: its address, or over VRPC the
+    channel's duplicate-request-cache name (`vrpc:VM:UID:CLIENT_ID`)."""
+    rpc = client._rpc
+    channel = getattr(rpc, "channel", None)
+    if channel is None:
+        return HOST.encode()
+    return f"vrpc:vm:{os.getuid()}:{channel.client_id.hex()}".encode()
 
 
 class _PortInUse(AssertionError):

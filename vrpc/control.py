@@ -39,6 +39,12 @@ ATTACH_MAGIC = 0x50565241  # "PVRA"
 ATTACHED_MAGIC = 0x5056524F  # "PVRO"
 REFUSED_MAGIC = 0x50565252  # "PVRR"
 
+MAX_CHANNELS = 256
+"""Channels a server attaches at once, in all (`prism serve --vrpc-max-channels`); beyond,
+ATTACH is REFUSED BUSY."""
+MAX_CHANNELS_PER_UID = 64
+"""Channels one local user may have attached at once; beyond, REFUSED BUSY."""
+
 ATTACH_META = 1  # map the VM's attribute table too
 ATTACH_NO_FASTPATH = 2  # answer every call in Python (benchmarks, differential tests)
 

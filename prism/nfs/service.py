@@ -143,6 +143,8 @@ class Call:
     cred: Cred = ANONYMOUS
     objects: dict[bytes, ObjectId] = field(default_factory=dict)
     changing: set[ObjectId] = field(default_factory=set)
+    vm: int | None = None
+    """The VM a VRPC channel is bound to: its calls reach that VM's handles only."""
 
     @property
     def max_read(self) -> int:
@@ -171,7 +173,7 @@ def cred_of(ctx: CallContext) -> Cred | None:
 
 
 def call_of(ctx: CallContext) -> Call:
-    return Call(ctx.peer[0], cred_of(ctx), ctx.transport, ctx.peer[1])
+    return Call(ctx.peer[0], cred_of(ctx), ctx.transport, ctx.peer[1], vm=ctx.binding)
 
 
 def post_attr(s: FileStore, oid: ObjectId) -> T.Fattr3 | None:
@@ -267,9 +269,12 @@ class NfsService:
             export = s.export_of(oid.ns)  # Stale if the VM is gone
         except StoreError as exc:
             raise NfsError(nfsstat_for(exc), bare=True, error=exc) from None
-        if not clients_allow(export.clients, call.host):
+        if call.vm is not None:  # a VRPC channel (its peer's right to it: vrpc.server)
+            if export.vm != call.vm:
+                raise NfsError(NfsStat3.NFS3ERR_ACCES, bare=True)
+        elif not clients_allow(export.clients, call.host):
             raise NfsError(NfsStat3.NFS3ERR_ACCES, bare=True)
-        if not port_allowed(export, call.port):
+        elif not port_allowed(export, call.port):
             raise NfsError(NfsStat3.NFS3ERR_PERM, bare=True)  # knfsd's insecure port answer
         call.cred = effective_cred(export, call.sent)
         call.objects[fh.data] = oid
@@ -646,9 +651,12 @@ class NfsService:
                 return T.MountRes(MountStat3.MNT3ERR_NOENT)
             try:
                 info = s.namespace(name)
-                if not client_allowed(info, host):
+                if ctx.binding is not None:  # a VRPC channel, bound to one VM
+                    if info.export.vm != ctx.binding:
+                        raise PermissionDenied(f"{host} is a channel of another VM than {name}")
+                elif not client_allowed(info, host):
                     raise PermissionDenied(f"{host} is not bound to {name}")
-                if not port_allowed(info.export, port):
+                elif not port_allowed(info.export, port):
                     raise PermissionDenied(
                         f"{host} called from unprivileged port {port} and {name} is secure "
                         f"(mount as root, or allow it with `prism vm set {name} --insecure`)"
@@ -694,6 +702,10 @@ class NfsService:
                     ("/" + info.name).encode(), tuple(g.encode() for g in export_groups(info))
                 )
                 for info in infos
-                if client_allowed(info, host)
+                if (
+                    info.export.vm == ctx.binding
+                    if ctx.binding is not None
+                    else client_allowed(info, host)
+                )
             )
         )

@@ -41,7 +41,7 @@ Errors each operation may raise, besides `Stale` (the handle's object or namespa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -198,6 +198,8 @@ class FileStore(Protocol):
         squash: str | None = None,
         anon_uid: int | None = None,
         anon_gid: int | None = None,
+        vrpc_users: Sequence[int] | None = None,
+        vrpc_groups: Sequence[int] | None = None,
     ) -> NamespaceInfo:
         """A new VM. Exists if the name is taken."""
 
@@ -222,8 +224,13 @@ class FileStore(Protocol):
         squash: str | None = None,
         anon_uid: int | None = None,
         anon_gid: int | None = None,
+        vrpc_users: Sequence[int] | None = None,
+        vrpc_groups: Sequence[int] | None = None,
     ) -> NamespaceInfo:
         """Change the options given (quota=None removes the quota)."""
+
+    def vrpc_token(self, name: str, *, rotate: bool = False) -> str:
+        """The VM's VRPC attach token (made at first use; `rotate` replaces it)."""
 
     def remove_namespace(self, name: str, *, force: bool = False) -> None:
         """Remove a VM with its snapshots, or one snapshot. Busy while another VM shares

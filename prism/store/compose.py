@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import lmdb
@@ -91,9 +92,11 @@ def create_namespace(
     squash: str | None = None,
     anon_uid: int | None = None,
     anon_gid: int | None = None,
+    vrpc_users: Sequence[int] | None = None,
+    vrpc_groups: Sequence[int] | None = None,
 ) -> NamespaceInfo:
     """A new VM; access options not given take the new-VM defaults (secure, squash
-    none, anonymous 65534:65534)."""
+    none, anonymous 65534:65534, VRPC for root only)."""
     check_vm_name(name)
     clients = parse_clients(clients)
     if quota is not None and quota < 0:
@@ -101,7 +104,7 @@ def create_namespace(
     with txn.write(ctx) as t:
         top = new_layer(ctx, t, 0, None)
         rec = make_ns(ctx, t, name, "vm", top, clients=clients, quota=quota)
-        set_export_options(rec, secure, squash, anon_uid, anon_gid)
+        set_export_options(rec, secure, squash, anon_uid, anon_gid, vrpc_users, vrpc_groups)
         put_ns(ctx, t, rec)
         now = time.time_ns()
         root = Inode(FileType.DIR, 0o755, 2, 0, 0, 0, 0, 0, now, now, now, 0, ROOT_INO)

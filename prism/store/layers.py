@@ -34,7 +34,9 @@ import ipaddress
 import json
 import logging
 import re
+import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -113,6 +115,10 @@ def export_options(rec: dict[str, Any]) -> Export:
         rec.get("squash", "none"),
         rec.get("anon_uid", NOBODY),
         rec.get("anon_gid", NOBODY),
+        rec["id"],
+        tuple(rec.get("vrpc_users", ())),
+        tuple(rec.get("vrpc_groups", ())),
+        rec.get("vrpc_token", ""),
     )
 
 
@@ -122,11 +128,17 @@ def set_export_options(
     squash: str | None,
     anon_uid: int | None,
     anon_gid: int | None,
+    vrpc_users: Sequence[int] | None = None,
+    vrpc_groups: Sequence[int] | None = None,
 ) -> None:
     """Change the given access options of VM record `rec` in place."""
     if squash is not None and squash not in SQUASH_MODES:
         raise InvalidArgument(f"invalid squash {squash!r}: use one of {', '.join(SQUASH_MODES)}")
-    for what, value in (("anon uid", anon_uid), ("anon gid", anon_gid)):
+    ids = [("anon uid", anon_uid), ("anon gid", anon_gid)]
+    ids += [("VRPC user", v) for v in vrpc_users or ()] + [
+        ("VRPC group", v) for v in vrpc_groups or ()
+    ]
+    for what, value in ids:
         if value is not None and not 0 <= value < 1 << 32:
             raise InvalidArgument(f"invalid {what} {value}: use 0 to 4294967295")
     changes: dict[str, Any] = {
@@ -134,6 +146,8 @@ def set_export_options(
         "squash": squash,
         "anon_uid": anon_uid,
         "anon_gid": anon_gid,
+        "vrpc_users": None if vrpc_users is None else sorted(set(vrpc_users)),
+        "vrpc_groups": None if vrpc_groups is None else sorted(set(vrpc_groups)),
     }
     rec.update((key, value) for key, value in changes.items() if value is not None)
 
@@ -430,6 +444,8 @@ def set_namespace(
     squash: str | None = None,
     anon_uid: int | None = None,
     anon_gid: int | None = None,
+    vrpc_users: Sequence[int] | None = None,
+    vrpc_groups: Sequence[int] | None = None,
 ) -> NamespaceInfo:
     with txn.write(ctx) as t:
         view = view_by_name(ctx, t, name)
@@ -442,9 +458,23 @@ def set_namespace(
             if quota is not None and quota < 0:
                 raise InvalidArgument("quota must be positive")
             rec["quota"] = quota
-        set_export_options(rec, secure, squash, anon_uid, anon_gid)
+        set_export_options(rec, secure, squash, anon_uid, anon_gid, vrpc_users, vrpc_groups)
         put_ns(ctx, t, rec)
         return ns_info(ctx, t, rec)
+
+
+def vrpc_token(ctx: Ctx, name: str, *, rotate: bool = False) -> str:
+    """VM `name`'s VRPC attach token, made at first use; `rotate` replaces it, so every
+    channel attached with the old one is detached at its next call."""
+    with txn.write(ctx) as t:
+        view = view_by_name(ctx, t, name)
+        if view.kind != "vm":
+            raise InvalidArgument(f"{name!r} is a snapshot; its VM's token attaches to it")
+        token: str = view.record.get("vrpc_token", "")
+        if rotate or not token:
+            token = "pvt1-" + secrets.token_urlsafe(24)
+            put_ns(ctx, t, dict(view.record, vrpc_token=token))
+        return token
 
 
 def shares_from(ctx: Ctx, t: lmdb.Transaction, src: int) -> list[tuple[dict, dict]]:

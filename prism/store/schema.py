@@ -23,9 +23,10 @@ is followed by a 4-byte seal over its database, key and value, checked on every 
               invalid on open, so they are re-measured);
               b"stage:"+token -> JSON {ns, ino}: an import being built (`prism.store.staging`)
     ns        ns id u32 -> JSON {name, kind ("vm"|"snapshot"), top layer, clients, quota, of,
-              shares, and for a VM: secure, squash, anon_uid, anon_gid (`types.Export`; a
-              record written before these existed lacks them and means insecure, squash none,
-              the access it always had)}
+              shares, and for a VM: secure, squash, anon_uid, anon_gid, vrpc_users,
+              vrpc_groups, vrpc_token (`types.Export`; a record written before these existed
+              lacks them and means insecure, squash none, VRPC for root only: the access it
+              always had)}
     names     name -> ns id u32 ("web" for a VM, "web@monday" for its snapshot)
     layers    layer id u64 -> JSON {parent, vols, imports, next_vol, next_import}
     inodes    layer|vol|ino -> packed Inode, or b"" (whiteout: removed in this layer)

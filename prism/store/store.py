@@ -22,6 +22,7 @@ The work is done by the rooms, each a module of free functions over one context
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -185,9 +186,11 @@ class Store:
         squash: str | None = None,
         anon_uid: int | None = None,
         anon_gid: int | None = None,
+        vrpc_users: Sequence[int] | None = None,
+        vrpc_groups: Sequence[int] | None = None,
     ) -> NamespaceInfo:
         """A new VM; access options not given take the new-VM defaults (secure, squash
-        none, anonymous 65534:65534)."""
+        none, anonymous 65534:65534, VRPC for root only)."""
         return compose.create_namespace(
             self.ctx,
             name,
@@ -197,6 +200,8 @@ class Store:
             squash=squash,
             anon_uid=anon_uid,
             anon_gid=anon_gid,
+            vrpc_users=vrpc_users,
+            vrpc_groups=vrpc_groups,
         )
 
     def namespace(self, name: str) -> NamespaceInfo:
@@ -223,6 +228,8 @@ class Store:
         squash: str | None = None,
         anon_uid: int | None = None,
         anon_gid: int | None = None,
+        vrpc_users: Sequence[int] | None = None,
+        vrpc_groups: Sequence[int] | None = None,
     ) -> NamespaceInfo:
         return layers.set_namespace(
             self.ctx,
@@ -233,7 +240,14 @@ class Store:
             squash=squash,
             anon_uid=anon_uid,
             anon_gid=anon_gid,
+            vrpc_users=vrpc_users,
+            vrpc_groups=vrpc_groups,
         )
+
+    def vrpc_token(self, name: str, *, rotate: bool = False) -> str:
+        """VM `name`'s VRPC attach token, made at first use; `rotate` replaces it, so every
+        channel attached with the old one is detached at its next call."""
+        return layers.vrpc_token(self.ctx, name, rotate=rotate)
 
     def remove_namespace(self, name: str, *, force: bool = False) -> None:
         """Remove a namespace (a VM with its snapshots). A VM that others share from is

@@ -154,13 +154,19 @@ SQUASH_MODES = ("none", "root", "all")
 class Export:
     """How a VM (and its snapshots) may be reached: client CIDRs (empty means loopback),
     privileged source ports only (`secure`), and which AUTH_SYS callers become the
-    anonymous anon_uid/anon_gid (`squash`: none, root (uid/gid 0), all)."""
+    anonymous anon_uid/anon_gid (`squash`: none, root (uid/gid 0), all). Over VRPC
+    (`vrpc.server`) the VM's own id `vm` is what a channel is bound to, and the local users,
+    groups and token in `vrpc_*` say who may attach (`prism.access.vrpc_allows`)."""
 
     clients: tuple[str, ...] = ()
     secure: bool = False
     squash: str = "none"
     anon_uid: int = NOBODY
     anon_gid: int = NOBODY
+    vm: int = 0
+    vrpc_users: tuple[int, ...] = ()
+    vrpc_groups: tuple[int, ...] = ()
+    vrpc_token: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,558 @@
+"""The VRPC server: a control socket that attaches channels, and the pump that feeds each
+channel's ring into the same sans-IO RPC core as TCP and UDP.
+
+Theory of operation. `VrpcServer.start()` listens on a Unix SOCK_SEQPACKET socket (mode 0666:
+whoever can reach it may ask; the kernel-verified credentials decide). Each connection sends
+one ATTACH (`vrpc.control`) naming a VM; the server reads the peer's pid, uid and groups from
+the kernel (SO_PEERCRED, SO_PEERGROUPS) and admits it if `prism.access.vrpc_allows` says so
+for the VM's record. It then creates the channel: a ring in a memfd it sizes, maps and seals
+(`vrpc.ring.new_segment`), a kick and a call eventfd, and answers ATTACHED with the three fds
+by SCM_RIGHTS; any failure is one REFUSED packet, then the connection closes. The control
+connection stays open for the channel's life: EOF there means the client is gone.
+
+A channel is bound to its VM: every record it submits goes to `RpcDispatcher.handle_now` with
+`binding=` the VM's namespace id, so the NFS and MOUNT programs accept its calls only for that
+VM's handles (and what the VM reaches through its shares and snapshots), and the peer's right
+to the VM is checked again before every batch of calls, against the VM record of that moment
+(one read of the VM record, like the NFS service's own check of each handle): changing
+the VM's principals or rotating its token detaches the channel at its next call, and a sweep
+every `SWEEP_SECONDS` detaches idle revoked channels (and drains channels that forgot to kick).
+
+The pump (one per channel, on the event loop; no thread): the kick eventfd sits on the loop
+(`add_reader`); a wakeup drains at most `BATCH` SQEs, copies each record once out of the ring
+(R2, `ServerRing.record`), and dispatches it as TCP does: an immediate outcome completes its
+slot at once, one that must wait runs as a task (`start_eagerly`). A channel runs at most its
+slot count of calls; with work left after a batch it yields to the loop (`call_soon`) so that
+no channel starves TCP or another channel; with none it re-arms (SERVER_IDLE, rule R4).
+
+Errors. A bad index, length or slot (the ring's R3 checks), a record that is not an RPC call,
+or anything on the control socket after ATTACH is a protocol error that closes that channel
+only: SERVER_CLOSED is set, the client's call fd written, one REFUSED packet saying why goes
+down the control socket, which then closes; calls still running finish and their replies are
+dropped, then the channel's memory and fds are freed. Bounds: `MAX_CHANNELS` in total
+(`--vrpc-max-channels`), `MAX_CHANNELS_PER_UID`, `MAX_SLOTS` slots per channel,
+`MAX_PENDING` connections that have not attached yet, each for at most `ATTACH_TIMEOUT`.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+from prism.access import LocalPeer, vrpc_allows
+from prism.errors import StoreError
+from prism.nfs.const import MAX_READ, MAX_WRITE
+from prism.nfs.service import NfsService
+from rpc.server import TRANSPORT_SHM, Outcome, RpcDispatcher
+from rpc.transport import start_eagerly
+from rpc.xdr import XdrError
+from vrpc import abi
+from vrpc.control import (
+    MAX_CHANNELS,
+    MAX_CHANNELS_PER_UID,
+    MAX_MESSAGE,
+    Attach,
+    Attached,
+    Refused,
+    RefuseStatus,
+    decode_attach,
+    encode_attached,
+    encode_refused,
+)
+from vrpc.native import BACKEND, ring_backend
+from vrpc.ring import RingClosed, RingProtocolError, Segment, ServerRing, eventfd, new_segment
+from vrpc.stats import VrpcStats, publish, snapshot, unpublish
+
+log = logging.getLogger("prism.vrpc")
+
+DEFAULT_SLOTS = abi.DEFAULT_SLOTS
+"""Slots (calls in flight) of a channel whose ATTACH asks for 0."""
+MAX_SLOTS = abi.MAX_SLOTS
+"""Slots a channel may have at most (17 MiB of address space per 16 slots)."""
+MAX_PENDING = 64
+"""Control connections that have not attached yet; more are closed at once."""
+ATTACH_TIMEOUT = 5.0
+"""Seconds a control connection may take to send its ATTACH."""
+BATCH = 32
+"""Records one channel may start per turn of the event loop."""
+SWEEP_SECONDS = 0.25
+"""How often idle channels are re-checked (revoked ones detached, forgotten kicks drained)."""
+STATS_SECONDS = 1.0
+"""How often the figures `prism stats` shows are written out, while they change."""
+SO_PEERGROUPS = 59  # Linux; absent from Python's socket module
+MAX_PEER_GROUPS = 256  # what fits getsockopt's 1024-byte buffer
+
+
+def peer_of(conn: socket.socket, token: bytes = b"") -> LocalPeer:
+    """The kernel's word on who is at the other end of a Unix socket."""
+    pid, uid, gid = struct.unpack("iII", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    gids = {gid}
+    with contextlib.suppress(OSError):  # ERANGE beyond MAX_PEER_GROUPS: the primary gid only
+        raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * MAX_PEER_GROUPS)
+        gids.update(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+    return LocalPeer(pid, uid, frozenset(gids), token)
+
+
+class ListenError(Exception):
+    """The control socket cannot be made where asked (the message says what to do)."""
+
+
+@dataclass(eq=False)
+class Channel:
+    """One attached channel: its ring, doorbells, control connection and running calls."""
+
+    server: VrpcServer
+    id: int
+    vm: int
+    vm_name: str
+    peer: LocalPeer
+    rpc_peer: tuple[str, int]
+    conn: socket.socket
+    segment: Segment
+    ring: ServerRing
+    kick: int
+    call: int
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    in_flight: int = 0
+    closed: bool = False
+    freed: bool = False
+    again: asyncio.Handle | None = None
+    """The drain scheduled for the next turn of the loop, after a full batch."""
+
+    def describe(self) -> str:
+        return (
+            f"vrpc channel {self.id} (vm {self.vm_name}, uid {self.peer.uid}, pid {self.peer.pid})"
+        )
+
+    # -- the pump ------------------------------------------------------------------------
+
+    def on_kick(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.kick)
+        if not self.closed:
+            self.ring.disarm()
+            self.drain()
+
+    def drain(self) -> None:
+        """Run what the client submitted: at most BATCH records, then yield or sleep."""
+        self.again = None
+        server = self.server
+        while not self.closed:
+            try:
+                work = self.ring.drain(BATCH)
+            except RingProtocolError:
+                self.fail(self.ring.error or "the ring broke")
+                return
+            except RingClosed:
+                return
+            if work and not server.still_allowed(self):  # once per batch, before any call
+                return
+            for slot, length in work:
+                if self.closed:
+                    return
+                record = self.ring.record(slot, length)  # the one copy (R2)
+                server.stats.calls += 1
+                outcome = server.dispatcher.handle_now(
+                    record, self.rpc_peer, TRANSPORT_SHM, binding=self.vm
+                )
+                if type(outcome) is tuple:
+                    self.complete(slot, *outcome)
+                else:
+                    self.in_flight += 1
+                    start_eagerly(self._serve(slot, cast(Awaitable[Outcome], outcome)), self.tasks)
+            if len(work) == BATCH:  # more may wait: after every other reader's turn
+                self.again = asyncio.get_running_loop().call_soon(self.drain)
+                return
+            if not self.ring.arm():
+                return  # asleep: the client kicks when it submits
+            self.ring.disarm()
+
+    async def _serve(self, slot: int, pending: Awaitable[Outcome]) -> None:
+        try:
+            self.complete(slot, *await pending)
+        except Exception:  # the dispatcher never raises; this guards the pump itself
+            log.exception("%s: unexpected error serving a call", self.describe())
+            self.fail("internal error")
+        finally:
+            self.in_flight -= 1
+            if self.closed and self.in_flight == 0:
+                self.free()
+
+    def complete(self, slot: int, reply: bytes | None, close: bool) -> None:
+        if close:  # not an RPC call at all: as a TCP connection, the channel ends
+            self.fail(f"slot {slot} holds a record that is not an RPC call")
+            return
+        if self.closed:
+            return
+        try:
+            if reply is None:
+                self.ring.complete(slot, b"", abi.CQE_NOREPLY)  # the client resends (R7)
+            else:
+                self.ring.complete(slot, reply)
+        except RingClosed:
+            pass
+
+    # -- the end -------------------------------------------------------------------------
+
+    def on_control(self) -> None:
+        """The control socket is readable: EOF (the client is gone) or a stray packet."""
+        try:
+            data = self.conn.recv(MAX_MESSAGE + 1)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.fail("a control message after ATTACH")
+        else:
+            self.detach("the client closed its control socket", RefuseStatus.INVAL, quiet=True)
+
+    def fail(self, what: str) -> None:
+        """A protocol error: close this channel, and only this one."""
+        if self.closed:
+            return
+        self.server.stats.protocol_errors += 1
+        log.warning("%s: protocol error: %s; channel closed", self.describe(), what)
+        self.detach(f"protocol error: {what}", RefuseStatus.INVAL, quiet=True)
+
+    def detach(self, why: str, status: RefuseStatus, *, quiet: bool = False) -> None:
+        """Close the channel: the client wakes (SERVER_CLOSED, call fd) and reads `why` on
+        its control socket; running calls finish, their replies dropped, then it is freed."""
+        if self.closed:
+            return
+        self.closed = True
+        if not quiet:
+            log.info("%s detached: %s", self.describe(), why)
+        if self.again is not None:
+            self.again.cancel()
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.kick)
+        loop.remove_reader(self.conn.fileno())
+        with contextlib.suppress(OSError, ValueError):  # first: the client reads it on waking
+            self.conn.send(encode_refused(Refused(status, why[:255])))
+        self.ring.close()
+        self.conn.close()
+        if self.in_flight == 0:
+            self.free()
+
+    def free(self) -> None:
+        if self.freed:
+            return
+        self.freed = True
+        self.ring.release()
+        self.segment.close()
+        os.close(self.kick)
+        os.close(self.call)
+        self.server.forget(self)
+
+
+class VrpcServer:
+    """Listens on `path` and attaches channels to VMs; see the module docstring."""
+
+    def __init__(
+        self,
+        dispatcher: RpcDispatcher,
+        service: NfsService,
+        path: Path,
+        *,
+        data: Path | None = None,
+        max_channels: int = MAX_CHANNELS,
+        max_per_uid: int = MAX_CHANNELS_PER_UID,
+        default_slots: int = DEFAULT_SLOTS,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.service = service
+        self.path = Path(path)
+        self.max_channels = max_channels
+        self.max_per_uid = max_per_uid
+        self.default_slots = default_slots
+        self.stats = VrpcStats()
+        self.channels: dict[int, Channel] = {}
+        self._ids = itertools.count(1)
+        self._sock: socket.socket | None = None
+        self._pending: dict[socket.socket, asyncio.TimerHandle] = {}
+        self._sweep: asyncio.TimerHandle | None = None
+        self._data = data  # where `prism stats` finds the figures (None: nowhere)
+        self._published: dict[str, object] = {}
+        self._publisher: asyncio.TimerHandle | None = None
+
+    # -- life ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen on `path`; raises `ListenError` saying what to do if that cannot be."""
+        path = self.path
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            self._clear_stale(path)
+            sock.bind(str(path))
+            os.chmod(path, 0o666)  # who may attach is decided by peer credentials
+            sock.listen(64)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise ListenError(
+                f"cannot listen for VRPC on {path}: {exc.strerror}; give --vrpc a path in an"
+                " existing directory the server may write, or pass --no-vrpc"
+            ) from exc
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept)
+        self._publish()
+        log.info("vrpc: control socket %s (%s ring backend)", path, BACKEND)
+
+    @staticmethod
+    def _clear_stale(path: Path) -> None:
+        """Remove a dead server's socket at `path`; refuse a live one's, or anything else."""
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise ListenError(f"{path} exists and is not a socket: give --vrpc another path")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+            try:
+                probe.connect(str(path))
+            except ConnectionRefusedError:
+                path.unlink()  # nobody listens: a server that died
+                return
+            except OSError:
+                return  # (bind will say what is wrong)
+        raise ListenError(
+            f"another server listens for VRPC on {path}: give this one another --vrpc PATH,"
+            " or --no-vrpc"
+        )
+
+    async def stop(self) -> None:
+        """Stop attaching; wake and detach every channel; let running calls finish."""
+        loop = asyncio.get_running_loop()
+        if self._sock is not None:
+            loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+        if self._sweep is not None:
+            self._sweep.cancel()
+        if self._publisher is not None:
+            self._publisher.cancel()
+        if self._data is not None:
+            unpublish(self._data)
+        for conn, timer in list(self._pending.items()):
+            timer.cancel()
+            self._drop_pending(conn)
+        tasks = [t for ch in self.channels.values() for t in ch.tasks]
+        for ch in list(self.channels.values()):
+            ch.detach("the server is stopping: attach again once it is back", RefuseStatus.BUSY)
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+
+    # -- attaching -----------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        assert self._sock is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and the like: try again at the next wakeup
+                log.warning("vrpc: cannot accept a control connection: %s", exc)
+                return
+            if len(self._pending) >= MAX_PENDING:
+                conn.close()
+                continue
+            conn.setblocking(False)
+            self._pending[conn] = loop.call_later(ATTACH_TIMEOUT, self._drop_pending, conn)
+            loop.add_reader(conn.fileno(), self._on_attach, conn)
+
+    def _drop_pending(self, conn: socket.socket) -> None:
+        timer = self._pending.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(conn.fileno())
+        conn.close()
+
+    def _on_attach(self, conn: socket.socket) -> None:
+        try:
+            data = conn.recv(MAX_MESSAGE + 1)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        timer = self._pending.pop(conn)
+        timer.cancel()
+        asyncio.get_running_loop().remove_reader(conn.fileno())
+        if not data:
+            conn.close()
+            return
+        try:
+            answer = self._attach(conn, data)
+        except Exception:
+            log.exception("vrpc: ATTACH failed")
+            answer = Refused(RefuseStatus.INVAL, "the server failed to attach: see its log")
+        if isinstance(answer, Refused):
+            self.stats.refused += 1
+            log.info("vrpc: ATTACH refused (%s): %s", answer.status.name, answer.message)
+            with contextlib.suppress(OSError):
+                conn.send(encode_refused(answer))
+            conn.close()
+
+    def _attach(self, conn: socket.socket, data: bytes) -> Refused | None:
+        """Attach `conn` as ATTACH `data` asks, or say why not."""
+        try:
+            msg = decode_attach(data)
+        except XdrError as exc:
+            return Refused(RefuseStatus.INVAL, f"not an ATTACH message: {exc}")
+        if msg.abi_major != abi.ABI_MAJOR:
+            return Refused(
+                RefuseStatus.ABI,
+                f"this server speaks VRPC ABI {abi.ABI_MAJOR}.{abi.ABI_MINOR}, the client "
+                f"{msg.abi_major}.{msg.abi_minor}: upgrade one of them",
+            )
+        peer = peer_of(conn, msg.token)
+        if "@" in msg.vm:
+            return Refused(
+                RefuseStatus.NOENT,
+                f"{msg.vm!r} is a snapshot: attach to its VM and MNT /{msg.vm} over the channel",
+            )
+        try:
+            info = self.service.executor.call_now(lambda s: s.namespace(msg.vm))
+        except StoreError:
+            return Refused(RefuseStatus.NOENT, f"no VM named {msg.vm!r}")
+        if not vrpc_allows(info.export, peer):
+            why = (
+                "the token is not the VM's (rotated?)"
+                if msg.token
+                else (
+                    f"uid {peer.uid} is not among the VM's VRPC users or groups"
+                    f" (`prism vm set {msg.vm} --vrpc-user UID`, or use its token)"
+                )
+            )
+            return Refused(RefuseStatus.ACCES, f"may not attach to {msg.vm}: {why}")
+        if len(self.channels) >= self.max_channels:
+            return Refused(RefuseStatus.BUSY, f"the server has {self.max_channels} channels")
+        mine = sum(1 for ch in self.channels.values() if ch.peer.uid == peer.uid)
+        if mine >= self.max_per_uid:
+            return Refused(RefuseStatus.BUSY, f"uid {peer.uid} has {mine} channels, the most")
+        self._open(conn, msg, peer, info.id, self.service.fh(info.root).data)
+        return None
+
+    def _open(
+        self, conn: socket.socket, msg: Attach, peer: LocalPeer, vm: int, root_fh: bytes
+    ) -> None:
+        nslots = min(msg.want_slots or self.default_slots, MAX_SLOTS)
+        channel_id = next(self._ids)
+        boot_id = self.service.store.boot_id
+        segment = new_segment(nslots, f"prism-vrpc-{msg.vm}")
+        kick, call = eventfd(), eventfd()
+        try:
+            ring = ring_backend.server(
+                segment.map, nslots=nslots, boot_id=boot_id, channel_id=channel_id, call_fd=call
+            )
+            reply = encode_attached(
+                Attached(
+                    channel_id=channel_id,
+                    boot_id=boot_id,
+                    ring_size=abi.ring_size(nslots),
+                    meta_size=0,
+                    vm_ns=vm,
+                    root_fh=root_fh,
+                    max_io=min(MAX_READ, MAX_WRITE),
+                    features=0,
+                )
+            )
+            fds = array.array("i", [segment.fd, kick, call])
+            conn.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        except BaseException:
+            segment.close()
+            os.close(kick)
+            os.close(call)
+            conn.close()
+            raise
+        ch = Channel(
+            self,
+            channel_id,
+            vm,
+            msg.vm,
+            peer,
+            # the duplicate request cache's "host": one per client instance and user, kept
+            # across its channels (the client keeps its client_id when it attaches again)
+            (f"vrpc:{msg.vm}:{peer.uid}:{msg.client_id.hex()}", peer.pid),
+            conn,
+            segment,
+            ring,
+            kick,
+            call,
+        )
+        self.channels[channel_id] = ch
+        self.stats.attached += 1
+        loop = asyncio.get_running_loop()
+        loop.add_reader(kick, ch.on_kick)
+        loop.add_reader(conn.fileno(), ch.on_control)
+        log.info("%s attached (%d slots)", ch.describe(), nslots)
+        if self._sweep is None:
+            self._sweep = loop.call_later(SWEEP_SECONDS, self._sweep_channels)
+        ch.drain()  # (anything submitted before the kick reader existed)
+
+    # -- who may go on -------------------------------------------------------------------
+
+    def still_allowed(self, ch: Channel) -> bool:
+        """Whether `ch`'s peer may still use its VM (else the channel is detached). A
+        removed VM's channel stays: its calls get STALE, as its handles do over TCP, and it
+        can reach nothing else (a VM made again under that name has another id)."""
+        try:
+            export = self.service.executor.call_now(lambda s: s.export_of(ch.vm))
+        except StoreError:
+            return True
+        if vrpc_allows(export, ch.peer):
+            return True
+        self.stats.revoked += 1
+        what = "its token was rotated" if ch.peer.token else "its principals changed"
+        ch.detach(f"may no longer use {ch.vm_name}: {what}", RefuseStatus.ACCES)
+        return False
+
+    def _sweep_channels(self) -> None:
+        self._sweep = None
+        for ch in list(self.channels.values()):
+            if not ch.closed and self.still_allowed(ch) and ch.again is None:
+                ch.drain()  # a client that cleared SERVER_IDLE or never kicked
+        if self.channels:
+            self._sweep = asyncio.get_running_loop().call_later(SWEEP_SECONDS, self._sweep_channels)
+
+    def _publish(self) -> None:
+        self._publisher = asyncio.get_running_loop().call_later(STATS_SECONDS, self._publish)
+        figures = snapshot(self.stats, self.open_channels)
+        if self._data is None or figures == self._published:
+            return
+        try:
+            publish(self._data, figures)
+        except OSError as exc:
+            log.warning("vrpc: cannot write the figures for `prism stats`: %s", exc)
+        self._published = figures
+
+    def forget(self, ch: Channel) -> None:
+        self.channels.pop(ch.id, None)
+
+    @property
+    def open_channels(self) -> int:
+        return sum(1 for ch in self.channels.values() if not ch.closed)
+
+
+def default_socket(data: Path) -> Path:
+    """Where `prism serve` listens unless `--vrpc PATH` says otherwise."""
+    return Path(data) / "vrpc.sock"
