@@ -1,4 +1,4 @@
-.PHONY: setup demo test lint bench bench-store
+.PHONY: setup demo test lint bench bench-store bench-vrpc
 
 setup:
 	bash scripts/setup.sh
@@ -17,3 +17,6 @@ bench:
 
 bench-store:
 	python3 benchmarks/store_bench.py
+
+bench-vrpc:
+	python3 benchmarks/vrpc_bench.py

@@ -1,16 +1,19 @@
 """`prism.client` against a real `prism serve`: every method, io conformance, errors with
-errno and path, permissions by uid/gid, and server restarts with files open.
+errno and path, permissions by uid/gid, and server restarts with files open, each over both
+transports (TCP and the VRPC ring: the `transport` fixture); how "auto" chooses.
 
 One server serves most of the module; each test works in its own directory, named after
-the test. Restart tests get a server of their own.
+the test (and transport). Restart tests get a server of their own.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import os
 import shutil
+import signal
 import socket
 import stat
 import struct
@@ -28,6 +31,7 @@ from prism.client._transport import (
     RecordTransport,
     Target,
     is_local_host,
+    open_transport,
     parse_url,
     tcp_transport,
 )
@@ -43,10 +47,14 @@ from prism.nfs.const import (
     StableHow,
 )
 from prism.store.types import FileType
+from rpc.client import raise_for_reply
+from rpc.message import decode_reply, encode_call
 from rpc.record import RecordReader, frame
 from tests.server_helpers import PrismProcess, free_port, running_server
+from vrpc.client import ServerGone
 
 USER, OTHER, GROUP = 1000, 2000, 3000
+CRED = auth_sys(0, 0).to_opaque()
 
 
 def url_of(server: PrismProcess, vm: str = "vm") -> str:
@@ -58,10 +66,22 @@ def server(prism_module_server: PrismProcess) -> PrismProcess:
     return prism_module_server
 
 
+@pytest.fixture(params=["tcp", "vrpc"])
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def open_client(server: PrismProcess, transport: str, **kw: Any) -> Client:
+    """`connect` to VM "vm" of `server` over `transport`, asked for by name."""
+    client = connect(url_of(server), transport=transport, vrpc_socket=server.vrpc_socket(), **kw)
+    assert client.transport == transport
+    return client
+
+
 @pytest.fixture
-def c(server: PrismProcess) -> Iterator[Client]:
-    """A root client (uid 0, gid 0) over TCP."""
-    with connect(url_of(server), uid=0, gid=0, transport="tcp", timeout=30) as client:
+def c(server: PrismProcess, transport: str) -> Iterator[Client]:
+    """A root client (uid 0, gid 0) over each transport."""
+    with open_client(server, transport, uid=0, gid=0, timeout=30) as client:
         yield client
 
 
@@ -99,10 +119,29 @@ def test_url_parsing() -> None:
             parse_url(bad)
 
 
-def test_auto_uses_tcp_and_says_why(
+def test_auto_takes_vrpc_from_a_local_server(
+    server: PrismProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, there = url_of(server), server.vrpc_socket()
+    with connect(url, vrpc_socket=there) as c:
+        assert (c.transport, c.transport_reason) == ("vrpc", f"local server, attached at {there}")
+        c.write_text("/auto-vrpc", "over the ring")
+    monkeypatch.setenv("PRISM_VRPC_SOCKET", str(there))
+    with connect(url) as c:
+        assert c.transport == "vrpc" and c.read_text("/auto-vrpc") == "over the ring"
+    with connect(url, transport="vrpc") as c:
+        assert (c.transport, c.transport_reason) == ("vrpc", f"asked for, at {there}")
+    with connect(url, transport="tcp") as c:
+        assert (c.transport, c.transport_reason) == ("tcp", "asked for")
+    with pytest.raises(ValueError, match="transport must be one of"):
+        connect(url, transport="udp")
+
+
+def test_auto_says_why_it_took_tcp(
     server: PrismProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    url = url_of(server)
+    url, there = url_of(server), server.vrpc_socket()
+    # No socket: where the client looked (the default path, the environment, the argument).
     monkeypatch.delenv("PRISM_VRPC_SOCKET", raising=False)
     with connect(url) as c:
         assert (c.transport, c.transport_reason) == (
@@ -114,20 +153,55 @@ def test_auto_uses_tcp_and_says_why(
         assert c.transport_reason == f"no VRPC socket at {tmp_path / 'env.sock'}"
     with connect(url, vrpc_socket=tmp_path / "arg.sock") as c:  # the argument wins
         assert c.transport_reason == f"no VRPC socket at {tmp_path / 'arg.sock'}"
-    # A socket is there, but this client cannot attach through it (yet): TCP, and why.
-    there = tmp_path / "vrpc.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
-        listener.bind(str(there))
-        with connect(url, vrpc_socket=there) as c:
+    with pytest.raises(TransportUnavailable, match="no VRPC socket at") as exc:
+        connect(url, transport="vrpc", vrpc_socket=tmp_path / "arg.sock")
+    assert exc.value.errno == errno.EPROTONOSUPPORT
+    # A socket file nobody listens on.
+    dead = tmp_path / "dead.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as bound:
+        bound.bind(str(dead))
+        with connect(url, vrpc_socket=dead) as c:
             assert c.transport == "tcp"
-            assert c.transport_reason.startswith(f"VRPC at {there} unavailable: ")
-        with pytest.raises(TransportUnavailable, match='use transport="tcp"') as exc:
-            connect(url, transport="vrpc", vrpc_socket=there)
-        assert exc.value.errno == errno.EPROTONOSUPPORT
-    with connect(url, transport="tcp") as c:
-        assert (c.transport, c.transport_reason) == ("tcp", "asked for")
-    with pytest.raises(ValueError, match="transport must be one of"):
-        connect(url, transport="udp")
+            assert c.transport_reason == (
+                f"VRPC at {dead} unavailable: no server listens on {dead} (is prism serve running?)"
+            )
+    # The server refuses to attach (a token that is not the VM's).
+    with connect(url, vrpc_socket=there, token="pvt1-vm-0-notthetoken") as c:
+        assert c.transport == "tcp"
+        assert c.transport_reason.startswith(
+            f"VRPC at {there} unavailable: the server refused to attach VM 'vm': "
+        )
+    with pytest.raises(TransportUnavailable, match="refused to attach VM 'vm'"):
+        connect(url, transport="vrpc", vrpc_socket=there, token="pvt1-vm-0-notthetoken")
+    # A host that is not this one: TCP without trying the socket.
+    remote = Target("192.0.2.1", "/vm", 2049, 20048)
+    chosen, reason = open_transport(
+        remote, auth_sys(0, 0), transport="auto", vrpc_socket=there, token=None, timeout=5
+    )
+    chosen.close()
+    assert (chosen.name, reason) == (
+        "tcp",
+        "192.0.2.1 is not this host, VRPC serves local clients only",
+    )
+
+
+def test_auto_never_takes_another_servers_socket(
+    server: PrismProcess, prism_server: PrismProcess
+) -> None:
+    """The socket attaches, but belongs to another server with a VM of the same name: its
+    root handle differs from the URL's server's, so "auto" keeps to TCP (the URL's server)."""
+    other = prism_server
+    with connect(url_of(other), uid=0, gid=0, vrpc_socket=server.vrpc_socket()) as c:
+        assert c.transport == "tcp"
+        assert c.transport_reason == (
+            f"VRPC at {server.vrpc_socket()} belongs to another server: the root handles of "
+            f"/vm differ from 127.0.0.1:{other.nfs_port}'s"
+        )
+        c.write_text("/where", "the URL's server")
+    with connect(url_of(other), uid=0, gid=0, vrpc_socket=other.vrpc_socket()) as c:
+        assert c.transport == "vrpc" and c.read_text("/where") == "the URL's server"
+    with open_client(server, "tcp") as c:
+        assert not c.exists("/where")
 
 
 def test_is_local_host() -> None:
@@ -550,13 +624,17 @@ def test_errors_carry_errno_and_paths(c: Client, d: str) -> None:
     writer.close()
 
 
-def test_permissions_follow_uid_and_gid(server: PrismProcess, c: Client, d: str) -> None:
+def test_permissions_follow_uid_and_gid(
+    server: PrismProcess, transport: str, c: Client, d: str
+) -> None:
     c.write_bytes(f"{d}/mine", b"secret")
     c.chown(f"{d}/mine", USER, GROUP)
     c.chmod(f"{d}/mine", 0o640)
     c.makedirs(f"{d}/closed/sub", 0o755)
-    url = url_of(server)
-    with connect(url, uid=USER, gid=USER) as user, connect(url, uid=OTHER, gid=OTHER) as other:
+    with (
+        open_client(server, transport, uid=USER, gid=USER) as user,
+        open_client(server, transport, uid=OTHER, gid=OTHER) as other,
+    ):
         assert user.read_bytes(f"{d}/mine") == b"secret"
         with user.open(f"{d}/mine", "ab") as f:
             f.write(b"!")
@@ -574,11 +652,11 @@ def test_permissions_follow_uid_and_gid(server: PrismProcess, c: Client, d: str)
         user.write_bytes(f"{d}/by-user", b"u")
         st = user.stat(f"{d}/by-user")
         assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (USER, USER, 0o644)
-    with connect(url, uid=OTHER, gid=OTHER, groups=[GROUP]) as member:
+    with open_client(server, transport, uid=OTHER, gid=OTHER, groups=[GROUP]) as member:
         assert member.read_bytes(f"{d}/mine") == b"secret!"  # through the group
         with pytest.raises(PermissionError):
             member.open(f"{d}/mine", "r+b")
-    with connect(url, uid=OTHER, gid=OTHER, umask=0o077) as private:
+    with open_client(server, transport, uid=OTHER, gid=OTHER, umask=0o077) as private:
         private.write_bytes(f"{d}/private", b"p")
         private.mkdir(f"{d}/private-dir")
         assert stat.S_IMODE(private.stat(f"{d}/private").st_mode) == 0o600
@@ -646,8 +724,10 @@ class Spy:
         return [Nfs3Proc(proc) for proc, _ in self.calls]
 
 
-def test_writes_are_unstable_and_committed_on_flush_and_close(server: PrismProcess) -> None:
-    with connect(url_of(server), uid=0, gid=0, commit_limit=1 << 20) as c:
+def test_writes_are_unstable_and_committed_on_flush_and_close(
+    server: PrismProcess, transport: str
+) -> None:
+    with open_client(server, transport, uid=0, gid=0, commit_limit=1 << 20) as c:
         c.mkdir("/unstable", exist_ok=True)
         spy = Spy(c.nfs._rpc)
         c.nfs._rpc = spy  # the same connection, observed
@@ -697,9 +777,11 @@ def test_a_client_can_be_shared_by_threads(c: Client, d: str) -> None:
 # -- server restarts -------------------------------------------------------------------------
 
 
-def test_reconnects_after_a_restart_with_the_same_handles(prism_server: PrismProcess) -> None:
+def test_reconnects_after_a_restart_with_the_same_handles(
+    prism_server: PrismProcess, transport: str
+) -> None:
     server = prism_server
-    with connect(url_of(server), uid=0, gid=0, timeout=60) as c:
+    with open_client(server, transport, uid=0, gid=0, timeout=60) as c:
         c.write_bytes("/f", b"0123456789" * 1000)
         fh = c.handle("/f")
         reader = c.open("/f", "rb", buffering=0)
@@ -713,10 +795,12 @@ def test_reconnects_after_a_restart_with_the_same_handles(prism_server: PrismPro
         assert c._transport.reconnects >= 2  # type: ignore[attr-defined]
 
 
-def test_a_file_open_for_writing_survives_a_restart(prism_server: PrismProcess) -> None:
+def test_a_file_open_for_writing_survives_a_restart(
+    prism_server: PrismProcess, transport: str
+) -> None:
     server = prism_server
     data = os.urandom(3 << 20)
-    with connect(url_of(server), uid=0, gid=0, timeout=60) as c:
+    with open_client(server, transport, uid=0, gid=0, timeout=60) as c:
         f = c.open("/f", "wb")
         f.write(data[: 1 << 20])
         server.restart()  # clean: the verifier changes all the same
@@ -727,14 +811,14 @@ def test_a_file_open_for_writing_survives_a_restart(prism_server: PrismProcess) 
 
 
 def test_unstable_data_the_server_lost_is_resent(
-    prism_server: PrismProcess, tmp_path: Path
+    prism_server: PrismProcess, transport: str, tmp_path: Path
 ) -> None:
     """A server that restarts may lose what it answered UNSTABLE: the client sees the new
     write verifier at COMMIT and writes its copy again. The loss is made certain by putting
     back the data directory as it was before the writes (as a power cut would)."""
     server = prism_server
     data = os.urandom(3 << 20)
-    with connect(url_of(server), uid=0, gid=0, timeout=60) as c:
+    with open_client(server, transport, uid=0, gid=0, timeout=60) as c:
         f = c.open("/f", "wb")
         text = c.open("/t", "w")
         server.stop()
@@ -760,20 +844,102 @@ def test_unstable_data_the_server_lost_is_resent(
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
 
-def test_a_server_that_stays_down_times_out(prism_server: PrismProcess) -> None:
+def test_a_server_that_stays_down_times_out(prism_server: PrismProcess, transport: str) -> None:
     server = prism_server
-    c = connect(url_of(server), uid=0, gid=0, timeout=2)
+    c = open_client(server, transport, uid=0, gid=0, timeout=2)
     c.write_bytes("/f", b"x")
     server.kill()
     started = time.monotonic()
     with pytest.raises(TimeoutError) as exc:
         c.stat("/f")
     assert 1.5 < time.monotonic() - started < 10
-    assert "no reply from 127.0.0.1" in str(exc.value)
+    peer = "127.0.0.1 over tcp" if transport == "tcp" else f"VRPC {server.vrpc_socket()} over vrpc"
+    assert f"no reply from {peer} in 2 s" in str(exc.value)
+    assert "(the link failed: " in str(exc.value)  # why the server went, then why it stays
+    if transport == "vrpc":
+        assert "the server closed the channel (it stopped or died); reconnecting: " in str(
+            exc.value
+        )
+        assert f"no server listens on {server.vrpc_socket()}" in str(exc.value)
     c.close()
     with pytest.raises(ValueError):
         c.stat("/f")
     server.start()
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "kill -9"])
+def test_a_call_asleep_on_the_ring_wakes_when_the_server_ends_and_goes_on(
+    prism_server: PrismProcess, how: str
+) -> None:
+    """A durable CREATE waits for the store's write lock (held here); the server ends: the
+    client's channel wakes within a second with the reason, the transport keeps reattaching,
+    and once the server is back the call completes unaided, on the same client."""
+    server = prism_server
+    with open_client(server, "vrpc", uid=0, gid=0, timeout=60) as c:
+        c.write_bytes("/before", b"x")
+        lock = os.open(server.data / "meta", os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done: list[BaseException | None] = []
+
+        def create() -> None:
+            try:
+                c.write_bytes("/asleep", b"made across the restart")
+                done.append(None)
+            except BaseException as exc:
+                done.append(exc)
+
+        sleeper = threading.Thread(target=create)
+        sleeper.start()
+        time.sleep(0.5)
+        assert not done and c._transport.last_failure is None  # type: ignore[attr-defined]
+        assert server.proc is not None
+        sent = time.monotonic()
+        if how == "SIGTERM":
+            server.proc.send_signal(signal.SIGTERM)
+        else:
+            server.kill()
+        while c._transport.last_failure is None:  # type: ignore[attr-defined]
+            assert time.monotonic() - sent < 1.0, f"{how}: the client slept on"
+            time.sleep(0.01)
+        failure = c._transport.last_failure  # type: ignore[attr-defined]
+        assert isinstance(failure, ServerGone)
+        assert ("stopping" if how == "SIGTERM" else "stopped or died") in str(failure)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        os.close(lock)
+        if how == "SIGTERM":
+            server.stop()
+        assert not done or done == [None]
+        server.start()
+        sleeper.join(30)
+        assert done == [None]
+        assert c.read_bytes("/asleep") == b"made across the restart"
+        assert c.transport == "vrpc" and c._transport.reconnects >= 1  # type: ignore[attr-defined]
+
+
+def test_every_channel_of_a_vrpc_client_is_one_client_to_the_drc(server: PrismProcess) -> None:
+    """The channels a VRPC transport attaches (at start, and after each failure) carry one
+    client id, so a CREATE resent with its xid on a new channel (its reply lost with the
+    old one) gets the server's cached reply, not EEXIST; a client of its own does not."""
+    with open_client(server, "vrpc", uid=0, gid=0) as c:
+        c.mkdir("/drc", exist_ok=True)
+        top = c.handle("/drc")
+        transport: Any = c._transport
+        args = T.encode_args(
+            Nfs3Proc.CREATE,
+            T.CreateArgs(T.DirOpArgs3(top, b"once"), CreateMode.GUARDED, T.Sattr3(mode=0o600)),
+        )
+        record = encode_call(0x5EED, NFS_PROGRAM, 3, Nfs3Proc.CREATE, args, CRED)
+        first, again = transport._connect(10), transport._connect(10)
+        try:
+            answer = first.call(record, 10)
+            first.close()  # the channel ends: as if its reply had been lost with it
+            assert again.call(record, 10) == answer  # the same xid on another channel: cached
+            assert T.decode_result(Nfs3Proc.CREATE, raise_for_reply(decode_reply(answer))).ok
+        finally:
+            again.close()
+        with open_client(server, "vrpc", uid=0, gid=0) as other:
+            res = other._transport.call(NFS_PROGRAM, 3, Nfs3Proc.CREATE, args)  # type: ignore[attr-defined]
+            assert T.decode_result(Nfs3Proc.CREATE, res).status == NfsStat3.NFS3ERR_EXIST
 
 
 # -- the transport seam ----------------------------------------------------------------------

@@ -6,11 +6,11 @@
         with c.open("/srv/www/index.html", "w") as f:     # a standard io.TextIOWrapper
             f.write("<h1>hello</h1>\\n")                   # close() commits to disk
         c.stat("/srv/www/index.html").st_size              # os.stat_result
-        c.transport, c.transport_reason                    # "tcp", "no VRPC socket at ..."
+        c.transport, c.transport_reason                    # "vrpc", "local server, ..."
 
 Theory of operation: `connect` parses the URL, picks a transport (`_transport`: TCP, or
-the shared-memory VRPC ring once it exists), MOUNTs the VM's export for its root handle
-and asks FSINFO for the largest READ and WRITE. The `Client` then maps each file operation
+the shared-memory VRPC ring of a server on this host), MOUNTs the VM's export for its root
+handle and asks FSINFO for the largest READ and WRITE. The `Client` then maps each file operation
 to NFSv3 procedures: paths are resolved from the root with one LOOKUP per component
 (following symbolic links as the kernel does, ".." by the server), and nothing is cached,
 so every answer is the server's at that moment. `open` returns the standard `io` objects
@@ -27,8 +27,9 @@ the one the server's status stands for (`prism.nfs.status.errno_for`). A server 
 be reached raises ConnectionError, one that does not answer in `timeout` seconds
 TimeoutError, and a transport that cannot be used `TransportUnavailable`.
 
-Server restarts: the client reconnects by itself and resends the call in flight (same
-xid), for up to `timeout` seconds; handles, open files and their positions stay valid. A
+Server restarts: the client reconnects (over VRPC: reattaches, woken at once by the
+server's end) by itself and resends the call in flight (same xid, same VRPC client id),
+for up to `timeout` seconds; handles, open files and their positions stay valid. A
 non-idempotent call (CREATE, REMOVE, RENAME...) whose reply was lost in a restart may be
 answered as if done twice (EEXIST, ENOENT), as with any NFSv3 client.
 

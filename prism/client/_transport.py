@@ -21,9 +21,15 @@ deadline; file handles stay valid because a restarted Prism accepts the handles 
 A link that never worked fails at once (wrong address or port). A call that gets no reply
 on a live link before its deadline raises `TimeoutError`.
 
-VRPC plugs in at `_open_vrpc` (a `RecordTransport` whose `connect` attaches a channel).
-Until it does, `transport="vrpc"` raises `TransportUnavailable` and "auto" uses TCP, saying
-why.
+VRPC (`open_vrpc`) is the same `RecordTransport` whose `connect` attaches a
+`vrpc.client.VrpcChannel` to the VM named by the export (its first component, without
+"@snapshot"), always with one `client_id`, so a server that kept its duplicate request cache
+answers a resent call from it, as for TCP. A server that stops or dies wakes a call asleep on
+the ring at once (`ServerGone`, a `ConnectionError`), and the transport reattaches and resends
+as above. "auto" takes VRPC only when the host is this host, the socket attaches and the
+export's root handle over the channel equals the one TCP's MNT gives (the socket belongs to
+the very server of the URL, not another one that happens to serve the same VM name);
+otherwise TCP, with the first reason that failed.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from prism.nfs.client import connect_rpc
+from prism.nfs.client import MountClient, MountError, connect_rpc
 from prism.nfs.const import MOUNT_PROGRAM, MOUNT_V3, NFS_PROGRAM
 from rpc.client import (
     AuthError,
@@ -55,6 +61,8 @@ from rpc.client import (
 )
 from rpc.message import AuthSys, UndecodableReply, decode_reply, encode_call, peek_xid
 from rpc.portmap import PMAP_PORT, pmap_getport
+from vrpc.client import AttachRefused, VrpcChannel, VrpcError
+from vrpc.control import CLIENT_ID_SIZE
 
 NFS_PORT = 2049
 """The NFS port a URL without one means (RFC 1813's well-known port)."""
@@ -198,34 +206,80 @@ def open_transport(
         raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
     socket_path = vrpc_socket_path(vrpc_socket)
     if transport == "vrpc":
-        return _open_vrpc(target, cred, socket_path, token, timeout), f"asked for, at {socket_path}"
+        return open_vrpc(target, cred, socket_path, token, timeout), f"asked for, at {socket_path}"
     if transport == "tcp":
-        reason = "asked for"
-    elif not is_local_host(target.host):
-        reason = f"{target.host} is not this host, VRPC serves local clients only"
-    elif not os.path.exists(socket_path):
-        reason = f"no VRPC socket at {socket_path}"
-    else:
-        try:
-            return _open_vrpc(target, cred, socket_path, token, timeout), (
-                f"local server, attached at {socket_path}"
-            )
-        except TransportUnavailable as exc:
-            reason = f"VRPC at {socket_path} unavailable: {exc.strerror}"
-    return tcp_transport(target, cred, timeout=timeout), reason
+        return tcp_transport(target, cred, timeout=timeout), "asked for"
+    tcp = tcp_transport(target, cred, timeout=timeout)
+    if not is_local_host(target.host):
+        return tcp, f"{target.host} is not this host, VRPC serves local clients only"
+    if not os.path.exists(socket_path):
+        return tcp, f"no VRPC socket at {socket_path}"
+    try:
+        vrpc = open_vrpc(target, cred, socket_path, token, timeout)
+    except TransportUnavailable as exc:
+        return tcp, f"VRPC at {socket_path} unavailable: {exc.strerror}"
+    try:
+        same = _mnt_root(vrpc, target.export) == _mnt_root(tcp, target.export)
+    except (MountError, OSError) as exc:
+        vrpc.close()
+        return tcp, f"VRPC at {socket_path} unchecked: MNT {target.export} failed ({exc})"
+    if not same:
+        vrpc.close()
+        return tcp, (
+            f"VRPC at {socket_path} belongs to another server: the root handles of "
+            f"{target.export} differ from {target.host}:{target.nfs_port}'s"
+        )
+    tcp.close()
+    return vrpc, f"local server, attached at {socket_path}"
 
 
-def _open_vrpc(
+def _mnt_root(transport: Transport, export: str) -> bytes:
+    """The root handle MNT gives for `export` over `transport`."""
+    fh, _ = MountClient(rpc=RpcCallerFor(transport, MOUNT_PROGRAM, MOUNT_V3)).mnt(export)
+    return fh.data
+
+
+def vrpc_vm(export: str) -> str:
+    """The VM a channel for `export` binds to: "/web@snap/dir" -> "web"."""
+    return export.strip("/").split("/")[0].split("@")[0]
+
+
+def open_vrpc(
     target: Target, cred: AuthSys, socket_path: str, token: bytes | str | None, timeout: float
-) -> Transport:
-    """Attach to the server's VRPC control socket: the seam the shared-memory transport fills,
-    as `RecordTransport("vrpc", connect, cred, timeout=timeout)` whose `connect` attaches a
-    channel to the VM (`target.export`) and checks that the channel's root handle is the TCP
-    MNT's (same store, same VM), raising `TransportUnavailable` with the reason if not."""
-    raise TransportUnavailable(
-        f"this prism.client has no VRPC transport yet (socket {socket_path}); "
-        'use transport="tcp" or "auto"'
-    )
+) -> RecordTransport:
+    """A transport over channels of the control socket at `socket_path`, bound to the VM of
+    `target.export`; the first channel is attached here, so a socket that cannot serve us
+    raises `TransportUnavailable` with the reason."""
+    vm = vrpc_vm(target.export)
+    client_id = os.urandom(CLIENT_ID_SIZE)  # one for every channel: the DRC key survives
+
+    def connect(left: float) -> Link:
+        try:
+            return VrpcChannel.attach(
+                socket_path, vm, token=token or b"", client_id=client_id, timeout=left
+            )
+        except AttachRefused:
+            raise
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, f"no VRPC socket at {socket_path}") from None
+        except ConnectionRefusedError:
+            message = f"no server listens on {socket_path} (is prism serve running?)"
+            raise ConnectionRefusedError(errno.ECONNREFUSED, message) from None
+        except VrpcError as exc:  # e.g. a server stopping while we attach: try again
+            raise ConnectionError(errno.ECONNRESET, f"attach at {socket_path}: {exc}") from None
+
+    try:
+        first: list[Link] = [connect(timeout)]
+    except AttachRefused as exc:
+        message = f"the server refused to attach VM {vm!r}: {exc.message}"
+        raise TransportUnavailable(message) from None
+    except OSError as exc:
+        raise TransportUnavailable(exc.strerror or str(exc)) from None
+
+    def reconnect(left: float) -> Link:
+        return first.pop() if first else connect(left)
+
+    return RecordTransport("vrpc", reconnect, cred, timeout=timeout, peer=f"VRPC {socket_path}")
 
 
 class Link(Protocol):
@@ -253,6 +307,8 @@ class RecordTransport:
         self.timeout = timeout
         self.reconnects = 0
         """How many links were opened again after a failure (for tests and tools)."""
+        self.last_failure: OSError | None = None
+        """Why the last link failed, if one did (what a TimeoutError reports)."""
         self._connect = connect
         self._cred = cred.to_opaque()
         self._lock = threading.Lock()
@@ -275,13 +331,16 @@ class RecordTransport:
             deadline = time.monotonic() + self.timeout
             pause = RECONNECT_FIRST_PAUSE
             failure: OSError | None = None
+            broke: OSError | None = None  # how the link this call was on failed
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    why = f"last failure: {failure}"
+                    if broke is not None and broke is not failure:
+                        why = f"the link failed: {broke}; reconnecting: {failure}"
                     raise TimeoutError(
                         errno.ETIMEDOUT,
-                        f"no reply from {self.peer} over {self.name} in {self.timeout:g} s "
-                        f"(last failure: {failure})",
+                        f"no reply from {self.peer} over {self.name} in {self.timeout:g} s ({why})",
                     )
                 try:
                     if self._link is None:
@@ -298,7 +357,8 @@ class RecordTransport:
                     self._drop()
                     if not self._worked:
                         raise  # never reached: a wrong address or port fails at once
-                    failure = exc  # the server went away: connect again, resend the record
+                    failure = self.last_failure = exc  # the server went away: resend
+                    broke = broke or exc
                     time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
                     pause = min(pause * 2, RECONNECT_MAX_PAUSE)
                     continue

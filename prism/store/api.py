@@ -227,10 +227,10 @@ class FileStore(Protocol):
         vrpc_users: Sequence[int] | None = None,
         vrpc_groups: Sequence[int] | None = None,
     ) -> NamespaceInfo:
-        """Change the options given (quota=None removes the quota)."""
+        """Change the options given (quota=None removes the quota; vrpc_users=[] clears)."""
 
     def vrpc_token(self, name: str, *, rotate: bool = False) -> str:
-        """The VM's VRPC attach token (made at first use; `rotate` replaces it)."""
+        """VM `name`'s VRPC attach token, made at first use; `rotate` replaces it."""
 
     def remove_namespace(self, name: str, *, force: bool = False) -> None:
         """Remove a VM with its snapshots, or one snapshot. Busy while another VM shares

@@ -137,9 +137,8 @@ def set_export_options(
     if squash is not None and squash not in SQUASH_MODES:
         raise InvalidArgument(f"invalid squash {squash!r}: use one of {', '.join(SQUASH_MODES)}")
     ids = [("anon uid", anon_uid), ("anon gid", anon_gid)]
-    ids += [("VRPC user", v) for v in vrpc_users or ()] + [
-        ("VRPC group", v) for v in vrpc_groups or ()
-    ]
+    ids += [("VRPC user", v) for v in vrpc_users or ()]
+    ids += [("VRPC group", v) for v in vrpc_groups or ()]
     for what, value in ids:
         if value is not None and not 0 <= value < 1 << 32:
             raise InvalidArgument(f"invalid {what} {value}: use 0 to 4294967295")

@@ -1,0 +1,496 @@
+"""VRPC against TCP on one `prism serve`: latency, throughput and server CPU per operation.
+
+    python3 benchmarks/vrpc_bench.py            # about 5 minutes on a loaded 2-CPU machine
+    python3 benchmarks/vrpc_bench.py --quick    # a smoke run (few ops, one repetition)
+
+Theory of operation: one server (fresh data directory under /var/tmp, VM "bench", TCP ports
+chosen free, the VRPC control socket at DATA/vrpc.sock) serves every row. Each row is measured
+for both transports in the same repetition, the order alternating between repetitions
+(interleaved); a row's figure is the median of `--repeat` (3) repetitions, and ratios are
+taken between those medians. Server CPU per operation is the server process's user+system
+time (/proc/PID/stat) over the measurement, divided by its operations (10 ms ticks: short
+rows are coarse).
+
+Clients measure the transports, not the client library: the raw `rpc.client.RpcClient` (one
+TCP connection) and `vrpc.client.VrpcChannel` (one channel, generic Python server path) carry
+call records encoded before timing (only the xid is patched per call, so the server's
+duplicate request cache never answers instead of the handlers); replies are checked by their
+accept and NFS status words only, not decoded. One row goes through `prism.client` (GETATTR
+by handle, decoded) to show what a library user sees. libnfs over TCP (`nfsclient.py`) is
+context. The C fast path (GETATTR answered from the attribute table) does not exist yet:
+its row says "n/a, not built".
+
+Rows: GETATTR latency (1 client); READ and WRITE 4 KiB ops/s; READ and WRITE 1 MiB MiB/s;
+1, 2, 4, 8 client processes of GETATTR and of 4 KiB READ, aggregate ops/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path[:0] = [str(REPO), str(HERE)]
+
+from prism.nfs import wire as T  # noqa: E402
+from prism.nfs.client import MountClient, NfsClient, auth_sys  # noqa: E402
+from prism.nfs.const import NFS_PROGRAM, NFS_V3, Nfs3Proc, StableHow  # noqa: E402
+from rpc.client import RpcClient, raise_for_reply  # noqa: E402
+from rpc.message import decode_reply, encode_call  # noqa: E402
+from vrpc.client import VrpcChannel  # noqa: E402
+
+HOST = "127.0.0.1"
+VM = "bench"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+FILE_SIZE = 64 << 20
+"""The file the READ rows read and the 4 KiB WRITE row overwrites."""
+KIB4 = 4096
+MIB = 1 << 20
+_OK_WORDS = struct.Struct(">I")
+_ACCEPT_AT = 20  # xid, REPLY, MSG_ACCEPTED, verifier AUTH_NONE + length 0, then accept_stat
+CRED = auth_sys(0, 0).to_opaque()
+TRANSPORTS = ("tcp", "vrpc")
+ROOT = os.geteuid() == 0
+"""As root, TCP clients call from a privileged port, as the VM (secure by default) asks."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def server_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+# -- the server ----------------------------------------------------------------------------
+
+
+class Server:
+    def __init__(self, root: Path) -> None:
+        self.data = root / "data"
+        self.nfs_port, self.mount_port = free_port(), free_port()
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        prism = [sys.executable, "-m", "prism"]
+        subprocess.run([*prism, "vm", "create", VM, "--data", str(self.data)], check=True, env=env)
+        self.log = open(root / "server.log", "w+")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            [
+                *prism,
+                "serve",
+                "--data",
+                str(self.data),
+                "--nfs-port",
+                str(self.nfs_port),
+                "--mount-port",
+                str(self.mount_port),
+                "--no-portmap",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        found = re.search(r"vrpc (\S+),", line)
+        if not found:
+            self.stop()
+            raise SystemExit(f"prism serve did not get ready: {line!r}\n{self.log_tail()}")
+        self.vrpc = found[1]
+        self.ready_line = line.strip()
+
+    def log_tail(self) -> str:
+        self.log.seek(0)
+        return "".join(self.log.readlines()[-20:])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.log.close()
+
+
+# -- raw clients: pre-encoded records, status words checked ---------------------------------
+
+
+class Raw:
+    """One connection (TCP) or channel (VRPC) carrying pre-encoded NFS call records."""
+
+    def __init__(self, transport: str, server: dict[str, Any]) -> None:
+        self.transport = transport
+        self.xid = random.getrandbits(32)
+        if transport == "tcp":
+            self.tcp = RpcClient(
+                HOST, server["nfs_port"], NFS_PROGRAM, NFS_V3, cred=CRED, reserved_port=ROOT
+            )
+            self.exchange: Callable[[bytearray], bytes] = self._tcp
+        else:
+            self.ch = VrpcChannel.attach(server["vrpc"], VM, timeout=30)
+            self.exchange = self.ch.call
+
+    def _tcp(self, record: bytearray) -> bytes:
+        self.tcp.send_raw(bytes(record))
+        return self.tcp.recv_record(30)
+
+    def record(self, proc: int, args: bytes) -> bytearray:
+        record = bytearray(encode_call(0, NFS_PROGRAM, NFS_V3, proc, args, CRED))
+        first = self.call(record, full=True)
+        assert first, "the first call failed"
+        return record
+
+    def call(self, record: bytearray, *, full: bool = False) -> bytes:
+        self.xid = (self.xid + 1) & 0xFFFF_FFFF
+        _OK_WORDS.pack_into(record, 0, self.xid)
+        reply = self.exchange(record)
+        if full:
+            raise_for_reply(decode_reply(reply))  # an RPC-level failure raises its error
+        if reply[8:12] != b"\0\0\0\0" or reply[_ACCEPT_AT : _ACCEPT_AT + 8] != bytes(8):
+            raise RuntimeError(f"{self.transport}: call failed: {reply[:32].hex()}")
+        return reply
+
+    def close(self) -> None:
+        if self.transport == "tcp":
+            self.tcp.close()
+        else:
+            self.ch.close()
+
+
+def getattr_args(fh: bytes) -> bytes:
+    return T.encode_args(Nfs3Proc.GETATTR, T.GetattrArgs(T.NfsFh3(fh)))
+
+
+def read_args(fh: bytes, offset: int, count: int) -> bytes:
+    return T.encode_args(Nfs3Proc.READ, T.ReadArgs(T.NfsFh3(fh), offset, count))
+
+
+def write_args(fh: bytes, offset: int, data: bytes) -> bytes:
+    args = T.WriteArgs(T.NfsFh3(fh), offset, StableHow.UNSTABLE, data)
+    return T.encode_args(Nfs3Proc.WRITE, args)
+
+
+# -- the measurements (each returns (operations, seconds)) ----------------------------------
+
+
+def m_getattr(raw: Raw, fh: bytes, ops: int) -> tuple[int, float]:
+    record = raw.record(Nfs3Proc.GETATTR, getattr_args(fh))
+    start = time.perf_counter()
+    for _ in range(ops):
+        raw.call(record)
+    return ops, time.perf_counter() - start
+
+
+def m_read(raw: Raw, fh: bytes, ops: int, size: int, seed: int) -> tuple[int, float]:
+    rng = random.Random(seed)
+    slots = FILE_SIZE // size
+    records = [raw.record(Nfs3Proc.READ, read_args(fh, rng.randrange(slots) * size, size))]
+    records += [
+        bytearray(encode_call(0, NFS_PROGRAM, NFS_V3, Nfs3Proc.READ, a, CRED))
+        for a in (read_args(fh, rng.randrange(slots) * size, size) for _ in range(ops - 1))
+    ]
+    start = time.perf_counter()
+    for record in records:
+        reply = raw.call(record)
+        if len(reply) < size:
+            raise RuntimeError(f"short READ reply: {len(reply)} bytes")
+    return ops, time.perf_counter() - start
+
+
+def m_write(raw: Raw, fh: bytes, ops: int, size: int, seed: int) -> tuple[int, float]:
+    rng = random.Random(seed)
+    slots = FILE_SIZE // size
+    records = [
+        bytearray(
+            encode_call(
+                0,
+                NFS_PROGRAM,
+                NFS_V3,
+                Nfs3Proc.WRITE,
+                write_args(fh, rng.randrange(slots) * size, rng.randbytes(size)),
+                CRED,
+            )
+        )
+        for _ in range(ops)
+    ]
+    start = time.perf_counter()
+    for record in records:
+        raw.call(record)
+    return ops, time.perf_counter() - start
+
+
+def m_client_getattr(
+    transport: str, server: dict[str, Any], fh: bytes, ops: int
+) -> tuple[int, float]:
+    from prism.client import connect
+
+    url = f"nfs://{HOST}:{server['nfs_port']}/{VM}?mountport={server['mount_port']}"
+    with connect(url, uid=0, gid=0, transport=transport, vrpc_socket=server["vrpc"]) as c:
+        handle = T.NfsFh3(fh)
+        assert c.nfs.getattr(handle).ok
+        start = time.perf_counter()
+        for _ in range(ops):
+            c.nfs.getattr(handle)
+        return ops, time.perf_counter() - start
+
+
+def _worker(
+    transport: str,
+    server: dict[str, Any],
+    fh: bytes,
+    what: str,
+    until: float,
+    seed: int,
+    barrier: Any,
+    out: Any,
+) -> None:
+    raw = Raw(transport, server)
+    rng = random.Random(seed)
+    if what == "getattr":
+        records = [raw.record(Nfs3Proc.GETATTR, getattr_args(fh))]
+    else:
+        slots = FILE_SIZE // KIB4
+        records = [
+            raw.record(Nfs3Proc.READ, read_args(fh, rng.randrange(slots) * KIB4, KIB4))
+            for _ in range(64)
+        ]
+    barrier.wait()
+    deadline = time.monotonic() + until
+    done = 0
+    while time.monotonic() < deadline:
+        for record in records:
+            raw.call(record)
+        done += len(records)
+    raw.close()
+    out.put(done)
+
+
+def m_parallel(
+    transport: str, server: dict[str, Any], fh: bytes, what: str, clients: int, seconds: float
+) -> tuple[int, float]:
+    """`clients` forked processes, each with its own connection or channel, start together
+    and call for `seconds`: (all their calls, the wall time until the last one finished)."""
+    ctx = multiprocessing.get_context("fork")
+    barrier, out = ctx.Barrier(clients + 1), ctx.Queue()
+    procs = [
+        ctx.Process(target=_worker, args=(transport, server, fh, what, seconds, i, barrier, out))
+        for i in range(clients)
+    ]
+    for proc in procs:
+        proc.start()
+    barrier.wait(120)
+    start = time.perf_counter()
+    counts = [out.get(timeout=seconds + 120) for _ in procs]
+    elapsed = time.perf_counter() - start
+    for proc in procs:
+        proc.join(30)
+    return sum(counts), elapsed
+
+
+def m_libnfs(kind: str, server: dict[str, Any], ops: int, seed: int) -> tuple[int, float]:
+    from nfsclient import NfsClient as LibNfs
+
+    rng = random.Random(seed)
+    with LibNfs(HOST, f"/{VM}", nfs_port=server["nfs_port"], mount_port=server["mount_port"]) as n:
+        f = n.open("/file", os.O_RDWR)
+        try:
+            start = time.perf_counter()
+            if kind == "getattr":
+                for _ in range(ops):
+                    f.fstat()
+            elif kind in ("read4k", "read1m"):
+                size = KIB4 if kind == "read4k" else MIB
+                buf = bytearray(size)
+                for _ in range(ops):
+                    f.pread_into(buf, rng.randrange(FILE_SIZE // size) * size)
+            else:
+                size = KIB4 if kind == "write4k" else MIB
+                data = [rng.randbytes(size) for _ in range(ops)]
+                start = time.perf_counter()
+                for chunk in data:
+                    f.pwrite(chunk, rng.randrange(FILE_SIZE // size) * size)
+            return ops, time.perf_counter() - start
+        finally:
+            f.close()
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="few operations, one repetition")
+    ap.add_argument("--no-libnfs", action="store_true", help="skip the libnfs context rows")
+    args = ap.parse_args(argv)
+    repeat = 1 if args.quick else args.repeat
+    scale = 0.1 if args.quick else 1.0
+    n_getattr, n_4k, n_1m = int(3000 * scale), int(2000 * scale), max(4, int(32 * scale))
+    par_seconds = 0.5 if args.quick else 1.5
+    clients_list = (1, 2, 4, 8)
+
+    root = Path(tempfile.mkdtemp(prefix="prism-vrpc-bench-", dir="/var/tmp"))
+    srv = Server(root)
+    pid = srv.proc.pid
+    info = {"nfs_port": srv.nfs_port, "mount_port": srv.mount_port, "vrpc": srv.vrpc}
+    print(srv.ready_line, file=sys.stderr)
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    try:
+        with MountClient(HOST, srv.mount_port, "tcp", cred=auth_sys(0, 0)) as m:
+            root_fh, _ = m.mnt(f"/{VM}")
+        with NfsClient(HOST, srv.nfs_port, "tcp", cred=auth_sys(0, 0)) as nfs:
+            made = nfs.create(root_fh, "file", T.Sattr3(mode=0o644))
+            fh = made.obj.data
+            rng = random.Random(1)
+            for off in range(0, FILE_SIZE, MIB):
+                assert nfs.write(made.obj, off, rng.randbytes(MIB), StableHow.UNSTABLE).ok
+            assert nfs.commit(made.obj).ok
+        raws = {t: Raw(t, info) for t in TRANSPORTS}
+
+        def measure(row: str, who: str, fn: Callable[[], tuple[int, float]]) -> None:
+            cpu0 = server_cpu(pid)
+            ops, secs = fn()
+            cpu = server_cpu(pid) - cpu0
+            results.setdefault((row, who), []).append((ops / secs, cpu / ops * 1e6))
+            print(
+                f"  {row:28s} {who:12s} {ops / secs:10.1f}/s  cpu {cpu / ops * 1e6:7.1f} us/op",
+                file=sys.stderr,
+            )
+
+        for rep in range(repeat):
+            print(f"repetition {rep + 1}/{repeat}", file=sys.stderr)
+            order = TRANSPORTS if rep % 2 == 0 else TRANSPORTS[::-1]
+            seed = 1000 * rep
+            for t in order:
+                measure("getattr", t, lambda t=t: m_getattr(raws[t], fh, n_getattr))
+            for t in order:
+                measure(
+                    "client-getattr", t, lambda t=t: m_client_getattr(t, info, fh, n_getattr // 2)
+                )
+            for t in order:
+                measure("read4k", t, lambda t=t, s=seed: m_read(raws[t], fh, n_4k, KIB4, s))
+            for t in order:
+                measure("write4k", t, lambda t=t, s=seed + 1: m_write(raws[t], fh, n_4k, KIB4, s))
+            for t in order:
+                measure("read1m", t, lambda t=t, s=seed + 2: m_read(raws[t], fh, n_1m, MIB, s))
+            for t in order:
+                measure("write1m", t, lambda t=t, s=seed + 3: m_write(raws[t], fh, n_1m, MIB, s))
+            if not args.no_libnfs:
+                for kind, n in (
+                    ("getattr", n_getattr),
+                    ("read4k", n_4k),
+                    ("write4k", n_4k),
+                    ("read1m", n_1m),
+                    ("write1m", n_1m),
+                ):
+                    measure(kind, "libnfs", lambda k=kind, n=n, s=seed + 4: m_libnfs(k, info, n, s))
+            for what in ("getattr", "read4k"):
+                for clients in clients_list:
+                    for t in order:
+                        measure(
+                            f"par-{what}-{clients}",
+                            t,
+                            lambda t=t, w=what, c=clients: m_parallel(
+                                t, info, fh, "getattr" if w == "getattr" else "read", c, par_seconds
+                            ),
+                        )
+        for raw in raws.values():
+            raw.close()
+    finally:
+        srv.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+    med = {
+        key: (statistics.median(r for r, _ in vals), statistics.median(c for _, c in vals))
+        for key, vals in results.items()
+    }
+    print(table(med, clients_list, n_getattr, n_4k, n_1m, repeat, par_seconds))
+    return 0
+
+
+def table(
+    med: dict[tuple[str, str], tuple[float, float]],
+    clients_list: tuple[int, ...],
+    n_getattr: int,
+    n_4k: int,
+    n_1m: int,
+    repeat: int,
+    par_seconds: float,
+) -> str:
+    def rate(row: str, who: str) -> float | None:
+        return med[(row, who)][0] if (row, who) in med else None
+
+    def cpu(row: str, who: str) -> str:
+        return f"{med[(row, who)][1]:.0f}" if (row, who) in med else "-"
+
+    lines = [
+        f"Medians of {repeat}; server CPU in µs per operation (user+sys) as tcp / vrpc.",
+        "",
+        "| row | TCP | VRPC | VRPC/TCP | libnfs (TCP) | server CPU µs/op tcp / vrpc |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def lat(row: str, who: str) -> str:
+        r = rate(row, who)
+        return f"{1e6 / r:.1f} µs" if r else "-"
+
+    for row, title in (
+        (
+            "getattr",
+            f"GETATTR latency, 1 client, raw records ({n_getattr} ops), generic Python path",
+        ),
+        ("client-getattr", f"GETATTR latency through prism.client ({n_getattr // 2} ops, decoded)"),
+    ):
+        tcp, vrpc = rate(row, "tcp"), rate(row, "vrpc")
+        ratio = f"{vrpc / tcp:.2f}x" if tcp and vrpc else "-"
+        lib = lat(row, "libnfs") if row == "getattr" else "-"
+        lines.append(
+            f"| {title} | {lat(row, 'tcp')} | {lat(row, 'vrpc')} | {ratio} (TCP/VRPC latency) "
+            f"| {lib} | {cpu(row, 'tcp')} / {cpu(row, 'vrpc')} |"
+        )
+    lines.append("| GETATTR latency, C fast path | - | n/a, not built | n/a | - | - |")
+    for row, title, unit, div in (
+        ("read4k", f"READ 4 KiB, random ({n_4k} ops)", "ops/s", 1),
+        ("write4k", f"WRITE 4 KiB UNSTABLE, random ({n_4k} ops)", "ops/s", 1),
+        ("read1m", f"READ 1 MiB ({n_1m} MiB)", "MiB/s", 1),
+        ("write1m", f"WRITE 1 MiB UNSTABLE ({n_1m} MiB)", "MiB/s", 1),
+    ):
+        tcp, vrpc, lib = rate(row, "tcp"), rate(row, "vrpc"), rate(row, "libnfs")
+        ratio = f"{vrpc / tcp:.2f}x" if tcp and vrpc else "-"
+        fmt = lambda v, div=div, unit=unit: f"{v / div:.0f} {unit}" if v else "-"  # noqa: E731
+        lines.append(
+            f"| {title} | {fmt(tcp)} | {fmt(vrpc)} | {ratio} | {fmt(lib)} "
+            f"| {cpu(row, 'tcp')} / {cpu(row, 'vrpc')} |"
+        )
+    for what, title in (("getattr", "GETATTR"), ("read4k", "READ 4 KiB")):
+        for clients in clients_list:
+            row = f"par-{what}-{clients}"
+            tcp, vrpc = rate(row, "tcp"), rate(row, "vrpc")
+            ratio = f"{vrpc / tcp:.2f}x" if tcp and vrpc else "-"
+            lines.append(
+                f"| {title}, {clients} client process{'es' if clients > 1 else ''} "
+                f"({par_seconds:g} s), aggregate | {tcp:.0f} ops/s | {vrpc:.0f} ops/s "
+                f"| {ratio} | - "
+                f"| {cpu(row, 'tcp')} / {cpu(row, 'vrpc')} |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
