@@ -199,6 +199,7 @@ def create(
     """A new regular file, or (unchecked, or an exclusive retry) the one already there. A
     read-only namespace refuses every create, even of a name that exists."""
     check_name(name)
+    resize: tuple[ObjectId, int] | None = None  # an unchecked create of an existing file
     with txn.read(ctx) as t:
         view, d, dnode, out = locate(ctx, t, dir)
         dir_attr = to_attr(dir, dnode)
@@ -221,12 +222,12 @@ def create(
                     raise IsADirectory(f"{name!r} is a directory")
                 if sattr is None or sattr.size is None:
                     return Made(to_attr(oid, existing), Wcc(dir_attr, dir_attr))
-    if entry is not None and existing is not None:
-        assert sattr is not None and sattr.size is not None
-        with unchanged_on_failure(dir, dir_attr):
-            truncated = set_attributes(ctx, oid, SetAttr(size=sattr.size), cred)
-        return Made(truncated.after, Wcc(dir_attr, dir_attr))
-    return _new_object(ctx, dir, name, FileType.REG, mode, cred, sattr, verifier=exclusive)
+                resize = (oid, sattr.size)
+    if resize is None:
+        return _new_object(ctx, dir, name, FileType.REG, mode, cred, sattr, verifier=exclusive)
+    with unchanged_on_failure(dir, dir_attr):  # the size asked for: a SETATTR of the file
+        resized = set_attributes(ctx, resize[0], SetAttr(size=resize[1]), cred)
+    return Made(resized.after, Wcc(dir_attr, dir_attr))
 
 
 def mkdir(
