@@ -9,8 +9,10 @@ with Prism/Ganesha and Prism/local ratios and writes a JSON file with every numb
 and server CPU seconds included, to show which side was busy).
 
 For each run the Prism target makes a fresh data dir, runs ``{prism} vm create bench --data
-DIR``, then ``{prism} serve --data DIR --nfs-port P --mount-port M --no-portmap`` and waits
-until a libnfs mount of ``/bench`` succeeds (both command lines can be overridden).
+DIR``, then ``{prism} serve --data DIR --bind 127.0.0.1 --nfs-port P --mount-port M
+--no-portmap`` (through ``tests.server_helpers.PrismProcess``, as the tests do) and waits
+until a libnfs mount of ``/bench`` succeeds (the setup command can be overridden, the serve
+command given more arguments).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import platform
 import re
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,6 +39,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+
+sys.path.insert(1, str(REPO))
 
 from ganesha import Ganesha, GaneshaError, child_setup, pick_ports  # noqa: E402
 from nfsclient import LIBNFS_SONAME, NfsClient, try_mount  # noqa: E402
@@ -53,6 +56,8 @@ from workloads import (  # noqa: E402
     suite,
 )
 
+from tests.server_helpers import PrismProcess  # noqa: E402
+
 TARGETS = ("local", "ganesha", "prism", "prism-async")
 NAMES = {"local": "local", "ganesha": "Ganesha", "prism": "Prism", "prism-async": "Prism --async"}
 HOST = "127.0.0.1"
@@ -65,9 +70,6 @@ DEFAULT_PORTS = {
 }
 PRISM_START_TIMEOUT_S = 60.0
 PRISM_SETUP = "{prism} vm create bench --data {data}"
-PRISM_SERVE = (
-    "{prism} serve --data {data} --nfs-port {nfs_port} --mount-port {mount_port} --no-portmap"
-)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -109,7 +111,8 @@ def process_cpu(pid: int) -> Callable[[], float]:
 
 
 class PrismServer:
-    """``prism serve`` as a child process, ready once ``/bench`` mounts over libnfs."""
+    """``prism serve`` as a child process (``tests.server_helpers.PrismProcess``, the one
+    launcher the tests use too), ready once ``/bench`` mounts over libnfs."""
 
     def __init__(
         self,
@@ -120,34 +123,40 @@ class PrismServer:
         nfs_port: int,
         mount_port: int,
         setup: str,
-        serve: str,
+        serve_args: str,
         timeout: float,
         cpus: set[int] | None = None,
     ) -> None:
-        self.cpus = cpus
-        self.subst = {
-            "prism": prism_cmd,
-            "data": shlex.quote(str(data_dir)),
-            "nfs_port": str(nfs_port),
-            "mount_port": str(mount_port),
-        }
+        self.subst = {"prism": prism_cmd, "data": shlex.quote(str(data_dir))}
         self.data_dir = data_dir
         self.setup_cmd = setup.format(**self.subst) if setup else ""
-        self.serve_cmd = serve.format(**self.subst)
-        self.nfs_port = nfs_port
-        self.mount_port = mount_port
         self.timeout = timeout
-        self.out_path = workdir / "prism-server.log"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._out: Any = None
+        self.process = PrismProcess(
+            data_dir,
+            workdir / "prism-logs",
+            nfs_port=nfs_port,
+            mount_port=mount_port,
+            extra_args=shlex.split(serve_args),
+            command=shlex.split(prism_cmd),
+            preexec_fn=child_setup(cpus),
+            start_timeout=timeout,
+        )
+        self.serve_cmd = shlex.join(self.process.argv())
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         self.env = env
 
+    @property
+    def nfs_port(self) -> int:
+        return self.process.nfs_port
+
+    @property
+    def mount_port(self) -> int:
+        return self.process.mount_port
+
     def output_tail(self, lines: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.out_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
+        out = self.process.stdout() + self.process.stderr()
+        return "\n".join(out.splitlines()[-lines:])
 
     def start(self) -> None:
         # A fresh store for every run: `vm create` then starts from nothing, as for Ganesha.
@@ -170,33 +179,20 @@ class PrismServer:
                     "(override with --prism-setup, or --prism-setup '' to skip)"
                 )
         log(f"  prism serve: {self.serve_cmd}")
-        self._out = open(self.out_path, "wb")  # noqa: SIM115 (closed in stop)
-        self._proc = subprocess.Popen(
-            shlex.split(self.serve_cmd),
-            cwd=REPO,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=child_setup(self.cpus),
-        )
+        started = time.monotonic()
         try:
-            self._wait_ready()
+            self.process.start()
+        except AssertionError as exc:
+            raise PrismError(f"`{self.serve_cmd}` did not start: {exc}") from None
+        try:
+            self._wait_mount(started + self.timeout)
         except BaseException:
             self.stop()
             raise
 
-    def _wait_ready(self) -> None:
-        assert self._proc is not None
-        deadline = time.monotonic() + self.timeout
+    def _wait_mount(self, deadline: float) -> None:
         last = "not tried"
         while time.monotonic() < deadline:
-            rc = self._proc.poll()
-            if rc is not None:
-                raise PrismError(
-                    f"the Prism server exited with status {rc} before answering a mount of"
-                    f" {HOST}:{EXPORT} (`{self.serve_cmd}`); its output:\n{self.output_tail()}"
-                )
             err = try_mount(HOST, EXPORT, self.nfs_port, self.mount_port)
             if err is None:
                 return
@@ -210,21 +206,12 @@ class PrismServer:
 
     @property
     def pid(self) -> int:
-        assert self._proc is not None
-        return self._proc.pid
+        assert self.process.proc is not None
+        return self.process.proc.pid
 
     def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if self._out is not None:
-            self._out.close()
-            self._out = None
+        if self.process.proc is not None:
+            self.process.stop(check=False)
 
 
 # -- targets ----------------------------------------------------------------------------
@@ -289,7 +276,7 @@ def open_target(
             nfs_port=nfs_port,
             mount_port=mount_port,
             setup=args.prism_setup,
-            serve=args.prism_serve + (" --async" if name == "prism-async" else ""),
+            serve_args=args.prism_serve_args + (" --async" if name == "prism-async" else ""),
             timeout=args.prism_timeout,
             cpus=args.server_cpus,
         )
@@ -458,7 +445,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--prism-setup", default=PRISM_SETUP, help="run once before serving ('' to skip)"
     )
-    ap.add_argument("--prism-serve", default=PRISM_SERVE)
+    ap.add_argument(
+        "--prism-serve-args",
+        default="",
+        metavar="ARGS",
+        help="more arguments for `prism serve --data DIR --bind 127.0.0.1 --nfs-port N"
+        " --mount-port M --no-portmap` (e.g. '-v')",
+    )
     ap.add_argument("--prism-nfs-port", type=int, default=None, help="default 22049")
     ap.add_argument("--prism-mount-port", type=int, default=None, help="default 22048")
     ap.add_argument("--prism-timeout", type=float, default=PRISM_START_TIMEOUT_S)

@@ -30,12 +30,10 @@ import argparse
 import multiprocessing
 import os
 import random
-import re
 import shutil
 import socket
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +50,7 @@ from prism.nfs.client import MountClient, NfsClient, auth_sys  # noqa: E402
 from prism.nfs.const import NFS_PROGRAM, NFS_V3, Nfs3Proc, StableHow  # noqa: E402
 from rpc.client import RpcClient, raise_for_reply  # noqa: E402
 from rpc.message import decode_reply, encode_call  # noqa: E402
+from tests.server_helpers import PrismProcess  # noqa: E402
 from vrpc.client import VrpcChannel  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -85,47 +84,20 @@ def server_cpu(pid: int) -> float:
 
 
 class Server:
-    def __init__(self, root: Path) -> None:
-        self.data = root / "data"
-        self.nfs_port, self.mount_port = free_port(), free_port()
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        prism = [sys.executable, "-m", "prism"]
-        subprocess.run([*prism, "vm", "create", VM, "--data", str(self.data)], check=True, env=env)
-        self.log = open(root / "server.log", "w+")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(
-            [
-                *prism,
-                "serve",
-                "--data",
-                str(self.data),
-                "--nfs-port",
-                str(self.nfs_port),
-                "--mount-port",
-                str(self.mount_port),
-                "--no-portmap",
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        found = re.search(r"vrpc (\S+),", line)
-        if not found:
-            self.stop()
-            raise SystemExit(f"prism serve did not get ready: {line!r}\n{self.log_tail()}")
-        self.vrpc = found[1]
-        self.ready_line = line.strip()
+    """`prism serve` on a fresh data directory, through the one launcher the tests use
+    (`tests.server_helpers.PrismProcess`), with VM `VM` created."""
 
-    def log_tail(self) -> str:
-        self.log.seek(0)
-        return "".join(self.log.readlines()[-20:])
+    def __init__(self, root: Path) -> None:
+        self.process = PrismProcess(root / "data", root / "logs")
+        self.process.cli("vm", "create", VM)
+        self.ready_line = self.process.start().strip()
+        self.proc = self.process.proc
+        assert self.proc is not None
+        self.nfs_port, self.mount_port = self.process.nfs_port, self.process.mount_port
+        self.vrpc = str(self.process.vrpc_socket())
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
-        self.log.close()
+        self.process.stop(check=False)
 
 
 # -- raw clients: pre-encoded records, status words checked ---------------------------------

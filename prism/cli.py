@@ -23,8 +23,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from prism.errors import Exists, InvalidArgument, NotADirectory, NotFound, StoreError
+from prism.limits import VM_NAME_PATTERN
+from prism.nfs.const import MOUNT_PORT, NFS_PORT
+from prism.nlm.monitor import DEFAULT_GRACE
 from prism.store import CloneSource, Store
-from prism.store.types import SQUASH_MODES, NamespaceInfo
+from prism.store.types import NOBODY, SQUASH_MODES, NamespaceInfo
 from rpc.admission import FD_RESERVE, MAX_PER_ADDRESS, RECORD_TIMEOUT
 from vrpc.control import MAX_CHANNELS, MAX_CHANNELS_PER_UID
 from vrpc.stats import read_stats as read_vrpc_stats
@@ -32,7 +35,7 @@ from vrpc.stats import read_stats as read_vrpc_stats
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 _SIZE = re.compile(r"(\d+)([KMGTP]?)(?:i?B)?", re.IGNORECASE)
 SOURCE = re.compile(
-    r"(?P<ns>[a-z0-9][a-z0-9_.-]{0,62})(?:@(?P<snap>[a-z0-9][a-z0-9_.-]{0,62}))?"
+    rf"(?P<ns>{VM_NAME_PATTERN})(?:@(?P<snap>{VM_NAME_PATTERN}))?"
     r"(?::(?P<path>[^=]+)(?:=(?P<dest>.+))?)?"
 )
 
@@ -157,7 +160,7 @@ def _vm_json(info: NamespaceInfo, usage: Any = None) -> dict[str, Any]:
     return out
 
 
-_VM_PATH = re.compile(r"(?P<vm>[a-z0-9][a-z0-9_.-]{0,62}):(?P<path>/.*)")
+_VM_PATH = re.compile(rf"(?P<vm>{VM_NAME_PATTERN}):(?P<path>/.*)")
 
 
 def parse_vm_path(text: str) -> tuple[str, str]:
@@ -779,8 +782,8 @@ def _access_options(p: argparse.ArgumentParser, defaults: str) -> None:
         default=None,
         help="callers mapped to the anonymous ids: none, root (uid/gid 0), or all",
     )
-    g.add_argument("--anon-uid", type=int, default=None, metavar="UID", help="default 65534")
-    g.add_argument("--anon-gid", type=int, default=None, metavar="GID", help="default 65534")
+    g.add_argument("--anon-uid", type=int, default=None, metavar="UID", help=f"default {NOBODY}")
+    g.add_argument("--anon-gid", type=int, default=None, metavar="GID", help=f"default {NOBODY}")
     for kind, meta in (("user", "UID"), ("group", "GID")):
         g.add_argument(
             f"--vrpc-{kind}",
@@ -816,8 +819,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve MOUNT and NFS over TCP and UDP")
     _common(p, json_flag=False)
     p.add_argument("--bind", default="0.0.0.0", help="address to listen on (0.0.0.0)")
-    p.add_argument("--nfs-port", type=int, default=2049)
-    p.add_argument("--mount-port", type=int, default=20048)
+    p.add_argument("--nfs-port", type=int, default=NFS_PORT, help=f"NFS port ({NFS_PORT})")
+    p.add_argument("--mount-port", type=int, default=MOUNT_PORT, help=f"MOUNT port ({MOUNT_PORT})")
     p.add_argument("--portmap-port", type=int, default=None)
     p.add_argument("--no-portmap", action="store_true")
     p.add_argument(
@@ -862,9 +865,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--grace",
         type=_seconds,
-        default=90.0,
+        default=DEFAULT_GRACE,
         metavar="SECONDS",
-        help="after a restart, grant only lock reclaims for this long (90)",
+        help=f"after a restart, grant only lock reclaims for this long ({DEFAULT_GRACE:g})",
     )
     vrpc = p.add_mutually_exclusive_group()
     vrpc.add_argument(

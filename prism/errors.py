@@ -123,12 +123,6 @@ class FileTooLarge(StoreError):
     errno = _errno.EFBIG
 
 
-class NotSupported(StoreError):
-    """The operation is not supported on this kind of object."""
-
-    errno = _errno.EOPNOTSUPP
-
-
 class TooManyLinks(StoreError):
     """The object already has the maximum number of hard links."""
 

@@ -12,20 +12,31 @@ blocked requests granted and their waits; and VRPC (`vrpc.server`): channels, ca
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from prism.store import Store
 
 if TYPE_CHECKING:
-    from prism.server import PrismServer
+    from prism.nlm.locks import LockManager
+    from prism.nlm.service import NlmStats
+    from prism.store.executor import StoreExecutor
+    from rpc.admission import ConnectionTable
+    from rpc.server import DispatcherStats
+    from vrpc.server import VrpcServer
 
-PROGRAM_NAMES = {
-    100003: "nfs",
-    100005: "mount",
-    100000: "portmap",
-    100021: "nlm",
-    100024: "status",
-}
+
+@dataclass(frozen=True, slots=True)
+class MetricSources:
+    """What the endpoint reads, handed in by whoever serves it: the store only through its
+    executor (one call per scrape), the rest as live counters read without locks."""
+
+    executor: StoreExecutor
+    rpc: DispatcherStats
+    connections: ConnectionTable[Any]
+    locks: LockManager
+    lock_stats: NlmStats
+    vrpc: VrpcServer | None
 
 
 def parse_listen(spec: str) -> tuple[str, int]:
@@ -93,22 +104,20 @@ RPC_SERIES = (
 )
 
 
-def collect_rpc(server: PrismServer) -> list[str]:
-    rows = sorted(server.dispatcher.stats.procs.items())
+def collect_rpc(stats: DispatcherStats) -> list[str]:
+    rows = sorted(stats.procs.items())
     lines: list[str] = []
     for name, kind, help_text, field in RPC_SERIES:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-        for (prog, vers, _proc), ps in rows:
-            program = PROGRAM_NAMES.get(prog, str(prog))
-            labels = f'program="{program}",version="{vers}",proc="{ps.name}"'
+        for (_prog, vers, _proc), ps in rows:
+            labels = f'program="{ps.program}",version="{vers}",proc="{ps.name}"'
             value = getattr(ps, field)
             shown = f"{value:.6f}" if isinstance(value, float) else str(value)
             lines.append(f"{name}{{{labels}}} {shown}")
     return lines
 
 
-def collect_connections(server: PrismServer) -> list[str]:
-    table = server.connections.table
+def collect_connections(table: ConnectionTable[Any]) -> list[str]:
     return _single_samples(
         ("prism_connections_open", "gauge", "NFS and MOUNT TCP connections open.", len(table)),
         (
@@ -132,9 +141,7 @@ def collect_connections(server: PrismServer) -> list[str]:
     )
 
 
-def collect_locks(server: PrismServer) -> list[str]:
-    nlm = server.nlm
-    m, st = nlm.manager, nlm.stats
+def collect_locks(m: LockManager, st: NlmStats) -> list[str]:
     return _single_samples(
         ("prism_locks_held", "gauge", "Byte-range locks held.", sum(1 for _ in m.locks())),
         (
@@ -172,8 +179,7 @@ def collect_locks(server: PrismServer) -> list[str]:
     )
 
 
-def collect_vrpc(server: PrismServer) -> list[str]:
-    vrpc = server.vrpc
+def collect_vrpc(vrpc: VrpcServer | None) -> list[str]:
     if vrpc is None:
         return []
     st = vrpc.stats
@@ -201,7 +207,7 @@ def collect_vrpc(server: PrismServer) -> list[str]:
     )
 
 
-async def serve_metrics(spec: str, server: PrismServer) -> tuple[asyncio.AbstractServer, int]:
+async def serve_metrics(spec: str, sources: MetricSources) -> tuple[asyncio.AbstractServer, int]:
     host, port = parse_listen(spec)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -213,9 +219,10 @@ async def serve_metrics(spec: str, server: PrismServer) -> tuple[asyncio.Abstrac
             if len(parts) < 2 or parts[0] != "GET" or parts[1].split("?")[0] != "/metrics":
                 body, status = b"only GET /metrics is served\n", "404 Not Found"
             else:
-                lines = await server.executor.call(collect_store)
-                lines += collect_rpc(server) + collect_connections(server)
-                lines += collect_locks(server) + collect_vrpc(server)
+                lines = await sources.executor.call(collect_store)
+                lines += collect_rpc(sources.rpc) + collect_connections(sources.connections)
+                lines += collect_locks(sources.locks, sources.lock_stats)
+                lines += collect_vrpc(sources.vrpc)
                 body, status = ("\n".join(lines) + "\n").encode(), "200 OK"
             writer.write(
                 f"HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n"

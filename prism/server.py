@@ -28,18 +28,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prism.metrics import serve_metrics
-from prism.nfs.const import MOUNT_PROGRAM, MOUNT_V3, NFS_PROGRAM, NFS_V3
+from prism.metrics import MetricSources, serve_metrics
+from prism.nfs.const import MOUNT_PORT, MOUNT_PROGRAM, MOUNT_V3, NFS_PORT, NFS_PROGRAM, NFS_V3
 from prism.nfs.service import NfsService
-from prism.nlm.monitor import Monitor
-from prism.nlm.service import DEFAULT_GRACE, NlmService
+from prism.nlm.monitor import DEFAULT_GRACE, Monitor
+from prism.nlm.service import NlmService
 from prism.nlm.types import NLM_PROGRAM, NLM_V1, NLM_V3, NLM_V4, NSM_PROGRAM, NSM_V1
 from prism.store import Store
 from prism.store.executor import StoreExecutor
 from rpc.admission import MAX_PER_ADDRESS, RECORD_TIMEOUT, ConnectionLimits
 from rpc.client import RpcError
 from rpc.portmap import (
+    IPPROTO_TCP,
+    IPPROTO_UDP,
     PMAP_PORT,
+    PMAP_PROG,
+    PMAP_VERS,
     RPCBIND_SOCKET,
     PortMapping,
     PortmapProgram,
@@ -62,9 +66,6 @@ from vrpc.server import VrpcServer, default_socket
 
 log = logging.getLogger("prism.server")
 
-IPPROTO_TCP, IPPROTO_UDP = 6, 17
-DEFAULT_NFS_PORT = 2049
-DEFAULT_MOUNT_PORT = 20048
 LOCK_PROGRAMS = (
     (NLM_PROGRAM, NLM_V4),
     (NLM_PROGRAM, NLM_V3),
@@ -78,8 +79,8 @@ PROGRAMS = ((NFS_PROGRAM, NFS_V3), (MOUNT_PROGRAM, MOUNT_V3), (MOUNT_PROGRAM, 1)
 class ServeOptions:
     data: Path
     bind: str = "0.0.0.0"
-    nfs_port: int = DEFAULT_NFS_PORT
-    mount_port: int = DEFAULT_MOUNT_PORT
+    nfs_port: int = NFS_PORT
+    mount_port: int = MOUNT_PORT
     portmap_port: int | None = None
     portmap: bool = True
     metrics: str | None = None
@@ -158,7 +159,15 @@ class PrismServer:
         if self.options.portmap:
             await self._start_portmap()
         if self.options.metrics:
-            server, self.metrics_port = await serve_metrics(self.options.metrics, self)
+            sources = MetricSources(
+                self.executor,
+                self.dispatcher.stats,
+                self.connections.table,
+                self.nlm.manager,
+                self.nlm.stats,
+                self.vrpc,
+            )
+            server, self.metrics_port = await serve_metrics(self.options.metrics, sources)
             self._servers.append(server)
 
     def _mappings(self) -> list[PortMapping]:
@@ -180,7 +189,7 @@ class PrismServer:
         portmap = PortmapProgram()
         for mapping in self._mappings():
             portmap.set(mapping)
-        portmap.set(PortMapping(100000, 2, IPPROTO_TCP, 0))
+        portmap.set(PortMapping(PMAP_PROG, PMAP_VERS, IPPROTO_TCP, 0))
         dispatcher = RpcDispatcher()
         dispatcher.add_program(portmap.program)
         port = self.options.portmap_port or PMAP_PORT
@@ -196,9 +205,9 @@ class PrismServer:
                 exc.strerror,
             )
             return
-        portmap.unset(100000, 2)
+        portmap.unset(PMAP_PROG, PMAP_VERS)
         for prot in (IPPROTO_TCP, IPPROTO_UDP):
-            portmap.set(PortMapping(100000, 2, prot, port))
+            portmap.set(PortMapping(PMAP_PROG, PMAP_VERS, prot, port))
         self._servers += [tcp, udp]
         self.portmap_port = port
 

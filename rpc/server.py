@@ -272,6 +272,7 @@ class DuplicateRequestCache:
 
 @dataclass(slots=True)
 class ProcStats:
+    program: str
     name: str
     calls: int = 0
     errors: int = 0  # replies other than SUCCESS (and dropped calls)
@@ -310,13 +311,6 @@ class RpcDispatcher:
         if program.number in self._programs:
             raise ValueError(f"program {program.number} ({program.name}) is already registered")
         self._programs[program.number] = program
-
-    def remove_program(self, number: int) -> None:
-        self._programs.pop(number, None)
-
-    @property
-    def programs(self) -> Mapping[int, Program]:
-        return self._programs
 
     async def dispatch(self, record: bytes, peer: tuple[str, int], transport: str) -> bytes | None:
         """The unframed reply record for `record`, or None to send nothing."""
@@ -462,7 +456,8 @@ class RpcDispatcher:
         key = (ctx.prog, ctx.vers, ctx.proc)
         stats = self.stats.procs.get(key)
         if stats is None:
-            stats = self.stats.procs[key] = ProcStats(procedure.name)
+            program = self._programs[ctx.prog].name
+            stats = self.stats.procs[key] = ProcStats(program, procedure.name)
         stats.calls += 1
         stats.seconds += elapsed
         if elapsed > stats.max_seconds:

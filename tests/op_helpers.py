@@ -7,21 +7,18 @@ same entry point through `python3 -c`). Both return the CompletedProcess; `.json
 parsing is left to the caller so failures show the raw output.
 
 `PrismServe(data)` starts `python3 -m prism serve --data DATA --bind 0.0.0.0 --nfs-port 0
---mount-port 0 --no-portmap`, waits for the line starting "prism: ready:" and reads the
-ports the server actually bound from it, so parallel runs never collide on ports.
+--mount-port 0 --no-portmap` through `tests.server_helpers.PrismProcess`, which waits for the
+line starting "prism: ready:" and reads the ports the server actually bound from it, so
+parallel runs never collide on ports.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -30,10 +27,9 @@ from prism.nfs.client import MountClient, NfsClient, NfsError, auth_sys
 from prism.nfs.const import Nfs3Proc, NfsStat3
 from prism.nfs.wire import NfsFh3, Sattr3
 from prism.store.types import FileType
+from tests.server_helpers import PrismProcess
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-READY = re.compile(r"^prism: ready: .* nfs (?P<bind>\S+):(?P<nfs>\d+) mount (?P<mount>\d+) ")
-START_TIMEOUT = 30.0
 
 
 def env() -> dict[str, str]:
@@ -106,75 +102,47 @@ def prism_json(data: Path, *args: str) -> Any:
 
 
 class PrismServe:
-    """`prism serve` in a child process; stopped with SIGTERM on exit."""
+    """`prism serve` in a child process (`tests.server_helpers.PrismProcess`) on ephemeral
+    ports of every address; stopped with SIGTERM on exit. Its output (stdout, then stderr)
+    goes to files beside the data directory."""
 
     def __init__(self, data: Path, *extra: str) -> None:
         self.data = data
         self.extra = extra
-        self.proc: subprocess.Popen[str] | None = None
-        self.nfs_port = self.mount_port = 0
-        self.lines: list[str] = []
-        self._reader: threading.Thread | None = None
+        self.process = PrismProcess(
+            data,
+            data.parent / f"{data.name}-logs",
+            bind="0.0.0.0",
+            nfs_port=0,
+            mount_port=0,
+            extra_args=extra,
+        )
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.process.proc
+
+    @property
+    def nfs_port(self) -> int:
+        return self.process.nfs_port
+
+    @property
+    def mount_port(self) -> int:
+        return self.process.mount_port
+
+    @property
+    def lines(self) -> list[str]:
+        """The server's output so far, stdout's lines then stderr's."""
+        return self.log().splitlines(keepends=True)
 
     def start(self) -> Self:
-        argv = [
-            sys.executable,
-            "-m",
-            "prism",
-            "serve",
-            "--data",
-            str(self.data),
-            "--bind",
-            "0.0.0.0",
-            "--nfs-port",
-            "0",
-            "--mount-port",
-            "0",
-            "--no-portmap",
-            *self.extra,
-        ]
-        self.proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env(),
-        )
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            m = READY.match(line)
-            if m:
-                self.nfs_port, self.mount_port = int(m["nfs"]), int(m["mount"])
-                # keep draining the log so the server never blocks on a full pipe
-                self._reader = threading.Thread(target=self._drain, daemon=True)
-                self._reader.start()
-                return self
-        self.stop()
-        raise RuntimeError("prism serve did not become ready:\n" + "".join(self.lines))
-
-    def _drain(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
+        self.process.start()
+        return self
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._reader is not None:
-            self._reader.join(timeout=5)
-        self.proc = None
+        """SIGTERM, if running (exit status unchecked: some tests make the server fail)."""
+        if self.process.proc is not None:
+            self.process.stop(check=False)
 
     def __enter__(self) -> Self:
         return self.start()
@@ -188,7 +156,7 @@ class PrismServe:
         self.stop()
 
     def log(self) -> str:
-        return "".join(self.lines)
+        return self.process.stdout() + self.process.stderr()
 
     # -- clients (from the root namespace, over loopback) --------------------------------
 

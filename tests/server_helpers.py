@@ -1,14 +1,20 @@
-"""Run a real `python3 -m prism serve` for tests: start, wait for ready, stop, restart, kill.
+"""Run a real `python3 -m prism serve`: start, wait for ready, stop, restart, kill.
 
-Theory of operation: `PrismProcess(data, log_dir)` picks ports that are free for both TCP
-and UDP on 127.0.0.1 (the server listens on both with the same number), starts the server as
-a subprocess with stdout and stderr going to files in `log_dir`, and polls stdout for the
-"prism: ready:" line. `stop()` sends SIGTERM and asserts what an operator relies on: exit
-status 0 and "prism: stopped cleanly". `kill()` is `kill -9` (a crash). `restart()` starts a
-new process on the same data directory and ports, so clients keep their addresses and file
-handles. If the very first start loses a port race it retries with fresh ports; a restart
-never changes ports. `wrap` runs the server inside something (`ip netns exec NS`), and
-`address` is where the test's clients then reach it.
+The one launcher of `prism serve` for the tests (`tests.op_helpers.PrismServe` wraps it) and
+the benchmarks (`benchmarks/run.py`).
+
+Theory of operation: `PrismProcess(data, log_dir)` starts the server as a subprocess with
+stdout and stderr going to files in `log_dir`, polls stdout for the "prism: ready:" line and
+reads the NFS and MOUNT ports it bound from it. Ports: by default it picks ports that are
+free for both TCP and UDP on 127.0.0.1 (the server listens on both with the same number),
+and if the very first start loses a port race it retries with fresh ones; `nfs_port=0,
+mount_port=0` lets the server take ephemeral ones (each start anew); given numbers are used
+as they are. `stop()` sends SIGTERM and asserts what an operator relies on: exit status 0
+and "prism: stopped cleanly". `kill()` is `kill -9` (a crash). `restart()` starts a new
+process on the same data directory and ports, so clients keep their addresses and file
+handles. `command` is how to run `prism` (this Python's `-m prism` by default; a benchmark
+may run another checkout's). `wrap` runs the server inside something (`ip netns exec NS`),
+and `address` is where the test's clients then reach it.
 
 `prism_cli(data, ...)` runs the operator's CLI (`python3 -m prism ... --data DIR`) against
 the same data directory, which is allowed while the server runs.
@@ -24,7 +30,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +46,7 @@ STOP_TIMEOUT = 30.0
 CLI_TIMEOUT = 60.0
 _READY_RE = re.compile(r"nfs (?P<bind>\S+):(?P<nfs>\d+) mount (?P<mount>\d+)")
 _PORT_RACE_RETRIES = 5
+PRISM_COMMAND = (sys.executable, "-m", "prism")
 
 
 def free_port(host: str = HOST) -> int:
@@ -98,7 +105,7 @@ def prism_cli(
 
 
 class PrismProcess:
-    """One `prism serve` subprocess on fixed ports over one data directory."""
+    """One `prism serve` subprocess over one data directory (see the module docstring)."""
 
     def __init__(
         self,
@@ -112,6 +119,11 @@ class PrismProcess:
         wrap: Sequence[str] = (),
         address: str = HOST,
         env: dict[str, str] | None = None,
+        nfs_port: int | None = None,
+        mount_port: int | None = None,
+        command: Sequence[str] = PRISM_COMMAND,
+        preexec_fn: Callable[[], None] | None = None,
+        start_timeout: float = START_TIMEOUT,
     ) -> None:
         self.data = Path(data)
         self.log_dir = Path(log_dir)
@@ -124,8 +136,13 @@ class PrismProcess:
         self.address = address
         self.env = dict(env or {})
         """Environment variables the server runs with beyond ours (PRISM_VRPC_BACKEND...)."""
-        self.nfs_port = 0
-        self.mount_port = 0
+        self._pick_ports = nfs_port is None and mount_port is None
+        self._ephemeral = nfs_port == 0 and mount_port == 0
+        self.nfs_port = nfs_port or 0
+        self.mount_port = mount_port or 0
+        self.command = tuple(command)
+        self.preexec_fn = preexec_fn
+        self.start_timeout = start_timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready_line = ""
         self.starts = 0
@@ -138,12 +155,11 @@ class PrismProcess:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def _argv(self) -> list[str]:
+    def argv(self) -> list[str]:
+        """The `prism serve` command line of the next start."""
         argv = [
             *self.wrap,
-            sys.executable,
-            "-m",
-            "prism",
+            *self.command,
             "serve",
             "--data",
             str(self.data),
@@ -163,7 +179,9 @@ class PrismProcess:
     def start(self) -> str:
         """Start the server and wait for its ready line (which is returned)."""
         assert not self.running, "server already running"
-        first = self.nfs_port == 0
+        first = self._pick_ports and self.nfs_port == 0
+        if self._ephemeral:
+            self.nfs_port = self.mount_port = 0
         for attempt in range(_PORT_RACE_RETRIES if first else 1):
             if first:
                 self.nfs_port = free_port()
@@ -183,14 +201,15 @@ class PrismProcess:
         self._stderr = self.log_dir / f"serve-{self.starts}.err"
         with self._stdout.open("wb") as out, self._stderr.open("wb") as err:
             self.proc = subprocess.Popen(
-                self._argv(),
+                self.argv(),
                 cwd=REPO_ROOT,
                 env=_env() | self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
+                preexec_fn=self.preexec_fn,
             )
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             for line in self.stdout().splitlines():
                 if line.startswith(READY_PREFIX):
@@ -206,15 +225,19 @@ class PrismProcess:
             time.sleep(0.02)
         self.proc.kill()
         self.proc.wait()
-        raise AssertionError(f"prism serve not ready in {START_TIMEOUT} s:\n{self.stderr()}")
+        raise AssertionError(f"prism serve not ready in {self.start_timeout} s:\n{self.stderr()}")
 
     def _check_ready_line(self, line: str) -> None:
         m = _READY_RE.search(line)
         assert m, f"unparsable ready line: {line!r}"
-        assert (int(m["nfs"]), int(m["mount"])) == (self.nfs_port, self.mount_port), line
+        bound = int(m["nfs"]), int(m["mount"])
+        if self._ephemeral:
+            self.nfs_port, self.mount_port = bound
+        assert bound == (self.nfs_port, self.mount_port), line
 
-    def stop(self) -> str:
-        """SIGTERM; asserts exit status 0 and "stopped cleanly". Returns the stdout."""
+    def stop(self, *, check: bool = True) -> str:
+        """SIGTERM; with `check`, asserts exit status 0 and "stopped cleanly". Returns the
+        stdout."""
         assert self.proc is not None, "server not running"
         proc, self.proc = self.proc, None
         if proc.poll() is None:
@@ -226,8 +249,9 @@ class PrismProcess:
             proc.wait()
             raise AssertionError(f"prism serve ignored SIGTERM for {STOP_TIMEOUT} s") from None
         out = self.stdout()
-        assert rc == 0, f"prism serve exited {rc}\n{self.stderr()}"
-        assert STOPPED_LINE in out.splitlines(), f"no {STOPPED_LINE!r} in:\n{out}"
+        if check:
+            assert rc == 0, f"prism serve exited {rc}\n{self.stderr()}"
+            assert STOPPED_LINE in out.splitlines(), f"no {STOPPED_LINE!r} in:\n{out}"
         return out
 
     def kill(self) -> None:

@@ -1,15 +1,16 @@
 """Issue #10 item 5: a share's view never leads above the share's root.
 
 `prism share src:/pub dst:/mnt [--rw]`, then a dst client keeps handles of `/mnt/work` (a
-directory) and `/mnt/file` while src moves them to `/private`. Before the fix, LOOKUP of
-'..' in the moved directory answered src's `/private`, from where dst read and overwrote
-src's private files and created files in src's root (with a read-only share it still read
-all of src). Now every handle of an object that is no longer below the share's root is
-STALE for every procedure, '..' never names anything of src outside the share, and the
-share root's '..' is dst's directory holding the mount point. The same holds for an object
-the source only ever had outside the share except for a hard link it then removed. An
-object moved back into the share is reachable again: the rule is where an object is, not
-what it once was. MNT of a path climbing out of the share with '..' lands in dst.
+directory) and `/mnt/file` while src moves them to `/private`. dst must reach nothing of
+src outside the share through them: no LOOKUP of '..' from the moved directory into src's
+`/private`, so no reading or overwriting src's private files and no creating files in
+src's root (and with a read-only share, no reading the rest of src). Every handle of an
+object that is no longer below the share's root is STALE for every procedure, '..' never
+names anything of src outside the share, and the share root's '..' is dst's directory
+holding the mount point. The same holds for an object the source only ever had outside the
+share except for a hard link it then removed. An object moved back into the share is
+reachable again: the rule is where an object is, not what it once was. MNT of a path
+climbing out of the share with '..' lands in dst.
 
 In the store: a grafted (composed) subtree of the source moved out, a file whose shared
 hard link src replaces by a rename, and a file record from before holders were recorded.

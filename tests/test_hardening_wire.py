@@ -2,8 +2,9 @@
 
 Each DoS test runs a bounded attack from threads while a well-behaved client on its own
 connection times GETATTRs; what must hold is the other client's latency, not only the
-attacker's fate. Before the fixes, endless empty fragments made each GETATTR wait 3-5 s and
-a 1 MiB WRITE in 1-byte fragments stalled other clients for about 2 s.
+attacker's fate: no stream of fragments (endless empty ones, a 1 MiB WRITE one byte at a
+time) holds the event loop long enough to push another client's GETATTR past LATENCY_P90
+(90th percentile) or LATENCY_MAX.
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ import shutil
 import socket
 import stat
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -118,8 +117,8 @@ def test_default_socket_is_in_the_data_directory_and_no_vrpc_means_none(
 
 def _serve_fails(data: Path, vrpc: str) -> str:
     """Start `prism serve --vrpc VRPC` on `data`; it must exit 2 at once: its stderr."""
-    argv = [sys.executable, "-m", "prism", "serve", "--data", str(data), "--vrpc", vrpc]
-    argv += ["--bind", "127.0.0.1", "--nfs-port", "0", "--mount-port", "0", "--no-portmap"]
+    launcher = PrismProcess(data, data.parent / "logs", nfs_port=0, mount_port=0)
+    argv = [*launcher.argv(), "--vrpc", vrpc]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     proc = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)

@@ -25,11 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
+from prism.limits import VM_NAME_MAX
 from rpc.xdr import Packer, Unpacker, XdrError
 from vrpc import abi
 
 MAX_MESSAGE = 4096
-MAX_VM_NAME = 63
+MAX_VM_NAME = VM_NAME_MAX
 CLIENT_ID_SIZE = 16
 MAX_TOKEN = 64
 MAX_ROOT_FH = 64

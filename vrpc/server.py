@@ -62,6 +62,7 @@ from vrpc.control import (
     MAX_CHANNELS,
     MAX_CHANNELS_PER_UID,
     MAX_MESSAGE,
+    MAX_REFUSAL,
     Attach,
     Attached,
     Refused,
@@ -240,7 +241,7 @@ class Channel:
         loop.remove_reader(self.kick)
         loop.remove_reader(self.conn.fileno())
         with contextlib.suppress(OSError, ValueError):  # first: the client reads it on waking
-            self.conn.send(encode_refused(Refused(status, why[:255])))
+            self.conn.send(encode_refused(Refused(status, why[:MAX_REFUSAL])))
         self.ring.close()
         self.conn.close()
         if self.in_flight == 0:

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from prism.nfs.client import MountClient, MountError, connect_rpc
-from prism.nfs.const import MOUNT_PROGRAM, MOUNT_V3, NFS_PROGRAM
+from prism.nfs.const import MOUNT_PROGRAM, MOUNT_V3, NFS_PORT, NFS_PROGRAM
 from rpc.client import (
     AuthError,
     ConnectionClosed,
@@ -64,8 +64,6 @@ from rpc.portmap import PMAP_PORT, pmap_getport
 from vrpc.client import AttachRefused, VrpcChannel, VrpcError
 from vrpc.control import CLIENT_ID_SIZE
 
-NFS_PORT = 2049
-"""The NFS port a URL without one means (RFC 1813's well-known port)."""
 DEFAULT_VRPC_SOCKET = "/run/prism/vrpc.sock"
 """Where a system-wide `prism serve` puts its VRPC control socket by convention."""
 VRPC_SOCKET_ENV = "PRISM_VRPC_SOCKET"

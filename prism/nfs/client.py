@@ -140,10 +140,10 @@ def auth_sys(
     stamp: int | None = None,
 ) -> Any:
     """An `rpc.message.AuthSys` credential (uid 0 / gid 0 = root) for the `cred` arguments."""
-    from rpc.message import AuthSys
+    from rpc.message import MAX_MACHINENAME, AuthSys
 
     if machinename is None:
-        machinename = socket.gethostname()[:255]
+        machinename = socket.gethostname().encode()[:MAX_MACHINENAME]
     if isinstance(machinename, str):
         machinename = machinename.encode()
     if stamp is None:

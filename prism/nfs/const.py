@@ -11,12 +11,18 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from prism.limits import NAME_MAX, SYMLINK_MAX
+
 # --- programs -------------------------------------------------------------------------------
 
 NFS_PROGRAM = 100003
 NFS_V3 = 3
 MOUNT_PROGRAM = 100005
 MOUNT_V3 = 3
+NFS_PORT = 2049
+"""NFS's registered port (IANA "nfs"): `prism serve --nfs-port`'s default."""
+MOUNT_PORT = 20048
+"""mountd's registered port (IANA "mountd"): `prism serve --mount-port`'s default."""
 
 # --- sizes and limits -----------------------------------------------------------------------
 
@@ -26,10 +32,10 @@ NFS3_COOKIEVERFSIZE = 8
 NFS3_CREATEVERFSIZE = 8
 NFS3_WRITEVERFSIZE = 8
 
-MAX_NAME = 255
+MAX_NAME = NAME_MAX
 """Longest name a directory holds (bytes; PATHCONF name_max): longer filename3s (unbounded
 in XDR) get NFS3ERR_NAMETOOLONG."""
-MAX_PATH = 4096
+MAX_PATH = SYMLINK_MAX
 """Longest symlink target (bytes): longer nfspath3s get NFS3ERR_NAMETOOLONG."""
 MAX_READ = 1 << 20
 """Largest READ served, and FSINFO rtmax: a larger count gets a reply of at most this."""

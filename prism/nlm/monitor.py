@@ -31,6 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+DEFAULT_GRACE = 90.0
+"""Seconds after an unclean restart during which only lock reclaims are granted
+(`prism serve --grace`)."""
+
 log = logging.getLogger(__name__)
 
 NLM_DIR = "nlm"

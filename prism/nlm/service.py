@@ -47,7 +47,7 @@ from prism.errors import PermissionDenied, StoreError
 from prism.nfs.handles import BadHandle
 from prism.nfs.service import NfsService
 from prism.nlm.locks import END, LockManager, Outcome, Owner, Waiter, span
-from prism.nlm.monitor import Monitor
+from prism.nlm.monitor import DEFAULT_GRACE, Monitor
 from prism.nlm.types import (
     NLM_PROGRAM,
     NLM_V1,
@@ -92,7 +92,6 @@ from rpc.server import (
 
 log = logging.getLogger("prism.nlm")
 
-DEFAULT_GRACE = 90.0
 CALLBACK_ATTEMPTS = 4
 """Calls (GRANTED, _RES, SM_NOTIFY) to a client before giving up on it."""
 CALLBACK_BACKOFF = 1.0

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
+
+from prism.limits import NAME_MAX as NAME_MAX
+from prism.limits import NLINK_MAX as NLINK_MAX
+from prism.limits import SYMLINK_MAX as SYMLINK_MAX
 
 CHUNK_SIZE = 128 * 1024
 """Files are cut into fixed, offset-aligned chunks of this size (see `prism.store` docs)."""
 
-NAME_MAX = 255
 MAX_FILE_SIZE = 1 << 50
-SYMLINK_MAX = 4096
 VOL_BITS = 16
 INO_BITS = 44
 ROOT_INO = 1
@@ -27,9 +28,6 @@ class FileType(IntEnum):
     LNK = 5
     SOCK = 6
     FIFO = 7
-
-
-_OID = struct.Struct(">IHQ")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -49,16 +47,6 @@ class ObjectId:
     def fileid(self) -> int:
         """NFS fileid: unique and non-zero within the namespace."""
         return (self.vol << INO_BITS) | self.ino
-
-    def to_bytes(self) -> bytes:
-        return _OID.pack(self.ns, self.vol, self.ino)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> ObjectId:
-        ns, vol, ino = _OID.unpack(data)
-        return cls(ns, vol, ino)
-
-    SIZE = _OID.size
 
 
 @dataclass(frozen=True, slots=True)
