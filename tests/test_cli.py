@@ -526,11 +526,7 @@ def test_prism_clone_composes_and_reports(data: Path, tmp_path: Path) -> None:
     assert out.splitlines()[0].startswith("added to VM web3 (export /web3) in")
     ok(run_clone(data, "web3", "base:/srv=/srv", "web:/etc", "--into", "--replace"))
     with Store.open(data) as store:
-        want = store_view(store, "base", "/srv")
-        for entry in want.values():  # a graft's copy counts the links the graft copies
-            if "nlink" in entry:
-                entry["nlink"] = sum(e.get("same_as") == entry["same_as"] for e in want.values())
-        assert store_view(store, "web3", "/srv") == want
+        assert store_view(store, "web3", "/srv") == store_view(store, "base", "/srv")
         assert _read(store, "web3", "/srv/data.bin").endswith(b"tail")
     assert prism_json(data, "fsck")["clean"] is True
 

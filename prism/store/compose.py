@@ -8,12 +8,9 @@ Rollback points the VM's top at a fresh layer over the snapshot's. A graft (clon
 path, or `into` an existing VM) imports the source's frozen layer as new volumes of the
 destination (`import_volumes`: every graft gets its own volumes, since each is a copy: two
 grafts of one source never name the same objects) and binds the subtree's root with `place`,
-which releases whatever the name held as `rm -r` would (`_release`). No record is copied, but
-each graft walks its subtree once (`_subtree`, O(its objects), reading only): to import only
-the volumes it reaches, to add its usage to the VM's counters (which so stay exact; a VM
-over its quota refuses the whole composition), and to give each copied object the nlink of
-the links the graft copies (and a holder inside it), written in this namespace's top layer
-for the few objects whose links the subtree cuts. A whole VM as the first source is O(1).
+which releases whatever the name held as `rm -r` would (`_release`). A composition's usage is
+unknown until measured (`quota.get_usage`); with a quota it is measured at once and the
+composition refused if it does not fit.
 
 A share is a live mount, not content. A snapshot is a frozen view and a clone a copy, so
 neither carries shares: where a share was mounted they show an empty directory (`unmount`,
@@ -29,7 +26,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import lmdb
@@ -68,7 +64,7 @@ from prism.store.layers import (
     view_of,
 )
 from prism.store.names import destroy, new_dir
-from prism.store.quota import add_usage, charged_bytes, get_usage, set_usage
+from prism.store.quota import get_usage, set_usage
 from prism.store.records import Inode
 from prism.store.schema import NS_KEY, Ctx, get_meta
 from prism.store.tree import (
@@ -199,9 +195,8 @@ def clone(
     clients: tuple[str, ...] | list[str] = (),
     quota: int | None = None,
 ) -> NamespaceInfo:
-    """Compose `new` from sources laid over each other; O(1) for a whole VM as the first
-    source, O(objects in the subtree) for each graft (see the module docstring). The VM's
-    usage counters stay exact, and it must fit in its quota.
+    """Compose `new` from sources laid over each other; O(number of sources), plus one
+    walk of the result when it has a quota (which the result must fit in).
 
     With `into`, the sources are laid over the existing VM `new`; a source whose
     destination already exists there is refused unless `replace`."""
@@ -252,6 +247,8 @@ def clone(
             view = view_of(ctx, t, rec["id"])
         for src, (layer, sview) in rest:
             _graft(ctx, t, view, src, layer, sview, replace=replace or not into)
+        if rest:
+            set_usage(ctx, t, view.id, 0, 0, False)
         if view.quota is not None:
             after = get_usage(ctx, t, view)[0]
             if after > view.quota:
@@ -281,25 +278,7 @@ def _graft(
         raise InvalidArgument(
             f"{label} is inside a share; compose from the VM it is shared from instead"
         )
-    reach = _subtree(ctx, t, source_view, svol, sino, snode)
-    vol_map = import_volumes(ctx, t, view, layer, reach.vols)
-    for (v, i), (count, node, first) in reach.links.items():
-        # Each object's nlink counts the links the graft copies, and its holder is a
-        # directory the graft copies (the map names only the volumes reached).
-        known = R.holder_known(node)
-        inside = known and (node.parent_vol, node.parent_ino) in reach.dirs
-        if count == node.nlink and (inside or not known):
-            continue
-        node.nlink = count
-        if inside:
-            node.parent_vol = vol_map[node.parent_vol]
-        elif first is not None:
-            node.parent_vol, node.parent_ino = vol_map[first[0]], first[1]
-        put_inode(ctx, t, view, vol_map[v], i, node)
-    objects = reach.objects
-    if src.target == "/":
-        objects -= 1  # the source directory itself is not copied, only its entries
-    add_usage(ctx, t, view, reach.nbytes, objects)
+    vol_map = import_volumes(ctx, t, view, layer)
     target = (vol_map.get(svol, svol), sino, snode.type)
     if src.target == "/":
         if snode.type != FileType.DIR:
@@ -328,61 +307,6 @@ def _graft(
             continue  # placed above
         if is_below(ctx, t, source_view, (avol, aino), (svol, sino)):
             unmount(ctx, t, view, vol_map.get(avol, avol), aino, share["name"].encode())
-
-
-@dataclass(slots=True)
-class _Subtree:
-    """What a graft copies (`_subtree`), in the source's volume numbering."""
-
-    vols: set[int]  # volumes its entries name
-    dirs: set[tuple[int, int]]
-    nbytes: int  # usage: charged bytes and objects
-    objects: int
-    links: dict[tuple[int, int], list[Any]]
-    """non-directory -> [links inside, inode, the first directory seen naming it]: those
-    whose nlink or holder may need rewriting."""
-
-
-def _subtree(
-    ctx: Ctx, t: lmdb.Transaction, view: View, vol: int, ino: int, node: Inode
-) -> _Subtree:
-    """One walk of the subtree at (vol, ino) of a frozen view, O(its objects): what a graft
-    of it copies. Share mount points are not followed (they become empty directories,
-    counted where they are made)."""
-    out = _Subtree({vol}, set(), charged_bytes(node), 1, {})
-    stack = []
-    if node.type == FileType.DIR:
-        stack.append((vol, ino))
-    else:
-        out.links[(vol, ino)] = [1, node, None]  # the graft's own entry names it
-    while stack:
-        dvol, dino = stack.pop()
-        out.dirs.add((dvol, dino))
-        for entry in list_dir(ctx, t, view, dvol, dino, 0):
-            key = (entry.oid.vol, entry.oid.ino)
-            if key[0] >= SHARE_VOL_BASE:
-                continue
-            out.vols.add(key[0])
-            if entry.type == FileType.DIR:
-                out.objects += 1
-                stack.append(key)
-                continue
-            seen = out.links.get(key)
-            if seen is not None:
-                seen[0] += 1
-                continue
-            child = get_inode(ctx, t, view, *key)
-            if child is None:
-                raise Corrupt(
-                    f"{view.name}: an entry of directory {dvol}:{dino} names a missing "
-                    "object; run `prism fsck --repair`"
-                )
-            out.objects += 1
-            out.nbytes += charged_bytes(child)
-            holder = (child.parent_vol, child.parent_ino)
-            if child.nlink != 1 or (R.holder_known(child) and holder != (dvol, dino)):
-                out.links[key] = [1, child, (dvol, dino)]
-    return out
 
 
 def unmount(ctx: Ctx, t: lmdb.Transaction, view: View, pvol: int, pino: int, name: bytes):
@@ -442,22 +366,19 @@ def _refuse_existing(
         )
 
 
-def import_volumes(
-    ctx: Ctx, t: lmdb.Transaction, view: View, layer: int, vols: set[int]
-) -> dict[int, int]:
-    """Give the volumes `vols` of frozen `layer` fresh volumes here (one import per graft).
+def import_volumes(ctx: Ctx, t: lmdb.Transaction, view: View, layer: int) -> dict[int, int]:
+    """Give every volume of frozen `layer` fresh volumes here (one import per graft).
 
     Each graft is a copy, so it never shares volumes with an earlier import of the same
     layer: two grafts of one source (at two places, or one over the other) name distinct
     objects, so a write through one never shows through the other and replacing one never
-    deletes what the other names. Only the volumes the grafted subtree reaches are
-    imported, so composing VMs into each other adds volumes as the grafts reach them, never
-    doubling; every record reached through the import names only these (`_graft` rewrites
-    the holders that lead out of the subtree)."""
+    deletes what the other names. O(volumes of the source)."""
     top = load_layer(ctx, t, view.top)
+    source = load_layer(ctx, t, layer)
+    source_vols = [0, *sorted(int(v) for v in source["vols"])]
     imp_id = top["next_import"]
     mapping: dict[int, int] = {}
-    for svol in sorted(vols):
+    for svol in source_vols:
         vol = top["next_vol"]
         if vol >= MAX_VOLUMES:
             raise InvalidArgument("too many composed volumes in this VM")

@@ -10,13 +10,12 @@ a namespace's top at a fresh layer over the snapshot's. A frozen layer is never 
 
 Volumes (composition). Objects are named (namespace, volume, inode). Volume 0 is the
 namespace's own lineage. Grafting a subtree of another namespace (`compose.clone` with a
-path) *imports* the source's frozen layer: every volume of the source that the grafted
-subtree reaches gets a new volume number here (the layer record's `vols`: volume -> [source
-layer, source volume, import id]), whose records live in this namespace's layers and fall
-back to the source's frozen chain, with volume numbers in fallen-back directory entries
-translated through the import's map (`imports`). No record is copied: a composition costs
-one read-only walk of each grafted subtree (`compose`), never a copy of its files. `chain`
-is the walk down a volume's layers: for (top layer, volume), the (layer, volume there,
+path) *imports* the source's frozen layer: every volume of the source gets a new volume number
+here (the layer record's `vols`: volume -> [source layer, source volume, import id]), whose
+records live in this namespace's layers and fall back to the source's frozen chain, with
+volume numbers in fallen-back directory entries translated through the import's map
+(`imports`). So a composition of subtrees from several VMs is O(number of volumes), not
+O(files). `chain` is that walk: for (top layer, volume), the (layer, volume there,
 translation) triples to search, top-down.
 
 Shares (`compose.share`). A share is a live mount of another VM's directory: an entry of the
@@ -49,7 +48,6 @@ from prism.store import txn
 from prism.store.schema import (
     NS_KEY,
     PARSED_CACHE_SIZE,
-    STAGE_PREFIX,
     Ctx,
     intact_records,
     next_counter,
@@ -511,21 +509,3 @@ def reachable_layers(
             stack.append(rec["parent"])
         stack.extend(src[0] for src in rec["vols"].values())
     return seen
-
-
-def staged_roots(ctx: Ctx, t: lmdb.Transaction) -> list[tuple[int, int]]:
-    """(namespace id, directory inode of volume 0) of every staged import tree, alive
-    or dead: part of its namespace (and its usage) though no entry names it."""
-    return [(m["ns"], m["ino"]) for m in stage_markers(ctx, t).values()]
-
-
-def stage_markers(ctx: Ctx, t: lmdb.Transaction) -> dict[str, dict[str, Any]]:
-    """Every staged import's marker (b"stage:"+token -> {ns, ino}), by token."""
-    cur = t.cursor(db=ctx.db.meta)
-    out: dict[str, dict[str, Any]] = {}
-    if cur.set_range(STAGE_PREFIX):
-        for key, raw in cur:
-            if not bytes(key).startswith(STAGE_PREFIX):
-                break
-            out[bytes(key)[len(STAGE_PREFIX) :].decode()] = json.loads(bytes(raw))
-    return out

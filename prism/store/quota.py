@@ -2,11 +2,9 @@
 
 A namespace's usage record (`usage` database: ns id -> bytes|objects|valid) counts the data
 bytes it holds (file sizes and symlink targets: `charged_bytes`) and its objects; every
-operation that changes them adjusts it in the same transaction (`add_usage`; a graft adds
-what its walk of the subtree counted). Counters an older Prism kept under another rule, or
-that fsck dropped as damaged, are marked invalid; the next reader re-measures them by
-walking the tree and the imports staged in it (`get_usage`, `fsstat`), then keeps them
-current again. Objects of a staged import count as they are built. A share's
+operation that changes them adjusts it in the same transaction (`add_usage`). A composition
+cannot know its result's usage in O(1), so it marks the record invalid; the next reader
+re-measures it by walking the tree (`get_usage`), then keeps it current again. A share's
 objects count in their source VM, not where they are mounted. A quota limits the bytes;
 `check_quota` refuses a change that would exceed it, and a VM at its quota may still remove
 and shrink.
@@ -23,7 +21,7 @@ from prism.errors import QuotaExceeded, Stale
 from prism.store import records as R
 from prism.store import txn
 from prism.store.api import Space
-from prism.store.layers import SHARE_VOL_BASE, View, staged_roots, view_by_name, view_of
+from prism.store.layers import SHARE_VOL_BASE, View, view_by_name, view_of
 from prism.store.records import Inode
 from prism.store.schema import NS_KEY, Ctx, get_meta
 from prism.store.tree import get_inode, list_dir, locate, to_attr
@@ -59,12 +57,10 @@ def set_usage(ctx: Ctx, t: lmdb.Transaction, ns_id: int, nbytes: int, objects: i
 
 
 def _measure(ctx: Ctx, t: lmdb.Transaction, view: View) -> tuple[int, int]:
-    """Walk the whole tree and the trees staged in it (when the counters are unknown:
-    written by an older Prism, or dropped by fsck as damaged)."""
+    """Walk the whole tree (after a composition made the counters unknown)."""
     seen: set[tuple[int, int]] = set()
     nbytes = objects = 0
     stack = [(0, ROOT_INO)]
-    stack += [(0, ino) for ns, ino in staged_roots(ctx, t) if ns == view.id]
     while stack:
         vol, ino = stack.pop()
         if (vol, ino) in seen:
@@ -136,9 +132,7 @@ def fsstat_attr(ctx: Ctx, oid: ObjectId) -> Space:
 
 def _fsstat(ctx: Ctx, t: lmdb.Transaction, view: View) -> FsStat:
     raw = t.get(NS_KEY.pack(view.id), db=ctx.db.usage)
-    used, objects, valid = R.USAGE_VAL.unpack(raw) if raw else (0, 0, 0)
-    if not valid:  # counters not known yet: the true figure, not zero
-        used, objects = _measure(ctx, t, view)
+    used, objects, _ = R.USAGE_VAL.unpack(raw) if raw else (0, 0, 0)
     free_files = 1 << 32
     if view.quota is not None:
         free = max(0, view.quota - used)

@@ -17,11 +17,14 @@ import json
 import os
 import secrets
 import time
+from typing import Any
+
+import lmdb
 
 from prism.errors import Exists, InvalidArgument, NotADirectory, NotFound, ReadOnly, Stale
 from prism.store import txn
 from prism.store.compose import place
-from prism.store.layers import SHARE_VOL_BASE, ns_record, stage_markers, view_by_name, view_of
+from prism.store.layers import SHARE_VOL_BASE, ns_record, view_by_name, view_of
 from prism.store.names import destroy, new_dir, remove, rmdir
 from prism.store.posix import readdir
 from prism.store.quota import check_quota
@@ -150,7 +153,25 @@ def reap_stagings(ctx: Ctx) -> int:
 
 def stagings(ctx: Ctx) -> list[str]:
     with txn.read(ctx) as t:
-        return list(stage_markers(ctx, t))
+        return list(_stage_markers(ctx, t))
+
+
+def staged_roots(ctx: Ctx, t: lmdb.Transaction) -> list[tuple[int, int]]:
+    """(namespace id, directory inode of volume 0) of every staged import tree, alive
+    or dead: part of its namespace (and its usage) though no entry names it."""
+    return [(m["ns"], m["ino"]) for m in _stage_markers(ctx, t).values()]
+
+
+def _stage_markers(ctx: Ctx, t: lmdb.Transaction) -> dict[str, dict[str, Any]]:
+    """Every staged import's marker (b"stage:"+token -> {ns, ino}), by token."""
+    cur = t.cursor(db=ctx.db.meta)
+    out: dict[str, dict[str, Any]] = {}
+    if cur.set_range(STAGE_PREFIX):
+        for key, raw in cur:
+            if not bytes(key).startswith(STAGE_PREFIX):
+                break
+            out[bytes(key)[len(STAGE_PREFIX) :].decode()] = json.loads(bytes(raw))
+    return out
 
 
 def staging_dead(ctx: Ctx, token: str) -> bool:
