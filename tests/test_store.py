@@ -1020,6 +1020,69 @@ def test_graft_cutting_a_hard_link_group_counts_visible_links(store: Store) -> N
     assert store.resolve(info.id, "/x/f").nlink == 1
 
 
+def _volumes(store: Store, vm: str) -> int:
+    """How many volumes `vm`'s top layer has imported."""
+    from prism.store import layers, txn
+
+    with txn.read(store.ctx) as t:
+        top = layers.view_by_name(store.ctx, t, vm).top
+        return len(layers.load_layer(store.ctx, t, top)["vols"])
+
+
+def test_repeated_composes_keep_the_volume_count_bounded(store: Store) -> None:
+    a, b = new_vm(store, "a"), new_vm(store, "b")
+    for vm, root in (("a", a), ("b", b)):
+        write_file(store, store.mkdir(root, b"x").oid, b"f", f"from {vm}".encode())
+    rounds = 40  # importing every source volume would need 2**20 volumes by round 20
+    for n in range(rounds):
+        to, frm = ("a", "b") if n % 2 else ("b", "a")
+        store.clone(to, [CloneSource(frm, path="/x", dest=f"/x{n % 3}")], into=True, replace=True)
+        store.write(store.resolve(store.namespace(to).id, f"/x{n % 3}/f").oid, 0, b"F")
+    for vm in ("a", "b"):
+        assert _volumes(store, vm) <= rounds
+    for vm, root in (("a", a), ("b", b)):
+        assert read_all(store, resolve(store, root, "/x/f")) == f"from {vm}".encode()
+        for k in range(3):
+            assert read_all(store, resolve(store, root, f"/x{k}/f")).startswith(b"F")
+
+
+def test_graft_imports_what_its_subtree_reaches_after_moves(store: Store) -> None:
+    """A graft imports the volumes of earlier grafts found above or below it, and those
+    whose objects a rename or link carried elsewhere: the copy reads like its source."""
+    lib = new_vm(store, "lib")
+    for name in (b"one", b"two", b"three"):
+        write_file(store, store.mkdir(lib, name).oid, b"f", name)
+    vm = new_vm(store, "vm")
+    store.mkdir(vm, b"x")
+    store.mkdir(vm, b"y")
+    for k, name in enumerate(("one", "two", "three")):
+        store.clone("vm", [CloneSource("lib", path=f"/{name}", dest=f"/m{k}")], into=True)
+    store.clone("vm", [CloneSource("lib", path="/one", dest="/x/deep")], into=True)
+    base = _volumes(store, "vm")
+    # /m0 reaches volume 0 and its own import's volume: not its siblings', nor /x's
+    store.clone("before", [CloneSource("vm", path="/m0", dest="/got")])
+    assert _volumes(store, "before") == 2
+    # Objects of /m1's import leave it: a file renamed and a directory of it linked
+    # through; /m2's file gains a link in /y.
+    store.rename(resolve(store, vm, "/m1"), b"f", resolve(store, vm, "/x"), b"moved")
+    sub = store.mkdir(resolve(store, vm, "/m2"), b"sub").oid
+    store.rename(resolve(store, vm, "/m2"), b"f", sub, b"f")
+    store.rename(resolve(store, vm, "/m2"), b"sub", resolve(store, vm, "/y"), b"sub")
+    store.link(resolve(store, vm, "/x/deep/f"), resolve(store, vm, "/y"), b"ln")
+    expect = {
+        "/x": {"moved": b"two", "deep/f": b"one"},
+        "/y": {"sub/f": b"three", "ln": b"one"},
+        "/m0": {"f": b"one"},
+    }
+    for n, (path, files) in enumerate(expect.items()):
+        info = store.clone(f"c{n}", [CloneSource("vm", path=path, dest="/got")])
+        for rel, data in files.items():
+            assert read_all(store, store.resolve(info.id, f"/got/{rel}").oid) == data
+        if path == "/m0":  # and now the three imports that escaped their roots
+            assert _volumes(store, f"c{n}") == 5
+    assert _volumes(store, "vm") == base
+
+
 def test_failed_clone_changes_nothing(store: Store) -> None:
     root = new_vm(store, "a")
     write_file(store, root, b"f", b"x")

@@ -51,10 +51,8 @@ SIZES = [0, 3, 131000, 131072, 131080, 2 * CHUNK_SIZE + 1]
 MAX_NAMESPACES = 7
 FSCK_EVERY = 5
 MAX_COMPOSES = 6
-"""Per example. Every graft imports all of its source's volumes, so VMs composed into each
-other double their volumes each time, and path lookups cost O(volumes) per volume (the
-layer record is parsed whole): a dozen self-compositions take minutes. Not a correctness
-question, so the model keeps clear of it."""
+"""Per example, to keep examples short. A graft imports only the volumes its subtree can
+reach, so composing VMs into each other never nears MAX_VOLUMES here."""
 
 
 @dataclass
@@ -448,17 +446,9 @@ class StoreMachine(RuleBasedStateMachine):
         elif ttree.lookup(parent) is None:
             error = NotFound
         before = self.store.list_namespaces()
-        try:
-            ok = self.expect(
-                error, lambda: self.store.clone(target, [source], into=into >= 0, replace=True)
-            )
-        except AssertionError:
-            # Each graft imports every volume of its source, so composing VMs into each other
-            # over and over doubles their volume count until MAX_VOLUMES: a documented
-            # limit, refused cleanly. Accept it, provided that it changed nothing.
-            if "too many composed volumes" not in str(self.last_error):
-                raise
-            ok = False
+        ok = self.expect(
+            error, lambda: self.store.clone(target, [source], into=into >= 0, replace=True)
+        )
         if not ok:
             assert self.store.list_namespaces() == before, "a failed clone changed namespaces"
             return

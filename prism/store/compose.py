@@ -5,9 +5,12 @@ Snapshot and clone freeze the source's top layer (`layers.freeze`) and give the 
 fresh top over it: O(1). A snapshot records its VM's next inode number, so that a whole clone
 of it continues volume 0's numbering (new objects never reuse the snapshot's inodes).
 Rollback points the VM's top at a fresh layer over the snapshot's. A graft (clone with a
-path, or `into` an existing VM) imports the source's frozen layer as new volumes of the
-destination (`import_volumes`: every graft gets its own volumes, since each is a copy: two
-grafts of one source never name the same objects) and binds the subtree's root with `place`,
+path, or `into` an existing VM) imports the volumes of the source's frozen layer that its
+subtree can reach (`reached_volumes`, found from earlier imports' roots without walking
+files, see "Volumes" in `layers`) as new volumes of the destination (`import_volumes`:
+every graft gets its own volumes, since each is a copy: two grafts of one source never name
+the same objects), records the objects it grafts as the import's roots, and binds the
+subtree's root with `place`,
 which releases whatever the name held as `rm -r` would (`_release`). A composition's usage is
 unknown until measured (`quota.get_usage`); with a quota it is measured at once and the
 composition refused if it does not fit.
@@ -49,6 +52,7 @@ from prism.store.layers import (
     SHARE_VOL_SPAN,
     SNAP_NAME,
     View,
+    cached_layer,
     check_vm_name,
     freeze,
     load_layer,
@@ -68,6 +72,7 @@ from prism.store.quota import get_usage, set_usage
 from prism.store.records import Inode
 from prism.store.schema import NS_KEY, Ctx, get_meta
 from prism.store.tree import (
+    ancestors,
     check_name,
     drop_entry,
     find_entry,
@@ -278,12 +283,15 @@ def _graft(
         raise InvalidArgument(
             f"{label} is inside a share; compose from the VM it is shared from instead"
         )
-    vol_map = import_volumes(ctx, t, view, layer)
+    if src.target == "/" and snode.type != FileType.DIR:
+        raise NotADirectory(f"{label} is not a directory and cannot become '/'")
+    reach = reached_volumes(ctx, t, source_view, svol, sino)
+    entries = list(list_dir(ctx, t, source_view, svol, sino, 0)) if src.target == "/" else []
+    roots = [(e.oid.vol, e.oid.ino) for e in entries if e.oid.vol < SHARE_VOL_BASE]
+    vol_map = import_volumes(ctx, t, view, layer, reach, roots or [(svol, sino)])
     target = (vol_map.get(svol, svol), sino, snode.type)
     if src.target == "/":
-        if snode.type != FileType.DIR:
-            raise NotADirectory(f"{label} is not a directory and cannot become '/'")
-        for entry in list(list_dir(ctx, t, source_view, svol, sino, 0)):
+        for entry in entries:
             if not replace:
                 _refuse_existing(ctx, t, view, 0, ROOT_INO, entry.name, "/", label)
             moved = (vol_map.get(entry.oid.vol, entry.oid.vol), entry.oid.ino, entry.type)
@@ -366,19 +374,59 @@ def _refuse_existing(
         )
 
 
-def import_volumes(ctx: Ctx, t: lmdb.Transaction, view: View, layer: int) -> dict[int, int]:
-    """Give every volume of frozen `layer` fresh volumes here (one import per graft).
+def reached_volumes(ctx: Ctx, t: lmdb.Transaction, sview: View, svol: int, sino: int) -> set[int]:
+    """The volumes of frozen view `sview` that a graft of its object (svol, sino) can
+    reach, without walking files: volume 0, the object's own, and every volume of each
+    import grafted above or below it, or escaped (see "Volumes" in `layers`).
+    O(imports x depth)."""
+    rec = cached_layer(ctx, t, sview.top)
+    by_import: dict[str, list[int]] = {}
+    for vol, source in rec["vols"].items():
+        by_import.setdefault(str(source[2]), []).append(int(vol))
+    above = ancestors(ctx, t, sview, svol, sino)
+    out = {0, svol}
+    for imp, vols in by_import.items():
+        info = rec["imports"].get(imp, {})
+        roots = [tuple(r) for r in info.get("roots", ())]
+        if (
+            info.get("escaped")
+            or not roots
+            or svol in vols
+            or above is None
+            or any(r in above for r in roots)
+            or any(_below(ctx, t, sview, r, (svol, sino)) for r in roots)
+        ):
+            out.update(vols)
+    return out
+
+
+def _below(
+    ctx: Ctx, t: lmdb.Transaction, view: View, node: tuple[int, int], top: tuple[int, int]
+) -> bool:
+    """Whether `node` lies in the subtree at `top`, or may (its way up is not known)."""
+    up = ancestors(ctx, t, view, *node)
+    return up is None or top in up
+
+
+def import_volumes(
+    ctx: Ctx,
+    t: lmdb.Transaction,
+    view: View,
+    layer: int,
+    vols: set[int],
+    roots: list[tuple[int, int]],
+) -> dict[int, int]:
+    """Give the volumes `vols` of frozen `layer` fresh volumes here (one import per
+    graft), and record the import's `roots`: the objects grafted (source numbering).
 
     Each graft is a copy, so it never shares volumes with an earlier import of the same
     layer: two grafts of one source (at two places, or one over the other) name distinct
     objects, so a write through one never shows through the other and replacing one never
-    deletes what the other names. O(volumes of the source)."""
+    deletes what the other names. O(volumes imported)."""
     top = load_layer(ctx, t, view.top)
-    source = load_layer(ctx, t, layer)
-    source_vols = [0, *sorted(int(v) for v in source["vols"])]
     imp_id = top["next_import"]
     mapping: dict[int, int] = {}
-    for svol in source_vols:
+    for svol in sorted(vols):
         vol = top["next_vol"]
         if vol >= MAX_VOLUMES:
             raise InvalidArgument("too many composed volumes in this VM")
@@ -388,6 +436,7 @@ def import_volumes(ctx: Ctx, t: lmdb.Transaction, view: View, layer: int) -> dic
     top["imports"][str(imp_id)] = {
         "layer": layer,
         "map": {str(k): v for k, v in mapping.items()},
+        "roots": [[mapping.get(v, v), i] for v, i in roots],
     }
     top["next_import"] = imp_id + 1
     put_layer(ctx, t, view.top, top)

@@ -18,6 +18,14 @@ volume numbers in fallen-back directory entries translated through the import's 
 O(files). `chain` is that walk: for (top layer, volume), the (layer, volume there,
 translation) triples to search, top-down.
 
+A graft imports only the source volumes its subtree can reach, found without walking files
+(`compose.reached_volumes`, O(imports x depth)): volume 0 (the lineage: new objects are
+made there, under any directory), and each earlier import whose `roots` (the objects it
+was grafted as, in this namespace's numbering) lie below the grafted directory or above it,
+or that is `escaped`. An import escapes when a rename or link puts one of its objects
+outside the subtrees at its roots (`tree.note_move`); from then on every graft imports it.
+An import written before roots were recorded counts as escaped.
+
 Shares (`compose.share`). A share is a live mount of another VM's directory: an entry of the
 destination's tree names a share volume (SHARE_VOL_BASE and up), routed through the
 destination record's `shares` to the source VM's live namespace (`routed`): share k's objects
@@ -298,6 +306,23 @@ def chain(ctx: Ctx, t: lmdb.Transaction, top: int, vol: int) -> tuple[PathEntry,
             ctx.paths.clear()
         ctx.paths[(top, vol)] = result
     return result
+
+
+def imports_at(rec: dict[str, Any], places: set[tuple[int, int]]) -> set[str]:
+    """The imports of layer record `rec` grafted at one of `places` (see "Volumes")."""
+    return {
+        imp
+        for imp, info in rec["imports"].items()
+        if any(tuple(r) in places for r in info.get("roots", ()))
+    }
+
+
+def mark_escaped(ctx: Ctx, t: lmdb.Transaction, top: int, imports: list[str]) -> None:
+    """Mark imports of the top layer `top` escaped (see "Volumes")."""
+    rec = load_layer(ctx, t, top)
+    for imp in imports:
+        rec["imports"][imp]["escaped"] = True
+    put_layer(ctx, t, top, rec)
 
 
 def share_of(view: View, vol: int) -> dict[str, Any]:

@@ -56,6 +56,7 @@ from prism.store.tree import (
     is_empty_dir,
     locate,
     lost_link,
+    note_move,
     put_entry,
     put_inode,
     require_writable,
@@ -397,6 +398,8 @@ def _move(
         raise NotPermitted(f"{dst_name!r} is a share; it cannot be replaced")
     if existing is not None and (existing[0], existing[1]) == (svol, sino):
         return  # both names are links to the same object: POSIX says do nothing
+    if not same_dir:
+        note_move(ctx, t, view, (svol, sino, stype), (sd.vol, sd.ino), (dd.vol, dd.ino))
     now = time.time_ns()
     if existing is not None:
         enode = get_inode(ctx, t, view, existing[0], existing[1])
@@ -472,6 +475,7 @@ def link(ctx: Ctx, oid: ObjectId, dir: ObjectId, name: bytes, cred: Cred | None 
                     raise TooManyLinks(f"the object already has {node.nlink} links")
                 if find_entry(ctx, t, view, d.vol, d.ino, name) is not None:
                     raise Exists(f"{name!r} already exists")
+                note_move(ctx, t, view, (loc.vol, loc.ino, node.type), None, (d.vol, d.ino))
                 now = time.time_ns()
                 node.nlink += 1
                 node.ctime_ns = now

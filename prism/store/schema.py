@@ -28,7 +28,10 @@ is followed by a 4-byte seal over its database, key and value, checked on every 
               lacks them and means insecure, squash none, VRPC for root only: the access it
               always had)}
     names     name -> ns id u32 ("web" for a VM, "web@monday" for its snapshot)
-    layers    layer id u64 -> JSON {parent, vols, imports, next_vol, next_import}
+    layers    layer id u64 -> JSON {parent, vols, imports, next_vol, next_import}; an
+              import is {layer, map, roots, escaped} (roots and escaped since grafts
+              import only the volumes they reach; an import without roots counts as
+              escaped)
     inodes    layer|vol|ino -> packed Inode, or b"" (whiteout: removed in this layer)
     dirents   layer|vol|dir|cookie|name -> vol|ino|type, or b"" (whiteout)
     cmap      layer|vol|ino|chunk index -> chunk key|length|segment|offset, or b"" (hole);
