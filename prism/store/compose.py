@@ -9,8 +9,9 @@ path, or `into` an existing VM) imports the volumes of the source's frozen layer
 subtree can reach (`reached_volumes`, found from earlier imports' roots without walking
 files, see "Volumes" in `layers`) as new volumes of the destination (`import_volumes`:
 every graft gets its own volumes, since each is a copy: two grafts of one source never name
-the same objects), records the objects it grafts as the import's roots, and binds the
-subtree's root with `place`,
+the same objects), records the objects it grafts as the import's roots, gives each
+hard-linked object it copies the count of the links it copies (`_count_links`, from the
+hard-link index: O(hard-linked objects x depth)), and binds the subtree's root with `place`,
 which releases whatever the name held as `rm -r` would (`_release`). A composition's usage is
 unknown until measured (`quota.get_usage`); with a quota it is measured at once and the
 composition refused if it does not fit.
@@ -43,9 +44,10 @@ from prism.errors import (
     NotPermitted,
     QuotaExceeded,
 )
+from prism.store import links, txn
 from prism.store import records as R
-from prism.store import txn
 from prism.store.layers import (
+    LINKS_COMPLETE,
     MAX_VOLUMES,
     SHARE_SLOTS,
     SHARE_VOL_BASE,
@@ -67,11 +69,13 @@ from prism.store.layers import (
     view_by_name,
     view_of,
 )
+from prism.store.links import unlinked
 from prism.store.names import destroy, new_dir
 from prism.store.quota import get_usage, set_usage
 from prism.store.records import Inode
 from prism.store.schema import NS_KEY, Ctx, get_meta
 from prism.store.tree import (
+    MAX_DEPTH,
     ancestors,
     check_name,
     drop_entry,
@@ -289,6 +293,9 @@ def _graft(
     entries = list(list_dir(ctx, t, source_view, svol, sino, 0)) if src.target == "/" else []
     roots = [(e.oid.vol, e.oid.ino) for e in entries if e.oid.vol < SHARE_VOL_BASE]
     vol_map = import_volumes(ctx, t, view, layer, reach, roots or [(svol, sino)])
+    if links.complete(ctx, t, layer):
+        at_root = src.target == "/"
+        _count_links(ctx, t, view, source_view, (svol, sino, snode.type), vol_map, at_root)
     target = (vol_map.get(svol, svol), sino, snode.type)
     if src.target == "/":
         for entry in entries:
@@ -400,6 +407,68 @@ def reached_volumes(ctx: Ctx, t: lmdb.Transaction, sview: View, svol: int, sino:
     return out
 
 
+def _count_links(
+    ctx: Ctx,
+    t: lmdb.Transaction,
+    view: View,
+    sview: View,
+    top: tuple[int, int, FileType],
+    vol_map: dict[int, int],
+    at_root: bool,
+) -> None:
+    """Give each multiply-linked object that a graft of `top` (in frozen `sview`) copies
+    the nlink of the links it copies, and a holder among them; and make the destination's
+    hard-link index say where those links are (the source's records, seen through the
+    import, name directories the graft does not copy). Visits only the indexed objects of
+    the imported volumes: O(hard-linked objects x depth). With `at_root`, the entries of
+    `top` land in the destination's root."""
+    tvol, tino, ttype = top
+    inside: dict[tuple[int, int], bool] = {(tvol, tino): ttype == FileType.DIR}
+
+    def below(d: tuple[int, int]) -> bool:  # memoized: each directory is walked once
+        path: list[tuple[int, int]] = []
+        while d not in inside:
+            node = get_inode(ctx, t, sview, *d)
+            if node is None or d == (0, ROOT_INO) or len(path) >= MAX_DEPTH:
+                inside[d] = False
+                break
+            path.append(d)
+            d = (node.parent_vol, node.parent_ino)
+        inside.update(dict.fromkeys(path, inside[d]))
+        return inside[d]
+
+    def seen(d: tuple[int, int]) -> tuple[int, int]:  # as the import shows it
+        return vol_map.get(d[0], d[0]), d[1]
+
+    def dest(d: tuple[int, int]) -> tuple[int, int]:  # where the graft puts it
+        return (0, ROOT_INO) if at_root and d == (tvol, tino) else seen(d)
+
+    for svol, vol in vol_map.items():
+        for ino, dirs in links.indexed(ctx, t, sview, svol).items():
+            copied = {d: n for d, n in dirs.items() if below(d)}
+            count = sum(copied.values()) + ((svol, ino) == (tvol, tino))
+            want = {dest(d): n for d, n in copied.items()} if count > 1 else {}
+            for d, n in dirs.items():
+                if want.get(seen(d)) != n:
+                    links.put(ctx, t, view, vol, ino, seen(d), 0)
+            for d, n in want.items():
+                if d not in map(seen, dirs):
+                    links.put(ctx, t, view, vol, ino, d, n)
+            node = get_inode(ctx, t, sview, svol, ino) if count else None
+            if node is None:
+                continue
+            holder = (node.parent_vol, node.parent_ino)
+            if holder not in copied and copied:
+                holder = min(copied)
+            same = (node.parent_vol, node.parent_ino) == holder
+            if node.nlink == count and same and dest(holder) == seen(holder):
+                continue  # nothing cut: what the import shows is right
+            node.nlink = count
+            if copied:
+                node.parent_vol, node.parent_ino = dest(holder)
+            put_inode(ctx, t, view, vol, ino, node)
+
+
 def _below(
     ctx: Ctx, t: lmdb.Transaction, view: View, node: tuple[int, int], top: tuple[int, int]
 ) -> bool:
@@ -439,6 +508,8 @@ def import_volumes(
         "roots": [[mapping.get(v, v), i] for v, i in roots],
     }
     top["next_import"] = imp_id + 1
+    if not cached_layer(ctx, t, layer).get(LINKS_COMPLETE):
+        top[LINKS_COMPLETE] = False  # its objects' links are not indexed (`links`)
     put_layer(ctx, t, view.top, top)
     return mapping
 
@@ -467,7 +538,7 @@ def place(
     if old is not None:
         if old[2] == FileType.DIR:
             pnode.nlink -= 1
-        _release(ctx, t, view, old[0], old[1])
+        _release(ctx, t, view, old[0], old[1], (pvol, pino))
     put_entry(ctx, t, view, pvol, pino, name, target)
     node = get_inode(ctx, t, view, target[0], target[1])
     if node is None:
@@ -480,13 +551,15 @@ def place(
     put_inode(ctx, t, view, pvol, pino, pnode)
 
 
-def _release(ctx: Ctx, t: lmdb.Transaction, view: View, vol: int, ino: int) -> None:
-    """An entry naming (vol, ino) was replaced: drop one link, as `rm -r` would. A
-    replaced directory's whole subtree goes (a file in it linked elsewhere loses one link),
-    and an object whose last link goes releases its chunks (`posix.destroy`)."""
-    stack = [(vol, ino)]
+def _release(
+    ctx: Ctx, t: lmdb.Transaction, view: View, vol: int, ino: int, d: tuple[int, int]
+) -> None:
+    """An entry of directory `d` naming (vol, ino) was replaced: drop one link, as `rm -r`
+    would. A replaced directory's whole subtree goes (a file in it linked elsewhere loses
+    one link), and an object whose last link goes releases its chunks (`posix.destroy`)."""
+    stack = [(vol, ino, d)]
     while stack:
-        vol, ino = stack.pop()
+        vol, ino, d = stack.pop()
         if vol >= SHARE_VOL_BASE:
             continue  # objects seen through a share belong to its source VM
         node = get_inode(ctx, t, view, vol, ino)
@@ -500,14 +573,14 @@ def _release(ctx: Ctx, t: lmdb.Transaction, view: View, vol: int, ino: int) -> N
                         "inside what would be replaced; remove it with `prism unshare` first"
                     )
                 drop_entry(ctx, t, view, vol, ino, entry.name)
-                stack.append((entry.oid.vol, entry.oid.ino))
+                stack.append((entry.oid.vol, entry.oid.ino, (vol, ino)))
             destroy(ctx, t, view, vol, ino, node)
             continue
         node.nlink -= 1
         if node.nlink <= 0:
             destroy(ctx, t, view, vol, ino, node)
         else:
-            node.parent_vol, node.parent_ino = 0, R.HOLDER_UNKNOWN
+            unlinked(ctx, t, view, vol, ino, node, d)
             node.ctime_ns = time.time_ns()
             put_inode(ctx, t, view, vol, ino, node)
 

@@ -87,6 +87,10 @@ UNCHANGED: Any = object()
 """`set_namespace`'s default for the quota, which None would set to unlimited."""
 log = logging.getLogger("prism.store")
 
+LINKS_COMPLETE = "links"
+"""Layer record field: true when the hard-link index (`prism.store.links`) holds every
+hard link of the lineage (layers made before it lack the field)."""
+
 PathEntry = tuple[int, int, dict[int, int] | None]
 """(layer, volume as numbered in that layer, volume translation into the viewer's numbering)"""
 
@@ -248,6 +252,7 @@ def new_layer(ctx: Ctx, t: lmdb.Transaction, parent: int, like: dict[str, Any] |
         "imports": dict(like["imports"]) if like else {},
         "next_vol": like["next_vol"] if like else 1,
         "next_import": like["next_import"] if like else 1,
+        LINKS_COMPLETE: bool(like.get(LINKS_COMPLETE)) if like else True,
     }
     put_layer(ctx, t, layer, rec)
     return layer
@@ -255,7 +260,7 @@ def new_layer(ctx: Ctx, t: lmdb.Transaction, parent: int, like: dict[str, Any] |
 
 def _layer_is_empty(ctx: Ctx, t: lmdb.Transaction, layer: int) -> bool:
     prefix = R.layer_prefix(layer)
-    for db in (ctx.db.inodes, ctx.db.dirents, ctx.db.cmap):
+    for db in (ctx.db.inodes, ctx.db.dirents, ctx.db.cmap, ctx.db.links):
         cur = t.cursor(db=db)
         if cur.set_range(prefix) and bytes(cur.key()).startswith(prefix):
             return False

@@ -9,11 +9,13 @@ between a share and its surroundings (rename and link across them are EXDEV), an
 mount point is removed only by `prism unshare`.
 
 Link counts: a directory has 2 + its subdirectories; a non-directory, its directory entries
-(at most NLINK_MAX). When the last link goes, `destroy` releases the object's records and
-content (its top layer's chunk map) and its usage. New names keep half of the metadata reserve free
-(`segments.require_room`), so that REMOVE still works on a full disk. A non-directory that
-keeps other links after losing the one it was last placed by no longer knows its holding
-directory (`tree.lost_link`).
+(at most NLINK_MAX), and while it has more than one, the hard-link index (`links`) records in
+which directories they are (link, unlink, rename keep it in the same transaction). When the
+last link goes, `destroy` releases the object's records and content (its top layer's chunk
+map) and its usage. New names keep half of the metadata reserve free
+(`segments.require_room`), so that REMOVE still works on a full disk. A non-directory left
+with one link holds in that link's directory; one that keeps several after losing the one it
+was last placed by no longer knows its holding directory (`links.unlinked`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from prism.store import txn
 from prism.store.api import Made, Renamed, Wcc
 from prism.store.content import drop_top_chunks
 from prism.store.layers import SHARE_VOL_BASE, Out, View
+from prism.store.links import linked, moved, unlinked
 from prism.store.perms import MAY_EXEC, MAY_WRITE, require, sticky_ok
 from prism.store.posix import apply_sattr, set_attributes, unchanged_on_failure
 from prism.store.quota import add_usage, charged_bytes, check_quota
@@ -55,7 +58,6 @@ from prism.store.tree import (
     get_inode,
     is_empty_dir,
     locate,
-    lost_link,
     note_move,
     put_entry,
     put_inode,
@@ -323,7 +325,7 @@ def _unlink(ctx: Ctx, dir: ObjectId, name: bytes, cred: Cred | None, *, want_dir
                 if node.nlink <= 0:
                     destroy(ctx, t, view, vol, ino, node)
                 else:
-                    lost_link(node, d.vol, d.ino)
+                    unlinked(ctx, t, view, vol, ino, node, (d.vol, d.ino))
                     node.ctime_ns = now
                     put_inode(ctx, t, view, vol, ino, node)
             dnode.mtime_ns = dnode.ctime_ns = now
@@ -421,12 +423,14 @@ def _move(
                 if enode.nlink <= 0:
                     destroy(ctx, t, view, existing[0], existing[1], enode)
                 else:
-                    lost_link(enode, dd.vol, dd.ino)
+                    unlinked(ctx, t, view, existing[0], existing[1], enode, (dd.vol, dd.ino))
                     enode.ctime_ns = now
                     put_inode(ctx, t, view, existing[0], existing[1], enode)
     drop_entry(ctx, t, view, sd.vol, sd.ino, src_name)
     put_entry(ctx, t, view, dd.vol, dd.ino, dst_name, (svol, sino, stype))
     snode.ctime_ns = now
+    if snode.type != FileType.DIR:
+        moved(ctx, t, view, svol, sino, snode, (sd.vol, sd.ino), (dd.vol, dd.ino))
     snode.parent_vol, snode.parent_ino = dd.vol, dd.ino
     if snode.type == FileType.DIR and not same_dir:
         ddnode.nlink += 1
@@ -476,6 +480,7 @@ def link(ctx: Ctx, oid: ObjectId, dir: ObjectId, name: bytes, cred: Cred | None 
                 if find_entry(ctx, t, view, d.vol, d.ino, name) is not None:
                     raise Exists(f"{name!r} already exists")
                 note_move(ctx, t, view, (loc.vol, loc.ino, node.type), None, (d.vol, d.ino))
+                linked(ctx, t, view, loc.vol, loc.ino, node, (d.vol, d.ino))
                 now = time.time_ns()
                 node.nlink += 1
                 node.ctime_ns = now

@@ -40,13 +40,17 @@ is followed by a 4-byte seal over its database, key and value, checked on every 
     chunks    xxh3-128 hash|seq -> segment|offset|length|refcount
     segments  segment id -> appended bytes|live bytes
     usage     ns id -> logical bytes (file sizes and symlink targets)|objects|valid
+    links     layer|vol|ino|dir vol|dir ino -> links there u32, or b"" (whiteout): where
+              each multiply-linked object's links live (`prism.store.links`; since the
+              database was added, appended last so older numbering holds)
 
 What the records mean is told by the rooms that write them: `layers` (namespaces, layer
 chains, volumes, shares), `tree` (inodes, entries, whiteouts), `content` (chunks, chunk maps,
-segments), `quota` (usage), `txn` (the journal generation and crash ordering), `staging`.
+segments), `quota` (usage), `links` (the hard-link index), `txn` (the journal generation and crash
+ordering), `staging`.
 
 The rooms are modules of free functions over one `Ctx`, the open store as this process sees
-it; data flows downward: schema <- txn <- layers <- tree <- content <- quota <- perms <-
+it; data flows downward: schema <- txn <- layers <- tree <- links <- content <- quota <- perms <-
 posix <- compose, staging <- store (the facade), and `check`/`gc` use the rooms' public
 functions. No room keeps state of its own outside the `Ctx`.
 """
@@ -78,7 +82,8 @@ FORMAT_VERSION = 2
 store seals every record in one transaction first (`txn.upgrade`)."""
 MAP_SIZE = 1 << 40
 DB_NAMES = (
-    "meta", "ns", "names", "layers", "inodes", "dirents", "cmap", "chunks", "segments", "usage"
+    "meta", "ns", "names", "layers", "inodes", "dirents", "cmap", "chunks", "segments", "usage",
+    "links",
 )  # fmt: skip
 """The databases in `Dbs.all` order: their index is the journal's and the seal's number."""
 NS_KEY = R.U32
@@ -107,6 +112,7 @@ class Dbs:
     chunks: Any
     segments: Any
     usage: Any
+    links: Any
     all: tuple[Any, ...]
     """In DB_NAMES order."""
     index: dict[Any, int]

@@ -25,6 +25,7 @@ from prism.errors import Exists, InvalidArgument, NotADirectory, NotFound, ReadO
 from prism.store import txn
 from prism.store.compose import place
 from prism.store.layers import SHARE_VOL_BASE, ns_record, view_by_name, view_of
+from prism.store.links import moved
 from prism.store.names import destroy, new_dir, remove, rmdir
 from prism.store.posix import readdir
 from prism.store.quota import check_quota
@@ -108,12 +109,16 @@ def publish_staging(ctx: Ctx, token: str, to: str) -> None:
                 target = (item.oid.vol, item.oid.ino, item.type)
                 drop_entry(ctx, t, view, 0, staged, item.name)
                 put_entry(ctx, t, view, vol, ino, item.name, target)
+                child = get_inode(ctx, t, view, item.oid.vol, item.oid.ino)
+                assert child is not None
                 if item.type == FileType.DIR:
-                    child = get_inode(ctx, t, view, item.oid.vol, item.oid.ino)
-                    assert child is not None
-                    child.parent_vol, child.parent_ino = vol, ino
-                    put_inode(ctx, t, view, item.oid.vol, item.oid.ino, child)
                     dnode.nlink += 1
+                else:  # its link moves: the hard-link index and holder follow
+                    moved(ctx, t, view, *target[:2], child, (0, staged), (vol, ino))
+                    if (child.parent_vol, child.parent_ino) != (0, staged):
+                        continue
+                child.parent_vol, child.parent_ino = vol, ino
+                put_inode(ctx, t, view, item.oid.vol, item.oid.ino, child)
             dnode.mode, dnode.uid, dnode.gid = root.mode, root.uid, root.gid
             dnode.atime_ns, dnode.mtime_ns = root.atime_ns, root.mtime_ns
             dnode.ctime_ns = time.time_ns()

@@ -466,13 +466,6 @@ def resolve_path(
     return vol, ino, node
 
 
-def lost_link(node: Inode, dvol: int, dino: int) -> None:
-    """A non-directory that keeps other links lost the one in directory (dvol, dino): if
-    that was its recorded holder (or none was recorded), where it lives is now unknown."""
-    if (node.parent_vol, node.parent_ino) == (dvol, dino) or not R.holder_known(node):
-        node.parent_vol, node.parent_ino = 0, R.HOLDER_UNKNOWN
-
-
 def file_type(value: int) -> FileType:
     ftype = R.FILE_TYPES[value] if 0 < value < len(R.FILE_TYPES) else None
     if ftype is None:
