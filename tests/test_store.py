@@ -29,7 +29,17 @@ from prism.errors import (
     Stale,
     StoreError,
 )
-from prism.store import CHUNK_SIZE, CloneSource, Cred, FileType, ObjectId, SetAttr, Store, txn
+from prism.store import (
+    CHUNK_SIZE,
+    CloneSource,
+    Cred,
+    FileType,
+    ObjectId,
+    SetAttr,
+    Store,
+    Usage,
+    txn,
+)
 from prism.store.gc import gc
 from prism.store.types import (
     ACCESS_DELETE,
@@ -1107,6 +1117,51 @@ def test_a_graft_from_a_vm_older_than_the_link_index_keeps_source_nlink(store: S
     store.clone("new", [CloneSource("old", path="/x", dest="/x")], into=True)
     assert store.resolve(store.namespace("new").id, "/x/f").nlink == 2  # as before
     write_file(store, dst, b"mine", b"m")
+    if check is not None:
+        assert check.fsck(store).errors == []
+
+
+def _tree_usage(store: Store, root: ObjectId) -> tuple[int, int]:
+    """(bytes, objects) of a VM's tree, counted through the public calls."""
+    objects = walk(store, root)
+    return sum(
+        a.size for a in map(store.getattr, objects) if a.type in (FileType.REG, FileType.LNK)
+    ), len(objects)
+
+
+def test_composed_usage_is_counted_by_the_composition(store: Store) -> None:
+    src = new_vm(store, "src")
+    d = store.mkdir(src, b"d").oid
+    f = write_file(store, d, b"f", pattern(3 * CHUNK_SIZE + 7))
+    store.link(f, d, b"f2")  # hard links count once
+    store.link(f, src, b"f-outside")  # a link the grafts below do not copy
+    store.symlink(d, b"l", b"../somewhere")
+    write_file(store, store.mkdir(d, b"e").oid, b"h", b"hello")
+    dst = new_vm(store, "dst", quota=1 << 30)
+    write_file(store, dst, b"old", b"x" * 1000)
+    # an import staged in the VM: its objects count before they are published
+    staged, token, fd = store.begin_staging("dst")
+    write_file(store, staged, b"imported", b"y" * 300)
+    compositions = [
+        ("new", [CloneSource("src", path="/d", dest="/d")], False),
+        ("root", [CloneSource("src"), CloneSource("src", path="/d", dest="/")], False),
+        ("dst", [CloneSource("src", path="/d", dest="/d")], True),
+        ("dst", [CloneSource("src", path="/d/e", dest="/d")], True),  # replaces the first
+        ("dst", [CloneSource("src", path="/d", dest="/")], True),
+    ]
+    for name, sources, into in compositions:
+        info = store.clone(name, sources, into=into, replace=into)
+        nbytes, objects = _tree_usage(store, info.root)
+        if name == "dst":
+            nbytes, objects = nbytes + 300, objects + 2  # the staged directory and file
+        fs = store.fsstat(info.id)  # what df shows at once, before any other call
+        if info.quota is not None:
+            assert fs.total_bytes - fs.free_bytes == nbytes, name
+        assert fs.total_files - fs.free_files == objects, name
+        assert store.usage(name) == Usage(nbytes, objects), name
+    store.publish_staging(token, "/imported-here")
+    os.close(fd)
+    assert store.usage("dst") == Usage(*_tree_usage(store, dst))
     if check is not None:
         assert check.fsck(store).errors == []
 

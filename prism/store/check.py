@@ -62,9 +62,9 @@ from prism.store.layers import (
 )
 from prism.store.quota import charged_bytes, set_usage
 from prism.store.records import Inode
-from prism.store.schema import DB_NAMES, Ctx, get_meta, intact_records
+from prism.store.schema import DB_NAMES, Ctx, get_meta, intact_records, staged_roots
 from prism.store.sealed import DamagedRecord, SealedCursor, open_value
-from prism.store.staging import staged_roots, staging_dead, stagings
+from prism.store.staging import staging_dead, stagings
 from prism.store.store import Store
 from prism.store.tree import get_inode, list_dir
 from prism.store.types import CHUNK_SIZE, ROOT_INO, DirEntry, FileType, ObjectId

@@ -23,7 +23,7 @@ from prism.store import txn
 from prism.store.api import Space
 from prism.store.layers import SHARE_VOL_BASE, View, view_by_name, view_of
 from prism.store.records import Inode
-from prism.store.schema import NS_KEY, Ctx, get_meta
+from prism.store.schema import NS_KEY, Ctx, get_meta, staged_roots
 from prism.store.tree import get_inode, list_dir, locate, to_attr
 from prism.store.types import ROOT_INO, Attr, FileType, FsStat, ObjectId, StoreStats, Usage
 
@@ -57,10 +57,12 @@ def set_usage(ctx: Ctx, t: lmdb.Transaction, ns_id: int, nbytes: int, objects: i
 
 
 def _measure(ctx: Ctx, t: lmdb.Transaction, view: View) -> tuple[int, int]:
-    """Walk the whole tree (after a composition made the counters unknown)."""
+    """Walk the whole tree and the trees staged in it (when the counters are unknown:
+    kept under an older rule, or dropped by fsck as damaged)."""
     seen: set[tuple[int, int]] = set()
     nbytes = objects = 0
     stack = [(0, ROOT_INO)]
+    stack += [(0, ino) for ns, ino in staged_roots(ctx, t) if ns == view.id]
     while stack:
         vol, ino = stack.pop()
         if (vol, ino) in seen:
@@ -132,7 +134,9 @@ def fsstat_attr(ctx: Ctx, oid: ObjectId) -> Space:
 
 def _fsstat(ctx: Ctx, t: lmdb.Transaction, view: View) -> FsStat:
     raw = t.get(NS_KEY.pack(view.id), db=ctx.db.usage)
-    used, objects, _ = R.USAGE_VAL.unpack(raw) if raw else (0, 0, 0)
+    used, objects, valid = R.USAGE_VAL.unpack(raw) if raw else (0, 0, 0)
+    if not valid:  # counters not known yet: the true figures, not zero
+        used, objects = _measure(ctx, t, view)
     free_files = 1 << 32
     if view.quota is not None:
         free = max(0, view.quota - used)

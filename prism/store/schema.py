@@ -269,3 +269,21 @@ def prepare(ctx: Ctx, t: lmdb.Transaction) -> bytes:
             t.put(key, R.USAGE_VAL.pack(*R.USAGE_VAL.unpack(raw)[:2], 0), db=ctx.db.usage)
         t.put(USAGE_REV_KEY, R.U64.pack(USAGE_REV), db=ctx.db.meta)
     return bytes(t.get(b"secret", db=ctx.db.meta) or b"")
+
+
+def stage_markers(ctx: Ctx, t: lmdb.Transaction) -> dict[str, dict[str, Any]]:
+    """Every staged import's marker (b"stage:"+token -> {ns, ino}), by token."""
+    cur = t.cursor(db=ctx.db.meta)
+    out: dict[str, dict[str, Any]] = {}
+    if cur.set_range(STAGE_PREFIX):
+        for key, raw in cur:
+            if not bytes(key).startswith(STAGE_PREFIX):
+                break
+            out[bytes(key)[len(STAGE_PREFIX) :].decode()] = json.loads(bytes(raw))
+    return out
+
+
+def staged_roots(ctx: Ctx, t: lmdb.Transaction) -> list[tuple[int, int]]:
+    """(namespace id, directory inode of volume 0) of every staged import tree, alive
+    or dead: part of its namespace (and its usage) though no entry names it."""
+    return [(m["ns"], m["ino"]) for m in stage_markers(ctx, t).values()]

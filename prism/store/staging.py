@@ -17,9 +17,6 @@ import json
 import os
 import secrets
 import time
-from typing import Any
-
-import lmdb
 
 from prism.errors import Exists, InvalidArgument, NotADirectory, NotFound, ReadOnly, Stale
 from prism.store import txn
@@ -29,7 +26,7 @@ from prism.store.links import moved
 from prism.store.names import destroy, new_dir, remove, rmdir
 from prism.store.posix import readdir
 from prism.store.quota import check_quota
-from prism.store.schema import STAGE_PREFIX, STAGING_DIR, Ctx
+from prism.store.schema import STAGE_PREFIX, STAGING_DIR, Ctx, stage_markers
 from prism.store.tree import drop_entry, find_entry, get_inode, list_dir, put_entry, put_inode
 from prism.store.types import ROOT_INO, FileType, ObjectId
 
@@ -158,25 +155,7 @@ def reap_stagings(ctx: Ctx) -> int:
 
 def stagings(ctx: Ctx) -> list[str]:
     with txn.read(ctx) as t:
-        return list(_stage_markers(ctx, t))
-
-
-def staged_roots(ctx: Ctx, t: lmdb.Transaction) -> list[tuple[int, int]]:
-    """(namespace id, directory inode of volume 0) of every staged import tree, alive
-    or dead: part of its namespace (and its usage) though no entry names it."""
-    return [(m["ns"], m["ino"]) for m in _stage_markers(ctx, t).values()]
-
-
-def _stage_markers(ctx: Ctx, t: lmdb.Transaction) -> dict[str, dict[str, Any]]:
-    """Every staged import's marker (b"stage:"+token -> {ns, ino}), by token."""
-    cur = t.cursor(db=ctx.db.meta)
-    out: dict[str, dict[str, Any]] = {}
-    if cur.set_range(STAGE_PREFIX):
-        for key, raw in cur:
-            if not bytes(key).startswith(STAGE_PREFIX):
-                break
-            out[bytes(key)[len(STAGE_PREFIX) :].decode()] = json.loads(bytes(raw))
-    return out
+        return list(stage_markers(ctx, t))
 
 
 def staging_dead(ctx: Ctx, token: str) -> bool:
