@@ -1166,6 +1166,75 @@ def test_composed_usage_is_counted_by_the_composition(store: Store) -> None:
         assert check.fsck(store).errors == []
 
 
+def _records_touched(store: Store, monkeypatch: pytest.MonkeyPatch, op) -> int:
+    """How many records `op` reads, writes and steps over, counted at the sealed
+    transaction wrapper that every store transaction goes through."""
+    from prism.store import sealed
+
+    seen = [0]
+
+    def counting(method):
+        def wrapper(*args, **kwargs):
+            seen[0] += 1
+            return method(*args, **kwargs)
+
+        return wrapper
+
+    def stepping(method):
+        def wrapper(*args, **kwargs):
+            for item in method(*args, **kwargs):
+                seen[0] += 1
+                yield item
+
+        return wrapper
+
+    with monkeypatch.context() as m:
+        for name in ("get", "put", "delete"):
+            m.setattr(sealed.SealedTxn, name, counting(getattr(sealed.SealedTxn, name)))
+        m.setattr(sealed.SealedCursor, "__iter__", stepping(sealed.SealedCursor.__iter__))
+        op()
+    return seen[0]
+
+
+def test_graft_work_does_not_grow_with_the_files_grafted(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subtree graft and a whole clone read and write as many records for a subtree of
+    100 files as for one of 5,000 (hard links, imports and depth being equal)."""
+    counts = []
+    for n, files in enumerate((100, 5000)):
+        root = new_vm(store, f"src{n}")
+        store.begin_batch()
+        d = store.mkdir(store.mkdir(root, b"a").oid, b"b").oid
+        sub = store.mkdir(d, b"sub").oid
+        for k in range(files):
+            write_file(store, sub if k % 2 else d, b"f%d" % k, b"x" * (k % 7))
+        f = resolve(store, root, "/a/b/f0")
+        store.link(f, sub, b"hard")
+        store.link(f, root, b"outside")  # a link group the graft cuts
+        store.commit()
+        # an earlier graft out of it: an import the next graft reaches
+        store.clone(
+            f"src{n}", [CloneSource(f"src{n}", path="/a/b/sub", dest="/a/b/again")], into=True
+        )
+    for n in range(2):
+        vm = f"src{n}"
+        counts.append(
+            (
+                _records_touched(
+                    store,
+                    monkeypatch,
+                    lambda vm=vm: store.clone(f"g-{vm}", [CloneSource(vm, path="/a/b", dest="/b")]),
+                ),
+                _records_touched(
+                    store, monkeypatch, lambda vm=vm: store.clone(f"w-{vm}", [CloneSource(vm)])
+                ),
+            )
+        )
+        assert store.resolve(store.namespace(f"g-{vm}").id, "/b/f0").nlink == 2
+    assert counts[0] == counts[1]
+
+
 def _volumes(store: Store, vm: str) -> int:
     """How many volumes `vm`'s top layer has imported."""
     from prism.store import layers, txn

@@ -71,7 +71,7 @@ from prism.store.layers import (
 )
 from prism.store.links import unlinked
 from prism.store.names import destroy, new_dir
-from prism.store.quota import get_usage, set_usage
+from prism.store.quota import copy_usage, get_usage, set_usage
 from prism.store.records import Inode
 from prism.store.schema import NS_KEY, Ctx, get_meta
 from prism.store.tree import (
@@ -168,8 +168,7 @@ def snapshot(ctx: Ctx, name: str, snap: str) -> NamespaceInfo:
         mounts = view.record.get("shares", ())
         top = new_layer(ctx, t, frozen, load_layer(ctx, t, frozen)) if mounts else frozen
         rec = make_ns(ctx, t, full, "snapshot", top, of=view.id, next_ino=next_ino)
-        nbytes, objects = get_usage(ctx, t, view)
-        set_usage(ctx, t, rec["id"], nbytes, objects, True)
+        copy_usage(ctx, t, view.id, rec["id"])
         snap_view = view_of(ctx, t, rec["id"])
         for share in mounts:
             unmount(ctx, t, snap_view, share["at"][0], share["at"][1], share["name"].encode())
@@ -184,8 +183,7 @@ def rollback(ctx: Ctx, name: str, snap: str) -> NamespaceInfo:
         snapshot = view_by_name(ctx, t, f"{name}@{snap}")
         view.top = new_layer(ctx, t, snapshot.top, load_layer(ctx, t, snapshot.top))
         view.record = dict(view.record, top=view.top)
-        nbytes, objects = get_usage(ctx, t, snapshot)
-        set_usage(ctx, t, view.id, nbytes, objects, True)
+        copy_usage(ctx, t, snapshot.id, view.id)
         # Shares are the VM's, not its content's: each is mounted again at its place,
         # and dropped when the rolled-back tree has no room for it there.
         kept = [sh for sh in view.record.get("shares", ()) if _remount(ctx, t, view, sh)]
@@ -239,8 +237,7 @@ def clone(
             top = new_layer(ctx, t, layer, load_layer(ctx, t, layer))
             next_ino = get_meta(ctx, t, b"ino" + NS_KEY.pack(sview.id)) or ROOT_INO + 1
             rec = make_ns(ctx, t, new, "vm", top, clients=clients, quota=quota, next_ino=next_ino)
-            nbytes, objects = get_usage(ctx, t, sview)
-            set_usage(ctx, t, rec["id"], nbytes, objects, True)
+            copy_usage(ctx, t, sview.id, rec["id"])
             view = view_of(ctx, t, rec["id"])
             for share in sview.record.get("shares", ()):
                 pvol, pino = share["at"]

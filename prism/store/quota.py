@@ -52,6 +52,13 @@ def add_usage(ctx: Ctx, t: lmdb.Transaction, view: View, dbytes: int, dobjects: 
         )
 
 
+def copy_usage(ctx: Ctx, t: lmdb.Transaction, src: int, dst: int) -> None:
+    """Namespace `dst` holds what `src` holds (a snapshot, rollback or whole clone): its
+    counters, known or not, in O(1); unknown ones are measured when first needed."""
+    raw = t.get(NS_KEY.pack(src), db=ctx.db.usage)
+    t.put(NS_KEY.pack(dst), bytes(raw) if raw else R.USAGE_VAL.pack(0, 0, 0), db=ctx.db.usage)
+
+
 def set_usage(ctx: Ctx, t: lmdb.Transaction, ns_id: int, nbytes: int, objects: int, valid: bool):
     t.put(NS_KEY.pack(ns_id), R.USAGE_VAL.pack(nbytes, objects, int(valid)), db=ctx.db.usage)
 
