@@ -6,15 +6,16 @@ fresh top over it: O(1). A snapshot records its VM's next inode number, so that 
 of it continues volume 0's numbering (new objects never reuse the snapshot's inodes).
 Rollback points the VM's top at a fresh layer over the snapshot's. A graft (clone with a
 path, or `into` an existing VM) imports the volumes of the source's frozen layer that its
-subtree can reach (`reached_volumes`, found from earlier imports' roots without walking
-files, see "Volumes" in `layers`) as new volumes of the destination (`import_volumes`:
-every graft gets its own volumes, since each is a copy: two grafts of one source never name
-the same objects), records the objects it grafts as the import's roots, gives each
-hard-linked object it copies the count of the links it copies (`_count_links`, from the
-hard-link index: O(hard-linked objects x depth)), and binds the subtree's root with `place`,
-which releases whatever the name held as `rm -r` would (`_release`). A composition's usage is
-unknown until measured (`quota.get_usage`); with a quota it is measured at once and the
-composition refused if it does not fit.
+subtree can reach as new volumes of the destination, records the objects it grafts as the
+import's roots, gives each hard-linked object it copies the count of the links it copies
+(all three in `graft`, none walking the subtree's files), and binds the subtree's root with
+`place`, which releases whatever the name held as `rm -r` would (`_release`). A whole clone,
+snapshot or rollback copies its source's usage record as it is (`quota.copy_usage`). A graft
+cannot know what it adds to the usage without walking the subtree, so it marks the VM's
+usage unknown: the next reader measures it by walking the tree once (`quota.get_usage`:
+usage, stats, a write under a quota; `fsstat` measures without storing), and it stays exact
+from then on. With a quota it is measured at once and the composition refused if it does
+not fit.
 
 A share is a live mount, not content. A snapshot is a frozen view and a clone a copy, so
 neither carries shares: where a share was mounted they show an empty directory (`unmount`,
@@ -46,15 +47,13 @@ from prism.errors import (
 )
 from prism.store import links, txn
 from prism.store import records as R
+from prism.store.graft import count_links, import_volumes, reached_volumes
 from prism.store.layers import (
-    LINKS_COMPLETE,
-    MAX_VOLUMES,
     SHARE_SLOTS,
     SHARE_VOL_BASE,
     SHARE_VOL_SPAN,
     SNAP_NAME,
     View,
-    cached_layer,
     check_vm_name,
     freeze,
     load_layer,
@@ -62,7 +61,6 @@ from prism.store.layers import (
     new_layer,
     ns_info,
     parse_clients,
-    put_layer,
     put_ns,
     set_export_options,
     shares_from,
@@ -75,8 +73,6 @@ from prism.store.quota import copy_usage, get_usage, set_usage
 from prism.store.records import Inode
 from prism.store.schema import NS_KEY, Ctx, get_meta
 from prism.store.tree import (
-    MAX_DEPTH,
-    ancestors,
     check_name,
     drop_entry,
     find_entry,
@@ -292,7 +288,7 @@ def _graft(
     vol_map = import_volumes(ctx, t, view, layer, reach, roots or [(svol, sino)])
     if links.complete(ctx, t, layer):
         at_root = src.target == "/"
-        _count_links(ctx, t, view, source_view, (svol, sino, snode.type), vol_map, at_root)
+        count_links(ctx, t, view, source_view, (svol, sino, snode.type), vol_map, at_root)
     target = (vol_map.get(svol, svol), sino, snode.type)
     if src.target == "/":
         for entry in entries:
@@ -376,139 +372,6 @@ def _refuse_existing(
             f"{path} already exists; add --replace to replace it (and everything in it) "
             f"with {label} (nothing was changed)"
         )
-
-
-def reached_volumes(ctx: Ctx, t: lmdb.Transaction, sview: View, svol: int, sino: int) -> set[int]:
-    """The volumes of frozen view `sview` that a graft of its object (svol, sino) can
-    reach, without walking files: volume 0, the object's own, and every volume of each
-    import grafted above or below it, or escaped (see "Volumes" in `layers`).
-    O(imports x depth)."""
-    rec = cached_layer(ctx, t, sview.top)
-    by_import: dict[str, list[int]] = {}
-    for vol, source in rec["vols"].items():
-        by_import.setdefault(str(source[2]), []).append(int(vol))
-    above = ancestors(ctx, t, sview, svol, sino)
-    out = {0, svol}
-    for imp, vols in by_import.items():
-        info = rec["imports"].get(imp, {})
-        roots = [tuple(r) for r in info.get("roots", ())]
-        if (
-            info.get("escaped")
-            or not roots
-            or svol in vols
-            or above is None
-            or any(r in above for r in roots)
-            or any(_below(ctx, t, sview, r, (svol, sino)) for r in roots)
-        ):
-            out.update(vols)
-    return out
-
-
-def _count_links(
-    ctx: Ctx,
-    t: lmdb.Transaction,
-    view: View,
-    sview: View,
-    top: tuple[int, int, FileType],
-    vol_map: dict[int, int],
-    at_root: bool,
-) -> None:
-    """Give each multiply-linked object that a graft of `top` (in frozen `sview`) copies
-    the nlink of the links it copies, and a holder among them; and make the destination's
-    hard-link index say where those links are (the source's records, seen through the
-    import, name directories the graft does not copy). Visits only the indexed objects of
-    the imported volumes: O(hard-linked objects x depth). With `at_root`, the entries of
-    `top` land in the destination's root."""
-    tvol, tino, ttype = top
-    inside: dict[tuple[int, int], bool] = {(tvol, tino): ttype == FileType.DIR}
-
-    def below(d: tuple[int, int]) -> bool:  # memoized: each directory is walked once
-        path: list[tuple[int, int]] = []
-        while d not in inside:
-            node = get_inode(ctx, t, sview, *d)
-            if node is None or d == (0, ROOT_INO) or len(path) >= MAX_DEPTH:
-                inside[d] = False
-                break
-            path.append(d)
-            d = (node.parent_vol, node.parent_ino)
-        inside.update(dict.fromkeys(path, inside[d]))
-        return inside[d]
-
-    def seen(d: tuple[int, int]) -> tuple[int, int]:  # as the import shows it
-        return vol_map.get(d[0], d[0]), d[1]
-
-    def dest(d: tuple[int, int]) -> tuple[int, int]:  # where the graft puts it
-        return (0, ROOT_INO) if at_root and d == (tvol, tino) else seen(d)
-
-    for svol, vol in vol_map.items():
-        for ino, dirs in links.indexed(ctx, t, sview, svol).items():
-            copied = {d: n for d, n in dirs.items() if below(d)}
-            count = sum(copied.values()) + ((svol, ino) == (tvol, tino))
-            want = {dest(d): n for d, n in copied.items()} if count > 1 else {}
-            for d, n in dirs.items():
-                if want.get(seen(d)) != n:
-                    links.put(ctx, t, view, vol, ino, seen(d), 0)
-            for d, n in want.items():
-                if d not in map(seen, dirs):
-                    links.put(ctx, t, view, vol, ino, d, n)
-            node = get_inode(ctx, t, sview, svol, ino) if count else None
-            if node is None:
-                continue
-            holder = (node.parent_vol, node.parent_ino)
-            if holder not in copied and copied:
-                holder = min(copied)
-            same = (node.parent_vol, node.parent_ino) == holder
-            if node.nlink == count and same and dest(holder) == seen(holder):
-                continue  # nothing cut: what the import shows is right
-            node.nlink = count
-            if copied:
-                node.parent_vol, node.parent_ino = dest(holder)
-            put_inode(ctx, t, view, vol, ino, node)
-
-
-def _below(
-    ctx: Ctx, t: lmdb.Transaction, view: View, node: tuple[int, int], top: tuple[int, int]
-) -> bool:
-    """Whether `node` lies in the subtree at `top`, or may (its way up is not known)."""
-    up = ancestors(ctx, t, view, *node)
-    return up is None or top in up
-
-
-def import_volumes(
-    ctx: Ctx,
-    t: lmdb.Transaction,
-    view: View,
-    layer: int,
-    vols: set[int],
-    roots: list[tuple[int, int]],
-) -> dict[int, int]:
-    """Give the volumes `vols` of frozen `layer` fresh volumes here (one import per
-    graft), and record the import's `roots`: the objects grafted (source numbering).
-
-    Each graft is a copy, so it never shares volumes with an earlier import of the same
-    layer: two grafts of one source (at two places, or one over the other) name distinct
-    objects, so a write through one never shows through the other and replacing one never
-    deletes what the other names. O(volumes imported)."""
-    top = load_layer(ctx, t, view.top)
-    imp_id = top["next_import"]
-    mapping: dict[int, int] = {}
-    for svol in sorted(vols):
-        vol = top["next_vol"]
-        if vol >= MAX_VOLUMES:
-            raise InvalidArgument("too many composed volumes in this VM")
-        top["next_vol"] = vol + 1
-        mapping[svol] = vol
-        top["vols"][str(vol)] = [layer, svol, imp_id]
-    top["imports"][str(imp_id)] = {
-        "layer": layer,
-        "map": {str(k): v for k, v in mapping.items()},
-        "roots": [[mapping.get(v, v), i] for v, i in roots],
-    }
-    top["next_import"] = imp_id + 1
-    if not cached_layer(ctx, t, layer).get(LINKS_COMPLETE):
-        top[LINKS_COMPLETE] = False  # its objects' links are not indexed (`links`)
-    put_layer(ctx, t, view.top, top)
-    return mapping
 
 
 def place(

@@ -2,9 +2,12 @@
 
 A namespace's usage record (`usage` database: ns id -> bytes|objects|valid) counts the data
 bytes it holds (file sizes and symlink targets: `charged_bytes`) and its objects; every
-operation that changes them adjusts it in the same transaction (`add_usage`). A composition
-cannot know its result's usage in O(1), so it marks the record invalid; the next reader
-re-measures it by walking the tree (`get_usage`), then keeps it current again. A share's
+operation that changes them adjusts it in the same transaction (`add_usage`). A graft
+cannot know its result's usage in O(1), so it marks the record invalid; the next writer that
+reads it (`usage`, `stats`, a change under a quota) re-measures it by walking the tree and the
+imports staged in it (`get_usage`, stored), and it is kept current again; `fsstat` measures
+invalid counters (never reading them as 0) without storing. A whole clone, snapshot or
+rollback copies the record as it is (`copy_usage`). A share's
 objects count in their source VM, not where they are mounted. A quota limits the bytes;
 `check_quota` refuses a change that would exceed it, and a VM at its quota may still remove
 and shrink.

@@ -51,7 +51,7 @@ ordering), `staging`.
 
 The rooms are modules of free functions over one `Ctx`, the open store as this process sees
 it; data flows downward: schema <- txn <- layers <- tree <- links <- content <- quota <- perms <-
-posix <- compose, staging <- store (the facade), and `check`/`gc` use the rooms' public
+posix <- names <- graft <- compose, staging <- store (the facade), and `check`/`gc` use the rooms' public
 functions. No room keeps state of its own outside the `Ctx`.
 """
 
