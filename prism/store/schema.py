@@ -50,9 +50,9 @@ segments), `quota` (usage), `links` (the hard-link index), `txn` (the journal ge
 ordering), `staging`.
 
 The rooms are modules of free functions over one `Ctx`, the open store as this process sees
-it; data flows downward: schema <- txn <- layers <- tree <- links <- content <- quota <- perms <-
-posix <- names <- graft <- compose, staging <- store (the facade), and `check`/`gc` use the rooms' public
-functions. No room keeps state of its own outside the `Ctx`.
+it; data flows downward: schema <- txn <- layers <- tree <- links <- content <- quota <-
+perms <- posix <- names <- graft <- compose, staging <- store (the facade), and `check`/`gc`
+use the rooms' public functions. No room keeps state of its own outside the `Ctx`.
 """
 
 from __future__ import annotations
