@@ -19,7 +19,7 @@ O(files). `chain` is that walk: for (top layer, volume), the (layer, volume ther
 translation) triples to search, top-down.
 
 A graft imports only the source volumes its subtree can reach, found without walking files
-(`compose.reached_volumes`, O(imports x depth)): volume 0 (the lineage: new objects are
+(`graft.reached_volumes`, O(imports x depth)): volume 0 (the lineage: new objects are
 made there, under any directory), and each earlier import whose `roots` (the objects it
 was grafted as, in this namespace's numbering) lie below the grafted directory or above it,
 or that is `escaped`. An import escapes when a rename or link puts one of its objects

@@ -3,7 +3,7 @@
 A non-directory's inode counts its links but names one holding directory only (see
 `records.Inode`). A graft must give each object it copies the count of the links it copies,
 without walking the subtree; this index answers that from the few objects that have more
-than one link (`compose`, O(hard-linked objects x depth)).
+than one link (`graft.count_links`, O(hard-linked objects x depth)).
 
 Records (`links` database), kept in layers like inodes and entries (`layers.chain`: the
 first record met top-down wins, b"" is a whiteout; volume numbers of records fallen back
@@ -14,10 +14,10 @@ from an import are translated through its map)::
 
 Invariant, in a lineage whose layers say so (`COMPLETE`): every non-directory whose nlink is
 2 or more has one record per directory holding its links, counting them, and no other
-object has records. `posix.link`, `_unlink`, `rename` and `compose` keep it in the same
-transaction as the entries (`linked`, `unlinked`, `moved`). When an object's links fall to
-one, its record goes and its holder is set to the directory of the link left, so the holder
-of a singly-linked object is always its directory.
+object has records. `names.link`, `_unlink`, `rename`, `staging` and `compose` keep it in
+the same transaction as the entries (`linked`, `unlinked`, `moved`). When an object's links
+fall to one, its record goes and its holder is set to the directory of the link left, so the
+holder of a singly-linked object is always its directory.
 
 A lineage begun before the index (layers without `COMPLETE`) never gets it: grafts from it
 keep their objects' source nlink, as they always did, and a VM composed from it is
