@@ -36,6 +36,7 @@ from prism.errors import (
     PermissionDenied,
     TooManyLinks,
 )
+from prism.limits import NLINK_MAX
 from prism.store import txn
 from prism.store.api import Made, Renamed, Wcc
 from prism.store.content import drop_top_chunks
@@ -70,8 +71,6 @@ from prism.store.types import (
     ObjectId,
     SetAttr,
 )
-
-NLINK_MAX = 65000
 
 
 def destroy(ctx: Ctx, t: lmdb.Transaction, view: View, vol: int, ino: int, node: Inode) -> None:
