@@ -38,6 +38,7 @@ from prism.access import (
     port_allowed,
 )
 from prism.errors import NotADirectory, NotFound, PermissionDenied, Stale, StoreError
+from prism.limits import NAME_MAX, NLINK_MAX, VM_NAME_PATTERN
 from prism.nfs import wire as T
 from prism.nfs.const import (
     FSF3_CANSETTIME,
@@ -100,8 +101,7 @@ UDP_MAX_IO = 32 * 1024
 UDP_MAX_PAYLOAD) with its headers, so FSINFO advertises this and READ/READDIR clamp every
 count to it (Linux's knfsd uses the same 32 KiB): no count a client sends can make a reply
 that does not fit."""
-LINK_MAX = 65000
-EXPORT_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}(?:@[a-z0-9][a-z0-9_.-]{0,62})?")
+EXPORT_NAME = re.compile(rf"{VM_NAME_PATTERN}(?:@{VM_NAME_PATTERN})?")
 """What MNT accepts as the first path component: a VM name, or VM@SNAPSHOT."""
 MAX_MOUNT_ENTRIES = 1024
 """Entries DUMP remembers (host, path); MNT beyond that still works, unrecorded."""
@@ -597,8 +597,8 @@ class NfsService:
         return T.PathconfRes(
             OK,
             post_attr(s, oid),
-            linkmax=LINK_MAX,
-            name_max=255,
+            linkmax=NLINK_MAX,
+            name_max=NAME_MAX,
             no_trunc=True,
             chown_restricted=True,
             case_insensitive=False,

@@ -51,6 +51,7 @@ from typing import Any, cast
 import lmdb
 
 from prism.errors import Corrupt, Exists, InvalidArgument, NotFound, Stale
+from prism.limits import VM_NAME_MAX, VM_NAME_PATTERN
 from prism.store import records as R
 from prism.store import txn
 from prism.store.schema import (
@@ -81,7 +82,7 @@ volume v is seen as base + v (so fileids stay unique inside the namespace)."""
 SHARE_SLOTS = (0x10000 - SHARE_VOL_BASE) // SHARE_VOL_SPAN
 """Slots are handed out round-robin and never straight back: a handle into a removed share
 stays stale until SHARE_SLOTS more shares have been made in that VM."""
-VM_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+VM_NAME = re.compile(VM_NAME_PATTERN)
 SNAP_NAME = VM_NAME
 UNCHANGED: Any = object()
 """`set_namespace`'s default for the quota, which None would set to unlimited."""
@@ -166,7 +167,8 @@ def set_export_options(
 def check_vm_name(name: str) -> None:
     if not VM_NAME.fullmatch(name):
         raise InvalidArgument(
-            f"invalid VM name {name!r}: use 1-63 of a-z 0-9 _ . - starting with a letter or digit"
+            f"invalid VM name {name!r}: use 1-{VM_NAME_MAX} of a-z 0-9 _ . - starting with a "
+            "letter or digit"
         )
 
 

@@ -38,6 +38,7 @@ from prism.errors import (
     PermissionDenied,
     TooManyLinks,
 )
+from prism.limits import NLINK_MAX
 from prism.store import txn
 from prism.store.api import Made, Renamed, Wcc
 from prism.store.content import drop_top_chunks
@@ -73,8 +74,6 @@ from prism.store.types import (
     ObjectId,
     SetAttr,
 )
-
-NLINK_MAX = 65000
 
 
 def destroy(ctx: Ctx, t: lmdb.Transaction, view: View, vol: int, ino: int, node: Inode) -> None:
