@@ -117,6 +117,10 @@ def test_compose_from_three_vms_while_serving(served: tuple[Path, Vms]) -> None:
     ]
     assert vms.tree("web2") == expected_web2()
     assert {vm: vms.tree(vm) for vm in ("base", "web", "db")} == before
+    # df in web2 counts the composed tree at once: its objects, the root included
+    c, root = vms["web2"]
+    fs = c.fsstat(root)
+    assert fs.tfiles - fs.ffiles == len(expected_web2()) + 1
 
     # A write in any of the four VMs stays in that VM: the same paths everywhere else
     # keep what they had.

@@ -43,8 +43,8 @@ import lmdb
 import xxhash
 
 from prism.errors import Corrupt, StoreError
+from prism.store import links, txn
 from prism.store import records as R
-from prism.store import txn
 from prism.store.compose import unmount
 from prism.store.content import chunk_at, note_append
 from prism.store.layers import (
@@ -62,9 +62,9 @@ from prism.store.layers import (
 )
 from prism.store.quota import charged_bytes, set_usage
 from prism.store.records import Inode
-from prism.store.schema import DB_NAMES, Ctx, get_meta, intact_records
+from prism.store.schema import DB_NAMES, Ctx, get_meta, intact_records, staged_roots
 from prism.store.sealed import DamagedRecord, SealedCursor, open_value
-from prism.store.staging import staged_roots, staging_dead, stagings
+from prism.store.staging import staging_dead, stagings
 from prism.store.store import Store
 from prism.store.tree import get_inode, list_dir
 from prism.store.types import CHUNK_SIZE, ROOT_INO, DirEntry, FileType, ObjectId
@@ -215,7 +215,40 @@ class _Tree:
     objects: dict[tuple[int, int], Inode]  # (vol, ino) -> its inode
     links: Counter[tuple[int, int]] = field(default_factory=Counter)  # entries naming it
     subdirs: Counter[tuple[int, int]] = field(default_factory=Counter)  # directory entries in it
+    held: Counter[tuple[int, int, int, int]] = field(default_factory=Counter)
+    """(vol, ino, dir vol, dir ino) -> entries of the directory naming a hard-linked object"""
     intact: bool = True  # every directory could be listed
+
+
+def _check_links(
+    ctx: Ctx, t: lmdb.Transaction, view: View, tree: _Tree, report: FsckReport
+) -> None:
+    """In a lineage the hard-link index covers (`prism.store.links`), every
+    non-directory's nlink equals the entries naming it, whatever its volume, and the index
+    records exactly the links of those with more than one."""
+    index = {v: links.indexed(ctx, t, view, v) for v in {vol for vol, _ in tree.objects}}
+    where: dict[tuple[int, int], dict[tuple[int, int], int]] = {}
+    for (v, i, dv, di), n in tree.held.items():
+        where.setdefault((v, i), {})[(dv, di)] = n
+    for (vol, ino), node in tree.objects.items():
+        if node.type == FileType.DIR:
+            continue
+        named = tree.links[(vol, ino)]
+        recorded = index[vol].pop(ino, {})
+        held = where.get((vol, ino), {})
+        if node.nlink != named or recorded != (held if named > 1 else {}):
+            report.errors.append(
+                f"namespace {view.name}: object {vol}:{ino} has nlink {node.nlink}, "
+                f"{named} entries name it, in {held}, and the hard-link index records "
+                f"{recorded}"
+            )
+    for vol, rest in index.items():
+        for ino in rest:
+            if (vol, ino) not in tree.objects:
+                report.errors.append(
+                    f"namespace {view.name}: the hard-link index names {vol}:{ino}, "
+                    "which no entry names"
+                )
 
 
 def _cross_check(
@@ -242,6 +275,8 @@ def _cross_check(
                 f"namespace {view.name}: object {vol}:{ino} has nlink {node.nlink} but "
                 f"{tree.links[(vol, ino)]} entries name it: entries may be lost"
             )
+    if links.complete(ctx, t, view.top):
+        _check_links(ctx, t, view, tree, report)
     own = [layer for layer, v, _ in chain(ctx, t, view.top, 0) if v == 0]
     orphans = set()
     for layer in own:
@@ -472,6 +507,8 @@ def _fsck(ctx: Ctx, t: lmdb.Transaction, report: FsckReport, repair: bool, say: 
                         tree.subdirs[(vol, ino)] += 1
                     tree.objects[(oid.vol, oid.ino)] = node
                     tree.links[(oid.vol, oid.ino)] += 1
+                    if node.type != FileType.DIR and node.nlink > 1:
+                        tree.held[(oid.vol, oid.ino, vol, ino)] += 1
                     if node.type == FileType.DIR:
                         stack.append((oid.vol, oid.ino, path))
                     elif node.type == FileType.REG and lost:

@@ -5,12 +5,17 @@ Snapshot and clone freeze the source's top layer (`layers.freeze`) and give the 
 fresh top over it: O(1). A snapshot records its VM's next inode number, so that a whole clone
 of it continues volume 0's numbering (new objects never reuse the snapshot's inodes).
 Rollback points the VM's top at a fresh layer over the snapshot's. A graft (clone with a
-path, or `into` an existing VM) imports the source's frozen layer as new volumes of the
-destination (`import_volumes`: every graft gets its own volumes, since each is a copy: two
-grafts of one source never name the same objects) and binds the subtree's root with `place`,
-which releases whatever the name held as `rm -r` would (`_release`). A composition's usage is
-unknown until measured (`quota.get_usage`); with a quota it is measured at once and the
-composition refused if it does not fit.
+path, or `into` an existing VM) imports the volumes of the source's frozen layer that its
+subtree can reach as new volumes of the destination, records the objects it grafts as the
+import's roots, gives each hard-linked object it copies the count of the links it copies
+(all three in `graft`, none walking the subtree's files), and binds the subtree's root with
+`place`, which releases whatever the name held as `rm -r` would (`_release`). A whole clone,
+snapshot or rollback copies its source's usage record as it is (`quota.copy_usage`). A graft
+cannot know what it adds to the usage without walking the subtree, so it marks the VM's
+usage unknown: the next reader measures it by walking the tree once (`quota.get_usage`:
+usage, stats, a write under a quota; `fsstat` measures without storing), and it stays exact
+from then on. With a quota it is measured at once and the composition refused if it does
+not fit.
 
 A share is a live mount, not content. A snapshot is a frozen view and a clone a copy, so
 neither carries shares: where a share was mounted they show an empty directory (`unmount`,
@@ -40,10 +45,10 @@ from prism.errors import (
     NotPermitted,
     QuotaExceeded,
 )
+from prism.store import links, txn
 from prism.store import records as R
-from prism.store import txn
+from prism.store.graft import count_links, import_volumes, reached_volumes
 from prism.store.layers import (
-    MAX_VOLUMES,
     SHARE_SLOTS,
     SHARE_VOL_BASE,
     SHARE_VOL_SPAN,
@@ -56,15 +61,15 @@ from prism.store.layers import (
     new_layer,
     ns_info,
     parse_clients,
-    put_layer,
     put_ns,
     set_export_options,
     shares_from,
     view_by_name,
     view_of,
 )
+from prism.store.links import unlinked
 from prism.store.names import destroy, new_dir
-from prism.store.quota import get_usage, set_usage
+from prism.store.quota import copy_usage, get_usage, set_usage
 from prism.store.records import Inode
 from prism.store.schema import NS_KEY, Ctx, get_meta
 from prism.store.tree import (
@@ -159,8 +164,7 @@ def snapshot(ctx: Ctx, name: str, snap: str) -> NamespaceInfo:
         mounts = view.record.get("shares", ())
         top = new_layer(ctx, t, frozen, load_layer(ctx, t, frozen)) if mounts else frozen
         rec = make_ns(ctx, t, full, "snapshot", top, of=view.id, next_ino=next_ino)
-        nbytes, objects = get_usage(ctx, t, view)
-        set_usage(ctx, t, rec["id"], nbytes, objects, True)
+        copy_usage(ctx, t, view.id, rec["id"])
         snap_view = view_of(ctx, t, rec["id"])
         for share in mounts:
             unmount(ctx, t, snap_view, share["at"][0], share["at"][1], share["name"].encode())
@@ -175,8 +179,7 @@ def rollback(ctx: Ctx, name: str, snap: str) -> NamespaceInfo:
         snapshot = view_by_name(ctx, t, f"{name}@{snap}")
         view.top = new_layer(ctx, t, snapshot.top, load_layer(ctx, t, snapshot.top))
         view.record = dict(view.record, top=view.top)
-        nbytes, objects = get_usage(ctx, t, snapshot)
-        set_usage(ctx, t, view.id, nbytes, objects, True)
+        copy_usage(ctx, t, snapshot.id, view.id)
         # Shares are the VM's, not its content's: each is mounted again at its place,
         # and dropped when the rolled-back tree has no room for it there.
         kept = [sh for sh in view.record.get("shares", ()) if _remount(ctx, t, view, sh)]
@@ -230,8 +233,7 @@ def clone(
             top = new_layer(ctx, t, layer, load_layer(ctx, t, layer))
             next_ino = get_meta(ctx, t, b"ino" + NS_KEY.pack(sview.id)) or ROOT_INO + 1
             rec = make_ns(ctx, t, new, "vm", top, clients=clients, quota=quota, next_ino=next_ino)
-            nbytes, objects = get_usage(ctx, t, sview)
-            set_usage(ctx, t, rec["id"], nbytes, objects, True)
+            copy_usage(ctx, t, sview.id, rec["id"])
             view = view_of(ctx, t, rec["id"])
             for share in sview.record.get("shares", ()):
                 pvol, pino = share["at"]
@@ -278,12 +280,18 @@ def _graft(
         raise InvalidArgument(
             f"{label} is inside a share; compose from the VM it is shared from instead"
         )
-    vol_map = import_volumes(ctx, t, view, layer)
+    if src.target == "/" and snode.type != FileType.DIR:
+        raise NotADirectory(f"{label} is not a directory and cannot become '/'")
+    reach = reached_volumes(ctx, t, source_view, svol, sino)
+    entries = list(list_dir(ctx, t, source_view, svol, sino, 0)) if src.target == "/" else []
+    roots = [(e.oid.vol, e.oid.ino) for e in entries if e.oid.vol < SHARE_VOL_BASE]
+    vol_map = import_volumes(ctx, t, view, layer, reach, roots or [(svol, sino)])
+    if links.complete(ctx, t, layer):
+        at_root = src.target == "/"
+        count_links(ctx, t, view, source_view, (svol, sino, snode.type), vol_map, at_root)
     target = (vol_map.get(svol, svol), sino, snode.type)
     if src.target == "/":
-        if snode.type != FileType.DIR:
-            raise NotADirectory(f"{label} is not a directory and cannot become '/'")
-        for entry in list(list_dir(ctx, t, source_view, svol, sino, 0)):
+        for entry in entries:
             if not replace:
                 _refuse_existing(ctx, t, view, 0, ROOT_INO, entry.name, "/", label)
             moved = (vol_map.get(entry.oid.vol, entry.oid.vol), entry.oid.ino, entry.type)
@@ -366,34 +374,6 @@ def _refuse_existing(
         )
 
 
-def import_volumes(ctx: Ctx, t: lmdb.Transaction, view: View, layer: int) -> dict[int, int]:
-    """Give every volume of frozen `layer` fresh volumes here (one import per graft).
-
-    Each graft is a copy, so it never shares volumes with an earlier import of the same
-    layer: two grafts of one source (at two places, or one over the other) name distinct
-    objects, so a write through one never shows through the other and replacing one never
-    deletes what the other names. O(volumes of the source)."""
-    top = load_layer(ctx, t, view.top)
-    source = load_layer(ctx, t, layer)
-    source_vols = [0, *sorted(int(v) for v in source["vols"])]
-    imp_id = top["next_import"]
-    mapping: dict[int, int] = {}
-    for svol in source_vols:
-        vol = top["next_vol"]
-        if vol >= MAX_VOLUMES:
-            raise InvalidArgument("too many composed volumes in this VM")
-        top["next_vol"] = vol + 1
-        mapping[svol] = vol
-        top["vols"][str(vol)] = [layer, svol, imp_id]
-    top["imports"][str(imp_id)] = {
-        "layer": layer,
-        "map": {str(k): v for k, v in mapping.items()},
-    }
-    top["next_import"] = imp_id + 1
-    put_layer(ctx, t, view.top, top)
-    return mapping
-
-
 def place(
     ctx: Ctx,
     t: lmdb.Transaction,
@@ -418,7 +398,7 @@ def place(
     if old is not None:
         if old[2] == FileType.DIR:
             pnode.nlink -= 1
-        _release(ctx, t, view, old[0], old[1])
+        _release(ctx, t, view, old[0], old[1], (pvol, pino))
     put_entry(ctx, t, view, pvol, pino, name, target)
     node = get_inode(ctx, t, view, target[0], target[1])
     if node is None:
@@ -431,13 +411,15 @@ def place(
     put_inode(ctx, t, view, pvol, pino, pnode)
 
 
-def _release(ctx: Ctx, t: lmdb.Transaction, view: View, vol: int, ino: int) -> None:
-    """An entry naming (vol, ino) was replaced: drop one link, as `rm -r` would. A
-    replaced directory's whole subtree goes (a file in it linked elsewhere loses one link),
-    and an object whose last link goes releases its chunks (`posix.destroy`)."""
-    stack = [(vol, ino)]
+def _release(
+    ctx: Ctx, t: lmdb.Transaction, view: View, vol: int, ino: int, d: tuple[int, int]
+) -> None:
+    """An entry of directory `d` naming (vol, ino) was replaced: drop one link, as `rm -r`
+    would. A replaced directory's whole subtree goes (a file in it linked elsewhere loses
+    one link), and an object whose last link goes releases its chunks (`posix.destroy`)."""
+    stack = [(vol, ino, d)]
     while stack:
-        vol, ino = stack.pop()
+        vol, ino, d = stack.pop()
         if vol >= SHARE_VOL_BASE:
             continue  # objects seen through a share belong to its source VM
         node = get_inode(ctx, t, view, vol, ino)
@@ -451,14 +433,14 @@ def _release(ctx: Ctx, t: lmdb.Transaction, view: View, vol: int, ino: int) -> N
                         "inside what would be replaced; remove it with `prism unshare` first"
                     )
                 drop_entry(ctx, t, view, vol, ino, entry.name)
-                stack.append((entry.oid.vol, entry.oid.ino))
+                stack.append((entry.oid.vol, entry.oid.ino, (vol, ino)))
             destroy(ctx, t, view, vol, ino, node)
             continue
         node.nlink -= 1
         if node.nlink <= 0:
             destroy(ctx, t, view, vol, ino, node)
         else:
-            node.parent_vol, node.parent_ino = 0, R.HOLDER_UNKNOWN
+            unlinked(ctx, t, view, vol, ino, node, d)
             node.ctime_ns = time.time_ns()
             put_inode(ctx, t, view, vol, ino, node)
 

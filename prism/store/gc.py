@@ -127,7 +127,7 @@ def _drop_step(ctx: Ctx, t: lmdb.Transaction, report: GcReport) -> bool:
         layer = leaves.pop(0)
         prefix = R.layer_prefix(layer)
         finished = True
-        for db in (ctx.db.inodes, ctx.db.dirents, ctx.db.cmap):
+        for db in (ctx.db.inodes, ctx.db.dirents, ctx.db.cmap, ctx.db.links):
             cur = t.cursor(db=db)
             doomed: list[tuple[bytes, bytes]] = []
             if cur.set_range(prefix):
@@ -374,7 +374,7 @@ def _fold(ctx: Ctx, t: lmdb.Transaction, child: int, parent: int, layers: dict) 
     native = layers[parent]["vols"]
     lprefix = R.layer_prefix(child)
     new_prefix = R.layer_prefix(parent)
-    for db in (ctx.db.inodes, ctx.db.dirents, ctx.db.cmap):
+    for db in (ctx.db.inodes, ctx.db.dirents, ctx.db.cmap, ctx.db.links):
         cur = t.cursor(db=db)
         moves = []
         if cur.set_range(lprefix):

@@ -18,6 +18,14 @@ volume numbers in fallen-back directory entries translated through the import's 
 O(files). `chain` is that walk: for (top layer, volume), the (layer, volume there,
 translation) triples to search, top-down.
 
+A graft imports only the source volumes its subtree can reach, found without walking files
+(`graft.reached_volumes`, O(imports x depth)): volume 0 (the lineage: new objects are
+made there, under any directory), and each earlier import whose `roots` (the objects it
+was grafted as, in this namespace's numbering) lie below the grafted directory or above it,
+or that is `escaped`. An import escapes when a rename or link puts one of its objects
+outside the subtrees at its roots (`tree.note_move`); from then on every graft imports it.
+An import written before roots were recorded counts as escaped.
+
 Shares (`compose.share`). A share is a live mount of another VM's directory: an entry of the
 destination's tree names a share volume (SHARE_VOL_BASE and up), routed through the
 destination record's `shares` to the source VM's live namespace (`routed`): share k's objects
@@ -43,6 +51,7 @@ from typing import Any, cast
 import lmdb
 
 from prism.errors import Corrupt, Exists, InvalidArgument, NotFound, Stale
+from prism.limits import VM_NAME_MAX, VM_NAME_PATTERN
 from prism.store import records as R
 from prism.store import txn
 from prism.store.schema import (
@@ -73,11 +82,15 @@ volume v is seen as base + v (so fileids stay unique inside the namespace)."""
 SHARE_SLOTS = (0x10000 - SHARE_VOL_BASE) // SHARE_VOL_SPAN
 """Slots are handed out round-robin and never straight back: a handle into a removed share
 stays stale until SHARE_SLOTS more shares have been made in that VM."""
-VM_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+VM_NAME = re.compile(VM_NAME_PATTERN)
 SNAP_NAME = VM_NAME
 UNCHANGED: Any = object()
 """`set_namespace`'s default for the quota, which None would set to unlimited."""
 log = logging.getLogger("prism.store")
+
+LINKS_COMPLETE = "links"
+"""Layer record field: true when the hard-link index (`prism.store.links`) holds every
+hard link of the lineage (layers made before it lack the field)."""
 
 PathEntry = tuple[int, int, dict[int, int] | None]
 """(layer, volume as numbered in that layer, volume translation into the viewer's numbering)"""
@@ -154,7 +167,8 @@ def set_export_options(
 def check_vm_name(name: str) -> None:
     if not VM_NAME.fullmatch(name):
         raise InvalidArgument(
-            f"invalid VM name {name!r}: use 1-63 of a-z 0-9 _ . - starting with a letter or digit"
+            f"invalid VM name {name!r}: use 1-{VM_NAME_MAX} of a-z 0-9 _ . - starting with a "
+            "letter or digit"
         )
 
 
@@ -241,6 +255,7 @@ def new_layer(ctx: Ctx, t: lmdb.Transaction, parent: int, like: dict[str, Any] |
         "imports": dict(like["imports"]) if like else {},
         "next_vol": like["next_vol"] if like else 1,
         "next_import": like["next_import"] if like else 1,
+        LINKS_COMPLETE: bool(like.get(LINKS_COMPLETE)) if like else True,
     }
     put_layer(ctx, t, layer, rec)
     return layer
@@ -248,7 +263,7 @@ def new_layer(ctx: Ctx, t: lmdb.Transaction, parent: int, like: dict[str, Any] |
 
 def _layer_is_empty(ctx: Ctx, t: lmdb.Transaction, layer: int) -> bool:
     prefix = R.layer_prefix(layer)
-    for db in (ctx.db.inodes, ctx.db.dirents, ctx.db.cmap):
+    for db in (ctx.db.inodes, ctx.db.dirents, ctx.db.cmap, ctx.db.links):
         cur = t.cursor(db=db)
         if cur.set_range(prefix) and bytes(cur.key()).startswith(prefix):
             return False
@@ -299,6 +314,23 @@ def chain(ctx: Ctx, t: lmdb.Transaction, top: int, vol: int) -> tuple[PathEntry,
             ctx.paths.clear()
         ctx.paths[(top, vol)] = result
     return result
+
+
+def imports_at(rec: dict[str, Any], places: set[tuple[int, int]]) -> set[str]:
+    """The imports of layer record `rec` grafted at one of `places` (see "Volumes")."""
+    return {
+        imp
+        for imp, info in rec["imports"].items()
+        if any(tuple(r) in places for r in info.get("roots", ()))
+    }
+
+
+def mark_escaped(ctx: Ctx, t: lmdb.Transaction, top: int, imports: list[str]) -> None:
+    """Mark imports of the top layer `top` escaped (see "Volumes")."""
+    rec = load_layer(ctx, t, top)
+    for imp in imports:
+        rec["imports"][imp]["escaped"] = True
+    put_layer(ctx, t, top, rec)
 
 
 def share_of(view: View, vol: int) -> dict[str, Any]:

@@ -9,11 +9,13 @@ between a share and its surroundings (rename and link across them are EXDEV), an
 mount point is removed only by `prism unshare`.
 
 Link counts: a directory has 2 + its subdirectories; a non-directory, its directory entries
-(at most NLINK_MAX). When the last link goes, `destroy` releases the object's records and
-content (its top layer's chunk map) and its usage. New names keep half of the metadata reserve free
-(`segments.require_room`), so that REMOVE still works on a full disk. A non-directory that
-keeps other links after losing the one it was last placed by no longer knows its holding
-directory (`tree.lost_link`).
+(at most NLINK_MAX), and while it has more than one, the hard-link index (`links`) records in
+which directories they are (link, unlink, rename keep it in the same transaction). When the
+last link goes, `destroy` releases the object's records and content (its top layer's chunk
+map) and its usage. New names keep half of the metadata reserve free
+(`segments.require_room`), so that REMOVE still works on a full disk. A non-directory left
+with one link holds in that link's directory; one that keeps several after losing the one it
+was last placed by no longer knows its holding directory (`links.unlinked`).
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ from prism.errors import (
     PermissionDenied,
     TooManyLinks,
 )
+from prism.limits import NLINK_MAX
 from prism.store import txn
 from prism.store.api import Made, Renamed, Wcc
 from prism.store.content import drop_top_chunks
 from prism.store.layers import SHARE_VOL_BASE, Out, View
+from prism.store.links import linked, moved, unlinked
 from prism.store.perms import MAY_EXEC, MAY_WRITE, require, sticky_ok
 from prism.store.posix import apply_sattr, set_attributes, unchanged_on_failure
 from prism.store.quota import add_usage, charged_bytes, check_quota
@@ -55,7 +59,7 @@ from prism.store.tree import (
     get_inode,
     is_empty_dir,
     locate,
-    lost_link,
+    note_move,
     put_entry,
     put_inode,
     require_writable,
@@ -70,8 +74,6 @@ from prism.store.types import (
     ObjectId,
     SetAttr,
 )
-
-NLINK_MAX = 65000
 
 
 def destroy(ctx: Ctx, t: lmdb.Transaction, view: View, vol: int, ino: int, node: Inode) -> None:
@@ -199,6 +201,7 @@ def create(
     """A new regular file, or (unchecked, or an exclusive retry) the one already there. A
     read-only namespace refuses every create, even of a name that exists."""
     check_name(name)
+    resize: tuple[ObjectId, int] | None = None  # an unchecked create of an existing file
     with txn.read(ctx) as t:
         view, d, dnode, out = locate(ctx, t, dir)
         dir_attr = to_attr(dir, dnode)
@@ -221,12 +224,12 @@ def create(
                     raise IsADirectory(f"{name!r} is a directory")
                 if sattr is None or sattr.size is None:
                     return Made(to_attr(oid, existing), Wcc(dir_attr, dir_attr))
-    if entry is not None and existing is not None:
-        assert sattr is not None and sattr.size is not None
-        with unchanged_on_failure(dir, dir_attr):
-            truncated = set_attributes(ctx, oid, SetAttr(size=sattr.size), cred)
-        return Made(truncated.after, Wcc(dir_attr, dir_attr))
-    return _new_object(ctx, dir, name, FileType.REG, mode, cred, sattr, verifier=exclusive)
+                resize = (oid, sattr.size)
+    if resize is None:
+        return _new_object(ctx, dir, name, FileType.REG, mode, cred, sattr, verifier=exclusive)
+    with unchanged_on_failure(dir, dir_attr):  # the size asked for: a SETATTR of the file
+        resized = set_attributes(ctx, resize[0], SetAttr(size=resize[1]), cred)
+    return Made(resized.after, Wcc(dir_attr, dir_attr))
 
 
 def mkdir(
@@ -321,7 +324,7 @@ def _unlink(ctx: Ctx, dir: ObjectId, name: bytes, cred: Cred | None, *, want_dir
                 if node.nlink <= 0:
                     destroy(ctx, t, view, vol, ino, node)
                 else:
-                    lost_link(node, d.vol, d.ino)
+                    unlinked(ctx, t, view, vol, ino, node, (d.vol, d.ino))
                     node.ctime_ns = now
                     put_inode(ctx, t, view, vol, ino, node)
             dnode.mtime_ns = dnode.ctime_ns = now
@@ -396,6 +399,8 @@ def _move(
         raise NotPermitted(f"{dst_name!r} is a share; it cannot be replaced")
     if existing is not None and (existing[0], existing[1]) == (svol, sino):
         return  # both names are links to the same object: POSIX says do nothing
+    if not same_dir:
+        note_move(ctx, t, view, (svol, sino, stype), (sd.vol, sd.ino), (dd.vol, dd.ino))
     now = time.time_ns()
     if existing is not None:
         enode = get_inode(ctx, t, view, existing[0], existing[1])
@@ -417,12 +422,14 @@ def _move(
                 if enode.nlink <= 0:
                     destroy(ctx, t, view, existing[0], existing[1], enode)
                 else:
-                    lost_link(enode, dd.vol, dd.ino)
+                    unlinked(ctx, t, view, existing[0], existing[1], enode, (dd.vol, dd.ino))
                     enode.ctime_ns = now
                     put_inode(ctx, t, view, existing[0], existing[1], enode)
     drop_entry(ctx, t, view, sd.vol, sd.ino, src_name)
     put_entry(ctx, t, view, dd.vol, dd.ino, dst_name, (svol, sino, stype))
     snode.ctime_ns = now
+    if snode.type != FileType.DIR:
+        moved(ctx, t, view, svol, sino, snode, (sd.vol, sd.ino), (dd.vol, dd.ino))
     snode.parent_vol, snode.parent_ino = dd.vol, dd.ino
     if snode.type == FileType.DIR and not same_dir:
         ddnode.nlink += 1
@@ -471,6 +478,8 @@ def link(ctx: Ctx, oid: ObjectId, dir: ObjectId, name: bytes, cred: Cred | None 
                     raise TooManyLinks(f"the object already has {node.nlink} links")
                 if find_entry(ctx, t, view, d.vol, d.ino, name) is not None:
                     raise Exists(f"{name!r} already exists")
+                note_move(ctx, t, view, (loc.vol, loc.ino, node.type), None, (d.vol, d.ino))
+                linked(ctx, t, view, loc.vol, loc.ino, node, (d.vol, d.ino))
                 now = time.time_ns()
                 node.nlink += 1
                 node.ctime_ns = now

@@ -2,9 +2,12 @@
 
 A namespace's usage record (`usage` database: ns id -> bytes|objects|valid) counts the data
 bytes it holds (file sizes and symlink targets: `charged_bytes`) and its objects; every
-operation that changes them adjusts it in the same transaction (`add_usage`). A composition
-cannot know its result's usage in O(1), so it marks the record invalid; the next reader
-re-measures it by walking the tree (`get_usage`), then keeps it current again. A share's
+operation that changes them adjusts it in the same transaction (`add_usage`). A graft
+cannot know its result's usage in O(1), so it marks the record invalid; the next writer that
+reads it (`usage`, `stats`, a change under a quota) re-measures it by walking the tree and the
+imports staged in it (`get_usage`, stored), and it is kept current again; `fsstat` measures
+invalid counters (never reading them as 0) without storing. A whole clone, snapshot or
+rollback copies the record as it is (`copy_usage`). A share's
 objects count in their source VM, not where they are mounted. A quota limits the bytes;
 `check_quota` refuses a change that would exceed it, and a VM at its quota may still remove
 and shrink.
@@ -23,7 +26,7 @@ from prism.store import txn
 from prism.store.api import Space
 from prism.store.layers import SHARE_VOL_BASE, View, view_by_name, view_of
 from prism.store.records import Inode
-from prism.store.schema import NS_KEY, Ctx, get_meta
+from prism.store.schema import NS_KEY, Ctx, get_meta, staged_roots
 from prism.store.tree import get_inode, list_dir, locate, to_attr
 from prism.store.types import ROOT_INO, Attr, FileType, FsStat, ObjectId, StoreStats, Usage
 
@@ -52,15 +55,24 @@ def add_usage(ctx: Ctx, t: lmdb.Transaction, view: View, dbytes: int, dobjects: 
         )
 
 
+def copy_usage(ctx: Ctx, t: lmdb.Transaction, src: int, dst: int) -> None:
+    """Namespace `dst` holds what `src` holds (a snapshot, rollback or whole clone): its
+    counters, known or not, in O(1); unknown ones are measured when first needed."""
+    raw = t.get(NS_KEY.pack(src), db=ctx.db.usage)
+    t.put(NS_KEY.pack(dst), bytes(raw) if raw else R.USAGE_VAL.pack(0, 0, 0), db=ctx.db.usage)
+
+
 def set_usage(ctx: Ctx, t: lmdb.Transaction, ns_id: int, nbytes: int, objects: int, valid: bool):
     t.put(NS_KEY.pack(ns_id), R.USAGE_VAL.pack(nbytes, objects, int(valid)), db=ctx.db.usage)
 
 
 def _measure(ctx: Ctx, t: lmdb.Transaction, view: View) -> tuple[int, int]:
-    """Walk the whole tree (after a composition made the counters unknown)."""
+    """Walk the whole tree and the trees staged in it (when the counters are unknown:
+    kept under an older rule, or dropped by fsck as damaged)."""
     seen: set[tuple[int, int]] = set()
     nbytes = objects = 0
     stack = [(0, ROOT_INO)]
+    stack += [(0, ino) for ns, ino in staged_roots(ctx, t) if ns == view.id]
     while stack:
         vol, ino = stack.pop()
         if (vol, ino) in seen:
@@ -132,7 +144,9 @@ def fsstat_attr(ctx: Ctx, oid: ObjectId) -> Space:
 
 def _fsstat(ctx: Ctx, t: lmdb.Transaction, view: View) -> FsStat:
     raw = t.get(NS_KEY.pack(view.id), db=ctx.db.usage)
-    used, objects, _ = R.USAGE_VAL.unpack(raw) if raw else (0, 0, 0)
+    used, objects, valid = R.USAGE_VAL.unpack(raw) if raw else (0, 0, 0)
+    if not valid:  # counters not known yet: the true figures, not zero
+        used, objects = _measure(ctx, t, view)
     free_files = 1 << 32
     if view.quota is not None:
         free = max(0, view.quota - used)

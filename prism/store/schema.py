@@ -29,7 +29,10 @@ is followed by a 4-byte seal over its database, key and value, checked on every 
               lacks them and means insecure, squash none, VRPC for root only: the access it
               always had)}
     names     name -> ns id u32 ("web" for a VM, "web@monday" for its snapshot)
-    layers    layer id u64 -> JSON {parent, vols, imports, next_vol, next_import}
+    layers    layer id u64 -> JSON {parent, vols, imports, next_vol, next_import}; an
+              import is {layer, map, roots, escaped} (roots and escaped since grafts
+              import only the volumes they reach; an import without roots counts as
+              escaped)
     inodes    layer|vol|ino -> packed Inode, or b"" (whiteout: removed in this layer)
     dirents   layer|vol|dir|cookie|name -> vol|ino|type, or b"" (whiteout)
     cmap      layer|vol|ino|chunk index -> chunk key|length|segment|offset, or b"" (hole);
@@ -38,15 +41,19 @@ is followed by a 4-byte seal over its database, key and value, checked on every 
     chunks    xxh3-128 hash|seq -> segment|offset|length|refcount
     segments  segment id -> appended bytes|live bytes
     usage     ns id -> logical bytes (file sizes and symlink targets)|objects|valid
+    links     layer|vol|ino|dir vol|dir ino -> links there u32, or b"" (whiteout): where
+              each multiply-linked object's links live (`prism.store.links`; since the
+              database was added, appended last so older numbering holds)
 
 What the records mean is told by the rooms that write them: `layers` (namespaces, layer
 chains, volumes, shares), `tree` (inodes, entries, whiteouts), `content` (chunks, chunk maps,
-segments), `quota` (usage), `txn` (the journal generation and crash ordering), `staging`.
+segments), `quota` (usage), `links` (the hard-link index), `txn` (the journal generation and crash
+ordering), `staging`.
 
 The rooms are modules of free functions over one `Ctx`, the open store as this process sees
-it; data flows downward: schema <- txn <- layers <- tree <- content <- quota <- perms <-
-posix <- compose, staging <- store (the facade), and `check`/`gc` use the rooms' public
-functions. No room keeps state of its own outside the `Ctx`.
+it; data flows downward: schema <- txn <- layers <- tree <- links <- content <- quota <-
+perms <- posix <- names <- graft <- compose, staging <- store (the facade), and `check`/`gc`
+use the rooms' public functions. No room keeps state of its own outside the `Ctx`.
 """
 
 from __future__ import annotations
@@ -76,7 +83,8 @@ FORMAT_VERSION = 2
 store seals every record in one transaction first (`txn.upgrade`)."""
 MAP_SIZE = 1 << 40
 DB_NAMES = (
-    "meta", "ns", "names", "layers", "inodes", "dirents", "cmap", "chunks", "segments", "usage"
+    "meta", "ns", "names", "layers", "inodes", "dirents", "cmap", "chunks", "segments", "usage",
+    "links",
 )  # fmt: skip
 """The databases in `Dbs.all` order: their index is the journal's and the seal's number."""
 NS_KEY = R.U32
@@ -105,6 +113,7 @@ class Dbs:
     chunks: Any
     segments: Any
     usage: Any
+    links: Any
     all: tuple[Any, ...]
     """In DB_NAMES order."""
     index: dict[Any, int]
@@ -271,3 +280,21 @@ def prepare(ctx: Ctx, t: lmdb.Transaction) -> bytes:
             t.put(key, R.USAGE_VAL.pack(*R.USAGE_VAL.unpack(raw)[:2], 0), db=ctx.db.usage)
         t.put(USAGE_REV_KEY, R.U64.pack(USAGE_REV), db=ctx.db.meta)
     return bytes(t.get(b"secret", db=ctx.db.meta) or b"")
+
+
+def stage_markers(ctx: Ctx, t: lmdb.Transaction) -> dict[str, dict[str, Any]]:
+    """Every staged import's marker (b"stage:"+token -> {ns, ino}), by token."""
+    cur = t.cursor(db=ctx.db.meta)
+    out: dict[str, dict[str, Any]] = {}
+    if cur.set_range(STAGE_PREFIX):
+        for key, raw in cur:
+            if not bytes(key).startswith(STAGE_PREFIX):
+                break
+            out[bytes(key)[len(STAGE_PREFIX) :].decode()] = json.loads(bytes(raw))
+    return out
+
+
+def staged_roots(ctx: Ctx, t: lmdb.Transaction) -> list[tuple[int, int]]:
+    """(namespace id, directory inode of volume 0) of every staged import tree, alive
+    or dead: part of its namespace (and its usage) though no entry names it."""
+    return [(m["ns"], m["ino"]) for m in stage_markers(ctx, t).values()]

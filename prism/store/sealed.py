@@ -212,6 +212,10 @@ class SealedCursor:
             raise lmdb_damage(exc) from None
 
 
+SEAL_PROGRESS_EVERY = 100_000
+"""Records `seal_all` seals between two progress reports."""
+
+
 def seal_all(txn: lmdb.Transaction, dbs: tuple[Any, ...], progress: Any = None) -> int:
     """Seal every record of an unsealed (format 1) store in place; return how many."""
     done = 0
@@ -223,7 +227,7 @@ def seal_all(txn: lmdb.Transaction, dbs: tuple[Any, ...], progress: Any = None) 
             key, value = cast(tuple[bytes, bytes], cur.item())
             cur.put(key, seal(index, key, value))
             done += 1
-            if progress is not None and done % 100_000 == 0:
+            if progress is not None and done % SEAL_PROGRESS_EVERY == 0:
                 progress(done)
             if not cur.next():
                 break

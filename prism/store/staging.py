@@ -17,18 +17,16 @@ import json
 import os
 import secrets
 import time
-from typing import Any
-
-import lmdb
 
 from prism.errors import Exists, InvalidArgument, NotADirectory, NotFound, ReadOnly, Stale
 from prism.store import txn
 from prism.store.compose import place
 from prism.store.layers import SHARE_VOL_BASE, ns_record, view_by_name, view_of
+from prism.store.links import moved
 from prism.store.names import destroy, new_dir, remove, rmdir
 from prism.store.posix import readdir
 from prism.store.quota import check_quota
-from prism.store.schema import STAGE_PREFIX, STAGING_DIR, Ctx
+from prism.store.schema import STAGE_PREFIX, STAGING_DIR, Ctx, stage_markers
 from prism.store.tree import drop_entry, find_entry, get_inode, list_dir, put_entry, put_inode
 from prism.store.types import ROOT_INO, FileType, ObjectId
 
@@ -108,12 +106,16 @@ def publish_staging(ctx: Ctx, token: str, to: str) -> None:
                 target = (item.oid.vol, item.oid.ino, item.type)
                 drop_entry(ctx, t, view, 0, staged, item.name)
                 put_entry(ctx, t, view, vol, ino, item.name, target)
+                child = get_inode(ctx, t, view, item.oid.vol, item.oid.ino)
+                assert child is not None
                 if item.type == FileType.DIR:
-                    child = get_inode(ctx, t, view, item.oid.vol, item.oid.ino)
-                    assert child is not None
-                    child.parent_vol, child.parent_ino = vol, ino
-                    put_inode(ctx, t, view, item.oid.vol, item.oid.ino, child)
                     dnode.nlink += 1
+                else:  # its link moves: the hard-link index and holder follow
+                    moved(ctx, t, view, *target[:2], child, (0, staged), (vol, ino))
+                    if (child.parent_vol, child.parent_ino) != (0, staged):
+                        continue
+                child.parent_vol, child.parent_ino = vol, ino
+                put_inode(ctx, t, view, item.oid.vol, item.oid.ino, child)
             dnode.mode, dnode.uid, dnode.gid = root.mode, root.uid, root.gid
             dnode.atime_ns, dnode.mtime_ns = root.atime_ns, root.mtime_ns
             dnode.ctime_ns = time.time_ns()
@@ -153,25 +155,7 @@ def reap_stagings(ctx: Ctx) -> int:
 
 def stagings(ctx: Ctx) -> list[str]:
     with txn.read(ctx) as t:
-        return list(_stage_markers(ctx, t))
-
-
-def staged_roots(ctx: Ctx, t: lmdb.Transaction) -> list[tuple[int, int]]:
-    """(namespace id, directory inode of volume 0) of every staged import tree, alive
-    or dead: part of its namespace (and its usage) though no entry names it."""
-    return [(m["ns"], m["ino"]) for m in _stage_markers(ctx, t).values()]
-
-
-def _stage_markers(ctx: Ctx, t: lmdb.Transaction) -> dict[str, dict[str, Any]]:
-    """Every staged import's marker (b"stage:"+token -> {ns, ino}), by token."""
-    cur = t.cursor(db=ctx.db.meta)
-    out: dict[str, dict[str, Any]] = {}
-    if cur.set_range(STAGE_PREFIX):
-        for key, raw in cur:
-            if not bytes(key).startswith(STAGE_PREFIX):
-                break
-            out[bytes(key)[len(STAGE_PREFIX) :].decode()] = json.loads(bytes(raw))
-    return out
+        return list(stage_markers(ctx, t))
 
 
 def staging_dead(ctx: Ctx, token: str) -> bool:

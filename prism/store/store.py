@@ -10,11 +10,13 @@ The work is done by the rooms, each a module of free functions over one context
               events: the crash ordering
     layers    namespace records, layer chains, volumes, share routing
     tree      inodes, directory entries, whiteouts, merged listings, share containment
+    links     the hard-link index: in which directories a multiply-linked object's links are
     content   chunking, dedup, the chunk map, segment accounting, damage
     quota     usage, quotas, statistics
     perms     permission rules (pure)
     posix     the per-object operations that change no names
     names     making, linking, moving and removing names
+    graft     what a graft reaches of its source (volumes, links), without walking its files
     compose   namespace lifecycle: create, remove, snapshot, rollback, clone, share
     staging   imports built out of sight and published in one transaction
     check/gc  integrity checking and space reclamation, over the rooms' public functions

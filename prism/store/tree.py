@@ -45,7 +45,10 @@ from prism.store.layers import (
     Out,
     PathEntry,
     View,
+    cached_layer,
     chain,
+    imports_at,
+    mark_escaped,
     routed,
     share_of,
     view_of,
@@ -382,6 +385,72 @@ def is_below(
     return False
 
 
+def ancestors(
+    ctx: Ctx, t: lmdb.Transaction, view: View, vol: int, ino: int
+) -> set[tuple[int, int]] | None:
+    """(vol, ino) and the directories above it up to the root, walking '..' (a
+    non-directory's first step is its holder); None when the way up is not known (a
+    holder lost or unrecorded, a broken chain); empty when the object is gone. O(depth)."""
+    out: set[tuple[int, int]] = set()
+    for _ in range(MAX_DEPTH):
+        if (vol, ino) == (0, ROOT_INO):
+            out.add((vol, ino))
+            return out
+        node = get_inode(ctx, t, view, vol, ino)
+        if node is None and not out:
+            return out
+        out.add((vol, ino))
+        if node is None or not R.holder_known(node):
+            return None
+        up = (node.parent_vol, node.parent_ino)
+        if up in out or up[0] >= SHARE_VOL_BASE:
+            return None
+        vol, ino = up
+    return None
+
+
+def note_move(
+    ctx: Ctx,
+    t: lmdb.Transaction,
+    view: View,
+    obj: tuple[int, int, FileType],
+    src: tuple[int, int] | None,
+    dst: tuple[int, int],
+) -> None:
+    """Keep the imports' `escaped` flags (see "Volumes" in `layers`): object `obj` is
+    renamed out of directory `src`, or (src None) gains a link, into directory `dst`. An
+    import whose objects may now lie outside the subtrees it was grafted at is marked
+    escaped, so that every later graft from this VM imports it. O(depth), and nothing
+    for a VM with no imports."""
+    rec = cached_layer(ctx, t, view.top)
+    if not rec["imports"]:
+        return
+    vol, ino, ftype = obj
+    if ftype == FileType.DIR and src is not None:
+        # The directory carries whatever lies below it: every import whose subtree
+        # held it must still hold it.
+        inside = ancestors(ctx, t, view, *src)
+        suspects = set(rec["imports"]) if inside is None else imports_at(rec, inside)
+    else:
+        source = rec["vols"].get(str(vol))
+        if source is None:
+            return  # volume 0 is imported by every graft
+        suspects = {str(source[2])}
+    if not suspects:
+        return
+    above = ancestors(ctx, t, view, *dst) or set()
+    if src is not None:
+        above.add((vol, ino))  # a root that moves moves its subtree along
+    escaped = [
+        imp
+        for imp in suspects
+        if not rec["imports"][imp].get("escaped")
+        and not any(tuple(r) in above for r in rec["imports"][imp].get("roots", ()))
+    ]
+    if escaped:
+        mark_escaped(ctx, t, view.top, escaped)
+
+
 def resolve_path(
     ctx: Ctx, t: lmdb.Transaction, view: View, path: str, label: str
 ) -> tuple[int, int, Inode]:
@@ -404,13 +473,6 @@ def resolve_path(
             raise NotFound(f"{label} does not exist")
         node = found
     return vol, ino, node
-
-
-def lost_link(node: Inode, dvol: int, dino: int) -> None:
-    """A non-directory that keeps other links lost the one in directory (dvol, dino): if
-    that was its recorded holder (or none was recorded), where it lives is now unknown."""
-    if (node.parent_vol, node.parent_ino) == (dvol, dino) or not R.holder_known(node):
-        node.parent_vol, node.parent_ino = 0, R.HOLDER_UNKNOWN
 
 
 def file_type(value: int) -> FileType:
