@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from prism.metrics import MetricSources, serve_metrics
+from prism.metrics import MetricSources, MetricsServer
 from prism.nfs.const import MOUNT_PORT, MOUNT_PROGRAM, MOUNT_V3, NFS_PORT, NFS_PROGRAM, NFS_V3
 from prism.nfs.replies import mount_status, nfs_status
 from prism.nfs.service import NfsService
@@ -146,6 +146,7 @@ class PrismServer:
         self.nfs_port = self.mount_port = self.nlm_port = 0
         self.portmap_port: int | None = None
         self.metrics_port: int | None = None
+        self._metrics: MetricsServer | None = None
 
     async def start(self) -> None:
         self.executor.resume()
@@ -172,13 +173,15 @@ class PrismServer:
             sources = MetricSources(
                 self.executor,
                 self.dispatcher.stats,
+                self.service,
                 self.connections.table,
                 self.nlm.manager,
                 self.nlm.stats,
                 self.vrpc,
             )
-            server, self.metrics_port = await serve_metrics(self.options.metrics, sources)
-            self._servers.append(server)
+            loop = asyncio.get_running_loop()
+            self._metrics = MetricsServer(self.options.metrics, sources, loop)
+            self.metrics_port = self._metrics.port
 
     def _mappings(self) -> list[PortMapping]:
         return [
@@ -259,6 +262,8 @@ class PrismServer:
         self.portmap_port = PMAP_PORT
 
     async def stop(self) -> None:
+        if self._metrics is not None:
+            await self._metrics.close()
         if self.vrpc is not None:
             await self.vrpc.stop()
         await self.nlm.stop()

@@ -22,11 +22,11 @@ Procedures flagged `idempotent=False` go through the `DuplicateRequestCache`: a
 retransmission of a completed call is answered with the original reply bytes without running
 the handler again, and one arriving while the original still runs is dropped.
 
-`dispatcher.stats` counts calls, errors and latency per (prog, vers, proc) and outcomes by
-name, for a metrics endpoint to read. An error is any reply other than OK: an RPC-level
-failure (GARBAGE_ARGS, SYSTEM_ERR...), or a SUCCESS whose results carry a non-OK status of
-the program's own (NFS3ERR_NOENT, MNT3ERR_ACCES...), which the `StatusOf` given with the
-program at `add_program` reads from the encoded results.
+`dispatcher.stats` counts calls, errors and latency (a histogram, `rpc.latency`) per (prog,
+vers, proc) and outcomes by name, for a metrics endpoint to read. An error is any reply other
+than OK: an RPC-level failure (GARBAGE_ARGS, SYSTEM_ERR...), or a SUCCESS whose results carry
+a non-OK status of the program's own (NFS3ERR_NOENT, MNT3ERR_ACCES...), which the `StatusOf`
+given with the program at `add_program` reads from the encoded results.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from typing import cast
 
 import xxhash
 
+from rpc.latency import Latencies
 from rpc.message import (
     AcceptStat,
     AuthFlavor,
@@ -284,8 +285,8 @@ class ProcStats:
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     """Replies other than OK by status: the program's own status of a SUCCESS reply
     (`StatusOf`), else the RPC outcome (GARBAGE_ARGS, SYSTEM_ERR, AUTH_ERROR, DROPPED)."""
-    seconds: float = 0.0  # sum of handler latencies
-    max_seconds: float = 0.0
+    latency: Latencies = field(default_factory=Latencies)
+    """Handler latencies: from the handler's start to its encoded reply."""
 
 
 @dataclass(slots=True)
@@ -485,9 +486,7 @@ class RpcDispatcher:
             program = self._programs[ctx.prog].name
             stats = self.stats.procs[key] = ProcStats(program, procedure.name)
         stats.calls += 1
-        stats.seconds += elapsed
-        if elapsed > stats.max_seconds:
-            stats.max_seconds = elapsed
+        stats.latency.observe(elapsed)
         if status is not None:
             stats.errors[status] += 1
         self.stats.outcomes[outcome] += 1

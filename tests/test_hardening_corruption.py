@@ -77,9 +77,9 @@ def damaged_reads_metric(server: PrismServe) -> int:
     port = next(int(m["port"]) for line in server.lines if (m := METRICS_PORT.match(line)))
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         body = r.read().decode()
-    found = re.search(r"^prism_store_damaged_reads_total (\d+)$", body, re.M)
+    found = re.search(r"^prism_store_damaged_reads_total (\S+)$", body, re.M)
     assert found, body
-    return int(found[1])
+    return int(float(found[1]))
 
 
 # -- item 14: content chunks -------------------------------------------------------------

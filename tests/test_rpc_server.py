@@ -142,7 +142,8 @@ def test_stats() -> None:
     dispatch(d, call(99))
     echo = d.stats.procs[(TOY_PROG, 3, ECHO)]
     assert (echo.program, echo.name, echo.calls, echo.errors) == ("toy", "ECHO", 3, {})
-    assert echo.seconds >= 0 and echo.max_seconds <= echo.seconds
+    assert echo.latency.count == 3 and echo.latency.seconds >= 0
+    assert d.stats.procs[(TOY_PROG, 3, ADD)].latency.count == 1
     assert d.stats.procs[(TOY_PROG, 3, ADD)].errors == {"GARBAGE_ARGS": 1}
     assert d.stats.outcomes["SUCCESS"] == 3
     assert d.stats.outcomes["GARBAGE_ARGS"] == 1

@@ -72,7 +72,7 @@ def metrics(srv: PrismProcess) -> dict[str, float]:
         body = resp.read().decode()
     out = {}
     for line in body.splitlines():
-        if line.startswith(("prism_vrpc", "prism_rpc_calls_total")):
+        if line.startswith(("prism_vrpc", "prism_rpc_calls_total", "prism_vm_calls_total")):
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
@@ -361,8 +361,10 @@ def test_stats_and_metrics_count_vrpc(srv: PrismProcess) -> None:
         for _ in range(10):
             assert vr.getattr(ch.root_fh).ok
         now = metrics(srv)
-        getattrs = 'prism_rpc_calls_total{program="nfs",version="3",proc="GETATTR"}'
+        getattrs = 'prism_rpc_calls_total{proc="GETATTR",program="nfs",version="3"}'
         assert now[getattrs] >= before.get(getattrs, 0) + 10  # the same statistics as TCP's
+        of_vm = 'prism_vm_calls_total{proc="GETATTR",vm="vm"}'  # the fast path's included
+        assert now[of_vm] >= before.get(of_vm, 0) + 10
         assert now["prism_vrpc_channels"] == before["prism_vrpc_channels"] + 1
         # the first GETATTR publishes the root's attributes; the C fast path answers the rest
         python, fast = (

@@ -19,6 +19,11 @@ failure result, whose body (wcc_data / post_op_attr) its result type builds (`Xx
 from the attributes the failed store call had read (`StoreError.attrs`; a failure changes
 nothing, so they hold before and after). A handle that cannot be used is answered with its
 status alone.
+
+Accounting: a call admitted to a VM (`_oid`) is counted in that VM's `VmStats` (calls by
+procedure, bytes READ returned and WRITE accepted), by the VM's id, so the figures survive
+a rename; the metrics endpoint (`prism.metrics`) reads them. Calls that no VM admitted
+(a bad or stale handle, a refused client, NULL) are counted by the dispatcher only.
 """
 
 from __future__ import annotations
@@ -145,6 +150,8 @@ class Call:
     changing: set[ObjectId] = field(default_factory=set)
     vm: int | None = None
     """The VM a VRPC channel is bound to: its calls reach that VM's handles only."""
+    account: VmStats | None = None
+    """The figures of the VM that admitted the call (None until one has)."""
 
     @property
     def max_read(self) -> int:
@@ -157,6 +164,17 @@ class Call:
     @property
     def max_readdir(self) -> int:
         return UDP_MAX_IO if self.transport == TRANSPORT_UDP else MAX_READDIR
+
+
+@dataclass(slots=True)
+class VmStats:
+    """What the NFS calls admitted to one VM did: `calls` by NFSv3 procedure number, the
+    bytes READ returned and the bytes WRITE accepted. Plain counters, bumped on the event
+    loop's thread."""
+
+    calls: list[int] = field(default_factory=lambda: [0] * (max(Nfs3Proc) + 1))
+    read_bytes: int = 0
+    written_bytes: int = 0
 
 
 def canonical_mount_path(path: bytes) -> bytes:
@@ -259,6 +277,8 @@ class NfsService:
         function of exactly these, so a hit is always current. Listing a directory again
         (ls, find, make) then re-encodes only what changed."""
         self.mounts: set[tuple[str, bytes]] = set()
+        self.vm_stats: dict[int, VmStats] = {}
+        """Per-VM figures by VM id (`account`), for the metrics endpoint."""
         self._bindings: frozenset[tuple[str, ...]] = frozenset()
         self._bindings_until = -1.0
         self.time_delta = T.NfsTime3.from_ns(
@@ -297,7 +317,15 @@ class NfsService:
             raise NfsError(NfsStat3.NFS3ERR_PERM, bare=True)  # knfsd's insecure port answer
         call.cred = effective_cred(export, call.sent)
         call.objects[fh.data] = oid
+        call.account = self.account(export.vm)
         return oid
+
+    def account(self, vm: int) -> VmStats:
+        """The figures of VM `vm` (by id), made on its first call."""
+        stats = self.vm_stats.get(vm)
+        if stats is None:
+            stats = self.vm_stats[vm] = VmStats()
+        return stats
 
     def _changing(self, s: FileStore, call: Call, fh: T.NfsFh3) -> ObjectId:
         """`_oid` for an object the call changes (its failure body carries wcc data)."""
@@ -331,6 +359,7 @@ class NfsService:
         body: Callable[[FileStore, Call, Any], Any] = getattr(self, row.handler)
         decode, encode = row.args, row.res
         durability = row.durability
+        number = int(proc)
 
         def answer(s: FileStore, call: Call, args: Any) -> Any:
             """The procedure's result; a raised failure becomes its failure result."""
@@ -342,6 +371,9 @@ class NfsService:
                 status, attrs = exc.status, {}
             except StoreError as exc:
                 status, attrs = nfsstat_for(exc), exc.attrs
+            finally:
+                if call.account is not None:
+                    call.account.calls[number] += 1
             return row.failed(status, args, Gathered(s, call, attrs))
 
         def durable(args: Any) -> bool:
@@ -435,12 +467,16 @@ class NfsService:
     def read(self, s: FileStore, call: Call, a: T.ReadArgs) -> T.ReadRes:
         oid = self._oid(s, call, a.file)
         got = s.read_attr(oid, a.offset, min(a.count, call.max_read), call.cred)
+        if call.account is not None:
+            call.account.read_bytes += len(got.data)
         return T.ReadRes(OK, fattr3(got.attr), got.eof, got.data)
 
     def write(self, s: FileStore, call: Call, a: T.WriteArgs) -> T.WriteRes:
         oid = self._changing(s, call, a.file)
         data = a.data if len(a.data) <= MAX_WRITE else a.data[:MAX_WRITE]  # a short write
         wcc = s.write_wcc(oid, a.offset, data, call.cred)
+        if call.account is not None:
+            call.account.written_bytes += len(data)
         # With --async nothing is durable before COMMIT, and the reply says so.
         unstable = a.stable == StableHow.UNSTABLE or not self.durable_replies
         committed = StableHow.UNSTABLE if unstable else StableHow.FILE_SYNC
