@@ -403,10 +403,12 @@ def metrics_app(registry: CollectorRegistry) -> WsgiApp:
             return serve(environ, start_response)  # type: ignore[no-any-return]
         except ScrapeFailed as exc:
             log.warning("metrics scrape failed: %s", exc)
-            start_response(
-                "503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")]
-            )
-            return [f"{exc}; try again\n".encode()]
+            status, text = "503 Service Unavailable", f"{exc}; try again"
+        except Exception as exc:
+            log.exception("metrics scrape failed")
+            status, text = "500 Internal Server Error", f"reading the figures failed: {exc!r}"
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+        return [f"{text}\n".encode()]
 
     return app
 

@@ -262,8 +262,9 @@ class PrismServer:
         self.portmap_port = PMAP_PORT
 
     async def stop(self) -> None:
-        if self._metrics is not None:
-            await self._metrics.close()
+        metrics_closed = (
+            None if self._metrics is None else asyncio.create_task(self._metrics.close())
+        )
         if self.vrpc is not None:
             await self.vrpc.stop()
         await self.nlm.stop()
@@ -276,6 +277,8 @@ class PrismServer:
             for prog, vers in PROGRAMS:
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(self._rpcbind_call, pmap_unset, prog, vers)
+        if metrics_closed is not None:  # no scrape reads the store once it closes
+            await metrics_closed
         self.executor.flush()
         self.store.close()
 
