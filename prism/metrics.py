@@ -51,7 +51,7 @@ from prism.store import Store
 from rpc.latency import Latencies
 
 if TYPE_CHECKING:
-    from prism.nfs.service import NfsService
+    from prism.nfs.service import NfsService, VmStats
     from prism.nlm.locks import LockManager
     from prism.nlm.service import NlmStats
     from prism.store.executor import StoreExecutor
@@ -269,8 +269,9 @@ def empty(family: Family) -> Metric:
     return kinds[family.kind](family.name, family.help, labels=family.labels)
 
 
-def store_figures(store: Store, out: Families, vm_stats: dict[int, Any]) -> None:
-    """The VMs' and the store's figures (runs in the executor: one store call)."""
+def store_figures(store: Store, out: Families, vm_stats: dict[int, VmStats]) -> None:
+    """The VMs' and the store's figures (runs in the executor: one store call), with the
+    NFS service's per-VM counters, which are kept by VM id and shown by VM name."""
     out.declare(
         "prism_vm_logical_bytes", "prism_vm_files", "prism_vm_quota_bytes", "prism_vm_calls_total"
     )

@@ -8,7 +8,7 @@ sum. Counts are per bucket, not cumulative, so an observation touches one slot; 
 only grow: a histogram is never reset while the process lives, as Prometheus expects.
 
 Everything that feeds a `Latencies` runs on the server's event loop thread, so plain integer
-additions suffice; a reader on that thread (`snapshot`) sees a consistent copy.
+additions suffice, and a reader on that thread sees every bucket and the sum agree.
 """
 
 from __future__ import annotations
@@ -70,6 +70,3 @@ class Latencies:
             total += n
             out.append((bound, total))
         return out
-
-    def snapshot(self) -> Latencies:
-        return Latencies(list(self.counts), self.seconds)
