@@ -614,7 +614,8 @@ class VrpcServer:
                         row = stats.procs[key] = ProcStats("nfs", name)
                     row.calls += n
                     row.latency.observe(each, n)
-                    self.service.account(ch.vm).calls[proc] += n
+                    if proc != Nfs3Proc.NULL:  # as over TCP: NULL names no VM's object
+                        self.service.account(ch.vm).calls[proc] += n
             stats.outcomes["SUCCESS"] += answered
             self.stats.fast_path_hits += answered
         return drained - d0
