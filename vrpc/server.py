@@ -37,8 +37,9 @@ Guest channels (`prism vm vrpc-guest NAME`, a GUEST request from root or the ser
 user). A QEMU guest reaches a ring through ivshmem-plain, over `/proc/<pid>/fd/<fd>` of the
 server's sealed memfd (`GUEST_SEGMENT_SIZE`, a power of 2 as a BAR must be); no eventfd
 crosses into a guest, so the ring is in poll mode (`VRPC_DOORBELL_POLL`): the server looks
-at its SQ on a timer, `POLL_MIN` after activity, backing off to `POLL_MAX` when idle (the
-idle cost is bounded: one look per `POLL_MAX` per guest channel), and the guest polls the CQ.
+at its SQ on every turn of the loop for `POLL_SPIN` after activity, then on a timer backing
+off from `POLL_MIN` to `POLL_MAX` (the idle cost is bounded: one look per `POLL_MAX` per guest
+channel), and the guest polls the CQ.
 The channel is bound to its VM when the operator's command makes it, as a token binds a
 channel: holding its memory is the capability, the guest cannot name another VM (MOUNT and
 NFS accept only that VM's handles), and its control connection ends with the answer. One
@@ -115,9 +116,12 @@ GUEST_SLOTS = 4
 """Slots of a guest channel (a guest client runs a few calls at a time)."""
 GUEST_SEGMENT_SIZE = 8 << 20
 """Bytes of a guest channel's memfd: the power of 2 above `ring_size(GUEST_SLOTS)`."""
+POLL_SPIN = 0.001
+"""Seconds a guest channel is looked at on every turn of the loop after activity (its CPU
+cost is at most this per burst of calls; other readers run in between)."""
 POLL_MIN = 0.0005
 """Seconds between looks at a guest channel's SQ right after activity."""
-POLL_MAX = 0.02
+POLL_MAX = 0.05
 """Seconds between looks at an idle guest channel's SQ (doubling up from POLL_MIN)."""
 SO_PEERGROUPS = 59  # Linux; absent from Python's socket module
 MAX_PEER_GROUPS = 256  # what fits getsockopt's 1024-byte buffer
@@ -172,6 +176,8 @@ class Channel:
     drained: int = 0
     """SQEs consumed so far (a guest channel's poller backs off while it stays put)."""
     idle_polls: int = 0
+    busy_at: float = 0.0
+    """Loop time of a guest channel's last activity."""
 
     def describe(self) -> str:
         kind = "vrpc guest channel" if self.guest else "vrpc channel"
@@ -228,24 +234,36 @@ class Channel:
             self.ring.disarm()
 
     def poll(self) -> None:
-        """A guest channel's doorbell: drain what came, look again `POLL_MIN` later after
-        activity, doubling the wait up to `POLL_MAX` while nothing comes."""
+        """A guest channel's doorbell: drain what came; look again at the next turn of the
+        loop for `POLL_SPIN` after activity, then `POLL_MIN` later, doubling the wait up to
+        `POLL_MAX` while nothing comes."""
         self.poller = None
         if self.closed:
             return
         before = self.drained
-        if self.again is None:
+        if self.again is None and self.ring.arm():  # (arm: one look at the SQ tail)
             self.drain()
         if self.closed:
             return
-        busy = self.drained != before or self.in_flight > 0
-        self.idle_polls = 0 if busy else min(self.idle_polls + 1, 16)
+        loop = asyncio.get_running_loop()
+        if self.drained != before:
+            self.busy_at = loop.time()
+        if self.drained != before or self.in_flight > 0:
+            self.idle_polls = 0
+        if loop.time() - self.busy_at < POLL_SPIN:  # the guest's next call comes soon
+            self.poller = loop.call_soon(self.poll)
+            return
+        self.idle_polls = min(self.idle_polls + 1, 16)
         delay = min(POLL_MIN * (1 << self.idle_polls), POLL_MAX)
-        self.poller = asyncio.get_running_loop().call_later(delay, self.poll)
+        self.poller = loop.call_later(delay, self.poll)
 
     async def _serve(self, slot: int, pending: Awaitable[Outcome]) -> None:
         try:
             self.complete(slot, *await pending)
+            if self.guest and not self.closed and self.poller is not None:
+                self.poller.cancel()  # the guest's next call follows its reply: look now
+                self.busy_at = asyncio.get_running_loop().time()
+                self.poller = asyncio.get_running_loop().call_soon(self.poll)
         except Exception:  # the dispatcher never raises; this guards the pump itself
             log.exception("%s: unexpected error serving a call", self.describe())
             self.fail("internal error")
