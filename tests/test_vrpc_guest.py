@@ -24,7 +24,7 @@ import pytest
 from prism.nfs.const import MountStat3
 from rpc.xdr import XdrError
 from tests.guest.vrpc_guest import GUEST_BYTES, fnv1a, guest_client, pattern, results
-from tests.server_helpers import PrismProcess, new_data_dir, prism_cli
+from tests.server_helpers import PrismProcess, new_data_dir, prism_cli, running_server
 from tests.vrpc_helpers import BACKENDS, as_user, reachable_dir, socket_of
 from vrpc import abi
 from vrpc.control import (
@@ -229,3 +229,19 @@ def test_scribbled_guest_ring_closes_only_that_channel(srv: PrismProcess, scribb
     assert fresh["created"] is True and fresh["channel"] != ring["channel"]
     assert run_client(str(fresh["mem_path"]), "mnt", "/vm")["mnt"] == ["0"]
     assert "protocol error" in srv.stderr()
+
+
+def test_server_stop_closes_guest_channels(tmp_path: Path) -> None:
+    """A guest keeps its mapping when the server goes: it must see the channel closed
+    (SERVER_CLOSED) rather than wait for replies forever."""
+    with running_server(tmp_path) as server:
+        ring = guest_ring(server)
+        fd = os.open(str(ring["mem_path"]), os.O_RDWR)
+        try:
+            m = mmap.mmap(fd, int(str(ring["size"])))
+        finally:
+            os.close(fd)
+        with m:
+            assert not _U32.unpack_from(m, SERVER_FLAGS)[0] & abi.SERVER_CLOSED
+            server.stop()
+            assert _U32.unpack_from(m, SERVER_FLAGS)[0] & abi.SERVER_CLOSED
