@@ -378,7 +378,7 @@ class VrpcServer:
         self.stats = VrpcStats()
         self.channels: dict[int, Channel] = {}
         self.guests: dict[int, Channel] = {}
-        """Each VM's guest channel, by namespace id (`guest_channel`)."""
+        """Each VM's guest channel, by namespace id (`_guest`)."""
         self._ids = itertools.count(1)
         self._sock: socket.socket | None = None
         self._pending: dict[socket.socket, asyncio.TimerHandle] = {}
@@ -568,12 +568,12 @@ class VrpcServer:
                 f"uid {peer.uid} may not make guest channels: run `prism vm vrpc-guest` as root"
                 " or as the server's user (the ring's memory goes to a QEMU they choose)",
             )
+        if "@" in msg.vm:
+            return Refused(RefuseStatus.NOENT, f"{msg.vm!r} is a snapshot: give its VM")
         try:
             info = self.service.executor.call_now(lambda s: s.namespace(msg.vm))
         except StoreError:
             return Refused(RefuseStatus.NOENT, f"no VM named {msg.vm!r}")
-        if "@" in msg.vm:
-            return Refused(RefuseStatus.NOENT, f"{msg.vm!r} is a snapshot: give its VM")
         ch = self.guests.get(info.id)
         created = ch is None or ch.closed
         if ch is None or ch.closed:
