@@ -23,7 +23,7 @@ APT_PACKAGES=(
     util-linux       # flock
     zsh              # runs the script of `prism completion zsh` in tests/test_cli_parser.py
     gcc              # builds the native VRPC ring (vrpc._native) at pip install
-    libc6-dev
+    libc6-dev        # (its libc.a links the static VRPC guest client, tests/guest/vrpc_guest.py)
     python3-dev      # Python.h for Debian's python3 (pyenv and venv Pythons ship their own)
 )
 

@@ -1,4 +1,5 @@
-"""vrpc.control: golden bytes, round trips and fuzz of ATTACH / ATTACHED / REFUSED."""
+"""vrpc.control: golden bytes, round trips and fuzz of ATTACH / ATTACHED / REFUSED and of
+GUEST / GUESTRING."""
 
 from __future__ import annotations
 
@@ -15,12 +16,18 @@ from vrpc.control import (
     MAX_MESSAGE,
     Attach,
     Attached,
+    GuestRequest,
+    GuestRing,
     Refused,
     RefuseStatus,
     decode_attach,
+    decode_guest_reply,
     decode_reply,
+    decode_request,
     encode_attach,
     encode_attached,
+    encode_guest_request,
+    encode_guest_ring,
     encode_refused,
 )
 
@@ -160,3 +167,67 @@ def test_mutations_raise_only_xdr_error(
         data[at % len(data)] = value
     _decode_all(bytes(data[: len(data) - cut % len(data)]))
     _decode_all(bytes(data))
+
+
+# -- GUEST / GUESTRING (prism vm vrpc-guest) --------------------------------------------------
+
+GUEST_GOLDEN = h("50565247 00000001 00000000 00000003 77656200")  # "PVRG", ABI 1.0, vm "web"
+GUEST_RING_GOLDEN = h(
+    "5056524d"  # "PVRM"
+    " 00000000 00000009"  # channel_id
+    " 00003039"  # server_pid 12345
+    " 0000001d"  # ring_fd 29
+    " 00000000 00800000"  # ring_size 8 MiB
+    " 00000004 00000001"  # nslots 4, created
+)
+GUEST_MSG = GuestRequest("web")
+GUEST_RING_MSG = GuestRing(9, 12345, 29, 8 << 20, 4, True)
+
+
+def test_guest_golden_bytes() -> None:
+    assert encode_guest_request(GUEST_MSG) == GUEST_GOLDEN
+    assert decode_request(GUEST_GOLDEN) == GUEST_MSG
+    assert decode_request(ATTACH_GOLDEN) == ATTACH_MSG  # the server's one decoder of requests
+    assert encode_guest_ring(GUEST_RING_MSG) == GUEST_RING_GOLDEN
+    assert decode_guest_reply(GUEST_RING_GOLDEN) == GUEST_RING_MSG
+    assert decode_guest_reply(REFUSED_GOLDEN) == REFUSED_MSG
+    assert GUEST_RING_MSG.mem_path == "/proc/12345/fd/29"
+    with pytest.raises(XdrError, match="expected GUESTRING or REFUSED"):
+        decode_guest_reply(ATTACHED_GOLDEN)
+    with pytest.raises(XdrError, match="expected ATTACHED or REFUSED"):
+        decode_reply(GUEST_RING_GOLDEN)  # an ATTACH client never takes one for ATTACHED
+    for good, decode in ((GUEST_GOLDEN, decode_request), (GUEST_RING_GOLDEN, decode_guest_reply)):
+        with pytest.raises(XdrError, match="trailing"):
+            decode(good + b"\0\0\0\0")
+        with pytest.raises(XdrError):
+            decode(good[:-4])
+
+
+@given(
+    st.builds(GuestRequest, names, u32, u32),
+    st.builds(GuestRing, u64, u32, u32, u64, u32, st.booleans()),
+)
+def test_guest_round_trip(request: GuestRequest, ring: GuestRing) -> None:
+    assert decode_request(encode_guest_request(request)) == request
+    assert decode_guest_reply(encode_guest_ring(ring)) == ring
+
+
+@settings(max_examples=300)
+@given(
+    st.one_of(
+        st.builds(lambda b: GUEST_GOLDEN[:4] + b, st.binary(max_size=120)),
+        st.builds(lambda b: GUEST_RING_GOLDEN[:4] + b, st.binary(max_size=120)),
+    ),
+    st.sampled_from([GUEST_GOLDEN, GUEST_RING_GOLDEN]),
+    st.lists(st.tuples(st.integers(0, 60), st.integers(0, 255)), max_size=4),
+)
+def test_guest_fuzz_raises_only_xdr_error(
+    data: bytes, good: bytes, flips: list[tuple[int, int]]
+) -> None:
+    mutated = bytearray(good)
+    for at, value in flips:
+        mutated[at % len(mutated)] = value
+    for sample in (data, bytes(mutated)):
+        for decode in (decode_request, decode_guest_reply):
+            with contextlib.suppress(XdrError):  # the only exception allowed
+                decode(sample)

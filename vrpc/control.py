@@ -14,6 +14,15 @@ three apart and reject anything else. Decoders raise only `XdrError`, whatever t
              max_io u32 | features u32 (VRPC_F_*)
              + SCM_RIGHTS [ring memfd, kick eventfd, call eventfd, (meta memfd, epoch fd)]
     REFUSED  "PVRR" | status u32 (RefuseStatus) | message string<255>
+    GUEST    "PVRG" | abi_major u32 | abi_minor u32 | vm string<63>
+    GUESTRING "PVRM" | channel_id u64 | server_pid u32 | ring_fd u32 | ring_size u64 |
+             nslots u32 | created bool
+
+GUEST is an operator's request (`prism vm vrpc-guest`, root or the server's own user only):
+the server makes, or finds, the VM's guest channel, a poll-mode ring it keeps open itself for
+a QEMU guest (ivshmem-plain over `/proc/<server_pid>/fd/<ring_fd>`), and answers GUESTRING
+(no fds travel) or REFUSED. The channel is bound to the VM there and then: whoever holds its
+memory speaks for that VM and no other.
 
 The design (section 6.2) gave ATTACHED and REFUSED no leading word; they carry one here so that
 the client's decoder needs no out-of-band hint. Unknown ATTACH flags are kept, not refused:
@@ -37,6 +46,8 @@ MAX_ROOT_FH = 64
 MAX_REFUSAL = 255
 
 ATTACH_MAGIC = 0x50565241  # "PVRA"
+GUEST_MAGIC = 0x50565247  # "PVRG"
+GUEST_RING_MAGIC = 0x5056524D  # "PVRM"
 ATTACHED_MAGIC = 0x5056524F  # "PVRO"
 REFUSED_MAGIC = 0x50565252  # "PVRR"
 
@@ -86,6 +97,42 @@ class Attached:
     def fd_count(self) -> int:
         """How many fds travel with this message: ring, kick, call (+ meta, epoch)."""
         return 5 if self.meta_size else 3
+
+
+@dataclass(frozen=True, slots=True)
+class GuestRequest:
+    vm: str
+    abi_major: int = abi.ABI_MAJOR
+    abi_minor: int = abi.ABI_MINOR
+
+
+@dataclass(frozen=True, slots=True)
+class GuestRing:
+    """Where a VM's guest channel lives: `/proc/<server_pid>/fd/<ring_fd>`, `ring_size`
+    bytes (a power of 2, as an ivshmem BAR must be); `created` if this request made it."""
+
+    channel_id: int
+    server_pid: int
+    ring_fd: int
+    ring_size: int
+    nslots: int
+    created: bool
+
+    @property
+    def mem_path(self) -> str:
+        return f"/proc/{self.server_pid}/fd/{self.ring_fd}"
+
+    def qemu_args(self, vm: str) -> list[str]:
+        """The QEMU options giving a guest this ring as ivshmem-plain BAR 2 (PCI 1af4:1110).
+        QEMU must run as the server's user or root, to open `mem_path`."""
+        memdev = f"prism-vrpc-{vm}"
+        return [
+            "-object",
+            f"memory-backend-file,id={memdev},size={self.ring_size},share=on,"
+            f"mem-path={self.mem_path}",
+            "-device",
+            f"ivshmem-plain,memdev={memdev}",
+        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +193,27 @@ def encode_refused(msg: Refused) -> bytes:
     return p.get_buffer()
 
 
+def encode_guest_request(msg: GuestRequest) -> bytes:
+    p = Packer()
+    p.pack_uint(GUEST_MAGIC)
+    p.pack_uint(msg.abi_major)
+    p.pack_uint(msg.abi_minor)
+    p.pack_string(_utf8(msg.vm, MAX_VM_NAME, "the VM name"))
+    return p.get_buffer()
+
+
+def encode_guest_ring(msg: GuestRing) -> bytes:
+    p = Packer()
+    p.pack_uint(GUEST_RING_MAGIC)
+    p.pack_uhyper(msg.channel_id)
+    p.pack_uint(msg.server_pid)
+    p.pack_uint(msg.ring_fd)
+    p.pack_uhyper(msg.ring_size)
+    p.pack_uint(msg.nslots)
+    p.pack_bool(msg.created)
+    return p.get_buffer()
+
+
 def _unpacker(data: bytes | memoryview, magic: int, what: str) -> Unpacker:
     if len(data) > MAX_MESSAGE:
         raise XdrError(f"{what} of {len(data)} bytes exceeds {MAX_MESSAGE}")
@@ -178,6 +246,18 @@ def decode_attach(data: bytes | memoryview) -> Attach:
     return Attach(vm, client_id, token, want_slots, flags, major, minor)
 
 
+def decode_request(data: bytes | memoryview) -> Attach | GuestRequest:
+    """What a control connection asked first (server side): ATTACH or GUEST."""
+    if len(data) >= 4 and int.from_bytes(data[:4], "big") == GUEST_MAGIC:
+        u = _unpacker(data, GUEST_MAGIC, "GUEST")
+        major = u.unpack_uint()
+        minor = u.unpack_uint()
+        vm = _text(u, MAX_VM_NAME, "the VM name")
+        u.done()
+        return GuestRequest(vm, major, minor)
+    return decode_attach(data)
+
+
 def _decode_attached(u: Unpacker) -> Attached:
     major = u.unpack_uint()
     minor = u.unpack_uint()
@@ -203,6 +283,30 @@ def _decode_refused(u: Unpacker) -> Refused:
         return Refused(RefuseStatus(status), message)
     except ValueError as exc:
         raise XdrError(f"unknown REFUSED status {status}") from exc
+
+
+def _decode_guest_ring(u: Unpacker) -> GuestRing:
+    channel_id = u.unpack_uhyper()
+    pid = u.unpack_uint()
+    fd = u.unpack_uint()
+    size = u.unpack_uhyper()
+    nslots = u.unpack_uint()
+    created = u.unpack_bool()
+    u.done()
+    return GuestRing(channel_id, pid, fd, size, nslots, created)
+
+
+def decode_guest_reply(data: bytes | memoryview) -> GuestRing | Refused:
+    """The server's answer to GUEST (operator side): GUESTRING or REFUSED."""
+    if len(data) > MAX_MESSAGE:
+        raise XdrError(f"a reply of {len(data)} bytes exceeds {MAX_MESSAGE}")
+    u = Unpacker(data)
+    magic = u.unpack_uint()
+    if magic == GUEST_RING_MAGIC:
+        return _decode_guest_ring(u)
+    if magic == REFUSED_MAGIC:
+        return _decode_refused(u)
+    raise XdrError(f"expected GUESTRING or REFUSED, got magic {magic:#x}")
 
 
 def decode_reply(data: bytes | memoryview) -> Attached | Refused:

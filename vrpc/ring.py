@@ -183,9 +183,10 @@ class Segment:
         os.close(self.fd)
 
 
-def new_segment(nslots: int, name: str = "prism-vrpc") -> Segment:
-    """A zeroed, mapped, sealed memfd for a ring of `nslots` slots (server side)."""
-    size = abi.ring_size(nslots)
+def new_segment(nslots: int, name: str = "prism-vrpc", size: int = 0) -> Segment:
+    """A zeroed, mapped, sealed memfd for a ring of `nslots` slots (server side), of `size`
+    bytes when given (a guest's: a power of 2, as an ivshmem BAR must be)."""
+    size = max(size, abi.ring_size(nslots))
     fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)

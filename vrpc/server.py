@@ -32,6 +32,20 @@ down the control socket, which then closes; calls still running finish and their
 dropped, then the channel's memory and fds are freed. Bounds: `MAX_CHANNELS` in total
 (`--vrpc-max-channels`), `MAX_CHANNELS_PER_UID`, `MAX_SLOTS` slots per channel,
 `MAX_PENDING` connections that have not attached yet, each for at most `ATTACH_TIMEOUT`.
+
+Guest channels (`prism vm vrpc-guest NAME`, a GUEST request from root or the server's own
+user). A QEMU guest reaches a ring through ivshmem-plain, over `/proc/<pid>/fd/<fd>` of the
+server's sealed memfd (`GUEST_SEGMENT_SIZE`, a power of 2 as a BAR must be); no eventfd
+crosses into a guest, so the ring is in poll mode (`VRPC_DOORBELL_POLL`): the server looks
+at its SQ on every turn of the loop for `POLL_SPIN` after activity, then on a timer backing
+off from `POLL_MIN` to `POLL_MAX` (the idle cost is bounded: one look per `POLL_MAX` per guest
+channel), and the guest polls the CQ.
+The channel is bound to its VM when the operator's command makes it, as a token binds a
+channel: holding its memory is the capability, the guest cannot name another VM (MOUNT and
+NFS accept only that VM's handles), and its control connection ends with the answer. One
+per VM, kept until the server stops or the guest breaks the ring protocol; the command then
+makes a new one (the guest's QEMU must restart with the new path). Every word read from the
+shared memory goes through the same validation as a host channel's.
 """
 
 from __future__ import annotations
@@ -68,10 +82,13 @@ from vrpc.control import (
     MAX_REFUSAL,
     Attach,
     Attached,
+    GuestRequest,
+    GuestRing,
     Refused,
     RefuseStatus,
-    decode_attach,
+    decode_request,
     encode_attached,
+    encode_guest_ring,
     encode_refused,
 )
 from vrpc.native import BACKEND, ring_backend
@@ -95,6 +112,17 @@ SWEEP_SECONDS = 0.25
 """How often idle channels are re-checked (revoked ones detached, forgotten kicks drained)."""
 STATS_SECONDS = 1.0
 """How often the figures `prism stats` shows are written out, while they change."""
+GUEST_SLOTS = 4
+"""Slots of a guest channel (a guest client runs a few calls at a time)."""
+GUEST_SEGMENT_SIZE = 8 << 20
+"""Bytes of a guest channel's memfd: the power of 2 above `ring_size(GUEST_SLOTS)`."""
+POLL_SPIN = 0.001
+"""Seconds a guest channel is looked at on every turn of the loop after activity (its CPU
+cost is at most this per burst of calls; other readers run in between)."""
+POLL_MIN = 0.0005
+"""Seconds between looks at a guest channel's SQ right after activity."""
+POLL_MAX = 0.05
+"""Seconds between looks at an idle guest channel's SQ (doubling up from POLL_MIN)."""
 SO_PEERGROUPS = 59  # Linux; absent from Python's socket module
 MAX_PEER_GROUPS = 256  # what fits getsockopt's 1024-byte buffer
 
@@ -123,7 +151,8 @@ class Channel:
     vm_name: str
     peer: LocalPeer
     rpc_peer: tuple[str, int]
-    conn: socket.socket
+    conn: socket.socket | None
+    """The control connection; None for a guest channel (its memory is its binding)."""
     segment: Segment
     ring: ServerRing
     kick: int
@@ -140,11 +169,19 @@ class Channel:
     freed: bool = False
     again: asyncio.Handle | None = None
     """The drain scheduled for the next turn of the loop, after a full batch."""
+    guest: bool = False
+    """A poll-mode channel for a QEMU guest (no doorbell fds, no control connection)."""
+    poller: asyncio.Handle | None = None
+    """A guest channel's next look at its SQ."""
+    drained: int = 0
+    """SQEs consumed so far (a guest channel's poller backs off while it stays put)."""
+    idle_polls: int = 0
+    busy_at: float = 0.0
+    """Loop time of a guest channel's last activity."""
 
     def describe(self) -> str:
-        return (
-            f"vrpc channel {self.id} (vm {self.vm_name}, uid {self.peer.uid}, pid {self.peer.pid})"
-        )
+        kind = "vrpc guest channel" if self.guest else "vrpc channel"
+        return f"{kind} {self.id} (vm {self.vm_name}, uid {self.peer.uid}, pid {self.peer.pid})"
 
     # -- the pump ------------------------------------------------------------------------
 
@@ -168,6 +205,7 @@ class Channel:
                 else:
                     work = self.ring.drain(BATCH)
                     drained = len(work)
+                self.drained += drained
             except RingProtocolError:
                 self.fail(self.ring.error or "the ring broke")
                 return
@@ -195,9 +233,37 @@ class Channel:
                 return  # asleep: the client kicks when it submits
             self.ring.disarm()
 
+    def poll(self) -> None:
+        """A guest channel's doorbell: drain what came; look again at the next turn of the
+        loop for `POLL_SPIN` after activity, then `POLL_MIN` later, doubling the wait up to
+        `POLL_MAX` while nothing comes."""
+        self.poller = None
+        if self.closed:
+            return
+        before = self.drained
+        if self.again is None and self.ring.arm():  # (arm: one look at the SQ tail)
+            self.drain()
+        if self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        if self.drained != before:
+            self.busy_at = loop.time()
+        if self.drained != before or self.in_flight > 0:
+            self.idle_polls = 0
+        if loop.time() - self.busy_at < POLL_SPIN:  # the guest's next call comes soon
+            self.poller = loop.call_soon(self.poll)
+            return
+        self.idle_polls = min(self.idle_polls + 1, 16)
+        delay = min(POLL_MIN * (1 << self.idle_polls), POLL_MAX)
+        self.poller = loop.call_later(delay, self.poll)
+
     async def _serve(self, slot: int, pending: Awaitable[Outcome]) -> None:
         try:
             self.complete(slot, *await pending)
+            if self.guest and not self.closed and self.poller is not None:
+                self.poller.cancel()  # the guest's next call follows its reply: look now
+                self.busy_at = asyncio.get_running_loop().time()
+                self.poller = asyncio.get_running_loop().call_soon(self.poll)
         except Exception:  # the dispatcher never raises; this guards the pump itself
             log.exception("%s: unexpected error serving a call", self.describe())
             self.fail("internal error")
@@ -224,6 +290,7 @@ class Channel:
 
     def on_control(self) -> None:
         """The control socket is readable: EOF (the client is gone) or a stray packet."""
+        assert self.conn is not None  # (a guest channel has no control connection)
         try:
             data = self.conn.recv(MAX_MESSAGE + 1)
         except BlockingIOError:
@@ -253,13 +320,18 @@ class Channel:
             log.info("%s detached: %s", self.describe(), why)
         if self.again is not None:
             self.again.cancel()
+        if self.poller is not None:
+            self.poller.cancel()
         loop = asyncio.get_running_loop()
-        loop.remove_reader(self.kick)
-        loop.remove_reader(self.conn.fileno())
-        with contextlib.suppress(OSError, ValueError):  # first: the client reads it on waking
-            self.conn.send(encode_refused(Refused(status, why[:MAX_REFUSAL])))
+        if self.kick >= 0:
+            loop.remove_reader(self.kick)
+        if self.conn is not None:
+            loop.remove_reader(self.conn.fileno())
+            with contextlib.suppress(OSError, ValueError):  # first: the client reads it on waking
+                self.conn.send(encode_refused(Refused(status, why[:MAX_REFUSAL])))
         self.ring.close()
-        self.conn.close()
+        if self.conn is not None:
+            self.conn.close()
         if self.in_flight == 0:
             self.free()
 
@@ -269,8 +341,9 @@ class Channel:
         self.freed = True
         self.ring.release()
         self.segment.close()
-        os.close(self.kick)
-        os.close(self.call)
+        for fd in (self.kick, self.call):
+            if fd >= 0:
+                os.close(fd)
         if self.meta:
             self.server.meta.detach(self.vm)
         self.server.forget(self)
@@ -304,6 +377,8 @@ class VrpcServer:
         self.default_slots = default_slots
         self.stats = VrpcStats()
         self.channels: dict[int, Channel] = {}
+        self.guests: dict[int, Channel] = {}
+        """Each VM's guest channel, by namespace id (`_guest`)."""
         self._ids = itertools.count(1)
         self._sock: socket.socket | None = None
         self._pending: dict[socket.socket, asyncio.TimerHandle] = {}
@@ -445,7 +520,7 @@ class VrpcServer:
     def _attach(self, conn: socket.socket, data: bytes) -> Refused | None:
         """Attach `conn` as ATTACH `data` asks, or say why not."""
         try:
-            msg = decode_attach(data)
+            msg = decode_request(data)
         except XdrError as exc:
             return Refused(RefuseStatus.INVAL, f"not an ATTACH message: {exc}")
         if msg.abi_major != abi.ABI_MAJOR:
@@ -454,6 +529,8 @@ class VrpcServer:
                 f"this server speaks VRPC ABI {abi.ABI_MAJOR}.{abi.ABI_MINOR}, the client "
                 f"{msg.abi_major}.{msg.abi_minor}: upgrade one of them",
             )
+        if isinstance(msg, GuestRequest):
+            return self._guest(conn, msg)
         peer = peer_of(conn, msg.token)
         if "@" in msg.vm:
             return Refused(
@@ -481,6 +558,68 @@ class VrpcServer:
             return Refused(RefuseStatus.BUSY, f"uid {peer.uid} has {mine} channels, the most")
         self._open(conn, msg, peer, info.id, self.service.fh(info.root).data)
         return None
+
+    def _guest(self, conn: socket.socket, msg: GuestRequest) -> Refused | None:
+        """Answer GUEST: the VM's guest channel (made now unless one is open), or why not."""
+        peer = peer_of(conn)
+        if peer.uid not in (0, os.geteuid()):
+            return Refused(
+                RefuseStatus.ACCES,
+                f"uid {peer.uid} may not make guest channels: run `prism vm vrpc-guest` as root"
+                " or as the server's user (the ring's memory goes to a QEMU they choose)",
+            )
+        if "@" in msg.vm:
+            return Refused(RefuseStatus.NOENT, f"{msg.vm!r} is a snapshot: give its VM")
+        try:
+            info = self.service.executor.call_now(lambda s: s.namespace(msg.vm))
+        except StoreError:
+            return Refused(RefuseStatus.NOENT, f"no VM named {msg.vm!r}")
+        ch = self.guests.get(info.id)
+        created = ch is None or ch.closed
+        if ch is None or ch.closed:
+            if len(self.channels) >= self.max_channels:
+                return Refused(RefuseStatus.BUSY, f"the server has {self.max_channels} channels")
+            ch = self._open_guest(info.id, msg.vm, peer)
+        answer = GuestRing(
+            ch.id, os.getpid(), ch.segment.fd, len(ch.segment.map), ch.ring.nslots, created
+        )
+        with contextlib.suppress(OSError):
+            conn.send(encode_guest_ring(answer))
+        conn.close()
+        return None
+
+    def _open_guest(self, vm: int, vm_name: str, peer: LocalPeer) -> Channel:
+        """A poll-mode channel bound to `vm`, for a QEMU guest (see the module docstring)."""
+        channel_id = next(self._ids)
+        segment = new_segment(GUEST_SLOTS, f"prism-vrpc-guest-{vm_name}", GUEST_SEGMENT_SIZE)
+        fast = self.meta.epoch is not None and ring_backend.name == "native"
+        held = False
+        try:
+            if fast:
+                self.meta.attach(vm, vm_name)
+                held = True
+            ring = ring_backend.server(
+                segment.map,
+                nslots=GUEST_SLOTS,
+                doorbell=abi.DOORBELL_POLL,
+                features=abi.F_FASTPATH if fast else 0,
+                boot_id=self.service.store.boot_id,
+                channel_id=channel_id,
+            )
+        except BaseException:
+            segment.close()
+            if held:
+                self.meta.detach(vm)
+            raise
+        rpc_peer = (f"vrpc-guest:{vm_name}:{channel_id}", 0)  # the DRC's "host"
+        ch = Channel(self, channel_id, vm, vm_name, peer, rpc_peer, None, segment, ring, -1, -1)
+        ch.meta, ch.fast, ch.guest = held, fast, True
+        self.channels[channel_id] = ch
+        self.guests[vm] = ch
+        self.stats.attached += 1
+        log.info("%s made (%d bytes, poll mode)", ch.describe(), len(segment.map))
+        ch.poller = asyncio.get_running_loop().call_soon(ch.poll)
+        return ch
 
     def _open(
         self, conn: socket.socket, msg: Attach, peer: LocalPeer, vm: int, root_fh: bytes
@@ -563,7 +702,10 @@ class VrpcServer:
     def still_allowed(self, ch: Channel) -> bool:
         """Whether `ch`'s peer may still use its VM (else the channel is detached). A
         removed VM's channel stays: its calls get STALE, as its handles do over TCP, and it
-        can reach nothing else (a VM made again under that name has another id)."""
+        can reach nothing else (a VM made again under that name has another id). A guest
+        channel's binding is its memory, given by the operator: it has no principals."""
+        if ch.guest:
+            return True
         try:
             export = self.service.executor.call_now(lambda s: s.export_of(ch.vm))
         except StoreError:
@@ -622,6 +764,8 @@ class VrpcServer:
 
     def forget(self, ch: Channel) -> None:
         self.channels.pop(ch.id, None)
+        if self.guests.get(ch.vm) is ch:
+            del self.guests[ch.vm]
 
     @property
     def open_channels(self) -> int:

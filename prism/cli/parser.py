@@ -32,6 +32,7 @@ from prism.cli.vm import (
     cmd_vm_rm,
     cmd_vm_set,
     cmd_vm_show,
+    cmd_vm_vrpc_guest,
     cmd_vm_vrpc_token,
 )
 from prism.nfs.const import MOUNT_PORT, NFS_PORT
@@ -400,6 +401,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace it: channels attached with the old one are detached at their next call",
     )
     p.set_defaults(func=cmd_vm_vrpc_token)
+    p = vms.add_parser(
+        "vrpc-guest",
+        help="print the QEMU arguments giving a guest its VM's VRPC ring (ivshmem-plain)",
+        description="Ask the running server for NAME's guest channel (made at first use, bound"
+        " to NAME: whoever holds its memory speaks for NAME only) and print the QEMU options"
+        " that map it into a guest as PCI device 1af4:1110. Root or the server's user only;"
+        " QEMU must run as either to open the /proc path.",
+    )
+    _common(p)
+    p.add_argument("name", help="the VM")
+    p.add_argument(
+        "--vrpc", metavar="PATH", help="the server's VRPC control socket (default DATA/vrpc.sock)"
+    )
+    p.set_defaults(func=cmd_vm_vrpc_guest, needs_store=False)
     p = vms.add_parser("rm", help="remove a VM and its snapshots")
     _common(p)
     p.add_argument("name", help="the VM")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
 
 from prism.cli.output import emit, human, vm_json
@@ -172,6 +173,51 @@ def _ids(words: list[str] | None, kind: str) -> list[int] | None:
 def cmd_vm_vrpc_token(args: argparse.Namespace, store: Store) -> int:
     token = store.vrpc_token(args.name, rotate=args.rotate)
     emit(args, {"vm": args.name, "token": token, "rotated": args.rotate}, token)
+    return 0
+
+
+def cmd_vm_vrpc_guest(args: argparse.Namespace) -> int:
+    import shlex
+    import socket
+
+    from rpc.xdr import XdrError
+    from vrpc.control import (
+        MAX_MESSAGE,
+        GuestRequest,
+        Refused,
+        decode_guest_reply,
+        encode_guest_request,
+    )
+    from vrpc.server import default_socket
+
+    path = Path(args.vrpc) if args.vrpc else default_socket(Path(args.data))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(10)
+        try:
+            sock.connect(str(path))
+            sock.send(encode_guest_request(GuestRequest(args.name)))
+            answer = decode_guest_reply(sock.recv(MAX_MESSAGE))
+        except (OSError, XdrError) as exc:
+            raise UsageError(
+                f"no answer from a Prism server's VRPC control socket {path}: {exc}; is"
+                " `prism serve` running with VRPC? (give its `--vrpc PATH` here too)"
+            ) from None
+    if isinstance(answer, Refused):
+        raise UsageError(f"the server refused a guest channel for {args.name}: {answer.message}")
+    qemu = answer.qemu_args(args.name)
+    emit(
+        args,
+        {
+            "vm": args.name,
+            "channel": answer.channel_id,
+            "created": answer.created,
+            "mem_path": answer.mem_path,
+            "size": answer.ring_size,
+            "slots": answer.nslots,
+            "qemu_args": qemu,
+        },
+        " ".join(shlex.quote(a) for a in qemu),
+    )
     return 0
 
 

@@ -210,6 +210,7 @@ def run_guest(
     kernel_args: str = "",
     console_log: Path | None = None,
     net: TapNetwork | None = None,
+    qemu_args: Sequence[str] = (),
 ) -> GuestRun:
     """Boot the guest, run ``script`` with busybox ``sh`` as root, and return its exit code.
 
@@ -218,12 +219,13 @@ def run_guest(
     ``files`` maps absolute guest paths to contents (e.g. helper scripts; mode 0755).
     ``console_log`` keeps the raw console in a file of your choosing (default: a temp file).
     ``net`` puts the guest on a tap device with its own address (default: user networking).
+    ``qemu_args`` are added to QEMU's command line (devices, e.g. an ivshmem ring).
     """
     with tempfile.TemporaryDirectory(prefix="prism-guest-") as tmp:
         initrd = _initrd(Path(tmp), script, files)
         log_path = console_log or Path(tmp) / "console.log"
         stderr_path = Path(tmp) / "qemu.stderr"
-        argv = _qemu_argv(initrd, memory_mb, cpus, kernel_args, net)
+        argv = _qemu_argv(initrd, memory_mb, cpus, kernel_args, net) + list(qemu_args)
 
         timed_out = False
         started = time.monotonic()

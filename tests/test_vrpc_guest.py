@@ -1,0 +1,247 @@
+"""VRPC guest channels on the host: `prism vm vrpc-guest`, the guest client over the very memory
+QEMU would map (`/proc/<server pid>/fd/<n>`), and a hostile guest scribbling on it.
+
+The QEMU boot itself is `tests/test_guest_vrpc.py` (marked `guest`); here the static guest
+client runs with `--mem`, so every ring word it and the server exchange is the same as in a
+guest, in poll mode, against a real `prism serve` on both ring backends.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import random
+import shutil
+import struct
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from prism.nfs.const import MountStat3
+from rpc.xdr import XdrError
+from tests.guest.vrpc_guest import GUEST_BYTES, fnv1a, guest_client, pattern, results
+from tests.server_helpers import PrismProcess, new_data_dir, prism_cli, running_server
+from tests.vrpc_helpers import BACKENDS, as_user, reachable_dir, socket_of
+from vrpc import abi
+from vrpc.control import (
+    MAX_MESSAGE,
+    GuestRequest,
+    GuestRing,
+    Refused,
+    RefuseStatus,
+    decode_guest_reply,
+    encode_guest_request,
+)
+
+_U32 = struct.Struct("=I")
+SQ_TAIL = abi.RING_HEADER["sq_tail"][0]
+SERVER_FLAGS = abi.RING_HEADER["server_flags"][0]
+NOBODY = 65534
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def srv(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PrismProcess]:
+    backend = request.param
+    base = tmp_path_factory.mktemp(f"vrpc-guest-{backend}")
+    data = new_data_dir(base / "data", ["vm", "other"])
+    sockdir = reachable_dir()
+    server = PrismProcess(
+        data,
+        base / "logs",
+        env={"PRISM_VRPC_BACKEND": backend},
+        extra_args=["--vrpc", str(sockdir / "vrpc.sock")],
+    )
+    with server:
+        yield server
+        assert f"({backend} ring backend)" in server.stderr()
+    shutil.rmtree(sockdir, ignore_errors=True)
+    fsck = prism_cli(data, "fsck", "--json")
+    assert '"clean": true' in fsck.stdout, fsck.stdout
+
+
+def guest_ring(srv: PrismProcess, vm: str = "vm") -> dict[str, object]:
+    out = srv.cli("vm", "vrpc-guest", vm, "--vrpc", str(socket_of(srv.ready_line)), "--json")
+    return dict(json.loads(out.stdout))
+
+
+def run_client(mem: str, *args: str, check: bool = True) -> dict[str, list[str]]:
+    proc = subprocess.run(
+        [str(guest_client()), "--mem", mem, *args], capture_output=True, text=True, timeout=60
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return results(proc.stdout)
+
+
+def test_vrpc_guest_prints_qemu_args_and_keeps_one_channel_per_vm(srv: PrismProcess) -> None:
+    first = guest_ring(srv, "other")
+    again = guest_ring(srv, "other")
+    mem = first["mem_path"]
+    assert isinstance(mem, str)
+    assert first["qemu_args"] == [
+        "-object",
+        f"memory-backend-file,id=prism-vrpc-other,size={first['size']},share=on,mem-path={mem}",
+        "-device",
+        "ivshmem-plain,memdev=prism-vrpc-other",
+    ]
+    size = first["size"]
+    assert isinstance(size, int) and size & (size - 1) == 0, "a BAR is a power of 2"
+    assert os.stat(mem).st_size == size
+    assert again == {**first, "created": False}
+    text = srv.cli("vm", "vrpc-guest", "other", "--vrpc", str(socket_of(srv.ready_line)))
+    assert text.stdout.split() == first["qemu_args"]
+    # the memory the server sealed: nobody who opens the path can shrink it (no SIGBUS)
+    fd = os.open(mem, os.O_RDWR)
+    try:
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 4096)
+    finally:
+        os.close(fd)
+
+
+def test_guest_client_mounts_writes_reads_lists_over_the_ring(srv: PrismProcess) -> None:
+    ring = guest_ring(srv)
+    mem = str(ring["mem_path"])
+    r = run_client(mem, "run", "/vm", "from-guest.bin")
+    assert r["mnt"] == ["0"] and r["null"] == ["ok"] and r["root_type"] == ["2"]
+    assert r["channel"] == [str(ring["channel"])]
+    want = fnv1a(pattern(GUEST_BYTES))
+    assert r["written"] == [str(GUEST_BYTES)] and r["write_sum"] == [want]
+    assert r["read"] == [str(GUEST_BYTES)] and r["read_sum"] == [want]
+    assert "from-guest.bin" in r["entry"]
+    # the same data through a normal TCP NFS client of the same VM
+    with srv.nfs_client() as nfs:
+        root = srv.mount("/vm")
+        fh = nfs.lookup(root, b"from-guest.bin").object
+        data = nfs.read(fh, 0, GUEST_BYTES + 100).data
+    assert data == pattern(GUEST_BYTES)
+    # a second run on the same ring (as after a guest reboot) picks up where the last ended
+    assert run_client(mem, "run", "/vm", "again.bin")["read_sum"] == [want]
+
+
+def test_guest_cannot_reach_another_vm(srv: PrismProcess) -> None:
+    mem = str(guest_ring(srv, "vm")["mem_path"])
+    assert run_client(mem, "mnt", "/other")["mnt"] == [str(int(MountStat3.MNT3ERR_ACCES))]
+    assert run_client(mem, "mnt", "/vm")["mnt"] == ["0"]
+
+
+def _ask(path: Path, vm: str) -> GuestRing | Refused:
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.send(encode_guest_request(GuestRequest(vm)))
+        return decode_guest_reply(sock.recv(MAX_MESSAGE))
+
+
+def test_only_the_operator_makes_guest_channels(srv: PrismProcess) -> None:
+    path = socket_of(srv.ready_line)
+    answer = as_user(lambda: _ask(path, "vm"), NOBODY, NOBODY)
+    assert isinstance(answer, Refused) and answer.status == RefuseStatus.ACCES
+    assert "root or as the server's user" in answer.message
+    answer = _ask(path, "nosuchvm")
+    assert isinstance(answer, Refused) and answer.status == RefuseStatus.NOENT
+    out = srv.cli("vm", "vrpc-guest", "nosuchvm", "--vrpc", str(path), check=False)
+    assert out.returncode == 2 and "no VM named 'nosuchvm'" in out.stderr
+    out = srv.cli("vm", "vrpc-guest", "vm", "--vrpc", str(path) + ".nope", check=False)
+    assert out.returncode == 2 and "is `prism serve` running with VRPC?" in out.stderr
+    with pytest.raises(XdrError):
+        decode_guest_reply(b"PVRO" + bytes(60))
+
+
+# -- a hostile guest: scribbling on the shared memory ----------------------------------------
+
+
+def _u32(at: int, value: int) -> Callable[[mmap.mmap], None]:
+    def scribble(m: mmap.mmap) -> None:
+        m[at : at + 4] = _U32.pack(value)
+
+    return scribble
+
+
+def _sqe(slot: int, length: int, flags: int) -> Callable[[mmap.mmap], None]:
+    """Publish one SQE (slot, len, flags) at the client's tail, as a guest would."""
+
+    def scribble(m: mmap.mmap) -> None:
+        tail = _U32.unpack_from(m, SQ_TAIL)[0]
+        entries = _U32.unpack_from(m, abi.RING_HEADER["entries"][0])[0]
+        at = abi.SQ_OFFSET + abi.ENTRY_SIZE * (tail & (entries - 1))
+        m[at : at + 16] = struct.pack("=4I", slot, length, flags, 0)
+        m[SQ_TAIL : SQ_TAIL + 4] = _U32.pack(tail + 1)
+
+    return scribble
+
+
+def _garbage_record(m: mmap.mmap) -> None:
+    rng = random.Random(7)
+    start = abi.SLOT_OFFSET
+    m[start : start + 200] = bytes(rng.randrange(256) for _ in range(200))
+    _sqe(0, 200, 0)(m)
+
+
+def _random_header(m: mmap.mmap) -> None:
+    rng = random.Random(11)
+    m[0 : abi.SLOT_OFFSET] = bytes(rng.randrange(256) for _ in range(abi.SLOT_OFFSET))
+
+
+SCRIBBLES = {
+    "sq_tail_overrun": _u32(SQ_TAIL, 0x7FFF0000),
+    "sqe_slot_out_of_range": _sqe(99, 100, 0),
+    "sqe_len_beyond_slot": _sqe(0, abi.SLOT_SIZE + 1, 0),
+    "sqe_unknown_flags": _sqe(0, 100, 0x40),
+    "garbage_record": _garbage_record,
+    "random_header_and_queues": _random_header,
+}
+
+
+@pytest.mark.parametrize("scribble", SCRIBBLES)
+def test_scribbled_guest_ring_closes_only_that_channel(srv: PrismProcess, scribble: str) -> None:
+    """The server reads the shared memory of a guest channel as hostile, like any channel's:
+    a guest that breaks the ring gets its channel closed; TCP and other channels go on, and
+    the operator's command makes a new channel."""
+    ring = guest_ring(srv)
+    mem = str(ring["mem_path"])
+    assert run_client(mem, "mnt", "/vm")["mnt"] == ["0"]
+    other = str(guest_ring(srv, "other")["mem_path"])
+    fd = os.open(mem, os.O_RDWR)
+    try:
+        m = mmap.mmap(fd, int(str(ring["size"])))
+    finally:
+        os.close(fd)
+    with m:
+        SCRIBBLES[scribble](m)
+        deadline = time.monotonic() + 5
+        while not _U32.unpack_from(m, SERVER_FLAGS)[0] & abi.SERVER_CLOSED:
+            assert time.monotonic() < deadline, "the server never closed the scribbled channel"
+            time.sleep(0.01)
+    assert srv.running
+    with srv.nfs_client() as nfs:  # TCP goes on
+        assert nfs.getattr(srv.mount("/vm")).ok
+    assert run_client(other, "mnt", "/other")["mnt"] == ["0"]  # so does the other VM's channel
+    fresh = guest_ring(srv)
+    assert fresh["created"] is True and fresh["channel"] != ring["channel"]
+    assert run_client(str(fresh["mem_path"]), "mnt", "/vm")["mnt"] == ["0"]
+    assert "protocol error" in srv.stderr()
+
+
+def test_server_stop_closes_guest_channels(tmp_path: Path) -> None:
+    """A guest keeps its mapping when the server goes: it must see the channel closed
+    (SERVER_CLOSED) rather than wait for replies forever."""
+    with running_server(tmp_path) as server:
+        ring = guest_ring(server)
+        fd = os.open(str(ring["mem_path"]), os.O_RDWR)
+        try:
+            m = mmap.mmap(fd, int(str(ring["size"])))
+        finally:
+            os.close(fd)
+        with m:
+            assert not _U32.unpack_from(m, SERVER_FLAGS)[0] & abi.SERVER_CLOSED
+            server.stop()
+            assert _U32.unpack_from(m, SERVER_FLAGS)[0] & abi.SERVER_CLOSED
