@@ -664,8 +664,8 @@ def test_import_shows_progress_on_a_terminal_only(data: Path, tmp_path: Path) ->
     assert summary and summary.start() > last.end(), out[-500:]
     assert prism_json(data, "vm", "show", "tty")["logical_bytes"] == total
 
-    # without a terminal: the summary alone, no progress
-    proc = run_prism(data, "import", "notty", str(src))
+    # without a terminal and progress lines (tests/test_import_options.py): the summary alone
+    proc = run_prism(data, "import", "notty", str(src), "--progress-interval", "0")
     assert proc.returncode == 0 and proc.stderr == ""
     assert proc.stdout.startswith(f"imported {files} files, 20 directories")
     assert proc.stdout.count("\n") == 1 and "\r" not in proc.stdout

@@ -364,9 +364,10 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path: Path) -> None:
     assert any(r["eta"] is not None and r["rate"] > 0 for r in copy)
 
     # the default interval (10 s) prints nothing for a short import, and 0 never does
-    for extra in ([], ["--progress-interval", "0"]):
-        proc = run_prism(data, "import", "vm", str(src), "--to", f"/c{len(extra)}", *extra)
-        assert ok(proc) and proc.stderr == ""
+    proc = run_prism(data, "import", "vm", str(src / "blobs"), "--to", "/c")
+    assert ok(proc) and proc.stderr == ""
+    proc = run_prism(data, "import", "vm", str(src), "--to", "/d", "--progress-interval", "0")
+    assert ok(proc) and proc.stderr == ""
 
 
 # -- streaming ------------------------------------------------------------------------------
