@@ -8,10 +8,11 @@ import.
 
 What is taken (`Selection`). `Exclude` patterns leave entries out, as tar's and rsync's
 --exclude do: a pattern without '/' matches a name at any depth, one with '/' the path from
-the source's top; an excluded directory is never opened. With `one_file_system`, an entry
-whose device differs from the source's (a mount point: the mounted root, as lstat sees it) is
-not entered: a directory is created empty with the mounted root's attributes (as `cp -ax` and
-`rsync -ax` do), anything else is left out; both are listed in the report.
+the source's top; an excluded directory is never opened. With `one_file_system`, a mount
+point (an entry whose device differs from the source's, as cp -x and rsync -x tell them
+apart, or one that /proc/self/mountinfo names, which a bind mount of the same filesystem
+needs) is not entered: a directory is created empty with the mounted root's attributes (as
+`cp -ax` and `rsync -ax` do), anything else is left out; both are listed in the report.
 
 One walk (`_walk`), two visitors. Depth first in name order, one open directory per level;
 the `_Counter` visitor only adds up what the `_Importer` visitor would copy (by lstat: no
@@ -44,6 +45,7 @@ import enum
 import errno
 import fcntl
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass, field
@@ -132,6 +134,42 @@ class Exclude:
         return len(path) == len(self.parts) and all(map(fnmatchcase, path, self.parts))
 
 
+@dataclass(frozen=True, slots=True)
+class Boundary:
+    """Where the source's filesystem ends: its device, and the mount points inside it (as
+    names from its top; empty unless `Selection.one_file_system`)."""
+
+    dev: int
+    mounts: frozenset[tuple[str, ...]] = frozenset()
+
+    @classmethod
+    def of(cls, src: Path, src_fd: int, *, find_mounts: bool) -> Boundary:
+        return cls(os.fstat(src_fd).st_dev, _mounts_under(src) if find_mounts else frozenset())
+
+
+_MOUNTINFO_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
+def _mounts_under(src: Path) -> frozenset[tuple[str, ...]]:
+    """The mount points strictly inside `src` (field 5 of /proc/self/mountinfo, whose
+    space, tab, newline and backslash are octal escapes), as names from `src`."""
+    top = os.fsencode(os.path.realpath(src)).rstrip(b"/") + b"/"
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:  # no /proc: device numbers alone tell filesystems apart
+        return frozenset()
+    found = set()
+    for line in lines:
+        fields = line.split(b" ")
+        if len(fields) < 5:
+            continue
+        point = _MOUNTINFO_ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), fields[4])
+        if point.startswith(top) and len(point) > len(top):
+            found.add(tuple(os.fsdecode(point[len(top) :]).split("/")))
+    return frozenset(found)
+
+
 class Verdict(enum.Enum):
     TAKE = "take"
     EXCLUDE = "exclude"
@@ -144,14 +182,13 @@ class Selection:
 
     exclude: tuple[Exclude, ...] = ()
     one_file_system: bool = False
-    """Stay on the source's filesystem: its device number, as cp -x, rsync -x and tar
-    --one-file-system tell filesystems apart."""
+    """Stay on the source's filesystem: enter no mount point (see `Boundary`)."""
 
-    def verdict(self, path: tuple[str, ...], st: os.stat_result, top_dev: int) -> Verdict:
+    def verdict(self, path: tuple[str, ...], st: os.stat_result, top: Boundary) -> Verdict:
         is_dir = stat.S_ISDIR(st.st_mode)
         if any(pattern.matches(path, is_dir) for pattern in self.exclude):
             return Verdict.EXCLUDE
-        if self.one_file_system and st.st_dev != top_dev:
+        if self.one_file_system and (st.st_dev != top.dev or path in top.mounts):
             return Verdict.MOUNT_POINT
         return Verdict.TAKE
 
@@ -226,12 +263,11 @@ class _Visitor(Protocol):
         """A directory on another filesystem, not entered."""
 
 
-def _walk(src_fd: int, select: Selection, visitor: _Visitor, label: str) -> None:
+def _walk(src_fd: int, select: Selection, top: Boundary, visitor: _Visitor, label: str) -> None:
     """Walk the directory open as `src_fd` (named `label` in messages) for `visitor`:
     depth first, in name order, one open directory per level, never entering what
     `select` leaves out. Entries that change under the walk are skipped and reported."""
     report = visitor.report
-    top_dev = os.fstat(src_fd).st_dev
     stack: list[tuple[int, list[str], tuple[str, ...], str]] = [
         (src_fd, sorted(os.listdir(src_fd), reverse=True), (), label)
     ]
@@ -248,7 +284,7 @@ def _walk(src_fd: int, select: Selection, visitor: _Visitor, label: str) -> None
             try:
                 st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
                 path = (*parts, name)
-                verdict = select.verdict(path, st, top_dev)
+                verdict = select.verdict(path, st, top)
                 if verdict is Verdict.EXCLUDE:
                     report.excluded += 1
                 elif verdict is Verdict.MOUNT_POINT:
@@ -447,16 +483,15 @@ class _Importer:
         return attr.oid
 
 
-def _top_names(src_fd: int, select: Selection) -> list[str]:
+def _top_names(src_fd: int, select: Selection, top: Boundary) -> list[str]:
     """The names the import would create at its destination."""
-    top_dev = os.fstat(src_fd).st_dev
     names = []
     for name in os.listdir(src_fd):
         try:
             st = os.stat(name, dir_fd=src_fd, follow_symlinks=False)
         except FileNotFoundError:
             continue
-        verdict = select.verdict((name,), st, top_dev)
+        verdict = select.verdict((name,), st, top)
         if verdict is Verdict.TAKE or (verdict is Verdict.MOUNT_POINT and stat.S_ISDIR(st.st_mode)):
             names.append(name)
     return names
@@ -510,10 +545,11 @@ def import_tree(
     label = f"{vm}:{to.rstrip('/')}/"
     src_fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        _refuse_clashes(store, vm, to, _top_names(src_fd, select))
+        top = Boundary.of(src, src_fd, find_mounts=select.one_file_system)
+        _refuse_clashes(store, vm, to, _top_names(src_fd, select, top))
         if dry_run or progress is not None:
             counter = _Counter(progress)
-            _walk(src_fd, select, counter, label)
+            _walk(src_fd, select, top, counter, label)
             scan_seconds = time.perf_counter() - start
             if dry_run:
                 counter.report.dry_run = True
@@ -528,7 +564,7 @@ def import_tree(
         importer = _Importer(store, staged, os.fstat(src_fd), progress)
         try:
             store.begin_batch()
-            _walk(src_fd, select, importer, label)
+            _walk(src_fd, select, top, importer, label)
             store.commit()
             store.publish_staging(token, to)
         except BaseException:

@@ -5,8 +5,9 @@ device nodes):
 * `--exclude PATTERN`: names at any depth, paths from the source's top, directories only
   with a trailing '/'; an excluded directory is never opened (inotify watches it), and an
   excluded name does not clash with the destination.
-* `--one-file-system`: a tmpfs mounted inside the source, and a file bind-mounted from it,
-  are not entered or copied; the mount point stays as an empty directory.
+* `--one-file-system`: a tmpfs mounted inside the source, a file bind-mounted from it and a
+  directory bind-mounted from the source's own filesystem are not entered or copied; each
+  mount point stays as an empty directory.
 * `--dry-run`: the same figures as the import that follows, and the store's files are
   byte-identical afterwards.
 * Progress: the pre-scan's totals, then a percentage and an ETA; on a pipe one greppable
@@ -202,6 +203,8 @@ def test_one_file_system_does_not_enter_a_tmpfs_mounted_inside_the_source(tmp_pa
     (src / "etc/resolv.conf").write_bytes(b"nameserver 10.0.0.1 (hidden under a mount)\n")
     (src / "mnt").mkdir()
     (src / "var").mkdir()
+    (src / "var/data").write_bytes(b"on the source's filesystem\n")
+    (src / "var mirror").mkdir()  # a bind mount of the same filesystem: the same device
     mounted: list[Path] = []
     try:
         mount("-t", "tmpfs", "-o", "size=16m,mode=0750,uid=1000", "prism-test", str(src / "mnt"))
@@ -211,6 +214,10 @@ def test_one_file_system_does_not_enter_a_tmpfs_mounted_inside_the_source(tmp_pa
         (src / "mnt/resolv").write_bytes(b"nameserver 192.0.2.53\n")
         mount("--bind", str(src / "mnt/resolv"), str(src / "etc/resolv.conf"))
         mounted.append(src / "etc/resolv.conf")
+        mount("--bind", str(src / "var"), str(src / "var mirror"))
+        mounted.append(src / "var mirror")
+        mirror = (src / "var mirror").stat()
+        assert mirror.st_dev == (src / "etc").stat().st_dev
         tmpfs_root = (src / "mnt").stat()
         prism(data, "vm", "create", "vm")
         prism(data, "vm", "create", "all")
@@ -223,14 +230,23 @@ def test_one_file_system_does_not_enter_a_tmpfs_mounted_inside_the_source(tmp_pa
         finally:
             watch.close()
         assert opened == {src / "etc"}, "the import entered the tmpfs"
-        assert report["mount_points"] == ["/etc/resolv.conf", "/mnt"], report
-        assert report["files"] == 1 and report["dirs"] == 3 and report["bytes"] == 6
+        assert report["mount_points"] == ["/etc/resolv.conf", "/mnt", "/var mirror"], report
+        assert report["files"] == 2 and report["dirs"] == 4, report
         assert {k: dry[k] for k in report if k not in ("seconds", "scan_seconds", "dry_run")} == {
             k: report[k] for k in report if k not in ("seconds", "scan_seconds", "dry_run")
         }
         with Store.open(data) as store:
             view = store_view(store, "vm")
-        assert sorted(view) == ["/", "/etc", "/etc/hostname", "/mnt", "/var"]
+        assert sorted(view) == [
+            "/",
+            "/etc",
+            "/etc/hostname",
+            "/mnt",
+            "/var",
+            "/var mirror",
+            "/var/data",
+        ]
+        assert view["/var mirror"]["mtime"] == mirror.st_mtime_ns
         # the mount point, empty, with the mounted root's attributes (as cp -ax makes it)
         assert view["/mnt"] == {
             "type": "DIR",
@@ -242,11 +258,12 @@ def test_one_file_system_does_not_enter_a_tmpfs_mounted_inside_the_source(tmp_pa
 
         # without the option the walk crosses into the mounts, as it always did
         report = prism_json(data, "import", "all", str(src))
-        assert report["mount_points"] == [] and report["files"] == 4, report
+        assert report["mount_points"] == [] and report["files"] == 6, report
         with Store.open(data) as store:
             view = store_view(store, "all")
         assert view["/etc/resolv.conf"]["data"] == b"nameserver 192.0.2.53\n"
         assert len(view["/mnt/sub/big"]["data"]) == 1 << 20
+        assert view["/var mirror/data"]["data"] == b"on the source's filesystem\n"
     finally:
         for path in reversed(mounted):
             subprocess.run(["umount", str(path)], check=False, timeout=30)

@@ -486,8 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--one-file-system",
         action="store_true",
-        help="stay on SRC's filesystem (by device number, like cp -x and rsync -x): another"
-        " filesystem's mount point becomes an empty directory, a mounted file is left out",
+        help="stay on SRC's filesystem: enter no mount point (another device, as cp -x and"
+        " rsync -x see it, or a bind mount that /proc/self/mountinfo names); a mounted"
+        " directory becomes an empty one, a mounted file is left out",
     )
     p.add_argument(
         "--dry-run",
