@@ -3,7 +3,7 @@
 #   1. apt packages: the external NFS client tools, QEMU for the guest tests, rpcbind, and what
 #      scripts/build-guest.sh needs (apt-get update only when a package is missing)
 #   2. python3 -m pip install -e '.[test]': the runtime dependencies (lmdb, xxhash, cffi, uvloop,
-#      prometheus_client) and the test extra; compiles the native VRPC ring (PRISM_REQUIRE_NATIVE=1
+#      prometheus_client, tqdm) and the test extra; compiles the native VRPC ring (PRISM_REQUIRE_NATIVE=1
 #      makes a failed C build an error instead of a fallback to the pure-Python ring); the test
 #      extra brings pytest, hypothesis, ruff, mypy and pyroute2 (the network-namespace tests)
 #   3. scripts/build-guest.sh (kernel + initramfs cached in .cache/guest/); --no-guest skips it

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tqdm import tqdm
 
 from prism import cli, importer
 from prism.errors import QuotaExceeded
@@ -413,6 +414,10 @@ def host_view(root: Path) -> dict[str, Any]:
             entry |= {"type": "LNK", "target": os.readlink(path).encode()}
         elif stat.S_ISFIFO(st.st_mode):
             entry["type"] = "FIFO"
+        elif stat.S_ISSOCK(st.st_mode):
+            entry["type"] = "SOCK"
+        elif stat.S_ISCHR(st.st_mode):
+            entry["type"] = "CHR"
         out[rel] = entry
     for group in inodes.values():
         for rel in group:
@@ -618,8 +623,9 @@ def run_on_terminal(argv: list[str], timeout: float = 60.0) -> tuple[int, str]:
 
 
 PROGRESS = re.compile(
-    r"\r  (?P<files>\d+) files, (?P<dirs>\d+) dirs, (?P<mb>\d+\.\d) MB "
-    r"\((?P<rate>\d+) files/s, (?P<mbs>\d+\.\d) MB/s\)"
+    r"\rimporting: +(?P<percent>\d+)%\|[^|]*\| (?P<done>[\d.]+[kMG]?)B/(?P<total>[\d.]+[kMG]?)B, "
+    r"(?P<entries>\d+)/(?P<entries_total>\d+) entries "
+    r"\[(?P<elapsed>[\d:]+)<(?P<eta>[\d:]+|\?), (?P<rate>[\d.]+[kMG]?|\?)B/s\]"
 )
 
 
@@ -640,9 +646,15 @@ def test_import_shows_progress_on_a_terminal_only(data: Path, tmp_path: Path) ->
     assert status == 0, out
     drawn = list(PROGRESS.finditer(out))
     assert drawn, f"no progress line on the terminal: {out[:500]!r}"
+    # the pre-scan's totals: a percentage of the bytes, the entries to do, an ETA
+    assert {(m["total"], int(m["entries_total"])) for m in drawn} == {
+        (tqdm.format_sizeof(total), files + 20)
+    }
+    percents = [int(m["percent"]) for m in drawn]
+    assert percents == sorted(percents) and len(set(percents)) > 2, percents
+    assert any(m["eta"] != "?" and m["rate"] != "?" for m in drawn), out[:1000]
     last = drawn[-1]
-    assert 0 < int(last["files"]) <= files and float(last["mb"]) > 0
-    assert int(last["rate"]) > 0 and float(last["mbs"]) > 0
+    assert last["percent"] == "100" and int(last["entries"]) == files + 20
     # the summary follows the progress line, on a line of its own
     summary = re.search(
         rf"\nimported {files} files, 20 directories, .* into tty:/ in [\d.]+ s "
@@ -652,8 +664,8 @@ def test_import_shows_progress_on_a_terminal_only(data: Path, tmp_path: Path) ->
     assert summary and summary.start() > last.end(), out[-500:]
     assert prism_json(data, "vm", "show", "tty")["logical_bytes"] == total
 
-    # without a terminal: the summary alone, no progress
-    proc = run_prism(data, "import", "notty", str(src))
+    # without a terminal and progress lines (tests/test_import_options.py): the summary alone
+    proc = run_prism(data, "import", "notty", str(src), "--progress-interval", "0")
     assert proc.returncode == 0 and proc.stderr == ""
     assert proc.stdout.startswith(f"imported {files} files, 20 directories")
     assert proc.stdout.count("\n") == 1 and "\r" not in proc.stdout

@@ -35,6 +35,7 @@ from prism.cli.vm import (
     cmd_vm_vrpc_guest,
     cmd_vm_vrpc_token,
 )
+from prism.importer import PROGRESS_INTERVAL_SECONDS, Exclude
 from prism.nfs.const import MOUNT_PORT, NFS_PORT
 from prism.nlm.monitor import DEFAULT_GRACE
 from prism.store.types import NOBODY, SQUASH_MODES
@@ -137,6 +138,13 @@ def _seconds(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected seconds (0 or more), not {text!r}")
     return value
+
+
+def _exclude(text: str) -> Exclude:
+    try:
+        return Exclude.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _port(text: str) -> int:
@@ -467,11 +475,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", metavar="DST_VM:/path", help="where the share appears")
     p.set_defaults(func=cmd_unshare)
 
-    p = sub.add_parser("import", help="copy a host directory tree into a VM")
+    p = sub.add_parser(
+        "import",
+        help="copy a host directory tree into a VM",
+        description="Copy a host directory tree into a VM, all or nothing, deduplicating as it"
+        " goes. A pre-scan counts what is to copy, so the progress shows a percentage and an"
+        " ETA: a bar on a terminal, else one line on stderr every --progress-interval seconds.",
+    )
     _common(p)
     p.add_argument("vm", help="the VM to fill")
     p.add_argument("src", help="the host directory to copy")
     p.add_argument("--to", default="/", metavar="PATH", help="where in the VM (default: its root)")
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        type=_exclude,
+        metavar="PATTERN",
+        help="leave out what PATTERN matches (repeatable; shell wildcards * ? [...]). Like tar"
+        " and rsync: a PATTERN without '/' matches entry NAMES at any depth ('*.log', '.cache');"
+        " one with '/' matches the PATH from SRC's top, * never matching '/' ('/var/cache',"
+        " 'home/*/.cache'; the leading '/' is optional); a trailing '/' matches directories"
+        " only. An excluded directory is not entered",
+    )
+    p.add_argument(
+        "--one-file-system",
+        action="store_true",
+        help="stay on SRC's filesystem: enter no mount point (another device, as cp -x and"
+        " rsync -x see it, or a bind mount that /proc/self/mountinfo names); a mounted"
+        " directory becomes an empty one, a mounted file is left out",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="only count what would be imported (entries and bytes); nothing is written",
+    )
+    p.add_argument(
+        "--progress-interval",
+        type=_seconds,
+        default=PROGRESS_INTERVAL_SECONDS,
+        metavar="SECONDS",
+        help="when stderr is not a terminal (or with --json), print a progress line every"
+        f" SECONDS (default: {PROGRESS_INTERVAL_SECONDS:g}; 0: none)",
+    )
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("completion", help="print a shell completion script")

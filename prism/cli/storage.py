@@ -157,13 +157,16 @@ def cmd_gc(args: argparse.Namespace, store: Store) -> int:
 
 
 def cmd_import(args: argparse.Namespace, store: Store) -> int:
-    from prism.importer import import_tree
+    from prism.cli.progress import import_progress
+    from prism.importer import Selection, import_tree
 
     src = Path(args.src)
     if not src.is_dir():
         raise UsageError(f"{src} is not a directory; give the host directory to import")
     to = vm_path(args.to, "--to")
     vm_info(store, args.vm, "import into a VM, then take a snapshot")
+    select = Selection(tuple(args.exclude), args.one_file_system)
+    progress = import_progress(as_json=args.json, interval=args.progress_interval)
 
     def terminated(signum: int, frame: Any) -> NoReturn:
         raise KeyboardInterrupt  # unwinds the import, which discards what it staged
@@ -171,7 +174,7 @@ def cmd_import(args: argparse.Namespace, store: Store) -> int:
     previous = signal.signal(signal.SIGTERM, terminated)
     try:
         report = import_tree(
-            store, args.vm, src, to, progress=sys.stderr.isatty() and not args.json
+            store, args.vm, src, to, select=select, dry_run=args.dry_run, progress=progress
         )
     except OSError as exc:
         raise UsageError(
@@ -182,17 +185,32 @@ def cmd_import(args: argparse.Namespace, store: Store) -> int:
     if report.skipped:
         print(
             f"prism: warning: skipped {len(report.skipped)} entries that changed while being "
-            f"imported (not copied): {', '.join(report.skipped[:20])}"
-            + (" ..." if len(report.skipped) > 20 else ""),
+            f"{'scanned' if report.dry_run else 'imported'} (not copied): "
+            f"{', '.join(report.skipped[:20])}" + (" ..." if len(report.skipped) > 20 else ""),
             file=sys.stderr,
         )
+    seconds = max(report.seconds, 1e-9)
+    left_out = "".join(
+        [
+            f", excluded {report.excluded} entries" if report.excluded else "",
+            f", did not enter {len(report.mount_points)} mount points"
+            if report.mount_points
+            else "",
+        ]
+    )
+    what = (
+        f"{report.files} files, {report.dirs} directories, {report.symlinks} symlinks,"
+        f" {report.hardlinks} hard links, {report.specials} special files, "
+        f"{human(report.bytes)}"
+    )
     emit(
         args,
         vars(report),
-        f"imported {report.files} files, {report.dirs} directories, {report.symlinks} symlinks,"
-        f" {report.hardlinks} hard links, {report.specials} special files, "
-        f"{human(report.bytes)} into {args.vm}:{to} in "
-        f"{report.seconds:.1f} s ({report.files / max(report.seconds, 1e-9):.0f} files/s, "
-        f"{report.bytes / max(report.seconds, 1e-9) / 1e6:.1f} MB/s)",
+        f"dry run: would import {what} into {args.vm}:{to}{left_out} (scanned in "
+        f"{report.seconds:.1f} s; nothing was written)"
+        if report.dry_run
+        else f"imported {what} into {args.vm}:{to} in {report.seconds:.1f} s "
+        f"({report.files / seconds:.0f} files/s, {report.bytes / seconds / 1e6:.1f} MB/s)"
+        f"{left_out}",
     )
     return 0
