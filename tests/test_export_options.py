@@ -234,3 +234,63 @@ def test_client_list_errors_change_nothing(tmp_path: Path) -> None:
         True,
         "ro,secure,no_root_squash",
     )
+
+
+def test_rename_keeps_handles_and_moves_everything(tmp_path: Path) -> None:
+    """`prism vm rename` under a running server: a client's handles from before go on
+    reading and writing, the export is /NEW (and /NEW@SNAP), and shares, token, quota and
+    options follow; a taken or invalid NEW is refused in one line, changing nothing."""
+    data = tmp_path / "data"
+    prism_cli(data, "vm", "create", "old", "--quota", "1G", "--anon-uid", "1234")
+    prism_cli(data, "vm", "create", "other")
+    with PrismProcess(data, tmp_path / "logs") as srv:
+        root = srv.mount("/old")
+        with srv.nfs_client() as nfs:
+            d = nfs.mkdir(root, "shared").obj
+            f = nfs.create(d, "f").obj
+            assert d is not None and f is not None
+            nfs.write_all(f, b"before")
+            srv.cli("snapshot", "create", "old", "mon")
+            srv.cli("share", "old:/shared", "other:/from-old", "--rw")
+            token = srv.cli("vm", "vrpc-token", "old").stdout.strip()
+            snap_root = srv.mount("/old@mon")
+
+            for taken, why in (("other", "'other' already exists"), ("Bad/x", "invalid VM")):
+                bad = srv.cli("vm", "rename", "old", taken, check=False)
+                assert bad.returncode != 0 and "Traceback" not in bad.stderr
+                (line,) = bad.stderr.strip().splitlines()
+                assert why in line, line
+            snap = srv.cli("vm", "rename", "old@mon", "new", check=False)
+            assert "is a snapshot" in snap.stderr
+
+            out = srv.cli("vm", "rename", "old", "new").stdout
+            assert out.startswith("renamed VM old to new: export /new")
+            # the handles the client holds keep working, both ways
+            assert nfs.read_all(f) == b"before"
+            assert nfs.write(f, 0, b"AFTER!").status == OK
+            assert nfs.create(root, "made-after").status == OK
+            assert nfs.getattr(snap_root).status == OK
+        with srv.mount_client() as m:
+            assert m.mnt_raw("/old").status != 0
+            assert m.mnt_raw("/old@mon").status != 0
+            assert m.mnt("/new")[0] == root
+            assert m.mnt("/new@mon")[0] == snap_root
+        with srv.nfs_client() as nfs:
+            other = srv.mount("/other")
+            via_share = nfs.walk(other, "from-old/f")
+            assert nfs.read_all(via_share) == b"AFTER!"
+
+    shown = json.loads(prism_cli(data, "vm", "show", "new", "--json").stdout)
+    assert (shown["name"], shown["export"], shown["quota"], shown["anon_uid"]) == (
+        "new",
+        "/new",
+        1 << 30,
+        1234,
+    )
+    assert shown["snapshots"] == ["mon"]
+    assert prism_cli(data, "vm", "vrpc-token", "new").stdout.strip() == token
+    other_shares = json.loads(prism_cli(data, "vm", "show", "other", "--json").stdout)["shares"]
+    assert other_shares == [{"path": "/from-old", "source": "new:/shared", "rw": True}]
+    names = [vm["name"] for vm in json.loads(prism_cli(data, "vm", "list", "--json").stdout)]
+    assert names == ["new", "other"]
+    assert "clean" in prism_cli(data, "fsck").stdout
