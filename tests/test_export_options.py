@@ -11,6 +11,8 @@ source addresses standing for two callers.
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -294,3 +296,68 @@ def test_rename_keeps_handles_and_moves_everything(tmp_path: Path) -> None:
     names = [vm["name"] for vm in json.loads(prism_cli(data, "vm", "list", "--json").stdout)]
     assert names == ["new", "other"]
     assert "clean" in prism_cli(data, "fsck").stdout
+
+
+def test_export_shows_each_caller_its_exports_with_options(tmp_path: Path) -> None:
+    """MOUNT EXPORT from two addresses, by `showmount -e` and by Prism's own client: the
+    server runs inside a network namespace with its own portmapper on port 111, and is
+    asked from inside (loopback) and from the host (the namespace's gateway address)."""
+    require_netns()
+    if shutil.which("showmount") is None:
+        pytest.skip("showmount (nfs-common) is not installed")
+    data = tmp_path / "data"
+    with TestHosts(1) as hosts:
+        host = hosts[0]
+        prism_cli(data, "vm", "create", "near", "--read-only")  # loopback only
+        prism_cli(data, "vm", "create", "far", "--client", host.gateway, "--insecure")
+        prism_cli(data, "vm", "set", "far", "--squash", "root", "--anon-uid", "7")
+        prism_cli(data, "vm", "create", "both", "--client", "127.0.0.0/8")
+        prism_cli(data, "vm", "set", "both", "--add-client", f"{host.gateway}/32")
+        prism_cli(data, "snapshot", "create", "far", "s1")
+        srv = PrismProcess(
+            data,
+            tmp_path / "logs",
+            bind="0.0.0.0",
+            portmap=True,
+            wrap=host.command([]),
+            address=host.address,
+        )
+        with srv:
+            inside = {
+                b"/near": (  # no clients: loopback, both families
+                    b"127.0.0.0/8(ro,secure,no_root_squash)",
+                    b"::1/128(ro,secure,no_root_squash)",
+                ),
+                b"/both": (
+                    b"127.0.0.0/8(rw,secure,no_root_squash)",
+                    f"{host.gateway}/32(rw,secure,no_root_squash)".encode(),
+                ),
+            }
+            far = f"{host.gateway}/32(rw,insecure,root_squash,anonuid=7,anongid=65534)"
+            outside = {
+                b"/far": (far.encode(),),
+                b"/far@s1": (far.replace("rw,", "ro,").encode(),),
+                b"/both": inside[b"/both"],
+            }
+            with MountClient(host.address, srv.mount_port, cred=auth_sys()) as m:
+                assert dict(m.export()) == outside
+            got = host.python(
+                "import json, sys; from prism.nfs.client import MountClient\n"
+                "with MountClient('127.0.0.1', int(sys.argv[1])) as m:\n"
+                "    print(json.dumps({p.decode(): [g.decode() for g in gs]"
+                " for p, gs in m.export()}))",
+                str(srv.mount_port),
+            ).stdout
+            assert json.loads(got) == {
+                path.decode(): [g.decode() for g in groups] for path, groups in inside.items()
+            }
+
+            def showmount(argv: list[str]) -> dict[str, str]:
+                out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True)
+                lines = out.stdout.strip().splitlines()[1:]  # after "Export list for ..."
+                return dict(line.split(None, 1) for line in lines)
+
+            assert showmount(["showmount", "-e", host.address]) == {
+                path.decode(): ",".join(g.decode() for g in groups)
+                for path, groups in outside.items()
+            }
