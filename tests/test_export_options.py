@@ -236,6 +236,10 @@ def test_client_list_errors_change_nothing(tmp_path: Path) -> None:
         True,
         "ro,secure,no_root_squash",
     )
+    text = prism_cli(data, "vm", "show", "cold").stdout
+    assert "options:   ro,secure,no_root_squash" in text
+    listed = prism_cli(data, "vm", "list", "-H", "-o", "name,options").stdout.splitlines()
+    assert listed == ["cold\tro,secure,no_root_squash", "web\trw,secure,no_root_squash"]
 
 
 def test_rename_keeps_handles_and_moves_everything(tmp_path: Path) -> None:

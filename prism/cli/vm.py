@@ -134,8 +134,7 @@ def cmd_vm_show(args: argparse.Namespace, store: Store) -> int:
 
 
 def _access_text(vm: dict[str, Any]) -> str:
-    ports = "read-only, " if vm["readonly"] else "read-write, "
-    ports += "privileged ports only (secure)" if vm["secure"] else "any port (insecure)"
+    ports = "privileged ports only (secure)" if vm["secure"] else "any port (insecure)"
     squash = {
         "none": "no squash",
         "root": f"root squashed to {vm['anon_uid']}:{vm['anon_gid']}",
