@@ -4,8 +4,10 @@
 COMMIT, as knfsd) answers NFS3ERR_ROFS and changes nothing, ACCESS stops granting the write
 bits, MNT, reads and listings still work, shared NLM locks are granted and exclusive ones
 refused (NLM4_ROFS), and `--read-write` lets writes in again. `--add-client`,
-`--remove-client` and `--client none` rebind a running server at once, from loopback
-source addresses standing for two callers.
+`--remove-client` and `--client none` rebind a running server at once (loopback source
+addresses, and a network namespace for a caller outside loopback). Over TCP, UDP and VRPC.
+`prism vm rename` keeps handles working; MOUNT EXPORT shows two callers (`showmount -e` and
+our client) each its own exports with their options.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from prism.nfs.wire import Sattr3
 from prism.nlm.client import NlmClient
 from prism.nlm.types import NlmProc, NlmStat
 from tests.netns import TestHosts, require_netns
+from tests.op_helpers import run_clone
 from tests.server_helpers import HOST, PrismProcess, prism_cli
 
 ROFS = NfsStat3.NFS3ERR_ROFS
@@ -59,7 +62,7 @@ def _tree(nfs: NfsClient, root: bytes) -> dict[str, object]:
     return out
 
 
-@pytest.mark.parametrize("transport", ["tcp", "udp"])
+@pytest.mark.parametrize("transport", ["tcp", "udp", "vrpc"])
 def test_read_only_refuses_every_change_and_bites_at_once(
     server: PrismProcess, transport: str
 ) -> None:
@@ -230,6 +233,12 @@ def test_client_list_errors_change_nothing(tmp_path: Path) -> None:
     shown = json.loads(prism_cli(data, "vm", "show", "web", "--json").stdout)
     assert shown["clients"] == ["10.0.0.0/24", "::1/128"]
     prism_cli(data, "vm", "create", "cold", "--read-only", "--client", "none")
+    assert (
+        json.loads(run_clone(data, "warm", "cold", "--client", "none", "--json").stdout)["vm"][
+            "clients"
+        ]
+        == []
+    )
     cold = json.loads(prism_cli(data, "vm", "show", "cold", "--json").stdout)
     assert (cold["clients"], cold["readonly"], cold["options"]) == (
         [],
@@ -239,7 +248,11 @@ def test_client_list_errors_change_nothing(tmp_path: Path) -> None:
     text = prism_cli(data, "vm", "show", "cold").stdout
     assert "options:   ro,secure,no_root_squash" in text
     listed = prism_cli(data, "vm", "list", "-H", "-o", "name,options").stdout.splitlines()
-    assert listed == ["cold\tro,secure,no_root_squash", "web\trw,secure,no_root_squash"]
+    assert listed == [  # a clone takes new-VM options, not its source's
+        "cold\tro,secure,no_root_squash",
+        "warm\trw,secure,no_root_squash",
+        "web\trw,secure,no_root_squash",
+    ]
 
 
 def test_rename_keeps_handles_and_moves_everything(tmp_path: Path) -> None:

@@ -329,7 +329,7 @@ def cmd_clone(args: argparse.Namespace, store: Store) -> int:
             sources,
             into=args.into,
             replace=args.replace,
-            clients=args.client or [],
+            clients=_clients(args.client) or [],
             quota=args.quota,
         )
     except (NotFound, NotADirectory) as exc:
