@@ -114,18 +114,26 @@ def test_read_only_refuses_every_change_and_bites_at_once(
 
 def test_read_only_nlm_grants_shared_refuses_exclusive(server: PrismProcess) -> None:
     """As knfsd, which opens the file for writing to lock it exclusively: a read-only
-    export grants shared locks; exclusive ones get NLM4_ROFS (v4), DENIED (v1)."""
+    export grants shared locks; exclusive ones (LOCK, TEST) get NLM4_ROFS (v4), DENIED
+    (v1); a lock held from before the switch can still be unlocked."""
     root = server.mount("/vm")
     with server.nfs_client() as nfs:
         fh = nfs.create(root, "locked").obj
         assert fh is not None
+    held = NlmClient(HOST, server.nfs_port, caller_name="before")
+    early = held.alock(fh.data, 100, 10)
+    assert held.lock(early, True, proc=NlmProc.NM_LOCK).stat == NlmStat.GRANTED
     server.cli("vm", "set", "vm", "--read-only")
     try:
+        with held:
+            assert held.unlock(early).stat == NlmStat.GRANTED
         with NlmClient(HOST, server.nfs_port, caller_name="ro") as nlm:
             lock = nlm.alock(fh.data)
             assert nlm.lock(lock, False, proc=NlmProc.NM_LOCK).stat == NlmStat.GRANTED
             assert nlm.unlock(lock).stat == NlmStat.GRANTED
             assert nlm.lock(lock, True, proc=NlmProc.NM_LOCK).stat == NlmStat.ROFS
+            assert nlm.test(lock, True).stat == NlmStat.ROFS
+            assert nlm.test(lock, False).stat == NlmStat.GRANTED
         with NlmClient(HOST, server.nfs_port, vers=1, caller_name="ro1") as nlm1:
             lock = nlm1.alock(fh.data)
             assert nlm1.lock(lock, True).stat == NlmStat.DENIED

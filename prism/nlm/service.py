@@ -333,7 +333,8 @@ class NlmService:
     def _file(self, host: str, fh: bytes, *, exclusive: bool = False) -> Hashable:
         """The lock key of the object `fh` names, if `host` may use it. As knfsd (which
         opens the file for writing to lock it exclusively), a read-only export grants shared
-        locks and refuses exclusive ones: NLM4_ROFS (DENIED before v4)."""
+        locks and refuses exclusive ones (LOCK and TEST): NLM4_ROFS (DENIED before v4).
+        UNLOCK and CANCEL always pass, so what was held or queued before can be let go."""
         nfs = self.nfs
 
         def run(s: Any) -> Any:
@@ -399,7 +400,7 @@ class NlmService:
         try:
             if self.in_grace():
                 raise _Refused(NlmStat.DENIED_GRACE_PERIOD)
-            file = self._file(host, a.alock.fh)
+            file = self._file(host, a.alock.fh, exclusive=a.exclusive)
         except _Refused as exc:
             return TestRes(a.cookie, self._stat(ctx, exc.stat))
         owner, start, end = _lock_range(host, a.alock)
