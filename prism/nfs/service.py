@@ -146,12 +146,12 @@ class Call:
     transport: str = TRANSPORT_TCP
     port: int = 0
     cred: Cred = ANONYMOUS
+    read_only: bool = False
+    """The VM `_oid` admitted the call to is exported read-only (`prism vm set --read-only`)."""
     objects: dict[bytes, ObjectId] = field(default_factory=dict)
     changing: set[ObjectId] = field(default_factory=set)
     vm: int | None = None
     """The VM a VRPC channel is bound to: its calls reach that VM's handles only."""
-    read_only: bool = False
-    """The VM `_oid` admitted the call to is exported read-only (`prism vm set --read-only`)."""
 
     @property
     def max_read(self) -> int:
@@ -302,9 +302,9 @@ class NfsService:
             raise NfsError(NfsStat3.NFS3ERR_ACCES, bare=True)
         elif not port_allowed(export, call.port):
             raise NfsError(NfsStat3.NFS3ERR_PERM, bare=True)  # knfsd's insecure port answer
+        call.read_only = export.read_only
         call.cred = effective_cred(export, call.sent)
         call.objects[fh.data] = oid
-        call.read_only = export.read_only
         return oid
 
     def _changing(self, s: FileStore, call: Call, fh: T.NfsFh3) -> ObjectId:
