@@ -59,7 +59,24 @@ def clients_allow(clients: tuple[str, ...], host: str) -> bool:
 
 
 def export_groups(info: NamespaceInfo) -> tuple[str, ...]:
-    return info.clients or LOOPBACK
+    """MOUNT EXPORT's groups of a VM or snapshot: each client CIDR with the export's
+    options, as `exportfs -v` prints them: `10.0.0.0/24(rw,secure,root_squash)`."""
+    options = export_flags(info)
+    return tuple(f"{cidr}({options})" for cidr in info.clients or LOOPBACK)
+
+
+def export_flags(info: NamespaceInfo) -> str:
+    """A VM's (or snapshot's) export options in /etc/exports words: ro|rw, secure|insecure,
+    no_root_squash|root_squash|all_squash (with anonuid=N,anongid=N when squashing)."""
+    e = info.export
+    words = [
+        "ro" if e.read_only or info.readonly else "rw",
+        "secure" if e.secure else "insecure",
+        {"none": "no_root_squash", "root": "root_squash", "all": "all_squash"}[e.squash],
+    ]
+    if e.squash != "none":
+        words += [f"anonuid={e.anon_uid}", f"anongid={e.anon_gid}"]
+    return ",".join(words)
 
 
 PRIVILEGED_PORTS = 1024

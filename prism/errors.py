@@ -82,7 +82,7 @@ class InvalidArgument(StoreError):
 
 
 class ReadOnly(StoreError):
-    """Snapshots and read-only shares cannot be changed."""
+    """Snapshots, read-only shares and read-only exports cannot be changed."""
 
     errno = _errno.EROFS
 

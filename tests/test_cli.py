@@ -122,6 +122,12 @@ def test_data_directory_defaults(tmp_path: Path) -> None:
     line = one_line_error(proc)
     assert f"no Prism store at {tmp_path / 'nowhere'}:" in line
     assert "--data" in line and "$PRISM_DATA" in line
+    # a store that cannot be made there says where and how to pick another (one line)
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")
+    line = one_line_error(run_prism(not_a_dir / "data", "vm", "create", "a"))
+    assert f"cannot open the Prism store at {not_a_dir / 'data'}: Not a directory;" in line
+    assert "--data DIR or $PRISM_DATA" in line
 
 
 # -- bad input --------------------------------------------------------------------------

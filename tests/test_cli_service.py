@@ -214,6 +214,15 @@ def test_config_file_errors_name_the_key(tmp_path: Path, text: str, hint: str) -
         (("--bind", "192.0.2.77"), "this host has no such address"),
         (("--metrics", "192.0.2.77:0"), "--metrics 192.0.2.77"),
         (("--config", "/no/such/prism.toml"), "cannot read config"),
+        # siblings: every port, count and duration option, and the log file
+        (("--mount-port", "99999"), "out of range: give 1-65535"),
+        (("--nlm-port", "-1"), "out of range: give 1-65535"),
+        (("--metrics", "127.0.0.1:70000"), "out of range: give 1-65535"),
+        (("--bind", "2001:db8::77"), "this host has no such address"),
+        (("--max-connections", "0"), "at least 1"),
+        (("--record-timeout", "nan"), "positive number of seconds"),
+        (("--grace", "-1"), "0 or more"),
+        (("--log-file", "/no/such/dir/prism.log"), "give a file in an existing directory"),
     ],
 )
 def test_serve_refuses_bad_options_in_one_line(

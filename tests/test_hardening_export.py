@@ -29,6 +29,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrismProcess]:
         yield srv
 
 
+RW, RO = b"(rw,secure,no_root_squash)", b"(ro,secure,no_root_squash)"
+"""Each group is a CIDR with the export's options (issue #14), as `exportfs -v` prints."""
+
+
 def exports(srv: PrismProcess, source: str, transport: str) -> dict[bytes, tuple[bytes, ...]]:
     with MountClient(HOST, srv.mount_port, transport, cred=auth_sys(), source=(source, 0)) as m:
         return dict(m.export())
@@ -37,13 +41,13 @@ def exports(srv: PrismProcess, source: str, transport: str) -> dict[bytes, tuple
 @pytest.mark.parametrize("transport", ["tcp", "udp"])
 def test_export_lists_only_what_the_caller_may_mount(server: PrismProcess, transport: str) -> None:
     assert exports(server, "127.0.0.2", transport) == {
-        b"/alpha": (b"127.0.0.2/32",),
-        b"/alpha@monday": (b"127.0.0.2/32",),
-        b"/wide": (b"127.0.0.0/30",),
+        b"/alpha": (b"127.0.0.2/32" + RW,),
+        b"/alpha@monday": (b"127.0.0.2/32" + RO,),
+        b"/wide": (b"127.0.0.0/30" + RW,),
     }
     assert exports(server, "127.0.0.3", transport) == {
-        b"/beta": (b"127.0.0.3/32", b"10.9.0.0/16"),
-        b"/wide": (b"127.0.0.0/30",),
+        b"/beta": (b"127.0.0.3/32" + RW, b"10.9.0.0/16" + RW),
+        b"/wide": (b"127.0.0.0/30" + RW,),
     }
     assert exports(server, "127.0.0.9", transport) == {}  # bound to no VM: nothing
 
@@ -52,7 +56,7 @@ def test_rebinding_shows_at_once(server: PrismProcess) -> None:
     assert b"/gamma" not in exports(server, "127.0.0.9", "tcp")
     server.cli("vm", "set", "gamma", "--client", "127.0.0.9/32")
     try:
-        assert exports(server, "127.0.0.9", "tcp") == {b"/gamma": (b"127.0.0.9/32",)}
+        assert exports(server, "127.0.0.9", "tcp") == {b"/gamma": (b"127.0.0.9/32" + RW,)}
         with MountClient(HOST, server.mount_port, cred=auth_sys(), source=("127.0.0.9", 0)) as m:
             m.mnt("/gamma")  # what EXPORT shows can be mounted
     finally:

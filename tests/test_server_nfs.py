@@ -214,7 +214,8 @@ def test_mount_mnt_export_dump_umnt(srv: PrismProcess, transport: str, tag: str)
             assert m.mnt_raw(path).status == MountStat3.MNT3ERR_NOENT, path
 
         exports = dict(m.export())
-        assert exports[b"/vm"] == (b"127.0.0.0/8", b"::1/128")
+        opts = b"(rw,secure,no_root_squash)"  # each group: a CIDR and the options
+        assert exports[b"/vm"] == (b"127.0.0.0/8" + opts, b"::1/128" + opts)
         assert f"/far-{transport}".encode() not in exports  # not ours to mount, or to see
 
         # DUMP lists what we mounted; UMNT forgets it, UMNTALL forgets all of ours.

@@ -82,7 +82,15 @@ def _run(
         create = args.func in (cmd_vm_create,)
         if not create and not (Path(args.data) / "meta").exists():
             raise UsageError(_missing_store(Path(args.data)))
-        with Store.open(args.data, create=create) as store:
+        try:
+            store = Store.open(args.data, create=create)
+        except OSError as exc:  # the directory itself: absent parent, not a directory...
+            raise UsageError(
+                f"cannot open the Prism store at {Path(args.data).absolute()}: "
+                f"{exc.strerror or exc}; give --data DIR or $PRISM_DATA a directory this "
+                "user may create and write"
+            ) from None
+        with store:
             return int(args.func(args, store))
     except (UsageError, StoreError) as exc:
         return _fail(prog, str(exc), 2, as_json)

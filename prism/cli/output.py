@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from prism.access import export_flags
 from prism.store.types import NamespaceInfo
 
 
@@ -26,7 +27,8 @@ def vm_json(info: NamespaceInfo, usage: Any = None) -> dict[str, Any]:
         "export": "/" + info.name,
         "clients": list(info.clients),
         "quota": info.quota,
-        "readonly": info.readonly,
+        "readonly": info.readonly or info.export.read_only,
+        "options": export_flags(info),
         "created": info.created_ns // 1_000_000_000,
         "secure": info.export.secure,
         "squash": info.export.squash,

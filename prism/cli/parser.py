@@ -29,6 +29,7 @@ from prism.cli.vm import (
     cmd_unshare,
     cmd_vm_create,
     cmd_vm_list,
+    cmd_vm_rename,
     cmd_vm_rm,
     cmd_vm_set,
     cmd_vm_show,
@@ -90,6 +91,23 @@ def _positive_float(text: str) -> float:
 
 def _access_options(p: argparse.ArgumentParser, defaults: str) -> None:
     g = p.add_argument_group(f"client access ({defaults}; see README 'Client access')")
+    writes = g.add_mutually_exclusive_group()
+    writes.add_argument(
+        "--read-only",
+        dest="read_only",
+        action="store_const",
+        const=True,
+        default=None,
+        help="answer every call that would change the VM with NFS3ERR_ROFS (knfsd's ro);"
+        " mounting and reading still work",
+    )
+    writes.add_argument(
+        "--read-write",
+        dest="read_only",
+        action="store_const",
+        const=False,
+        help="let clients change the VM again (knfsd's rw)",
+    )
     ports = g.add_mutually_exclusive_group()
     ports.add_argument(
         "--secure",
@@ -359,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quota", type=_size_arg, default=None, metavar="SIZE", help="e.g. 10G (default: none)"
     )
-    _access_options(p, "default: secure, squash none")
+    _access_options(p, "default: read-write, secure, squash none")
     p.set_defaults(func=cmd_vm_create)
     p = vms.add_parser("list", help="list VMs")
     _common(p)
@@ -393,13 +411,36 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("name", help="the VM")
     p.add_argument(
-        "--client", action="append", metavar="CIDR", help=CLIENT_HELP + "; replaces the list"
+        "--client",
+        action="append",
+        metavar="CIDR",
+        help=CLIENT_HELP + "; replaces the list (`none`: back to loopback only)",
+    )
+    p.add_argument(
+        "--add-client",
+        action="append",
+        metavar="CIDR",
+        help="add a client address range to the list (repeatable)",
+    )
+    p.add_argument(
+        "--remove-client",
+        action="append",
+        metavar="CIDR",
+        help="remove a client address range from the list (repeatable; must be listed)",
     )
     p.add_argument(
         "--quota", type=_size_arg, default=UNSET, metavar="SIZE", help="e.g. 10G, or none"
     )
     _access_options(p, "unchanged unless given")
     p.set_defaults(func=cmd_vm_set)
+    p = vms.add_parser(
+        "rename",
+        help="rename a VM and its snapshots (export /NEW; clients' file handles keep working)",
+    )
+    _common(p)
+    p.add_argument("old", metavar="OLD", help="the VM")
+    p.add_argument("new", metavar="NEW", help="its new name (a-z 0-9 _ . -, 1-63 characters)")
+    p.set_defaults(func=cmd_vm_rename)
     p = vms.add_parser("vrpc-token", help="print a VM's VRPC attach token (made at first use)")
     _common(p)
     p.add_argument("name", help="the VM")
@@ -530,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CLIENT_HELP = "client addresses allowed to mount it (repeatable; default: loopback only)"
+CLIENT_HELP = "client addresses allowed to mount it (repeatable; default, or `none`: loopback only)"
 
 
 def _fields(text: str) -> list[str]:

@@ -118,7 +118,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from prism.server import run_event_loop, serve
     from vrpc.server import ListenError
 
-    configure_logging(log_level(args), args.log_file)
+    try:
+        configure_logging(log_level(args), args.log_file)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot open --log-file {args.log_file}: {exc.strerror}; give a file in an existing"
+            " directory the server may write, or leave --log-file out to log to stderr"
+        ) from None
     options = serve_options(args)
     _check_addresses(options)
     if args.demo:

@@ -31,19 +31,31 @@ def emit_vm(args: argparse.Namespace, store: Store, info: NamespaceInfo, lead: s
         args,
         vm_json(info, store.usage(info.name)),
         f"{lead} clients {', '.join(info.clients) or 'loopback only'}, quota "
-        f"{human(info.quota) if info.quota is not None else 'none'}",
+        f"{human(info.quota) if info.quota is not None else 'none'}"
+        + (", read-only" if info.export.read_only else ""),
     )
+
+
+def _clients(given: list[str] | None) -> list[str] | None:
+    """`--client` words: CIDRs, or `none` alone for loopback only."""
+    if given is None or "none" not in given:
+        return given
+    if given != ["none"]:
+        raise UsageError("--client none stands alone (loopback only); drop the other CIDRs")
+    return []
 
 
 def cmd_vm_create(args: argparse.Namespace, store: Store) -> int:
     info = store.create_namespace(
-        args.name, clients=args.client or [], quota=args.quota, **_export_kwargs(args)
+        args.name, clients=_clients(args.client) or [], quota=args.quota, **_export_kwargs(args)
     )
     emit_vm(args, store, info, f"created VM {info.name}: export /{info.name},")
     return 0
 
 
-VM_LIST_FIELDS = ("name", "export", "clients", "quota", "used", "files", "secure", "squash")
+VM_LIST_FIELDS = (
+    *("name", "export", "clients", "quota", "used", "files", "secure", "squash", "options"),
+)
 _DEFAULT_FIELDS = VM_LIST_FIELDS[:6]
 _NUMERIC = frozenset({"quota", "used", "files"})
 
@@ -102,6 +114,7 @@ def cmd_vm_show(args: argparse.Namespace, store: Store) -> int:
                 f"name:      {data['name']}",
                 f"export:    {data['export']}",
                 f"clients:   {', '.join(data['clients']) or 'loopback only'}",
+                f"options:   {data['options']}",
                 f"access:    {_access_text(data)}",
                 f"quota:     {human(data['quota']) if data['quota'] is not None else 'none'}",
                 f"used:      {human(data['logical_bytes'])} in {data['files']} files",
@@ -142,6 +155,7 @@ def _export_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "anon_gid": args.anon_gid,
         "vrpc_users": _ids(args.vrpc_user, "user"),
         "vrpc_groups": _ids(args.vrpc_group, "group"),
+        "read_only": args.read_only,
     }
     return {k: v for k, v in given.items() if v is not None}
 
@@ -252,18 +266,40 @@ def cmd_unshare(args: argparse.Namespace, store: Store) -> int:
 def cmd_vm_set(args: argparse.Namespace, store: Store) -> int:
     kwargs: dict[str, Any] = {}
     if args.client is not None:
-        kwargs["clients"] = args.client
+        kwargs["clients"] = _clients(args.client)
+    if args.add_client:
+        kwargs["add_clients"] = args.add_client
+    if args.remove_client:
+        kwargs["remove_clients"] = args.remove_client
     if args.quota is not UNSET:
         kwargs["quota"] = args.quota
     kwargs |= _export_kwargs(args)
     if not kwargs:
         raise UsageError(
             "nothing to change: give --client CIDR, --quota SIZE, --secure/--insecure, "
+            "--read-only/--read-write, --add-client CIDR, --remove-client CIDR, --client none, "
             "--squash none|root|all, --anon-uid N, --anon-gid N, --vrpc-user UID... or "
             "--vrpc-group GID..."
         )
     info = store.set_namespace(args.name, **kwargs)
     emit_vm(args, store, info, f"updated VM {info.name}:")
+    return 0
+
+
+def cmd_vm_rename(args: argparse.Namespace, store: Store) -> int:
+    try:
+        info = store.rename_namespace(args.old, args.new)
+    except Exists:
+        raise UsageError(
+            f"{args.new!r} already exists: pick another name, or remove it first with "
+            f"`prism vm rm {args.new}` (nothing was changed)"
+        ) from None
+    emit(
+        args,
+        vm_json(info, store.usage(info.name)),
+        f"renamed VM {args.old} to {info.name}: export /{info.name} (snapshots, shares, "
+        "token and quota follow; clients' file handles keep working)",
+    )
     return 0
 
 
@@ -339,7 +375,7 @@ def cmd_clone(args: argparse.Namespace, store: Store) -> int:
             sources,
             into=args.into,
             replace=args.replace,
-            clients=args.client or [],
+            clients=_clients(args.client) or [],
             quota=args.quota,
         )
     except (NotFound, NotADirectory) as exc:

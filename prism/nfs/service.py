@@ -42,7 +42,7 @@ from prism.access import (
     export_groups,
     port_allowed,
 )
-from prism.errors import NotADirectory, NotFound, PermissionDenied, Stale, StoreError
+from prism.errors import NotADirectory, NotFound, PermissionDenied, ReadOnly, Stale, StoreError
 from prism.limits import NAME_MAX, NLINK_MAX, VM_NAME_PATTERN
 from prism.nfs import wire as T
 from prism.nfs.const import (
@@ -71,6 +71,9 @@ from prism.nfs.status import mountstat_for, nfsstat_for
 from prism.store.api import LAST_COOKIE, FileStore, Made, Wcc, record_attrs
 from prism.store.executor import StoreExecutor
 from prism.store.types import (
+    ACCESS_DELETE,
+    ACCESS_EXTEND,
+    ACCESS_MODIFY,
     INO_BITS,
     MAX_FILE_SIZE,
     NOBODY,
@@ -114,6 +117,8 @@ BINDINGS_TTL = 1.0
 """Seconds `peer_bound` reuses the VMs' client ranges it read (a rebinding reaches the
 connection caps' eviction order that much later)."""
 MKNOD_TYPES = (Ftype3.CHR, Ftype3.BLK, Ftype3.SOCK, Ftype3.FIFO)
+ACCESS_WRITES = ACCESS_MODIFY | ACCESS_EXTEND | ACCESS_DELETE
+"""ACCESS bits a read-only export never grants (as knfsd's `ro`)."""
 
 ANONYMOUS = Cred(NOBODY, NOBODY, ())
 
@@ -146,6 +151,8 @@ class Call:
     transport: str = TRANSPORT_TCP
     port: int = 0
     cred: Cred = ANONYMOUS
+    read_only: bool = False
+    """The VM `_oid` admitted the call to is exported read-only (`prism vm set --read-only`)."""
     objects: dict[bytes, ObjectId] = field(default_factory=dict)
     changing: set[ObjectId] = field(default_factory=set)
     vm: int | None = None
@@ -315,6 +322,7 @@ class NfsService:
             raise NfsError(NfsStat3.NFS3ERR_ACCES, bare=True)
         elif not port_allowed(export, call.port):
             raise NfsError(NfsStat3.NFS3ERR_PERM, bare=True)  # knfsd's insecure port answer
+        call.read_only = export.read_only
         call.cred = effective_cred(export, call.sent)
         call.objects[fh.data] = oid
         call.account = self.account(export.vm)
@@ -328,17 +336,23 @@ class NfsService:
         return stats
 
     def _changing(self, s: FileStore, call: Call, fh: T.NfsFh3) -> ObjectId:
-        """`_oid` for an object the call changes (its failure body carries wcc data)."""
+        """`_oid` for an object the call changes (its failure body carries wcc data). Every
+        modifying procedure (and COMMIT, as knfsd) passes its objects through here, so this
+        is where a read-only export answers NFS3ERR_ROFS, before the store is asked."""
         oid = self._oid(s, call, fh)
         call.changing.add(oid)
+        if call.read_only:
+            raise ReadOnly("the VM is exported read-only (`prism vm set VM --read-write`)")
         return oid
 
-    def object_of(self, s: FileStore, host: str, fh: bytes) -> ObjectId:
+    def object_of(self, s: FileStore, host: str, fh: bytes, *, changing: bool = False) -> ObjectId:
         """What handle `fh` names, if `host` may use it: the check every NFS call makes,
-        for the programs that take NFS handles too (NLM). Raises BadHandle, the store's
-        Stale if the VM is gone, or PermissionDenied if `host` is not bound to it."""
+        for the programs that take NFS handles too (NLM; `changing`: to take an exclusive
+        lock, which a read-only export refuses as knfsd's). Raises BadHandle, the store's
+        Stale if the VM is gone, ReadOnly, or PermissionDenied if `host` is not bound to it."""
+        admit = self._changing if changing else self._oid
         try:
-            return self._oid(s, Call(host, Cred(NOBODY, NOBODY, ())), T.NfsFh3(fh))
+            return admit(s, Call(host, Cred(NOBODY, NOBODY, ())), T.NfsFh3(fh))
         except NfsError as exc:
             if exc.error is not None:
                 raise exc.error from None
@@ -457,7 +471,8 @@ class NfsService:
     def access(self, s: FileStore, call: Call, a: T.AccessArgs) -> T.AccessRes:
         oid = self._oid(s, call, a.object)
         access = s.access_attr(oid, call.cred, a.access)
-        return T.AccessRes(OK, fattr3(access.attr), access.granted)
+        granted = access.granted & ~(ACCESS_WRITES if call.read_only else 0)
+        return T.AccessRes(OK, fattr3(access.attr), granted)
 
     def readlink(self, s: FileStore, call: Call, a: T.ReadlinkArgs) -> T.ReadlinkRes:
         oid = self._oid(s, call, a.symlink)

@@ -43,7 +43,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from prism.errors import PermissionDenied, StoreError
+from prism.errors import PermissionDenied, ReadOnly, StoreError
 from prism.nfs.handles import BadHandle
 from prism.nfs.service import NfsService
 from prism.nlm.locks import END, LockManager, Outcome, Owner, Waiter, span
@@ -330,12 +330,15 @@ class NlmService:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _file(self, host: str, fh: bytes) -> Hashable:
-        """The lock key of the object `fh` names, if `host` may use it."""
+    def _file(self, host: str, fh: bytes, *, exclusive: bool = False) -> Hashable:
+        """The lock key of the object `fh` names, if `host` may use it. As knfsd (which
+        opens the file for writing to lock it exclusively), a read-only export grants shared
+        locks and refuses exclusive ones (LOCK and TEST): NLM4_ROFS (DENIED before v4).
+        UNLOCK and CANCEL always pass, so what was held or queued before can be let go."""
         nfs = self.nfs
 
         def run(s: Any) -> Any:
-            return s.identity(nfs.object_of(s, host, fh))
+            return s.identity(nfs.object_of(s, host, fh, changing=exclusive))
 
         try:
             return nfs.executor.call_now(run)
@@ -343,6 +346,8 @@ class NlmService:
             raise _Refused(NlmStat.STALE_FH) from None
         except PermissionDenied:
             raise _Refused(NlmStat.FAILED) from None
+        except ReadOnly:
+            raise _Refused(NlmStat.ROFS) from None
         except StoreError:
             raise _Refused(NlmStat.STALE_FH) from None
 
@@ -395,7 +400,7 @@ class NlmService:
         try:
             if self.in_grace():
                 raise _Refused(NlmStat.DENIED_GRACE_PERIOD)
-            file = self._file(host, a.alock.fh)
+            file = self._file(host, a.alock.fh, exclusive=a.exclusive)
         except _Refused as exc:
             return TestRes(a.cookie, self._stat(ctx, exc.stat))
         owner, start, end = _lock_range(host, a.alock)
@@ -417,7 +422,7 @@ class NlmService:
             if self.in_grace() and not a.reclaim:
                 self.stats.grace_refused += 1
                 raise _Refused(NlmStat.DENIED_GRACE_PERIOD)
-            file = self._file(host, a.alock.fh)
+            file = self._file(host, a.alock.fh, exclusive=a.exclusive)
         except _Refused as exc:
             return Res(a.cookie, self._stat(ctx, exc.stat))
         if self._too_many_clients(host):

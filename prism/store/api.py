@@ -222,6 +222,7 @@ class FileStore(Protocol):
         anon_gid: int | None = None,
         vrpc_users: Sequence[int] | None = None,
         vrpc_groups: Sequence[int] | None = None,
+        read_only: bool | None = None,
     ) -> NamespaceInfo:
         """A new VM. Exists if the name is taken."""
 
@@ -248,8 +249,16 @@ class FileStore(Protocol):
         anon_gid: int | None = None,
         vrpc_users: Sequence[int] | None = None,
         vrpc_groups: Sequence[int] | None = None,
+        read_only: bool | None = None,
+        add_clients: Sequence[str] = (),
+        remove_clients: Sequence[str] = (),
     ) -> NamespaceInfo:
-        """Change the options given (quota=None removes the quota; vrpc_users=[] clears)."""
+        """Change the options given (quota=None removes the quota; vrpc_users=[] clears;
+        `clients` replaces the list, then `add_clients` and `remove_clients` apply)."""
+
+    def rename_namespace(self, old: str, new: str) -> NamespaceInfo:
+        """Rename a VM and its snapshots; its handles, shares, token and quota follow.
+        Exists if `new` is taken, InvalidArgument if it is not a valid name."""
 
     def vrpc_token(self, name: str, *, rotate: bool = False) -> str:
         """VM `name`'s VRPC attach token, made at first use; `rotate` replaces it."""

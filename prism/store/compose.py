@@ -99,9 +99,10 @@ def create_namespace(
     anon_gid: int | None = None,
     vrpc_users: Sequence[int] | None = None,
     vrpc_groups: Sequence[int] | None = None,
+    read_only: bool | None = None,
 ) -> NamespaceInfo:
     """A new VM; access options not given take the new-VM defaults (secure, squash
-    none, anonymous 65534:65534, VRPC for root only)."""
+    none, anonymous 65534:65534, VRPC for root only, read-write)."""
     check_vm_name(name)
     clients = parse_clients(clients)
     if quota is not None and quota < 0:
@@ -109,7 +110,9 @@ def create_namespace(
     with txn.write(ctx) as t:
         top = new_layer(ctx, t, 0, None)
         rec = make_ns(ctx, t, name, "vm", top, clients=clients, quota=quota)
-        set_export_options(rec, secure, squash, anon_uid, anon_gid, vrpc_users, vrpc_groups)
+        set_export_options(
+            rec, secure, squash, anon_uid, anon_gid, vrpc_users, vrpc_groups, read_only
+        )
         put_ns(ctx, t, rec)
         now = time.time_ns()
         root = Inode(FileType.DIR, 0o755, 2, 0, 0, 0, 0, 0, now, now, now, 0, ROOT_INO)

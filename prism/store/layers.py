@@ -132,6 +132,7 @@ def export_options(rec: dict[str, Any]) -> Export:
         tuple(rec.get("vrpc_users", ())),
         tuple(rec.get("vrpc_groups", ())),
         rec.get("vrpc_token", ""),
+        rec.get("read_only", False),
     )
 
 
@@ -143,6 +144,7 @@ def set_export_options(
     anon_gid: int | None,
     vrpc_users: Sequence[int] | None = None,
     vrpc_groups: Sequence[int] | None = None,
+    read_only: bool | None = None,
 ) -> None:
     """Change the given access options of VM record `rec` in place."""
     if squash is not None and squash not in SQUASH_MODES:
@@ -160,6 +162,7 @@ def set_export_options(
         "anon_gid": anon_gid,
         "vrpc_users": None if vrpc_users is None else sorted(set(vrpc_users)),
         "vrpc_groups": None if vrpc_groups is None else sorted(set(vrpc_groups)),
+        "read_only": read_only,
     }
     rec.update((key, value) for key, value in changes.items() if value is not None)
 
@@ -172,7 +175,7 @@ def check_vm_name(name: str) -> None:
         )
 
 
-def parse_clients(clients: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+def parse_clients(clients: Sequence[str]) -> tuple[str, ...]:
     """Validate CIDRs (a bare address means a single host); return them normalised."""
     out = []
     for spec in clients:
@@ -478,21 +481,59 @@ def set_namespace(
     anon_gid: int | None = None,
     vrpc_users: Sequence[int] | None = None,
     vrpc_groups: Sequence[int] | None = None,
+    read_only: bool | None = None,
+    add_clients: Sequence[str] = (),
+    remove_clients: Sequence[str] = (),
 ) -> NamespaceInfo:
+    """Change the options given in one transaction: `clients` replaces the list, then
+    `add_clients` are added (once each) and `remove_clients` removed (each must be there)."""
     with txn.write(ctx) as t:
         view = view_by_name(ctx, t, name)
         if view.kind != "vm":
             raise InvalidArgument(f"{name!r} is a snapshot; change its VM instead")
         rec = dict(view.record)
-        if clients is not None:
-            rec["clients"] = list(parse_clients(clients))
+        listed = list(parse_clients(clients) if clients is not None else rec.get("clients", []))
+        listed += [c for c in dict.fromkeys(parse_clients(add_clients)) if c not in listed]
+        for spec in parse_clients(remove_clients):
+            if spec not in listed:
+                have = ", ".join(listed) or "none: loopback only"
+                raise InvalidArgument(
+                    f"{spec} is not among {name}'s clients ({have}); nothing was changed"
+                )
+            listed.remove(spec)
+        rec["clients"] = listed
         if quota is not UNCHANGED:
             if quota is not None and quota < 0:
                 raise InvalidArgument("quota must be positive")
             rec["quota"] = quota
-        set_export_options(rec, secure, squash, anon_uid, anon_gid, vrpc_users, vrpc_groups)
+        set_export_options(
+            rec, secure, squash, anon_uid, anon_gid, vrpc_users, vrpc_groups, read_only
+        )
         put_ns(ctx, t, rec)
         return ns_info(ctx, t, rec)
+
+
+def rename_namespace(ctx: Ctx, old: str, new: str) -> NamespaceInfo:
+    """Rename VM `old` (and its snapshots, `old@s` -> `new@s`) in one transaction. Only the
+    names change: records, handles, shares, tokens and quotas are keyed by namespace id."""
+    check_vm_name(new)
+    with txn.write(ctx) as t:
+        view = view_by_name(ctx, t, old)
+        if view.kind != "vm":
+            raise InvalidArgument(f"{old!r} is a snapshot; rename its VM instead")
+        if t.get(new.encode(), db=ctx.db.names) is not None:
+            raise Exists(f"{new!r} already exists; pick another name or remove it first")
+        records = [view.record] + [
+            rec
+            for _, raw in t.cursor(db=ctx.db.ns)
+            if (rec := json.loads(bytes(raw)))["kind"] == "snapshot" and rec["of"] == view.id
+        ]
+        for rec in records:
+            name = new + rec["name"][len(old) :]  # "old@snap" -> "new@snap"
+            t.delete(rec["name"].encode(), db=ctx.db.names)
+            t.put(name.encode(), NS_KEY.pack(rec["id"]), db=ctx.db.names)
+            put_ns(ctx, t, dict(rec, name=name))
+        return ns_info(ctx, t, dict(view.record, name=new))
 
 
 def vrpc_token(ctx: Ctx, name: str, *, rotate: bool = False) -> str:

@@ -25,9 +25,9 @@ is followed by a 4-byte seal over its database, key and value, checked on every 
               b"stage:"+token -> JSON {ns, ino}: an import being built (`prism.store.staging`)
     ns        ns id u32 -> JSON {name, kind ("vm"|"snapshot"), top layer, clients, quota, of,
               shares, and for a VM: secure, squash, anon_uid, anon_gid, vrpc_users,
-              vrpc_groups, vrpc_token (`types.Export`; a record written before these existed
-              lacks them and means insecure, squash none, VRPC for root only: the access it
-              always had)}
+              vrpc_groups, vrpc_token, read_only (`types.Export`; a record written before
+              these existed lacks them and means insecure, squash none, VRPC for root only,
+              read-write: the access it always had)}
     names     name -> ns id u32 ("web" for a VM, "web@monday" for its snapshot)
     layers    layer id u64 -> JSON {parent, vols, imports, next_vol, next_import}; an
               import is {layer, map, roots, escaped} (roots and escaped since grafts

@@ -210,9 +210,10 @@ class Store:
         anon_gid: int | None = None,
         vrpc_users: Sequence[int] | None = None,
         vrpc_groups: Sequence[int] | None = None,
+        read_only: bool | None = None,
     ) -> NamespaceInfo:
         """A new VM; access options not given take the new-VM defaults (secure, squash
-        none, anonymous 65534:65534, VRPC for root only)."""
+        none, anonymous 65534:65534, VRPC for root only, read-write)."""
         return compose.create_namespace(
             self.ctx,
             name,
@@ -224,6 +225,7 @@ class Store:
             anon_gid=anon_gid,
             vrpc_users=vrpc_users,
             vrpc_groups=vrpc_groups,
+            read_only=read_only,
         )
 
     def namespace(self, name: str) -> NamespaceInfo:
@@ -252,6 +254,9 @@ class Store:
         anon_gid: int | None = None,
         vrpc_users: Sequence[int] | None = None,
         vrpc_groups: Sequence[int] | None = None,
+        read_only: bool | None = None,
+        add_clients: Sequence[str] = (),
+        remove_clients: Sequence[str] = (),
     ) -> NamespaceInfo:
         return layers.set_namespace(
             self.ctx,
@@ -264,7 +269,13 @@ class Store:
             anon_gid=anon_gid,
             vrpc_users=vrpc_users,
             vrpc_groups=vrpc_groups,
+            read_only=read_only,
+            add_clients=add_clients,
+            remove_clients=remove_clients,
         )
+
+    def rename_namespace(self, old: str, new: str) -> NamespaceInfo:
+        return layers.rename_namespace(self.ctx, old, new)
 
     def vrpc_token(self, name: str, *, rotate: bool = False) -> str:
         """VM `name`'s VRPC attach token, made at first use; `rotate` replaces it, so every

@@ -144,7 +144,9 @@ class Export:
     privileged source ports only (`secure`), and which AUTH_SYS callers become the
     anonymous anon_uid/anon_gid (`squash`: none, root (uid/gid 0), all). Over VRPC
     (`vrpc.server`) the VM's own id `vm` is what a channel is bound to, and the local users,
-    groups and token in `vrpc_*` say who may attach (`prism.access.vrpc_allows`)."""
+    groups and token in `vrpc_*` say who may attach (`prism.access.vrpc_allows`).
+    `read_only`: every call that would change the VM is answered NFS3ERR_ROFS (knfsd's
+    `ro`); the store itself stays writable (import, shares into other VMs)."""
 
     clients: tuple[str, ...] = ()
     secure: bool = False
@@ -155,6 +157,7 @@ class Export:
     vrpc_users: tuple[int, ...] = ()
     vrpc_groups: tuple[int, ...] = ()
     vrpc_token: str = field(default="", repr=False)
+    read_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)
