@@ -131,7 +131,7 @@ class Channel:
     meta: bool = False
     """Whether it holds its VM's attribute table (`VrpcServer.meta`)."""
     fast: bool = False
-    """Whether GETATTR hits and NULL are answered in C (`vrpc_srv_drain_fast`)."""
+    """Whether GETATTR hits and NULL are answered in C (`vrpc_srv_pump` with the table)."""
     fast_seen: tuple[int, int, int, int] = (0, 0, 0, 0)
     """The ring's fast-path counters already folded into the statistics."""
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -149,30 +149,32 @@ class Channel:
     # -- the pump ------------------------------------------------------------------------
 
     def on_kick(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self.kick)
         if not self.closed:
-            self.ring.disarm()
-            self.drain()
+            self.drain(self.kick)
 
-    def drain(self) -> None:
-        """Run what the client submitted: at most BATCH records, then yield or sleep."""
+    def drain(self, kick: int = -1) -> None:
+        """Run what the client submitted: at most BATCH records, then yield or sleep. Each
+        turn is one C call (`pump`: the kick consumed, GETATTR hits and NULL answered in C
+        with the fast path, the ring rearmed when empty), then Python runs the rest."""
         self.again = None
         server = self.server
+        left = BATCH
         while not self.closed:
             try:
-                fast = self.fast and server.meta.cdata(self.vm)
-                if fast:
-                    work = cast(Any, self.ring).drain_fast(BATCH, fast)
+                meta = server.meta.cdata(self.vm) if self.fast else None
+                if meta:
+                    work, armed = cast(Any, self.ring).pump(left, kick, meta)
                     drained = server.count_fast(self)
                 else:
-                    work = self.ring.drain(BATCH)
+                    work, armed = self.ring.pump(left, kick)
                     drained = len(work)
             except RingProtocolError:
                 self.fail(self.ring.error or "the ring broke")
                 return
             except RingClosed:
                 return
+            kick = -1
+            left -= drained
             if work and not server.still_allowed(self):  # once per batch, before any call
                 return
             for slot, length in work:
@@ -188,12 +190,11 @@ class Channel:
                 else:
                     self.in_flight += 1
                     start_eagerly(self._serve(slot, cast(Awaitable[Outcome], outcome)), self.tasks)
-            if drained == BATCH:  # more may wait: after every other reader's turn
+            if armed:
+                return  # asleep: the client kicks when it submits
+            if left <= 0:  # more may wait: after every other reader's turn
                 self.again = asyncio.get_running_loop().call_soon(self.drain)
                 return
-            if not self.ring.arm():
-                return  # asleep: the client kicks when it submits
-            self.ring.disarm()
 
     async def _serve(self, slot: int, pending: Awaitable[Outcome]) -> None:
         try:
