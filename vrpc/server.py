@@ -140,6 +140,8 @@ class Channel:
     freed: bool = False
     again: asyncio.Handle | None = None
     """The drain scheduled for the next turn of the loop, after a full batch."""
+    allowed_at: int | None = None
+    """The store epoch at which the peer's right was last confirmed (`still_allowed`)."""
 
     def describe(self) -> str:
         return (
@@ -564,12 +566,24 @@ class VrpcServer:
     def still_allowed(self, ch: Channel) -> bool:
         """Whether `ch`'s peer may still use its VM (else the channel is detached). A
         removed VM's channel stays: its calls get STALE, as its handles do over TCP, and it
-        can reach nothing else (a VM made again under that name has another id)."""
+        can reach nothing else (a VM made again under that name has another id).
+
+        VM records change only through operator commands, which are other processes and
+        bracket their writes in the store epoch: while the epoch stays where it was (stable)
+        when the right was last confirmed, the record is the one read then, so the answer
+        stands without reading it again (a store read per batch cost the Python path more
+        than the whole transport saved). The epoch is taken before the read, so a write that
+        begins during it moves the epoch and the next batch reads again."""
+        epoch = self.meta.epoch
+        stable = epoch.stable() if epoch is not None else None
+        if stable is not None and ch.allowed_at == stable:
+            return True
         try:
             export = self.service.executor.call_now(lambda s: s.export_of(ch.vm))
         except StoreError:
             return True
         if vrpc_allows(export, ch.peer):
+            ch.allowed_at = stable
             return True
         self.stats.revoked += 1
         what = "its token was rotated" if ch.peer.token else "its principals changed"
