@@ -1,27 +1,34 @@
 """VRPC against TCP on one `prism serve`: latency, throughput and server CPU per operation.
 
-    python3 benchmarks/vrpc_bench.py            # about 5 minutes on a loaded 2-CPU machine
+    python3 benchmarks/vrpc_bench.py            # about 6 minutes on a loaded 2-CPU machine
     python3 benchmarks/vrpc_bench.py --quick    # a smoke run (few ops, one repetition)
 
 Theory of operation: one server (fresh data directory under /var/tmp, VM "bench", TCP ports
 chosen free, the VRPC control socket at DATA/vrpc.sock) serves every row. Each row is measured
-for both transports in the same repetition, the order alternating between repetitions
+for every transport in the same repetition, the order alternating between repetitions
 (interleaved); a row's figure is the median of `--repeat` (3) repetitions, and ratios are
 taken between those medians. Server CPU per operation is the server process's user+system
 time (/proc/PID/stat) over the measurement, divided by its operations (10 ms ticks: short
 rows are coarse).
 
-Clients measure the transports, not the client library: the raw `rpc.client.RpcClient` (one
-TCP connection) and `vrpc.client.VrpcChannel` (one channel, generic Python server path) carry
-call records encoded before timing (only the xid is patched per call, so the server's
-duplicate request cache never answers instead of the handlers); replies are checked by their
-accept and NFS status words only, not decoded. One row goes through `prism.client` (GETATTR
-by handle, decoded) to show what a library user sees. libnfs over TCP (`nfsclient.py`) is
-context. The C fast path (GETATTR answered from the attribute table) does not exist yet:
-its row says "n/a, not built".
+Transports: `tcp` (one TCP connection from a privileged port), `vrpc` (one channel attached
+with ATTACH_NO_FASTPATH: every call takes the generic Python server path, as TCP does) and
+`vrpc-fast` (one channel as clients get it by default: GETATTR hits of the VM's attribute
+table and NULL answered in C, the rest in Python). `table` is a `stat` answered from the
+shared attribute table with no RPC at all (`VrpcChannel.stat_from_table`).
 
-Rows: GETATTR latency (1 client); READ and WRITE 4 KiB ops/s; READ and WRITE 1 MiB MiB/s;
-1, 2, 4, 8 client processes of GETATTR and of 4 KiB READ, aggregate ops/s.
+Clients measure the transports, not a client library, and are equally lean on both: a call
+record is encoded before timing (only the xid is patched per call, so the server's duplicate
+request cache never answers instead of the handlers); TCP sends it with one `sendall` of the
+record mark and record and reads the reply with `recv_into` a preallocated buffer; VRPC copies
+it into a slot and submits, sleeps and reaps in one C call (`VrpcChannel.call`); either way the
+reply is copied out once and checked by its accept and NFS status words only, not decoded.
+One row goes through `prism.client` (GETATTR by handle, decoded) to show what a library user
+sees. libnfs over TCP (`nfsclient.py`, C) is context.
+
+Rows: GETATTR latency (1 client) over tcp, vrpc and vrpc-fast, and the table `stat`; READ and
+WRITE 4 KiB ops/s; READ and WRITE 1 MiB MiB/s; 1, 2, 4, 8 client processes of GETATTR (tcp,
+vrpc, vrpc-fast) and of 4 KiB READ (tcp, vrpc), aggregate ops/s.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from rpc.client import RpcClient, raise_for_reply  # noqa: E402
 from rpc.message import decode_reply, encode_call  # noqa: E402
 from tests.server_helpers import PrismProcess  # noqa: E402
 from vrpc.client import VrpcChannel  # noqa: E402
+from vrpc.control import ATTACH_NO_FASTPATH  # noqa: E402
 
 HOST = "127.0.0.1"
 VM = "bench"
@@ -64,6 +72,9 @@ _OK_WORDS = struct.Struct(">I")
 _ACCEPT_AT = 20  # xid, REPLY, MSG_ACCEPTED, verifier AUTH_NONE + length 0, then accept_stat
 CRED = auth_sys(0, 0).to_opaque()
 TRANSPORTS = ("tcp", "vrpc")
+"""Compared in the READ and WRITE rows (the C fast path answers neither)."""
+GETATTR_TRANSPORTS = ("tcp", "vrpc", "vrpc-fast")
+_MARK = struct.Struct(">I")
 ROOT = os.geteuid() == 0
 """As root, TCP clients call from a privileged port, as the VM (secure by default) asks."""
 
@@ -109,18 +120,38 @@ class Raw:
     def __init__(self, transport: str, server: dict[str, Any]) -> None:
         self.transport = transport
         self.xid = random.getrandbits(32)
+        self.ch: VrpcChannel | None = None
         if transport == "tcp":
             self.tcp = RpcClient(
                 HOST, server["nfs_port"], NFS_PROGRAM, NFS_V3, cred=CRED, reserved_port=ROOT
             )
+            self.sock = self.tcp.sock
+            self.sock.settimeout(None)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.buf = bytearray(2 * MIB + 4096)
+            self.view = memoryview(self.buf)
             self.exchange: Callable[[bytearray], bytes] = self._tcp
         else:
-            self.ch = VrpcChannel.attach(server["vrpc"], VM, timeout=30)
+            flags = ATTACH_NO_FASTPATH if transport == "vrpc" else 0
+            self.ch = VrpcChannel.attach(server["vrpc"], VM, timeout=30, flags=flags, meta=True)
             self.exchange = self.ch.call
 
     def _tcp(self, record: bytearray) -> bytes:
-        self.tcp.send_raw(bytes(record))
-        return self.tcp.recv_record(30)
+        """One exchange over the connection: the record mark and record in one send, the
+        reply read into the preallocated buffer (the server replies in one fragment)."""
+        self.sock.sendall(_MARK.pack(0x8000_0000 | len(record)) + record)
+        view, got, need = self.view, 0, 4
+        while got < need:
+            n = self.sock.recv_into(view[got:])
+            if not n:
+                raise ConnectionError("the server closed the connection")
+            got += n
+            if need == 4 and got >= 4:
+                mark = _MARK.unpack_from(self.buf)[0]
+                if not mark & 0x8000_0000:
+                    raise RuntimeError("a reply in several fragments: not expected here")
+                need = 4 + (mark & 0x7FFF_FFFF)
+        return bytes(view[4:need])
 
     def record(self, proc: int, args: bytes) -> bytearray:
         record = bytearray(encode_call(0, NFS_PROGRAM, NFS_V3, proc, args, CRED))
@@ -139,7 +170,7 @@ class Raw:
         return reply
 
     def close(self) -> None:
-        if self.transport == "tcp":
+        if self.ch is None:
             self.tcp.close()
         else:
             self.ch.close()
@@ -166,6 +197,19 @@ def m_getattr(raw: Raw, fh: bytes, ops: int) -> tuple[int, float]:
     start = time.perf_counter()
     for _ in range(ops):
         raw.call(record)
+    return ops, time.perf_counter() - start
+
+
+def m_table(raw: Raw, fh: bytes, ops: int) -> tuple[int, float]:
+    """`stat` from the shared attribute table: no RPC (the GETATTR rows published it)."""
+    assert raw.ch is not None
+    stat = raw.ch.stat_from_table
+    if stat(fh) is None:
+        raise RuntimeError("table miss: the GETATTR rows should have published the file")
+    start = time.perf_counter()
+    for _ in range(ops):
+        if stat(fh) is None:
+            raise RuntimeError("table miss during the row")
     return ops, time.perf_counter() - start
 
 
@@ -333,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             for off in range(0, FILE_SIZE, MIB):
                 assert nfs.write(made.obj, off, rng.randbytes(MIB), StableHow.UNSTABLE).ok
             assert nfs.commit(made.obj).ok
-        raws = {t: Raw(t, info) for t in TRANSPORTS}
+        raws = {t: Raw(t, info) for t in GETATTR_TRANSPORTS}
 
         def measure(row: str, who: str, fn: Callable[[], tuple[int, float]]) -> None:
             cpu0 = server_cpu(pid)
@@ -348,9 +392,11 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(repeat):
             print(f"repetition {rep + 1}/{repeat}", file=sys.stderr)
             order = TRANSPORTS if rep % 2 == 0 else TRANSPORTS[::-1]
+            g_order = GETATTR_TRANSPORTS if rep % 2 == 0 else GETATTR_TRANSPORTS[::-1]
             seed = 1000 * rep
-            for t in order:
+            for t in g_order:
                 measure("getattr", t, lambda t=t: m_getattr(raws[t], fh, n_getattr))
+            measure("table", "vrpc-fast", lambda: m_table(raws["vrpc-fast"], fh, n_getattr * 10))
             for t in order:
                 measure(
                     "client-getattr", t, lambda t=t: m_client_getattr(t, info, fh, n_getattr // 2)
@@ -372,9 +418,9 @@ def main(argv: list[str] | None = None) -> int:
                     ("write1m", n_1m),
                 ):
                     measure(kind, "libnfs", lambda k=kind, n=n, s=seed + 4: m_libnfs(k, info, n, s))
-            for what in ("getattr", "read4k"):
+            for what, whos in (("getattr", g_order), ("read4k", order)):
                 for clients in clients_list:
-                    for t in order:
+                    for t in whos:
                         measure(
                             f"par-{what}-{clients}",
                             t,
@@ -411,55 +457,71 @@ def table(
     def cpu(row: str, who: str) -> str:
         return f"{med[(row, who)][1]:.0f}" if (row, who) in med else "-"
 
+    def ratio(a: float | None, b: float | None) -> str:
+        return f"{a / b:.2f}x" if a and b else "-"
+
     lines = [
-        f"Medians of {repeat}; server CPU in µs per operation (user+sys) as tcp / vrpc.",
+        f"Medians of {repeat}; server CPU in µs per operation (user+sys).",
         "",
-        "| row | TCP | VRPC | VRPC/TCP | libnfs (TCP) | server CPU µs/op tcp / vrpc |",
-        "|---|---|---|---|---|---|",
+        "| row | TCP | VRPC (Python path) | VRPC fast path | goal row: ratio "
+        "| libnfs (TCP) | server CPU µs/op tcp / vrpc / fast |",
+        "|---|---|---|---|---|---|---|",
     ]
 
     def lat(row: str, who: str) -> str:
         r = rate(row, who)
         return f"{1e6 / r:.1f} µs" if r else "-"
 
-    for row, title in (
-        (
-            "getattr",
-            f"GETATTR latency, 1 client, raw records ({n_getattr} ops), generic Python path",
-        ),
-        ("client-getattr", f"GETATTR latency through prism.client ({n_getattr // 2} ops, decoded)"),
-    ):
-        tcp, vrpc = rate(row, "tcp"), rate(row, "vrpc")
-        ratio = f"{vrpc / tcp:.2f}x" if tcp and vrpc else "-"
-        lib = lat(row, "libnfs") if row == "getattr" else "-"
-        lines.append(
-            f"| {title} | {lat(row, 'tcp')} | {lat(row, 'vrpc')} | {ratio} (TCP/VRPC latency) "
-            f"| {lib} | {cpu(row, 'tcp')} / {cpu(row, 'vrpc')} |"
-        )
-    lines.append("| GETATTR latency, C fast path | - | n/a, not built | n/a | - | - |")
-    for row, title, unit, div in (
-        ("read4k", f"READ 4 KiB, random ({n_4k} ops)", "ops/s", 1),
-        ("write4k", f"WRITE 4 KiB UNSTABLE, random ({n_4k} ops)", "ops/s", 1),
-        ("read1m", f"READ 1 MiB ({n_1m} MiB)", "MiB/s", 1),
-        ("write1m", f"WRITE 1 MiB UNSTABLE ({n_1m} MiB)", "MiB/s", 1),
+    tcp, vrpc, fast = (rate("getattr", w) for w in GETATTR_TRANSPORTS)
+    lines.append(
+        f"| GETATTR latency, 1 client ({n_getattr} ops) | {lat('getattr', 'tcp')} "
+        f"| {lat('getattr', 'vrpc')} | {lat('getattr', 'vrpc-fast')} "
+        f"| TCP/fast {ratio(fast, tcp)} (goal 3x); TCP/Python path {ratio(vrpc, tcp)} "
+        f"| {lat('getattr', 'libnfs')} "
+        f"| {cpu('getattr', 'tcp')} / {cpu('getattr', 'vrpc')} / {cpu('getattr', 'vrpc-fast')} |"
+    )
+    table_rate = rate("table", "vrpc-fast")
+    lines.append(
+        f"| `stat` from the shared table ({n_getattr * 10} lookups) | {lat('getattr', 'tcp')} "
+        f"| - | {lat('table', 'vrpc-fast')} (no RPC) "
+        f"| TCP GETATTR/table {ratio(table_rate, tcp)} (goal 10x) | - | - |"
+    )
+    tcp, vrpc = rate("client-getattr", "tcp"), rate("client-getattr", "vrpc")
+    lines.append(
+        f"| GETATTR latency through prism.client ({n_getattr // 2} ops, decoded; default "
+        f"channel) | {lat('client-getattr', 'tcp')} | - | {lat('client-getattr', 'vrpc')} "
+        f"| TCP/VRPC {ratio(vrpc, tcp)} | - "
+        f"| {cpu('client-getattr', 'tcp')} / - / {cpu('client-getattr', 'vrpc')} |"
+    )
+    for row, title, unit, goal in (
+        ("read4k", f"READ 4 KiB, random ({n_4k} ops)", "ops/s", "1.3x"),
+        ("write4k", f"WRITE 4 KiB UNSTABLE, random ({n_4k} ops)", "ops/s", "1.3x"),
+        ("read1m", f"READ 1 MiB ({n_1m} MiB)", "MiB/s", "1.0x"),
+        ("write1m", f"WRITE 1 MiB UNSTABLE ({n_1m} MiB)", "MiB/s", "1.0x"),
     ):
         tcp, vrpc, lib = rate(row, "tcp"), rate(row, "vrpc"), rate(row, "libnfs")
-        ratio = f"{vrpc / tcp:.2f}x" if tcp and vrpc else "-"
-        fmt = lambda v, div=div, unit=unit: f"{v / div:.0f} {unit}" if v else "-"  # noqa: E731
+        fmt = lambda v, unit=unit: f"{v:.0f} {unit}" if v else "-"  # noqa: E731
         lines.append(
-            f"| {title} | {fmt(tcp)} | {fmt(vrpc)} | {ratio} | {fmt(lib)} "
-            f"| {cpu(row, 'tcp')} / {cpu(row, 'vrpc')} |"
+            f"| {title} | {fmt(tcp)} | {fmt(vrpc)} | (Python path) "
+            f"| VRPC/TCP {ratio(vrpc, tcp)} (goal {goal}) | {fmt(lib)} "
+            f"| {cpu(row, 'tcp')} / {cpu(row, 'vrpc')} / - |"
         )
     for what, title in (("getattr", "GETATTR"), ("read4k", "READ 4 KiB")):
         for clients in clients_list:
             row = f"par-{what}-{clients}"
-            tcp, vrpc = rate(row, "tcp"), rate(row, "vrpc")
-            ratio = f"{vrpc / tcp:.2f}x" if tcp and vrpc else "-"
+            tcp, vrpc, fast = (rate(row, w) for w in GETATTR_TRANSPORTS)
+            fmt = lambda v: f"{v:.0f} ops/s" if v else "-"  # noqa: E731
+            goal = (
+                f"fast/TCP {ratio(fast, tcp)}{' (goal 3x)' if clients == 8 else ''}; "
+                f"Python path/TCP {ratio(vrpc, tcp)}"
+                if what == "getattr"
+                else f"VRPC/TCP {ratio(vrpc, tcp)}"
+            )
             lines.append(
                 f"| {title}, {clients} client process{'es' if clients > 1 else ''} "
-                f"({par_seconds:g} s), aggregate | {tcp:.0f} ops/s | {vrpc:.0f} ops/s "
-                f"| {ratio} | - "
-                f"| {cpu(row, 'tcp')} / {cpu(row, 'vrpc')} |"
+                f"({par_seconds:g} s), aggregate | {fmt(tcp)} | {fmt(vrpc)} "
+                f"| {fmt(fast) if what == 'getattr' else '(Python path)'} | {goal} | - "
+                f"| {cpu(row, 'tcp')} / {cpu(row, 'vrpc')} / {cpu(row, 'vrpc-fast')} |"
             )
     return "\n".join(lines)
 

@@ -55,6 +55,8 @@
 #define VRPC_FAST_MAX_RECORD  512
 #define VRPC_FAST_GETATTR_REPLY 112
 #define VRPC_FAST_NULL_REPLY  24
+#define VRPC_PUMP_MORE        1
+#define VRPC_PUMP_ARMED       2
 
 /* Ring segment: [0, 4096) header, [4096, 8192) SQ then CQ (16-byte entries, entries <= 128),
  * [8192, 8192 + nslots * slot_size) slots. VRPC_MAGIC = "PRISMVR1", META "PRISMMT1",
@@ -207,6 +209,13 @@ int vrpc_cli_reap(struct vrpc_cli *cli, struct vrpc_cqe *out, uint32_t max);
  * control socket, -1: none) becomes readable or hangs up: 1 ready, 0 timeout, -EPIPE (server
  * closed or extra_fd), -EINTR (retry after handling signals), other -errno from poll. */
 int vrpc_cli_wait(struct vrpc_cli *cli, int timeout_ms, int extra_fd);
+/* One call with nothing else in flight, in one crossing from Python: submit the record already
+ * written into slot (as vrpc_cli_submit), then reap and wait (as vrpc_cli_wait) until its
+ * completion is in *out. 1 done; 0 when the wait ends first (timeout, -EINTR from poll: the
+ * slot stays in flight, finish with reap/wait); -EINVAL, -EBUSY (another slot in flight),
+ * -EPIPE, -EPROTO as submit and reap. */
+int vrpc_cli_call(struct vrpc_cli *cli, uint32_t slot, uint32_t len, int timeout_ms,
+                  int extra_fd, struct vrpc_cqe *out);
 /* Attribute table (section 7; native/README.md "Attribute table"). Private state of one end:
  * the server's (macs: buckets * 16 bytes of its heap, never shared; the table mapped RW) or a
  * client's (macs NULL; the table mapped read-only). epoch maps DATA/meta/epoch (NULL: a table
@@ -279,6 +288,16 @@ int vrpc_fast_answer(const struct vrpc_meta *m, const uint8_t *rec, uint32_t len
  * returned when negative. st->drained says how many SQEs were consumed in all. */
 int vrpc_srv_drain_fast(struct vrpc_srv *srv, const struct vrpc_meta *m, struct vrpc_work *work,
                         uint32_t max, struct vrpc_fast_stats *st);
+/* One turn of a channel's pump in one crossing from Python (design 5.1): consume the kick
+ * eventfd (kick_fd >= 0; EAGAIN is fine), clear SERVER_IDLE, then drain (vrpc_srv_drain_fast
+ * when fast, else vrpc_srv_drain) until records for Python are found, `max` SQEs were consumed
+ * or the ring is armed with nothing left (R4: arm, recheck, drain again if work slipped in).
+ * Returns the count left in work[] for Python (or a negative errno as vrpc_srv_drain); *state
+ * says what follows: VRPC_PUMP_MORE (call again: Python records first, or the batch is spent),
+ * VRPC_PUMP_ARMED (asleep: the client kicks when it submits). st->drained counts every SQE. */
+int vrpc_srv_pump(struct vrpc_srv *srv, const struct vrpc_meta *m, int fast, int kick_fd,
+                  struct vrpc_work *work, uint32_t max, struct vrpc_fast_stats *st,
+                  uint32_t *state);
 /* CDEF-END */
 
 #endif

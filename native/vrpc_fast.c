@@ -15,6 +15,7 @@
 #include <stddef.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "vrpc.h"
 
@@ -158,4 +159,40 @@ int vrpc_srv_drain_fast(struct vrpc_srv *srv, const struct vrpc_meta *m, struct 
     if (answered)
         st->ns += now_ns() - t0;
     return kept;
+}
+
+int vrpc_srv_pump(struct vrpc_srv *srv, const struct vrpc_meta *m, int fast, int kick_fd,
+                  struct vrpc_work *work, uint32_t max, struct vrpc_fast_stats *st,
+                  uint32_t *state)
+{
+    uint64_t value;
+    if (kick_fd >= 0 && read(kick_fd, &value, sizeof value) < 0 && errno != EAGAIN &&
+        errno != EINTR)
+        return -errno;
+    vrpc_srv_disarm(srv);
+    uint32_t left = max;
+    *state = VRPC_PUMP_MORE;
+    for (;;) {
+        int n;
+        if (fast) {
+            uint64_t before = st->drained;
+            n = vrpc_srv_drain_fast(srv, m, work, left, st);
+            if (n < 0)
+                return n;
+            left -= (uint32_t)(st->drained - before);
+        } else {
+            n = vrpc_srv_drain(srv, work, left);
+            if (n < 0)
+                return n;
+            st->drained += (uint64_t)n;
+            left -= (uint32_t)n;
+        }
+        if (n > 0 || left == 0)
+            return n; /* Python's records first, or the batch is spent: MORE */
+        if (!vrpc_srv_arm(srv)) {
+            *state = VRPC_PUMP_ARMED;
+            return 0;
+        }
+        vrpc_srv_disarm(srv); /* work slipped in between the drain and the arm (R4) */
+    }
 }

@@ -389,3 +389,27 @@ int vrpc_cli_wait(struct vrpc_cli *cli, int timeout_ms, int extra_fd)
             return 0;
     }
 }
+
+int vrpc_cli_call(struct vrpc_cli *cli, uint32_t slot, uint32_t len, int timeout_ms,
+                  int extra_fd, struct vrpc_cqe *out)
+{
+    if (cli->inflight != 0)
+        return -EBUSY;
+    int r = vrpc_cli_submit(cli, slot, len);
+    if (r < 0)
+        return r;
+    for (;;) {
+        r = vrpc_cli_reap(cli, out, 1); /* the only slot in flight: its completion */
+        if (r != 0)
+            return r;
+        r = vrpc_cli_wait(cli, timeout_ms, extra_fd);
+        if (r == 0 || r == -EINTR)
+            return 0;
+        if (r < 0) {
+            /* closed or hung up (a killed server never sets SERVER_CLOSED): a reply published
+             * before that still counts, else the channel is gone */
+            int got = vrpc_cli_reap(cli, out, 1);
+            return got != 0 ? got : (r == -EPIPE ? -EPIPE : r);
+        }
+    }
+}

@@ -346,6 +346,61 @@ def test_sleeping_client_is_woken(server: str, client: str) -> None:
 
 
 @pytest.mark.parametrize(("server", "client"), PAIRS)
+def test_pump_turns(server: str, client: str) -> None:
+    """One pump turn consumes the kick, hands back records, spends at most its budget, and
+    arms (SERVER_IDLE) only with nothing left (races with the client: the stress below)."""
+    with channel(server, client) as ch:
+        for slot in (0, 1, 2):
+            assert not ch.client.submit(slot, slot)  # the server is not idle yet: no kick
+        os.eventfd_write(ch.kick, 1)
+        work, armed = ch.server.pump(2, ch.kick)
+        assert work == [(0, 0), (1, 1)] and not armed  # the budget is spent: call again
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(ch.kick)  # consumed
+        assert not word(ch, "server_flags") & abi.SERVER_IDLE
+        work, armed = ch.server.pump(8)
+        assert work == [(2, 2)] and not armed  # records for Python first
+        work, armed = ch.server.pump(8)
+        assert work == [] and armed
+        assert word(ch, "server_flags") & abi.SERVER_IDLE
+        assert ch.client.submit(3, 3)  # armed: the client kicks
+        work, armed = ch.server.pump(8, ch.kick)
+        assert work == [(3, 3)] and not armed
+
+
+@pytest.mark.parametrize(("server", "client"), PAIRS)
+def test_call_one(server: str, client: str) -> None:
+    """`call_one` submits, sleeps and reaps in one step; it refuses while another slot is in
+    flight, and a wait that ends first leaves the slot in flight for `reap` and `wait`."""
+    with channel(server, client) as ch:
+        ch.client.slot(1)[:3] = b"abc"
+        thread, result = _in_thread(lambda: ch.client.call_one(1, 3, 5.0))
+        time.sleep(0.05)
+        work, _ = ch.server.pump(4, ch.kick)
+        assert work == [(1, 3)] and ch.server.record(1, 3) == b"abc"
+        assert ch.server.complete(1, b"reply")  # the client slept: woken
+        thread.join(10)
+        assert result[0] == (5, 0) and bytes(ch.client.slot(1)[:5]) == b"reply"
+        assert ch.client.call_one(2, 0, 0.05) is None  # nobody answers: the wait ends first
+        with pytest.raises(ValueError):
+            ch.client.call_one(3, 0, 0.05)  # slot 2 is still in flight
+        ch.server.pump(4, ch.kick)
+        ch.server.complete(2, b"", abi.CQE_NOREPLY)
+        assert ch.client.wait(1.0) and ch.client.reap() == [(2, 0, abi.CQE_NOREPLY)]
+        ch.server.close()
+        with pytest.raises(RingClosed):
+            ch.client.call_one(0, 0, 1.0)
+    a, b = socket.socketpair()
+    with channel(server, client) as ch, a, b:
+        # a server killed -9 never sets SERVER_CLOSED: its control socket hangs up
+        thread, result = _in_thread(lambda: ch.client.call_one(0, 0, 10.0, a.fileno()))
+        time.sleep(0.05)
+        b.close()
+        thread.join(10)
+        assert isinstance(result[0], RingClosed) and result[1] < 5.0, result
+
+
+@pytest.mark.parametrize(("server", "client"), PAIRS)
 def test_close_and_hangup_wake_the_client(server: str, client: str) -> None:
     with channel(server, client) as ch:
         thread, result = _in_thread(lambda: ch.client.wait(2.0))
@@ -494,8 +549,9 @@ def test_python_backend_stores_each_word_at_once() -> None:
 _HEAD = struct.Struct(">II")
 
 
-def _serve(server: ServerRing, kick: int, seed: int) -> str | None:
-    """The server process: sleep on the kick fd, drain, verify, answer; None when told to stop."""
+def _serve(server: ServerRing, kick: int, seed: int, pumped: bool = False) -> str | None:
+    """The server process: sleep on the kick fd, drain, verify, answer; None when told to stop.
+    `pumped`: each turn is one `pump` (kick, disarm, drain, rearm), as `prism serve` does."""
     rng = random.Random(seed)
     poller = select.poll()
     poller.register(kick, select.POLLIN)
@@ -504,11 +560,18 @@ def _serve(server: ServerRing, kick: int, seed: int) -> str | None:
         if not pending:
             if not poller.poll(5000):
                 return "server: no kick within 5 s (lost wakeup)"
-            with contextlib.suppress(BlockingIOError):  # a stale kick was already read
-                os.eventfd_read(kick)
-        server.disarm()
+            if not pumped:
+                with contextlib.suppress(BlockingIOError):  # a stale kick was already read
+                    os.eventfd_read(kick)
+        if not pumped:
+            server.disarm()
+        first = True
         while True:
-            work = server.drain(32)
+            if pumped:
+                work, armed = server.pump(rng.randrange(1, 33), kick if first else -1)
+                first = False
+            else:
+                work = server.drain(32)
             for slot, length in work:
                 record = server.record(slot, length)
                 if length == 0:
@@ -526,6 +589,11 @@ def _serve(server: ServerRing, kick: int, seed: int) -> str | None:
                     server.complete(
                         slot, _HEAD.pack(seq, zlib.crc32(payload[::-1])) + payload[::-1]
                     )
+            if pumped:
+                if armed:
+                    pending = False
+                    break
+                continue
             if not work:
                 if server.arm():
                     server.disarm()
@@ -583,11 +651,13 @@ def _child_outcome(pid: int, report_r: int) -> tuple[int, str]:
     return status, report
 
 
-def _stress(server_backend: str, client_backend: str, total: int) -> float:
+def _stress(server_backend: str, client_backend: str, total: int, pumped: bool = False) -> float:
+    """`pumped`: the server turns with `pump`, and the client makes a third of its calls with
+    `call_one` (submit, wait and reap in one step) whenever nothing else is in flight."""
     nslots = 8
     with channel(server_backend, client_backend, nslots=nslots, first_index=2**32 - 1000) as ch:
         pid, report_r = _fork_child(  # the server process
-            lambda: _serve(ch.server, ch.kick, seed=total)
+            lambda: _serve(ch.server, ch.kick, seed=total, pumped=pumped)
         )
         rng = random.Random(total)
         client = ch.client
@@ -597,6 +667,25 @@ def _stress(server_backend: str, client_backend: str, total: int) -> float:
         worst = 0.0
         try:
             while done < total:
+                if pumped and not inflight and rng.random() < 0.33:
+                    slot = free.pop()
+                    payload = rng.randbytes(_size(rng))
+                    record = _HEAD.pack(submitted, zlib.crc32(payload)) + payload
+                    client.slot(slot)[: len(record)] = record
+                    started = time.monotonic()
+                    got = client.call_one(slot, len(record), 1.0)
+                    assert got is not None, f"lost wakeup: no completion within 1 s ({done} done)"
+                    worst = max(worst, time.monotonic() - started)
+                    length, flags = got
+                    if flags & abi.CQE_NOREPLY:  # the slot is free again: resent below
+                        free.append(slot)
+                        continue
+                    reply = bytes(client.slot(slot)[:length])
+                    assert reply == _HEAD.pack(submitted, zlib.crc32(payload[::-1])) + payload[::-1]
+                    free.append(slot)
+                    submitted += 1
+                    done += 1
+                    continue
                 while free and submitted < total and (not inflight or rng.random() < 0.6):
                     slot = free.pop()
                     payload = rng.randbytes(_size(rng))
@@ -637,3 +726,10 @@ def _stress(server_backend: str, client_backend: str, total: int) -> float:
 def test_cross_process_stress(server: str, client: str) -> None:
     total = 20000 if server == client == "native" else 3000
     _stress(server, client, total)
+
+
+@pytest.mark.parametrize(("server", "client"), PAIRS)
+def test_cross_process_stress_pump_and_call_one(server: str, client: str) -> None:
+    """The same stress through the one-step paths `prism serve` and `VrpcChannel.call` use."""
+    total = 20000 if server == client == "native" else 3000
+    _stress(server, client, total, pumped=True)

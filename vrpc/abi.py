@@ -49,6 +49,8 @@ EPOCH_SIZE = 4096
 FAST_MAX_RECORD = 512  # records the C fast path looks at (copied to its stack)
 FAST_GETATTR_REPLY = 112  # xid | REPLY | ACCEPTED | AUTH_NONE, 0 | SUCCESS | NFS3_OK | fattr3
 FAST_NULL_REPLY = 24
+PUMP_MORE = 1  # vrpc_srv_pump: call again (records for Python first, or the batch is spent)
+PUMP_ARMED = 2  # vrpc_srv_pump: the ring is armed and empty; the client kicks next
 DEFAULT_META_BUCKETS = 65536  # prism serve --vrpc-meta-entries: 8 MiB (+4 KiB) per VM
 
 SQ_OFFSET = HEADER_SIZE

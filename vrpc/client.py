@@ -221,8 +221,18 @@ class VrpcChannel:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         backoff = NOREPLY_BACKOFF
         while True:
-            slot = self.submit(record)
-            length, flags = self.collect(slot, deadline)
+            if self._done or len(self._free) != self.ring.nslots:
+                slot = self.submit(record)  # other calls in flight: the general way
+                got = None
+            else:  # the common case: submit, wait and reap in one step (one C call)
+                slot = self._put(record)
+                try:
+                    left = max(0.0, deadline - time.monotonic())
+                    got = self.ring.call_one(slot, len(record), left, self.sock.fileno())
+                except RingClosed:
+                    self._free.append(slot)
+                    raise self._gone() from None
+            length, flags = got if got is not None else self.collect(slot, deadline)
             if not flags & abi.CQE_NOREPLY:
                 return self.reply(slot, length)
             self.release(slot)
@@ -237,6 +247,16 @@ class VrpcChannel:
 
     def submit(self, record: bytes | memoryview) -> int:
         """Put `record` into a free slot and publish it; returns the slot."""
+        slot = self._put(record)
+        try:
+            self.ring.submit(slot, len(record))
+        except RingClosed:
+            self._free.append(slot)
+            raise self._gone() from None
+        return slot
+
+    def _put(self, record: bytes | memoryview) -> int:
+        """Copy `record` into a free slot (not submitted yet); returns the slot."""
         if self._closed:
             raise ServerGone("the channel is closed")
         if not self._free:
@@ -245,11 +265,6 @@ class VrpcChannel:
             raise ValueError(f"a record of {len(record)} bytes does not fit a slot")
         slot = self._free.pop()
         self.ring.slot(slot)[: len(record)] = record
-        try:
-            self.ring.submit(slot, len(record))
-        except RingClosed:
-            self._free.append(slot)
-            raise self._gone() from None
         return slot
 
     def collect(self, slot: int, deadline: float) -> tuple[int, int]:

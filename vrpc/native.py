@@ -75,6 +75,7 @@ class NativeServerRing:
         self.nslots = nslots
         self._entries = entries
         self._fast = ffi.new("struct vrpc_fast_stats *")
+        self._state = ffi.new("uint32_t *")
 
     def drain_fast(self, max_calls: int, meta: Any) -> list[tuple[int, int]]:
         """`drain`, answering in C the GETATTR hits of table `meta` (a `struct vrpc_meta *`,
@@ -112,6 +113,22 @@ class NativeServerRing:
             raise RingProtocolError(self.error)
         check_result(n, "drain")
         return list(_WORK.iter_unpack(self._work_view[: _WORK.size * n])) if n else []
+
+    def pump(
+        self, max_calls: int, kick_fd: int = -1, meta: Any = None
+    ) -> tuple[list[tuple[int, int]], bool]:
+        """`ServerRing.pump` in one C call; with `meta` (a `struct vrpc_meta *`), GETATTR hits
+        and NULL are answered in C as in `drain_fast` (`fast_stats` counts them)."""
+        ffi = _native.ffi
+        n = _native.lib.vrpc_srv_pump(
+            self._srv, meta if meta else ffi.NULL, meta is not None, kick_fd, self._work,
+            min(max_calls, abi.MAX_SLOTS), self._fast, self._state,
+        )  # fmt: skip
+        if n == -errno.EPROTO:
+            raise RingProtocolError(self.error)
+        check_result(n, "pump")
+        work = list(_WORK.iter_unpack(self._work_view[: _WORK.size * n])) if n else []
+        return work, self._state[0] == abi.PUMP_ARMED
 
     def record(self, slot: int, length: int) -> bytes:
         if not 0 <= slot < self.nslots or not self._srv.inflight >> slot & 1:
@@ -186,6 +203,21 @@ class NativeClientRing:
             if result != -errno.EINTR:
                 return check_result(result, "wait") == 1
             # EINTR: Python runs its signal handlers (which may raise) before the next try.
+
+    def call_one(
+        self, slot: int, length: int, timeout: float, extra_fd: int = -1
+    ) -> tuple[int, int] | None:
+        if not 0 <= slot < 2**32 or not 0 <= length < 2**32:
+            raise ValueError(f"call: slot {slot} or length {length} out of range")
+        cqe = self._cqes
+        wait_ms = max(0, math.ceil(timeout * 1000))
+        result = _native.lib.vrpc_cli_call(self._cli, slot, length, wait_ms, extra_fd, cqe)
+        if result == 1:
+            return int(cqe[0].len), int(cqe[0].flags)
+        if result == -errno.EPROTO:
+            raise RingProtocolError("call: the server wrote a bad completion")
+        check_result(result, "call")
+        return None  # the wait ended first (timeout or a signal): the slot is in flight
 
     def release(self) -> None:
         self._view.release()

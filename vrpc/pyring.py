@@ -257,6 +257,19 @@ class PyServerRing:
         self._flags &= ~abi.SERVER_IDLE
         self._w[_SERVER_FLAGS] = self._flags
 
+    def pump(self, max_calls: int, kick_fd: int = -1) -> tuple[list[tuple[int, int]], bool]:
+        if kick_fd >= 0:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(kick_fd)
+        self.disarm()
+        while True:
+            work = self.drain(max_calls)
+            if work or max_calls <= 0:
+                return work, False
+            if not self.arm():
+                return work, True
+            self.disarm()
+
     def close(self) -> None:
         self._flags |= abi.SERVER_CLOSED
         self._w[_SERVER_FLAGS] = self._flags
@@ -428,6 +441,20 @@ class PyClientRing:
                 raise RingClosed("wait: the VRPC channel is closed")
             if not events or (deadline is not None and time.monotonic() >= deadline):
                 return False
+
+    def call_one(
+        self, slot: int, length: int, timeout: float, extra_fd: int = -1
+    ) -> tuple[int, int] | None:
+        if self._inflight:
+            raise ValueError("call_one: another slot is in flight")
+        self.submit(slot, length)
+        deadline = time.monotonic() + timeout
+        while True:
+            done = self.reap(1)
+            if done:
+                return done[0][1:]
+            if not self.wait(max(0.0, deadline - time.monotonic()), extra_fd):
+                return None
 
     def _wait_polling(self, deadline: float | None) -> bool:
         pause = 0.0

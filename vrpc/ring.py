@@ -99,6 +99,13 @@ class ServerRing(Protocol):
         """Announce sleep (SERVER_IDLE); True if work arrived meanwhile: drain again."""
         ...
 
+    def pump(self, max_calls: int, kick_fd: int = -1) -> tuple[list[tuple[int, int]], bool]:
+        """One turn of the channel's pump: consume the kick (`kick_fd` >= 0), disarm, and
+        drain, rearming (R4) while nothing is left, until records for Python turn up or
+        `max_calls` SQEs were consumed. `(work for Python, armed)`: armed means asleep with
+        nothing left; else call again once `work` is dispatched. Raises as `drain`."""
+        ...
+
     def disarm(self) -> None: ...
 
     def close(self) -> None:
@@ -138,6 +145,14 @@ class ClientRing(Protocol):
     def wait(self, timeout: float | None = None, extra_fd: int = -1) -> bool:
         """Sleep until a completion is ready (True) or `timeout` seconds pass (False); raises
         `RingClosed` if the server closed the channel or `extra_fd` hung up or became readable."""
+        ...
+
+    def call_one(
+        self, slot: int, length: int, timeout: float, extra_fd: int = -1
+    ) -> tuple[int, int] | None:
+        """With no other slot in flight: `submit`, then `reap` and `wait` until the call's
+        completion is there: `(len, flags)`, or None if the wait ended first (the slot stays
+        in flight: go on with `reap` and `wait`). Raises as `submit`, `reap` and `wait`."""
         ...
 
     def release(self) -> None: ...

@@ -160,7 +160,7 @@ class Channel:
     meta: bool = False
     """Whether it holds its VM's attribute table (`VrpcServer.meta`)."""
     fast: bool = False
-    """Whether GETATTR hits and NULL are answered in C (`vrpc_srv_drain_fast`)."""
+    """Whether GETATTR hits and NULL are answered in C (`vrpc_srv_pump` with the table)."""
     fast_seen: tuple[int, int, int, int] = (0, 0, 0, 0)
     """The ring's fast-path counters already folded into the statistics."""
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -178,6 +178,8 @@ class Channel:
     idle_polls: int = 0
     busy_at: float = 0.0
     """Loop time of a guest channel's last activity."""
+    allowed_at: int | None = None
+    """The store epoch at which the peer's right was last confirmed (`still_allowed`)."""
 
     def describe(self) -> str:
         kind = "vrpc guest channel" if self.guest else "vrpc channel"
@@ -186,24 +188,24 @@ class Channel:
     # -- the pump ------------------------------------------------------------------------
 
     def on_kick(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self.kick)
         if not self.closed:
-            self.ring.disarm()
-            self.drain()
+            self.drain(self.kick)
 
-    def drain(self) -> None:
-        """Run what the client submitted: at most BATCH records, then yield or sleep."""
+    def drain(self, kick: int = -1) -> None:
+        """Run what the client submitted: at most BATCH records, then yield or sleep. Each
+        turn is one C call (`pump`: the kick consumed, GETATTR hits and NULL answered in C
+        with the fast path, the ring rearmed when empty), then Python runs the rest."""
         self.again = None
         server = self.server
+        left = BATCH
         while not self.closed:
             try:
-                fast = self.fast and server.meta.cdata(self.vm)
-                if fast:
-                    work = cast(Any, self.ring).drain_fast(BATCH, fast)
+                meta = server.meta.cdata(self.vm) if self.fast else None
+                if meta:
+                    work, armed = cast(Any, self.ring).pump(left, kick, meta)
                     drained = server.count_fast(self)
                 else:
-                    work = self.ring.drain(BATCH)
+                    work, armed = self.ring.pump(left, kick)
                     drained = len(work)
                 self.drained += drained
             except RingProtocolError:
@@ -211,6 +213,8 @@ class Channel:
                 return
             except RingClosed:
                 return
+            kick = -1
+            left -= drained
             if work and not server.still_allowed(self):  # once per batch, before any call
                 return
             for slot, length in work:
@@ -226,12 +230,11 @@ class Channel:
                 else:
                     self.in_flight += 1
                     start_eagerly(self._serve(slot, cast(Awaitable[Outcome], outcome)), self.tasks)
-            if drained == BATCH:  # more may wait: after every other reader's turn
+            if armed:
+                return  # asleep: the client kicks when it submits
+            if left <= 0:  # more may wait: after every other reader's turn
                 self.again = asyncio.get_running_loop().call_soon(self.drain)
                 return
-            if not self.ring.arm():
-                return  # asleep: the client kicks when it submits
-            self.ring.disarm()
 
     def poll(self) -> None:
         """A guest channel's doorbell: drain what came; look again at the next turn of the
@@ -703,14 +706,26 @@ class VrpcServer:
         """Whether `ch`'s peer may still use its VM (else the channel is detached). A
         removed VM's channel stays: its calls get STALE, as its handles do over TCP, and it
         can reach nothing else (a VM made again under that name has another id). A guest
-        channel's binding is its memory, given by the operator: it has no principals."""
+        channel's binding is its memory, given by the operator: it has no principals.
+
+        VM records change only through operator commands, which are other processes and
+        bracket their writes in the store epoch: while the epoch stays where it was (stable)
+        when the right was last confirmed, the record is the one read then, so the answer
+        stands without reading it again (a store read per batch cost the Python path more
+        than the whole transport saved). The epoch is taken before the read, so a write that
+        begins during it moves the epoch and the next batch reads again."""
         if ch.guest:
+            return True
+        epoch = self.meta.epoch
+        stable = epoch.stable() if epoch is not None else None
+        if stable is not None and ch.allowed_at == stable:
             return True
         try:
             export = self.service.executor.call_now(lambda s: s.export_of(ch.vm))
         except StoreError:
             return True
         if vrpc_allows(export, ch.peer):
+            ch.allowed_at = stable
             return True
         self.stats.revoked += 1
         what = "its token was rotated" if ch.peer.token else "its principals changed"
