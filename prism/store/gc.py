@@ -19,6 +19,11 @@ decides on, since others write between steps. In order:
      and chunk-map records (and deletes chunk records that fell to zero references since
      step 4 and still name the segment), and the old files are deleted only after that
      commit. Segments locked by a live writer are never touched.
+What gc reports is what the data directory's files shrank by (`du -sb` before minus after,
+and `prism stats`' `disk_bytes`): the sizes of the segment files it deleted, less the copies
+it appended and the growth of the metadata file (LMDB never shrinks its file; freed pages
+are reused). A chunk freed in step 4 is not counted by itself: its bytes leave the disk only
+with its segment, which step 5 counts whole.
 Crash ordering: content first, then metadata, within each step. A kill between or inside
 steps leaves only what fsck reports as debris and the next gc removes: unreachable layers
 (dropped in part: their records are unreachable, their chunk references already consistent),
@@ -62,6 +67,14 @@ class GcReport:
     segments_removed: int = 0
     segments_compacted: int = 0
     bytes_reclaimed: int = 0
+    """The data directory's shrinkage: `segment_bytes_deleted - bytes_copied -
+    metadata_bytes_added` (negative if it grew)."""
+    segment_bytes_deleted: int = 0
+    """Sizes of the segment files deleted."""
+    bytes_copied: int = 0
+    """Live chunk bytes copied out of mostly-garbage segments before they were deleted."""
+    metadata_bytes_added: int = 0
+    """Growth of the metadata file (`meta/data.mdb`) while gc ran."""
 
 
 def gc(store: Store, *, progress: Progress | None = None) -> GcReport:
@@ -70,6 +83,7 @@ def gc(store: Store, *, progress: Progress | None = None) -> GcReport:
     if store.in_batch:
         store.commit()
     ctx = store.ctx
+    metadata_before = _metadata_size(ctx)
     say(f"discarded {store.reap_stagings()} trees staged by imports that died")
     say("dropping unreachable layers")
     while _step(ctx, lambda t: _drop_step(ctx, t, report)):
@@ -86,7 +100,15 @@ def gc(store: Store, *, progress: Progress | None = None) -> GcReport:
     tried: set[int] = set()
     while _compact_step(ctx, report, tried):
         pass
+    report.metadata_bytes_added = max(0, _metadata_size(ctx) - metadata_before)
+    report.bytes_reclaimed = (
+        report.segment_bytes_deleted - report.bytes_copied - report.metadata_bytes_added
+    )
     return report
+
+
+def _metadata_size(ctx: Ctx) -> int:
+    return os.stat(ctx.path / "meta" / "data.mdb").st_size
 
 
 def _step(ctx: Ctx, work: Callable[[lmdb.Transaction], bool]) -> bool:
@@ -172,7 +194,7 @@ def _free_step(ctx: Ctx, t: lmdb.Transaction, report: GcReport, resume: list[byt
     """Delete zero-reference chunks (as read now: a chunk referenced again meanwhile stays)
     from `resume[0]` on, a bounded number; return whether the index has more to visit."""
     began = time.monotonic()
-    freed: list[tuple[bytes, int]] = []
+    freed: list[bytes] = []
     cur = t.cursor(db=ctx.db.chunks)
     more = False
     if cur.set_range(resume[0]):  # b"": from the first key
@@ -181,12 +203,10 @@ def _free_step(ctx: Ctx, t: lmdb.Transaction, report: GcReport, resume: list[byt
                 resume[0] = bytes(key)
                 more = True
                 break
-            _, _, length, refs = R.CHUNK_VAL.unpack(value)
-            if refs == 0:
-                freed.append((bytes(key), length))
-    for key, length in freed:
+            if R.CHUNK_VAL.unpack(value)[3] == 0:
+                freed.append(bytes(key))
+    for key in freed:
         t.delete(key, db=ctx.db.chunks)
-        report.bytes_reclaimed += length
     report.chunks_freed += len(freed)
     return more
 
@@ -231,11 +251,11 @@ def _compact(
     commits, whether segments remain to look at)."""
     live_by_segment: Counter[int] = Counter()
     chunks_by_segment: dict[int, list[tuple[bytes, int, int]]] = {}
-    zero_by_segment: dict[int, list[tuple[bytes, int]]] = {}
+    zero_by_segment: dict[int, list[bytes]] = {}
     for key, value in t.cursor(db=ctx.db.chunks):
         segment, offset, length, refs = R.CHUNK_VAL.unpack(value)
         if refs == 0:
-            zero_by_segment.setdefault(segment, []).append((bytes(key), length))
+            zero_by_segment.setdefault(segment, []).append(bytes(key))
             continue
         live_by_segment[segment] += length
         chunks_by_segment.setdefault(segment, []).append((bytes(key), offset, length))
@@ -274,6 +294,7 @@ def _compact(
                 break
             copied += 1
             moved_bytes += length
+            report.bytes_copied += length
             moved[(seg_id, offset)] = (new_seg, new_off)
             refs = R.CHUNK_VAL.unpack(t.get(key, db=ctx.db.chunks) or bytes(28))[3]
             t.put(key, R.CHUNK_VAL.pack(new_seg, new_off, length, refs), db=ctx.db.chunks)
@@ -288,15 +309,14 @@ def _compact(
             tried.update(candidates[position:])
             break
         # Chunks released since the freeing steps name this segment too: they go with it.
-        for key, length in zero_by_segment.get(seg_id, []):
+        for key in zero_by_segment.get(seg_id, []):
             t.delete(key, db=ctx.db.chunks)
             report.chunks_freed += 1
-            report.bytes_reclaimed += length
         if live:
             report.segments_compacted += 1
         else:
             report.segments_removed += 1
-        report.bytes_reclaimed += max(0, ctx.segments.size_of(seg_id) - live)
+        report.segment_bytes_deleted += ctx.segments.size_of(seg_id)  # locked: it cannot grow
         t.delete(R.U64.pack(seg_id), db=ctx.db.segments)
         pending.append(seg_id)
         copied += 1

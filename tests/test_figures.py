@@ -1,0 +1,188 @@
+"""Figures that tell the truth: what `prism gc`, `prism stats` and `prism vm show` report,
+checked against measurements made outside Prism (`find -printf %s` over the data directory)
+and against what the store does when the thing measured is really removed.
+
+Every command runs as a user types it (a subprocess on a real data directory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prism.cli.output import human
+from prism.store import Store, txn
+from prism.store import records as R
+from prism.store.schema import REFERENCED
+from tests.op_helpers import ok, prism, prism_json, run_clone, run_prism
+
+KiB = 1 << 10
+MiB = 1 << 20
+
+
+def du_files(data: Path) -> int:
+    """What `du -sb` counts of the data directory's files (directories left out: some
+    filesystems size them by their entries), measured by find(1), not by Prism."""
+    out = subprocess.run(
+        ["find", str(data), "-type", "f", "-printf", "%s\\n"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return sum(int(line) for line in out.split())
+
+
+def make_src(root: Path) -> Path:
+    (root / "d").mkdir(parents=True)
+    (root / "big").write_bytes(os.urandom(3 * MiB + 5))
+    (root / "d" / "small").write_bytes(os.urandom(200 * KiB))
+    return root
+
+
+def write_file(data: Path, vm: str, name: str, content: bytes) -> None:
+    with Store.open(data) as store:
+        info = store.namespace(vm)
+        attr = store.create(info.root, name.encode(), 0o644)
+        store.write(attr.oid, 0, content)
+
+
+def store_figures(data: Path) -> dict[str, Any]:
+    return prism_json(data, "stats")["store"]
+
+
+# -- gc -----------------------------------------------------------------------------------
+
+
+def test_gc_reports_what_the_data_directory_loses(tmp_path: Path) -> None:
+    """Write, dedup, clone, share, remove, gc: the figure gc reports (text and --json)
+    equals the change of the data directory's files and of `prism stats`, whether a
+    segment goes whole or has its live chunks copied out first."""
+    data = tmp_path / "data"
+    src = make_src(tmp_path / "src")
+    prism(data, "vm", "create", "one")
+    prism(data, "import", "one", str(src))
+    prism(data, "vm", "create", "two")
+    prism(data, "import", "two", str(src), "--to", "/copy")  # dedup: stored once
+    ok(run_clone(data, "three", "one"))  # clone: shares one's layers
+    prism(data, "share", "one:/d", "two:/copy/d2")  # a share is a mount, not content
+    # One segment, three quarters of it garbage once `one` and `three` go: compacted.
+    with Store.open(data) as store:
+        for vm, size in (("one", 3 * MiB), ("two", MiB)):
+            info = store.namespace(vm)
+            attr = store.create(info.root, b"own", 0o644)
+            store.write(attr.oid, 0, os.urandom(size))
+    prism(data, "vm", "create", "four")
+    write_file(data, "four", "alone", os.urandom(MiB))  # a segment of its own: removed
+    prism(data, "unshare", "two:/copy/d2")
+    for vm in ("one", "three", "four"):
+        prism(data, "vm", "rm", vm)
+
+    du_before, stats_before = du_files(data), store_figures(data)
+    report = prism_json(data, "gc")
+    du_after, stats_after = du_files(data), store_figures(data)
+
+    assert report["segments_removed"] >= 1 and report["segments_compacted"] >= 1, report
+    assert report["bytes_copied"] >= MiB, report  # two's own file moved out
+    assert report["bytes_reclaimed"] == du_before - du_after, report
+    assert report["bytes_reclaimed"] == stats_before["disk_bytes"] - stats_after["disk_bytes"]
+    assert stats_before["disk_bytes"] == du_before and stats_after["disk_bytes"] == du_after
+    assert (
+        report["segment_bytes_deleted"] - report["bytes_copied"]
+        == stats_before["segment_bytes"] - stats_after["segment_bytes"]
+    ), report
+    assert report["bytes_reclaimed"] == (
+        report["segment_bytes_deleted"] - report["bytes_copied"] - report["metadata_bytes_added"]
+    )
+    # one's and four's own files went (big and small stay: two holds them).
+    assert 4 * MiB - 64 * KiB <= report["bytes_reclaimed"] <= 4 * MiB, report
+    assert prism_json(data, "fsck")["clean"] is True
+
+    # The text says the same figure; a gc with nothing to do reclaims nothing.
+    prism(data, "vm", "rm", "two")
+    du_before = du_files(data)
+    text = prism(data, "gc")
+    reclaimed = du_before - du_files(data)
+    assert text.startswith(f"gc: reclaimed {human(reclaimed)} ("), text
+    assert re.search(rf"-{re.escape(human(reclaimed))} segment files|metadata", text), text
+    du_before = du_files(data)
+    assert prism_json(data, "gc")["bytes_reclaimed"] == du_before - du_files(data) == 0
+
+
+# -- stats: dedup and clones apart --------------------------------------------------------
+
+
+def test_stats_tells_dedup_from_sharing_by_clones(tmp_path: Path) -> None:
+    """Content written twice independently is dedup; a clone's is sharing: `prism stats`
+    shows them apart (text and --json), and keeps the fields it had."""
+    src = make_src(tmp_path / "src")
+    content = 3 * MiB + 5 + 200 * KiB
+
+    twice = tmp_path / "twice"
+    for vm in ("a", "b"):
+        prism(twice, "vm", "create", vm)
+        prism(twice, "import", vm, str(src))
+    st = store_figures(twice)
+    assert st["logical_bytes"] == 2 * content and st["stored_bytes"] == content
+    assert st["referenced_bytes"] == 2 * content
+    assert st["dedup_bytes"] == content and st["content_dedup_ratio"] == 2.0
+    assert st["clone_shared_bytes"] == 0
+    assert st["dedup_ratio"] == 2.0  # the overall ratio, as before
+    text = prism(twice, "stats")
+    assert f"dedup: {human(content)} of identical content" in text, text
+    assert "(ratio 2.00x)" in text and "clones: 0 B seen by several VMs" in text, text
+
+    cloned = tmp_path / "cloned"
+    prism(cloned, "vm", "create", "a")
+    prism(cloned, "import", "a", str(src))
+    ok(run_clone(cloned, "b", "a"))
+    st = store_figures(cloned)
+    assert st["logical_bytes"] == 2 * content and st["stored_bytes"] == content
+    assert st["referenced_bytes"] == content
+    assert st["dedup_bytes"] == 0 and st["content_dedup_ratio"] == 1.0
+    assert st["clone_shared_bytes"] == content
+    assert st["dedup_ratio"] == 2.0
+    text = prism(cloned, "stats")
+    assert "dedup: 0 B of identical content" in text and "(ratio 1.00x)" in text, text
+    assert f"clones: {human(content)} seen by several VMs" in text, text
+
+    # Writing into the clone parts the two: what is rewritten is no longer shared.
+    write_file(cloned, "b", "again", (src / "big").read_bytes())  # dedup with a's big
+    st = store_figures(cloned)
+    assert st["dedup_bytes"] == 3 * MiB + 5 and st["clone_shared_bytes"] == content
+    assert prism_json(cloned, "fsck")["clean"] is True
+
+
+def test_referenced_counter_counted_for_an_older_store_and_checked_by_fsck(
+    tmp_path: Path,
+) -> None:
+    """A store made before the counter gets it counted when first opened; fsck reports a
+    wrong one and --repair fixes it."""
+    data = tmp_path / "data"
+    src = make_src(tmp_path / "src")
+    for vm in ("a", "b"):
+        prism(data, "vm", "create", vm)
+        prism(data, "import", vm, str(src))
+    want = store_figures(data)["referenced_bytes"]
+    assert want > 0
+    with Store.open(data) as store, txn.write(store.ctx) as t:
+        t.delete(REFERENCED, db=store.ctx.db.meta)  # as an older Prism left it
+    assert store_figures(data)["referenced_bytes"] == want
+    assert prism_json(data, "fsck")["clean"] is True
+    with Store.open(data) as store, txn.write(store.ctx) as t:
+        t.put(REFERENCED, R.U64.pack(want + 7), db=store.ctx.db.meta)
+    proc = run_prism(data, "fsck", "--json")
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["errors"] == ["referenced-bytes counter is wrong"]
+    prism(data, "fsck", "--repair")
+    assert store_figures(data)["referenced_bytes"] == want
+
+
+@pytest.fixture(autouse=True)
+def _no_env_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PRISM_DATA", raising=False)
