@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,117 @@ def test_referenced_counter_counted_for_an_older_store_and_checked_by_fsck(
     assert json.loads(proc.stdout)["errors"] == ["referenced-bytes counter is wrong"]
     prism(data, "fsck", "--repair")
     assert store_figures(data)["referenced_bytes"] == want
+
+
+# -- vm show: used and unique ---------------------------------------------------------------
+
+
+def freed_by(data: Path, tmp_path: Path, *command: str) -> int:
+    """The stored bytes that `command` (a removal) and then `prism gc` free, on a copy of
+    the data directory: what `unique` must predict."""
+    copy = tmp_path / f"copy-{'-'.join(command)}"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(data, copy)
+    prism(copy, "gc")  # what gc frees anyway is no removal's doing
+    before = store_figures(copy)["stored_bytes"]
+    prism(copy, *command)
+    prism(copy, "gc")
+    return before - store_figures(copy)["stored_bytes"]
+
+
+def edit(data: Path, vm: str, *, remove: str = "", add: str = "", size: int = 0) -> None:
+    with Store.open(data) as store:
+        root = store.namespace(vm).root
+        if remove:
+            store.remove(root, remove.encode())
+        if add:
+            attr = store.create(root, add.encode(), 0o644)
+            store.write(attr.oid, 0, os.urandom(size))
+
+
+def test_vm_show_used_and_unique_per_vm_and_snapshot(tmp_path: Path) -> None:
+    """`unique` is what removing the VM (with its snapshots) or a snapshot, then gc, frees,
+    checked by doing it on a copy: through snapshots (whose unique content the VM removed
+    or rewrote after them), a clone that parts from its source, and dedup with another VM."""
+    data = tmp_path / "data"
+    src = make_src(tmp_path / "src")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "same-small").write_bytes((src / "d" / "small").read_bytes())
+    prism(data, "vm", "create", "web")
+    prism(data, "import", "web", str(src))
+    prism(data, "vm", "create", "other")
+    prism(data, "import", "other", str(other))  # dedup: small is not web's alone
+    prism(data, "snapshot", "create", "web", "s1")
+    edit(data, "web", remove="big", add="n1", size=MiB)  # big: s1's alone now
+    prism(data, "snapshot", "create", "web", "s2")
+    edit(data, "web", add="n2", size=512 * KiB)
+    ok(run_clone(data, "kid", "web"))
+    edit(data, "web", remove="n1", add="n3", size=256 * KiB)  # n1: s2's and kid's
+    edit(data, "kid", add="n4", size=384 * KiB)
+
+    web = prism_json(data, "vm", "show", "web")
+    kid = prism_json(data, "vm", "show", "kid")
+    snaps = {s["name"]: s for s in web["snapshot_space"]}
+    assert web["snapshots"] == ["s1", "s2"] and set(snaps) == {"s1", "s2"}
+    # used: what the quota counts (file sizes), for the VM and for each snapshot
+    assert web["used_bytes"] == web["logical_bytes"] == 200 * KiB + 512 * KiB + 256 * KiB
+    assert snaps["s1"]["used_bytes"] == 3 * MiB + 5 + 200 * KiB
+    assert snaps["s2"]["used_bytes"] == 200 * KiB + MiB
+    # unique: what removal and gc free, exactly
+    assert snaps["s1"]["unique_bytes"] == 3 * MiB + 5  # big
+    assert snaps["s2"]["unique_bytes"] == 0  # n1 is kid's too
+    assert web["unique_bytes"] == 3 * MiB + 5 + 256 * KiB  # big (s1) and n3; kid keeps the rest
+    assert kid["unique_bytes"] == 384 * KiB  # n4; n1 is s2's too
+    assert snaps["s1"]["unique_bytes"] == freed_by(data, tmp_path, "snapshot", "rm", "web", "s1")
+    assert snaps["s2"]["unique_bytes"] == freed_by(data, tmp_path, "snapshot", "rm", "web", "s2")
+    assert web["unique_bytes"] == freed_by(data, tmp_path, "vm", "rm", "web")
+    assert kid["unique_bytes"] == freed_by(data, tmp_path, "vm", "rm", "kid")
+    other_unique = prism_json(data, "vm", "show", "other")["unique_bytes"]
+    assert other_unique == 0 == freed_by(data, tmp_path, "vm", "rm", "other")
+
+    text = prism(data, "vm", "show", "web")
+    assert re.search(
+        rf"^used: +{re.escape(human(web['used_bytes']))} in {web['files']} files, unique "
+        rf"{re.escape(human(web['unique_bytes']))}$",
+        text,
+        re.M,
+    ), text
+    assert f"s1 (used {human(snaps['s1']['used_bytes'])}, unique 3.0 MiB)" in text, text
+    assert "s2 (used 1.2 MiB, unique 0 B)" in text, text
+
+    # Garbage gc would free anyway is nobody's unique: after `snapshot rm s1`, before gc.
+    prism(data, "snapshot", "rm", "web", "s1")
+    web = prism_json(data, "vm", "show", "web")
+    assert web["unique_bytes"] == 256 * KiB == freed_by(data, tmp_path, "vm", "rm", "web")
+
+
+def test_unique_through_a_graft_and_a_rollback(tmp_path: Path) -> None:
+    """A VM composed from a subtree of another keeps the layers it imports, and a rollback
+    leaves the rolled-back writes to gc: unique says what removal and gc really free."""
+    data = tmp_path / "data"
+    src = make_src(tmp_path / "src")
+    prism(data, "vm", "create", "web")
+    prism(data, "import", "web", str(src))
+    ok(run_clone(data, "part", "web:/d"))
+    edit(data, "web", remove="big", add="n1", size=256 * KiB)
+    edit(data, "part", add="p1", size=128 * KiB)
+    prism(data, "snapshot", "create", "part", "s")
+    edit(data, "part", add="p2", size=64 * KiB)
+    prism(data, "snapshot", "rollback", "part", "s")  # p2 is garbage now
+    for vm, command in (
+        ("web", ["vm", "rm", "web"]),
+        ("part", ["vm", "rm", "part"]),
+    ):
+        got = prism_json(data, "vm", "show", vm)
+        assert got["unique_bytes"] == freed_by(data, tmp_path, *command), (vm, got)
+    assert prism_json(data, "vm", "show", "web")["unique_bytes"] == 256 * KiB  # n1
+    part = prism_json(data, "vm", "show", "part")
+    # p1, and big: web removed it after the graft, whose import keeps the layer that
+    # holds it (though part sees only /d); without part, gc folds that layer into web's.
+    assert part["unique_bytes"] == 128 * KiB + 3 * MiB + 5
+    assert part["snapshot_space"][0]["unique_bytes"] == 0
+    assert freed_by(data, tmp_path, "snapshot", "rm", "part", "s") == 0
 
 
 @pytest.fixture(autouse=True)

@@ -24,6 +24,15 @@ and `prism stats`' `disk_bytes`): the sizes of the segment files it deleted, les
 it appended and the growth of the metadata file (LMDB never shrinks its file; freed pages
 are reused). A chunk freed in step 4 is not counted by itself: its bytes leave the disk only
 with its segment, which step 5 counts whole.
+Unique bytes (`unique_bytes`, for `prism vm show`): the chunk bytes that removing some
+namespaces and then running gc would free, found without changing anything and without a
+walk of files: in one read transaction it works out which layers gc would drop and fold
+(from the layer records alone), counts the chunk-map records those steps would release
+(the dropped layers' records, and in a fold the parent's records its child shadows), and
+compares the counts with the chunks' refcounts: a chunk is freed when every reference goes.
+What gc would free anyway (layers already unreachable, folds already due) is not counted.
+Cost: the chunk-map records of the layers only those namespaces reach, plus the records of
+the layers a fold would merge (the writes since the latest snapshot or clone).
 Crash ordering: content first, then metadata, within each step. A kill between or inside
 steps leaves only what fsck reports as debris and the next gc removes: unreachable layers
 (dropped in part: their records are unreachable, their chunk references already consistent),
@@ -37,8 +46,9 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import lmdb
 
@@ -417,3 +427,136 @@ def _fold(ctx: Ctx, t: lmdb.Transaction, child: int, parent: int, layers: dict) 
                     t.delete(target, db=db)
             else:
                 t.put(target, value, db=db)
+
+
+def unique_bytes(
+    store: Store, groups: Sequence[Sequence[str]], *, progress: Progress | None = None
+) -> list[int]:
+    """For each group of namespace names, the chunk bytes that removing them together (as
+    `prism vm rm` removes a VM with its snapshots) and then running gc would free. Read only
+    (see "Unique bytes" above)."""
+    say = progress or (lambda _msg: None)
+    ctx = store.ctx
+    with txn.read(ctx) as t:
+        layers = all_layers(ctx, t)
+        tops: dict[str, int] = {}
+        for _, raw in t.cursor(db=ctx.db.ns):
+            rec = json.loads(bytes(raw))
+            tops[rec["name"]] = rec["top"]
+        base = _freed(ctx, t, _released(ctx, t, layers, tops.values(), say))
+        out = []
+        for group in groups:
+            say(f"counting what only {', '.join(group)} references")
+            kept = [top for name, top in tops.items() if name not in group]
+            freed = _freed(ctx, t, _released(ctx, t, layers, kept, say))
+            out.append(sum(length for key, length in freed.items() if key not in base))
+        return out
+
+
+_KEY_SIZE = R.CHUNK_KEY.size
+"""A chunk-map record's value starts with the chunk's key (`records.CMAP_VAL`)."""
+
+
+def _freed(ctx: Ctx, t: lmdb.Transaction, released: Counter[bytes]) -> dict[bytes, int]:
+    """The chunks (key -> length) whose every reference is among `released`."""
+    out = {}
+    for key, count in released.items():
+        raw = t.get(key, db=ctx.db.chunks)
+        if raw is not None:
+            _, _, length, refs = R.CHUNK_VAL.unpack(raw)
+            if 0 < refs <= count:
+                out[key] = length
+    return out
+
+
+def _released(
+    ctx: Ctx, t: lmdb.Transaction, layers: dict[int, dict], tops: Iterable[int], say: Progress
+) -> Counter[bytes]:
+    """The chunk references (chunk key -> count) gc would release if the namespaces whose
+    top layers are `tops` were the only ones: the records of the layers none of them
+    reaches (`_drop_step`), and in each fold (`_merge_one`, `_fold`) the parent's records
+    that the child shadows (a record at the same place, or a whiteout of the inode)."""
+    tops = list(tops)
+    reach: set[int] = set()
+    stack = list(tops)
+    while stack:
+        layer = stack.pop()
+        if layer in reach or layer not in layers:
+            continue
+        reach.add(layer)
+        stack.append(layers[layer]["parent"])
+        stack.extend(src[0] for src in layers[layer]["vols"].values())
+    released: Counter[bytes] = Counter()
+    seen = 0
+    for layer in layers.keys() - reach:
+        for _, value in _records(t, ctx.db.cmap, R.layer_prefix(layer)):
+            if value:
+                released[value[:_KEY_SIZE]] += 1
+            seen += 1
+            if seen % 200_000 == 0:
+                say(f"read {seen} chunk-map records")
+    parent = {layer: layers[layer]["parent"] for layer in reach}
+    sources = {layer: [src[0] for src in layers[layer]["vols"].values()] for layer in reach}
+    members = {layer: [layer] for layer in reach}  # a layer's records after folds, top first
+    while True:
+        users: dict[int, list[tuple[str, int]]] = {layer: [] for layer in parent}
+        for layer in parent:
+            if parent[layer] in users:
+                users[parent[layer]].append(("child", layer))
+            for src in sources[layer]:
+                if src in users:
+                    users[src].append(("import", layer))
+        for top in tops:
+            if top in users:
+                users[top].append(("ns", top))
+        fold = next((p for p, u in users.items() if len(u) == 1 and u[0][0] == "child"), None)
+        if fold is None:
+            return released
+        child = users[fold][0][1]
+        released.update(_shadowed(ctx, t, members[child], members[fold]))
+        members[fold] = members.pop(child) + members[fold]
+        sources[fold] = sources.pop(child)
+        del parent[child]
+        for layer in parent:
+            if parent[layer] == child:
+                parent[layer] = fold
+            sources[layer] = [fold if src == child else src for src in sources[layer]]
+        tops = [fold if top == child else top for top in tops]
+
+
+def _shadowed(ctx: Ctx, t: lmdb.Transaction, child: list[int], parent: list[int]) -> Counter[bytes]:
+    """The chunk references among `parent`'s records (its member layers, top first) that
+    folding `child` onto it releases: those at a place where the child has a chunk-map
+    record, and those of an inode the child whites out."""
+    places: set[bytes] = set()  # vol|ino|index
+    gone: set[bytes] = set()  # vol|ino
+    for layer in child:
+        prefix = R.layer_prefix(layer)
+        places.update(key[8:] for key, _ in _records(t, ctx.db.cmap, prefix))
+        gone.update(key[8:] for key, value in _records(t, ctx.db.inodes, prefix) if not value)
+    out: Counter[bytes] = Counter()
+    visible: dict[bytes, bytes] = {}  # the parent's record at each place it holds one
+    for inode in gone:
+        for layer in parent:
+            for key, value in _records(t, ctx.db.cmap, R.layer_prefix(layer) + inode):
+                visible.setdefault(key[8:], value)
+    for place in places - visible.keys():
+        for layer in parent:
+            raw = t.get(R.layer_prefix(layer) + place, db=ctx.db.cmap)
+            if raw is not None:
+                visible[place] = bytes(raw)
+                break
+    for place, value in visible.items():
+        if value and (place in places or place[:10] in gone):
+            out[value[:_KEY_SIZE]] += 1
+    return out
+
+
+def _records(t: lmdb.Transaction, db: Any, prefix: bytes) -> Iterable[tuple[bytes, bytes]]:
+    cur = t.cursor(db=db)
+    if cur.set_range(prefix):
+        for key, value in cur:
+            key = bytes(key)
+            if not key.startswith(prefix):
+                return
+            yield key, bytes(value)
