@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -18,8 +19,9 @@ from typing import Any
 import pytest
 
 from prism.cli.output import human
-from prism.store import Store, txn
+from prism.store import CHUNK_SIZE, CloneSource, SetAttr, Store, txn
 from prism.store import records as R
+from prism.store.gc import gc, unique_bytes
 from prism.store.schema import REFERENCED
 from tests.op_helpers import ok, prism, prism_json, run_clone, run_prism
 
@@ -293,6 +295,83 @@ def test_unique_through_a_graft_and_a_rollback(tmp_path: Path) -> None:
     assert part["unique_bytes"] == 128 * KiB + 3 * MiB + 5
     assert part["snapshot_space"][0]["unique_bytes"] == 0
     assert freed_by(data, tmp_path, "snapshot", "rm", "part", "s") == 0
+
+
+def _stored_after_gc(path: Path, remove: str | None = None) -> int:
+    with Store.open(path) as store:
+        if remove is not None:
+            store.remove_namespace(remove)
+        gc(store)
+        return store.stats().stored_bytes
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_unique_matches_removal_after_random_histories(tmp_path: Path, seed: int) -> None:
+    """Random histories of writes, overwrites, removals, snapshots, rollbacks, whole and
+    subtree clones, and partial gc: every VM's and snapshot's unique bytes equal what
+    removing it and running gc frees (done on a copy, in this process)."""
+    rng = random.Random(seed)
+    data = tmp_path / "data"
+    blocks = [os.urandom(CHUNK_SIZE) for _ in range(12)]  # shared pool: dedup happens
+
+    def content() -> bytes:
+        n = rng.randint(1, 3)
+        return b"".join(
+            rng.choice(blocks) if rng.random() < 0.5 else os.urandom(CHUNK_SIZE) for _ in range(n)
+        )[: rng.randint(1, n * CHUNK_SIZE)]
+
+    with Store.open(data) as store:
+        store.create_namespace("vm0")
+        store.mkdir(store.namespace("vm0").root, b"d", 0o755)
+        vms, snaps = ["vm0"], []
+        for step in range(40):
+            vm = rng.choice(vms)
+            root = store.namespace(vm).root
+            d = store.resolve(store.namespace(vm).id, "/d")
+            where = rng.choice([root, d.oid])
+            names = [e.name for e in store.readdir(where)[0] if e.name not in (b".", b"..", b"d")]
+            kind = rng.random()
+            if kind < 0.35 or not names:
+                name = f"f{rng.randint(0, 6)}".encode()
+                if name in names:
+                    oid = store.lookup(where, name).oid
+                else:
+                    oid = store.create(where, name, 0o644).oid
+                store.write(oid, rng.choice([0, CHUNK_SIZE]), content())
+            elif kind < 0.5:
+                store.remove(where, rng.choice(names))
+            elif kind < 0.6:
+                snap = f"s{step}"
+                store.snapshot(vm, snap)
+                snaps.append(f"{vm}@{snap}")
+            elif kind < 0.7 and [s for s in snaps if s.startswith(vm + "@")]:
+                snap = rng.choice([s for s in snaps if s.startswith(vm + "@")])
+                store.rollback(vm, snap.split("@")[1])
+            elif kind < 0.8 and len(vms) < 4:
+                new = f"vm{step}"
+                mine = [s.split("@")[1] for s in snaps if s.startswith(vm + "@")]
+                snap = rng.choice([None, *mine])
+                path = rng.choice(["/", "/d"])  # whole, or a subtree (a graft)
+                store.clone(new, [CloneSource(vm, snapshot=snap, path=path)])
+                vms.append(new)
+            elif kind < 0.85 and snaps:
+                victim = snaps.pop(rng.randrange(len(snaps)))
+                store.remove_namespace(victim)
+            elif kind < 0.9:
+                gc(store)
+            else:
+                oid = store.lookup(where, rng.choice(names)).oid
+                store.setattr(oid, SetAttr(size=rng.randint(0, 2 * CHUNK_SIZE)))
+        groups = [[vm, *(s for s in snaps if s.startswith(vm + "@"))] for vm in vms]
+        groups += [[s] for s in snaps]
+        got = unique_bytes(store, groups)
+
+    copy = tmp_path / "copy"
+    for group, unique in zip(groups, got, strict=True):
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(data, copy)
+        before = _stored_after_gc(copy)
+        assert before - _stored_after_gc(copy, group[0]) == unique, (seed, group)
 
 
 @pytest.fixture(autouse=True)
