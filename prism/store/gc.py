@@ -84,7 +84,8 @@ class GcReport:
     bytes_copied: int = 0
     """Live chunk bytes copied out of mostly-garbage segments before they were deleted."""
     metadata_bytes_added: int = 0
-    """Growth of the metadata file (`meta/data.mdb`) while gc ran."""
+    """Growth of the metadata file (`meta/data.mdb`) while gc ran (a server writing
+    meanwhile grows it too)."""
 
 
 def gc(store: Store, *, progress: Progress | None = None) -> GcReport:
