@@ -403,7 +403,18 @@ def build_parser() -> argparse.ArgumentParser:
         "name,export,clients,quota,used,files)",
     )
     p.set_defaults(func=cmd_vm_list)
-    p = vms.add_parser("show", help="show one VM's settings, usage, snapshots and shares")
+    p = vms.add_parser(
+        "show",
+        help="show one VM's settings, usage, snapshots and shares",
+        description="Show a VM's settings, shares, and the space of it and each snapshot. "
+        "USED: the bytes of its files and symlink targets (what its quota counts; shared "
+        "and deduplicated bytes count in full). UNIQUE: the stored bytes that only it "
+        "references, which removing it (`prism vm rm`, which takes its snapshots; `prism "
+        "snapshot rm` for a snapshot) and running `prism gc` would free. Unique bytes "
+        "are counted from chunk refcounts over the chunk maps of the layers only it holds "
+        "(not a walk of every file), which takes a while for a large VM with no snapshot "
+        "or clone; on a terminal the progress is shown.",
+    )
     _common(p)
     p.add_argument("name", help="the VM")
     p.set_defaults(func=cmd_vm_show)

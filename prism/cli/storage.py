@@ -76,6 +76,11 @@ def cmd_stats(args: argparse.Namespace, store: Store) -> int:
             "dedup_ratio": round(st.dedup_ratio, 3),
             "chunk_count": st.chunk_count,
             "segment_bytes": st.segment_bytes,
+            "referenced_bytes": st.referenced_bytes,
+            "dedup_bytes": st.dedup_bytes,
+            "content_dedup_ratio": round(st.content_dedup_ratio, 3),
+            "clone_shared_bytes": st.clone_shared_bytes,
+            "disk_bytes": st.disk_bytes,
         },
         "vrpc": vrpc,
     }
@@ -87,11 +92,19 @@ def cmd_stats(args: argparse.Namespace, store: Store) -> int:
             lines.append(
                 f"{r['name']:<24} {human(r['logical_bytes']):>12} {r['files']:>9} {quota:>10}"
             )
+        shared = st.clone_shared_bytes
         lines += [
             "",
             f"store: logical {human(st.logical_bytes)}, stored {human(st.stored_bytes)} "
-            f"in {st.chunk_count} chunks, dedup ratio {st.dedup_ratio:.2f}x, "
-            f"segment files {human(st.segment_bytes)}",
+            f"in {st.chunk_count} chunks (logical/stored {st.dedup_ratio:.2f}x)",
+            f"  dedup: {human(st.dedup_bytes)} of identical content written independently "
+            f"stored once (ratio {st.content_dedup_ratio:.2f}x)",
+            f"  clones: {human(shared)} seen by several VMs through shared layers (or holes)"
+            if shared >= 0
+            else f"  clones: none; snapshots or removed VMs (until `prism gc`) hold "
+            f"{human(-shared)} no VM sees",
+            f"  disk: segment files {human(st.segment_bytes)}, data directory "
+            f"{human(st.disk_bytes)}",
         ]
         v = vrpc
         lines.append(
@@ -146,10 +159,22 @@ def cmd_gc(args: argparse.Namespace, store: Store) -> int:
 
     report = gc(store, progress=progress_printer(args))
     data = dict(vars(report))
+    net = report.bytes_reclaimed  # the data directory's change, as `du -sb` sees it
+    parts = [
+        f"{sign}{human(n)} {what}"
+        for sign, n, what in (
+            ("-", report.segment_bytes_deleted, "segment files"),
+            ("+", report.bytes_copied, "live chunks copied"),
+            ("+", report.metadata_bytes_added, "metadata"),
+        )
+        if n
+    ]
     emit(
         args,
         data,
-        f"gc: reclaimed {human(report.bytes_reclaimed)}; dropped {report.layers_dropped} "
+        (f"gc: reclaimed {human(net)}" if net >= 0 else f"gc: the data grew by {human(-net)}")
+        + (f" ({', '.join(parts)})" if parts else "")
+        + f"; dropped {report.layers_dropped} "
         f"layers, merged {report.layers_merged}, freed {report.chunks_freed} chunks, removed "
         f"{report.segments_removed} and compacted {report.segments_compacted} segments",
     )

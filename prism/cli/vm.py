@@ -106,7 +106,9 @@ def cmd_vm_list(args: argparse.Namespace, store: Store) -> int:
 def cmd_vm_show(args: argparse.Namespace, store: Store) -> int:
     info = vm_info(store, args.name, "use `prism snapshot list VM`")
     data = vm_json(info, store.usage(info.name))
-    data["snapshots"] = [s.name.split("@", 1)[1] for s in store.list_snapshots(info.name)]
+    snaps = store.list_snapshots(info.name)
+    data["snapshots"] = [s.name.split("@", 1)[1] for s in snaps]
+    data |= _space(args, store, info, snaps)
 
     def text() -> str:
         return "\n".join(
@@ -117,8 +119,17 @@ def cmd_vm_show(args: argparse.Namespace, store: Store) -> int:
                 f"options:   {data['options']}",
                 f"access:    {_access_text(data)}",
                 f"quota:     {human(data['quota']) if data['quota'] is not None else 'none'}",
-                f"used:      {human(data['logical_bytes'])} in {data['files']} files",
-                f"snapshots: {', '.join(data['snapshots']) or '-'}",
+                f"used:      {human(data['logical_bytes'])} in {data['files']} files, "
+                f"unique {human(data['unique_bytes'])}",
+                "snapshots: "
+                + (
+                    ", ".join(
+                        f"{s['name']} (used {human(s['used_bytes'])}, unique "
+                        f"{human(s['unique_bytes'])})"
+                        for s in data["snapshot_space"]
+                    )
+                    or "-"
+                ),
                 "shares:    "
                 + (
                     ", ".join(
@@ -132,6 +143,31 @@ def cmd_vm_show(args: argparse.Namespace, store: Store) -> int:
 
     emit(args, data, text)
     return 0
+
+
+def _space(
+    args: argparse.Namespace, store: Store, info: NamespaceInfo, snaps: list[NamespaceInfo]
+) -> dict[str, Any]:
+    """used_bytes (what its quota counts) and unique_bytes (what removing it, then gc,
+    frees) of the VM (with its snapshots, as `prism vm rm` removes them) and of each
+    snapshot."""
+    from prism.cli.output import progress_printer
+    from prism.store.gc import unique_bytes
+
+    groups = [[info.name, *(s.name for s in snaps)], *([s.name] for s in snaps)]
+    vm_unique, *snap_unique = unique_bytes(store, groups, progress=progress_printer(args))
+    return {
+        "used_bytes": store.usage(info.name).logical_bytes,
+        "unique_bytes": vm_unique,
+        "snapshot_space": [
+            {
+                "name": s.name.split("@", 1)[1],
+                "used_bytes": store.usage(s.name).logical_bytes,
+                "unique_bytes": unique,
+            }
+            for s, unique in zip(snaps, snap_unique, strict=True)
+        ],
+    }
 
 
 def _access_text(vm: dict[str, Any]) -> str:

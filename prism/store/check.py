@@ -62,7 +62,7 @@ from prism.store.layers import (
 )
 from prism.store.quota import charged_bytes, set_usage
 from prism.store.records import Inode
-from prism.store.schema import DB_NAMES, Ctx, get_meta, intact_records, staged_roots
+from prism.store.schema import DB_NAMES, REFERENCED, Ctx, get_meta, intact_records, staged_roots
 from prism.store.sealed import DamagedRecord, SealedCursor, open_value
 from prism.store.staging import staging_dead, stagings
 from prism.store.store import Store
@@ -399,7 +399,7 @@ def _fsck(ctx: Ctx, t: lmdb.Transaction, report: FsckReport, repair: bool, say: 
                 )
 
     say(f"verifying {len(refs)} referenced chunks")
-    stored_bytes = chunk_count = 0
+    stored_bytes = chunk_count = referenced = 0
     damaged: dict[bytes, int] = {}  # chunk key -> its correct refcount (bytes bad or missing)
     fixes: list[tuple[bytes, bytes]] = []
     for key, value in intact_records(t, ctx.db.chunks):
@@ -412,6 +412,7 @@ def _fsck(ctx: Ctx, t: lmdb.Transaction, report: FsckReport, repair: bool, say: 
             continue
         stored_bytes += length
         chunk_count += 1
+        referenced += want * length
         report.checked_chunks += 1
         try:
             data = ctx.segments.read(segment, offset, length)
@@ -433,6 +434,7 @@ def _fsck(ctx: Ctx, t: lmdb.Transaction, report: FsckReport, repair: bool, say: 
             rebuilt.append((key, R.CHUNK_VAL.pack(segment, offset, length, count)))
             stored_bytes += length
             chunk_count += 1
+            referenced += count * length
             continue
         report.errors.append(f"chunk {key.hex()}: {count} references but not in the index")
         damaged[key] = count
@@ -440,6 +442,8 @@ def _fsck(ctx: Ctx, t: lmdb.Transaction, report: FsckReport, repair: bool, say: 
         report.errors.append("stored-bytes counter is wrong")
     if get_meta(ctx, t, b"chunk_count") != chunk_count:
         report.errors.append("chunk counter is wrong")
+    if get_meta(ctx, t, REFERENCED) != referenced:
+        report.errors.append("referenced-bytes counter is wrong")
     copies = {key: _good_copy(ctx, t, key[:16], damaged) for key in damaged}
     lost = {key for key, data in copies.items() if data is None}
     for key in damaged.keys() - lost:
@@ -580,6 +584,7 @@ def _fsck(ctx: Ctx, t: lmdb.Transaction, report: FsckReport, repair: bool, say: 
         if t.get(key, db=ctx.db.chunks) is None:
             stored_bytes += len(copy)
             chunk_count += 1
+            referenced += damaged[key] * len(copy)
         t.put(key, R.CHUNK_VAL.pack(segment, offset, len(copy), damaged[key]), db=ctx.db.chunks)
         moved[key] = (segment, offset)
     if moved:
@@ -604,7 +609,8 @@ def _fsck(ctx: Ctx, t: lmdb.Transaction, report: FsckReport, repair: bool, say: 
         t.put(R.dirent_key(view.top, vol, ino, name), R.WHITEOUT, db=ctx.db.dirents)
     if dangling:
         report.repaired.append(f"removed {len(dangling)} entries pointing at missing objects")
-    for counter, count in ((b"stored_bytes", stored_bytes), (b"chunk_count", chunk_count)):
+    counters = ((b"stored_bytes", stored_bytes), (b"chunk_count", chunk_count))
+    for counter, count in (*counters, (REFERENCED, referenced)):
         t.put(counter, R.U64.pack(count), db=ctx.db.meta)
 
 

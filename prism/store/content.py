@@ -10,8 +10,9 @@ collision-resistant and a VM may be an adversary, a hash hit also compares lengt
 and a genuine collision gets the next `seq`. All-zero chunks are stored as holes (no record,
 or a whiteout over a lower layer's chunk). A chunk's refcount is the number of chunk-map
 records (in any existing layer) that name it; `stored_bytes` and `chunk_count` in `meta` sum
-the chunks with references. A segment's record counts the bytes appended to it and the live
-bytes its chunks hold, which `gc` compacts by.
+the chunks with references, `referenced_bytes` their lengths times their refcounts (the
+content as written: dedup saves `referenced_bytes - stored_bytes`). A segment's record
+counts the bytes appended to it and the live bytes its chunks hold, which `gc` compacts by.
 
 Crash ordering (see `txn`): chunk bytes are appended to this process's segment before the
 transaction that names them commits, and that commit fdatasyncs the segment first.
@@ -33,7 +34,7 @@ import xxhash
 from prism.errors import Corrupt
 from prism.store import records as R
 from prism.store.layers import PathEntry, View, chain
-from prism.store.schema import Ctx, add_meta
+from prism.store.schema import REFERENCED, Ctx, add_meta
 from prism.store.segments import DamagedChunk
 from prism.store.tree import lower_has
 from prism.store.types import CHUNK_SIZE, ObjectId
@@ -74,6 +75,7 @@ def store_chunk(ctx: Ctx, t: lmdb.Transaction, content: bytes) -> tuple[bytes, i
                 if refs == 0:
                     add_meta(ctx, t, b"stored_bytes", length)
                     add_meta(ctx, t, b"chunk_count", 1)
+                add_meta(ctx, t, REFERENCED, length)
                 t.put(key, R.CHUNK_VAL.pack(segment, offset, clen, refs + 1), db=ctx.db.chunks)
                 return key, segment, offset
     segment, offset = ctx.segments.append(content)
@@ -82,6 +84,7 @@ def store_chunk(ctx: Ctx, t: lmdb.Transaction, content: bytes) -> tuple[bytes, i
     note_append(ctx, t, segment, offset, length)
     add_meta(ctx, t, b"stored_bytes", length)
     add_meta(ctx, t, b"chunk_count", 1)
+    add_meta(ctx, t, REFERENCED, length)
     return key, segment, offset
 
 
@@ -90,6 +93,8 @@ def unref_chunk(ctx: Ctx, t: lmdb.Transaction, key: bytes) -> None:
     if raw is None:
         return
     segment, offset, length, refs = R.CHUNK_VAL.unpack(raw)
+    if refs:
+        add_meta(ctx, t, REFERENCED, -length)
     if refs <= 1:
         refs = 0
         add_meta(ctx, t, b"stored_bytes", -length)

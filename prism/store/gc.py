@@ -19,6 +19,20 @@ decides on, since others write between steps. In order:
      and chunk-map records (and deletes chunk records that fell to zero references since
      step 4 and still name the segment), and the old files are deleted only after that
      commit. Segments locked by a live writer are never touched.
+What gc reports is what the data directory's files shrank by (`du -sb` before minus after,
+and `prism stats`' `disk_bytes`): the sizes of the segment files it deleted, less the copies
+it appended and the growth of the metadata file (LMDB never shrinks its file; freed pages
+are reused). A chunk freed in step 4 is not counted by itself: its bytes leave the disk only
+with its segment, which step 5 counts whole.
+Unique bytes (`unique_bytes`, for `prism vm show`): the chunk bytes that removing some
+namespaces and then running gc would free, found without changing anything and without a
+walk of files: in one read transaction it works out which layers gc would drop and fold
+(from the layer records alone), counts the chunk-map records those steps would release
+(the dropped layers' records, and in a fold the parent's records its child shadows), and
+compares the counts with the chunks' refcounts: a chunk is freed when every reference goes.
+What gc would free anyway (layers already unreachable, folds already due) is not counted.
+Cost: the chunk-map records of the layers only those namespaces reach, plus the records of
+the layers a fold would merge (the writes since the latest snapshot or clone).
 Crash ordering: content first, then metadata, within each step. A kill between or inside
 steps leaves only what fsck reports as debris and the next gc removes: unreachable layers
 (dropped in part: their records are unreachable, their chunk references already consistent),
@@ -32,8 +46,9 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import lmdb
 
@@ -62,6 +77,15 @@ class GcReport:
     segments_removed: int = 0
     segments_compacted: int = 0
     bytes_reclaimed: int = 0
+    """The data directory's shrinkage: `segment_bytes_deleted - bytes_copied -
+    metadata_bytes_added` (negative if it grew)."""
+    segment_bytes_deleted: int = 0
+    """Sizes of the segment files deleted."""
+    bytes_copied: int = 0
+    """Live chunk bytes copied out of mostly-garbage segments before they were deleted."""
+    metadata_bytes_added: int = 0
+    """Growth of the metadata file (`meta/data.mdb`) while gc ran (a server writing
+    meanwhile grows it too)."""
 
 
 def gc(store: Store, *, progress: Progress | None = None) -> GcReport:
@@ -70,6 +94,7 @@ def gc(store: Store, *, progress: Progress | None = None) -> GcReport:
     if store.in_batch:
         store.commit()
     ctx = store.ctx
+    metadata_before = _metadata_size(ctx)
     say(f"discarded {store.reap_stagings()} trees staged by imports that died")
     say("dropping unreachable layers")
     while _step(ctx, lambda t: _drop_step(ctx, t, report)):
@@ -86,7 +111,15 @@ def gc(store: Store, *, progress: Progress | None = None) -> GcReport:
     tried: set[int] = set()
     while _compact_step(ctx, report, tried):
         pass
+    report.metadata_bytes_added = max(0, _metadata_size(ctx) - metadata_before)
+    report.bytes_reclaimed = (
+        report.segment_bytes_deleted - report.bytes_copied - report.metadata_bytes_added
+    )
     return report
+
+
+def _metadata_size(ctx: Ctx) -> int:
+    return os.stat(ctx.path / "meta" / "data.mdb").st_size
 
 
 def _step(ctx: Ctx, work: Callable[[lmdb.Transaction], bool]) -> bool:
@@ -172,7 +205,7 @@ def _free_step(ctx: Ctx, t: lmdb.Transaction, report: GcReport, resume: list[byt
     """Delete zero-reference chunks (as read now: a chunk referenced again meanwhile stays)
     from `resume[0]` on, a bounded number; return whether the index has more to visit."""
     began = time.monotonic()
-    freed: list[tuple[bytes, int]] = []
+    freed: list[bytes] = []
     cur = t.cursor(db=ctx.db.chunks)
     more = False
     if cur.set_range(resume[0]):  # b"": from the first key
@@ -181,12 +214,10 @@ def _free_step(ctx: Ctx, t: lmdb.Transaction, report: GcReport, resume: list[byt
                 resume[0] = bytes(key)
                 more = True
                 break
-            _, _, length, refs = R.CHUNK_VAL.unpack(value)
-            if refs == 0:
-                freed.append((bytes(key), length))
-    for key, length in freed:
+            if R.CHUNK_VAL.unpack(value)[3] == 0:
+                freed.append(bytes(key))
+    for key in freed:
         t.delete(key, db=ctx.db.chunks)
-        report.bytes_reclaimed += length
     report.chunks_freed += len(freed)
     return more
 
@@ -231,11 +262,11 @@ def _compact(
     commits, whether segments remain to look at)."""
     live_by_segment: Counter[int] = Counter()
     chunks_by_segment: dict[int, list[tuple[bytes, int, int]]] = {}
-    zero_by_segment: dict[int, list[tuple[bytes, int]]] = {}
+    zero_by_segment: dict[int, list[bytes]] = {}
     for key, value in t.cursor(db=ctx.db.chunks):
         segment, offset, length, refs = R.CHUNK_VAL.unpack(value)
         if refs == 0:
-            zero_by_segment.setdefault(segment, []).append((bytes(key), length))
+            zero_by_segment.setdefault(segment, []).append(bytes(key))
             continue
         live_by_segment[segment] += length
         chunks_by_segment.setdefault(segment, []).append((bytes(key), offset, length))
@@ -274,6 +305,7 @@ def _compact(
                 break
             copied += 1
             moved_bytes += length
+            report.bytes_copied += length
             moved[(seg_id, offset)] = (new_seg, new_off)
             refs = R.CHUNK_VAL.unpack(t.get(key, db=ctx.db.chunks) or bytes(28))[3]
             t.put(key, R.CHUNK_VAL.pack(new_seg, new_off, length, refs), db=ctx.db.chunks)
@@ -288,15 +320,14 @@ def _compact(
             tried.update(candidates[position:])
             break
         # Chunks released since the freeing steps name this segment too: they go with it.
-        for key, length in zero_by_segment.get(seg_id, []):
+        for key in zero_by_segment.get(seg_id, []):
             t.delete(key, db=ctx.db.chunks)
             report.chunks_freed += 1
-            report.bytes_reclaimed += length
         if live:
             report.segments_compacted += 1
         else:
             report.segments_removed += 1
-        report.bytes_reclaimed += max(0, ctx.segments.size_of(seg_id) - live)
+        report.segment_bytes_deleted += ctx.segments.size_of(seg_id)  # locked: it cannot grow
         t.delete(R.U64.pack(seg_id), db=ctx.db.segments)
         pending.append(seg_id)
         copied += 1
@@ -397,3 +428,136 @@ def _fold(ctx: Ctx, t: lmdb.Transaction, child: int, parent: int, layers: dict) 
                     t.delete(target, db=db)
             else:
                 t.put(target, value, db=db)
+
+
+def unique_bytes(
+    store: Store, groups: Sequence[Sequence[str]], *, progress: Progress | None = None
+) -> list[int]:
+    """For each group of namespace names, the chunk bytes that removing them together (as
+    `prism vm rm` removes a VM with its snapshots) and then running gc would free. Read only
+    (see "Unique bytes" above)."""
+    say = progress or (lambda _msg: None)
+    ctx = store.ctx
+    with txn.read(ctx) as t:
+        layers = all_layers(ctx, t)
+        tops: dict[str, int] = {}
+        for _, raw in t.cursor(db=ctx.db.ns):
+            rec = json.loads(bytes(raw))
+            tops[rec["name"]] = rec["top"]
+        base = _freed(ctx, t, _released(ctx, t, layers, tops.values(), say))
+        out = []
+        for group in groups:
+            say(f"counting what only {', '.join(group)} references")
+            kept = [top for name, top in tops.items() if name not in group]
+            freed = _freed(ctx, t, _released(ctx, t, layers, kept, say))
+            out.append(sum(length for key, length in freed.items() if key not in base))
+        return out
+
+
+_KEY_SIZE = R.CHUNK_KEY.size
+"""A chunk-map record's value starts with the chunk's key (`records.CMAP_VAL`)."""
+
+
+def _freed(ctx: Ctx, t: lmdb.Transaction, released: Counter[bytes]) -> dict[bytes, int]:
+    """The chunks (key -> length) whose every reference is among `released`."""
+    out = {}
+    for key, count in released.items():
+        raw = t.get(key, db=ctx.db.chunks)
+        if raw is not None:
+            _, _, length, refs = R.CHUNK_VAL.unpack(raw)
+            if 0 < refs <= count:
+                out[key] = length
+    return out
+
+
+def _released(
+    ctx: Ctx, t: lmdb.Transaction, layers: dict[int, dict], tops: Iterable[int], say: Progress
+) -> Counter[bytes]:
+    """The chunk references (chunk key -> count) gc would release if the namespaces whose
+    top layers are `tops` were the only ones: the records of the layers none of them
+    reaches (`_drop_step`), and in each fold (`_merge_one`, `_fold`) the parent's records
+    that the child shadows (a record at the same place, or a whiteout of the inode)."""
+    tops = list(tops)
+    reach: set[int] = set()
+    stack = list(tops)
+    while stack:
+        layer = stack.pop()
+        if layer in reach or layer not in layers:
+            continue
+        reach.add(layer)
+        stack.append(layers[layer]["parent"])
+        stack.extend(src[0] for src in layers[layer]["vols"].values())
+    released: Counter[bytes] = Counter()
+    seen = 0
+    for layer in layers.keys() - reach:
+        for _, value in _records(t, ctx.db.cmap, R.layer_prefix(layer)):
+            if value:
+                released[value[:_KEY_SIZE]] += 1
+            seen += 1
+            if seen % 200_000 == 0:
+                say(f"read {seen} chunk-map records")
+    parent = {layer: layers[layer]["parent"] for layer in reach}
+    sources = {layer: [src[0] for src in layers[layer]["vols"].values()] for layer in reach}
+    members = {layer: [layer] for layer in reach}  # a layer's records after folds, top first
+    while True:
+        users: dict[int, list[tuple[str, int]]] = {layer: [] for layer in parent}
+        for layer in parent:
+            if parent[layer] in users:
+                users[parent[layer]].append(("child", layer))
+            for src in sources[layer]:
+                if src in users:
+                    users[src].append(("import", layer))
+        for top in tops:
+            if top in users:
+                users[top].append(("ns", top))
+        fold = next((p for p, u in users.items() if len(u) == 1 and u[0][0] == "child"), None)
+        if fold is None:
+            return released
+        child = users[fold][0][1]
+        released.update(_shadowed(ctx, t, members[child], members[fold]))
+        members[fold] = members.pop(child) + members[fold]
+        sources[fold] = sources.pop(child)
+        del parent[child]
+        for layer in parent:
+            if parent[layer] == child:
+                parent[layer] = fold
+            sources[layer] = [fold if src == child else src for src in sources[layer]]
+        tops = [fold if top == child else top for top in tops]
+
+
+def _shadowed(ctx: Ctx, t: lmdb.Transaction, child: list[int], parent: list[int]) -> Counter[bytes]:
+    """The chunk references among `parent`'s records (its member layers, top first) that
+    folding `child` onto it releases: those at a place where the child has a chunk-map
+    record, and those of an inode the child whites out."""
+    places: set[bytes] = set()  # vol|ino|index
+    gone: set[bytes] = set()  # vol|ino
+    for layer in child:
+        prefix = R.layer_prefix(layer)
+        places.update(key[8:] for key, _ in _records(t, ctx.db.cmap, prefix))
+        gone.update(key[8:] for key, value in _records(t, ctx.db.inodes, prefix) if not value)
+    out: Counter[bytes] = Counter()
+    visible: dict[bytes, bytes] = {}  # the parent's record at each place it holds one
+    for inode in gone:
+        for layer in parent:
+            for key, value in _records(t, ctx.db.cmap, R.layer_prefix(layer) + inode):
+                visible.setdefault(key[8:], value)
+    for place in places - visible.keys():
+        for layer in parent:
+            raw = t.get(R.layer_prefix(layer) + place, db=ctx.db.cmap)
+            if raw is not None:
+                visible[place] = bytes(raw)
+                break
+    for place, value in visible.items():
+        if value and (place in places or place[:10] in gone):
+            out[value[:_KEY_SIZE]] += 1
+    return out
+
+
+def _records(t: lmdb.Transaction, db: Any, prefix: bytes) -> Iterable[tuple[bytes, bytes]]:
+    cur = t.cursor(db=db)
+    if cur.set_range(prefix):
+        for key, value in cur:
+            key = bytes(key)
+            if not key.startswith(prefix):
+                return
+            yield key, bytes(value)

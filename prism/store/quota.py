@@ -10,13 +10,18 @@ invalid counters (never reading them as 0) without storing. A whole clone, snaps
 rollback copies the record as it is (`copy_usage`). A share's
 objects count in their source VM, not where they are mounted. A quota limits the bytes;
 `check_quota` refuses a change that would exceed it, and a VM at its quota may still remove
-and shrink.
+and shrink. Store-wide figures (`stats`) come from the usage records, the counters of
+`content` and one stat per file of the data directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import stat
+from pathlib import Path
 
 import lmdb
 
@@ -26,7 +31,7 @@ from prism.store import txn
 from prism.store.api import Space
 from prism.store.layers import SHARE_VOL_BASE, View, view_by_name, view_of
 from prism.store.records import Inode
-from prism.store.schema import NS_KEY, Ctx, get_meta, staged_roots
+from prism.store.schema import NS_KEY, REFERENCED, Ctx, get_meta, staged_roots
 from prism.store.tree import get_inode, list_dir, locate, to_attr
 from prism.store.types import ROOT_INO, Attr, FileType, FsStat, ObjectId, StoreStats, Usage
 
@@ -122,7 +127,23 @@ def stats(ctx: Ctx) -> StoreStats:
             stored_bytes=get_meta(ctx, t, b"stored_bytes"),
             chunk_count=get_meta(ctx, t, b"chunk_count"),
             segment_bytes=segment_bytes,
+            referenced_bytes=get_meta(ctx, t, REFERENCED),
+            disk_bytes=directory_bytes(ctx.path),
         )
+
+
+def directory_bytes(root: Path) -> int:
+    """The apparent sizes of the files under `root` (what `du -sb` counts of them), one
+    stat per file: segment files are large, so there are few. A directory that is a
+    symlink (a data directory may place `segments/` elsewhere) is followed."""
+    total = 0
+    for top, _, files in os.walk(root, followlinks=True):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):  # (a segment gc removed meanwhile)
+                st = os.lstat(os.path.join(top, name))
+                if stat.S_ISREG(st.st_mode):
+                    total += st.st_size
+    return total
 
 
 def fsstat(ctx: Ctx, ns_id: int) -> FsStat:

@@ -20,6 +20,8 @@ is followed by a 4-byte seal over its database, key and value, checked on every 
               b"journal_gen" -> generation of the journal records not yet checkpointed;
               b"ns_next" -> next namespace id; b"layer_next" -> next layer id;
               b"ino"+ns -> next inode number; b"stored_bytes", b"chunk_count" -> counters;
+              b"referenced_bytes" -> chunk lengths times refcounts (counted on first open
+              of a store made before it existed);
               b"usage_rev" -> what `usage` counts (USAGE_REV; older counters are marked
               invalid on open, so they are re-measured);
               b"stage:"+token -> JSON {ns, ino}: an import being built (`prism.store.staging`)
@@ -93,6 +95,8 @@ JOURNAL_GEN = b"journal_gen"
 USAGE_REV_KEY = b"usage_rev"
 USAGE_REV = 2
 """What the usage counters count: 2 = file sizes and symlink targets (1 left symlinks out)."""
+REFERENCED = b"referenced_bytes"
+"""The `meta` counter of chunk bytes times their references (`content`)."""
 STAGE_PREFIX = b"stage:"
 STAGING_DIR = "staging"
 """DATA/staging/<token>.lock: flock'ed by the process building the import staged as token."""
@@ -279,6 +283,12 @@ def prepare(ctx: Ctx, t: lmdb.Transaction) -> bytes:
         for key, raw in list(t.cursor(db=ctx.db.usage)):
             t.put(key, R.USAGE_VAL.pack(*R.USAGE_VAL.unpack(raw)[:2], 0), db=ctx.db.usage)
         t.put(USAGE_REV_KEY, R.U64.pack(USAGE_REV), db=ctx.db.meta)
+    if t.get(REFERENCED, db=ctx.db.meta) is None:  # once, for a store made before the counter
+        referenced = 0
+        for _, value in intact_records(t, ctx.db.chunks):
+            _, _, length, refs = R.CHUNK_VAL.unpack(value)
+            referenced += length * refs
+        t.put(REFERENCED, R.U64.pack(referenced), db=ctx.db.meta)
     return bytes(t.get(b"secret", db=ctx.db.meta) or b"")
 
 

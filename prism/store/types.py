@@ -197,11 +197,34 @@ class StoreStats:
     logical_bytes: int  # sum over VMs (snapshots excluded)
     stored_bytes: int  # distinct chunk bytes on disk that are referenced
     chunk_count: int
-    segment_bytes: int  # bytes in segment files, garbage included
+    segment_bytes: int  # bytes appended to segment files, garbage included
+    referenced_bytes: int = 0
+    """Chunk bytes times their references: the content as written, each chunk-map record
+    once (a layer that clones or snapshots share holds its records once)."""
+    disk_bytes: int = 0
+    """The data directory's files, metadata included (apparent sizes, as `du -sb`)."""
 
     @property
     def dedup_ratio(self) -> float:
+        """Logical / stored: dedup, sharing by clones and holes together."""
         return self.logical_bytes / self.stored_bytes if self.stored_bytes else 1.0
+
+    @property
+    def dedup_bytes(self) -> int:
+        """Bytes not stored because identical content was written independently."""
+        return self.referenced_bytes - self.stored_bytes
+
+    @property
+    def content_dedup_ratio(self) -> float:
+        """Referenced / stored: dedup of identical content alone."""
+        return self.referenced_bytes / self.stored_bytes if self.stored_bytes else 1.0
+
+    @property
+    def clone_shared_bytes(self) -> int:
+        """Logical bytes beyond the content's references: what VMs see through layers
+        they share with clones (holes count here too, since they hold no chunk); negative
+        when snapshots, or removed VMs awaiting gc, hold content no VM sees."""
+        return self.logical_bytes - self.referenced_bytes
 
 
 @dataclass(frozen=True, slots=True)
