@@ -99,6 +99,16 @@ FAMILIES = (
     Family("prism_store_chunks", "gauge", "Distinct chunks referenced."),
     Family("prism_store_dedup_ratio", "gauge", "Logical / stored bytes."),
     Family(
+        "prism_store_dedup_bytes",
+        "gauge",
+        "Bytes saved by identical content written independently (referenced - stored).",
+    ),
+    Family(
+        "prism_store_clone_shared_bytes",
+        "gauge",
+        "Bytes shared by clones and snapshots (logical - referenced; holes included).",
+    ),
+    Family(
         "prism_store_segment_bytes",
         "gauge",
         "Bytes in segment files, garbage included (`prism gc` returns the garbage).",
@@ -295,6 +305,8 @@ def store_figures(store: Store, out: Families, vm_stats: dict[int, VmStats]) -> 
     out.add("prism_store_stored_bytes", st.stored_bytes)
     out.add("prism_store_chunks", st.chunk_count)
     out.add("prism_store_dedup_ratio", st.dedup_ratio)
+    out.add("prism_store_dedup_bytes", st.dedup_bytes)
+    out.add("prism_store_clone_shared_bytes", st.clone_shared_bytes)
     out.add("prism_store_segment_bytes", st.segment_bytes)
     fs = os.statvfs(store.path)
     out.add("prism_store_free_bytes", fs.f_bavail * fs.f_frsize)

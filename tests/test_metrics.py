@@ -156,6 +156,9 @@ def test_store_and_vm_figures(served: tuple[PrismServe, Metrics]) -> None:
     assert value(s, "prism_store_stored_bytes") == stored
     assert value(s, "prism_store_chunks") == 3
     assert value(s, "prism_store_dedup_ratio") == pytest.approx(logical / stored, abs=1e-3)
+    # the blob was written twice, independently: dedup, not sharing by a clone
+    assert value(s, "prism_store_dedup_bytes") == len(CONTENT)
+    assert value(s, "prism_store_clone_shared_bytes") == 0
 
     # the figures follow the store, including changes made by the operator commands
     prism(server.data, "vm", "set", "beta", "--quota", "1G")
