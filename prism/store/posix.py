@@ -49,7 +49,7 @@ from prism.store.perms import (
     require,
     require_data,
 )
-from prism.store.quota import add_usage, check_quota
+from prism.store.quota import add_rstat, add_usage, check_quota
 from prism.store.records import Inode
 from prism.store.schema import Ctx
 from prism.store.tree import (
@@ -219,6 +219,9 @@ def apply_sattr(
                 check_quota(ctx, t, view, sattr.size - node.size)
             truncate(ctx, t, view, oid.vol, oid.ino, node.size, sattr.size)
             add_usage(ctx, t, view, sattr.size - node.size, 0)
+            if node.nlink == 1 and not new:  # (a new object counts once it is linked)
+                holder = (node.parent_vol, node.parent_ino)
+                add_rstat(ctx, view, holder, (sattr.size - node.size, 0))
             node.size = sattr.size
             node.mtime_ns = now
         changed = True
@@ -289,6 +292,8 @@ def write(ctx: Ctx, oid: ObjectId, offset: int, data: bytes, cred: Cred | None =
             put_inode(ctx, t, view, loc.vol, loc.ino, node)
             if grow:
                 add_usage(ctx, t, view, grow, 0)
+                if node.nlink == 1:
+                    add_rstat(ctx, view, (node.parent_vol, node.parent_ino), (grow, 0))
         return Wcc(before, to_attr(oid, node))
 
 

@@ -12,7 +12,7 @@ The work is done by the rooms, each a module of free functions over one context
     tree      inodes, directory entries, whiteouts, merged listings, share containment
     links     the hard-link index: in which directories a multiply-linked object's links are
     content   chunking, dedup, the chunk map, segment accounting, damage
-    quota     usage, quotas, statistics
+    quota     usage, quotas, statistics, directories' recursive statistics
     perms     permission rules (pure)
     posix     the per-object operations that change no names
     names     making, linking, moving and removing names
@@ -108,6 +108,7 @@ class Store:
                 root, env, Dbs.open(env), SegmentFiles(root / "segments"), WriteLock(root), owned
             )
             ctx.epoch = EpochFile.open(root)
+            ctx.rstat_hooks = quota.RstatHooks(ctx)
             txn.upgrade(ctx)
             store = cls(ctx)
         except BaseException:

@@ -149,10 +149,16 @@ def commit(ctx: Ctx) -> None:
     batch, ctx.batch = ctx.batch, None
     journal = ctx.journal
     if journal is None:
+        try:
+            _fold(ctx, batch)
+        except BaseException:
+            _lose(ctx, batch)
+            raise
         durable_commit(ctx, batch)
         return
     next_gen = journal.generation + 1
     try:
+        _fold(ctx, batch)
         batch.put(JOURNAL_GEN, R.U64.pack(next_gen), db=ctx.db.meta)
         ctx.segments.sync()
         batch.commit()
@@ -185,6 +191,11 @@ def make_durable(ctx: Ctx) -> None:
     if journal is None:
         commit(ctx)
         return
+    hooks = ctx.rstat_hooks
+    record = hooks.persist() if hooks is not None else None
+    if record is not None:  # the batch's deferred figures, durable with its data
+        ctx.batch.put(record[0], record[1], db=ctx.db.meta)
+        ctx.journaled.append((PUT, ctx.db.index[ctx.db.meta], *record))
     if not ctx.journaled:
         ctx.segments.sync()
         return
@@ -223,9 +234,34 @@ def durable_commit(ctx: Ctx, txn: lmdb.Transaction) -> None:
 def abort(ctx: Ctx) -> None:
     if ctx.batch is not None:
         batch, ctx.batch = ctx.batch, None
-        ctx.journaled.clear()
-        aborted(ctx, batch)
-        batch_lost(ctx)
+        _lose(ctx, batch)
+
+
+def _lose(ctx: Ctx, batch: lmdb.Transaction) -> None:
+    """Abort the batch `batch` and forget everything it held."""
+    ctx.journaled.clear()
+    ctx.rstat_batch, ctx.rstat_op = {}, {}
+    aborted(ctx, batch)
+    batch_lost(ctx)
+
+
+def _fold(ctx: Ctx, t: lmdb.Transaction) -> None:
+    """Store the recursive statistics deferred to `t`'s commit (`quota.fold`)."""
+    if ctx.rstat_hooks is not None:
+        ctx.rstat_hooks.fold(t)
+
+
+def _merge_rstats(ctx: Ctx) -> None:
+    """The nested transaction that committed hands its deferred statistics to the batch."""
+    op, ctx.rstat_op = ctx.rstat_op, {}
+    batch = ctx.rstat_batch
+    for key, change in op.items():
+        if change is None:
+            batch[key] = None
+        elif key not in batch:
+            batch[key] = change
+        elif (have := batch[key]) is not None:
+            batch[key] = (have[0] + change[0], have[1] + change[1])
 
 
 def aborted(ctx: Ctx, txn: lmdb.Transaction) -> None:
@@ -251,22 +287,28 @@ def write(ctx: Ctx) -> Iterator[lmdb.Transaction]:
     if ctx.batch is not None:
         child = sealed(ctx, ctx.env.begin(write=True, parent=_raw(ctx.batch)))
         recorder = None if ctx.journal is None else _Recorder(child, ctx.db.index)
+        folded_from = ctx.rstat_batch  # (a `quota.fold` inside takes it: given back on abort)
         try:
             yield child if recorder is None else cast(lmdb.Transaction, recorder)
         except BaseException:
             ctx.events.clear()
+            ctx.rstat_op, ctx.rstat_batch = {}, folded_from
             aborted(ctx, child)
             raise
         child.commit()
         if recorder is not None:
             ctx.journaled += recorder.changes
+        if ctx.rstat_op:
+            _merge_rstats(ctx)
         deliver(ctx)
         return
     txn = begin_write(ctx)
     try:
         yield txn
+        _fold(ctx, txn)
     except BaseException:
         ctx.events.clear()
+        ctx.rstat_op = {}
         aborted(ctx, txn)
         raise
     durable_commit(ctx, txn)
@@ -408,6 +450,7 @@ def reopen_batch(ctx: Ctx) -> int:
     journal = ctx.journal
     assert journal is not None and ctx.batch is None
     ctx.journaled.clear()
+    ctx.rstat_batch = {}  # (the journal holds what was persisted of them)
     ctx.boot_id = secrets.randbits(63) | 1
     try:
         txn = begin_write(ctx)
