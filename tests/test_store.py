@@ -1608,3 +1608,38 @@ def test_stores_without_figures_keep_working_and_build_them_lazily(store: Store)
     assert store.usage("new") == Usage(*_tree_usage(store, store.namespace("new").root))
     if check is not None:
         assert check.fsck(store).errors == []
+
+
+def test_changes_do_not_walk_the_directories_above(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An extending write, a create, a remove and a rename across directories touch as many
+    records at depth 20 as at depth 1 (their statistics wait for the batch's durable point
+    and commit, `quota`); the commit walks each dirty chain once."""
+    counts = []
+    for depth in (1, 20):
+        d = new_vm(store, f"deep{depth}")
+        for k in range(depth - 1):
+            d = store.mkdir(d, b"d%d" % k).oid
+        a, b = store.mkdir(d, b"a").oid, store.mkdir(d, b"b").oid
+        f = write_file(store, a, b"log", b"x")
+        store.begin_batch()
+        counts.append(
+            [
+                _records_touched(store, monkeypatch, op)
+                for op in (
+                    lambda f=f, depth=depth: store.write(f, 1, bytes([depth]) * 4096),
+                    lambda a=a: store.create(a, b"new"),
+                    lambda a=a, b=b: store.rename(a, b"new", b, b"new"),
+                    lambda b=b: store.remove(b, b"new"),
+                )
+            ]
+        )
+        store.commit()
+        usage = Usage(*_tree_usage(store, store.namespace(f"deep{depth}").root))
+        store.clone(f"copy{depth}", [CloneSource(f"deep{depth}", path="/", dest="/x")])
+        assert store.usage(f"copy{depth}") == Usage(usage.logical_bytes, usage.files + 1)
+    # (a write's new chunk is looked up by its hash, and a miss also opens the records on
+    # either side of where it would be, one or two: that varies by one; a walk up the 19
+    # directories more would add at least 38)
+    assert all(abs(deep - shallow) <= 1 for shallow, deep in zip(*counts, strict=True)), counts

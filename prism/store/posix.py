@@ -33,13 +33,14 @@ from prism.store.api import (
     Access,
     Found,
     Listing,
+    Mountable,
     RawEntry,
     Read,
     Target,
     Wcc,
 )
 from prism.store.content import read_range, truncate, write_range
-from prism.store.layers import SHARE_VOL_SPAN, Out, View, share_of, view_of
+from prism.store.layers import SHARE_VOL_SPAN, Out, View, ns_info, share_of, view_by_name, view_of
 from prism.store.perms import (
     MAY_EXEC,
     MAY_READ,
@@ -142,6 +143,17 @@ def resolve(ctx: Ctx, ns_id: int, path: str) -> Attr:
         view = view_of(ctx, t, ns_id)
         vol, ino, node = resolve_path(ctx, t, view, path, f"{view.name}:{path}")
         return to_attr(ObjectId(ns_id, vol, ino), node)
+
+
+def mountable(ctx: Ctx, name: str, path: str) -> Mountable:
+    with txn.read(ctx) as t:
+        view = view_by_name(ctx, t, name)
+        info = ns_info(ctx, t, view.record)
+        try:
+            vol, ino, node = resolve_path(ctx, t, view, path, f"{view.name}:{path}")
+        except StoreError as exc:
+            return Mountable(info, None, exc)
+        return Mountable(info, to_attr(ObjectId(view.id, vol, ino), node), None)
 
 
 def access(ctx: Ctx, oid: ObjectId, cred: Cred | None, mask: int) -> Access:

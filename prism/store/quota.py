@@ -24,16 +24,21 @@ its figures stop). A graft thus adds a subtree's usage in O(1) from its root's f
 Deferred propagation. A change adds its difference to the directory holding the object in
 memory only (`add_rstat`: `Ctx.rstat_op`, dropped if the operation fails, then the batch's
 `Ctx.rstat_batch`); a rename of a directory moves the figures stored in its record from one
-'..' chain to the other, and what is pending below it follows it. At a durable point the
-batch's differences are stored as one `b"rstat:"` record in `meta` (`RstatHooks.persist`,
-journaled with the batch's changes, so a crash keeps them with the data they describe); at
-the batch's commit, at the end of every write transaction outside a batch, and before
-anything reads the figures or freezes a layer (snapshot, clone, graft, rollback), `fold`
-adds them up each dirty '..' chain once, reading and writing each directory on the union
-of those chains once, in the same transaction. So a stored figure plus the differences
-pending in its subtree is always exact, and a write pays a dictionary update, not a walk.
-Differences pending for a directory that is gone are dropped (whoever removed it took its
-stored figures out of the chain above).
+'..' chain to the other, and what is pending below it follows it. At the batch's commit, at
+the end of every write transaction outside a batch, and before anything reads the figures
+or freezes a layer (snapshot, clone, graft, rollback, vm rm), `fold` adds them up each dirty
+'..' chain once, reading and writing each directory on the union of those chains once, in
+the same transaction. So a stored figure plus the differences pending in its subtree is
+always exact, and a change pays a dictionary update, not a walk. Differences pending for a
+directory that is gone are dropped (whoever removed it took its stored figures out of the
+chain above).
+
+Crash ordering is the batch's: a durable point (`RstatHooks.persist`) journals the
+differences new since the last one as one `b"rstat:"` record of `meta`, with the changes
+they describe, and never stores it in the batch (which holds them in memory). A replay of the
+journal stores those records; the next commit folds them (`fold` reads them all and deletes
+them). A fold inside a batch also journals the deletion of the batch's own records, so a
+replay never adds them twice. A checkpoint (the batch's commit) retires them all.
 
 Stores made before these statistics: a directory without them is unknown, and so is every
 directory above one (a directory moved into a known one makes that chain unknown), so
@@ -288,7 +293,10 @@ def fold(ctx: Ctx, t: lmdb.Transaction) -> None:
     for source in (ctx.rstat_batch, ctx.rstat_op):
         for key, change in source.items():
             merge_delta(pending, key, change)
-    ctx.rstat_batch, ctx.rstat_op = {}, {}
+    journaled = ctx.rstat_keys  # (a replay would store them: retire them with the fold)
+    ctx.rstat_op, ctx.rstat_batch, ctx.rstat_new, ctx.rstat_keys = {}, {}, {}, []
+    for gone in journaled:
+        t.delete(gone, db=ctx.db.meta)
     stored: list[bytes] = []
     cur = t.cursor(db=ctx.db.meta)
     if cur.set_range(_PENDING):
@@ -347,20 +355,24 @@ class RstatHooks:
         self.seq = 0
 
     def persist(self) -> tuple[bytes, bytes] | None:
-        """The batch's differences as one `meta` record to store (and journal) now."""
-        batch, self.ctx.rstat_batch = self.ctx.rstat_batch, {}
+        """The batch's differences not yet journaled, as one `meta` record to journal."""
+        batch, self.ctx.rstat_new = self.ctx.rstat_new, {}
         if not batch:
             return None
         self.seq += 1
+        pack = _ENTRY.pack
         value = b"".join(
-            _ENTRY.pack(ns, vol, ino, 1, 0, 0)
-            if change is None
-            else _ENTRY.pack(ns, vol, ino, 0, *change)
-            for (ns, vol, ino), change in batch.items()
+            [
+                pack(ns, vol, ino, 0, *change) if change else pack(ns, vol, ino, 1, 0, 0)
+                for (ns, vol, ino), change in batch.items()
+            ]
         )
         return self.prefix + R.U64.pack(self.seq), value
 
     def fold(self, t: lmdb.Transaction) -> None:
+        """Fold before a commit, which retires the journal's records: its own are not
+        deleted one by one."""
+        self.ctx.rstat_keys = []
         fold(self.ctx, t)
 
 

@@ -37,6 +37,7 @@ from prism.store.api import (
     Found,
     Listing,
     Made,
+    Mountable,
     Read,
     Renamed,
     Space,
@@ -232,6 +233,9 @@ class Store:
 
     def namespace_by_id(self, ns_id: int) -> NamespaceInfo:
         return layers.namespace_by_id(self.ctx, ns_id)
+
+    def mountable(self, name: str, path: str) -> Mountable:
+        return posix.mountable(self.ctx, name, path)
 
     def export_of(self, ns_id: int) -> Export:
         """How a namespace may be reached (a snapshot as its VM); Stale if gone. The per-call

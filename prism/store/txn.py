@@ -193,9 +193,10 @@ def make_durable(ctx: Ctx) -> None:
         return
     hooks = ctx.rstat_hooks
     record = hooks.persist() if hooks is not None else None
-    if record is not None:  # the batch's deferred figures, durable with its data
-        ctx.batch.put(record[0], record[1], db=ctx.db.meta)
+    if record is not None:  # the batch's deferred statistics, durable with its data: only
+        # in the journal (the batch keeps them in memory until its commit folds them)
         ctx.journaled.append((PUT, ctx.db.index[ctx.db.meta], *record))
+        ctx.rstat_keys.append(record[0])
     if not ctx.journaled:
         ctx.segments.sync()
         return
@@ -240,7 +241,7 @@ def abort(ctx: Ctx) -> None:
 def _lose(ctx: Ctx, batch: lmdb.Transaction) -> None:
     """Abort the batch `batch` and forget everything it held."""
     ctx.journaled.clear()
-    ctx.rstat_batch, ctx.rstat_op = {}, {}
+    _forget_rstats(ctx)
     aborted(ctx, batch)
     batch_lost(ctx)
 
@@ -254,14 +255,18 @@ def _fold(ctx: Ctx, t: lmdb.Transaction) -> None:
 def _merge_rstats(ctx: Ctx) -> None:
     """The nested transaction that committed hands its deferred statistics to the batch."""
     op, ctx.rstat_op = ctx.rstat_op, {}
-    batch = ctx.rstat_batch
-    for key, change in op.items():
-        if change is None:
-            batch[key] = None
-        elif key not in batch:
-            batch[key] = change
-        elif (have := batch[key]) is not None:
-            batch[key] = (have[0] + change[0], have[1] + change[1])
+    for into in (ctx.rstat_batch, ctx.rstat_new):
+        for key, change in op.items():
+            if change is None:
+                into[key] = None
+            elif key not in into:
+                into[key] = change
+            elif (have := into[key]) is not None:
+                into[key] = (have[0] + change[0], have[1] + change[1])
+
+
+def _forget_rstats(ctx: Ctx) -> None:
+    ctx.rstat_op, ctx.rstat_batch, ctx.rstat_new, ctx.rstat_keys = {}, {}, {}, []
 
 
 def aborted(ctx: Ctx, txn: lmdb.Transaction) -> None:
@@ -287,12 +292,14 @@ def write(ctx: Ctx) -> Iterator[lmdb.Transaction]:
     if ctx.batch is not None:
         child = sealed(ctx, ctx.env.begin(write=True, parent=_raw(ctx.batch)))
         recorder = None if ctx.journal is None else _Recorder(child, ctx.db.index)
-        folded_from = ctx.rstat_batch  # (a `quota.fold` inside takes it: given back on abort)
+        # (a `quota.fold` inside replaces these: given back if it aborts)
+        folded_from = ctx.rstat_batch, ctx.rstat_new, ctx.rstat_keys
         try:
             yield child if recorder is None else cast(lmdb.Transaction, recorder)
         except BaseException:
             ctx.events.clear()
-            ctx.rstat_op, ctx.rstat_batch = {}, folded_from
+            ctx.rstat_op = {}
+            ctx.rstat_batch, ctx.rstat_new, ctx.rstat_keys = folded_from
             aborted(ctx, child)
             raise
         child.commit()
@@ -450,7 +457,7 @@ def reopen_batch(ctx: Ctx) -> int:
     journal = ctx.journal
     assert journal is not None and ctx.batch is None
     ctx.journaled.clear()
-    ctx.rstat_batch = {}  # (the journal holds what was persisted of them)
+    _forget_rstats(ctx)  # (the journal holds what was persisted of them: replayed below)
     ctx.boot_id = secrets.randbits(63) | 1
     try:
         txn = begin_write(ctx)
