@@ -308,8 +308,9 @@ class Store:
         clients: tuple[str, ...] | list[str] = (),
         quota: int | None = None,
     ) -> NamespaceInfo:
-        """Compose `new` from sources laid over each other; O(number of sources), plus one
-        walk of the result when it has a quota (which the result must fit in).
+        """Compose `new` from sources laid over each other; O(number of sources) (plus one
+        walk of the result when a source predates recursive statistics and the result has a
+        quota, which it must fit in).
 
         With `into`, the sources are laid over the existing VM `new`; a source whose
         destination already exists there is refused unless `replace`."""

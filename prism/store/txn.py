@@ -149,11 +149,6 @@ def commit(ctx: Ctx) -> None:
     batch, ctx.batch = ctx.batch, None
     journal = ctx.journal
     if journal is None:
-        try:
-            _fold(ctx, batch)
-        except BaseException:
-            _lose(ctx, batch)
-            raise
         durable_commit(ctx, batch)
         return
     next_gen = journal.generation + 1
@@ -216,11 +211,14 @@ def make_durable(ctx: Ctx) -> None:
 
 
 def durable_commit(ctx: Ctx, txn: lmdb.Transaction) -> None:
-    """Content first (fdatasync the segment), then the metadata that names it."""
+    """Content first (fdatasync the segment), then the metadata that names it, with the
+    recursive statistics deferred to this commit folded in (`quota.fold`)."""
     try:
+        _fold(ctx, txn)
         ctx.segments.sync()
         txn.commit()
     except BaseException as exc:
+        _forget_rstats(ctx)
         aborted(ctx, txn)
         error = _commit_error(exc, ctx.path)
         if error is exc:
@@ -312,7 +310,6 @@ def write(ctx: Ctx) -> Iterator[lmdb.Transaction]:
     txn = begin_write(ctx)
     try:
         yield txn
-        _fold(ctx, txn)
     except BaseException:
         ctx.events.clear()
         ctx.rstat_op = {}
