@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from prism.nfs import wire as T
-from prism.nfs.client import NfsClient
-from prism.nfs.const import CreateMode, Ftype3, NfsStat3
+from prism.nfs.client import MountClient, NfsClient
+from prism.nfs.const import CreateMode, Ftype3, MountStat3, NfsStat3
 from prism.nfs.service import NfsService
 from prism.store import Store
 from prism.store.executor import StoreExecutor
@@ -126,3 +126,32 @@ def test_a_failure_answers_from_the_failed_call(
         assert wcc.before is not None and wcc.after is not None, proc
         now = c.getattr(root).obj_attributes
         assert wcc.after.mtime == wcc.before.mtime == now.mtime, proc
+
+
+def test_mnt_asks_the_store_once(tmp_path: Path) -> None:
+    """MNT finds the VM and the path in one store call, whatever the answer; a caller the
+    VM does not admit learns nothing about its paths (ACCES, not NOENT)."""
+    store = Store.open(tmp_path / "data", journal=True)
+    try:
+        info = store.create_namespace("vm", clients=("127.0.0.1",))
+        store.mkdir(info.root, b"d")
+        store.create(info.root, b"f")
+        counting = Counting(store)
+        service = NfsService(StoreExecutor(counting))  # type: ignore[arg-type]
+        dispatcher = RpcDispatcher()
+        dispatcher.add_program(service.mount_program())
+        for peer, path, status in (
+            ("127.0.0.1", "/vm", MountStat3.MNT3_OK),
+            ("127.0.0.1", "/vm/d", MountStat3.MNT3_OK),
+            ("127.0.0.1", "/vm/f", MountStat3.MNT3ERR_NOTDIR),
+            ("127.0.0.1", "/vm/missing", MountStat3.MNT3ERR_NOENT),
+            ("127.0.0.2", "/vm/missing", MountStat3.MNT3ERR_ACCES),
+            ("127.0.0.1", "/nosuchvm", MountStat3.MNT3ERR_NOENT),
+        ):
+            rpc = InProcess(dispatcher, (peer, 700), (MountClient.PROGRAM, MountClient.VERSION))
+            mount = MountClient(rpc=rpc)
+            result, asked = asks(counting, lambda m=mount, p=path: m.mnt_raw(p))
+            assert result.status == status, (peer, path, result.status)
+            assert len(asked) == 1, (path, asked)
+    finally:
+        store.close()

@@ -28,15 +28,21 @@ REPO = Path(__file__).resolve().parent.parent
 class InProcess:
     """An `RpcCaller` that hands each call record to a dispatcher, as a transport does."""
 
-    def __init__(self, dispatcher: RpcDispatcher, peer: tuple[str, int]) -> None:
+    def __init__(
+        self,
+        dispatcher: RpcDispatcher,
+        peer: tuple[str, int],
+        program: tuple[int, int] = (NFS_PROGRAM, NFS_V3),
+    ) -> None:
         self.dispatcher = dispatcher
         self.peer = peer
+        self.program = program
         self.xid = 0
         self.cred = auth_sys(uid=0, gid=0).to_opaque()
 
     def call(self, proc: int, args: bytes) -> bytes:
         self.xid += 1
-        record = encode_call(self.xid, NFS_PROGRAM, NFS_V3, proc, args, self.cred)
+        record = encode_call(self.xid, *self.program, proc, args, self.cred)
         reply, _ = asyncio.run(self.dispatcher.handle(record, self.peer, TRANSPORT_TCP))
         assert reply is not None
         decoded = decode_reply(reply)

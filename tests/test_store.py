@@ -1129,11 +1129,20 @@ def _tree_usage(store: Store, root: ObjectId) -> tuple[int, int]:
     ), len(objects)
 
 
-def test_composed_usage_is_exact_after_first_use(store: Store) -> None:
-    """A graft cannot count what it adds without walking the subtree, so it leaves the VM's
-    usage unknown: df shows the true figures at once (measured, never read as 0), the first
-    usage() measures and stores them (the tree and the imports staged in it), and every
-    change after that keeps them exact."""
+def _usage_known(store: Store, name: str) -> bool:
+    """Whether `name`'s usage record is valid: read as it is, with no walk."""
+    from prism.store import records, txn
+
+    with txn.read(store.ctx) as t:
+        raw = t.get(records.U32.pack(store.namespace(name).id), db=store.ctx.db.usage)
+    return raw is not None and bool(records.USAGE_VAL.unpack(raw)[2])
+
+
+def test_composed_usage_is_exact_at_once(store: Store) -> None:
+    """A graft adds what it places from the grafted directories' recursive statistics
+    (and the hard-linked objects it copies), so the composed VM's usage record is valid and
+    exact at once: df, usage() and stats read it with no walk (the tree and the imports
+    staged in it count), and every change after that keeps it exact."""
     src = new_vm(store, "src")
     d = store.mkdir(src, b"d").oid
     f = write_file(store, d, b"f", pattern(3 * CHUNK_SIZE + 7))
@@ -1155,6 +1164,7 @@ def test_composed_usage_is_exact_after_first_use(store: Store) -> None:
     ]
     for name, sources, into in compositions:
         info = store.clone(name, sources, into=into, replace=into)
+        assert _usage_known(store, name), name
         nbytes, objects = _tree_usage(store, info.root)
         if name == "dst":
             nbytes, objects = nbytes + 300, objects + 2  # the staged directory and file
@@ -1172,6 +1182,10 @@ def test_composed_usage_is_exact_after_first_use(store: Store) -> None:
     store.publish_staging(token, "/imported-here")
     os.close(fd)
     assert store.usage("dst") == Usage(*_tree_usage(store, dst))
+    # the published import counts in its new place: a graft of it is exact at once
+    store.clone("again", [CloneSource("dst", path="/imported-here", dest="/i")])
+    assert _usage_known(store, "again")
+    assert store.usage("again") == Usage(*_tree_usage(store, store.namespace("again").root))
     if check is not None:
         assert check.fsck(store).errors == []
 
@@ -1210,9 +1224,9 @@ def test_graft_work_does_not_grow_with_the_files_grafted(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A subtree graft and a whole clone read and write as many records for a subtree of
-    100 files as for one of 5,000 (hard links, imports and depth being equal). The graft
-    leaves the VM's usage unknown; its first reader measures it with one walk of the tree
-    (`test_composed_usage_is_exact_after_first_use`), which is not counted here."""
+    100 files as for one of 5,000 (hard links, imports and depth being equal), and so do
+    the composed VM's usage, stats, df and a graft under a quota right after: its usage is
+    exact at once, from the grafted directory's recursive statistics, with no walk."""
     counts = []
     for n, files in enumerate((100, 5000)):
         root = new_vm(store, f"src{n}")
@@ -1236,7 +1250,14 @@ def test_graft_work_does_not_grow_with_the_files_grafted(
                 _records_touched(
                     store,
                     monkeypatch,
-                    lambda vm=vm: store.clone(f"g-{vm}", [CloneSource(vm, path="/a/b", dest="/b")]),
+                    lambda vm=vm: (
+                        store.clone(f"g-{vm}", [CloneSource(vm, path="/a/b", dest="/b")]),
+                        store.usage(f"g-{vm}"),
+                        store.fsstat(store.namespace(f"g-{vm}").id),
+                        store.clone(  # checked against its quota at once
+                            f"q-{vm}", [CloneSource(vm, path="/a/b", dest="/b")], quota=1 << 30
+                        ),
+                    ),
                 ),
                 _records_touched(
                     store, monkeypatch, lambda vm=vm: store.clone(f"w-{vm}", [CloneSource(vm)])
@@ -1244,6 +1265,11 @@ def test_graft_work_does_not_grow_with_the_files_grafted(
             )
         )
         assert store.resolve(store.namespace(f"g-{vm}").id, "/b/f0").nlink == 2
+        for g in (f"g-{vm}", f"q-{vm}"):
+            usage = Usage(*_tree_usage(store, store.namespace(g).root))
+            assert store.usage(g) == usage
+            fs = store.fsstat(store.namespace(g).id)
+            assert fs.total_files - fs.free_files == usage.files
     assert counts[0] == counts[1]
 
 
@@ -1271,8 +1297,7 @@ def test_repeated_composes_keep_the_volume_count_bounded(store: Store) -> None:
         assert read_all(store, resolve(store, root, "/x/f")) == f"from {vm}".encode()
         for k in range(3):
             assert read_all(store, resolve(store, root, f"/x{k}/f")).startswith(b"F")
-        # each compose left the usage unknown and the writes did not count it: the first
-        # reader measures the tree
+        assert _usage_known(store, vm)  # every compose counted what it placed
         assert store.usage(vm) == Usage(*_tree_usage(store, root))
 
 
@@ -1545,3 +1570,76 @@ def test_store_files_layout(store: Store, tmp_path: Path) -> None:
     assert len(store.secret) == 32
     with pytest.raises(NotFound):
         Store.open(tmp_path / "absent", create=False)
+
+
+def _forget_figures(store: Store) -> None:
+    """Make the store look as one written before directories had recursive statistics:
+    no directory record has figures."""
+    from prism.store import txn
+    from prism.store.records import Inode
+
+    with txn.write(store.ctx) as t:
+        for key, raw in list(t.cursor(db=store.ctx.db.inodes)):
+            if raw and raw[0] == FileType.DIR:
+                node = Inode.unpack(raw)
+                node.target = b""
+                t.put(key, node.pack(), db=store.ctx.db.inodes)
+
+
+def test_stores_without_figures_keep_working_and_build_them_lazily(store: Store) -> None:
+    """A directory written before recursive statistics has none (unknown, and so is every
+    directory above one): usage stays exact, a graft of such a subtree leaves the composed
+    VM's usage to be measured once, and that measurement builds the VM's figures, so a graft
+    out of it is exact at once."""
+    src = new_vm(store, "src")
+    d = store.mkdir(store.mkdir(src, b"a").oid, b"d").oid
+    write_file(store, d, b"f", b"x" * 1000)
+    _forget_figures(store)
+    write_file(store, store.mkdir(d, b"new").oid, b"g", b"y" * 10)  # known below unknown
+    store.rename(d, b"f", src, b"f")  # out of an unknown chain
+    assert _usage_known(store, "src")
+    assert store.usage("src") == Usage(*_tree_usage(store, src))
+    store.clone("old", [CloneSource("src", path="/a", dest="/a")])
+    assert not _usage_known(store, "old")  # the subtree had no figures: measured once
+    old = store.namespace("old").root
+    assert store.usage("old") == Usage(*_tree_usage(store, old))
+    store.clone("new", [CloneSource("old", path="/a", dest="/b")])
+    assert _usage_known(store, "new")  # built by that measurement
+    assert store.usage("new") == Usage(*_tree_usage(store, store.namespace("new").root))
+    if check is not None:
+        assert check.fsck(store).errors == []
+
+
+def test_changes_do_not_walk_the_directories_above(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An extending write, a create, a remove and a rename across directories touch as many
+    records at depth 20 as at depth 1 (their statistics wait for the batch's durable point
+    and commit, `quota`); the commit walks each dirty chain once."""
+    counts = []
+    for depth in (1, 20):
+        d = new_vm(store, f"deep{depth}")
+        for k in range(depth - 1):
+            d = store.mkdir(d, b"d%d" % k).oid
+        a, b = store.mkdir(d, b"a").oid, store.mkdir(d, b"b").oid
+        f = write_file(store, a, b"log", b"x")
+        store.begin_batch()
+        counts.append(
+            [
+                _records_touched(store, monkeypatch, op)
+                for op in (
+                    lambda f=f, depth=depth: store.write(f, 1, bytes([depth]) * 4096),
+                    lambda a=a: store.create(a, b"new"),
+                    lambda a=a, b=b: store.rename(a, b"new", b, b"new"),
+                    lambda b=b: store.remove(b, b"new"),
+                )
+            ]
+        )
+        store.commit()
+        usage = Usage(*_tree_usage(store, store.namespace(f"deep{depth}").root))
+        store.clone(f"copy{depth}", [CloneSource(f"deep{depth}", path="/", dest="/x")])
+        assert store.usage(f"copy{depth}") == Usage(usage.logical_bytes, usage.files + 1)
+    # (a write's new chunk is looked up by its hash, and a miss also opens the records on
+    # either side of where it would be, one or two: that varies by one; a walk up the 19
+    # directories more would add at least 38)
+    assert all(abs(deep - shallow) <= 1 for shallow, deep in zip(*counts, strict=True)), counts

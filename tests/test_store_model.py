@@ -3,7 +3,10 @@
 The model keeps, per namespace (VMs and snapshots), a table of nodes (directories with
 entries, files with contents, symlinks with targets) so hard links are shared nodes. After
 every step each namespace's tree in the store must equal its model: names, types, contents,
-symlink targets, hard-link identity, nlink, and usage. Clones and compositions copy the
+symlink targets, hard-link identity, nlink, and usage, which must be known without a walk
+(its record valid: compositions add the grafted subtrees' recursive statistics, `quota`),
+also when operations run in batches (their statistics are deferred to the batch's durable
+points and commit). Clones and compositions copy the
 model, so "a clone never sees its source's later writes, and vice versa" is part of
 equality. Every few steps (and at teardown) `fsck` must be clean and chunk refcounts must
 equal the chunk-map records that name them.
@@ -145,7 +148,7 @@ class StoreMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.tmp = Path(tempfile.mkdtemp(prefix="prism-model-"))
-        self.store = Store.open(self.tmp / "data")
+        self.store = Store.open(self.tmp / "data", journal=True)
         self.models: dict[str, Tree] = {}  # "vm", and "vm@snap" for snapshots
         self.counter = 0
         self.steps = 0
@@ -493,6 +496,20 @@ class StoreMachine(RuleBasedStateMachine):
         within[nid] += 1  # the graft's own entry
         return any(within[n] != links[n] for n in inside)
 
+    @precondition(lambda self: not self.store.in_batch)
+    @rule()
+    def begin_batch(self) -> None:
+        """Later operations run in one batch, their statistics deferred (`quota`)."""
+        self.store.begin_batch()
+
+    @precondition(lambda self: self.store.in_batch)
+    @rule(durable=st.booleans())
+    def end_batch(self, durable: bool) -> None:
+        if durable and self.store.journal is not None:
+            self.store.make_durable()  # (the figures stored as pending, then folded)
+        self.store.commit()
+
+    @precondition(lambda self: not self.store.in_batch)
     @rule(data=st.binary(min_size=1, max_size=50))
     def aborted_batch(self, data: bytes) -> None:
         """Changes in an aborted batch (including namespace changes) leave no trace."""
@@ -509,10 +526,12 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule()
     def reopen(self) -> None:
+        if self.store.in_batch:
+            self.store.commit()
         self.store.close()
-        self.store = Store.open(self.tmp / "data")
+        self.store = Store.open(self.tmp / "data", journal=True)
 
-    @precondition(lambda self: check is not None)
+    @precondition(lambda self: check is not None and not self.store.in_batch)
     @rule()
     def gc(self) -> None:
         gc.gc(self.store)
@@ -568,11 +587,16 @@ class StoreMachine(RuleBasedStateMachine):
                 assert self.store.readlink(oid) == node.target, f"{ns}:{path}: target"
                 assert attr.nlink == links[nid], f"{ns}:{path}: nlink {attr.nlink}"
                 size += len(node.target)  # a symlink's target counts as data
+        with txn.read(self.store.ctx) as t:
+            raw = t.get(R.U32.pack(info.id), db=self.store.ctx.db.usage)
+        assert raw is not None and R.USAGE_VAL.unpack(raw)[2], f"{ns}: usage unknown"
         usage = self.store.usage(ns)
         assert (usage.logical_bytes, usage.files) == (size, len(identity)), f"{ns}: usage"
 
     def check_consistency(self) -> None:
         store = self.store
+        if store.in_batch:
+            store.commit()
         with txn.read(store.ctx) as t:
             refs: Counter[bytes] = Counter()
             for _, value in t.cursor(db=store.ctx.db.cmap):

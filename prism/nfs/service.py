@@ -745,7 +745,8 @@ class NfsService:
                 log.info("MNT %r from %s refused: not a VM name", text[:100], host)
                 return T.MountRes(MountStat3.MNT3ERR_NOENT)
             try:
-                info = s.namespace(name)
+                found = s.mountable(name, "/" + rest)
+                info = found.info
                 if ctx.binding is not None:  # a VRPC channel, bound to one VM
                     if info.export.vm != ctx.binding:
                         raise PermissionDenied(f"{host} is a channel of another VM than {name}")
@@ -756,7 +757,10 @@ class NfsService:
                         f"{host} called from unprivileged port {port} and {name} is secure "
                         f"(mount as root, or allow it with `prism vm set {name} --insecure`)"
                     )
-                attr = s.resolve(info.id, "/" + rest)
+                if found.missing is not None:  # (told only to who may mount the VM)
+                    raise found.missing
+                attr = found.attr
+                assert attr is not None
                 if attr.type != FileType.DIR:
                     return T.MountRes(MountStat3.MNT3ERR_NOTDIR)
             except (StoreError, NotFound, Stale) as exc:

@@ -45,6 +45,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from prism.errors import StoreError
 from prism.store import records as R
 from prism.store.types import (
     Attr,
@@ -130,6 +131,17 @@ class Space:
     attr: Attr | None
 
 
+@dataclass(frozen=True, slots=True)
+class Mountable:
+    """A namespace and what a path names in it, from one transaction (MOUNT's MNT): the
+    caller checks its access to `info` before it may learn whether the path exists, so a
+    path that does not resolve is the error it raised (`missing`), not an exception."""
+
+    info: NamespaceInfo
+    attr: Attr | None
+    missing: StoreError | None
+
+
 RawEntry = tuple[int, bytes, int, int, bytes | None]
 """(cookie, name, vol, ino, the inode record or None): what READDIR(PLUS) encodes, no
 objects built. The record is opaque but for `record_attrs`; equal records, equal attributes."""
@@ -208,7 +220,7 @@ class FileStore(Protocol):
 
     def close(self) -> None: ...
 
-    # -- namespaces (the CLI; MOUNT resolves exports with `namespace` and `resolve`) --
+    # -- namespaces (the CLI; MOUNT resolves exports with `mountable`) --
 
     def create_namespace(
         self,
@@ -230,6 +242,10 @@ class FileStore(Protocol):
         """A VM ("web") or a snapshot ("web@monday"). NotFound if there is none."""
 
     def namespace_by_id(self, ns_id: int) -> NamespaceInfo: ...
+
+    def mountable(self, name: str, path: str) -> Mountable:
+        """Namespace `name` and the object at `path` in it (MNT). NotFound if there is no
+        such namespace; a path that does not resolve is `missing`."""
 
     def export_of(self, ns_id: int) -> Export:
         """Who may reach a namespace and how (a snapshot as its VM): every call's fast

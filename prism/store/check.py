@@ -60,7 +60,7 @@ from prism.store.layers import (
     reachable_layers,
     view_of,
 )
-from prism.store.quota import charged_bytes, set_usage
+from prism.store.quota import charged_bytes, check_rstats, set_usage
 from prism.store.records import Inode
 from prism.store.schema import DB_NAMES, REFERENCED, Ctx, get_meta, intact_records, staged_roots
 from prism.store.sealed import DamagedRecord, SealedCursor, open_value
@@ -277,6 +277,9 @@ def _cross_check(
             )
     if links.complete(ctx, t, view.top):
         _check_links(ctx, t, view, tree, report)
+    stops = {(0, ino) for ns, ino in staged_roots(ctx, t) if ns == view.id}
+    for error in check_rstats(ctx, t, tree.objects, stops):
+        report.errors.append(f"namespace {view.name}: {error}")
     own = [layer for layer, v, _ in chain(ctx, t, view.top, 0) if v == 0]
     orphans = set()
     for layer in own:

@@ -11,11 +11,14 @@ import's roots, gives each hard-linked object it copies the count of the links i
 (all three in `graft`, none walking the subtree's files), and binds the subtree's root with
 `place`, which releases whatever the name held as `rm -r` would (`_release`). A whole clone,
 snapshot or rollback copies its source's usage record as it is (`quota.copy_usage`). A graft
-cannot know what it adds to the usage without walking the subtree, so it marks the VM's
-usage unknown: the next reader measures it by walking the tree once (`quota.get_usage`:
-usage, stats, a write under a quota; `fsstat` measures without storing), and it stays exact
-from then on. With a quota it is measured at once and the composition refused if it does
-not fit.
+adds to the VM's usage what it places, from the grafted directory's recursive statistics
+(`quota`), plus the hard-linked objects it copies (which no directory's figures count:
+`graft.count_links` visits them anyway): O(1) in the files grafted. Every lifecycle change
+first folds the statistics still pending (`quota.fold`), so the layer it freezes or reads
+holds exact figures. A graft of a subtree without figures (a store older than them) or from
+a lineage older than the hard-link index marks the VM's usage unknown: the next reader
+measures it once (`quota.get_usage`). With a quota, a composition that does not fit is
+refused.
 
 A share is a live mount, not content. A snapshot is a frozen view and a clone a copy, so
 neither carries shares: where a share was mounted they show an empty directory (`unmount`,
@@ -69,7 +72,18 @@ from prism.store.layers import (
 )
 from prism.store.links import unlinked
 from prism.store.names import destroy, new_dir
-from prism.store.quota import copy_usage, get_usage, set_usage
+from prism.store.quota import (
+    add_rstat,
+    add_usage,
+    copy_usage,
+    empty_rstat,
+    fold,
+    get_usage,
+    negate,
+    rstat,
+    set_usage,
+    weight,
+)
 from prism.store.records import Inode
 from prism.store.schema import NS_KEY, Ctx, get_meta
 from prism.store.tree import (
@@ -116,7 +130,7 @@ def create_namespace(
         put_ns(ctx, t, rec)
         now = time.time_ns()
         root = Inode(FileType.DIR, 0o755, 2, 0, 0, 0, 0, 0, now, now, now, 0, ROOT_INO)
-        t.put(R.inode_key(top, 0, ROOT_INO), root.pack(), db=ctx.db.inodes)
+        t.put(R.inode_key(top, 0, ROOT_INO), empty_rstat(root).pack(), db=ctx.db.inodes)
         set_usage(ctx, t, rec["id"], 0, 1, True)
         return ns_info(ctx, t, rec)
 
@@ -125,6 +139,7 @@ def remove_namespace(ctx: Ctx, name: str, *, force: bool = False) -> None:
     """Remove a namespace (a VM with its snapshots). A VM that others share from is
     refused, naming them, unless `force`, which removes those shares first."""
     with txn.write(ctx) as t:
+        fold(ctx, t)
         view = view_by_name(ctx, t, name)
         dependants = shares_from(ctx, t, view.id) if view.kind == "vm" else []
         if dependants and not force:
@@ -154,6 +169,7 @@ def snapshot(ctx: Ctx, name: str, snap: str) -> NamespaceInfo:
     if not SNAP_NAME.fullmatch(snap):
         raise InvalidArgument(f"invalid snapshot name {snap!r}: use a-z 0-9 _ . -")
     with txn.write(ctx) as t:
+        fold(ctx, t)
         view = view_by_name(ctx, t, name)
         if view.kind != "vm":
             raise InvalidArgument(f"{name!r} is a snapshot already")
@@ -176,6 +192,7 @@ def snapshot(ctx: Ctx, name: str, snap: str) -> NamespaceInfo:
 
 def rollback(ctx: Ctx, name: str, snap: str) -> NamespaceInfo:
     with txn.write(ctx) as t:
+        fold(ctx, t)
         view = view_by_name(ctx, t, name)
         if view.kind != "vm":
             raise InvalidArgument(f"{name!r} is not a VM")
@@ -201,8 +218,9 @@ def clone(
     clients: tuple[str, ...] | list[str] = (),
     quota: int | None = None,
 ) -> NamespaceInfo:
-    """Compose `new` from sources laid over each other; O(number of sources), plus one
-    walk of the result when it has a quota (which the result must fit in).
+    """Compose `new` from sources laid over each other; O(number of sources) (plus one
+    walk of the result when a source predates recursive statistics and the result has a
+    quota, which it must fit in).
 
     With `into`, the sources are laid over the existing VM `new`; a source whose
     destination already exists there is refused unless `replace`."""
@@ -215,6 +233,7 @@ def clone(
             if not p.startswith("/"):
                 raise InvalidArgument(f"path {p!r} must be absolute (start with '/')")
     with txn.write(ctx) as t:
+        fold(ctx, t)
         frozen: dict[int, int] = {}
         layers: list[tuple[int, View]] = []
         for src in sources:
@@ -247,12 +266,13 @@ def clone(
             rec = make_ns(ctx, t, new, "vm", top, clients=clients, quota=quota)
             now = time.time_ns()
             root = Inode(FileType.DIR, 0o755, 2, 0, 0, 0, 0, 0, now, now, now, 0, ROOT_INO)
-            t.put(R.inode_key(top, 0, ROOT_INO), root.pack(), db=ctx.db.inodes)
+            t.put(R.inode_key(top, 0, ROOT_INO), empty_rstat(root).pack(), db=ctx.db.inodes)
             set_usage(ctx, t, rec["id"], 0, 1, True)
             view = view_of(ctx, t, rec["id"])
+        exact = True
         for src, (layer, sview) in rest:
-            _graft(ctx, t, view, src, layer, sview, replace=replace or not into)
-        if rest:
+            exact &= _graft(ctx, t, view, src, layer, sview, replace=replace or not into)
+        if not exact:  # a source without figures: measured when first needed
             set_usage(ctx, t, view.id, 0, 0, False)
         if view.quota is not None:
             after = get_usage(ctx, t, view)[0]
@@ -275,7 +295,10 @@ def _graft(
     sview: View,
     *,
     replace: bool,
-) -> None:
+) -> bool:
+    """Lay `src` over `view` and add what it placed to the VM's usage (O(1) from the
+    grafted directories' figures, plus the hard-linked objects it copies); False when
+    that is unknown (a source older than the figures or the hard-link index)."""
     label = f"{sview.name}:{src.path}"
     source_view = View(sview.id, sview.name, "snapshot", layer, True, None, sview.record)
     svol, sino, snode = resolve_path(ctx, t, source_view, src.path, label)
@@ -289,9 +312,12 @@ def _graft(
     entries = list(list_dir(ctx, t, source_view, svol, sino, 0)) if src.target == "/" else []
     roots = [(e.oid.vol, e.oid.ino) for e in entries if e.oid.vol < SHARE_VOL_BASE]
     vol_map = import_volumes(ctx, t, view, layer, reach, roots or [(svol, sino)])
-    if links.complete(ctx, t, layer):
+    exact = links.complete(ctx, t, layer)
+    added: list[tuple[int, int] | None] = []
+    if exact:
         at_root = src.target == "/"
-        count_links(ctx, t, view, source_view, (svol, sino, snode.type), vol_map, at_root)
+        top = (svol, sino, snode.type)
+        added += count_links(ctx, t, view, source_view, top, vol_map, at_root)
     target = (vol_map.get(svol, svol), sino, snode.type)
     if src.target == "/":
         for entry in entries:
@@ -300,7 +326,9 @@ def _graft(
             moved = (vol_map.get(entry.oid.vol, entry.oid.vol), entry.oid.ino, entry.type)
             if moved[0] >= SHARE_VOL_BASE:  # a share's mount point: an empty directory
                 moved = (0, new_dir(ctx, t, view, 0, ROOT_INO), FileType.DIR)
-            place(ctx, t, view, 0, ROOT_INO, entry.name, moved)
+                place(ctx, t, view, 0, ROOT_INO, entry.name, moved)  # (new_dir counted it)
+                continue
+            added.append(place(ctx, t, view, 0, ROOT_INO, entry.name, moved))
     else:
         parent, _, leaf = src.target.rstrip("/").rpartition("/")
         pvol, pino, pnode = resolve_path(
@@ -310,7 +338,7 @@ def _graft(
             raise NotADirectory(f"{view.name}:{parent} is not a directory")
         if not replace:
             _refuse_existing(ctx, t, view, pvol, pino, leaf.encode(), parent + "/", label)
-        place(ctx, t, view, pvol, pino, leaf.encode(), target)
+        added.append(place(ctx, t, view, pvol, pino, leaf.encode(), target))
     # The source's shares mounted inside the subtree become empty directories here.
     for share in sview.record.get("shares", ()):
         avol, aino = share["at"]
@@ -318,6 +346,10 @@ def _graft(
             continue  # placed above
         if is_below(ctx, t, source_view, (avol, aino), (svol, sino)):
             unmount(ctx, t, view, vol_map.get(avol, avol), aino, share["name"].encode())
+    if not exact or None in added:
+        return False
+    add_usage(ctx, t, view, sum(a[0] for a in added if a), sum(a[1] for a in added if a))
+    return True
 
 
 def unmount(ctx: Ctx, t: lmdb.Transaction, view: View, pvol: int, pino: int, name: bytes):
@@ -330,6 +362,7 @@ def unmount(ctx: Ctx, t: lmdb.Transaction, view: View, pvol: int, pino: int, nam
         return
     ino = new_dir(ctx, t, view, pvol, pino)
     put_entry(ctx, t, view, pvol, pino, name, (0, ino, FileType.DIR))
+    add_rstat(ctx, view, (pvol, pino), (0, 1))
 
 
 def _remount(ctx: Ctx, t: lmdb.Transaction, view: View, share: dict[str, Any]) -> bool:
@@ -354,6 +387,7 @@ def _remount(ctx: Ctx, t: lmdb.Transaction, view: View, share: dict[str, Any]) -
             if node.type != FileType.DIR or not is_empty_dir(ctx, t, view, *entry[:2]):
                 return False
             destroy(ctx, t, view, entry[0], entry[1], node)
+            add_rstat(ctx, view, (pvol, pino), negate(rstat(node)))  # (a share is not counted)
     put_entry(ctx, t, view, pvol, pino, name, target)
     return True
 
@@ -385,8 +419,10 @@ def place(
     pino: int,
     name: bytes,
     target: tuple[int, int, FileType],
-) -> None:
-    """Bind `name` in a directory to `target`, replacing whatever was there."""
+) -> tuple[int, int] | None:
+    """Bind `name` in a directory to `target`, replacing whatever was there; the
+    directory's figures (and those above) gain the target's weight, which is returned
+    (None: unknown)."""
     check_name(name)
     pnode = get_inode(ctx, t, view, pvol, pino)
     assert pnode is not None
@@ -397,11 +433,17 @@ def place(
             "remove it with `prism unshare` first"
         )
     if old is not None and (old[0], old[1]) == target[:2]:
-        return  # already bound to this very object (the same source grafted again)
+        return (0, 0)  # already bound to this very object (the same source grafted again)
     if old is not None:
         if old[2] == FileType.DIR:
             pnode.nlink -= 1
-        _release(ctx, t, view, old[0], old[1], (pvol, pino))
+        onode = get_inode(ctx, t, view, old[0], old[1])
+        if onode is not None:
+            add_rstat(ctx, view, (pvol, pino), negate(weight(onode)))
+        for vol, ino in dict.fromkeys(_release(ctx, t, view, old[0], old[1], (pvol, pino))):
+            left = get_inode(ctx, t, view, vol, ino)  # down to one link: counted there
+            if left is not None and left.nlink == 1:
+                add_rstat(ctx, view, (left.parent_vol, left.parent_ino), weight(left))
     put_entry(ctx, t, view, pvol, pino, name, target)
     node = get_inode(ctx, t, view, target[0], target[1])
     if node is None:
@@ -412,14 +454,19 @@ def place(
         pnode.nlink += 1
     pnode.mtime_ns = pnode.ctime_ns = time.time_ns()
     put_inode(ctx, t, view, pvol, pino, pnode)
+    added = weight(node)
+    add_rstat(ctx, view, (pvol, pino), added)
+    return added
 
 
 def _release(
     ctx: Ctx, t: lmdb.Transaction, view: View, vol: int, ino: int, d: tuple[int, int]
-) -> None:
+) -> list[tuple[int, int]]:
     """An entry of directory `d` naming (vol, ino) was replaced: drop one link, as `rm -r`
     would. A replaced directory's whole subtree goes (a file in it linked elsewhere loses
-    one link), and an object whose last link goes releases its chunks (`posix.destroy`)."""
+    one link), and an object whose last link goes releases its chunks (`posix.destroy`).
+    Returns the objects that kept links (the caller counts those left with one)."""
+    survivors: list[tuple[int, int]] = []
     stack = [(vol, ino, d)]
     while stack:
         vol, ino, d = stack.pop()
@@ -446,6 +493,8 @@ def _release(
             unlinked(ctx, t, view, vol, ino, node, d)
             node.ctime_ns = time.time_ns()
             put_inode(ctx, t, view, vol, ino, node)
+            survivors.append((vol, ino))
+    return survivors
 
 
 def share(
@@ -512,6 +561,7 @@ def share(
                 )
             drop_entry(ctx, t, dview, pvol, pino, name)
             destroy(ctx, t, dview, existing[0], existing[1], enode)
+            add_rstat(ctx, dview, (pvol, pino), negate(rstat(enode)))  # (shares not counted)
             pnode.nlink -= 1
         rec = dict(dview.record)
         rec["next_share_slot"] = (slot + 1) % SHARE_SLOTS

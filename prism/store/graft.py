@@ -11,8 +11,11 @@ that subtree are answered here from records whose number does not grow with its 
   x depth), from the hard-link index `links`): where the subtree cuts a link group, the
   copy's nlink, holder and index records are rewritten in the destination's top layer.
 
-What the graft adds to the destination's usage is not answered here: it would need a walk
-of the subtree, so `compose` marks the usage unknown and the next reader measures it.
+`count_links` also answers what the hard-linked objects add to the destination's usage: no
+directory's recursive statistics count an object with several links (`quota`), so the
+copies left with several are returned for the usage, and those the cut leaves with one
+join their directory's figures. The rest of the usage comes from the grafted directory's
+figures (`compose`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from prism.store.layers import (
     load_layer,
     put_layer,
 )
+from prism.store.quota import add_rstat, charged_bytes
 from prism.store.schema import Ctx
 from prism.store.tree import MAX_DEPTH, ancestors, get_inode, put_inode
 from prism.store.types import ROOT_INO, FileType
@@ -68,13 +72,17 @@ def count_links(
     top: tuple[int, int, FileType],
     vol_map: dict[int, int],
     at_root: bool,
-) -> None:
+) -> list[tuple[int, int]]:
     """Give each multiply-linked object that a graft of `top` (in frozen `sview`) copies
     the nlink of the links it copies, and a holder among them; and make the destination's
     hard-link index say where those links are (the source's records, seen through the
     import, name directories the graft does not copy). Visits only the indexed objects of
     the imported volumes: O(hard-linked objects x depth). With `at_root`, the entries of
-    `top` land in the destination's root."""
+    `top` land in the destination's root.
+
+    Returns what those copies add to the usage: the ones `place` does not count (see the
+    module docstring); those left with one link join their directory's figures here."""
+    usage: list[tuple[int, int]] = []
     tvol, tino, ttype = top
     inside: dict[tuple[int, int], bool] = {(tvol, tino): ttype == FileType.DIR}
 
@@ -113,6 +121,11 @@ def count_links(
             holder = (node.parent_vol, node.parent_ino)
             if holder not in copied and copied:
                 holder = min(copied)
+            if count > 1:
+                usage.append((charged_bytes(node), 1))
+            elif copied and not (at_root and holder == (tvol, tino)):  # (else `place` does)
+                usage.append((charged_bytes(node), 1))
+                add_rstat(ctx, view, dest(holder), usage[-1])
             same = (node.parent_vol, node.parent_ino) == holder
             if node.nlink == count and same and dest(holder) == seen(holder):
                 continue  # nothing cut: what the import shows is right
@@ -120,6 +133,7 @@ def count_links(
             if copied:
                 node.parent_vol, node.parent_ino = dest(holder)
             put_inode(ctx, t, view, vol, ino, node)
+    return usage
 
 
 def _below(

@@ -46,7 +46,16 @@ from prism.store.layers import SHARE_VOL_BASE, Out, View
 from prism.store.links import linked, moved, unlinked
 from prism.store.perms import MAY_EXEC, MAY_WRITE, require, sticky_ok
 from prism.store.posix import apply_sattr, set_attributes, unchanged_on_failure
-from prism.store.quota import add_usage, charged_bytes, check_quota
+from prism.store.quota import (
+    add_rstat,
+    add_usage,
+    charged_bytes,
+    check_quota,
+    empty_rstat,
+    left_dir,
+    negate,
+    weight,
+)
 from prism.store.records import Inode
 from prism.store.schema import Ctx
 from prism.store.tree import (
@@ -94,7 +103,7 @@ def new_dir(ctx: Ctx, t: lmdb.Transaction, view: View, pvol: int, pino: int) -> 
     ino = alloc_ino(ctx, t, view)
     now = time.time_ns()
     node = Inode(FileType.DIR, 0o755, 2, 0, 0, 0, 0, 0, now, now, now, pvol, pino)
-    put_inode(ctx, t, view, 0, ino, node)
+    put_inode(ctx, t, view, 0, ino, empty_rstat(node))
     add_usage(ctx, t, view, 0, 1)
     return ino
 
@@ -177,6 +186,8 @@ def _new_object(
                     raise FileTooLarge(f"size {size} exceeds {MAX_FILE_SIZE}")
                 check_quota(ctx, t, view, size)
                 node.size = size
+            if node_type == FileType.DIR:
+                empty_rstat(node)
             put_inode(ctx, t, view, 0, ino, node)
             put_entry(ctx, t, view, d.vol, d.ino, name, (0, ino, node_type))
             if node_type == FileType.DIR:
@@ -184,6 +195,7 @@ def _new_object(
             dnode.mtime_ns = dnode.ctime_ns = now
             put_inode(ctx, t, view, d.vol, d.ino, dnode)
             add_usage(ctx, t, view, charged_bytes(node), 1)
+            add_rstat(ctx, view, (d.vol, d.ino), weight(node))
         return Made(to_attr(out.oid(0, ino), node), Wcc(before, to_attr(dir, dnode)))
 
 
@@ -316,6 +328,7 @@ def _unlink(ctx: Ctx, dir: ObjectId, name: bytes, cred: Cred | None, *, want_dir
                 raise NotEmpty(f"directory {name!r} is not empty")
             drop_entry(ctx, t, view, d.vol, d.ino, name)
             now = time.time_ns()
+            gone = weight(node)
             if node.type == FileType.DIR:
                 dnode.nlink = max(2, dnode.nlink - 1)
                 destroy(ctx, t, view, vol, ino, node)
@@ -329,6 +342,7 @@ def _unlink(ctx: Ctx, dir: ObjectId, name: bytes, cred: Cred | None, *, want_dir
                     put_inode(ctx, t, view, vol, ino, node)
             dnode.mtime_ns = dnode.ctime_ns = now
             put_inode(ctx, t, view, d.vol, d.ino, dnode)
+            left_dir(ctx, view, node, gone, (d.vol, d.ino))
         return Wcc(before, to_attr(dir, dnode))
 
 
@@ -402,9 +416,11 @@ def _move(
     if not same_dir:
         note_move(ctx, t, view, (svol, sino, stype), (sd.vol, sd.ino), (dd.vol, dd.ino))
     now = time.time_ns()
+    moving = weight(snode)
     if existing is not None:
         enode = get_inode(ctx, t, view, existing[0], existing[1])
         if enode is not None:
+            replaced = weight(enode)
             if not sticky_ok(ddnode, enode, cred):
                 raise PermissionDenied("sticky directory: cannot replace this entry")
             if snode.type == FileType.DIR:
@@ -425,6 +441,7 @@ def _move(
                     unlinked(ctx, t, view, existing[0], existing[1], enode, (dd.vol, dd.ino))
                     enode.ctime_ns = now
                     put_inode(ctx, t, view, existing[0], existing[1], enode)
+            left_dir(ctx, view, enode, replaced, (dd.vol, dd.ino))
     drop_entry(ctx, t, view, sd.vol, sd.ino, src_name)
     put_entry(ctx, t, view, dd.vol, dd.ino, dst_name, (svol, sino, stype))
     snode.ctime_ns = now
@@ -440,6 +457,8 @@ def _move(
     if not same_dir:
         ddnode.mtime_ns = ddnode.ctime_ns = now
         put_inode(ctx, t, view, dd.vol, dd.ino, ddnode)
+        add_rstat(ctx, view, (sd.vol, sd.ino), negate(moving))
+        add_rstat(ctx, view, (dd.vol, dd.ino), moving)
 
 
 def _refuse_loop(
@@ -480,6 +499,8 @@ def link(ctx: Ctx, oid: ObjectId, dir: ObjectId, name: bytes, cred: Cred | None 
                     raise Exists(f"{name!r} already exists")
                 note_move(ctx, t, view, (loc.vol, loc.ino, node.type), None, (d.vol, d.ino))
                 linked(ctx, t, view, loc.vol, loc.ino, node, (d.vol, d.ino))
+                if node.nlink == 1:  # from now on the hard-link index counts it
+                    add_rstat(ctx, view, (node.parent_vol, node.parent_ino), negate(weight(node)))
                 now = time.time_ns()
                 node.nlink += 1
                 node.ctime_ns = now

@@ -33,13 +33,14 @@ from prism.store.api import (
     Access,
     Found,
     Listing,
+    Mountable,
     RawEntry,
     Read,
     Target,
     Wcc,
 )
 from prism.store.content import read_range, truncate, write_range
-from prism.store.layers import SHARE_VOL_SPAN, Out, View, share_of, view_of
+from prism.store.layers import SHARE_VOL_SPAN, Out, View, ns_info, share_of, view_by_name, view_of
 from prism.store.perms import (
     MAY_EXEC,
     MAY_READ,
@@ -49,7 +50,7 @@ from prism.store.perms import (
     require,
     require_data,
 )
-from prism.store.quota import add_usage, check_quota
+from prism.store.quota import add_rstat, add_usage, check_quota
 from prism.store.records import Inode
 from prism.store.schema import Ctx
 from prism.store.tree import (
@@ -144,6 +145,17 @@ def resolve(ctx: Ctx, ns_id: int, path: str) -> Attr:
         return to_attr(ObjectId(ns_id, vol, ino), node)
 
 
+def mountable(ctx: Ctx, name: str, path: str) -> Mountable:
+    with txn.read(ctx) as t:
+        view = view_by_name(ctx, t, name)
+        info = ns_info(ctx, t, view.record)
+        try:
+            vol, ino, node = resolve_path(ctx, t, view, path, f"{view.name}:{path}")
+        except StoreError as exc:
+            return Mountable(info, None, exc)
+        return Mountable(info, to_attr(ObjectId(view.id, vol, ino), node), None)
+
+
 def access(ctx: Ctx, oid: ObjectId, cred: Cred | None, mask: int) -> Access:
     with txn.read(ctx) as t:
         view, _, node, _ = locate(ctx, t, oid)
@@ -219,6 +231,9 @@ def apply_sattr(
                 check_quota(ctx, t, view, sattr.size - node.size)
             truncate(ctx, t, view, oid.vol, oid.ino, node.size, sattr.size)
             add_usage(ctx, t, view, sattr.size - node.size, 0)
+            if node.nlink == 1 and not new:  # (a new object counts once it is linked)
+                holder = (node.parent_vol, node.parent_ino)
+                add_rstat(ctx, view, holder, (sattr.size - node.size, 0))
             node.size = sattr.size
             node.mtime_ns = now
         changed = True
@@ -289,6 +304,8 @@ def write(ctx: Ctx, oid: ObjectId, offset: int, data: bytes, cred: Cred | None =
             put_inode(ctx, t, view, loc.vol, loc.ino, node)
             if grow:
                 add_usage(ctx, t, view, grow, 0)
+                if node.nlink == 1:
+                    add_rstat(ctx, view, (node.parent_vol, node.parent_ino), (grow, 0))
         return Wcc(before, to_attr(oid, node))
 
 

@@ -1,17 +1,52 @@
-"""Usage, quotas and space statistics.
+"""Usage, quotas, space statistics, and each directory's recursive statistics.
 
 A namespace's usage record (`usage` database: ns id -> bytes|objects|valid) counts the data
 bytes it holds (file sizes and symlink targets: `charged_bytes`) and its objects; every
-operation that changes them adjusts it in the same transaction (`add_usage`). A graft
-cannot know its result's usage in O(1), so it marks the record invalid; the next writer that
-reads it (`usage`, `stats`, a change under a quota) re-measures it by walking the tree and the
-imports staged in it (`get_usage`, stored), and it is kept current again; `fsstat` measures
-invalid counters (never reading them as 0) without storing. A whole clone, snapshot or
-rollback copies the record as it is (`copy_usage`). A share's
-objects count in their source VM, not where they are mounted. A quota limits the bytes;
-`check_quota` refuses a change that would exceed it, and a VM at its quota may still remove
-and shrink. Store-wide figures (`stats`) come from the usage records, the counters of
-`content` and one stat per file of the data directory.
+operation that changes them adjusts it in the same transaction (`add_usage`). A whole clone,
+snapshot or rollback copies the record as it is (`copy_usage`); a graft adds the grafted
+subtree's recursive statistics to it (below), so a composed VM's usage is exact at once. A
+share's objects count in their source VM, not where they are mounted. A quota limits the
+bytes; `check_quota` refuses a change that would exceed it, and a VM at its quota may still
+remove and shrink. A record marked invalid (a graft of a subtree without statistics, fsck's
+repair, counters kept under an older rule) is re-measured by the next writer that reads it,
+walking the tree and the imports staged in it (`get_usage`, stored); `fsstat` measures
+invalid counters (never reading them as 0) without storing. Store-wide figures (`stats`) come
+from the usage records, the counters of `content` and one stat per file of the data directory.
+
+Recursive statistics (CephFS's rstats). Each directory carries the charged bytes and the
+objects of its subtree, itself included (`RSTAT`, the 16 trailing bytes of its inode record,
+where a symlink keeps its target). A non-directory counts in its directory while it has one
+link; one with more is counted by no directory (the hard-link index, `links`, knows its
+links, and a graft counts it from there): a file joins its directory's figures when it is
+made or its links fall back to one, and leaves them when a second link is made. What a
+share shows is not counted, nor is a staged import until it is published (its root is where
+its figures stop). A graft thus adds a subtree's usage in O(1) from its root's figures.
+
+Deferred propagation. A change adds its difference to the directory holding the object in
+memory only (`add_rstat`: `Ctx.rstat_op`, dropped if the operation fails, then the batch's
+`Ctx.rstat_batch`); a rename of a directory moves the figures stored in its record from one
+'..' chain to the other, and what is pending below it follows it. At the batch's commit, at
+the end of every write transaction outside a batch, and before anything reads the figures
+or freezes a layer (snapshot, clone, graft, rollback, vm rm), `fold` adds them up each dirty
+'..' chain once, reading and writing each directory on the union of those chains once, in
+the same transaction. So a stored figure plus the differences pending in its subtree is
+always exact, and a change pays a dictionary update, not a walk. Differences pending for a
+directory that is gone are dropped (whoever removed it took its stored figures out of the
+chain above).
+
+Crash ordering is the batch's: a durable point (`RstatHooks.persist`) journals the
+differences new since the last one as one `b"rstat:"` record of `meta`, with the changes
+they describe, and never stores it in the batch (which holds them in memory). A replay of the
+journal stores those records; the next commit folds them (`fold` reads them all and deletes
+them). A fold inside a batch also journals the deletion of the batch's own records, so a
+replay never adds them twice. A checkpoint (the batch's commit) retires them all.
+
+Stores made before these statistics: a directory without them is unknown, and so is every
+directory above one (a directory moved into a known one makes that chain unknown), so
+nothing is ever wrong, only unknown. They are built lazily: a graft whose subtree is unknown
+(or from a lineage older than the hard-link index) marks the VM's usage invalid, and the walk
+that measures it (`get_usage`) writes every directory's figures into the VM's top layer, so
+from then on that VM composes exactly at once.
 """
 
 from __future__ import annotations
@@ -19,9 +54,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import stat
+import struct
 from pathlib import Path
+from typing import Any, cast
 
 import lmdb
 
@@ -29,10 +67,10 @@ from prism.errors import QuotaExceeded, Stale
 from prism.store import records as R
 from prism.store import txn
 from prism.store.api import Space
-from prism.store.layers import SHARE_VOL_BASE, View, view_by_name, view_of
+from prism.store.layers import SHARE_VOL_BASE, View, ns_record, view_by_name, view_of
 from prism.store.records import Inode
 from prism.store.schema import NS_KEY, REFERENCED, Ctx, get_meta, staged_roots
-from prism.store.tree import get_inode, list_dir, locate, to_attr
+from prism.store.tree import MAX_DEPTH, get_inode, list_dir, locate, put_inode, to_attr
 from prism.store.types import ROOT_INO, Attr, FileType, FsStat, ObjectId, StoreStats, Usage
 
 
@@ -42,7 +80,8 @@ def get_usage(ctx: Ctx, t: lmdb.Transaction, view: View) -> tuple[int, int]:
         nbytes, objects, valid = R.USAGE_VAL.unpack(raw)
         if valid:
             return nbytes, objects
-    nbytes, objects = _measure(ctx, t, view)
+    fold(ctx, t)  # (the walk below stores exact figures: nothing may stay pending)
+    nbytes, objects = _measure(ctx, t, view, build=view.kind == "vm")
     t.put(NS_KEY.pack(view.id), R.USAGE_VAL.pack(nbytes, objects, 1), db=ctx.db.usage)
     return nbytes, objects
 
@@ -71,13 +110,16 @@ def set_usage(ctx: Ctx, t: lmdb.Transaction, ns_id: int, nbytes: int, objects: i
     t.put(NS_KEY.pack(ns_id), R.USAGE_VAL.pack(nbytes, objects, int(valid)), db=ctx.db.usage)
 
 
-def _measure(ctx: Ctx, t: lmdb.Transaction, view: View) -> tuple[int, int]:
+def _measure(ctx: Ctx, t: lmdb.Transaction, view: View, *, build: bool = False) -> tuple[int, int]:
     """Walk the whole tree and the trees staged in it (when the counters are unknown:
-    kept under an older rule, or dropped by fsck as damaged)."""
+    kept under an older rule, or dropped by fsck as damaged). With `build`, also store
+    every directory's recursive statistics in the view's top layer (see above)."""
     seen: set[tuple[int, int]] = set()
     nbytes = objects = 0
     stack = [(0, ROOT_INO)]
     stack += [(0, ino) for ns, ino in staged_roots(ctx, t) if ns == view.id]
+    dirs: dict[tuple[int, int], tuple[Inode, list[tuple[int, int]]]] = {}
+    nodes: dict[tuple[int, int], Inode] = {}
     while stack:
         vol, ino = stack.pop()
         if (vol, ino) in seen:
@@ -89,11 +131,29 @@ def _measure(ctx: Ctx, t: lmdb.Transaction, view: View) -> tuple[int, int]:
         objects += 1
         nbytes += charged_bytes(node)
         if node.type == FileType.DIR:
-            stack.extend(
+            children = [
                 (e.oid.vol, e.oid.ino)
                 for e in list_dir(ctx, t, view, vol, ino, 0)
                 if e.oid.vol < SHARE_VOL_BASE  # a share's bytes belong to its source
-            )
+            ]
+            stack.extend(children)
+            if build:
+                dirs[(vol, ino)] = (node, children)
+        elif build:
+            nodes[(vol, ino)] = node
+    figures: dict[tuple[int, int], tuple[int, int]] = {}
+    for d in reversed(list(dirs)):  # (each directory after every directory below it)
+        node, children = dirs[d]
+        total = [0, 1]
+        for c in children:
+            w = figures.get(c) if c in dirs else weight(nodes[c]) if c in nodes else None
+            if w is not None:
+                total[0] += w[0]
+                total[1] += w[1]
+        figures[d] = (total[0], total[1])
+        if rstat(node) != figures[d]:
+            node.target = RSTAT.pack(*figures[d])
+            put_inode(ctx, t, view, *d, node)
     return nbytes, objects
 
 
@@ -180,3 +240,210 @@ def charged_bytes(node: Inode) -> int:
     """The data bytes an object counts against its VM's quota: a file's size, a symlink's
     target (both are bytes a VM stores)."""
     return node.size if node.type in (FileType.REG, FileType.LNK) else 0
+
+
+RSTAT = struct.Struct(">QQ")
+"""A directory's recursive statistics: the charged bytes and the objects of its subtree,
+itself included, as its inode record's trailing bytes (see the module docstring)."""
+Delta = tuple[int, int] | None
+"""A difference of (bytes, objects) to add to a directory and those above it; None makes
+them unknown."""
+_PENDING = b"rstat:"
+_ENTRY = struct.Struct(">IHQBqq")  # ns | vol | dir ino | unknown | bytes | objects
+
+
+def rstat(node: Inode) -> tuple[int, int] | None:
+    """A directory's stored figures (None: unknown, or not a directory)."""
+    if node.type != FileType.DIR or len(node.target) != RSTAT.size:
+        return None
+    return cast(tuple[int, int], RSTAT.unpack(node.target))
+
+
+def empty_rstat(node: Inode) -> Inode:
+    """`node`, a new empty directory, with its figures: itself alone."""
+    node.target = RSTAT.pack(0, 1)
+    return node
+
+
+def weight(node: Inode) -> Delta:
+    """What an object adds to the figures of the directory holding it: a directory its
+    stored figures (what is pending below it follows it), a file with one link its bytes
+    and itself, a file with more nothing."""
+    if node.type == FileType.DIR:
+        return rstat(node)
+    return (charged_bytes(node), 1) if node.nlink == 1 else (0, 0)
+
+
+def negate(change: Delta) -> Delta:
+    return None if change is None else (-change[0], -change[1])
+
+
+def add_rstat(ctx: Ctx, view: View, d: tuple[int, int], change: Delta) -> None:
+    """Add `change` to directory `d` and every directory above it: deferred, O(1) (see the
+    module docstring). Shares are not counted, nor what has no known holder."""
+    if change == (0, 0) or d[0] >= SHARE_VOL_BASE or d[1] in R.HOLDERS_NOT_KNOWN:
+        return
+    merge_delta(ctx.rstat_op, (view.id, d[0], d[1]), change)
+
+
+def merge_delta(into: dict[Any, Delta], key: Any, change: Delta) -> None:
+    if change is None:
+        into[key] = None
+    elif key not in into:
+        into[key] = change
+    elif (have := into[key]) is not None:
+        into[key] = (have[0] + change[0], have[1] + change[1])
+
+
+def left_dir(ctx: Ctx, view: View, node: Inode, gone: Delta, d: tuple[int, int]) -> None:
+    """Directory `d` lost an entry naming `node` (whose weight there was `gone`; `node` is
+    as it is after): it leaves `d`'s figures, or, down to one link, joins those of the
+    directory of its last link."""
+    if node.type == FileType.DIR or node.nlink <= 0:
+        add_rstat(ctx, view, d, negate(gone))
+    elif node.nlink == 1:
+        add_rstat(ctx, view, (node.parent_vol, node.parent_ino), weight(node))
+
+
+def fold(ctx: Ctx, t: lmdb.Transaction) -> None:
+    """Add every pending difference (this transaction's, the batch's, the stored ones)
+    up its directory's '..' chain, reading and writing each directory of the union of
+    those chains once. A chain stops at the root, at a staged import's root, and at a
+    directory whose figures are unknown (so are those above it)."""
+    pending: dict[tuple[int, int, int], Delta] = {}
+    for source in (ctx.rstat_batch, ctx.rstat_op):
+        for key, change in source.items():
+            merge_delta(pending, key, change)
+    journaled = ctx.rstat_keys  # (a replay would store them: retire them with the fold)
+    ctx.rstat_op, ctx.rstat_batch, ctx.rstat_new, ctx.rstat_keys = {}, {}, {}, []
+    for gone in journaled:
+        t.delete(gone, db=ctx.db.meta)
+    stored: list[bytes] = []
+    cur = t.cursor(db=ctx.db.meta)
+    if cur.set_range(_PENDING):
+        for raw_key, value in cur:
+            if not bytes(raw_key).startswith(_PENDING):
+                break
+            stored.append(bytes(raw_key))
+            for ns, vol, ino, unknown, nbytes, objects in _ENTRY.iter_unpack(value):
+                merge_delta(pending, (ns, vol, ino), None if unknown else (nbytes, objects))
+    for done in stored:
+        t.delete(done, db=ctx.db.meta)
+    if not pending:
+        return
+    by_ns: dict[int, list[tuple[tuple[int, int], Delta]]] = {}
+    for (ns, vol, ino), change in pending.items():
+        by_ns.setdefault(ns, []).append(((vol, ino), change))
+    stops = set(staged_roots(ctx, t))
+    for ns, items in by_ns.items():
+        if ns_record(ctx, t, ns) is None:
+            continue  # removed: nothing left to count
+        view = view_of(ctx, t, ns)
+        nodes: dict[tuple[int, int], Inode | None] = {}
+        sums: dict[tuple[int, int], Delta] = {}
+        for d, change in items:
+            for _ in range(MAX_DEPTH):
+                if d not in nodes:
+                    nodes[d] = get_inode(ctx, t, view, *d)
+                node = nodes[d]
+                if node is None or rstat(node) is None:
+                    break  # gone, or unknown (and so is everything above)
+                merge_delta(sums, d, change)
+                up = (node.parent_vol, node.parent_ino)
+                if d == (0, ROOT_INO) or up == d or (d[0] == 0 and (ns, d[1]) in stops):
+                    break
+                d = up
+        for (vol, ino), change in sums.items():
+            node = nodes[(vol, ino)]
+            assert node is not None
+            if change is None:
+                node.target = b""
+            elif change != (0, 0):
+                nbytes, objects = RSTAT.unpack(node.target)
+                node.target = RSTAT.pack(max(0, nbytes + change[0]), max(0, objects + change[1]))
+            else:
+                continue
+            put_inode(ctx, t, view, vol, ino, node)
+
+
+class RstatHooks:
+    """What `txn` calls (it cannot import this room): `persist` at a durable point, `fold`
+    before a commit."""
+
+    def __init__(self, ctx: Ctx) -> None:
+        self.ctx = ctx
+        self.prefix = _PENDING + secrets.token_bytes(8)
+        self.seq = 0
+
+    def persist(self) -> tuple[bytes, bytes] | None:
+        """The batch's differences not yet journaled, as one `meta` record to journal."""
+        batch, self.ctx.rstat_new = self.ctx.rstat_new, {}
+        if not batch:
+            return None
+        self.seq += 1
+        pack = _ENTRY.pack
+        value = b"".join(
+            [
+                pack(ns, vol, ino, 0, *change) if change else pack(ns, vol, ino, 1, 0, 0)
+                for (ns, vol, ino), change in batch.items()
+            ]
+        )
+        return self.prefix + R.U64.pack(self.seq), value
+
+    def fold(self, t: lmdb.Transaction) -> None:
+        """Fold before a commit, which retires the journal's records: its own are not
+        deleted one by one."""
+        self.ctx.rstat_keys = []
+        fold(self.ctx, t)
+
+
+def check_rstats(
+    ctx: Ctx,
+    t: lmdb.Transaction,
+    objects: dict[tuple[int, int], Inode],
+    stops: set[tuple[int, int]],
+) -> list[str]:
+    """Each directory's stored figures against its subtree's, from a walk's objects (fsck).
+    Figures with differences still pending are not checked."""
+    cur = t.cursor(db=ctx.db.meta)
+    if cur.set_range(_PENDING) and bytes(cur.key()).startswith(_PENDING):
+        return []
+    sums = {d: [0, 1] for d, node in objects.items() if node.type == FileType.DIR}
+    kids: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for k, node in objects.items():
+        up = (node.parent_vol, node.parent_ino)
+        if k == (0, ROOT_INO) or k in stops or up not in sums or up == k:
+            continue
+        if node.type == FileType.DIR:
+            kids.setdefault(up, []).append(k)
+        elif node.nlink == 1:
+            sums[up][0] += charged_bytes(node)
+            sums[up][1] += 1
+    order: list[tuple[int, int]] = []
+    todo = [
+        d
+        for d, node in objects.items()
+        if d in sums
+        and (d == (0, ROOT_INO) or d in stops or (node.parent_vol, node.parent_ino) not in sums)
+    ]
+    done: set[tuple[int, int]] = set()
+    while todo:
+        d = todo.pop()
+        if d in done:
+            continue
+        done.add(d)
+        order.append(d)
+        todo.extend(kids.get(d, ()))
+    errors = []
+    for d in reversed(order):
+        for k in kids.get(d, ()):
+            if k in done:
+                sums[d][0] += sums[k][0]
+                sums[d][1] += sums[k][1]
+        have = rstat(objects[d])
+        if have is not None and have != tuple(sums[d]):
+            errors.append(
+                f"directory {d[0]}:{d[1]} says its subtree holds {have[1]} objects and "
+                f"{have[0]} bytes, but it holds {sums[d][1]} and {sums[d][0]}"
+            )
+    return errors

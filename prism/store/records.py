@@ -86,6 +86,7 @@ HOLDER_UNRECORDED = 0
 HOLDER_UNKNOWN = (1 << 64) - 1
 """`parent_ino` of a non-directory that lost the link in its recorded holder while keeping
 others (the remaining links' directories are not known)."""
+HOLDERS_NOT_KNOWN = (HOLDER_UNRECORDED, HOLDER_UNKNOWN)
 
 
 @dataclass(slots=True)
@@ -111,7 +112,7 @@ class Inode:
     parent_vol: int = 0  # the directory holding it (see above)
     parent_ino: int = 0
     verifier: bytes = b"\0" * 8  # exclusive CREATE verifier
-    target: bytes = b""  # symlink target
+    target: bytes = b""  # symlink target; a directory's figures (`quota.RSTAT`), if known
 
     def pack(self) -> bytes:
         return (

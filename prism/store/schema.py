@@ -25,6 +25,9 @@ is followed by a 4-byte seal over its database, key and value, checked on every 
               b"usage_rev" -> what `usage` counts (USAGE_REV; older counters are marked
               invalid on open, so they are re-measured);
               b"stage:"+token -> JSON {ns, ino}: an import being built (`prism.store.staging`)
+              b"rstat:"+id u64+seq u64 -> directories' recursive statistics not yet
+              added up their '..' chains, as journaled by a server (`prism.store.quota`,
+              "Deferred propagation"; a replay stores them, the next commit folds them)
     ns        ns id u32 -> JSON {name, kind ("vm"|"snapshot"), top layer, clients, quota, of,
               shares, and for a VM: secure, squash, anon_uid, anon_gid, vrpc_users,
               vrpc_groups, vrpc_token, read_only (`types.Export`; a record written before
@@ -177,6 +180,19 @@ class Ctx:
     """`api.StoreObserver` told of inode and dirent changes at each nested commit."""
     events: list[tuple[Any, ...]] = field(default_factory=list)
     """The open nested transaction's changes for `observer` (recorded only with one)."""
+    # -- recursive statistics deferred to the batch (`quota`, "Recursive statistics") --
+    rstat_op: dict[tuple[int, int, int], Any] = field(default_factory=dict)
+    """(ns, vol, dir ino) -> (bytes, objects) to add to that directory and those above it,
+    or None (unknown), from the open write transaction: dropped if it aborts, else moved
+    to `rstat_batch`."""
+    rstat_batch: dict[tuple[int, int, int], Any] = field(default_factory=dict)
+    """The same, from the open batch's committed operations, not yet folded."""
+    rstat_new: dict[tuple[int, int, int], Any] = field(default_factory=dict)
+    """The part of `rstat_batch` not yet in the journal."""
+    rstat_keys: list[bytes] = field(default_factory=list)
+    """The b"rstat:" records this batch journaled (a fold inside it deletes them)."""
+    rstat_hooks: Any = None
+    """`quota.RstatHooks`: what `txn` calls to store (`persist`) and apply (`fold`) them."""
 
     @property
     def journal_path(self) -> Path:

@@ -25,7 +25,7 @@ from prism.store.layers import SHARE_VOL_BASE, ns_record, view_by_name, view_of
 from prism.store.links import moved
 from prism.store.names import destroy, new_dir, remove, rmdir
 from prism.store.posix import readdir
-from prism.store.quota import check_quota
+from prism.store.quota import add_rstat, check_quota, weight
 from prism.store.schema import STAGE_PREFIX, STAGING_DIR, Ctx, stage_markers
 from prism.store.tree import drop_entry, find_entry, get_inode, list_dir, put_entry, put_inode
 from prism.store.types import ROOT_INO, FileType, ObjectId
@@ -108,6 +108,7 @@ def publish_staging(ctx: Ctx, token: str, to: str) -> None:
                 put_entry(ctx, t, view, vol, ino, item.name, target)
                 child = get_inode(ctx, t, view, item.oid.vol, item.oid.ino)
                 assert child is not None
+                add_rstat(ctx, view, (vol, ino), weight(child))
                 if item.type == FileType.DIR:
                     dnode.nlink += 1
                 else:  # its link moves: the hard-link index and holder follow

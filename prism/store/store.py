@@ -12,7 +12,7 @@ The work is done by the rooms, each a module of free functions over one context
     tree      inodes, directory entries, whiteouts, merged listings, share containment
     links     the hard-link index: in which directories a multiply-linked object's links are
     content   chunking, dedup, the chunk map, segment accounting, damage
-    quota     usage, quotas, statistics
+    quota     usage, quotas, statistics, directories' recursive statistics
     perms     permission rules (pure)
     posix     the per-object operations that change no names
     names     making, linking, moving and removing names
@@ -37,6 +37,7 @@ from prism.store.api import (
     Found,
     Listing,
     Made,
+    Mountable,
     Read,
     Renamed,
     Space,
@@ -108,6 +109,7 @@ class Store:
                 root, env, Dbs.open(env), SegmentFiles(root / "segments"), WriteLock(root), owned
             )
             ctx.epoch = EpochFile.open(root)
+            ctx.rstat_hooks = quota.RstatHooks(ctx)
             txn.upgrade(ctx)
             store = cls(ctx)
         except BaseException:
@@ -234,6 +236,9 @@ class Store:
     def namespace_by_id(self, ns_id: int) -> NamespaceInfo:
         return layers.namespace_by_id(self.ctx, ns_id)
 
+    def mountable(self, name: str, path: str) -> Mountable:
+        return posix.mountable(self.ctx, name, path)
+
     def export_of(self, ns_id: int) -> Export:
         """How a namespace may be reached (a snapshot as its VM); Stale if gone. The per-call
         fast path of the NFS server's access checks."""
@@ -314,8 +319,9 @@ class Store:
         clients: tuple[str, ...] | list[str] = (),
         quota: int | None = None,
     ) -> NamespaceInfo:
-        """Compose `new` from sources laid over each other; O(number of sources), plus one
-        walk of the result when it has a quota (which the result must fit in).
+        """Compose `new` from sources laid over each other; O(number of sources) (plus one
+        walk of the result when a source predates recursive statistics and the result has a
+        quota, which it must fit in).
 
         With `into`, the sources are laid over the existing VM `new`; a source whose
         destination already exists there is refused unless `replace`."""

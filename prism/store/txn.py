@@ -153,6 +153,7 @@ def commit(ctx: Ctx) -> None:
         return
     next_gen = journal.generation + 1
     try:
+        _fold(ctx, batch)
         batch.put(JOURNAL_GEN, R.U64.pack(next_gen), db=ctx.db.meta)
         ctx.segments.sync()
         batch.commit()
@@ -185,6 +186,12 @@ def make_durable(ctx: Ctx) -> None:
     if journal is None:
         commit(ctx)
         return
+    hooks = ctx.rstat_hooks
+    record = hooks.persist() if hooks is not None else None
+    if record is not None:  # the batch's deferred statistics, durable with its data: only
+        # in the journal (the batch keeps them in memory until its commit folds them)
+        ctx.journaled.append((PUT, ctx.db.index[ctx.db.meta], *record))
+        ctx.rstat_keys.append(record[0])
     if not ctx.journaled:
         ctx.segments.sync()
         return
@@ -204,11 +211,14 @@ def make_durable(ctx: Ctx) -> None:
 
 
 def durable_commit(ctx: Ctx, txn: lmdb.Transaction) -> None:
-    """Content first (fdatasync the segment), then the metadata that names it."""
+    """Content first (fdatasync the segment), then the metadata that names it, with the
+    recursive statistics deferred to this commit folded in (`quota.fold`)."""
     try:
+        _fold(ctx, txn)
         ctx.segments.sync()
         txn.commit()
     except BaseException as exc:
+        _forget_rstats(ctx)
         aborted(ctx, txn)
         error = _commit_error(exc, ctx.path)
         if error is exc:
@@ -223,9 +233,38 @@ def durable_commit(ctx: Ctx, txn: lmdb.Transaction) -> None:
 def abort(ctx: Ctx) -> None:
     if ctx.batch is not None:
         batch, ctx.batch = ctx.batch, None
-        ctx.journaled.clear()
-        aborted(ctx, batch)
-        batch_lost(ctx)
+        _lose(ctx, batch)
+
+
+def _lose(ctx: Ctx, batch: lmdb.Transaction) -> None:
+    """Abort the batch `batch` and forget everything it held."""
+    ctx.journaled.clear()
+    _forget_rstats(ctx)
+    aborted(ctx, batch)
+    batch_lost(ctx)
+
+
+def _fold(ctx: Ctx, t: lmdb.Transaction) -> None:
+    """Store the recursive statistics deferred to `t`'s commit (`quota.fold`)."""
+    if ctx.rstat_hooks is not None:
+        ctx.rstat_hooks.fold(t)
+
+
+def _merge_rstats(ctx: Ctx) -> None:
+    """The nested transaction that committed hands its deferred statistics to the batch."""
+    op, ctx.rstat_op = ctx.rstat_op, {}
+    for into in (ctx.rstat_batch, ctx.rstat_new):
+        for key, change in op.items():
+            if change is None:
+                into[key] = None
+            elif key not in into:
+                into[key] = change
+            elif (have := into[key]) is not None:
+                into[key] = (have[0] + change[0], have[1] + change[1])
+
+
+def _forget_rstats(ctx: Ctx) -> None:
+    ctx.rstat_op, ctx.rstat_batch, ctx.rstat_new, ctx.rstat_keys = {}, {}, {}, []
 
 
 def aborted(ctx: Ctx, txn: lmdb.Transaction) -> None:
@@ -251,15 +290,21 @@ def write(ctx: Ctx) -> Iterator[lmdb.Transaction]:
     if ctx.batch is not None:
         child = sealed(ctx, ctx.env.begin(write=True, parent=_raw(ctx.batch)))
         recorder = None if ctx.journal is None else _Recorder(child, ctx.db.index)
+        # (a `quota.fold` inside replaces these: given back if it aborts)
+        folded_from = ctx.rstat_batch, ctx.rstat_new, ctx.rstat_keys
         try:
             yield child if recorder is None else cast(lmdb.Transaction, recorder)
         except BaseException:
             ctx.events.clear()
+            ctx.rstat_op = {}
+            ctx.rstat_batch, ctx.rstat_new, ctx.rstat_keys = folded_from
             aborted(ctx, child)
             raise
         child.commit()
         if recorder is not None:
             ctx.journaled += recorder.changes
+        if ctx.rstat_op:
+            _merge_rstats(ctx)
         deliver(ctx)
         return
     txn = begin_write(ctx)
@@ -267,6 +312,7 @@ def write(ctx: Ctx) -> Iterator[lmdb.Transaction]:
         yield txn
     except BaseException:
         ctx.events.clear()
+        ctx.rstat_op = {}
         aborted(ctx, txn)
         raise
     durable_commit(ctx, txn)
@@ -408,6 +454,7 @@ def reopen_batch(ctx: Ctx) -> int:
     journal = ctx.journal
     assert journal is not None and ctx.batch is None
     ctx.journaled.clear()
+    _forget_rstats(ctx)  # (the journal holds what was persisted of them: replayed below)
     ctx.boot_id = secrets.randbits(63) | 1
     try:
         txn = begin_write(ctx)
