@@ -59,7 +59,7 @@ import shutil
 import stat
 import struct
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import lmdb
 
@@ -283,16 +283,7 @@ def add_rstat(ctx: Ctx, view: View, d: tuple[int, int], change: Delta) -> None:
     module docstring). Shares are not counted, nor what has no known holder."""
     if change == (0, 0) or d[0] >= SHARE_VOL_BASE or d[1] in R.HOLDERS_NOT_KNOWN:
         return
-    merge_delta(ctx.rstat_op, (view.id, d[0], d[1]), change)
-
-
-def merge_delta(into: dict[Any, Delta], key: Any, change: Delta) -> None:
-    if change is None:
-        into[key] = None
-    elif key not in into:
-        into[key] = change
-    elif (have := into[key]) is not None:
-        into[key] = (have[0] + change[0], have[1] + change[1])
+    txn.merge_delta(ctx.rstat_op, (view.id, d[0], d[1]), change)
 
 
 def left_dir(ctx: Ctx, view: View, node: Inode, gone: Delta, d: tuple[int, int]) -> None:
@@ -313,7 +304,7 @@ def fold(ctx: Ctx, t: lmdb.Transaction) -> None:
     pending: dict[tuple[int, int, int], Delta] = {}
     for source in (ctx.rstat_batch, ctx.rstat_op):
         for key, change in source.items():
-            merge_delta(pending, key, change)
+            txn.merge_delta(pending, key, change)
     journaled = ctx.rstat_keys  # (a replay would store them: retire them with the fold)
     ctx.rstat_op, ctx.rstat_batch, ctx.rstat_new, ctx.rstat_keys = {}, {}, {}, []
     for gone in journaled:
@@ -326,7 +317,7 @@ def fold(ctx: Ctx, t: lmdb.Transaction) -> None:
                 break
             stored.append(bytes(raw_key))
             for ns, vol, ino, unknown, nbytes, objects in _ENTRY.iter_unpack(value):
-                merge_delta(pending, (ns, vol, ino), None if unknown else (nbytes, objects))
+                txn.merge_delta(pending, (ns, vol, ino), None if unknown else (nbytes, objects))
     for done in stored:
         t.delete(done, db=ctx.db.meta)
     if not pending:
@@ -348,7 +339,7 @@ def fold(ctx: Ctx, t: lmdb.Transaction) -> None:
                 node = nodes[d]
                 if node is None or rstat(node) is None:
                     break  # gone, or unknown (and so is everything above)
-                merge_delta(sums, d, change)
+                txn.merge_delta(sums, d, change)
                 up = (node.parent_vol, node.parent_ino)
                 if d == (0, ROOT_INO) or up == d or (d[0] == 0 and (ns, d[1]) in stops):
                     break

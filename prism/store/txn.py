@@ -253,14 +253,22 @@ def _fold(ctx: Ctx, t: lmdb.Transaction) -> None:
 def _merge_rstats(ctx: Ctx) -> None:
     """The nested transaction that committed hands its deferred statistics to the batch."""
     op, ctx.rstat_op = ctx.rstat_op, {}
-    for into in (ctx.rstat_batch, ctx.rstat_new):
-        for key, change in op.items():
-            if change is None:
-                into[key] = None
-            elif key not in into:
-                into[key] = change
-            elif (have := into[key]) is not None:
-                into[key] = (have[0] + change[0], have[1] + change[1])
+    for key, change in op.items():
+        merge_delta(ctx.rstat_batch, key, change)
+        merge_delta(ctx.rstat_new, key, change)
+
+
+def merge_delta(
+    into: dict[Any, tuple[int, int] | None], key: Any, change: tuple[int, int] | None
+) -> None:
+    """Add one directory's difference (bytes, objects) to `into`; None (its figures became
+    unknown) absorbs every difference."""
+    if change is None:
+        into[key] = None
+    elif key not in into:
+        into[key] = change
+    elif (have := into[key]) is not None:
+        into[key] = (have[0] + change[0], have[1] + change[1])
 
 
 def _forget_rstats(ctx: Ctx) -> None:
