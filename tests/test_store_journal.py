@@ -252,3 +252,76 @@ def test_a_failed_checkpoint_keeps_what_was_acknowledged(
     with Store.open(data) as store:
         assert names(store) == {b"acked"}
         assert fsck(store).errors == []
+
+
+STATISTICS = textwrap.dedent(
+    """
+    import os, sys
+    from prism.store import Store, quota, txn
+    from prism.store.layers import view_of
+    txn.RSTAT_COMPACT = 60  # (bytes) merge the pending differences every few operations
+    journal = sys.argv[2] == "journal"
+    store = Store.open(sys.argv[1], journal=journal)
+    ctx, ns = store.ctx, store.namespace("vm").id
+    store.begin_batch()
+    dirs = [store.root(ns)]
+    for k in range(4):
+        dirs.append(store.mkdir(dirs[-1], b"d%d" % k).oid)
+    for i in range(40):
+        at = dirs[1 + i % 4]
+        f = store.create(at, b"f%d" % i).oid
+        store.write(f, 0, b"x" * (100 + i))
+        if i % 3 == 0:  # across directories
+            store.rename(at, b"f%d" % i, dirs[1 + (i + 1) % 4], b"f%d" % i)
+        if i % 5 == 0:  # an operation that fails after adding differences (folding some)
+            try:
+                with txn.write(ctx) as t:
+                    d = dirs[2]
+                    quota.add_rstat(ctx, view_of(ctx, t, ns), (d.vol, d.ino), (10**6, 7))
+                    if i % 10 == 0:
+                        quota.fold(ctx, t)
+                    raise RuntimeError("fails")
+            except RuntimeError:
+                pass
+        if i == 22:
+            store.snapshot("vm", "mid")  # folds inside the batch, journaling the deletions
+        if journal:
+            store.make_durable()
+    if journal:
+        print("ACKED", flush=True)
+        os._exit(0)  # dies like a killed server: the batch is never committed
+    store.commit()
+    store.close()
+    print("ACKED", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["journal", "plain"])
+def test_deferred_statistics_stay_exact_through_merges_failures_and_replay(
+    data: Path, mode: str
+) -> None:
+    """A long batch merges its pending statistics (one difference per directory: with a
+    journal, those already journaled; without, all), an operation that fails takes its
+    own differences back (a fold inside it too), and what a dead owner journaled replays
+    once: every directory's figures are exact afterwards."""
+    from prism.store import quota, txn
+    from prism.store.tree import locate
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run(
+        [sys.executable, "-c", STATISTICS, str(data), mode],
+        capture_output=True,
+        env=env,
+        timeout=120,
+        check=True,
+    )
+    assert out.stdout == b"ACKED\n", out.stderr.decode()
+    with Store.open(data) as store:  # replays what a dead owner left
+        expected = (sum(100 + i for i in range(40)), 40 + 4 + 1)
+        used = store.usage("vm")
+        assert (used.logical_bytes, used.files) == expected
+        with txn.read(store.ctx) as t:
+            root = locate(store.ctx, t, store.root(store.namespace("vm").id))[2]
+        assert quota.rstat(root) == expected
+        assert fsck(store).errors == []

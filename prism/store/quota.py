@@ -23,8 +23,8 @@ share shows is not counted, nor is a staged import until it is published (its ro
 its figures stop). A graft thus adds a subtree's usage in O(1) from its root's figures.
 
 Deferred propagation. A change adds its difference to the directory holding the object in
-memory only (`add_rstat`: `Ctx.rstat_op`, dropped if the operation fails, then the batch's
-`Ctx.rstat_batch`); a rename of a directory moves the figures stored in its record from one
+memory only (`add_rstat` appends it to the batch's `Ctx.rstat_pending`, cut off again if
+the operation fails); a rename of a directory moves the figures stored in its record from one
 '..' chain to the other, and what is pending below it follows it. At the batch's commit, at
 the end of every write transaction outside a batch, and before anything reads the figures
 or freezes a layer (snapshot, clone, graft, rollback, vm rm), `fold` adds them up each dirty
@@ -239,7 +239,11 @@ def _fsstat(ctx: Ctx, t: lmdb.Transaction, view: View) -> FsStat:
 def charged_bytes(node: Inode) -> int:
     """The data bytes an object counts against its VM's quota: a file's size, a symlink's
     target (both are bytes a VM stores)."""
-    return node.size if node.type in (FileType.REG, FileType.LNK) else 0
+    return node.size if node.type in _CHARGED else 0
+
+
+_CHARGED = frozenset((FileType.REG, FileType.LNK))
+_DIR = FileType.DIR
 
 
 RSTAT = struct.Struct(">QQ")
@@ -249,7 +253,7 @@ Delta = tuple[int, int] | None
 """A difference of (bytes, objects) to add to a directory and those above it; None makes
 them unknown."""
 _PENDING = b"rstat:"
-_ENTRY = struct.Struct(">IHQBqq")  # ns | vol | dir ino | unknown | bytes | objects
+_ENTRY = R.RSTAT_ENTRY
 
 
 def rstat(node: Inode) -> tuple[int, int] | None:
@@ -269,9 +273,12 @@ def weight(node: Inode) -> Delta:
     """What an object adds to the figures of the directory holding it: a directory its
     stored figures (what is pending below it follows it), a file with one link its bytes
     and itself, a file with more nothing."""
-    if node.type == FileType.DIR:
+    kind = node.type
+    if kind == _DIR:
         return rstat(node)
-    return (charged_bytes(node), 1) if node.nlink == 1 else (0, 0)
+    if node.nlink != 1:
+        return (0, 0)
+    return (node.size if kind in _CHARGED else 0, 1)
 
 
 def negate(change: Delta) -> Delta:
@@ -281,9 +288,13 @@ def negate(change: Delta) -> Delta:
 def add_rstat(ctx: Ctx, view: View, d: tuple[int, int], change: Delta) -> None:
     """Add `change` to directory `d` and every directory above it: deferred, O(1) (see the
     module docstring). Shares are not counted, nor what has no known holder."""
-    if change == (0, 0) or d[0] >= SHARE_VOL_BASE or d[1] in R.HOLDERS_NOT_KNOWN:
+    vol, ino = d
+    if vol >= SHARE_VOL_BASE or ino in R.HOLDERS_NOT_KNOWN:
         return
-    txn.merge_delta(ctx.rstat_op, (view.id, d[0], d[1]), change)
+    if change is None:
+        ctx.rstat_pending += _ENTRY.pack(view.id, vol, ino, 1, 0, 0)
+    elif change != (0, 0):
+        ctx.rstat_pending += _ENTRY.pack(view.id, vol, ino, 0, *change)
 
 
 def left_dir(ctx: Ctx, view: View, node: Inode, gone: Delta, d: tuple[int, int]) -> None:
@@ -301,12 +312,12 @@ def fold(ctx: Ctx, t: lmdb.Transaction) -> None:
     up its directory's '..' chain, reading and writing each directory of the union of
     those chains once. A chain stops at the root, at a staged import's root, and at a
     directory whose figures are unknown (so are those above it)."""
-    pending: dict[tuple[int, int, int], Delta] = {}
-    for source in (ctx.rstat_batch, ctx.rstat_op):
-        for key, change in source.items():
-            txn.merge_delta(pending, key, change)
+    pending: dict[tuple[int, int, int], Delta] = dict(ctx.rstat_batch)
+    for ns, vol, ino, unknown, nbytes, objects in _ENTRY.iter_unpack(ctx.rstat_pending):
+        txn.merge_delta(pending, (ns, vol, ino), None if unknown else (nbytes, objects))
     journaled = ctx.rstat_keys  # (a replay would store them: retire them with the fold)
-    ctx.rstat_op, ctx.rstat_batch, ctx.rstat_new, ctx.rstat_keys = {}, {}, {}, []
+    ctx.rstat_pending, ctx.rstat_journaled = bytearray(), 0
+    ctx.rstat_batch, ctx.rstat_keys = {}, []
     for gone in journaled:
         t.delete(gone, db=ctx.db.meta)
     stored: list[bytes] = []
@@ -368,17 +379,16 @@ class RstatHooks:
 
     def persist(self) -> tuple[bytes, bytes] | None:
         """The batch's differences not yet journaled, as one `meta` record to journal."""
-        batch, self.ctx.rstat_new = self.ctx.rstat_new, {}
-        if not batch:
+        ctx = self.ctx
+        pending, done = ctx.rstat_pending, ctx.rstat_journaled
+        end = len(pending)
+        if end == done:
             return None
+        value = bytes(pending[done:] if done else pending)
+        ctx.rstat_journaled = end
+        if end > txn.RSTAT_COMPACT:
+            txn.compact_rstats(ctx, end)
         self.seq += 1
-        pack = _ENTRY.pack
-        value = b"".join(
-            [
-                pack(ns, vol, ino, 0, *change) if change else pack(ns, vol, ino, 1, 0, 0)
-                for (ns, vol, ino), change in batch.items()
-            ]
-        )
         return self.prefix + R.U64.pack(self.seq), value
 
     def fold(self, t: lmdb.Transaction) -> None:

@@ -34,6 +34,10 @@ CHUNK_VAL = struct.Struct(">QQIQ")
 SEGMENT_VAL = struct.Struct(">QQ")
 # usage: ns u32 -> logical bytes u64 | objects u64 | valid u8
 USAGE_VAL = struct.Struct(">QQB")
+# a recursive-statistics difference pending for a directory (`quota`, in memory and in the
+# values of meta b"rstat:" records): ns u32 | vol u16 | dir ino u64 | unknown u8 |
+# bytes i64 | objects i64
+RSTAT_ENTRY = struct.Struct(">IHQBqq")
 
 WHITEOUT = b""
 """An empty value hides the same key in lower layers (a deleted entry, object or chunk)."""

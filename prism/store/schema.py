@@ -181,14 +181,17 @@ class Ctx:
     events: list[tuple[Any, ...]] = field(default_factory=list)
     """The open nested transaction's changes for `observer` (recorded only with one)."""
     # -- recursive statistics deferred to the batch (`quota`, "Recursive statistics") --
-    rstat_op: dict[tuple[int, int, int], Any] = field(default_factory=dict)
-    """(ns, vol, dir ino) -> (bytes, objects) to add to that directory and those above it,
-    or None (unknown), from the open write transaction: dropped if it aborts, else moved
-    to `rstat_batch`."""
+    rstat_pending: bytearray = field(default_factory=bytearray)
+    """The open batch's differences not yet folded, in the order its operations made them,
+    as `records.RSTAT_ENTRY`s (to add to that directory and those above it), so that a
+    durable point journals a slice of it as is. An operation appends its own; if it
+    aborts they are cut off again (`txn.write`). Its first `rstat_journaled` bytes are in
+    the journal."""
+    rstat_journaled: int = 0
     rstat_batch: dict[tuple[int, int, int], Any] = field(default_factory=dict)
-    """The same, from the open batch's committed operations, not yet folded."""
-    rstat_new: dict[tuple[int, int, int], Any] = field(default_factory=dict)
-    """The part of `rstat_batch` not yet in the journal."""
+    """(ns, vol, dir ino) -> (bytes, objects) or None (unknown): entries merged out of
+    `rstat_pending` (journaled ones, or any without a journal), so that a long batch
+    holds one difference per directory (`txn.compact_rstats`)."""
     rstat_keys: list[bytes] = field(default_factory=list)
     """The b"rstat:" records this batch journaled (a fold inside it deletes them)."""
     rstat_hooks: Any = None

@@ -250,12 +250,19 @@ def _fold(ctx: Ctx, t: lmdb.Transaction) -> None:
         ctx.rstat_hooks.fold(t)
 
 
-def _merge_rstats(ctx: Ctx) -> None:
-    """The nested transaction that committed hands its deferred statistics to the batch."""
-    op, ctx.rstat_op = ctx.rstat_op, {}
-    for key, change in op.items():
-        merge_delta(ctx.rstat_batch, key, change)
-        merge_delta(ctx.rstat_new, key, change)
+RSTAT_COMPACT = 1 << 16
+"""Bytes of pending entries (`Ctx.rstat_pending`) past which those that may be merged
+are: a long batch holds one difference per directory, not one per operation."""
+
+
+def compact_rstats(ctx: Ctx, upto: int) -> None:
+    """Merge the first `upto` bytes of pending entries (in the journal already, or with no
+    journal to put them in) into `Ctx.rstat_batch`, one difference per directory."""
+    pending, merged = ctx.rstat_pending, ctx.rstat_batch
+    for ns, vol, ino, unknown, nbytes, objects in R.RSTAT_ENTRY.iter_unpack(pending[:upto]):
+        merge_delta(merged, (ns, vol, ino), None if unknown else (nbytes, objects))
+    del pending[:upto]
+    ctx.rstat_journaled = max(0, ctx.rstat_journaled - upto)
 
 
 def merge_delta(
@@ -272,7 +279,8 @@ def merge_delta(
 
 
 def _forget_rstats(ctx: Ctx) -> None:
-    ctx.rstat_op, ctx.rstat_batch, ctx.rstat_new, ctx.rstat_keys = {}, {}, {}, []
+    ctx.rstat_pending, ctx.rstat_journaled = bytearray(), 0
+    ctx.rstat_batch, ctx.rstat_keys = {}, []
 
 
 def aborted(ctx: Ctx, txn: lmdb.Transaction) -> None:
@@ -298,29 +306,33 @@ def write(ctx: Ctx) -> Iterator[lmdb.Transaction]:
     if ctx.batch is not None:
         child = sealed(ctx, ctx.env.begin(write=True, parent=_raw(ctx.batch)))
         recorder = None if ctx.journal is None else _Recorder(child, ctx.db.index)
-        # (a `quota.fold` inside replaces these: given back if it aborts)
-        folded_from = ctx.rstat_batch, ctx.rstat_new, ctx.rstat_keys
+        # (the operation's statistics are appended to `pending`; a `quota.fold` inside
+        # replaces these tables: all given back, less the operation's, if it aborts)
+        pending, mark = ctx.rstat_pending, len(ctx.rstat_pending)
+        folded_from = ctx.rstat_journaled, ctx.rstat_batch, ctx.rstat_keys
         try:
             yield child if recorder is None else cast(lmdb.Transaction, recorder)
         except BaseException:
             ctx.events.clear()
-            ctx.rstat_op = {}
-            ctx.rstat_batch, ctx.rstat_new, ctx.rstat_keys = folded_from
+            del pending[mark:]
+            ctx.rstat_pending = pending
+            ctx.rstat_journaled, ctx.rstat_batch, ctx.rstat_keys = folded_from
             aborted(ctx, child)
             raise
         child.commit()
         if recorder is not None:
             ctx.journaled += recorder.changes
-        if ctx.rstat_op:
-            _merge_rstats(ctx)
+        elif len(ctx.rstat_pending) > RSTAT_COMPACT:  # (no journal to keep them for)
+            compact_rstats(ctx, len(ctx.rstat_pending))
         deliver(ctx)
         return
     txn = begin_write(ctx)
+    mark = len(ctx.rstat_pending)
     try:
         yield txn
     except BaseException:
         ctx.events.clear()
-        ctx.rstat_op = {}
+        del ctx.rstat_pending[mark:]
         aborted(ctx, txn)
         raise
     durable_commit(ctx, txn)
