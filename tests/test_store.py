@@ -1456,6 +1456,52 @@ def test_usage_and_stats(store: Store) -> None:
     assert clone.root.ns == clone.id
 
 
+def test_a_write_adds_each_chunk_counter_once(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that rewrites chunks (a 4 KiB append into a file's last chunk, a write over
+    several chunks, one over a deduplicated chunk) writes each meta counter at most once,
+    and the counters stay exact."""
+    from prism.store import sealed
+    from prism.store.schema import REFERENCED
+
+    root = new_vm(store, "a")
+    f = write_file(store, root, b"f", pattern(CHUNK_SIZE + 100))
+    shared = pattern(2 * CHUNK_SIZE, seed=3)
+    write_file(store, root, b"g", shared)
+    meta = store.ctx.db.meta
+    writes: list[bytes] = []
+
+    def recording(self: sealed.SealedTxn, key: bytes, value: bytes, *, db: object) -> bool:
+        if db is meta:
+            writes.append(bytes(key))
+        return put(self, key, value, db=db)
+
+    put = sealed.SealedTxn.put
+    size = CHUNK_SIZE + 100
+    steps = [
+        (size, b"a" * 4096),  # grows the last chunk: bytes change, the chunk count not
+        (0, pattern(3 * CHUNK_SIZE, seed=5)),  # three chunks rewritten, one added
+        (0, shared),  # now the same chunks as g's: two references, no new bytes
+    ]
+    for offset, data in steps:
+        writes.clear()
+        with monkeypatch.context() as m:
+            m.setattr(sealed.SealedTxn, "put", recording)
+            store.write(f, offset, data)
+        counters = [k for k in writes if k in (b"stored_bytes", b"chunk_count", REFERENCED)]
+        assert len(counters) == len(set(counters)), (offset, counters)
+    content = read_all(store, f)
+    stats = store.stats()
+    chunks = {content[i : i + CHUNK_SIZE] for i in range(0, len(content), CHUNK_SIZE)}
+    chunks |= {shared[:CHUNK_SIZE], shared[CHUNK_SIZE:]}
+    assert stats.chunk_count == len(chunks)
+    assert stats.stored_bytes == sum(map(len, chunks))
+    assert stats.referenced_bytes == len(content) + len(shared)
+    if check is not None:
+        assert check.fsck(store).errors == []
+
+
 def test_dedup_across_namespaces(store: Store) -> None:
     data = pattern(1 << 20, seed=9)
     a = new_vm(store, "a")

@@ -58,8 +58,11 @@ def chunk_ref(raw: bytes | memoryview) -> ChunkRef:
     return ChunkRef(R.CHUNK_KEY.pack(digest, seq), length, segment, offset)
 
 
-def store_chunk(ctx: Ctx, t: lmdb.Transaction, content: bytes) -> tuple[bytes, int, int]:
-    """Find or add `content`; take a reference. Returns (chunk key, segment, offset)."""
+def store_chunk(
+    ctx: Ctx, t: lmdb.Transaction, content: bytes, counts: dict[bytes, int] | None = None
+) -> tuple[bytes, int, int]:
+    """Find or add `content`; take a reference. Returns (chunk key, segment, offset).
+    With `counts`, the meta counters' differences are added there (see `add_counts`)."""
     digest = xxhash.xxh3_128_digest(content)
     length = len(content)
     cur = t.cursor(db=ctx.db.chunks)
@@ -72,36 +75,53 @@ def store_chunk(ctx: Ctx, t: lmdb.Transaction, content: bytes) -> tuple[bytes, i
             seq = R.CHUNK_KEY.unpack(key)[1] + 1
             segment, offset, clen, refs = R.CHUNK_VAL.unpack(value)
             if clen == length and ctx.segments.read(segment, offset, clen) == content:
-                if refs == 0:
-                    add_meta(ctx, t, b"stored_bytes", length)
-                    add_meta(ctx, t, b"chunk_count", 1)
-                add_meta(ctx, t, REFERENCED, length)
+                _count(ctx, t, counts, length if refs == 0 else 0, 0 if refs else 1, length)
                 t.put(key, R.CHUNK_VAL.pack(segment, offset, clen, refs + 1), db=ctx.db.chunks)
                 return key, segment, offset
     segment, offset = ctx.segments.append(content)
     key = R.CHUNK_KEY.pack(digest, seq)
     t.put(key, R.CHUNK_VAL.pack(segment, offset, length, 1), db=ctx.db.chunks)
     note_append(ctx, t, segment, offset, length)
-    add_meta(ctx, t, b"stored_bytes", length)
-    add_meta(ctx, t, b"chunk_count", 1)
-    add_meta(ctx, t, REFERENCED, length)
+    _count(ctx, t, counts, length, 1, length)
     return key, segment, offset
 
 
-def unref_chunk(ctx: Ctx, t: lmdb.Transaction, key: bytes) -> None:
+def unref_chunk(
+    ctx: Ctx, t: lmdb.Transaction, key: bytes, counts: dict[bytes, int] | None = None
+) -> None:
     raw = t.get(key, db=ctx.db.chunks)
     if raw is None:
         return
     segment, offset, length, refs = R.CHUNK_VAL.unpack(raw)
-    if refs:
-        add_meta(ctx, t, REFERENCED, -length)
+    referenced = -length if refs else 0
     if refs <= 1:
         refs = 0
-        add_meta(ctx, t, b"stored_bytes", -length)
-        add_meta(ctx, t, b"chunk_count", -1)
+        _count(ctx, t, counts, -length, -1, referenced)
     else:
         refs -= 1
+        _count(ctx, t, counts, 0, 0, referenced)
     t.put(key, R.CHUNK_VAL.pack(segment, offset, length, refs), db=ctx.db.chunks)
+
+
+_COUNTERS = (b"stored_bytes", b"chunk_count", REFERENCED)
+
+
+def _count(ctx: Ctx, t: lmdb.Transaction, counts: dict[bytes, int] | None, *deltas: int) -> None:
+    """Add (stored bytes, chunks, referenced bytes) to the meta counters, or to `counts`."""
+    for name, delta in zip(_COUNTERS, deltas, strict=True):
+        if delta:
+            if counts is None:
+                add_meta(ctx, t, name, delta)
+            else:
+                counts[name] = counts.get(name, 0) + delta
+
+
+def add_counts(ctx: Ctx, t: lmdb.Transaction, counts: dict[bytes, int]) -> None:
+    """Add what `store_chunk` and `unref_chunk` gathered in `counts`: one read and write
+    per counter that changed (a chunk rewritten in place changes `chunk_count` by 0)."""
+    for name, delta in counts.items():
+        if delta:
+            add_meta(ctx, t, name, delta)
 
 
 def chunk_at(
@@ -169,6 +189,7 @@ def _set_chunk(
     ino: int,
     index: int,
     content: bytes,
+    counts: dict[bytes, int] | None = None,
 ) -> None:
     key = R.cmap_key(top, vol, ino, index)
     old = t.get(key, db=ctx.db.cmap)
@@ -179,7 +200,7 @@ def _set_chunk(
         elif old is not None:
             t.delete(key, db=ctx.db.cmap)
     else:
-        chunk_key, segment, offset = store_chunk(ctx, t, content)
+        chunk_key, segment, offset = store_chunk(ctx, t, content, counts)
         digest, seq = R.CHUNK_KEY.unpack(chunk_key)
         t.put(
             key,
@@ -187,7 +208,7 @@ def _set_chunk(
             db=ctx.db.cmap,
         )
     if old_key is not None:
-        unref_chunk(ctx, t, old_key)
+        unref_chunk(ctx, t, old_key, counts)
 
 
 def read_range(
@@ -255,6 +276,7 @@ def write_range(
     path = chain(ctx, t, view.top, vol)
     end = offset + len(data)
     mv = memoryview(data)
+    counts: dict[bytes, int] = {}  # (the chunk counters, added once: `add_counts`)
     for index in range(offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE + 1):
         base = index * CHUNK_SIZE
         lo = max(offset, base)
@@ -269,7 +291,8 @@ def write_range(
             buf[: min(len(old), clen)] = old[:clen]
             buf[lo - base : hi - base] = piece
             content = bytes(buf)
-        _set_chunk(ctx, t, view.top, path, vol, ino, index, content)
+        _set_chunk(ctx, t, view.top, path, vol, ino, index, content, counts)
+    add_counts(ctx, t, counts)
 
 
 def truncate(
