@@ -30,9 +30,9 @@ the end of every write transaction outside a batch, and before anything reads th
 or freezes a layer (snapshot, clone, graft, rollback, vm rm), `fold` adds them up each dirty
 '..' chain once, reading and writing each directory on the union of those chains once, in
 the same transaction. So a stored figure plus the differences pending in its subtree is
-always exact, and a change pays a dictionary update, not a walk. Differences pending for a
-directory that is gone are dropped (whoever removed it took its stored figures out of the
-chain above).
+always exact, and a change pays one packed entry appended, not a walk. Differences pending
+for a directory that is gone are dropped (whoever removed it took its stored figures out of
+the chain above).
 
 Crash ordering is the batch's: a durable point (`RstatHooks.persist`) journals the
 differences new since the last one as one `b"rstat:"` record of `meta`, with the changes
