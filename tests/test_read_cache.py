@@ -20,7 +20,7 @@ import pytest
 from prism.errors import Corrupt
 from prism.limits import READ_CACHE_MB
 from prism.nfs.const import NfsStat3
-from prism.store import CHUNK_SIZE, ObjectId, Store, gc
+from prism.store import CHUNK_SIZE, ObjectId, SetAttr, Store, gc
 from prism.store.segments import VerifiedChunks
 from tests.server_helpers import running_server
 from tests.test_hardening_corruption import flip_in_segments
@@ -155,6 +155,27 @@ def test_reads_stay_exact_across_rewrites_and_gc_moves(data: Path) -> None:
                 gc.gc(store)  # compacts: live chunks move to new places
             assert store.read(oid, at, 4096)[0] == model[at : at + 4096]
         assert store.read(oid, 0, len(model))[0] == model
+
+
+def test_reads_inside_one_chunk_over_holes_and_short_chunks(data: Path) -> None:
+    """Every range inside one chunk (the small READ's path) equals the file's bytes: a
+    stored chunk, a hole, a chunk shorter than the file there (grown by truncate), and the
+    boundaries between them."""
+    head = chunks(9, 1)
+    with Store.open(data, read_cache_bytes=CHUNK_SIZE) as store:
+        oid = make_file(store, b"vm", head + b"tail" * 25)  # chunk 1 holds 100 bytes
+        store.setattr(oid, SetAttr(size=4 * CHUNK_SIZE))  # chunk 1's rest, 2 and 3: zeros
+        store.write(oid, 3 * CHUNK_SIZE + 10, b"x" * 50)
+        model = bytearray(4 * CHUNK_SIZE)
+        model[: CHUNK_SIZE + 100] = head + b"tail" * 25
+        model[3 * CHUNK_SIZE + 10 : 3 * CHUNK_SIZE + 60] = b"x" * 50
+        spots = [0, 5, 4096, CHUNK_SIZE - 4096, CHUNK_SIZE, CHUNK_SIZE + 60, CHUNK_SIZE + 100]
+        spots += [CHUNK_SIZE + 200, 2 * CHUNK_SIZE + 7, 3 * CHUNK_SIZE, 3 * CHUNK_SIZE + 30]
+        for at in spots:
+            for count in (1, 40, 4096, CHUNK_SIZE - at % CHUNK_SIZE):
+                got, eof = store.read(oid, at, count)
+                assert got == model[at : at + count], (at, count)
+                assert eof == (at + count >= len(model))
 
 
 @pytest.mark.parametrize("megabytes", [0, 1])

@@ -191,8 +191,18 @@ def read_range(
 ) -> bytes:
     """Bytes [start, end) of a file: holes and the tails of short chunks read as zeros;
     stored chunks are fetched whole (one pread per run of chunks adjacent in a segment)
-    and verified once per fetch, then the wanted bytes are sliced out."""
+    and verified once per fetch, then the wanted bytes are sliced out. A range inside one
+    chunk (every small READ) is one chunk-map lookup and one slice of the (cached) chunk."""
     path = chain(ctx, t, view.top, vol)
+    first = start // CHUNK_SIZE
+    if first == (end - 1) // CHUNK_SIZE:  # inside one chunk (every small READ): one slice
+        base = first * CHUNK_SIZE
+        lo, hi = start - base, end - base
+        ref = chunk_at(ctx, t, path, ino, first)
+        if ref is None or ref.length <= lo:
+            return ZEROS[: hi - lo]
+        data = _read_run(ctx, view, vol, ino, first, [ref])
+        return data[lo:hi] if hi <= ref.length else data[lo:] + ZEROS[: hi - ref.length]
     parts: list[bytes | memoryview] = []
     run: list[ChunkRef] = []  # chunks adjacent in one segment, wanted end to end
     run_first = run_lo = run_len = 0  # run's first chunk index; wanted bytes in the run
