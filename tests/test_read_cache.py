@@ -21,7 +21,7 @@ from prism.errors import Corrupt
 from prism.limits import READ_CACHE_MB
 from prism.nfs.const import NfsStat3
 from prism.store import CHUNK_SIZE, ObjectId, SetAttr, Store, gc
-from prism.store.segments import VerifiedChunks
+from prism.store.segments import ENTRY_OVERHEAD, VerifiedChunks
 from tests.server_helpers import running_server
 from tests.test_hardening_corruption import flip_in_segments
 
@@ -55,20 +55,41 @@ def count_preads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+def held(cache: VerifiedChunks) -> int:
+    return sum(len(data) + ENTRY_OVERHEAD for data in cache.chunks.values())
+
+
 def test_lru_bounded_in_bytes() -> None:
-    cache = VerifiedChunks(3 * 100)
+    cache = VerifiedChunks(3 * (100 + ENTRY_OVERHEAD))
     for i in range(3):
         cache.put((1, i * 100, 100, b"d"), bytes([i]) * 100)
     assert cache.get((1, 0, 100, b"d")) == bytes(100)  # now the most recently used
     cache.put((1, 300, 100, b"d"), b"x" * 100)
-    assert cache.size == 300 == sum(map(len, cache.chunks.values()))
+    assert cache.size == cache.capacity == held(cache)
     assert cache.get((1, 100, 100, b"d")) is None  # the least recently used went first
     assert cache.get((1, 0, 100, b"d")) is not None
-    cache.put((1, 400, 301, b"d"), b"y" * 301)  # larger than the whole cache: not kept
-    assert cache.size == 300 and cache.get((1, 400, 301, b"d")) is None
+    cache.put((1, 400, 301, b"d"), b"y" * cache.capacity)  # larger than the whole cache
+    assert cache.size == held(cache) and cache.get((1, 400, 301, b"d")) is None
     off = VerifiedChunks(0)
     off.put((1, 0, 1, b"d"), b"z")
     assert off.size == 0 and not off.chunks
+
+
+def test_many_small_chunks_stay_within_the_capacity_in_memory() -> None:
+    """The capacity bounds memory, not just chunk bytes: tiny chunks (small files) cost
+    their keys and entries too."""
+    capacity = 1 << 20
+    cache = VerifiedChunks(capacity)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(50_000):
+            cache.put((7 << 40, i * 100 + (1 << 33), 100, os.urandom(16)), os.urandom(100))
+        grown = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert cache.size == held(cache) <= capacity
+    assert grown <= capacity * 1.1, grown
 
 
 def test_small_reads_of_a_cached_chunk_cost_no_disk_read(
@@ -106,11 +127,11 @@ def test_memory_stays_bounded_over_a_file_larger_than_the_cache(
                 peak_growth = max(peak_growth, tracemalloc.get_traced_memory()[0] - base)
         finally:
             tracemalloc.stop()
-        assert cache.size == sum(map(len, cache.chunks.values())) <= capacity
-        assert len(cache.chunks) == 4
+        assert cache.size == held(cache) <= capacity
+        assert len(cache.chunks) == 3  # 4 chunks and their entries would be too much
         # what is held is the cache plus the chunk in flight and small change
         assert peak_growth < capacity + 2 * CHUNK_SIZE, peak_growth
-        assert len(preads) > 400  # 4 of 48 chunks cached: most reads miss and fetch
+        assert len(preads) > 400  # 3 of 48 chunks cached: most reads miss and fetch
 
 
 def test_a_chunk_damaged_after_it_was_verified(data: Path) -> None:
@@ -118,7 +139,7 @@ def test_a_chunk_damaged_after_it_was_verified(data: Path) -> None:
     afterwards does not reach a hit, and the bytes served are the ones that matched the
     hash); every read that misses refuses the damage, as fsck reports it."""
     a, b = chunks(4, 1), chunks(5, 1)
-    with Store.open(data, read_cache_bytes=CHUNK_SIZE) as store:
+    with Store.open(data, read_cache_bytes=CHUNK_SIZE + ENTRY_OVERHEAD) as store:
         fa = make_file(store, b"a", a)
         fb = make_file(store, b"b", b)
         assert store.read(fa, 4096, 4096)[0] == a[4096:8192]  # cached, verified

@@ -102,13 +102,18 @@ class DamagedChunk(Corrupt):
         self.position = position
 
 
+ENTRY_OVERHEAD = 384
+"""Bytes of memory a cached chunk costs besides its own (key, bytes header, dict entry:
+about 330 measured), counted against the read cache's capacity so that small chunks too
+stay within it."""
 Place = tuple[int, int, int, bytes]
 """Where a chunk lives and what it must hash to: (segment, offset, length, xxh3-128)."""
 
 
 class VerifiedChunks:
-    """Chunks read and verified lately, least recently used first out; the bytes held
-    (`size`) never exceed `capacity`. Keyed by `Place`, whose bytes never change."""
+    """Chunks read and verified lately, least recently used first out; the memory held
+    (`size`: their bytes plus ENTRY_OVERHEAD each) never exceeds `capacity`. Keyed by
+    `Place`, whose bytes never change."""
 
     __slots__ = ("capacity", "chunks", "size")
 
@@ -124,12 +129,13 @@ class VerifiedChunks:
         return data
 
     def put(self, place: Place, data: bytes) -> None:
-        if len(data) > self.capacity or place in self.chunks:
+        cost = len(data) + ENTRY_OVERHEAD
+        if cost > self.capacity or place in self.chunks:
             return
-        while self.size + len(data) > self.capacity:
-            self.size -= len(self.chunks.popitem(last=False)[1])
+        while self.size + cost > self.capacity:
+            self.size -= len(self.chunks.popitem(last=False)[1]) + ENTRY_OVERHEAD
         self.chunks[place] = data
-        self.size += len(data)
+        self.size += cost
 
 
 def segment_name(seg_id: int) -> str:
