@@ -21,3 +21,7 @@ VM_NAME_PATTERN = rf"[a-z0-9][a-z0-9_.-]{{0,{VM_NAME_MAX - 1}}}"
 """A VM or snapshot name: a-z 0-9 _ . -, starting with a letter or digit. What `/VM` and
 `/VM@SNAP` export, what the store and the CLI accept. Unanchored, to embed in larger
 patterns; anchor it with `re.fullmatch`."""
+
+READ_CACHE_MB = 256
+"""Verified chunk bytes a process keeps in memory for the next small read of them, in MiB
+(`prism serve --read-cache-mb`; 0 keeps none): the store's read cache (`segments`)."""

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from prism.limits import READ_CACHE_MB
 from prism.metrics import MetricSources, MetricsServer
 from prism.nfs.const import MOUNT_PORT, MOUNT_PROGRAM, MOUNT_V3, NFS_PORT, NFS_PROGRAM, NFS_V3
 from prism.nfs.replies import mount_status, nfs_status
@@ -99,6 +100,8 @@ class ServeOptions:
     max_connections: int | None = None
     """NFS and MOUNT TCP connections in all; None: what the file descriptor limit allows."""
     max_connections_per_address: int = MAX_PER_ADDRESS
+    read_cache_mb: int = READ_CACHE_MB
+    """MiB of verified chunks kept in memory for small reads (`--read-cache-mb`)."""
     record_timeout: float = RECORD_TIMEOUT
     """Seconds an incomplete record may go without new bytes before its connection closes."""
     nlm_port: int = 0
@@ -115,7 +118,9 @@ class ServeOptions:
 class PrismServer:
     def __init__(self, options: ServeOptions) -> None:
         self.options = options
-        self.store = Store.open(options.data, journal=True)
+        self.store = Store.open(
+            options.data, journal=True, read_cache_bytes=options.read_cache_mb << 20
+        )
         self.executor = StoreExecutor(self.store)
         self.service = NfsService(self.executor, durable_replies=options.durable_replies)
         self.dispatcher = RpcDispatcher()

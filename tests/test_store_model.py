@@ -2,7 +2,8 @@
 
 The model keeps, per namespace (VMs and snapshots), a table of nodes (directories with
 entries, files with contents, symlinks with targets) so hard links are shared nodes. After
-every step each namespace's tree in the store must equal its model: names, types, contents,
+every step each namespace's tree in the store must equal its model: names, types, contents (whole,
+and a piece of each chunk through the store's small read cache),
 symlink targets, hard-link identity, nlink, and usage, which must be known without a walk
 (its record valid: compositions add the grafted subtrees' recursive statistics, `quota`),
 also when operations run in batches (their statistics are deferred to the batch's durable
@@ -54,6 +55,8 @@ SIZES = [0, 3, 131000, 131072, 131080, 2 * CHUNK_SIZE + 1]
 MAX_NAMESPACES = 7
 FSCK_EVERY = 5
 MAX_COMPOSES = 6
+READ_CACHE = 3 * CHUNK_SIZE
+"""The store's read cache of verified chunks, small so that its evictions take part."""
 """Per example, to keep examples short. A graft imports only the volumes its subtree can
 reach, so composing VMs into each other never nears MAX_VOLUMES here."""
 
@@ -148,7 +151,7 @@ class StoreMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.tmp = Path(tempfile.mkdtemp(prefix="prism-model-"))
-        self.store = Store.open(self.tmp / "data", journal=True)
+        self.store = Store.open(self.tmp / "data", journal=True, read_cache_bytes=READ_CACHE)
         self.models: dict[str, Tree] = {}  # "vm", and "vm@snap" for snapshots
         self.counter = 0
         self.steps = 0
@@ -529,7 +532,7 @@ class StoreMachine(RuleBasedStateMachine):
         if self.store.in_batch:
             self.store.commit()
         self.store.close()
-        self.store = Store.open(self.tmp / "data", journal=True)
+        self.store = Store.open(self.tmp / "data", journal=True, read_cache_bytes=READ_CACHE)
 
     @precondition(lambda self: check is not None and not self.store.in_batch)
     @rule()
@@ -580,6 +583,9 @@ class StoreMachine(RuleBasedStateMachine):
                 assert attr.size == len(node.data), f"{ns}:{path}: size"
                 data, eof = self.store.read(oid, 0, len(node.data) + 1)
                 assert eof and data == bytes(node.data), f"{ns}:{path}: content differs"
+                for at in range(5, len(node.data), CHUNK_SIZE):  # one chunk each: the cache
+                    piece = self.store.read(oid, at, 4096)[0]
+                    assert piece == node.data[at : at + 4096], f"{ns}:{path}: bytes at {at}"
                 assert attr.nlink == links[nid], f"{ns}:{path}: nlink {attr.nlink}"
                 size += len(node.data)
             else:

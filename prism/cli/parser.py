@@ -37,6 +37,7 @@ from prism.cli.vm import (
     cmd_vm_vrpc_token,
 )
 from prism.importer import PROGRESS_INTERVAL_SECONDS, Exclude
+from prism.limits import READ_CACHE_MB
 from prism.nfs.const import MOUNT_PORT, NFS_PORT
 from prism.nlm.monitor import DEFAULT_GRACE
 from prism.store.types import NOBODY, SQUASH_MODES
@@ -76,6 +77,16 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
+    return value
+
+
+def _whole_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number (0 or more), not {text!r}")
     return value
 
 
@@ -297,6 +308,14 @@ def _serve_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
         default=MAX_PER_ADDRESS,
         metavar="N",
         help=f"TCP connections from one client address ({MAX_PER_ADDRESS})",
+    )
+    p.add_argument(
+        "--read-cache-mb",
+        type=_whole_number,
+        default=READ_CACHE_MB,
+        metavar="N",
+        help=f"MiB of verified file content kept in memory for small reads ({READ_CACHE_MB};"
+        " 0: none): a chunk read once is then served without a disk read or a hash check",
     )
     p.add_argument(
         "--record-timeout",

@@ -38,6 +38,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         durable_replies=not args.async_replies,
         max_connections=args.max_connections,
         max_connections_per_address=args.max_connections_per_address,
+        read_cache_mb=args.read_cache_mb,
         record_timeout=args.record_timeout,
         nlm_port=args.nlm_port,
         grace=args.grace,

@@ -19,7 +19,10 @@ transaction that names them commits, and that commit fdatasyncs the segment firs
 
 Damage. A chunk whose bytes no longer match its hash is refused (`Corrupt`: EIO on the
 wire), never served: each chunk is verified whole, once per fetch, and counted in
-`Ctx.damaged_reads` and logged once with the file and byte range. `fsck --repair` restores a
+`Ctx.damaged_reads` and logged once with the file and byte range. A lone chunk read is
+kept verified in the segments' read cache (bounded in bytes, `segments`, "Read cache"): a
+chunk verified once is then served from memory, and damage to its bytes on disk afterwards
+shows at the next read that misses the cache, and in `prism fsck`. `fsck --repair` restores a
 chunk from another copy of its content and never turns damage into zeros.
 """
 
@@ -40,8 +43,6 @@ from prism.store.tree import lower_has
 from prism.store.types import CHUNK_SIZE, ObjectId
 
 ZEROS = bytes(CHUNK_SIZE)
-VERIFIED_CHUNKS = 64
-"""Chunks read and verified lately, kept for the next small read of them (8 MiB at most)."""
 log = logging.getLogger("prism.store")
 
 
@@ -147,15 +148,15 @@ def _read_run(ctx: Ctx, view: View, vol: int, ino: int, first: int, refs: list[C
     """Whole chunks `first`, `first`+1... of a file, adjacent in one segment, read in one
     pread and each verified against its hash. Damage raises Corrupt, after it is counted
     in `damaged_reads` and logged once per chunk with the file and byte range. A lone
-    chunk is kept (verified) for the next read of it: small reads of a chunk then fetch
-    and hash it once, not once per read."""
-    place = (refs[0].segment, refs[0].offset, refs[0].length)
-    if len(refs) == 1:
-        data = ctx.verified.get(place)
-        if data is not None:
-            return data
+    chunk goes through the read cache (`SegmentFiles.read_chunk`): small reads of a chunk
+    then fetch and hash it once, not once per read."""
+    head = refs[0]
     try:
-        data = ctx.segments.read_chunks(place[0], place[1], [(r.length, r.key[:16]) for r in refs])
+        if len(refs) == 1:
+            return ctx.segments.read_chunk(head.segment, head.offset, head.length, head.key[:16])
+        return ctx.segments.read_chunks(
+            head.segment, head.offset, [(r.length, r.key[:16]) for r in refs]
+        )
     except DamagedChunk as exc:
         ref = refs[exc.position]
         lo = (first + exc.position) * CHUNK_SIZE
@@ -173,11 +174,6 @@ def _read_run(ctx: Ctx, view: View, vol: int, ino: int, first: int, refs: list[C
             f"damaged content in {where}; run `prism fsck --repair` to restore it "
             "from another copy or list the damaged files"
         ) from None
-    if len(refs) == 1:
-        if len(ctx.verified) >= VERIFIED_CHUNKS:  # bytes at a place never change
-            del ctx.verified[next(iter(ctx.verified))]
-        ctx.verified[place] = data
-    return data
 
 
 def _set_chunk(
@@ -216,8 +212,18 @@ def read_range(
 ) -> bytes:
     """Bytes [start, end) of a file: holes and the tails of short chunks read as zeros;
     stored chunks are fetched whole (one pread per run of chunks adjacent in a segment)
-    and verified once per fetch, then the wanted bytes are sliced out."""
+    and verified once per fetch, then the wanted bytes are sliced out. A range inside one
+    chunk (every small READ) is one chunk-map lookup and one slice of the (cached) chunk."""
     path = chain(ctx, t, view.top, vol)
+    first = start // CHUNK_SIZE
+    if first == (end - 1) // CHUNK_SIZE:  # inside one chunk (every small READ): one slice
+        base = first * CHUNK_SIZE
+        lo, hi = start - base, end - base
+        ref = chunk_at(ctx, t, path, ino, first)
+        if ref is None or ref.length <= lo:
+            return ZEROS[: hi - lo]
+        data = _read_run(ctx, view, vol, ino, first, [ref])
+        return data[lo:hi] if hi <= ref.length else data[lo:] + ZEROS[: hi - ref.length]
     parts: list[bytes | memoryview] = []
     run: list[ChunkRef] = []  # chunks adjacent in one segment, wanted end to end
     run_first = run_lo = run_len = 0  # run's first chunk index; wanted bytes in the run

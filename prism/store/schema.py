@@ -165,8 +165,6 @@ class Ctx:
     ns_cache: dict[bytes, dict[str, Any]] = field(default_factory=dict)
     layer_cache: dict[bytes, dict[str, Any]] = field(default_factory=dict)
     exports: dict[int, tuple[dict[str, Any], Export]] = field(default_factory=dict)
-    verified: dict[tuple[int, int, int], bytes] = field(default_factory=dict)
-    """(segment, offset, length) -> chunk bytes read and verified lately (`content`)."""
     damage_logged: set[bytes] = field(default_factory=set)
     damaged_reads: int = 0
     """Reads refused because content failed its hash check (since this process began)."""

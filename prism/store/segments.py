@@ -10,10 +10,20 @@ Chunks are appended back to back with no framing: the LMDB chunk index is the on
 on where a chunk lives, and `fsck` checks every referenced chunk's length and hash. Readers of
 file content use `read_chunks`, which verifies every chunk it returns against its xxh3-128
 hash (a whole chunk at a time, once per fetch), so damaged bytes surface as `DamagedChunk`
-and are never served. Bytes that
-reached a segment but whose transaction never committed (a crash, an abort) are debris that
+and are never served (see "Read cache" for what a cached chunk means). Bytes that reached
+a segment but whose transaction never committed (a crash, an abort) are debris that
 `gc` reclaims by compaction. `sync()` (fdatasync, plus an fsync of the directory after a new
 segment appears) is called before the metadata that references new bytes commits.
+
+Read cache. `read_chunk` keeps each lone chunk it has read and verified in an LRU cache of
+at most `cache_bytes` (`prism.limits.READ_CACHE_MB`, the server's `--read-cache-mb`), so a
+small read of a chunk fetched lately costs neither a 128 KiB pread nor its hash. A chunk is
+cached under its place and its digest (segment, offset, length, xxh3-128): a hit hands back
+bytes that were read from that place and matched the very digest the caller's metadata
+names, so it needs no invalidation when gc moves or deletes segments, or fsck repairs a
+chunk elsewhere (those name a new place). A chunk verified once is served from memory while
+cached: damage to its bytes on disk afterwards is found by the next read that misses (after
+eviction or a restart) and by `prism fsck`, never by a hit; memory is not re-verified.
 
 Room for metadata. Content may not fill the filesystem: an append that would leave less than
 `metadata_reserve()` bytes free (1/32 of the filesystem, clamped to 8 MiB..1 GiB) fails with
@@ -31,12 +41,14 @@ import ctypes
 import fcntl
 import os
 import secrets
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import xxhash
 
 from prism.errors import Corrupt, NoSpace
+from prism.limits import READ_CACHE_MB
 from prism.store.diskio import PRIVATE_DIR, PRIVATE_FILE, fsync_directory, pwrite_all
 
 SEGMENT_TARGET_SIZE = 64 * 1024 * 1024
@@ -90,6 +102,42 @@ class DamagedChunk(Corrupt):
         self.position = position
 
 
+ENTRY_OVERHEAD = 384
+"""Bytes of memory a cached chunk costs besides its own (key, bytes header, dict entry:
+about 330 measured), counted against the read cache's capacity so that small chunks too
+stay within it."""
+Place = tuple[int, int, int, bytes]
+"""Where a chunk lives and what it must hash to: (segment, offset, length, xxh3-128)."""
+
+
+class VerifiedChunks:
+    """Chunks read and verified lately, least recently used first out; the memory held
+    (`size`: their bytes plus ENTRY_OVERHEAD each) never exceeds `capacity`. Keyed by
+    `Place`, whose bytes never change."""
+
+    __slots__ = ("capacity", "chunks", "size")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.chunks: OrderedDict[Place, bytes] = OrderedDict()
+        self.size = 0
+
+    def get(self, place: Place) -> bytes | None:
+        data = self.chunks.get(place)
+        if data is not None:
+            self.chunks.move_to_end(place)
+        return data
+
+    def put(self, place: Place, data: bytes) -> None:
+        cost = len(data) + ENTRY_OVERHEAD
+        if cost > self.capacity or place in self.chunks:
+            return
+        while self.size + cost > self.capacity:
+            self.size -= len(self.chunks.popitem(last=False)[1]) + ENTRY_OVERHEAD
+        self.chunks[place] = data
+        self.size += cost
+
+
 def segment_name(seg_id: int) -> str:
     return f"{seg_id:016x}.seg"
 
@@ -106,8 +154,9 @@ def parse_segment_name(name: str) -> int | None:
 class SegmentFiles:
     """Appends to this process's active segment and reads any segment."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, cache_bytes: int = READ_CACHE_MB << 20) -> None:
         self.directory = directory
+        self.verified = VerifiedChunks(cache_bytes)
         directory.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
         self._read_fds: dict[int, int] = {}
         self._active_id: int | None = None
@@ -228,6 +277,16 @@ class SegmentFiles:
                     position,
                 )
             pos += length
+        return data
+
+    def read_chunk(self, seg_id: int, offset: int, length: int, digest: bytes) -> bytes:
+        """One chunk, verified against `digest`: from the read cache, else read (and
+        verified) by `read_chunks` and kept in the cache."""
+        place = (seg_id, offset, length, digest)
+        data = self.verified.get(place)
+        if data is None:
+            data = self.read_chunks(seg_id, offset, ((length, digest),))
+            self.verified.put(place, data)
         return data
 
     def forget(self, seg_id: int) -> None:

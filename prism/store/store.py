@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from prism.errors import NotFound
+from prism.limits import READ_CACHE_MB
 from prism.store import compose, layers, names, posix, quota, staging, txn
 from prism.store.api import (
     Access,
@@ -88,12 +89,14 @@ class Store:
         create: bool = True,
         journal: bool = False,
         journal_wait: float = 5.0,
+        read_cache_bytes: int = READ_CACHE_MB << 20,
     ) -> Store:
         """Open the store at `path`. With `journal`, this process takes the redo journal
         (see `prism.store.journal`): a batch's durable points then cost one small fdatasync
         instead of an LMDB commit. One process at a time may journal (the server); another
         that asks waits up to `journal_wait` seconds, then gets Busy. Without `journal`, the
-        changes a dead journal owner left are replayed first."""
+        changes a dead journal owner left are replayed first. `read_cache_bytes` bounds the
+        verified chunks kept in memory (`segments`, "Read cache"; filled only by reads)."""
         root = Path(path)
         meta = root / "meta"
         if not meta.exists():
@@ -106,7 +109,12 @@ class Store:
         owned = txn.lock_journal(meta / "journal", journal_wait) if journal else None
         try:
             ctx = Ctx(
-                root, env, Dbs.open(env), SegmentFiles(root / "segments"), WriteLock(root), owned
+                root,
+                env,
+                Dbs.open(env),
+                SegmentFiles(root / "segments", read_cache_bytes),
+                WriteLock(root),
+                owned,
             )
             ctx.epoch = EpochFile.open(root)
             ctx.rstat_hooks = quota.RstatHooks(ctx)
