@@ -101,7 +101,17 @@ for _ in range(int(sys.argv[2])):
 """
 CALL_GUEST = """
 import socket, sys
-with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as s:
+import time
+deadline = time.monotonic() + 10
+while True:  # the guest's listener was started in the background: it may not listen yet
+    try:
+        s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+        break
+    except ConnectionRefusedError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.1)
+with s:
     s.sendall(sys.argv[3].encode() + b"\\n")
 """
 
@@ -127,9 +137,15 @@ def test_tap_guests_are_distinct_clients_the_server_can_call() -> None:
                 seen = g.check(f"echo hi | nc -w 10 {SERVER_ADDR} {port}").strip()
                 assert seen == net.address
                 token = secrets.token_hex(8)
-                g.check("nc -l -p 7777 > /tmp/got 2>&1 & echo $! > /tmp/nc.pid")
+                # the listener reads no stdin (a session's stdin never closes) and the token is
+                # awaited on the file, not on nc's exit, which busybox may delay
+                g.check("nc -l -p 7777 < /dev/null > /tmp/got 2>&1 & echo $! > /tmp/nc.pid")
                 lan.host.python(CALL_GUEST, net.address, "7777", token, timeout=30)
-                assert g.check("wait $(cat /tmp/nc.pid); cat /tmp/got").strip() == token
+                got = g.check(
+                    "for i in $(seq 200); do [ -s /tmp/got ] && break; sleep 0.1; done; "
+                    "kill $(cat /tmp/nc.pid) 2>/dev/null; cat /tmp/got"
+                )
+                assert got.strip() == token
                 assert g.run("exit_code_is_kept() { return 3; }; exit_code_is_kept").exit_code == 3
         finally:
             for g in guests:
