@@ -3,6 +3,7 @@ a GuestLan have addresses of their own."""
 
 from __future__ import annotations
 
+import base64
 import secrets
 import socket
 import subprocess
@@ -168,3 +169,17 @@ def test_session_answers_in_order_and_powers_off_after_its_lifetime() -> None:
             time.sleep(0.5)
         assert not g.running
         assert "PRISM-GUEST-LIFETIME-OVER" in g.console
+
+
+@pytest.mark.guest
+def test_a_command_line_that_lost_its_start_is_not_run_and_is_sent_again() -> None:
+    """ash's ``read`` drops the part of a line it had read when a signal interrupts it (a
+    background job ending while the next command arrives): what is left of the line must not
+    run, and the command it was must still be answered."""
+    with GuestSession(name="garbled") as g:
+        assert g.check("rm -f /tmp/ran; echo ready") == "ready\n"
+        remnant = b"7 " + base64.b64encode(b"touch /tmp/ran") + b"\n"  # tag and start lost
+        g.send_raw_line_for_test(remnant)
+        assert g.check("echo next") == "next\n"
+        assert g.garbled_lines == 1
+        assert g.run("test -e /tmp/ran").exit_code == 1

@@ -266,12 +266,22 @@ class CommandResult:
     elapsed: float
 
 
+#: Starts each command line. ash's ``read`` restarts a line from scratch when a signal (a
+#: background job's SIGCHLD) interrupts it, dropping the bytes already read: a line that does
+#: not start with the tag lost its start, was not run, and is answered GARBLED_TAG; the host
+#: sends it again. (Neither tag can occur inside the base64 or the number that follow.)
+COMMAND_TAG = "PRISM-CMD"
+GARBLED_TAG = "PRISM-GARBLED"
+#: Times one command is sent again after arriving garbled before the session gives up.
+GARBLED_RESENDS = 5
+
 _CONTROL_LOOP = f"""
 ( sleep "$1"; echo "PRISM-GUEST-LIFETIME-OVER"; poweroff -f ) </dev/null &
 exec 3<>/dev/ttyS1
 stty raw -echo <&3 || exit 90
 echo {CONTROL_MARKER}
-while read -r _prism_id _prism_cmd <&3; do
+while read -r _prism_tag _prism_id _prism_cmd <&3; do
+    if [ "$_prism_tag" != {COMMAND_TAG} ]; then echo {GARBLED_TAG} >&3; continue; fi
     echo "$_prism_cmd" | base64 -d > /tmp/.prism-cmd
     . /tmp/.prism-cmd </dev/null >/tmp/.prism-out 2>&1
     _prism_rc=$?
@@ -279,6 +289,7 @@ while read -r _prism_id _prism_cmd <&3; do
 done
 """
 _RC_RE = re.compile(rb"^PRISM-RC (\d+) (-?\d+) ?([A-Za-z0-9+/=]*)\r?$")
+_GARBLED_RE = re.compile(rb"^%s\r?$" % GARBLED_TAG.encode())
 
 
 class GuestSession:
@@ -319,6 +330,8 @@ class GuestSession:
         self._sock: socket.socket | None = None
         self._buffer = b""
         self._serial = 0  # numbers commands, so a late answer is never taken for the next
+        #: Command lines the guest's shell lost the start of (and that were sent again).
+        self.garbled_lines = 0
 
     @property
     def running(self) -> bool:
@@ -376,7 +389,13 @@ class GuestSession:
             raise GuestError(f"{self.name} is not running", self.console)
         started = time.monotonic()
         self._serial += 1
-        self._sock.sendall(b"%d %s\n" % (self._serial, base64.b64encode(command.encode())))
+        line_out = b"%s %d %s\n" % (
+            COMMAND_TAG.encode(),
+            self._serial,
+            base64.b64encode(command.encode()),
+        )
+        self._sock.sendall(line_out)
+        resends = 0
         while True:
             line, sep, rest = self._buffer.partition(b"\n")
             if sep:
@@ -385,6 +404,15 @@ class GuestSession:
                 if m and int(m[1]) == self._serial:
                     output = base64.b64decode(m[3]).decode("utf-8", "replace")
                     return CommandResult(int(m[2]), output, time.monotonic() - started)
+                if _GARBLED_RE.match(line):
+                    self.garbled_lines += 1
+                    resends += 1
+                    if resends > GARBLED_RESENDS:
+                        raise GuestError(
+                            f"{self.name}: {command!r} arrived garbled {resends} times",
+                            self.console,
+                        )
+                    self._sock.sendall(line_out)  # it was not run: send it again
                 continue  # the late answer to a command that timed out: skip it
             left = started + timeout - time.monotonic()
             if left <= 0:
@@ -401,6 +429,12 @@ class GuestSession:
                 self._check_alive()
                 raise GuestCrash(f"{self.name}: control port closed", self.console)
             self._buffer += chunk
+
+    def send_raw_line_for_test(self, line: bytes) -> None:
+        """Write ``line`` to the control port as is (a test of the framing itself)."""
+        if self._sock is None:
+            raise GuestError(f"{self.name} is not running", self.console)
+        self._sock.sendall(line)
 
     def check(self, command: str, *, timeout: float = 60.0) -> str:
         """``run`` that raises unless the command exits 0; returns its output."""
