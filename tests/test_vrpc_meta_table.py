@@ -15,12 +15,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prism.store.epoch import EpochFile
-from tests.vrpc_helpers import BACKENDS, PAIRS
+from tests.vrpc_helpers import BACKENDS, NATIVE_REQUIRED, PAIRS
 from vrpc import abi
 from vrpc.meta import map_table, meta_backend, new_table
+from vrpc.native import NATIVE_AVAILABLE
 from vrpc.pymeta import MetaOpenError, bucket
 
 BUCKETS = 64
+needs_native = pytest.mark.skipif(
+    not NATIVE_AVAILABLE and not NATIVE_REQUIRED, reason="vrpc._native is not built"
+)
 
 
 def fattr(n: int) -> bytes:
@@ -96,6 +100,71 @@ def test_private_mac_array_guards_server_lookups(name: str, epoch: EpochFile) ->
     assert w.lookup(7, 0, 5, mac) == fattr(1)
     assert w.lookup(7, 0, 5, bytes(16)) is None
     assert w.lookup(7, 0, 5) == fattr(1)
+
+
+_GOOD = {"ns": 7, "vol": 0, "ino": 5, "fattr3": fattr(9), "flags": 0, "mac": bytes(16)}
+BAD_PUBLISH = {
+    "short fattr3": {"fattr3": fattr(9)[:-1]},
+    "long fattr3": {"fattr3": fattr(9) + b"x"},
+    "bytearray fattr3": {"fattr3": bytearray(fattr(9))},
+    "memoryview fattr3": {"fattr3": memoryview(fattr(9))},
+    "short mac": {"mac": bytes(15)},
+    "long mac": {"mac": bytes(17)},
+    "bytearray mac": {"mac": bytearray(16)},
+    "negative ns": {"ns": -1},
+    "ns beyond u32": {"ns": 1 << 32},
+    "vol beyond u16": {"vol": 1 << 16},
+    "negative ino": {"ino": -1},
+    "ino beyond u64": {"ino": 1 << 64},
+    "float ino": {"ino": 5.0},
+    "flags beyond u32": {"flags": 1 << 32},
+    "unknown flag bit": {"flags": 4},
+    "negative epoch0": {"epoch0": -1},
+    "epoch0 beyond u64": {"epoch0": 1 << 64},
+}
+
+
+def _refusal(name: str, epoch: EpochFile, bad: dict) -> tuple[type, str]:  # type: ignore[type-arg]
+    """What backend `name` raises for a publish with `bad` over good arguments; the table
+    (entries and the private MAC array) must be exactly as before."""
+    table, w, r = ends(name, name, epoch)
+    mac = bytes(range(16))
+    w.publish(7, 0, 5, fattr(1), mac=mac)
+    w.publish(7, 0, 6, fattr(2), mac=mac)
+    before = bytes(table.map)
+    args = {**_GOOD, "epoch0": 0, **bad}
+    with pytest.raises((TypeError, ValueError)) as refused:
+        w.publish(
+            args["ns"], args["vol"], args["ino"], args["fattr3"],
+            flags=args["flags"], mac=args["mac"], epoch0=args["epoch0"],
+        )  # fmt: skip
+    assert bytes(table.map) == before
+    assert w.lookup(7, 0, 5, mac) == fattr(1) and w.lookup(7, 0, 6, mac) == fattr(2)
+    assert r.lookup(7, 0, 6) == fattr(2)
+    return type(refused.value), str(refused.value)
+
+
+@needs_native
+@pytest.mark.parametrize("bad", BAD_PUBLISH.values(), ids=BAD_PUBLISH.keys())
+def test_both_backends_refuse_bad_publish_arguments_alike(bad: dict, epoch: EpochFile) -> None:  # type: ignore[type-arg]
+    refusals = {name: _refusal(name, epoch, bad) for name in ("native", "python")}
+    assert refusals["native"] == refusals["python"], refusals
+    field = next(iter(bad))
+    assert field.removesuffix("3") in refusals["python"][1].lower()  # names what is wrong
+
+
+@needs_native
+@pytest.mark.parametrize("key", [(-1, 0, 5), (1 << 32, 0, 5), (7, 1 << 16, 5), (7, 0, -1)])
+def test_both_backends_refuse_bad_invalidate_keys_alike(key: tuple, epoch: EpochFile) -> None:  # type: ignore[type-arg]
+    refusals = []
+    for name in ("native", "python"):
+        _, w, _ = ends(name, name, epoch)
+        w.publish(7, 0, 5, fattr(1))
+        with pytest.raises(ValueError) as refused:
+            w.invalidate(*key)
+        assert w.lookup(7, 0, 5) == fattr(1)
+        refusals.append(str(refused.value))
+    assert refusals[0] == refusals[1]
 
 
 @pytest.mark.parametrize("name", BACKENDS)

@@ -152,6 +152,60 @@ def meta_size(buckets: int) -> int:
     return META_HEADER_SIZE + buckets * ATTR_ENTRY_SIZE
 
 
+_NS_END = 1 << 8 * ATTR_ENTRY["ns"][1]
+_VOL_END = 1 << 8 * ATTR_ENTRY["vol"][1]
+_INO_END = 1 << 8 * ATTR_ENTRY["ino"][1]
+_FLAGS_END = 1 << 8 * ATTR_ENTRY["flags"][1]
+_U64_END = 1 << 64
+_ATTR_FLAGS = ATTR_VALID | ATTR_READONLY
+
+
+def _check_uint(name: str, value: int, end: int) -> None:
+    if not isinstance(value, int):
+        raise TypeError(f"{name} is an integer, not {type(value).__name__}")
+    if not 0 <= value < end:
+        raise ValueError(f"{name} is a {(end - 1).bit_length()}-bit unsigned integer, not {value}")
+
+
+def check_key(ns: int, vol: int, ino: int) -> None:
+    """Refuse a key `(ns, vol, ino)` that does not fit its `ATTR_ENTRY` fields."""
+    if type(ns) is type(vol) is type(ino) is int and (
+        0 <= ns < _NS_END and 0 <= vol < _VOL_END and 0 <= ino < _INO_END
+    ):
+        return  # the common case, one test (publish runs for every reply carrying attributes)
+    _check_uint("ns", ns, _NS_END)
+    _check_uint("vol", vol, _VOL_END)
+    _check_uint("ino", ino, _INO_END)
+
+
+def check_publish(
+    ns: int, vol: int, ino: int, fattr3: bytes, flags: int, mac: bytes | None, epoch0: int
+) -> None:
+    """Refuse what no `struct vrpc_attr_entry` can hold, for both table backends alike.
+
+    The key (`check_key`) and flags fit their fields, flags hold only `ATTR_*` bits, `fattr3`
+    is `FATTR3_SIZE` bytes, a MAC `MAC_SIZE` bytes and `epoch0` a u64 store epoch. TypeError
+    for a wrong type, ValueError for a wrong size or range; nothing is written.
+    """
+    check_key(ns, vol, ino)
+    if not (
+        type(flags) is type(epoch0) is int and 0 <= flags < _FLAGS_END and 0 <= epoch0 < _U64_END
+    ):
+        _check_uint("flags", flags, _FLAGS_END)
+        _check_uint("epoch0", epoch0, _U64_END)
+    if flags & ~_ATTR_FLAGS:
+        raise ValueError(f"flags {flags:#x} has bits beyond ATTR_VALID | ATTR_READONLY")
+    if type(fattr3) is not bytes:
+        raise TypeError(f"a fattr3 is bytes, not {type(fattr3).__name__}")
+    if len(fattr3) != FATTR3_SIZE:
+        raise ValueError(f"a fattr3 has {FATTR3_SIZE} bytes, not {len(fattr3)}")
+    if mac is not None:
+        if type(mac) is not bytes:
+            raise TypeError(f"a MAC is bytes, not {type(mac).__name__}")
+        if len(mac) != MAC_SIZE:
+            raise ValueError(f"a MAC has {MAC_SIZE} bytes, not {len(mac)}")
+
+
 def describe_error(code: int, index: int, value: int, nslots: int, entries: int) -> str:
     """What a server-side protocol error (`ERR_*`, with its SQ index and word) means."""
     if code == ERR_SQ_OVERRUN:

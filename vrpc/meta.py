@@ -164,10 +164,7 @@ class NativeMetaWriter:
         epoch0: int = 0,
         insert: bool = True,
     ) -> int:
-        if len(fattr3) != abi.FATTR3_SIZE:
-            raise ValueError(f"a fattr3 has {abi.FATTR3_SIZE} bytes, not {len(fattr3)}")
-        if mac is not None and len(mac) != abi.MAC_SIZE:
-            raise ValueError(f"a MAC has {abi.MAC_SIZE} bytes, not {len(mac)}")
+        abi.check_publish(ns, vol, ino, fattr3, flags, mac, epoch0)
         return _check(
             _native.lib.vrpc_meta_publish(
                 self._m, ns, vol, ino, fattr3, flags,
@@ -176,6 +173,7 @@ class NativeMetaWriter:
         )  # fmt: skip
 
     def invalidate(self, ns: int, vol: int, ino: int) -> bool:
+        abi.check_key(ns, vol, ino)
         return _native.lib.vrpc_meta_invalidate(self._m, ns, vol, ino) == 1
 
     def bump(self) -> None:

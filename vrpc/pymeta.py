@@ -187,8 +187,7 @@ class PyMetaWriter(_Table):
         insert: bool = True,
     ) -> int:
         """Write the key's fattr3: its bucket index, -ENOENT or -ESTALE (vrpc_meta_publish)."""
-        if len(fattr3) != abi.FATTR3_SIZE:
-            raise ValueError(f"a fattr3 has {abi.FATTR3_SIZE} bytes, not {len(fattr3)}")
+        abi.check_publish(ns, vol, ino, fattr3, flags, mac, epoch0)
         if self._epoch is not None and self._epoch.stable() != epoch0:
             return -errno.ESTALE
         idx = self._find(ns, vol, ino)
@@ -217,6 +216,7 @@ class PyMetaWriter(_Table):
 
     def invalidate(self, ns: int, vol: int, ino: int) -> bool:
         """Invalidate the key's entry: whether it was valid (vrpc_meta_invalidate)."""
+        abi.check_key(ns, vol, ino)
         idx = self._find(ns, vol, ino)
         if idx < 0:
             return False
