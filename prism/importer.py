@@ -17,9 +17,10 @@ needs) is not entered: a directory is created empty with the mounted root's attr
 One walk (`_walk`), two visitors. Depth first in name order, one open directory per level;
 the `_Counter` visitor only adds up what the `_Importer` visitor would copy (by lstat: no
 file is read), so a dry run's report is the import's report, and the pre-scan gives the
-progress display (`Progress`) its totals. Memory: O(depth + largest directory listing +
-multiply-linked files (whose first copy each later link names)), whatever the tree's size;
-a directory's times are set when the walk leaves it.
+progress display (`Progress`) its totals and, when the VM has a quota, refuses an import
+that would not fit it before anything is staged (`QuotaShortfall`). Memory: O(depth +
+largest directory listing + multiply-linked files (whose first copy each later link
+names)), whatever the tree's size; a directory's times are set when the walk leaves it.
 
 All or nothing. The tree is built in a detached directory of the VM that no path reaches
 (`Store.begin_staging`; it counts against the quota as it grows), group-committed in batches
@@ -53,7 +54,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Protocol
 
-from prism.errors import Exists, NotADirectory, NotFound, ReadOnly
+from prism.errors import Exists, NotADirectory, NotFound, QuotaExceeded, ReadOnly
 from prism.store import Store
 from prism.store.types import CHUNK_SIZE, FileType, ObjectId, SetAttr
 
@@ -89,11 +90,50 @@ class ImportReport:
     """With one_file_system: the other filesystems' mount points, as /paths from the
     source's top (directories created empty; others not copied)."""
     dry_run: bool = False
+    charged_bytes: int = 0
+    """What the VM's quota counts of it: file bytes and symlink targets, a hard-linked object
+    once (`bytes` counts the files' alone)."""
+    over_quota: QuotaShortfall | None = None
+    """A dry run's verdict: the import would not fit the VM's quota (None: it fits, or the
+    VM has none). A real import raises `ImportOverQuota` instead."""
 
     @property
     def entries(self) -> int:
         """Names copied (or, in a dry run, that would be), the source's top excepted."""
         return self.files + self.dirs + self.symlinks + self.hardlinks + self.specials
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaShortfall:
+    """An import that would not fit VM `vm`'s quota (bytes: the only quota a VM has): it
+    holds `used` bytes of its `quota`, the import charges `needed` more, and it fits in
+    `fitting_quota` and no less (`_Counter.quota_needed`)."""
+
+    vm: str
+    quota: int
+    used: int
+    needed: int
+    fitting_quota: int
+
+    @property
+    def shortfall(self) -> int:
+        """How many bytes more than the quota allows."""
+        return self.fitting_quota - self.quota
+
+
+class ImportOverQuota(QuotaExceeded):
+    """Found by the pre-scan, before anything is staged (an import that outgrows the quota
+    while it copies, as a running VM writes meanwhile, fails with `QuotaExceeded` and
+    discards what it staged)."""
+
+    def __init__(self, over: QuotaShortfall) -> None:
+        super().__init__(
+            f"importing into {over.vm} needs {over.needed} bytes, {over.shortfall} more than "
+            f"its quota of {over.quota} bytes allows ({over.used} used); raise it with `prism "
+            f"vm set {over.vm} --quota SIZE` or leave things out with --exclude (nothing was "
+            "imported)"
+        )
+        self.over = over
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +359,20 @@ class _Counter:
         self.report = ImportReport()
         self.progress = progress
         self.linked: set[tuple[int, int]] = set()
+        self.last_made_at = 0
+        """Charged bytes before the last object the import makes without bytes (the staged
+        directory first): the store makes none in a VM at its quota."""
+
+    def quota_needed(self, used: int) -> int:
+        """The smallest quota a VM holding `used` bytes takes this import in: the store
+        refuses a change that would exceed its quota, and any new object (but a link or a
+        symlink, which has bytes) when the VM is at its quota (`check_quota`)."""
+        return max(used + self.report.charged_bytes, used + self.last_made_at + 1)
+
+    def _made(self, nbytes: int) -> None:
+        if nbytes == 0:
+            self.last_made_at = self.report.charged_bytes
+        self.report.charged_bytes += nbytes
 
     def _tick(self) -> None:
         if self.progress is not None:
@@ -326,6 +380,7 @@ class _Counter:
 
     def enter(self, name: str, st: os.stat_result) -> None:
         self.report.dirs += 1
+        self._made(0)
         self._tick()
 
     def leave(self) -> None:
@@ -346,10 +401,14 @@ class _Counter:
         if stat.S_ISREG(st.st_mode):
             r.files += 1
             r.bytes += st.st_size
+            self._made(0)  # made empty, then written
+            r.charged_bytes += st.st_size
         elif stat.S_ISLNK(st.st_mode):
             r.symlinks += 1
+            self._made(st.st_size)  # the target's length
         else:
             r.specials += 1
+            self._made(0)
         self._tick()
 
 
@@ -441,6 +500,7 @@ class _Importer:
                 ),
             )
             self.report.symlinks += 1
+            self.report.charged_bytes += len(target)
             self._tick()
         else:
             kind = (
@@ -474,6 +534,7 @@ class _Importer:
                 self.store.write(attr.oid, offset, data)
                 offset += len(data)
                 self.report.bytes += len(data)
+                self.report.charged_bytes += len(data)
                 self._tick(len(data))
             self._owner_times(attr.oid, st)
         finally:
@@ -525,6 +586,19 @@ def _refuse_clashes(store: Store, vm: str, to: str, names: list[str]) -> None:
             )
 
 
+def _over_quota(
+    store: Store, vm: str, quota: int | None, counted: _Counter
+) -> QuotaShortfall | None:
+    """Whether the import `counted` found would not fit `vm`'s quota (None: it fits)."""
+    if quota is None:
+        return None
+    used = store.usage(vm).logical_bytes
+    fitting = counted.quota_needed(used)
+    if fitting <= quota:
+        return None
+    return QuotaShortfall(vm, quota, used, counted.report.charged_bytes, fitting)
+
+
 def import_tree(
     store: Store,
     vm: str,
@@ -537,7 +611,9 @@ def import_tree(
 ) -> ImportReport:
     """Copy host directory `src` into VM `vm` at absolute path `to`; see the module doc.
     With `dry_run`, only walk it and return what the import would copy (the store is not
-    written). With `progress`, a pre-scan first finds the totals it shows."""
+    written), and whether it would fit the VM's quota. With `progress`, or when the VM has
+    a quota, a pre-scan first finds the totals: the progress shows them, and an import
+    that would not fit the quota raises `ImportOverQuota` before anything is staged."""
     start = time.perf_counter()
     info = store.namespace(vm)
     if info.readonly:
@@ -547,16 +623,20 @@ def import_tree(
     try:
         top = Boundary.of(src, src_fd, find_mounts=select.one_file_system)
         _refuse_clashes(store, vm, to, _top_names(src_fd, select, top))
-        if dry_run or progress is not None:
+        if dry_run or progress is not None or info.quota is not None:
             counter = _Counter(progress)
             _walk(src_fd, select, top, counter, label)
+            over = _over_quota(store, vm, info.quota, counter)
             scan_seconds = time.perf_counter() - start
             if dry_run:
                 counter.report.dry_run = True
+                counter.report.over_quota = over
                 counter.report.seconds = counter.report.scan_seconds = scan_seconds
                 return counter.report
-            assert progress is not None
-            progress.importing(counter.report)
+            if over is not None:
+                raise ImportOverQuota(over)
+            if progress is not None:
+                progress.importing(counter.report)
         else:
             scan_seconds = 0.0
         store.reap_stagings()

@@ -318,6 +318,77 @@ def test_dry_run_counts_what_the_import_copies_and_writes_nothing(tmp_path: Path
     assert fingerprint(data) != before
 
 
+def test_an_import_over_the_quota_is_named_by_the_dry_run_and_refused_before_writing(
+    tmp_path: Path,
+) -> None:
+    data, src = tmp_path / "data", tmp_path / "image"
+    make_tree(src)
+    prism(data, "vm", "create", "vm")
+    prism(data, "import", "vm", str(src / "bin"), "--to", "/old")  # the VM holds something
+    used = prism_json(data, "vm", "show", "vm")["logical_bytes"]
+    assert used == 300_000
+    dry = prism_json(data, "import", "vm", str(src), "--dry-run")
+    assert dry["over_quota"] is None  # no quota
+    needed = dry["charged_bytes"]  # the symlinks' targets count too, a hard link once
+    targets = len("nginx/nginx.conf") + len("/etc/shadow") + len("no/such/target")
+    assert needed == dry["bytes"] + targets
+
+    # room for every byte, but not for the last directory (/tmp, made once all is written):
+    # the store makes no object in a VM at its quota
+    prism(data, "vm", "set", "vm", "--quota", str(used + needed))
+    before = fingerprint(data)
+    dry = prism_json(data, "import", "vm", str(src), "--dry-run")
+    message = dry["over_quota"].pop("message")
+    assert dry["over_quota"] == {
+        "vm": "vm",
+        "quota": used + needed,
+        "used": used,
+        "needed": needed,
+        "shortfall": 1,
+        "fitting_quota": used + needed + 1,
+    }
+    out = prism(data, "import", "vm", str(src), "--dry-run").splitlines()
+    assert out[0].startswith("dry run: would import") and len(out) == 2, out
+    assert out[1] == f"over quota: {message}"
+    assert re.fullmatch(
+        r"vm uses 293\.0 KiB of its 781\.3 KiB quota and this import needs 488\.4 KiB, 1 B "
+        r"more than the quota allows; raise it with `prism vm set vm --quota (\d+K)` or leave "
+        r"things out with --exclude PATTERN",
+        message,
+    ), message
+    for extra in ((), ("--json",)):  # the real import: refused before it stages anything
+        refused = run_prism(data, "import", "vm", str(src), *extra)
+        assert refused.returncode == 2 and refused.stdout == "", refused
+        error = refused.stderr.strip()
+        assert "\n" not in error and f"{message} (nothing was imported)" in error, error
+        if extra:
+            assert json.loads(error)["error"] == f"{message} (nothing was imported)"
+        assert fingerprint(data) == before
+    # without what is made after the last byte (/tmp, /srv/fifo) the bytes fit exactly
+    prism(data, "vm", "create", "exact", "--quota", str(needed))
+    late = ("--exclude", "/tmp", "--exclude", "fifo")
+    fits = prism_json(data, "import", "exact", str(src), *late, "--dry-run")
+    assert fits["over_quota"] is None and fits["charged_bytes"] == needed
+    prism(data, "vm", "set", "exact", "--quota", str(needed - 1))
+    over = prism_json(data, "import", "exact", str(src), *late, "--dry-run")["over_quota"]
+    assert over["shortfall"] == 1 and over["fitting_quota"] == needed
+    prism(data, "vm", "set", "exact", "--quota", str(needed))
+    prism(data, "import", "exact", str(src), *late)
+    assert prism_json(data, "vm", "show", "exact")["logical_bytes"] == needed
+
+    # the command it suggests makes room
+    suggested = re.search(r"`prism vm set vm --quota (\d+K)`", message)
+    assert suggested is not None
+    prism(data, "vm", "set", "vm", "--quota", suggested[1])
+    assert prism_json(data, "import", "vm", str(src), "--dry-run")["over_quota"] is None
+    # the quota the dry run names is exactly enough: the store counts what it counted
+    prism(data, "vm", "set", "vm", "--quota", str(used + needed + 1))
+    assert prism_json(data, "import", "vm", str(src), "--dry-run")["over_quota"] is None
+    report = prism_json(data, "import", "vm", str(src))
+    assert report["charged_bytes"] == needed and report["over_quota"] is None
+    assert prism_json(data, "vm", "show", "vm")["logical_bytes"] == used + needed
+
+
 # -- progress -------------------------------------------------------------------------------
 
 SCAN_LINE = re.compile(r"prism import: phase=scan entries=(\d+) bytes=(\d+) elapsed=\d+s")

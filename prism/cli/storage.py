@@ -6,15 +6,19 @@ import argparse
 import signal
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from prism.cli.output import emit, human, progress_printer, vm_json
-from prism.cli.values import UsageError, vm_path
+from prism.cli.values import UsageError, size_arg, vm_path
 from prism.cli.vm import vm_info
 from prism.errors import StoreError
 from prism.store import Store
 from vrpc.stats import read_stats as read_vrpc_stats
+
+if TYPE_CHECKING:
+    from prism.importer import QuotaShortfall
 
 
 def cmd_locks(args: argparse.Namespace, store: Store) -> int:
@@ -181,9 +185,19 @@ def cmd_gc(args: argparse.Namespace, store: Store) -> int:
     return 0
 
 
+def _over_quota(over: QuotaShortfall) -> str:
+    """What an import that would not fit its VM's quota tells the operator, in one line."""
+    return (
+        f"{over.vm} uses {human(over.used)} of its {human(over.quota)} quota and this import "
+        f"needs {human(over.needed)}, {human(over.shortfall)} more than the quota allows; "
+        f"raise it with `prism vm set {over.vm} --quota {size_arg(over.fitting_quota)}` or "
+        "leave things out with --exclude PATTERN"
+    )
+
+
 def cmd_import(args: argparse.Namespace, store: Store) -> int:
     from prism.cli.progress import import_progress
-    from prism.importer import Selection, import_tree
+    from prism.importer import ImportOverQuota, Selection, import_tree
 
     src = Path(args.src)
     if not src.is_dir():
@@ -201,6 +215,8 @@ def cmd_import(args: argparse.Namespace, store: Store) -> int:
         report = import_tree(
             store, args.vm, src, to, select=select, dry_run=args.dry_run, progress=progress
         )
+    except ImportOverQuota as exc:
+        raise UsageError(f"{_over_quota(exc.over)} (nothing was imported)") from exc
     except OSError as exc:
         raise UsageError(
             f"cannot read {exc.filename or src}: {exc.strerror or exc}; nothing was imported"
@@ -228,11 +244,22 @@ def cmd_import(args: argparse.Namespace, store: Store) -> int:
         f" {report.hardlinks} hard links, {report.specials} special files, "
         f"{human(report.bytes)}"
     )
+    over = report.over_quota
     emit(
         args,
-        vars(report),
+        {
+            **vars(report),
+            "over_quota": None
+            if over is None
+            else {
+                **asdict(over),
+                "shortfall": over.shortfall,
+                "message": _over_quota(over),
+            },
+        },
         f"dry run: would import {what} into {args.vm}:{to}{left_out} (scanned in "
         f"{report.seconds:.1f} s; nothing was written)"
+        + (f"\nover quota: {_over_quota(over)}" if over is not None else "")
         if report.dry_run
         else f"imported {what} into {args.vm}:{to} in {report.seconds:.1f} s "
         f"({report.files / seconds:.0f} files/s, {report.bytes / seconds / 1e6:.1f} MB/s)"

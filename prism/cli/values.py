@@ -57,6 +57,15 @@ def parse_size(text: str) -> int | None:
     return size
 
 
+def size_arg(n: int) -> str:
+    """A size argument (`--quota`) of at least `n` bytes: rounded up in the largest unit that
+    adds less than a sixteenth, so that it reads well and stays close ('3073K', '17G')."""
+    for unit, factor in sorted(SIZE_UNITS.items(), key=lambda kv: -kv[1]):
+        if factor > 1 and n >= 16 * factor:
+            return f"{-(-n // factor)}{unit}"
+    return str(n)
+
+
 def _whole(m: re.Match[str]) -> str:
     """'1.5G' -> '1536M': the fraction in the largest unit that makes it whole."""
     size = Fraction(m.group(1)) * SIZE_UNITS[m.group(2).upper()]
