@@ -35,7 +35,7 @@ from prism.nlm.client import NlmClient
 from prism.nlm.types import NlmProc, NlmStat
 from tests.netns import TestHosts, require_netns
 from tests.op_helpers import run_clone
-from tests.server_helpers import HOST, PrismProcess, prism_cli
+from tests.server_helpers import HOST, PrismProcess, dump_host, prism_cli
 
 ROFS = NfsStat3.NFS3ERR_ROFS
 OK = NfsStat3.NFS3_OK
@@ -321,6 +321,48 @@ def test_rename_keeps_handles_and_moves_everything(tmp_path: Path) -> None:
     names = [vm["name"] for vm in json.loads(prism_cli(data, "vm", "list", "--json").stdout)]
     assert names == ["new", "other"]
     assert "clean" in prism_cli(data, "fsck").stdout
+
+
+def test_dump_shows_mounts_under_the_current_names_and_forgets_removed_vms(
+    tmp_path: Path,
+) -> None:
+    """MOUNT DUMP renders each mount under its VM's export path of the moment: after `prism
+    vm rename` the new one (snapshots too), after `prism vm rm` none; UMNT of the path a
+    client mounted before the rename, or of the path DUMP shows now, forgets the entry."""
+    data = tmp_path / "data"
+    prism_cli(data, "vm", "create", "old")
+    prism_cli(data, "vm", "create", "gone")
+    with PrismProcess(data, tmp_path / "logs") as srv:
+        root = srv.mount("/old")
+        with srv.nfs_client(vm="old") as nfs:
+            assert nfs.mkdir(root, "sub").status == OK
+        srv.cli("snapshot", "create", "old", "mon")
+        with srv.mount_client(vm="old") as m:
+            me = dump_host(m)
+            for path in ("/old", "//old/./sub/", "/old@mon", "/gone"):
+                m.mnt(path)
+
+            def mine() -> set[bytes]:
+                return {d for h, d in m.dump() if h == me}
+
+            assert mine() == {b"/old", b"/old/sub", b"/old@mon", b"/gone"}
+            srv.cli("vm", "rename", "old", "new")
+            assert mine() == {b"/new", b"/new/sub", b"/new@mon", b"/gone"}
+            srv.cli("vm", "rm", "gone")
+            assert mine() == {b"/new", b"/new/sub", b"/new@mon"}
+            srv.cli("vm", "create", "gone")  # a new VM of that name is not the removed one
+            assert mine() == {b"/new", b"/new/sub", b"/new@mon"}
+
+            m.umnt("/old/sub")  # the path it mounted, before the rename
+            assert mine() == {b"/new", b"/new@mon"}
+            m.umnt("/new@mon")  # the path DUMP shows now
+            assert mine() == {b"/new"}
+            m.mnt("/new")  # mounted again under the new name: one entry shown, two kept
+            assert mine() == {b"/new"}
+            m.umnt("/old")
+            assert mine() == {b"/new"}
+            m.umnt("/new")
+            assert mine() == set()
 
 
 def test_export_shows_each_caller_its_exports_with_options(tmp_path: Path) -> None:

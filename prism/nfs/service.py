@@ -189,6 +189,28 @@ def canonical_mount_path(path: bytes) -> bytes:
     return b"/" + b"/".join(p for p in path.split(b"/") if p and p != b".")
 
 
+@dataclass(frozen=True, slots=True)
+class MountRecord:
+    """One MNT that DUMP remembers: `host` mounted `rest` (b"" or b"/a/b") of namespace `ns`
+    (a VM or a snapshot, by id: DUMP shows its current name, and forgets it once it is
+    removed) by the path `asked` (canonical), which UMNT forgets after a rename too."""
+
+    host: str
+    ns: int
+    rest: bytes
+    asked: bytes
+
+    @classmethod
+    def of(cls, host: str, ns: int, path: bytes) -> MountRecord:
+        asked = canonical_mount_path(path)
+        _, slash, rest = asked[1:].partition(b"/")
+        return cls(host, ns, slash + rest, asked)
+
+    def path(self, names: dict[int, str]) -> bytes:
+        """The directory as DUMP shows it, under the namespace's name in `names`."""
+        return b"/" + names[self.ns].encode() + self.rest
+
+
 def cred_of(ctx: CallContext) -> Cred | None:
     """The call's AUTH_SYS credential, or None (AUTH_NONE)."""
     if ctx.flavor == AuthFlavor.AUTH_SYS and ctx.auth_sys is not None:
@@ -283,7 +305,7 @@ class NfsService:
         """READDIRPLUS entries by (fsid, vol, ino, name, inode record): an entry's bytes are a
         function of exactly these, so a hit is always current. Listing a directory again
         (ls, find, make) then re-encodes only what changed."""
-        self.mounts: set[tuple[str, bytes]] = set()
+        self.mounts: set[MountRecord] = set()
         self.vm_stats: dict[int, VmStats] = {}
         """Per-VM figures by VM id (`account`), for the metrics endpoint."""
         self._bindings: frozenset[tuple[str, ...]] = frozenset()
@@ -769,7 +791,7 @@ class NfsService:
             # DUMP is advisory: record the path in one spelling per directory, and a bounded
             # number of them, so a client cannot grow the table with "/vm//x/./" variants.
             if len(self.mounts) < MAX_MOUNT_ENTRIES:
-                self.mounts.add((host, canonical_mount_path(path)))
+                self.mounts.add(MountRecord.of(host, info.id, path))
             return T.MountRes(
                 MountStat3.MNT3_OK,
                 self.fh(attr.oid),
@@ -778,15 +800,40 @@ class NfsService:
 
         return await self.executor.call(run)
 
+    def _mount_names(self, s: FileStore, records: set[MountRecord]) -> dict[int, str]:
+        """The current names of the namespaces `records` name; those of removed ones are
+        forgotten (ids are never reused)."""
+        names = {}
+        for ns in {m.ns for m in records}:
+            try:
+                names[ns] = s.namespace_by_id(ns).name
+            except StoreError:
+                self.mounts = {m for m in self.mounts if m.ns != ns}
+        return names
+
     async def dump(self, ctx: CallContext, args: Any) -> T.MountList:
-        return T.MountList(tuple(T.MountBody(h.encode(), p) for h, p in sorted(self.mounts)))
+        def run(s: FileStore) -> T.MountList:
+            names = self._mount_names(s, self.mounts)
+            shown = {(m.host.encode(), m.path(names)) for m in self.mounts}
+            return T.MountList(tuple(T.MountBody(h, p) for h, p in sorted(shown)))
+
+        return await self.executor.call(run)
 
     async def umnt(self, ctx: CallContext, args: T.DirPath) -> T.Void:
-        self.mounts.discard((ctx.peer[0], canonical_mount_path(args.path)))
+        host, path = ctx.peer[0], canonical_mount_path(args.path)
+
+        def run(s: FileStore) -> None:
+            mine = {m for m in self.mounts if m.host == host}
+            names = self._mount_names(s, mine)
+            self.mounts -= {
+                m for m in mine if m.asked == path or (m.ns in names and m.path(names) == path)
+            }
+
+        await self.executor.call(run)
         return T.Void()
 
     async def umntall(self, ctx: CallContext, args: Any) -> T.Void:
-        self.mounts = {m for m in self.mounts if m[0] != ctx.peer[0]}
+        self.mounts = {m for m in self.mounts if m.host != ctx.peer[0]}
         return T.Void()
 
     async def export(self, ctx: CallContext, args: Any) -> T.Exports:
