@@ -374,6 +374,50 @@ def test_unique_matches_removal_after_random_histories(tmp_path: Path, seed: int
         assert before - _stored_after_gc(copy, group[0]) == unique, (seed, group)
 
 
+def test_unique_bytes_reads_what_the_store_holds_for_gc_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`prism vm show`'s unique bytes cost the VM's own records plus one read of what gc
+    would free anyway (here a removed VM not yet collected), however many snapshots it
+    asks about: each pass no longer reads that again."""
+    import prism.store.gc as gc_module
+
+    read = 0
+    records = gc_module._records
+
+    def counted(t: Any, db: Any, prefix: bytes) -> Any:
+        nonlocal read
+        for item in records(t, db, prefix):
+            read += 1
+            yield item
+
+    monkeypatch.setattr(gc_module, "_records", counted)
+    clean, garbage = tmp_path / "clean", tmp_path / "garbage"
+    with Store.open(clean) as store:
+        store.create_namespace("web")
+        for i in range(4):
+            attr = store.create(store.namespace("web").root, f"f{i}".encode(), 0o644)
+            store.write(attr.oid, 0, os.urandom(2 * CHUNK_SIZE))
+            store.snapshot("web", f"s{i}")
+    shutil.copytree(clean, garbage)
+    removed = 300
+    with Store.open(garbage) as store:
+        store.create_namespace("gone")
+        for i in range(removed):
+            attr = store.create(store.namespace("gone").root, f"g{i}".encode(), 0o644)
+            store.write(attr.oid, 0, os.urandom(64))
+        store.remove_namespace("gone")
+    groups = [["web", *(f"web@s{i}" for i in range(4))], *([f"web@s{i}"] for i in range(4))]
+    reads, answers = [], []
+    for data in (clean, garbage):
+        with Store.open(data) as store:
+            read = 0
+            answers.append(unique_bytes(store, groups))
+            reads.append(read)
+    assert answers[0] == answers[1] and answers[0][0] == 4 * 2 * CHUNK_SIZE
+    assert reads[1] - reads[0] == removed, reads  # once, not once per group and again
+
+
 @pytest.fixture(autouse=True)
 def _no_env_data(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PRISM_DATA", raising=False)

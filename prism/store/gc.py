@@ -32,7 +32,8 @@ walk of files: in one read transaction it works out which layers gc would drop a
 compares the counts with the chunks' refcounts: a chunk is freed when every reference goes.
 What gc would free anyway (layers already unreachable, folds already due) is not counted.
 Cost: the chunk-map records of the layers only those namespaces reach, plus the records of
-the layers a fold would merge (the writes since the latest snapshot or clone).
+the layers a fold would merge (the writes since the latest snapshot or clone), plus, once
+for all the groups asked, those of what gc would free anyway (`_Reads`).
 Crash ordering: content first, then metadata, within each step. A kill between or inside
 steps leaves only what fsck reports as debris and the next gc removes: unreachable layers
 (dropped in part: their records are unreachable, their chunk references already consistent),
@@ -444,12 +445,14 @@ def unique_bytes(
         for _, raw in t.cursor(db=ctx.db.ns):
             rec = json.loads(bytes(raw))
             tops[rec["name"]] = rec["top"]
-        base = _freed(ctx, t, _released(ctx, t, layers, tops.values(), say))
+        reads = _Reads(ctx, t, say)
+        base = reads.freed(_released(reads, layers, tops.values()))
+        reads.remember = False  # what only one group's pass reads is read once
         out = []
         for group in groups:
             say(f"counting what only {', '.join(group)} references")
             kept = [top for name, top in tops.items() if name not in group]
-            freed = _freed(ctx, t, _released(ctx, t, layers, kept, say))
+            freed = reads.freed(_released(reads, layers, kept))
             out.append(sum(length for key, length in freed.items() if key not in base))
         return out
 
@@ -458,21 +461,63 @@ _KEY_SIZE = R.CHUNK_KEY.size
 """A chunk-map record's value starts with the chunk's key (`records.CMAP_VAL`)."""
 
 
-def _freed(ctx: Ctx, t: lmdb.Transaction, released: Counter[bytes]) -> dict[bytes, int]:
-    """The chunks (key -> length) whose every reference is among `released`."""
-    out = {}
-    for key, count in released.items():
-        raw = t.get(key, db=ctx.db.chunks)
-        if raw is not None:
-            _, _, length, refs = R.CHUNK_VAL.unpack(raw)
+class _Reads:
+    """The reads of `unique_bytes`' passes in its one read transaction. Every pass (the
+    store as it is, then without each group) also counts the layers nobody reaches and the
+    folds already due, which belong to the whole store rather than to the group: what the
+    first pass reads (`remember`) is kept for the others, so that their cost is the
+    group's alone; the rest is not kept (memory stays that of one pass, twice at most)."""
+
+    def __init__(self, ctx: Ctx, t: lmdb.Transaction, say: Progress) -> None:
+        self.ctx, self.t, self.say = ctx, t, say
+        self.remember = True
+        self._layers: dict[int, Counter[bytes]] = {}
+        self._shadowed: dict[tuple[tuple[int, ...], tuple[int, ...]], Counter[bytes]] = {}
+        self._chunks: dict[bytes, tuple[int, int]] = {}
+        self._seen = 0
+
+    def layer(self, layer: int) -> Counter[bytes]:
+        """The chunk references (key -> count) of the layer's chunk-map records."""
+        refs = self._layers.get(layer)
+        if refs is None:
+            refs = Counter()
+            if self.remember:
+                self._layers[layer] = refs
+            for _, value in _records(self.t, self.ctx.db.cmap, R.layer_prefix(layer)):
+                if value:
+                    refs[value[:_KEY_SIZE]] += 1
+                self._seen += 1
+                if self._seen % 200_000 == 0:
+                    self.say(f"read {self._seen} chunk-map records")
+        return refs
+
+    def shadowed(self, child: list[int], parent: list[int]) -> Counter[bytes]:
+        key = (tuple(child), tuple(parent))
+        refs = self._shadowed.get(key)
+        if refs is None:
+            refs = _shadowed(self.ctx, self.t, child, parent)
+            if self.remember:
+                self._shadowed[key] = refs
+        return refs
+
+    def freed(self, released: Counter[bytes]) -> dict[bytes, int]:
+        """The chunks (key -> length) whose every reference is among `released`."""
+        out = {}
+        chunks = self._chunks
+        for key, count in released.items():
+            known = chunks.get(key)
+            if known is None:
+                raw = self.t.get(key, db=self.ctx.db.chunks)
+                known = R.CHUNK_VAL.unpack(raw)[2:] if raw is not None else (0, 0)
+                if self.remember:
+                    chunks[key] = known
+            length, refs = known
             if 0 < refs <= count:
                 out[key] = length
-    return out
+        return out
 
 
-def _released(
-    ctx: Ctx, t: lmdb.Transaction, layers: dict[int, dict], tops: Iterable[int], say: Progress
-) -> Counter[bytes]:
+def _released(reads: _Reads, layers: dict[int, dict], tops: Iterable[int]) -> Counter[bytes]:
     """The chunk references (chunk key -> count) gc would release if the namespaces whose
     top layers are `tops` were the only ones: the records of the layers none of them
     reaches (`_drop_step`), and in each fold (`_merge_one`, `_fold`) the parent's records
@@ -488,14 +533,8 @@ def _released(
         stack.append(layers[layer]["parent"])
         stack.extend(src[0] for src in layers[layer]["vols"].values())
     released: Counter[bytes] = Counter()
-    seen = 0
     for layer in layers.keys() - reach:
-        for _, value in _records(t, ctx.db.cmap, R.layer_prefix(layer)):
-            if value:
-                released[value[:_KEY_SIZE]] += 1
-            seen += 1
-            if seen % 200_000 == 0:
-                say(f"read {seen} chunk-map records")
+        released.update(reads.layer(layer))
     parent = {layer: layers[layer]["parent"] for layer in reach}
     sources = {layer: [src[0] for src in layers[layer]["vols"].values()] for layer in reach}
     members = {layer: [layer] for layer in reach}  # a layer's records after folds, top first
@@ -514,7 +553,7 @@ def _released(
         if fold is None:
             return released
         child = users[fold][0][1]
-        released.update(_shadowed(ctx, t, members[child], members[fold]))
+        released.update(reads.shadowed(members[child], members[fold]))
         members[fold] = members.pop(child) + members[fold]
         sources[fold] = sources.pop(child)
         del parent[child]
