@@ -516,9 +516,7 @@ def test_failed_import_leaves_the_vm_as_it_was(
     """An import that fails after some batches were committed removes what it added."""
     src = tmp_path / "many"
     (src / "d").mkdir(parents=True)
-    for i in range(30):
-        (src / f"f{i:02}").write_bytes(os.urandom(1000))
-        (src / "d" / f"g{i:02}").write_bytes(os.urandom(1000))
+    files = [src / f"f{i:02}" for i in range(30)] + [src / "d" / f"g{i:02}" for i in range(30)]
     prism(data, "vm", "create", "q", "--quota", "40000")
     with Store.open(data) as store:
         _write(store, "q", b"keep", b"precious")
@@ -528,14 +526,34 @@ def test_failed_import_leaves_the_vm_as_it_was(
         del seen["stats"]["segment_bytes"]  # appended chunk bytes stay until `prism gc`
         return seen
 
+    class GrowsAfterTheScan:
+        """The source fits the quota when the pre-scan counts it (30 KB), then grows to
+        60 KB before the copy: the quota stops the copy midway."""
+
+        def __init__(self) -> None:
+            for f in files:
+                f.write_bytes(os.urandom(500))
+
+        def scanning(self, found: importer.ImportReport) -> None:
+            pass
+
+        def importing(self, total: importer.ImportReport) -> None:
+            for f in files:
+                f.write_bytes(os.urandom(1000))
+
+        def advance(self, done: importer.ImportReport) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
     before = visible()
     monkeypatch.setattr(importer, "COMMIT_EVERY_OPS", 5)
-    with Store.open(data) as store, pytest.raises(QuotaExceeded):
-        importer.import_tree(store, "q", src, "/")
-    assert visible() == before
-    with Store.open(data) as store, pytest.raises(QuotaExceeded):
-        importer.import_tree(store, "q", src, "/new/dir")
-    assert visible() == before
+    for to in ("/", "/new/dir"):
+        with Store.open(data) as store, pytest.raises(QuotaExceeded) as refused:
+            importer.import_tree(store, "q", src, to, progress=GrowsAfterTheScan())
+        assert not isinstance(refused.value, importer.ImportOverQuota)  # midway, not early
+        assert visible() == before
     with Store.open(data) as store:
         assert [e.name for e in store.readdir(store.namespace("q").root)[0]] == [b"keep"]
 
