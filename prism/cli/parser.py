@@ -579,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="only count what would be imported (entries and bytes); nothing is written",
+        help="only count what would be imported (entries and bytes) and say whether it fits"
+        " the VM's quota; nothing is written",
     )
     p.add_argument(
         "--progress-interval",
