@@ -36,6 +36,8 @@ from vrpc.control import (
     decode_guest_reply,
     encode_guest_request,
 )
+from vrpc.server import STATS_SECONDS
+from vrpc.stats import read_stats
 
 _U32 = struct.Struct("=I")
 SQ_TAIL = abi.RING_HEADER["sq_tail"][0]
@@ -154,6 +156,59 @@ def test_only_the_operator_makes_guest_channels(srv: PrismProcess) -> None:
     assert out.returncode == 2 and "is `prism serve` running with VRPC?" in out.stderr
     with pytest.raises(XdrError):
         decode_guest_reply(b"PVRO" + bytes(60))
+
+
+def _map(ring: dict[str, object]) -> mmap.mmap:
+    fd = os.open(str(ring["mem_path"]), os.O_RDWR)
+    try:
+        return mmap.mmap(fd, int(str(ring["size"])))
+    finally:
+        os.close(fd)
+
+
+def _wait_for(what: str, cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.02)
+
+
+def test_guest_channel_follows_rename_and_ends_with_its_vm(srv: PrismProcess) -> None:
+    """A guest channel is bound to its VM's id: a rename keeps it working (logged under the
+    new name); removing the VM closes it (the guest's next call fails cleanly) and frees it
+    (its memory, poller and slot of the channel limit)."""
+    srv.cli("vm", "create", "doomed")
+    ring = guest_ring(srv, "doomed")
+    assert run_client(str(ring["mem_path"]), "mnt", "/doomed")["mnt"] == ["0"]
+
+    def channels() -> int:
+        figures = read_stats(srv.data)
+        return -1 if figures is None else int(figures["channels"])
+
+    m = _map(ring)
+    with m:
+        srv.cli("vm", "rename", "doomed", "renamed")
+        r = run_client(str(ring["mem_path"]), "mnt", "/renamed")
+        assert r["mnt"] == ["0"] and r["channel"] == [str(ring["channel"])]
+        _wait_for("the rename logged", lambda: "its VM is now named renamed" in srv.stderr())
+        time.sleep(2 * STATS_SECONDS)  # the figures published since the channel was made
+        before = channels()
+        assert before >= 1
+        assert not _U32.unpack_from(m, SERVER_FLAGS)[0] & abi.SERVER_CLOSED
+        srv.cli("vm", "rm", "renamed")
+        _wait_for(
+            "the removed VM's channel closed",
+            lambda: bool(_U32.unpack_from(m, SERVER_FLAGS)[0] & abi.SERVER_CLOSED),
+        )
+        _wait_for("the channel freed", lambda: channels() == before - 1)
+    out = run_client(str(ring["mem_path"]), "mnt", "/renamed", check=False)
+    assert out.get("error") and out.get("mnt") is None, out
+    assert f"vrpc guest channel {ring['channel']} (vm renamed" in srv.stderr()
+    assert "its VM was removed; channel closed" in srv.stderr()
+    gone = srv.cli(
+        "vm", "vrpc-guest", "renamed", "--vrpc", str(socket_of(srv.ready_line)), check=False
+    )
+    assert gone.returncode == 2 and "no VM named 'renamed'" in gone.stderr
 
 
 # -- a hostile guest: scribbling on the shared memory ----------------------------------------

@@ -43,8 +43,10 @@ channel), and the guest polls the CQ.
 The channel is bound to its VM when the operator's command makes it, as a token binds a
 channel: holding its memory is the capability, the guest cannot name another VM (MOUNT and
 NFS accept only that VM's handles), and its control connection ends with the answer. One
-per VM, kept until the server stops or the guest breaks the ring protocol; the command then
-makes a new one (the guest's QEMU must restart with the new path). Every word read from the
+per VM, kept until the server stops, the guest breaks the ring protocol or the VM is removed
+(the sweep notices, as it notices a rename, which only changes the name it is logged under:
+the channel is bound to the VM's id); the command then makes a new one (the guest's QEMU must
+restart with the new path). Every word read from the
 shared memory goes through the same validation as a host channel's.
 """
 
@@ -614,14 +616,17 @@ class VrpcServer:
             if held:
                 self.meta.detach(vm)
             raise
-        rpc_peer = (f"vrpc-guest:{vm_name}:{channel_id}", 0)  # the DRC's "host"
+        rpc_peer = (f"vrpc-guest:{vm}:{channel_id}", 0)  # the DRC's "host" (by VM id)
         ch = Channel(self, channel_id, vm, vm_name, peer, rpc_peer, None, segment, ring, -1, -1)
         ch.meta, ch.fast, ch.guest = held, fast, True
         self.channels[channel_id] = ch
         self.guests[vm] = ch
         self.stats.attached += 1
         log.info("%s made (%d bytes, poll mode)", ch.describe(), len(segment.map))
-        ch.poller = asyncio.get_running_loop().call_soon(ch.poll)
+        loop = asyncio.get_running_loop()
+        ch.poller = loop.call_soon(ch.poll)
+        if self._sweep is None:  # (which notices the VM's removal)
+            self._sweep = loop.call_later(SWEEP_SECONDS, self._sweep_channels)
         return ch
 
     def _open(
@@ -706,7 +711,8 @@ class VrpcServer:
         """Whether `ch`'s peer may still use its VM (else the channel is detached). A
         removed VM's channel stays: its calls get STALE, as its handles do over TCP, and it
         can reach nothing else (a VM made again under that name has another id). A guest
-        channel's binding is its memory, given by the operator: it has no principals.
+        channel's binding is its memory, given by the operator: it has no principals, and
+        it ends with its VM (`_guest_vm_lives`).
 
         VM records change only through operator commands, which are other processes and
         bracket their writes in the store epoch: while the epoch stays where it was (stable)
@@ -714,12 +720,12 @@ class VrpcServer:
         stands without reading it again (a store read per batch cost the Python path more
         than the whole transport saved). The epoch is taken before the read, so a write that
         begins during it moves the epoch and the next batch reads again."""
-        if ch.guest:
-            return True
         epoch = self.meta.epoch
         stable = epoch.stable() if epoch is not None else None
         if stable is not None and ch.allowed_at == stable:
             return True
+        if ch.guest:
+            return self._guest_vm_lives(ch, stable)
         try:
             export = self.service.executor.call_now(lambda s: s.export_of(ch.vm))
         except StoreError:
@@ -731,6 +737,22 @@ class VrpcServer:
         what = "its token was rotated" if ch.peer.token else "its principals changed"
         ch.detach(f"may no longer use {ch.vm_name}: {what}", RefuseStatus.ACCES)
         return False
+
+    def _guest_vm_lives(self, ch: Channel, stable: int | None) -> bool:
+        """Whether guest channel `ch`'s VM still exists (else the channel is closed and
+        freed: nothing else would ever end it). A rename changes only the name it is logged
+        under: the channel is bound to the VM's id, as its handles are."""
+        try:
+            info = self.service.executor.call_now(lambda s: s.namespace_by_id(ch.vm))
+        except StoreError:
+            log.info("%s: its VM was removed; channel closed", ch.describe())
+            ch.detach("its VM was removed", RefuseStatus.NOENT, quiet=True)
+            return False
+        if info.name != ch.vm_name:
+            log.info("%s: its VM is now named %s", ch.describe(), info.name)
+            ch.vm_name = info.name
+        ch.allowed_at = stable
+        return True
 
     def _sweep_channels(self) -> None:
         self._sweep = None
