@@ -1,5 +1,6 @@
 """VRPC guest channels on the host: `prism vm vrpc-guest`, the guest client over the very memory
-QEMU would map (`/proc/<server pid>/fd/<n>`), and a hostile guest scribbling on it.
+QEMU would map (the ring's file on tmpfs), a hostile guest scribbling on it, the channel's end
+with its VM, and a server restart (clean or kill -9) that the guest client rides through.
 
 The QEMU boot itself is `tests/test_guest_vrpc.py` (marked `guest`); here the static guest
 client runs with `--mem`, so every ring word it and the server exchange is the same as in a
@@ -12,7 +13,9 @@ import json
 import mmap
 import os
 import random
+import re
 import shutil
+import stat
 import struct
 import subprocess
 import time
@@ -23,7 +26,14 @@ import pytest
 
 from prism.nfs.const import MountStat3
 from rpc.xdr import XdrError
-from tests.guest.vrpc_guest import GUEST_BYTES, fnv1a, guest_client, pattern, results
+from tests.guest.vrpc_guest import (
+    GUEST_BYTES,
+    fnv1a,
+    guest_client,
+    pattern,
+    read_all,
+    results,
+)
 from tests.server_helpers import PrismProcess, new_data_dir, prism_cli, running_server
 from tests.vrpc_helpers import BACKENDS, as_user, reachable_dir, socket_of
 from vrpc import abi
@@ -36,6 +46,7 @@ from vrpc.control import (
     decode_guest_reply,
     encode_guest_request,
 )
+from vrpc.guestrings import ring_dir
 from vrpc.server import STATS_SECONDS
 from vrpc.stats import read_stats
 
@@ -59,9 +70,12 @@ def srv(
         env={"PRISM_VRPC_BACKEND": backend},
         extra_args=["--vrpc", str(sockdir / "vrpc.sock")],
     )
-    with server:
-        yield server
-        assert f"({backend} ring backend)" in server.stderr()
+    try:
+        with server:
+            yield server
+            assert f"({backend} ring backend)" in server.stderr()
+    finally:
+        shutil.rmtree(ring_dir(data), ignore_errors=True)
     shutil.rmtree(sockdir, ignore_errors=True)
     fsck = prism_cli(data, "fsck", "--json")
     assert '"clean": true' in fsck.stdout, fsck.stdout
@@ -98,13 +112,12 @@ def test_vrpc_guest_prints_qemu_args_and_keeps_one_channel_per_vm(srv: PrismProc
     assert again == {**first, "created": False}
     text = srv.cli("vm", "vrpc-guest", "other", "--vrpc", str(socket_of(srv.ready_line)))
     assert text.stdout.split() == first["qemu_args"]
-    # the memory the server sealed: nobody who opens the path can shrink it (no SIGBUS)
-    fd = os.open(mem, os.O_RDWR)
-    try:
-        with pytest.raises(PermissionError):
-            os.ftruncate(fd, 4096)
-    finally:
-        os.close(fd)
+    # a file on tmpfs that only the server's user (and root) may open, named by the VM's id
+    assert Path(mem).parent == ring_dir(srv.data) and re.fullmatch(r"vm-\d+\.ring", Path(mem).name)
+    assert Path(mem).parent.parent == Path("/dev/shm")
+    st, dirst = os.stat(mem), os.stat(Path(mem).parent)
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
+    assert stat.S_IMODE(dirst.st_mode) == 0o700 and dirst.st_uid == os.geteuid()
 
 
 def test_guest_client_mounts_writes_reads_lists_over_the_ring(srv: PrismProcess) -> None:
@@ -173,6 +186,22 @@ def _wait_for(what: str, cond: Callable[[], bool], timeout: float = 5.0) -> None
         time.sleep(0.02)
 
 
+def _soak(mem: str, export: str, name: str, seconds: int) -> subprocess.Popen[str]:
+    """The guest client writing and reading back over `mem` for `seconds`, under way."""
+    proc = subprocess.Popen(
+        [str(guest_client()), "--mem", mem, "soak", export, name, str(seconds)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("R soaking=1"):
+            return proc
+    proc.wait()
+    raise AssertionError(f"the soak never started (exit {proc.returncode})")
+
+
 def test_guest_channel_follows_rename_and_ends_with_its_vm(srv: PrismProcess) -> None:
     """A guest channel is bound to its VM's id: a rename keeps it working (logged under the
     new name); removing the VM closes it (the guest's next call fails cleanly) and frees it
@@ -186,6 +215,7 @@ def test_guest_channel_follows_rename_and_ends_with_its_vm(srv: PrismProcess) ->
         return -1 if figures is None else int(figures["channels"])
 
     m = _map(ring)
+    held = os.open(str(ring["mem_path"]), os.O_RDWR)  # (reached after the file is removed)
     with m:
         srv.cli("vm", "rename", "doomed", "renamed")
         r = run_client(str(ring["mem_path"]), "mnt", "/renamed")
@@ -195,14 +225,29 @@ def test_guest_channel_follows_rename_and_ends_with_its_vm(srv: PrismProcess) ->
         before = channels()
         assert before >= 1
         assert not _U32.unpack_from(m, SERVER_FLAGS)[0] & abi.SERVER_CLOSED
+        soak = _soak(str(ring["mem_path"]), "/renamed", "soak.bin", 60)  # mid-work when removed
         srv.cli("vm", "rm", "renamed")
         _wait_for(
             "the removed VM's channel closed",
             lambda: bool(_U32.unpack_from(m, SERVER_FLAGS)[0] & abi.SERVER_CLOSED),
         )
         _wait_for("the channel freed", lambda: channels() == before - 1)
+        assert _U32.unpack_from(m, SERVER_FLAGS)[0] & abi.SERVER_GONE  # no reset will come
+        # at once, whichever it met first: STALE (a call that raced the removal) or GONE (it
+        # does not wait for a reset that will never come)
+        out, _ = soak.communicate(timeout=10)
+        assert soak.returncode == 1 and "R error=" in out, out
+        late = subprocess.run(
+            [str(guest_client()), "--mem", f"/proc/{os.getpid()}/fd/{held}", "mnt", "/renamed"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        assert late.returncode == 1 and "closed the channel for good" in late.stdout, late
+    os.close(held)
     out = run_client(str(ring["mem_path"]), "mnt", "/renamed", check=False)
     assert out.get("error") and out.get("mnt") is None, out
+    assert not Path(str(ring["mem_path"])).exists()  # its memory goes with the last mapping
     assert f"vrpc guest channel {ring['channel']} (vm renamed" in srv.stderr()
     assert "its VM was removed; channel closed" in srv.stderr()
     gone = srv.cli(
@@ -300,3 +345,58 @@ def test_server_stop_closes_guest_channels(tmp_path: Path) -> None:
             assert not _U32.unpack_from(m, SERVER_FLAGS)[0] & abi.SERVER_CLOSED
             server.stop()
             assert _U32.unpack_from(m, SERVER_FLAGS)[0] & abi.SERVER_CLOSED
+        shutil.rmtree(ring_dir(server.data))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_guest_rides_through_server_restarts(tmp_path: Path, backend: str) -> None:
+    """The ring is a file that outlives the server: after kill -9 and after a clean restart
+    the server adopts it again (a reset the client sees: new boot and channel ids), the
+    client resends what it had in flight and carries on, and every byte it wrote is there,
+    through TCP too. A VM removed while the server was down loses its ring at the start; a
+    ring file that is not what the server made (here a symlink) is replaced, never followed."""
+    data = new_data_dir(tmp_path / "data", ["vm", "gone", "odd"])
+    server = PrismProcess(data, tmp_path / "logs", env={"PRISM_VRPC_BACKEND": backend})
+    rings = ring_dir(data)
+    try:
+        with server:
+            ring = guest_ring(server)
+            mem = str(ring["mem_path"])
+            gone = Path(str(guest_ring(server, "gone")["mem_path"]))
+            odd = Path(str(guest_ring(server, "odd")["mem_path"]))
+            soak = _soak(mem, "/vm", "soak.bin", 8)
+            time.sleep(1)
+            server.kill()
+            server.cli("vm", "rm", "gone")
+            odd.unlink()
+            bait = tmp_path / "bait"
+            bait.write_bytes(b"not a ring")
+            odd.symlink_to(bait)
+            time.sleep(0.5)  # the client waits, its call in flight or its next one
+            server.start()
+            time.sleep(2)
+            server.restart()  # a clean one: SERVER_CLOSED, then the reset
+            out, _ = soak.communicate(timeout=60)
+            assert soak.returncode == 0, out
+            r = results(out)
+            assert len(r["reset"]) >= 2, out  # it saw both restarts
+            rounds = int(r["soak_rounds"][0])
+            assert rounds > 0
+            want = pattern(rounds * 4096)
+            assert r["soak_sum"] == [fnv1a(want)]
+            with server.nfs_client() as nfs:
+                fh = nfs.lookup(server.mount("/vm"), b"soak.bin").object
+                assert read_all(nfs, fh) == want
+            again = guest_ring(server)
+            assert again["mem_path"] == mem and again["created"] is False
+            assert run_client(mem, "run", "/vm", "after.bin")["read_sum"] == [
+                fnv1a(pattern(GUEST_BYTES))
+            ]
+            assert not gone.exists() and "which no longer exists" in server.all_stderr()
+            assert not odd.is_symlink() and bait.read_bytes() == b"not a ring"
+            assert "is not a guest ring of this server" in server.all_stderr()
+            assert "adopted from the last run (reset)" in server.stderr()
+    finally:
+        shutil.rmtree(rings, ignore_errors=True)
+    fsck = prism_cli(data, "fsck", "--json")
+    assert '"clean": true' in fsck.stdout, fsck.stdout

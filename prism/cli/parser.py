@@ -485,8 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the QEMU arguments giving a guest its VM's VRPC ring (ivshmem-plain)",
         description="Ask the running server for NAME's guest channel (made at first use, bound"
         " to NAME: whoever holds its memory speaks for NAME only) and print the QEMU options"
-        " that map it into a guest as PCI device 1af4:1110. Root or the server's user only;"
-        " QEMU must run as either to open the /proc path.",
+        " that map it into a guest as PCI device 1af4:1110: the ring's file on tmpfs, which"
+        " keeps its path across server restarts. Root or the server's user only; QEMU must"
+        " run as either to open it.",
     )
     _common(p)
     p.add_argument("name", help="the VM")

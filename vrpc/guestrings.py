@@ -1,0 +1,166 @@
+"""Guest ring files: the memory of VRPC guest channels, named files on tmpfs that outlive a
+server's run, so that a guest's QEMU, which maps the file, carries on across a restart.
+
+Layout. One directory per data directory, `/dev/shm/prism-vrpc-<h>` where `<h>` is 16 hex
+digits of the SHA-256 of the data directory's real path (`ring_dir`; a server without one uses
+a temporary directory there, removed at its stop), mode 0700, owned by the server's user, and
+in it one file per VM with a guest channel, `vm-<namespace id>.ring`, mode 0600,
+`GUEST_SEGMENT_SIZE` bytes (sparse: memory is taken as pages are touched). The VM a ring is
+bound to is the id in its name, which only the server writes (the directory is its own);
+nothing read from a file is trusted, as nothing read from any ring is.
+
+Life. `GuestRings.open(vm)` opens the VM's file, checked (`O_NOFOLLOW`; a regular file of the
+server's user with one link and the expected size, else it is replaced by a new one), or makes
+it, and maps it shared; the server then initialises a ring in it, a reset that the guest sees
+(a new boot id and channel id in the header). A server stop keeps the files (QEMU still maps
+them): at the next start the server re-adopts those whose VM still exists (`vm_ids`) and
+removes the others (`remove`), as it removes a VM's file when the VM is removed while it runs.
+
+Unlike a memfd, a named file cannot be sealed against shrinking: the server's user or root
+can truncate it under a running server, which then dies of SIGBUS (as it would of `kill`);
+nobody else can open it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import mmap
+import os
+import re
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+from vrpc.ring import Segment
+
+log = logging.getLogger("prism.vrpc")
+
+SHM = Path("/dev/shm")
+"""Where the ring directories live: tmpfs, so that a ring's memory is never written to disk."""
+_NAME = re.compile(r"vm-([1-9][0-9]{0,9})\.ring")
+
+
+class GuestRingError(Exception):
+    """Guest rings cannot be kept where they belong (the message says what to do)."""
+
+
+def ring_dir(data: Path) -> Path:
+    """The directory of the guest rings of the server on `data`."""
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(data))).hexdigest()[:16]
+    return SHM / f"prism-vrpc-{digest}"
+
+
+def ring_name(vm: int) -> str:
+    return f"vm-{vm}.ring"
+
+
+class GuestRings:
+    """The ring files of one server (see the module docstring); single-threaded."""
+
+    def __init__(self, data: Path | None, size: int) -> None:
+        self.size = size
+        self.path = ring_dir(data) if data is not None else None
+        self._temporary = data is None
+        self._dir = -1
+
+    def _dirfd(self) -> int:
+        """The directory, made (0700) or checked to be the server's own, opened once."""
+        if self._dir >= 0:
+            return self._dir
+        if self.path is None:
+            self.path = Path(tempfile.mkdtemp(prefix="prism-vrpc-", dir=SHM))
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(self.path, 0o700)
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise GuestRingError(
+                f"cannot keep guest rings in {self.path}: {exc.strerror}; it must be a directory"
+                f" on tmpfs ({SHM}) that the server's user may create"
+            ) from exc
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
+            os.close(fd)
+            raise GuestRingError(
+                f"{self.path} is not this server's own (owner uid {st.st_uid}, mode"
+                f" {stat.S_IMODE(st.st_mode):04o}; want uid {os.geteuid()}, 0700): remove it"
+                " and ask again (its guests must then restart their QEMU)"
+            )
+        self._dir = fd
+        return fd
+
+    def mem_path(self, vm: int) -> str:
+        """The path QEMU opens for `vm`'s ring (`memory-backend-file,mem-path=`)."""
+        self._dirfd()
+        return str(Path(str(self.path)) / ring_name(vm))
+
+    def open(self, vm: int) -> Segment:
+        """`vm`'s ring file, mapped: the existing one if it passes the checks, else new."""
+        dirfd = self._dirfd()
+        name = ring_name(vm)
+        fd = self._existing(dirfd, name)
+        if fd < 0:
+            fd = os.open(
+                name,
+                os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=dirfd,
+            )
+        try:
+            if os.fstat(fd).st_size == 0:
+                os.ftruncate(fd, self.size)
+            buf = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        return Segment(fd, buf)
+
+    def _existing(self, dirfd: int, name: str) -> int:
+        """The open file `name` if it is a ring this server made, else -1 (removed if there)."""
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+        except FileNotFoundError:
+            return -1
+        except OSError as exc:  # ELOOP: a symlink
+            why = exc.strerror
+        else:
+            st = os.fstat(fd)
+            if (
+                stat.S_ISREG(st.st_mode)
+                and st.st_uid == os.geteuid()
+                and st.st_nlink == 1
+                and st.st_size == self.size
+            ):
+                return fd
+            os.close(fd)
+            why = f"type {stat.S_IFMT(st.st_mode):o}, uid {st.st_uid}, {st.st_size} bytes"
+        log.warning(
+            "vrpc: %s/%s is not a guest ring of this server (%s): replaced", self.path, name, why
+        )
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dirfd)
+        return -1
+
+    def vm_ids(self) -> list[int]:
+        """The VMs whose ring files are there (files of other names are left alone); none
+        if the directory was never made (it is made at the first guest channel)."""
+        if self._dir < 0 and (self.path is None or not self.path.exists()):
+            return []
+        dirfd = self._dirfd()
+        found = (_NAME.fullmatch(name) for name in os.listdir(dirfd))
+        return sorted(int(m[1]) for m in found if m)
+
+    def remove(self, vm: int) -> None:
+        """Remove `vm`'s ring file (its VM is gone; a QEMU that maps it keeps its memory)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(ring_name(vm), dir_fd=self._dirfd())
+
+    def close(self) -> None:
+        if self._dir >= 0:
+            os.close(self._dir)
+            self._dir = -1
+        if self._temporary and self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
