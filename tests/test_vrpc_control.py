@@ -16,6 +16,7 @@ from vrpc.control import (
     MAX_MESSAGE,
     Attach,
     Attached,
+    GuestOwner,
     GuestRequest,
     GuestRing,
     Refused,
@@ -171,7 +172,10 @@ def test_mutations_raise_only_xdr_error(
 
 # -- GUEST / GUESTRING (prism vm vrpc-guest) --------------------------------------------------
 
-GUEST_GOLDEN = h("50565247 00000001 00000000 00000003 77656200")  # "PVRG", ABI 1.0, vm "web"
+GUEST_GOLDEN = h(
+    "50565247 00000001 00000000 00000003 77656200"  # "PVRG", ABI 1.0, vm "web"
+    " 00000001 0000fffe 0000fffd"  # owner SET 65534:65533
+)
 GUEST_RING_GOLDEN = h(
     "5056524d"  # "PVRM"
     " 00000000 00000009"  # channel_id
@@ -179,7 +183,7 @@ GUEST_RING_GOLDEN = h(
     " 00000000 00800000"  # ring_size 8 MiB
     " 00000004 00000001"  # nslots 4, created
 )
-GUEST_MSG = GuestRequest("web")
+GUEST_MSG = GuestRequest("web", owner=GuestOwner.SET, uid=65534, gid=65533)
 GUEST_RING_MSG = GuestRing(9, "/dev/shm/p/vm-3.ring", 8 << 20, 4, True)
 
 
@@ -202,7 +206,7 @@ def test_guest_golden_bytes() -> None:
 
 
 @given(
-    st.builds(GuestRequest, names, u32, u32),
+    st.builds(GuestRequest, names, u32, u32, st.sampled_from(GuestOwner), u32, u32),
     st.builds(GuestRing, u64, names, u64, u32, st.booleans()),
 )
 def test_guest_round_trip(request: GuestRequest, ring: GuestRing) -> None:

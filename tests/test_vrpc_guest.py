@@ -39,6 +39,7 @@ from tests.vrpc_helpers import BACKENDS, as_user, reachable_dir, socket_of
 from vrpc import abi
 from vrpc.control import (
     MAX_MESSAGE,
+    GuestOwner,
     GuestRequest,
     GuestRing,
     Refused,
@@ -146,13 +147,13 @@ def test_guest_cannot_reach_another_vm(srv: PrismProcess) -> None:
     assert run_client(mem, "mnt", "/vm")["mnt"] == ["0"]
 
 
-def _ask(path: Path, vm: str) -> GuestRing | Refused:
+def _ask(path: Path, vm: str, request: GuestRequest | None = None) -> GuestRing | Refused:
     import socket
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
         sock.settimeout(10)
         sock.connect(str(path))
-        sock.send(encode_guest_request(GuestRequest(vm)))
+        sock.send(encode_guest_request(request or GuestRequest(vm)))
         return decode_guest_reply(sock.recv(MAX_MESSAGE))
 
 
@@ -400,3 +401,61 @@ def test_guest_rides_through_server_restarts(tmp_path: Path, backend: str) -> No
         shutil.rmtree(rings, ignore_errors=True)
     fsck = prism_cli(data, "fsck", "--json")
     assert '"clean": true' in fsck.stdout, fsck.stdout
+
+
+def _opens(mem: str) -> bool:
+    try:
+        os.close(os.open(mem, os.O_RDWR))
+    except PermissionError:
+        return False
+    return True
+
+
+def test_owner_gives_the_ring_to_qemus_user_across_restarts(tmp_path: Path) -> None:
+    """`--owner USER[:GROUP]` (root only) gives the ring's file to the user QEMU runs as, as
+    libvirt's does: that user may open it, others may not; the choice is recorded, so the file
+    the server re-adopts after kill -9 keeps it; `--owner none` gives it back."""
+    data = new_data_dir(tmp_path / "data", ["vm"])
+    sockdir = reachable_dir()
+    server = PrismProcess(data, tmp_path / "logs", extra_args=["--vrpc", str(sockdir / "v.sock")])
+
+    def guest(*extra: str) -> dict[str, object]:
+        out = server.cli("vm", "vrpc-guest", "vm", *extra, "--vrpc", str(path), "--json")
+        return dict(json.loads(out.stdout))
+
+    try:
+        with server:
+            path = socket_of(server.ready_line)
+            asked = GuestRequest("vm", owner=GuestOwner.SET, uid=NOBODY, gid=NOBODY)
+            answer = as_user(lambda: _ask(path, "vm", asked), NOBODY, NOBODY)
+            assert isinstance(answer, Refused) and answer.status == RefuseStatus.ACCES
+            ring = guest("--owner", "nobody")
+            mem = str(ring["mem_path"])
+            assert ring["owner"] == {"uid": NOBODY, "gid": NOBODY}  # nobody's own group
+            st = os.stat(mem)
+            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (NOBODY, NOBODY, 0o600)
+            assert stat.S_IMODE(os.stat(Path(mem).parent).st_mode) == 0o711
+            assert as_user(lambda: _opens(mem), NOBODY, NOBODY) is True
+            assert as_user(lambda: _opens(mem), 4321, 4321) is False
+            with pytest.raises(PermissionError):  # others traverse the directory, never list it
+                as_user(lambda: os.listdir(Path(mem).parent), NOBODY, NOBODY)
+            record = json.loads((data / "vrpc-guests.json").read_text())
+            assert list(record["owners"].values()) == [[NOBODY, NOBODY]]
+
+            server.restart(crash=True)
+            path = socket_of(server.ready_line)
+            assert "adopted from the last run (reset)" in server.stderr()
+            again = guest()  # no --owner: the recorded one stays
+            assert again["mem_path"] == mem and again["created"] is False
+            assert again["owner"] == {"uid": NOBODY, "gid": NOBODY}
+            assert run_client(mem, "mnt", "/vm")["mnt"] == ["0"]
+
+            back = guest("--owner", "none")
+            assert back["owner"] == {"uid": os.geteuid(), "gid": os.getegid()}
+            assert as_user(lambda: _opens(mem), NOBODY, NOBODY) is False
+            assert stat.S_IMODE(os.stat(Path(mem).parent).st_mode) == 0o700
+            unknown = server.cli("vm", "vrpc-guest", "vm", "--owner", "no-such-user", check=False)
+            assert unknown.returncode == 2 and "no user named 'no-such-user'" in unknown.stderr
+    finally:
+        shutil.rmtree(ring_dir(data), ignore_errors=True)
+        shutil.rmtree(sockdir, ignore_errors=True)

@@ -14,7 +14,8 @@ three apart and reject anything else. Decoders raise only `XdrError`, whatever t
              max_io u32 | features u32 (VRPC_F_*)
              + SCM_RIGHTS [ring memfd, kick eventfd, call eventfd, (meta memfd, epoch fd)]
     REFUSED  "PVRR" | status u32 (RefuseStatus) | message string<255>
-    GUEST    "PVRG" | abi_major u32 | abi_minor u32 | vm string<63>
+    GUEST    "PVRG" | abi_major u32 | abi_minor u32 | vm string<63> | owner u32 (GuestOwner) |
+             uid u32 | gid u32 (with owner SET: the ring file's new owner)
     GUESTRING "PVRM" | channel_id u64 | mem_path string<1024> | ring_size u64 | nslots u32 |
              created bool
 
@@ -23,6 +24,8 @@ the server makes, or finds, the VM's guest channel, a poll-mode ring it keeps op
 a QEMU guest (ivshmem-plain over `mem_path`, the ring's file on tmpfs, which outlives the
 server's run: `vrpc.guestrings`), and answers GUESTRING (no fds travel) or REFUSED. The channel
 is bound to the VM there and then: whoever holds its memory speaks for that VM and no other.
+`owner` SET gives the ring's file to uid:gid (a QEMU that runs as another user, e.g. libvirt's;
+root only), CLEAR gives it back to the server's user, KEEP leaves the recorded choice.
 
 The design (section 6.2) gave ATTACHED and REFUSED no leading word; they carry one here so that
 the client's decoder needs no out-of-band hint. Unknown ATTACH flags are kept, not refused:
@@ -60,6 +63,12 @@ MAX_CHANNELS_PER_UID = 64
 
 ATTACH_META = 1  # map the VM's attribute table too
 ATTACH_NO_FASTPATH = 2  # answer every call in Python (benchmarks, differential tests)
+
+
+class GuestOwner(IntEnum):
+    KEEP = 0  # the ring file keeps the owner recorded for the VM (the server's user if none)
+    SET = 1  # give it to uid:gid, and record that
+    CLEAR = 2  # give it back to the server's user
 
 
 class RefuseStatus(IntEnum):
@@ -105,6 +114,9 @@ class GuestRequest:
     vm: str
     abi_major: int = abi.ABI_MAJOR
     abi_minor: int = abi.ABI_MINOR
+    owner: GuestOwner = GuestOwner.KEEP
+    uid: int = 0
+    gid: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +207,9 @@ def encode_guest_request(msg: GuestRequest) -> bytes:
     p.pack_uint(msg.abi_major)
     p.pack_uint(msg.abi_minor)
     p.pack_string(_utf8(msg.vm, MAX_VM_NAME, "the VM name"))
+    p.pack_uint(GuestOwner(msg.owner))
+    p.pack_uint(msg.uid)
+    p.pack_uint(msg.gid)
     return p.get_buffer()
 
 
@@ -248,8 +263,14 @@ def decode_request(data: bytes | memoryview) -> Attach | GuestRequest:
         major = u.unpack_uint()
         minor = u.unpack_uint()
         vm = _text(u, MAX_VM_NAME, "the VM name")
+        owner = u.unpack_uint()
+        uid = u.unpack_uint()
+        gid = u.unpack_uint()
         u.done()
-        return GuestRequest(vm, major, minor)
+        try:
+            return GuestRequest(vm, major, minor, GuestOwner(owner), uid, gid)
+        except ValueError as exc:
+            raise XdrError(f"unknown GUEST owner action {owner}") from exc
     return decode_attach(data)
 
 

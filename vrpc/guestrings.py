@@ -16,15 +16,24 @@ it, and maps it shared; the server then initialises a ring in it, a reset that t
 them): at the next start the server re-adopts those whose VM still exists (`vm_ids`) and
 removes the others (`remove`), as it removes a VM's file when the VM is removed while it runs.
 
-Unlike a memfd, a named file cannot be sealed against shrinking: the server's user or root
-can truncate it under a running server, which then dies of SIGBUS (as it would of `kill`);
-nobody else can open it.
+Owners. A QEMU that runs as neither root nor the server's user (libvirt's `libvirt-qemu`)
+cannot open such a file: root may give a VM's ring file to another user and group
+(`prism vm vrpc-guest NAME --owner USER[:GROUP]`, `give`). The choice is recorded in
+`DATA/vrpc-guests.json` (`{"owners": {"<VM id>": [uid, gid]}}`, replaced whole, fsync'd), so
+that a re-adopted or new file gets it again, and the directory is then 0711 (others may
+traverse it to the files they own, not list it). Adoption checks a file's owner against the
+record.
+
+Unlike a memfd, a named file cannot be sealed against shrinking: whoever may open it (the
+server's user, root, and the owner given) can truncate it under a running server, which then
+dies of SIGBUS; give a ring only to the user its VM's QEMU runs as. Nobody else can open it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import mmap
 import os
@@ -41,6 +50,8 @@ log = logging.getLogger("prism.vrpc")
 SHM = Path("/dev/shm")
 """Where the ring directories live: tmpfs, so that a ring's memory is never written to disk."""
 _NAME = re.compile(r"vm-([1-9][0-9]{0,9})\.ring")
+RECORD = "vrpc-guests.json"
+"""The owners given to guest rings, in the data directory."""
 
 
 class GuestRingError(Exception):
@@ -65,6 +76,59 @@ class GuestRings:
         self.path = ring_dir(data) if data is not None else None
         self._temporary = data is None
         self._dir = -1
+        self._record = Path(data) / RECORD if data is not None else None
+        self.owners: dict[int, tuple[int, int]] = {}
+        """The uid and gid given to each VM's ring file (absent: the server's user)."""
+        try:
+            raw = json.loads(self._record.read_bytes()) if self._record else {}
+            self.owners = {int(vm): (int(u), int(g)) for vm, (u, g) in raw["owners"].items()}
+        except FileNotFoundError:
+            pass
+        except (ValueError, KeyError, TypeError) as exc:
+            what = "guest rings go to the server's user until `vrpc-guest --owner` is given again"
+            log.warning("vrpc: %s is damaged (%s): %s", self._record, exc, what)
+
+    def owner(self, vm: int) -> tuple[int, int]:
+        """Who `vm`'s ring file belongs to: the recorded owner, else the server's user."""
+        return self.owners.get(vm, (os.geteuid(), os.getegid()))
+
+    def give(self, vm: int, owner: tuple[int, int] | None) -> None:
+        """Give `vm`'s ring file to uid:gid `owner` (None: back to the server's user), now
+        if it exists and whenever it is made again; recorded first."""
+        if owner is None:
+            self.owners.pop(vm, None)
+        else:
+            self.owners[vm] = owner
+        self._save()
+        dirfd = self._dirfd()
+        self._traversable()
+        uid, gid = self.owner(vm)
+        with contextlib.suppress(FileNotFoundError):
+            os.chown(ring_name(vm), uid, gid, dir_fd=dirfd, follow_symlinks=False)
+
+    def forget_others(self, vms: set[int]) -> None:
+        """Drop the recorded owners of VMs not in `vms` (removed ones)."""
+        if set(self.owners) - vms:
+            self.owners = {vm: o for vm, o in self.owners.items() if vm in vms}
+            self._save()
+
+    def _save(self) -> None:
+        if self._record is None:
+            return
+        body = {"owners": {str(vm): list(o) for vm, o in sorted(self.owners.items())}}
+        tmp = self._record.with_name(f".{RECORD}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, json.dumps(body).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self._record)
+        dirfd = os.open(self._record.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
 
     def _dirfd(self) -> int:
         """The directory, made (0700) or checked to be the server's own, opened once."""
@@ -82,15 +146,19 @@ class GuestRings:
                 f" on tmpfs ({SHM}) that the server's user may create"
             ) from exc
         st = os.fstat(fd)
-        if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
+        if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o066:
             os.close(fd)
             raise GuestRingError(
                 f"{self.path} is not this server's own (owner uid {st.st_uid}, mode"
-                f" {stat.S_IMODE(st.st_mode):04o}; want uid {os.geteuid()}, 0700): remove it"
-                " and ask again (its guests must then restart their QEMU)"
+                f" {stat.S_IMODE(st.st_mode):04o}; want uid {os.geteuid()}, 0700 or 0711):"
+                " remove it and ask again (its guests must then restart their QEMU)"
             )
         self._dir = fd
         return fd
+
+    def _traversable(self) -> None:
+        """Let the owners given reach their files (0711: traverse, not list)."""
+        os.fchmod(self._dirfd(), 0o711 if self.owners else 0o700)
 
     def mem_path(self, vm: int) -> str:
         """The path QEMU opens for `vm`'s ring (`memory-backend-file,mem-path=`)."""
@@ -101,7 +169,7 @@ class GuestRings:
         """`vm`'s ring file, mapped: the existing one if it passes the checks, else new."""
         dirfd = self._dirfd()
         name = ring_name(vm)
-        fd = self._existing(dirfd, name)
+        fd = self._existing(dirfd, vm, name)
         if fd < 0:
             fd = os.open(
                 name,
@@ -112,13 +180,15 @@ class GuestRings:
         try:
             if os.fstat(fd).st_size == 0:
                 os.ftruncate(fd, self.size)
+                os.fchown(fd, *self.owner(vm))
+            self._traversable()
             buf = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
             raise
         return Segment(fd, buf)
 
-    def _existing(self, dirfd: int, name: str) -> int:
+    def _existing(self, dirfd: int, vm: int, name: str) -> int:
         """The open file `name` if it is a ring this server made, else -1 (removed if there)."""
         try:
             fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
@@ -130,7 +200,7 @@ class GuestRings:
             st = os.fstat(fd)
             if (
                 stat.S_ISREG(st.st_mode)
-                and st.st_uid == os.geteuid()
+                and (st.st_uid, st.st_gid) == self.owner(vm)
                 and st.st_nlink == 1
                 and st.st_size == self.size
             ):
@@ -157,6 +227,8 @@ class GuestRings:
         """Remove `vm`'s ring file (its VM is gone; a QEMU that maps it keeps its memory)."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(ring_name(vm), dir_fd=self._dirfd())
+        if self.owners.pop(vm, None) is not None:
+            self._save()
 
     def close(self) -> None:
         if self._dir >= 0:

@@ -44,10 +44,12 @@ The channel is bound to its VM when the operator's command makes it, as a token 
 channel: holding its memory is the capability, the guest cannot name another VM (MOUNT and
 NFS accept only that VM's handles), and its control connection ends with the answer. The
 binding is the VM id in the file's name, in the server's own directory: nothing in the file
-decides it. One per VM. The sweep and each batch look at the VM once the store epoch moves: a
-rename only changes the name the channel is logged under (the channel, like its handles,
-is bound to the VM's id); a removal closes the channel for good (SERVER_CLOSED | SERVER_GONE:
-the guest's next call fails at once), frees it and removes the file.
+decides it. One per VM. Root may give the file to the user QEMU runs as (GUEST's `owner`,
+`prism vm vrpc-guest NAME --owner USER[:GROUP]`): recorded, so re-adoption keeps it. The
+sweep and each batch look at the VM once the store epoch moves: a rename only changes the
+name the channel is logged under (the channel, like its handles, is bound to the VM's id);
+a removal closes the channel for good (SERVER_CLOSED | SERVER_GONE: the guest's next call
+fails at once), frees it and removes the file.
 The file outlives the channel: when the server stops (SERVER_CLOSED) or dies, QEMU keeps
 mapping it, and the next start adopts the files of the VMs that still exist (and removes the
 others'): it closes each, waits `ADOPT_SETTLE` for a guest's submission in progress, then
@@ -93,6 +95,7 @@ from vrpc.control import (
     MAX_REFUSAL,
     Attach,
     Attached,
+    GuestOwner,
     GuestRequest,
     GuestRing,
     Refused,
@@ -452,10 +455,11 @@ class VrpcServer:
         except GuestRingError as exc:
             log.warning("vrpc: no guest ring adopted: %s", exc)
             return
-        if not found:
+        if not found and not self.rings.owners:
             return
         vms = self.service.executor.call_now(lambda s: s.list_namespaces("vm"))
         names = {info.id: info.name for info in vms}
+        self.rings.forget_others(set(names))
         adopted: list[tuple[int, Segment]] = []
         for vm in found:
             if vm not in names:
@@ -634,12 +638,25 @@ class VrpcServer:
                 f"uid {peer.uid} may not make guest channels: run `prism vm vrpc-guest` as root"
                 " or as the server's user (the ring's memory goes to a QEMU they choose)",
             )
+        if msg.owner != GuestOwner.KEEP and peer.uid != 0:
+            return Refused(
+                RefuseStatus.ACCES,
+                "only root may give a guest ring to another user (--owner): whoever may open"
+                " it can reach the VM, and shrink the file under the server",
+            )
         if "@" in msg.vm:
             return Refused(RefuseStatus.NOENT, f"{msg.vm!r} is a snapshot: give its VM")
         try:
             info = self.service.executor.call_now(lambda s: s.namespace(msg.vm))
         except StoreError:
             return Refused(RefuseStatus.NOENT, f"no VM named {msg.vm!r}")
+        if msg.owner != GuestOwner.KEEP:
+            owner = (msg.uid, msg.gid) if msg.owner == GuestOwner.SET else None
+            try:
+                self.rings.give(info.id, owner)
+            except (GuestRingError, OSError) as exc:
+                return Refused(RefuseStatus.BUSY, f"cannot give {msg.vm}'s ring: {exc}")
+            log.info("vrpc: %s's guest ring belongs to %s", msg.vm, owner or "the server's user")
         ch = self.guests.get(info.id)
         created = ch is None or ch.closed
         if ch is None or ch.closed:

@@ -494,6 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--vrpc", metavar="PATH", help="the server's VRPC control socket (default DATA/vrpc.sock)"
     )
+    p.add_argument(
+        "--owner",
+        metavar="USER[:GROUP]",
+        help="give the ring's file to the user QEMU runs as (e.g. libvirt-qemu; root only;"
+        " kept across restarts; `none` gives it back to the server's user). That user can"
+        " shrink the file and crash the server: give it to that VM's QEMU user only",
+    )
     p.set_defaults(func=cmd_vm_vrpc_guest, needs_store=False)
     p = vms.add_parser("rm", help="remove a VM and its snapshots")
     _common(p)
