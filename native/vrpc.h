@@ -34,6 +34,7 @@
 #define VRPC_CLIENT_WAITING   1
 #define VRPC_SERVER_IDLE      1
 #define VRPC_SERVER_CLOSED    2
+#define VRPC_SERVER_GONE      4
 #define VRPC_CQE_NOREPLY      1
 #define VRPC_CQE_FAST         2
 #define VRPC_F_FASTPATH       1
@@ -82,7 +83,7 @@ struct vrpc_ring_header {
     uint32_t client_flags;         /* [C] VRPC_CLIENT_WAITING                            @132 */
     uint8_t  reserved1[56];
     uint32_t sq_head;              /* [S] submissions consumed                           @192 */
-    uint32_t server_flags;         /* [S] VRPC_SERVER_IDLE | VRPC_SERVER_CLOSED          @196 */
+    uint32_t server_flags;         /* [S] VRPC_SERVER_IDLE | _CLOSED | _GONE             @196 */
     uint8_t  reserved2[56];
     uint32_t cq_tail;              /* [S] completions published                          @256 */
     uint8_t  reserved3[60];
@@ -194,6 +195,9 @@ int vrpc_srv_arm(struct vrpc_srv *srv);
 void vrpc_srv_disarm(struct vrpc_srv *srv);
 /* Mark the channel closed (SERVER_CLOSED) and wake the client unconditionally. */
 void vrpc_srv_close(struct vrpc_srv *srv);
+/* Close it for good (SERVER_CLOSED | SERVER_GONE: no server will reset this ring again, e.g. a
+ * guest ring whose VM was removed; a guest stops waiting for a reset) and wake the client. */
+void vrpc_srv_retire(struct vrpc_srv *srv);
 
 /* Client. open validates a mapped segment of mapped_size bytes: 0, -EBADMSG (magic),
  * -EPROTONOSUPPORT (ABI major), -EINVAL (inconsistent geometry). */

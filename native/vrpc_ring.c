@@ -108,12 +108,19 @@ int vrpc_srv_init(struct vrpc_srv *srv, void *base, uint64_t segment_size, uint3
     return 0;
 }
 
-void vrpc_srv_close(struct vrpc_srv *srv)
+static void close_with(struct vrpc_srv *srv, uint32_t flags)
 {
-    srv->server_flags |= VRPC_SERVER_CLOSED;
+    srv->server_flags |= flags;
     store_release(&srv->hdr->server_flags, srv->server_flags);
     full_fence();
     ring_bell(srv->call_fd);
+}
+
+void vrpc_srv_close(struct vrpc_srv *srv) { close_with(srv, VRPC_SERVER_CLOSED); }
+
+void vrpc_srv_retire(struct vrpc_srv *srv)
+{
+    close_with(srv, VRPC_SERVER_CLOSED | VRPC_SERVER_GONE);
 }
 
 static int protocol_error(struct vrpc_srv *srv, uint32_t error, uint32_t index, uint32_t value)

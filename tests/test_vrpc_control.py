@@ -16,6 +16,7 @@ from vrpc.control import (
     MAX_MESSAGE,
     Attach,
     Attached,
+    GuestOwner,
     GuestRequest,
     GuestRing,
     Refused,
@@ -171,17 +172,19 @@ def test_mutations_raise_only_xdr_error(
 
 # -- GUEST / GUESTRING (prism vm vrpc-guest) --------------------------------------------------
 
-GUEST_GOLDEN = h("50565247 00000001 00000000 00000003 77656200")  # "PVRG", ABI 1.0, vm "web"
+GUEST_GOLDEN = h(
+    "50565247 00000001 00000000 00000003 77656200"  # "PVRG", ABI 1.0, vm "web"
+    " 00000001 0000fffe 0000fffd"  # owner SET 65534:65533
+)
 GUEST_RING_GOLDEN = h(
     "5056524d"  # "PVRM"
     " 00000000 00000009"  # channel_id
-    " 00003039"  # server_pid 12345
-    " 0000001d"  # ring_fd 29
+    " 00000014 2f646576 2f73686d 2f702f76 6d2d332e 72696e67"  # mem_path "/dev/shm/p/vm-3.ring"
     " 00000000 00800000"  # ring_size 8 MiB
     " 00000004 00000001"  # nslots 4, created
 )
-GUEST_MSG = GuestRequest("web")
-GUEST_RING_MSG = GuestRing(9, 12345, 29, 8 << 20, 4, True)
+GUEST_MSG = GuestRequest("web", owner=GuestOwner.SET, uid=65534, gid=65533)
+GUEST_RING_MSG = GuestRing(9, "/dev/shm/p/vm-3.ring", 8 << 20, 4, True)
 
 
 def test_guest_golden_bytes() -> None:
@@ -191,7 +194,6 @@ def test_guest_golden_bytes() -> None:
     assert encode_guest_ring(GUEST_RING_MSG) == GUEST_RING_GOLDEN
     assert decode_guest_reply(GUEST_RING_GOLDEN) == GUEST_RING_MSG
     assert decode_guest_reply(REFUSED_GOLDEN) == REFUSED_MSG
-    assert GUEST_RING_MSG.mem_path == "/proc/12345/fd/29"
     with pytest.raises(XdrError, match="expected GUESTRING or REFUSED"):
         decode_guest_reply(ATTACHED_GOLDEN)
     with pytest.raises(XdrError, match="expected ATTACHED or REFUSED"):
@@ -204,8 +206,8 @@ def test_guest_golden_bytes() -> None:
 
 
 @given(
-    st.builds(GuestRequest, names, u32, u32),
-    st.builds(GuestRing, u64, u32, u32, u64, u32, st.booleans()),
+    st.builds(GuestRequest, names, u32, u32, st.sampled_from(GuestOwner), u32, u32),
+    st.builds(GuestRing, u64, names, u64, u32, st.booleans()),
 )
 def test_guest_round_trip(request: GuestRequest, ring: GuestRing) -> None:
     assert decode_request(encode_guest_request(request)) == request

@@ -1,5 +1,6 @@
 """VRPC guest channels on the host: `prism vm vrpc-guest`, the guest client over the very memory
-QEMU would map (`/proc/<server pid>/fd/<n>`), and a hostile guest scribbling on it.
+QEMU would map (the ring's file on tmpfs), a hostile guest scribbling on it, the channel's end
+with its VM, and a server restart (clean or kill -9) that the guest client rides through.
 
 The QEMU boot itself is `tests/test_guest_vrpc.py` (marked `guest`); here the static guest
 client runs with `--mem`, so every ring word it and the server exchange is the same as in a
@@ -12,7 +13,9 @@ import json
 import mmap
 import os
 import random
+import re
 import shutil
+import stat
 import struct
 import subprocess
 import time
@@ -23,12 +26,20 @@ import pytest
 
 from prism.nfs.const import MountStat3
 from rpc.xdr import XdrError
-from tests.guest.vrpc_guest import GUEST_BYTES, fnv1a, guest_client, pattern, results
+from tests.guest.vrpc_guest import (
+    GUEST_BYTES,
+    fnv1a,
+    guest_client,
+    pattern,
+    read_all,
+    results,
+)
 from tests.server_helpers import PrismProcess, new_data_dir, prism_cli, running_server
 from tests.vrpc_helpers import BACKENDS, as_user, reachable_dir, socket_of
 from vrpc import abi
 from vrpc.control import (
     MAX_MESSAGE,
+    GuestOwner,
     GuestRequest,
     GuestRing,
     Refused,
@@ -36,6 +47,9 @@ from vrpc.control import (
     decode_guest_reply,
     encode_guest_request,
 )
+from vrpc.guestrings import ring_dir
+from vrpc.server import STATS_SECONDS
+from vrpc.stats import read_stats
 
 _U32 = struct.Struct("=I")
 SQ_TAIL = abi.RING_HEADER["sq_tail"][0]
@@ -57,9 +71,12 @@ def srv(
         env={"PRISM_VRPC_BACKEND": backend},
         extra_args=["--vrpc", str(sockdir / "vrpc.sock")],
     )
-    with server:
-        yield server
-        assert f"({backend} ring backend)" in server.stderr()
+    try:
+        with server:
+            yield server
+            assert f"({backend} ring backend)" in server.stderr()
+    finally:
+        shutil.rmtree(ring_dir(data), ignore_errors=True)
     shutil.rmtree(sockdir, ignore_errors=True)
     fsck = prism_cli(data, "fsck", "--json")
     assert '"clean": true' in fsck.stdout, fsck.stdout
@@ -96,13 +113,12 @@ def test_vrpc_guest_prints_qemu_args_and_keeps_one_channel_per_vm(srv: PrismProc
     assert again == {**first, "created": False}
     text = srv.cli("vm", "vrpc-guest", "other", "--vrpc", str(socket_of(srv.ready_line)))
     assert text.stdout.split() == first["qemu_args"]
-    # the memory the server sealed: nobody who opens the path can shrink it (no SIGBUS)
-    fd = os.open(mem, os.O_RDWR)
-    try:
-        with pytest.raises(PermissionError):
-            os.ftruncate(fd, 4096)
-    finally:
-        os.close(fd)
+    # a file on tmpfs that only the server's user (and root) may open, named by the VM's id
+    assert Path(mem).parent == ring_dir(srv.data) and re.fullmatch(r"vm-\d+\.ring", Path(mem).name)
+    assert Path(mem).parent.parent == Path("/dev/shm")
+    st, dirst = os.stat(mem), os.stat(Path(mem).parent)
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
+    assert stat.S_IMODE(dirst.st_mode) == 0o700 and dirst.st_uid == os.geteuid()
 
 
 def test_guest_client_mounts_writes_reads_lists_over_the_ring(srv: PrismProcess) -> None:
@@ -131,13 +147,13 @@ def test_guest_cannot_reach_another_vm(srv: PrismProcess) -> None:
     assert run_client(mem, "mnt", "/vm")["mnt"] == ["0"]
 
 
-def _ask(path: Path, vm: str) -> GuestRing | Refused:
+def _ask(path: Path, vm: str, request: GuestRequest | None = None) -> GuestRing | Refused:
     import socket
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
         sock.settimeout(10)
         sock.connect(str(path))
-        sock.send(encode_guest_request(GuestRequest(vm)))
+        sock.send(encode_guest_request(request or GuestRequest(vm)))
         return decode_guest_reply(sock.recv(MAX_MESSAGE))
 
 
@@ -154,6 +170,91 @@ def test_only_the_operator_makes_guest_channels(srv: PrismProcess) -> None:
     assert out.returncode == 2 and "is `prism serve` running with VRPC?" in out.stderr
     with pytest.raises(XdrError):
         decode_guest_reply(b"PVRO" + bytes(60))
+
+
+def _map(ring: dict[str, object]) -> mmap.mmap:
+    fd = os.open(str(ring["mem_path"]), os.O_RDWR)
+    try:
+        return mmap.mmap(fd, int(str(ring["size"])))
+    finally:
+        os.close(fd)
+
+
+def _wait_for(what: str, cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.02)
+
+
+def _soak(mem: str, export: str, name: str, seconds: int) -> subprocess.Popen[str]:
+    """The guest client writing and reading back over `mem` for `seconds`, under way."""
+    proc = subprocess.Popen(
+        [str(guest_client()), "--mem", mem, "soak", export, name, str(seconds)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("R soaking=1"):
+            return proc
+    proc.wait()
+    raise AssertionError(f"the soak never started (exit {proc.returncode})")
+
+
+def test_guest_channel_follows_rename_and_ends_with_its_vm(srv: PrismProcess) -> None:
+    """A guest channel is bound to its VM's id: a rename keeps it working (logged under the
+    new name); removing the VM closes it (the guest's next call fails cleanly) and frees it
+    (its memory, poller and slot of the channel limit)."""
+    srv.cli("vm", "create", "doomed")
+    ring = guest_ring(srv, "doomed")
+    assert run_client(str(ring["mem_path"]), "mnt", "/doomed")["mnt"] == ["0"]
+
+    def channels() -> int:
+        figures = read_stats(srv.data)
+        return -1 if figures is None else int(figures["channels"])
+
+    m = _map(ring)
+    held = os.open(str(ring["mem_path"]), os.O_RDWR)  # (reached after the file is removed)
+    with m:
+        srv.cli("vm", "rename", "doomed", "renamed")
+        r = run_client(str(ring["mem_path"]), "mnt", "/renamed")
+        assert r["mnt"] == ["0"] and r["channel"] == [str(ring["channel"])]
+        _wait_for("the rename logged", lambda: "its VM is now named renamed" in srv.stderr())
+        time.sleep(2 * STATS_SECONDS)  # the figures published since the channel was made
+        before = channels()
+        assert before >= 1
+        assert not _U32.unpack_from(m, SERVER_FLAGS)[0] & abi.SERVER_CLOSED
+        soak = _soak(str(ring["mem_path"]), "/renamed", "soak.bin", 60)  # mid-work when removed
+        srv.cli("vm", "rm", "renamed")
+        _wait_for(
+            "the removed VM's channel closed",
+            lambda: bool(_U32.unpack_from(m, SERVER_FLAGS)[0] & abi.SERVER_CLOSED),
+        )
+        _wait_for("the channel freed", lambda: channels() == before - 1)
+        assert _U32.unpack_from(m, SERVER_FLAGS)[0] & abi.SERVER_GONE  # no reset will come
+        # at once, whichever it met first: STALE (a call that raced the removal) or GONE (it
+        # does not wait for a reset that will never come)
+        out, _ = soak.communicate(timeout=10)
+        assert soak.returncode == 1 and "R error=" in out, out
+        late = subprocess.run(
+            [str(guest_client()), "--mem", f"/proc/{os.getpid()}/fd/{held}", "mnt", "/renamed"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        assert late.returncode == 1 and "closed the channel for good" in late.stdout, late
+    os.close(held)
+    out = run_client(str(ring["mem_path"]), "mnt", "/renamed", check=False)
+    assert out.get("error") and out.get("mnt") is None, out
+    assert not Path(str(ring["mem_path"])).exists()  # its memory goes with the last mapping
+    assert f"vrpc guest channel {ring['channel']} (vm renamed" in srv.stderr()
+    assert "its VM was removed; channel closed" in srv.stderr()
+    gone = srv.cli(
+        "vm", "vrpc-guest", "renamed", "--vrpc", str(socket_of(srv.ready_line)), check=False
+    )
+    assert gone.returncode == 2 and "no VM named 'renamed'" in gone.stderr
 
 
 # -- a hostile guest: scribbling on the shared memory ----------------------------------------
@@ -245,3 +346,116 @@ def test_server_stop_closes_guest_channels(tmp_path: Path) -> None:
             assert not _U32.unpack_from(m, SERVER_FLAGS)[0] & abi.SERVER_CLOSED
             server.stop()
             assert _U32.unpack_from(m, SERVER_FLAGS)[0] & abi.SERVER_CLOSED
+        shutil.rmtree(ring_dir(server.data))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_guest_rides_through_server_restarts(tmp_path: Path, backend: str) -> None:
+    """The ring is a file that outlives the server: after kill -9 and after a clean restart
+    the server adopts it again (a reset the client sees: new boot and channel ids), the
+    client resends what it had in flight and carries on, and every byte it wrote is there,
+    through TCP too. A VM removed while the server was down loses its ring at the start; a
+    ring file that is not what the server made (here a symlink) is replaced, never followed."""
+    data = new_data_dir(tmp_path / "data", ["vm", "gone", "odd"])
+    server = PrismProcess(data, tmp_path / "logs", env={"PRISM_VRPC_BACKEND": backend})
+    rings = ring_dir(data)
+    try:
+        with server:
+            ring = guest_ring(server)
+            mem = str(ring["mem_path"])
+            gone = Path(str(guest_ring(server, "gone")["mem_path"]))
+            odd = Path(str(guest_ring(server, "odd")["mem_path"]))
+            soak = _soak(mem, "/vm", "soak.bin", 8)
+            time.sleep(1)
+            server.kill()
+            server.cli("vm", "rm", "gone")
+            odd.unlink()
+            bait = tmp_path / "bait"
+            bait.write_bytes(b"not a ring")
+            odd.symlink_to(bait)
+            time.sleep(0.5)  # the client waits, its call in flight or its next one
+            server.start()
+            time.sleep(2)
+            server.restart()  # a clean one: SERVER_CLOSED, then the reset
+            out, _ = soak.communicate(timeout=60)
+            assert soak.returncode == 0, out
+            r = results(out)
+            assert len(r["reset"]) >= 2, out  # it saw both restarts
+            rounds = int(r["soak_rounds"][0])
+            assert rounds > 0
+            want = pattern(rounds * 4096)
+            assert r["soak_sum"] == [fnv1a(want)]
+            with server.nfs_client() as nfs:
+                fh = nfs.lookup(server.mount("/vm"), b"soak.bin").object
+                assert read_all(nfs, fh) == want
+            again = guest_ring(server)
+            assert again["mem_path"] == mem and again["created"] is False
+            assert run_client(mem, "run", "/vm", "after.bin")["read_sum"] == [
+                fnv1a(pattern(GUEST_BYTES))
+            ]
+            assert not gone.exists() and "which no longer exists" in server.all_stderr()
+            assert not odd.is_symlink() and bait.read_bytes() == b"not a ring"
+            assert "is not a guest ring of this server" in server.all_stderr()
+            assert "adopted from the last run (reset)" in server.stderr()
+    finally:
+        shutil.rmtree(rings, ignore_errors=True)
+    fsck = prism_cli(data, "fsck", "--json")
+    assert '"clean": true' in fsck.stdout, fsck.stdout
+
+
+def _opens(mem: str) -> bool:
+    try:
+        os.close(os.open(mem, os.O_RDWR))
+    except PermissionError:
+        return False
+    return True
+
+
+def test_owner_gives_the_ring_to_qemus_user_across_restarts(tmp_path: Path) -> None:
+    """`--owner USER[:GROUP]` (root only) gives the ring's file to the user QEMU runs as, as
+    libvirt's does: that user may open it, others may not; the choice is recorded, so the file
+    the server re-adopts after kill -9 keeps it; `--owner none` gives it back."""
+    data = new_data_dir(tmp_path / "data", ["vm"])
+    sockdir = reachable_dir()
+    server = PrismProcess(data, tmp_path / "logs", extra_args=["--vrpc", str(sockdir / "v.sock")])
+
+    def guest(*extra: str) -> dict[str, object]:
+        out = server.cli("vm", "vrpc-guest", "vm", *extra, "--vrpc", str(path), "--json")
+        return dict(json.loads(out.stdout))
+
+    try:
+        with server:
+            path = socket_of(server.ready_line)
+            asked = GuestRequest("vm", owner=GuestOwner.SET, uid=NOBODY, gid=NOBODY)
+            answer = as_user(lambda: _ask(path, "vm", asked), NOBODY, NOBODY)
+            assert isinstance(answer, Refused) and answer.status == RefuseStatus.ACCES
+            ring = guest("--owner", "nobody")
+            mem = str(ring["mem_path"])
+            assert ring["owner"] == {"uid": NOBODY, "gid": NOBODY}  # nobody's own group
+            st = os.stat(mem)
+            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (NOBODY, NOBODY, 0o600)
+            assert stat.S_IMODE(os.stat(Path(mem).parent).st_mode) == 0o711
+            assert as_user(lambda: _opens(mem), NOBODY, NOBODY) is True
+            assert as_user(lambda: _opens(mem), 4321, 4321) is False
+            with pytest.raises(PermissionError):  # others traverse the directory, never list it
+                as_user(lambda: os.listdir(Path(mem).parent), NOBODY, NOBODY)
+            record = json.loads((data / "vrpc-guests.json").read_text())
+            assert list(record["owners"].values()) == [[NOBODY, NOBODY]]
+
+            server.restart(crash=True)
+            path = socket_of(server.ready_line)
+            assert "adopted from the last run (reset)" in server.stderr()
+            again = guest()  # no --owner: the recorded one stays
+            assert again["mem_path"] == mem and again["created"] is False
+            assert again["owner"] == {"uid": NOBODY, "gid": NOBODY}
+            assert run_client(mem, "mnt", "/vm")["mnt"] == ["0"]
+
+            back = guest("--owner", "none")
+            assert back["owner"] == {"uid": os.geteuid(), "gid": os.getegid()}
+            assert as_user(lambda: _opens(mem), NOBODY, NOBODY) is False
+            assert stat.S_IMODE(os.stat(Path(mem).parent).st_mode) == 0o700
+            unknown = server.cli("vm", "vrpc-guest", "vm", "--owner", "no-such-user", check=False)
+            assert unknown.returncode == 2 and "no user named 'no-such-user'" in unknown.stderr
+    finally:
+        shutil.rmtree(ring_dir(data), ignore_errors=True)
+        shutil.rmtree(sockdir, ignore_errors=True)

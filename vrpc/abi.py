@@ -28,6 +28,7 @@ DOORBELL_POLL = 2
 CLIENT_WAITING = 1
 SERVER_IDLE = 1
 SERVER_CLOSED = 2
+SERVER_GONE = 4  # with CLOSED: no server resets this ring again (a guest stops waiting)
 CQE_NOREPLY = 1
 CQE_FAST = 2
 F_FASTPATH = 1

@@ -14,15 +14,18 @@ three apart and reject anything else. Decoders raise only `XdrError`, whatever t
              max_io u32 | features u32 (VRPC_F_*)
              + SCM_RIGHTS [ring memfd, kick eventfd, call eventfd, (meta memfd, epoch fd)]
     REFUSED  "PVRR" | status u32 (RefuseStatus) | message string<255>
-    GUEST    "PVRG" | abi_major u32 | abi_minor u32 | vm string<63>
-    GUESTRING "PVRM" | channel_id u64 | server_pid u32 | ring_fd u32 | ring_size u64 |
-             nslots u32 | created bool
+    GUEST    "PVRG" | abi_major u32 | abi_minor u32 | vm string<63> | owner u32 (GuestOwner) |
+             uid u32 | gid u32 (with owner SET: the ring file's new owner)
+    GUESTRING "PVRM" | channel_id u64 | mem_path string<1024> | ring_size u64 | nslots u32 |
+             created bool
 
 GUEST is an operator's request (`prism vm vrpc-guest`, root or the server's own user only):
 the server makes, or finds, the VM's guest channel, a poll-mode ring it keeps open itself for
-a QEMU guest (ivshmem-plain over `/proc/<server_pid>/fd/<ring_fd>`), and answers GUESTRING
-(no fds travel) or REFUSED. The channel is bound to the VM there and then: whoever holds its
-memory speaks for that VM and no other.
+a QEMU guest (ivshmem-plain over `mem_path`, the ring's file on tmpfs, which outlives the
+server's run: `vrpc.guestrings`), and answers GUESTRING (no fds travel) or REFUSED. The channel
+is bound to the VM there and then: whoever holds its memory speaks for that VM and no other.
+`owner` SET gives the ring's file to uid:gid (a QEMU that runs as another user, e.g. libvirt's;
+root only), CLEAR gives it back to the server's user, KEEP leaves the recorded choice.
 
 The design (section 6.2) gave ATTACHED and REFUSED no leading word; they carry one here so that
 the client's decoder needs no out-of-band hint. Unknown ATTACH flags are kept, not refused:
@@ -44,6 +47,7 @@ CLIENT_ID_SIZE = 16
 MAX_TOKEN = 64
 MAX_ROOT_FH = 64
 MAX_REFUSAL = 255
+MAX_MEM_PATH = 1024
 
 ATTACH_MAGIC = 0x50565241  # "PVRA"
 GUEST_MAGIC = 0x50565247  # "PVRG"
@@ -59,6 +63,12 @@ MAX_CHANNELS_PER_UID = 64
 
 ATTACH_META = 1  # map the VM's attribute table too
 ATTACH_NO_FASTPATH = 2  # answer every call in Python (benchmarks, differential tests)
+
+
+class GuestOwner(IntEnum):
+    KEEP = 0  # the ring file keeps the owner recorded for the VM (the server's user if none)
+    SET = 1  # give it to uid:gid, and record that
+    CLEAR = 2  # give it back to the server's user
 
 
 class RefuseStatus(IntEnum):
@@ -104,23 +114,21 @@ class GuestRequest:
     vm: str
     abi_major: int = abi.ABI_MAJOR
     abi_minor: int = abi.ABI_MINOR
+    owner: GuestOwner = GuestOwner.KEEP
+    uid: int = 0
+    gid: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class GuestRing:
-    """Where a VM's guest channel lives: `/proc/<server_pid>/fd/<ring_fd>`, `ring_size`
-    bytes (a power of 2, as an ivshmem BAR must be); `created` if this request made it."""
+    """Where a VM's guest channel lives: the file `mem_path`, `ring_size` bytes (a power
+    of 2, as an ivshmem BAR must be); `created` if this request made the channel."""
 
     channel_id: int
-    server_pid: int
-    ring_fd: int
+    mem_path: str
     ring_size: int
     nslots: int
     created: bool
-
-    @property
-    def mem_path(self) -> str:
-        return f"/proc/{self.server_pid}/fd/{self.ring_fd}"
 
     def qemu_args(self, vm: str) -> list[str]:
         """The QEMU options giving a guest this ring as ivshmem-plain BAR 2 (PCI 1af4:1110).
@@ -199,6 +207,9 @@ def encode_guest_request(msg: GuestRequest) -> bytes:
     p.pack_uint(msg.abi_major)
     p.pack_uint(msg.abi_minor)
     p.pack_string(_utf8(msg.vm, MAX_VM_NAME, "the VM name"))
+    p.pack_uint(GuestOwner(msg.owner))
+    p.pack_uint(msg.uid)
+    p.pack_uint(msg.gid)
     return p.get_buffer()
 
 
@@ -206,8 +217,7 @@ def encode_guest_ring(msg: GuestRing) -> bytes:
     p = Packer()
     p.pack_uint(GUEST_RING_MAGIC)
     p.pack_uhyper(msg.channel_id)
-    p.pack_uint(msg.server_pid)
-    p.pack_uint(msg.ring_fd)
+    p.pack_string(_utf8(msg.mem_path, MAX_MEM_PATH, "the ring's path"))
     p.pack_uhyper(msg.ring_size)
     p.pack_uint(msg.nslots)
     p.pack_bool(msg.created)
@@ -253,8 +263,14 @@ def decode_request(data: bytes | memoryview) -> Attach | GuestRequest:
         major = u.unpack_uint()
         minor = u.unpack_uint()
         vm = _text(u, MAX_VM_NAME, "the VM name")
+        owner = u.unpack_uint()
+        uid = u.unpack_uint()
+        gid = u.unpack_uint()
         u.done()
-        return GuestRequest(vm, major, minor)
+        try:
+            return GuestRequest(vm, major, minor, GuestOwner(owner), uid, gid)
+        except ValueError as exc:
+            raise XdrError(f"unknown GUEST owner action {owner}") from exc
     return decode_attach(data)
 
 
@@ -287,13 +303,12 @@ def _decode_refused(u: Unpacker) -> Refused:
 
 def _decode_guest_ring(u: Unpacker) -> GuestRing:
     channel_id = u.unpack_uhyper()
-    pid = u.unpack_uint()
-    fd = u.unpack_uint()
+    mem_path = _text(u, MAX_MEM_PATH, "the ring's path")
     size = u.unpack_uhyper()
     nslots = u.unpack_uint()
     created = u.unpack_bool()
     u.done()
-    return GuestRing(channel_id, pid, fd, size, nslots, created)
+    return GuestRing(channel_id, mem_path, size, nslots, created)
 
 
 def decode_guest_reply(data: bytes | memoryview) -> GuestRing | Refused:

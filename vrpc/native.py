@@ -153,6 +153,9 @@ class NativeServerRing:
     def close(self) -> None:
         _native.lib.vrpc_srv_close(self._srv)
 
+    def retire(self) -> None:
+        _native.lib.vrpc_srv_retire(self._srv)
+
     def release(self) -> None:
         _native.ffi.release(self._ptr)
 

@@ -270,11 +270,14 @@ class PyServerRing:
                 return work, True
             self.disarm()
 
-    def close(self) -> None:
-        self._flags |= abi.SERVER_CLOSED
+    def close(self, flags: int = abi.SERVER_CLOSED) -> None:
+        self._flags |= flags
         self._w[_SERVER_FLAGS] = self._flags
         full_fence()
         _ring_bell(self._call_fd)
+
+    def retire(self) -> None:
+        self.close(abi.SERVER_CLOSED | abi.SERVER_GONE)
 
     def release(self) -> None:
         self._words.release()

@@ -112,6 +112,10 @@ class ServerRing(Protocol):
         """Mark the channel closed and wake the client."""
         ...
 
+    def retire(self) -> None:
+        """Close it for good (SERVER_GONE too: no server resets this ring again)."""
+        ...
+
     @property
     def error(self) -> str | None:
         """Why the ring was closed for a protocol error, else None."""
@@ -200,7 +204,7 @@ class Segment:
 
 def new_segment(nslots: int, name: str = "prism-vrpc", size: int = 0) -> Segment:
     """A zeroed, mapped, sealed memfd for a ring of `nslots` slots (server side), of `size`
-    bytes when given (a guest's: a power of 2, as an ivshmem BAR must be)."""
+    bytes when given (at least the ring's)."""
     size = max(size, abi.ring_size(nslots))
     fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:

@@ -34,18 +34,31 @@ dropped, then the channel's memory and fds are freed. Bounds: `MAX_CHANNELS` in 
 `MAX_PENDING` connections that have not attached yet, each for at most `ATTACH_TIMEOUT`.
 
 Guest channels (`prism vm vrpc-guest NAME`, a GUEST request from root or the server's own
-user). A QEMU guest reaches a ring through ivshmem-plain, over `/proc/<pid>/fd/<fd>` of the
-server's sealed memfd (`GUEST_SEGMENT_SIZE`, a power of 2 as a BAR must be); no eventfd
-crosses into a guest, so the ring is in poll mode (`VRPC_DOORBELL_POLL`): the server looks
-at its SQ on every turn of the loop for `POLL_SPIN` after activity, then on a timer backing
-off from `POLL_MIN` to `POLL_MAX` (the idle cost is bounded: one look per `POLL_MAX` per guest
-channel), and the guest polls the CQ.
+user). A QEMU guest reaches a ring through ivshmem-plain, over the ring's file on tmpfs
+(`vrpc.guestrings`: `/dev/shm/prism-vrpc-<h>/vm-<id>.ring`, `GUEST_SEGMENT_SIZE`, a power of
+2 as a BAR must be); no eventfd crosses into a guest, so the ring is in poll mode
+(`VRPC_DOORBELL_POLL`): the server looks at its SQ on every turn of the loop for `POLL_SPIN`
+after activity, then on a timer backing off from `POLL_MIN` to `POLL_MAX` (the idle cost is
+bounded: one look per `POLL_MAX` per guest channel), and the guest polls the CQ.
 The channel is bound to its VM when the operator's command makes it, as a token binds a
 channel: holding its memory is the capability, the guest cannot name another VM (MOUNT and
-NFS accept only that VM's handles), and its control connection ends with the answer. One
-per VM, kept until the server stops or the guest breaks the ring protocol; the command then
-makes a new one (the guest's QEMU must restart with the new path). Every word read from the
-shared memory goes through the same validation as a host channel's.
+NFS accept only that VM's handles), and its control connection ends with the answer. The
+binding is the VM id in the file's name, in the server's own directory: nothing in the file
+decides it. One per VM. Root may give the file to the user QEMU runs as (GUEST's `owner`,
+`prism vm vrpc-guest NAME --owner USER[:GROUP]`): recorded, so re-adoption keeps it. The
+sweep and each batch look at the VM once the store epoch moves: a rename only changes the
+name the channel is logged under (the channel, like its handles, is bound to the VM's id);
+a removal closes the channel for good (SERVER_CLOSED | SERVER_GONE: the guest's next call
+fails at once), frees it and removes the file.
+The file outlives the channel: when the server stops (SERVER_CLOSED) or dies, QEMU keeps
+mapping it, and the next start adopts the files of the VMs that still exist (and removes the
+others'): it closes each, waits `ADOPT_SETTLE` for a guest's submission in progress, then
+resets it, a new ring whose indices start at the guest's SQ tail under a new boot id and
+channel id. A guest that was idle goes on; one with a call in flight sees the new ids, opens
+the ring again (validated as at first) and resends the call, as an NFS client retransmits
+after a restart (the DRC is gone, as over TCP). A guest that broke the ring protocol gets
+its channel closed; the command then resets the same file, and the guest may go on. Every
+word read from the shared memory goes through the same validation as a host channel's.
 """
 
 from __future__ import annotations
@@ -82,6 +95,7 @@ from vrpc.control import (
     MAX_REFUSAL,
     Attach,
     Attached,
+    GuestOwner,
     GuestRequest,
     GuestRing,
     Refused,
@@ -91,6 +105,7 @@ from vrpc.control import (
     encode_guest_ring,
     encode_refused,
 )
+from vrpc.guestrings import GuestRingError, GuestRings
 from vrpc.native import BACKEND, ring_backend
 from vrpc.publisher import MetaPublisher
 from vrpc.ring import RingClosed, RingProtocolError, Segment, ServerRing, eventfd, new_segment
@@ -116,6 +131,11 @@ GUEST_SLOTS = 4
 """Slots of a guest channel (a guest client runs a few calls at a time)."""
 GUEST_SEGMENT_SIZE = 8 << 20
 """Bytes of a guest channel's memfd: the power of 2 above `ring_size(GUEST_SLOTS)`."""
+ADOPT_SETTLE = 0.05
+"""Seconds between closing the rings a restarted server adopts and resetting them: a guest
+that was submitting as it closed has published its SQE by then (and resends it after the
+reset, which starts after it)."""
+_U32 = struct.Struct("=I")
 POLL_SPIN = 0.001
 """Seconds a guest channel is looked at on every turn of the loop after activity (its CPU
 cost is at most this per burst of calls; other readers run in between)."""
@@ -313,9 +333,12 @@ class Channel:
         log.warning("%s: protocol error: %s; channel closed", self.describe(), what)
         self.detach(f"protocol error: {what}", RefuseStatus.INVAL, quiet=True)
 
-    def detach(self, why: str, status: RefuseStatus, *, quiet: bool = False) -> None:
+    def detach(
+        self, why: str, status: RefuseStatus, *, quiet: bool = False, gone: bool = False
+    ) -> None:
         """Close the channel: the client wakes (SERVER_CLOSED, call fd) and reads `why` on
-        its control socket; running calls finish, their replies dropped, then it is freed."""
+        its control socket; running calls finish, their replies dropped, then it is freed.
+        `gone`: for good (SERVER_GONE too: a guest stops waiting for the ring's reset)."""
         if self.closed:
             return
         self.closed = True
@@ -332,7 +355,10 @@ class Channel:
             loop.remove_reader(self.conn.fileno())
             with contextlib.suppress(OSError, ValueError):  # first: the client reads it on waking
                 self.conn.send(encode_refused(Refused(status, why[:MAX_REFUSAL])))
-        self.ring.close()
+        if gone:
+            self.ring.retire()
+        else:
+            self.ring.close()
         if self.conn is not None:
             self.conn.close()
         if self.in_flight == 0:
@@ -382,6 +408,8 @@ class VrpcServer:
         self.channels: dict[int, Channel] = {}
         self.guests: dict[int, Channel] = {}
         """Each VM's guest channel, by namespace id (`_guest`)."""
+        self.rings = GuestRings(data, GUEST_SEGMENT_SIZE)
+        """The guest channels' memory: files that outlive this run (`vrpc.guestrings`)."""
         self._ids = itertools.count(1)
         self._sock: socket.socket | None = None
         self._pending: dict[socket.socket, asyncio.TimerHandle] = {}
@@ -417,6 +445,44 @@ class VrpcServer:
         asyncio.get_running_loop().add_reader(sock.fileno(), self._accept)
         self._publish()
         log.info("vrpc: control socket %s (%s ring backend)", path, BACKEND)
+        await self._adopt_guests()
+
+    async def _adopt_guests(self) -> None:
+        """Take back the guest rings of the last run whose VMs still exist (their guests
+        carry on after the reset) and remove the others'."""
+        try:
+            found = self.rings.vm_ids()
+        except GuestRingError as exc:
+            log.warning("vrpc: no guest ring adopted: %s", exc)
+            return
+        if not found and not self.rings.owners:
+            return
+        vms = self.service.executor.call_now(lambda s: s.list_namespaces("vm"))
+        names = {info.id: info.name for info in vms}
+        self.rings.forget_others(set(names))
+        adopted: list[tuple[int, Segment]] = []
+        for vm in found:
+            if vm not in names:
+                self.rings.remove(vm)
+                log.info("vrpc: removed the guest ring of VM id %d, which no longer exists", vm)
+                continue
+            try:
+                segment = self.rings.open(vm)
+            except OSError as exc:
+                log.warning("vrpc: cannot adopt the guest ring of %s: %s", names[vm], exc)
+                continue
+            with memoryview(segment.map) as whole, whole[: abi.SLOT_OFFSET].cast("I") as words:
+                words[abi.RING_HEADER["server_flags"][0] // 4] = abi.SERVER_CLOSED  # (R8)
+            adopted.append((vm, segment))  # closed: a guest submits no more
+        await asyncio.sleep(ADOPT_SETTLE)
+        me = LocalPeer(os.getpid(), os.geteuid(), frozenset(), b"")
+        for vm, segment in adopted:
+            try:
+                ch = self._open_guest(vm, names[vm], me, segment)
+            except Exception:
+                log.exception("vrpc: cannot adopt the guest ring of %s", names[vm])
+                continue
+            log.info("%s adopted from the last run (reset)", ch.describe())
 
     @staticmethod
     def _clear_stale(path: Path) -> None:
@@ -466,6 +532,7 @@ class VrpcServer:
         self.service.meta = None
         cast(Any, self.service.store).observer = None
         self.meta.close()
+        self.rings.close()
 
     # -- attaching -----------------------------------------------------------------------
 
@@ -571,30 +638,50 @@ class VrpcServer:
                 f"uid {peer.uid} may not make guest channels: run `prism vm vrpc-guest` as root"
                 " or as the server's user (the ring's memory goes to a QEMU they choose)",
             )
+        if msg.owner != GuestOwner.KEEP and peer.uid != 0:
+            return Refused(
+                RefuseStatus.ACCES,
+                "only root may give a guest ring to another user (--owner): whoever may open"
+                " it can reach the VM, and shrink the file under the server",
+            )
         if "@" in msg.vm:
             return Refused(RefuseStatus.NOENT, f"{msg.vm!r} is a snapshot: give its VM")
         try:
             info = self.service.executor.call_now(lambda s: s.namespace(msg.vm))
         except StoreError:
             return Refused(RefuseStatus.NOENT, f"no VM named {msg.vm!r}")
+        if msg.owner != GuestOwner.KEEP:
+            owner = (msg.uid, msg.gid) if msg.owner == GuestOwner.SET else None
+            try:
+                self.rings.give(info.id, owner)
+            except (GuestRingError, OSError) as exc:
+                return Refused(RefuseStatus.BUSY, f"cannot give {msg.vm}'s ring: {exc}")
+            log.info("vrpc: %s's guest ring belongs to %s", msg.vm, owner or "the server's user")
         ch = self.guests.get(info.id)
         created = ch is None or ch.closed
         if ch is None or ch.closed:
             if len(self.channels) >= self.max_channels:
                 return Refused(RefuseStatus.BUSY, f"the server has {self.max_channels} channels")
-            ch = self._open_guest(info.id, msg.vm, peer)
+            try:
+                ch = self._open_guest(info.id, msg.vm, peer, self.rings.open(info.id))
+            except (GuestRingError, OSError) as exc:
+                log.warning("vrpc: no guest ring for %s: %s", msg.vm, exc)
+                return Refused(RefuseStatus.BUSY, f"no guest ring for {msg.vm}: {exc}")
         answer = GuestRing(
-            ch.id, os.getpid(), ch.segment.fd, len(ch.segment.map), ch.ring.nslots, created
+            ch.id, self.rings.mem_path(info.id), len(ch.segment.map), ch.ring.nslots, created
         )
         with contextlib.suppress(OSError):
             conn.send(encode_guest_ring(answer))
         conn.close()
         return None
 
-    def _open_guest(self, vm: int, vm_name: str, peer: LocalPeer) -> Channel:
-        """A poll-mode channel bound to `vm`, for a QEMU guest (see the module docstring)."""
+    def _open_guest(self, vm: int, vm_name: str, peer: LocalPeer, segment: Segment) -> Channel:
+        """A poll-mode channel bound to `vm`, for a QEMU guest (see the module docstring),
+        over its ring file `segment`, reset: its indices start at the guest's SQ tail, so a
+        guest idle across the reset goes on, and one with a call in flight sees the new
+        boot and channel ids and resends the call."""
         channel_id = next(self._ids)
-        segment = new_segment(GUEST_SLOTS, f"prism-vrpc-guest-{vm_name}", GUEST_SEGMENT_SIZE)
+        first = _U32.unpack_from(segment.map, abi.RING_HEADER["sq_tail"][0])[0]  # (any u32)
         fast = self.meta.epoch is not None and ring_backend.name == "native"
         held = False
         try:
@@ -608,20 +695,24 @@ class VrpcServer:
                 features=abi.F_FASTPATH if fast else 0,
                 boot_id=self.service.store.boot_id,
                 channel_id=channel_id,
+                first_index=first,
             )
         except BaseException:
             segment.close()
             if held:
                 self.meta.detach(vm)
             raise
-        rpc_peer = (f"vrpc-guest:{vm_name}:{channel_id}", 0)  # the DRC's "host"
+        rpc_peer = (f"vrpc-guest:{vm}:{channel_id}", 0)  # the DRC's "host" (by VM id)
         ch = Channel(self, channel_id, vm, vm_name, peer, rpc_peer, None, segment, ring, -1, -1)
         ch.meta, ch.fast, ch.guest = held, fast, True
         self.channels[channel_id] = ch
         self.guests[vm] = ch
         self.stats.attached += 1
         log.info("%s made (%d bytes, poll mode)", ch.describe(), len(segment.map))
-        ch.poller = asyncio.get_running_loop().call_soon(ch.poll)
+        loop = asyncio.get_running_loop()
+        ch.poller = loop.call_soon(ch.poll)
+        if self._sweep is None:  # (which notices the VM's removal)
+            self._sweep = loop.call_later(SWEEP_SECONDS, self._sweep_channels)
         return ch
 
     def _open(
@@ -706,7 +797,8 @@ class VrpcServer:
         """Whether `ch`'s peer may still use its VM (else the channel is detached). A
         removed VM's channel stays: its calls get STALE, as its handles do over TCP, and it
         can reach nothing else (a VM made again under that name has another id). A guest
-        channel's binding is its memory, given by the operator: it has no principals.
+        channel's binding is its memory, given by the operator: it has no principals, and
+        it ends with its VM (`_guest_vm_lives`).
 
         VM records change only through operator commands, which are other processes and
         bracket their writes in the store epoch: while the epoch stays where it was (stable)
@@ -714,12 +806,12 @@ class VrpcServer:
         stands without reading it again (a store read per batch cost the Python path more
         than the whole transport saved). The epoch is taken before the read, so a write that
         begins during it moves the epoch and the next batch reads again."""
-        if ch.guest:
-            return True
         epoch = self.meta.epoch
         stable = epoch.stable() if epoch is not None else None
         if stable is not None and ch.allowed_at == stable:
             return True
+        if ch.guest:
+            return self._guest_vm_lives(ch, stable)
         try:
             export = self.service.executor.call_now(lambda s: s.export_of(ch.vm))
         except StoreError:
@@ -731,6 +823,23 @@ class VrpcServer:
         what = "its token was rotated" if ch.peer.token else "its principals changed"
         ch.detach(f"may no longer use {ch.vm_name}: {what}", RefuseStatus.ACCES)
         return False
+
+    def _guest_vm_lives(self, ch: Channel, stable: int | None) -> bool:
+        """Whether guest channel `ch`'s VM still exists (else the channel is closed and
+        freed: nothing else would ever end it). A rename changes only the name it is logged
+        under: the channel is bound to the VM's id, as its handles are."""
+        try:
+            info = self.service.executor.call_now(lambda s: s.namespace_by_id(ch.vm))
+        except StoreError:
+            log.info("%s: its VM was removed; channel closed", ch.describe())
+            ch.detach("its VM was removed", RefuseStatus.NOENT, quiet=True, gone=True)
+            self.rings.remove(ch.vm)
+            return False
+        if info.name != ch.vm_name:
+            log.info("%s: its VM is now named %s", ch.describe(), info.name)
+            ch.vm_name = info.name
+        ch.allowed_at = stable
+        return True
 
     def _sweep_channels(self) -> None:
         self._sweep = None

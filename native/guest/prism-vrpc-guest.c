@@ -13,9 +13,18 @@
  *                                                    CREATE NAME, WRITE
  *                                                    GUEST_BYTES in GUEST_CHUNK calls (FILE_SYNC),
  *                                                    READ back, READDIR, then PRISM-VRPC-GUEST ok
+ *   prism-vrpc-guest [--mem PATH] soak EXPORT NAME SECONDS
+ *                                                    MNT, CREATE NAME, then for SECONDS: WRITE
+ *                                                    chunk r at r * GUEST_CHUNK, READ it back
+ *                                                    and compare (R soaking=1 once under way)
  *
- * `--mem PATH` maps PATH instead of the PCI BAR (a host test maps /proc/<pid>/fd/<n>). Data
- * byte i is pattern(i) below; sums are FNV-1a 64 in hex. Build on the host, static:
+ * `--mem PATH` maps PATH instead of the PCI BAR (a host test maps the ring's file, as QEMU
+ * does). Data byte i is pattern(i) below; sums are FNV-1a 64 in hex. A server restart resets
+ * the ring (new boot and channel ids in its header, SERVER_CLOSED meanwhile if it stopped
+ * cleanly): the client then opens the ring again, checked as at first (R reset=<channel>), and
+ * sends its call again from its private copy, as an NFS client retransmits; it gives up after
+ * CALL_TIMEOUT_MS without a reply or a reset, or at once if the ring is SERVER_GONE (its VM
+ * was removed). Build on the host, static:
  *   gcc -O2 -static -Inative -o prism-vrpc-guest native/guest/prism-vrpc-guest.c native/vrpc_ring.c
  * Everything read from the ring is bounds-checked: the reply is copied out of the slot once,
  * then parsed from the copy. Exit status: 0 ok, 1 a failed step (the line says which), 2 usage.
@@ -51,14 +60,19 @@
 #define FATTR3_BYTES 84u
 #define GUEST_CHUNK 65536u
 #define GUEST_BYTES (4u * GUEST_CHUNK + 1234u)
-#define CALL_TIMEOUT_MS 30000
+#define CALL_TIMEOUT_MS 60000
 #define REPLY_MAX (GUEST_CHUNK + 4096u)
 #define NULL_ROUNDS 200
 #define SPIN_NS 2000000u
+#define SOAK_CHUNK 4096u
+#define SOAK_PAUSE_NS 5000000L
 
 static struct vrpc_cli cli;
+static void *ring_base;
+static uint64_t ring_bytes;
 static uint32_t next_xid = 0x50524700;
 static uint8_t reply_copy[REPLY_MAX];
+static uint8_t call_copy[REPLY_MAX]; /* the call being made, sent again after a reset */
 
 static void fail(const char *fmt, ...)
 {
@@ -149,10 +163,10 @@ static void skip_wcc_data(struct xr *r)
 
 /* ---- one RPC over the ring ---------------------------------------------------------------- */
 
-/* The call header (AUTH_SYS root, AUTH_NONE verifier) into slot 0; args follow. */
+/* The call header (AUTH_SYS root, AUTH_NONE verifier) into the private copy; args follow. */
 static struct xw begin_call(uint32_t prog, uint32_t proc, uint32_t xid)
 {
-    struct xw w = {cli.slots, 0, cli.slot_size};
+    struct xw w = {call_copy, 0, sizeof call_copy};
     static const char machine[] = "prism-guest";
     put_u32(&w, xid);
     put_u32(&w, 0);  /* CALL */
@@ -179,43 +193,112 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* Busy-poll the CQ for up to SPIN_NS (a reply usually comes that soon; the guest has nothing
- * else to run), before vrpc_cli_wait's backing-off sleeps: 1 if a completion is ready. */
-static int spin_for_completion(void)
+static void resync(void);
+
+/* Whether the server reset the ring since we opened it: its magic is being rewritten, or its
+ * boot or channel id changed (a restarted server, or a new channel over the same memory). */
+static int ring_was_reset(void)
 {
-    uint64_t until = now_ns() + SPIN_NS;
-    do {
-        for (int i = 0; i < 64; i++) {
-            if (__atomic_load_n(&cli.hdr->cq_tail, __ATOMIC_ACQUIRE) != cli.cq_head)
-                return 1;
-            __builtin_ia32_pause();
-        }
-    } while (now_ns() < until);
-    return 0;
+    if (__atomic_load_n(&cli.hdr->magic, __ATOMIC_ACQUIRE) != (uint64_t)VRPC_RING_MAGIC)
+        return 1;
+    return __atomic_load_n(&cli.hdr->boot_id, __ATOMIC_RELAXED) != cli.boot_id ||
+           __atomic_load_n(&cli.hdr->channel_id, __ATOMIC_RELAXED) != cli.channel_id;
 }
 
-/* Submit slot 0, poll for its completion, copy the reply out once and check the RPC header:
- * a reader over the procedure's result. */
+static void pause_ns(long ns)
+{
+    struct timespec ts = {0, ns};
+    nanosleep(&ts, NULL);
+}
+
+/* Open the reset ring again, validated as at first (vrpc_cli_open), once its new header is
+ * complete, and start after what the new server has. */
+static void reattach(uint64_t deadline)
+{
+    uint64_t boot_id = cli.boot_id, channel_id = cli.channel_id;
+    for (;;) {
+        struct vrpc_cli fresh;
+        int rc = vrpc_cli_open(&fresh, ring_base, ring_bytes, -1, -1);
+        if (rc == 0 && (fresh.boot_id != boot_id || fresh.channel_id != channel_id)) {
+            if (fresh.doorbell != VRPC_DOORBELL_POLL)
+                fail("the reset ring is not a guest (poll-mode) channel");
+            cli = fresh;
+            resync();
+            printf("R reset=%" PRIu64 "\n", cli.channel_id);
+            return;
+        }
+        if (now_ns() > deadline)
+            fail("the ring was reset but never became usable again");
+        pause_ns(1000000);
+    }
+}
+
+/* Poll until our call's completion is there (1) or the ring was reset (0): spin for SPIN_NS
+ * (a reply usually comes that soon; the guest has nothing else to run), then sleep backing
+ * off to 1 ms. A closed ring is waited on for its reset (the server stopped, or will make the
+ * channel again), unless it is GONE. */
+static int await_completion(uint64_t deadline)
+{
+    uint64_t spin_until = now_ns() + SPIN_NS;
+    long sleep_ns = 20000;
+    for (;;) {
+        for (int i = 0; i < 64; i++) {
+            if (ring_was_reset())
+                return 0;
+            if (__atomic_load_n(&cli.hdr->cq_tail, __ATOMIC_ACQUIRE) != cli.cq_head)
+                return ring_was_reset() ? 0 : 1; /* (a reset rewrites the ids first) */
+            __builtin_ia32_pause();
+        }
+        uint32_t flags = __atomic_load_n(&cli.hdr->server_flags, __ATOMIC_ACQUIRE);
+        if (flags & VRPC_SERVER_GONE)
+            fail("the server closed the channel for good (its VM was removed)");
+        uint64_t now = now_ns();
+        if (now > deadline)
+            fail(flags & VRPC_SERVER_CLOSED
+                     ? "the server closed the channel and did not come back in %d ms"
+                     : "no reply in %d ms",
+                 CALL_TIMEOUT_MS);
+        if (now >= spin_until) {
+            pause_ns(sleep_ns);
+            sleep_ns = sleep_ns * 2 > 1000000 ? 1000000 : sleep_ns * 2;
+        }
+    }
+}
+
+/* Copy the call into slot 0, submit it, poll for its completion (sending it again after a
+ * reset or a NOREPLY), copy the reply out once and check the RPC header: a reader over the
+ * procedure's result. */
 static struct xr finish_call(struct xw *w, uint32_t xid)
 {
+    uint64_t deadline = now_ns() + (uint64_t)CALL_TIMEOUT_MS * 1000000u;
     for (int attempt = 0;; attempt++) {
+        if (ring_was_reset())
+            reattach(deadline);
+        if (w->n > cli.slot_size)
+            fail("call of %u bytes, more than a slot", w->n);
+        memcpy(cli.slots, call_copy, w->n);
         int rc = vrpc_cli_submit(&cli, 0, w->n);
-        if (rc < 0)
+        if (rc < 0 && rc != -EPIPE)
             fail("submit: %s", strerror(-rc));
-        rc = spin_for_completion() ? 1 : vrpc_cli_wait(&cli, CALL_TIMEOUT_MS, -1);
-        if (rc == 0)
-            fail("no reply in %d ms", CALL_TIMEOUT_MS);
-        if (rc < 0)
-            fail("wait: %s", rc == -EPIPE ? "the server closed the channel" : strerror(-rc));
+        if (!await_completion(deadline) || rc < 0) {
+            if (rc == 0 && !ring_was_reset())
+                fail("a completion on a closed ring");
+            reattach(deadline); /* not a ring of ours any more: the call goes again */
+            continue;
+        }
         struct vrpc_cqe cqe;
         rc = vrpc_cli_reap(&cli, &cqe, 1);
-        if (rc != 1)
+        if (rc != 1) {
+            if (ring_was_reset()) {
+                reattach(deadline);
+                continue;
+            }
             fail("reap: %s", rc < 0 ? strerror(-rc) : "no completion");
+        }
         if (cqe.flags & VRPC_CQE_NOREPLY) { /* the server will answer a resend */
             if (attempt > 100)
                 fail("no reply after %d resends", attempt);
-            struct timespec ts = {0, 10000000};
-            nanosleep(&ts, NULL);
+            pause_ns(10000000);
             continue;
         }
         if (cqe.len > sizeof reply_copy)
@@ -271,6 +354,60 @@ static uint32_t nfs_status(struct xr *r, const char *what)
     return status;
 }
 
+static void create(const struct fh *dir, const char *name, struct fh *file)
+{
+    uint32_t xid = next_xid++;
+    struct xw w = begin_call(NFS_PROG, NFS_CREATE, xid);
+    put_opaque(&w, dir->data, dir->len);
+    put_opaque(&w, name, (uint32_t)strlen(name));
+    put_u32(&w, 0);       /* UNCHECKED */
+    put_u32(&w, 1);       /* set_mode */
+    put_u32(&w, 0644);
+    for (int i = 0; i < 5; i++)
+        put_u32(&w, 0);   /* uid, gid, size, atime, mtime unchanged */
+    struct xr r = finish_call(&w, xid);
+    nfs_status(&r, "create");
+    if (!get_u32(&r))
+        fail("CREATE returned no handle");
+    const uint8_t *data;
+    uint32_t len = get_opaque(&r, FH_MAX, &data);
+    copy_fh(file, data, len);
+}
+
+static void write_sync(const struct fh *file, uint64_t offset, const uint8_t *data, uint32_t n)
+{
+    uint32_t xid = next_xid++;
+    struct xw w = begin_call(NFS_PROG, NFS_WRITE, xid);
+    put_opaque(&w, file->data, file->len);
+    put_u64(&w, offset);
+    put_u32(&w, n);
+    put_u32(&w, 2);   /* FILE_SYNC */
+    put_opaque(&w, data, n);
+    struct xr r = finish_call(&w, xid);
+    nfs_status(&r, "write");
+    skip_wcc_data(&r);
+    uint32_t count = get_u32(&r);
+    if (count != n)
+        fail("WRITE wrote %u of %u bytes", count, n);
+}
+
+/* READ count bytes at offset: the bytes read (*data points into the reply copy). */
+static uint32_t read_at(const struct fh *file, uint64_t offset, uint32_t count,
+                        const uint8_t **data, uint32_t *eof)
+{
+    uint32_t xid = next_xid++;
+    struct xw w = begin_call(NFS_PROG, NFS_READ, xid);
+    put_opaque(&w, file->data, file->len);
+    put_u64(&w, offset);
+    put_u32(&w, count);
+    struct xr r = finish_call(&w, xid);
+    nfs_status(&r, "read");
+    skip_post_op_attr(&r);
+    get_u32(&r);      /* count (the opaque says it again) */
+    *eof = get_u32(&r);
+    return get_opaque(&r, count, data);
+}
+
 static void run(const char *export, const char *name)
 {
     struct fh root, file;
@@ -301,22 +438,7 @@ static void run(const char *export, const char *name)
     nfs_status(&r, "getattr");
     printf("R root_type=%u\n", get_u32(&r));
 
-    xid = next_xid++;
-    w = begin_call(NFS_PROG, NFS_CREATE, xid);
-    put_opaque(&w, root.data, root.len);
-    put_opaque(&w, name, (uint32_t)strlen(name));
-    put_u32(&w, 0);       /* UNCHECKED */
-    put_u32(&w, 1);       /* set_mode */
-    put_u32(&w, 0644);
-    for (int i = 0; i < 5; i++)
-        put_u32(&w, 0);   /* uid, gid, size, atime, mtime unchanged */
-    r = finish_call(&w, xid);
-    nfs_status(&r, "create");
-    if (!get_u32(&r))
-        fail("CREATE returned no handle");
-    const uint8_t *data;
-    uint32_t len = get_opaque(&r, FH_MAX, &data);
-    copy_fh(&file, data, len);
+    create(&root, name, &file);
     printf("R create=0\n");
 
     static uint8_t chunk[GUEST_CHUNK];
@@ -327,36 +449,16 @@ static void run(const char *export, const char *name)
         for (uint32_t i = 0; i < n; i++)
             chunk[i] = pattern(written + i);
         sum = fnv1a(sum, chunk, n);
-        xid = next_xid++;
-        w = begin_call(NFS_PROG, NFS_WRITE, xid);
-        put_opaque(&w, file.data, file.len);
-        put_u64(&w, written);
-        put_u32(&w, n);
-        put_u32(&w, 2);   /* FILE_SYNC */
-        put_opaque(&w, chunk, n);
-        r = finish_call(&w, xid);
-        nfs_status(&r, "write");
-        skip_wcc_data(&r);
-        uint32_t count = get_u32(&r);
-        if (count != n)
-            fail("WRITE wrote %u of %u bytes", count, n);
+        write_sync(&file, written, chunk, n);
         written += n;
     }
     printf("R written=%u write_sum=%016" PRIx64 "\n", written, sum);
 
     uint64_t offset = 0, rsum = FNV_BASIS;
+    const uint8_t *data;
     for (;;) {
-        xid = next_xid++;
-        w = begin_call(NFS_PROG, NFS_READ, xid);
-        put_opaque(&w, file.data, file.len);
-        put_u64(&w, offset);
-        put_u32(&w, GUEST_CHUNK);
-        r = finish_call(&w, xid);
-        nfs_status(&r, "read");
-        skip_post_op_attr(&r);
-        get_u32(&r);      /* count (the opaque says it again) */
-        uint32_t eof = get_u32(&r);
-        uint32_t n = get_opaque(&r, GUEST_CHUNK, &data);
+        uint32_t eof;
+        uint32_t n = read_at(&file, offset, GUEST_CHUNK, &data, &eof);
         rsum = fnv1a(rsum, data, n);
         offset += n;
         if (eof || n == 0)
@@ -399,14 +501,51 @@ static void run(const char *export, const char *name)
     printf("PRISM-VRPC-GUEST ok\n");
 }
 
+/* Write and read back SOAK_CHUNK-byte chunks for `seconds` (a server restart meanwhile is
+ * the point: every call must go through, resent after the ring's reset). */
+static void soak(const char *export, const char *name, unsigned seconds)
+{
+    struct fh root, file;
+    uint32_t status = mnt(export, &root);
+    if (status != 0)
+        fail("MNT %s: mountstat3 %u", export, status);
+    create(&root, name, &file);
+    printf("R soaking=1\n");
+    static uint8_t chunk[SOAK_CHUNK];
+    uint64_t until = now_ns() + (uint64_t)seconds * 1000000000u, sum = FNV_BASIS;
+    uint32_t rounds = 0;
+    while (now_ns() < until) {
+        uint64_t offset = (uint64_t)rounds * SOAK_CHUNK;
+        for (uint32_t i = 0; i < SOAK_CHUNK; i++)
+            chunk[i] = pattern((uint32_t)offset + i);
+        write_sync(&file, offset, chunk, SOAK_CHUNK);
+        const uint8_t *data;
+        uint32_t eof;
+        if (read_at(&file, offset, SOAK_CHUNK, &data, &eof) != SOAK_CHUNK ||
+            memcmp(data, chunk, SOAK_CHUNK) != 0)
+            fail("round %u read back other bytes", rounds);
+        sum = fnv1a(sum, chunk, SOAK_CHUNK);
+        rounds++;
+        pause_ns(SOAK_PAUSE_NS);
+    }
+    printf("R soak_rounds=%u soak_bytes=%" PRIu64 " soak_sum=%016" PRIx64 "\n", rounds,
+           (uint64_t)rounds * SOAK_CHUNK, sum);
+    printf("PRISM-VRPC-GUEST ok\n");
+}
+
 /* A previous client of this ring (the last run, or one killed mid-call) may have calls still
- * completing: wait until every submission has its completion, then start after them. */
+ * completing: wait until every submission has its completion, then start after them. On a
+ * closed ring none will come: start after them at once (the first call then waits for the
+ * reset), unless it is closed for good. */
 static void resync(void)
 {
     for (int i = 0; i < 5000; i++) {
+        uint32_t flags = __atomic_load_n(&cli.hdr->server_flags, __ATOMIC_ACQUIRE);
+        if (flags & VRPC_SERVER_GONE)
+            fail("the server closed the channel for good (its VM was removed)");
         uint32_t sq = __atomic_load_n(&cli.hdr->sq_tail, __ATOMIC_ACQUIRE);
         uint32_t cq = __atomic_load_n(&cli.hdr->cq_tail, __ATOMIC_ACQUIRE);
-        if (sq == cq) {
+        if (sq == cq || (flags & VRPC_SERVER_CLOSED)) {
             cli.sq_tail = sq;
             cli.cq_head = cq;
             __atomic_store_n(&cli.hdr->cq_head, cq, __ATOMIC_RELEASE);
@@ -480,8 +619,11 @@ int main(int argc, char **argv)
         argc -= 2;
     }
     int is_run = argc == 4 && strcmp(argv[1], "run") == 0;
-    if (!is_run && !(argc == 3 && strcmp(argv[1], "mnt") == 0)) {
-        fprintf(stderr, "usage: %s [--mem PATH] mnt EXPORT | run EXPORT NAME\n", argv[0]);
+    int is_soak = argc == 5 && strcmp(argv[1], "soak") == 0;
+    if (!is_run && !is_soak && !(argc == 3 && strcmp(argv[1], "mnt") == 0)) {
+        fprintf(stderr,
+                "usage: %s [--mem PATH] mnt EXPORT | run EXPORT NAME | soak EXPORT NAME SECONDS\n",
+                argv[0]);
         return 2;
     }
     if (mem == NULL && (mem = find_bar()) == NULL)
@@ -492,10 +634,11 @@ int main(int argc, char **argv)
     struct stat st;
     if (fstat(fd, &st) < 0 || st.st_size <= 0)
         fail("size of %s unknown", mem);
-    void *base = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (base == MAP_FAILED)
+    ring_bytes = (uint64_t)st.st_size;
+    ring_base = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (ring_base == MAP_FAILED)
         fail("mmap %s: %s", mem, strerror(errno));
-    int rc = vrpc_cli_open(&cli, base, (uint64_t)st.st_size, -1, -1);
+    int rc = vrpc_cli_open(&cli, ring_base, ring_bytes, -1, -1);
     if (rc < 0)
         fail("not a usable VRPC ring: %s", strerror(-rc));
     if (cli.doorbell != VRPC_DOORBELL_POLL)
@@ -505,6 +648,8 @@ int main(int argc, char **argv)
            cli.segment_size, cli.nslots);
     if (is_run) {
         run(argv[2], argv[3]);
+    } else if (is_soak) {
+        soak(argv[2], argv[3], (unsigned)strtoul(argv[4], NULL, 10));
     } else {
         struct fh root;
         printf("R mnt=%u\n", mnt(argv[2], &root));

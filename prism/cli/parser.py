@@ -485,13 +485,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the QEMU arguments giving a guest its VM's VRPC ring (ivshmem-plain)",
         description="Ask the running server for NAME's guest channel (made at first use, bound"
         " to NAME: whoever holds its memory speaks for NAME only) and print the QEMU options"
-        " that map it into a guest as PCI device 1af4:1110. Root or the server's user only;"
-        " QEMU must run as either to open the /proc path.",
+        " that map it into a guest as PCI device 1af4:1110: the ring's file on tmpfs, which"
+        " keeps its path across server restarts. Root or the server's user only; QEMU must"
+        " run as either to open it.",
     )
     _common(p)
     p.add_argument("name", help="the VM")
     p.add_argument(
         "--vrpc", metavar="PATH", help="the server's VRPC control socket (default DATA/vrpc.sock)"
+    )
+    p.add_argument(
+        "--owner",
+        metavar="USER[:GROUP]",
+        help="give the ring's file to the user QEMU runs as (e.g. libvirt-qemu; root only;"
+        " kept across restarts; `none` gives it back to the server's user). That user can"
+        " shrink the file and crash the server: give it to that VM's QEMU user only",
     )
     p.set_defaults(func=cmd_vm_vrpc_guest, needs_store=False)
     p = vms.add_parser("rm", help="remove a VM and its snapshots")

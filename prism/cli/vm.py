@@ -226,13 +226,36 @@ def cmd_vm_vrpc_token(args: argparse.Namespace, store: Store) -> int:
     return 0
 
 
+def _owner(spec: str) -> tuple[int, int]:
+    """`--owner USER[:GROUP]` (names or numbers; GROUP defaults to USER's own group)."""
+    import grp
+    import pwd
+
+    user, _, group = spec.partition(":")
+    try:
+        pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        uid, gid = pw.pw_uid, pw.pw_gid
+    except KeyError:
+        if not user.isdigit():
+            raise UsageError(f"no user named {user!r}: give --owner USER[:GROUP]") from None
+        uid, gid = int(user), int(user)
+    if group:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise UsageError(f"no group named {group!r}: give --owner USER[:GROUP]") from None
+    return uid, gid
+
+
 def cmd_vm_vrpc_guest(args: argparse.Namespace) -> int:
+    import os
     import shlex
     import socket
 
     from rpc.xdr import XdrError
     from vrpc.control import (
         MAX_MESSAGE,
+        GuestOwner,
         GuestRequest,
         Refused,
         decode_guest_reply,
@@ -241,11 +264,17 @@ def cmd_vm_vrpc_guest(args: argparse.Namespace) -> int:
     from vrpc.server import default_socket
 
     path = Path(args.vrpc) if args.vrpc else default_socket(Path(args.data))
+    request = GuestRequest(args.name)
+    if args.owner == "none":
+        request = GuestRequest(args.name, owner=GuestOwner.CLEAR)
+    elif args.owner is not None:
+        uid, gid = _owner(args.owner)
+        request = GuestRequest(args.name, owner=GuestOwner.SET, uid=uid, gid=gid)
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
         sock.settimeout(10)
         try:
             sock.connect(str(path))
-            sock.send(encode_guest_request(GuestRequest(args.name)))
+            sock.send(encode_guest_request(request))
             answer = decode_guest_reply(sock.recv(MAX_MESSAGE))
         except (OSError, XdrError) as exc:
             raise UsageError(
@@ -255,6 +284,11 @@ def cmd_vm_vrpc_guest(args: argparse.Namespace) -> int:
     if isinstance(answer, Refused):
         raise UsageError(f"the server refused a guest channel for {args.name}: {answer.message}")
     qemu = answer.qemu_args(args.name)
+    try:
+        st = os.stat(answer.mem_path)
+        owner: dict[str, int] | None = {"uid": st.st_uid, "gid": st.st_gid}
+    except OSError:
+        owner = None
     emit(
         args,
         {
@@ -262,6 +296,7 @@ def cmd_vm_vrpc_guest(args: argparse.Namespace) -> int:
             "channel": answer.channel_id,
             "created": answer.created,
             "mem_path": answer.mem_path,
+            "owner": owner,
             "size": answer.ring_size,
             "slots": answer.nslots,
             "qemu_args": qemu,

@@ -314,8 +314,10 @@ class GuestSession:
         kernel_args: str = "",
         name: str = "guest",
         lifetime: float = SESSION_LIFETIME,
+        qemu_args: Sequence[str] = (),
     ) -> None:
         self.files = dict(files or {})
+        self.qemu_args = list(qemu_args)  # added to QEMU's command line (devices)
         self.lifetime = lifetime
         self.net = net
         self.memory_mb = memory_mb
@@ -360,7 +362,7 @@ class GuestSession:
         initrd = _initrd(self._dir, script, {**self.files, **(files or {})})
         argv = _qemu_argv(initrd, self.memory_mb, self.cpus, self.kernel_args, self.net)
         argv += ["-chardev", f"socket,id=ctl,path={control},server=on,wait=off"]
-        argv += ["-serial", "chardev:ctl"]
+        argv += ["-serial", "chardev:ctl", *self.qemu_args]
         started = time.monotonic()
         with self.console_path.open("wb") as log, (self._dir / "qemu.stderr").open("wb") as err:
             self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=err)

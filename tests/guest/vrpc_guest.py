@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,6 +63,16 @@ def guest_client() -> Path:
             _cannot_build("no static libc (libc6-dev): the guest client cannot be built")
         raise AssertionError(f"building the guest client failed:\n{proc.stderr}")
     return out
+
+
+def read_all(nfs: Any, fh: Any) -> bytes:
+    """A whole file through an NFS client (`prism.nfs.client.NfsClient`), READ after READ."""
+    out = bytearray()
+    while True:
+        res = nfs.read(fh, len(out), 1 << 20)
+        out += res.data
+        if res.eof or not res.data:
+            return bytes(out)
 
 
 def results(output: str) -> dict[str, list[str]]:
