@@ -224,6 +224,22 @@ def test_unknown_flavor_decodes() -> None:
     assert args == h("00000001")
 
 
+def test_decoded_credentials_are_reused_only_for_the_same_bytes() -> None:
+    """decode_call remembers decoded credentials and verifiers: a call carrying the same
+    credential with another verifier, or a broken one, is decoded as itself."""
+    cred = AuthSys(1, b"host", 1000, 100, (100, 4)).to_opaque()
+    verf = OpaqueAuth(7, h("0102030405060708"))
+    first, _ = decode_call(encode_call(1, 100003, 3, 1, h("00000001"), cred))
+    second, args = decode_call(encode_call(2, 100003, 3, 4, h("00000002"), cred, verf))
+    assert first.verf == NULL_AUTH and first.auth_sys is not None
+    assert second == CallHeader(2, 100003, 3, 4, cred, verf, first.auth_sys)
+    assert args == h("00000002")
+    broken = encode_call(3, 100003, 3, 1, b"", cred)[:-8] + _words("0 00000200")
+    with pytest.raises(BadCredential) as info:
+        decode_call(broken)
+    assert info.value.stat == AuthStat.AUTH_BADVERF
+
+
 # --------------------------------------------------------------------------- properties
 
 u32s = st.integers(0, 0xFFFF_FFFF)
