@@ -41,6 +41,7 @@ Errors each operation may raise, besides `Stale` (the handle's object or namespa
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -206,6 +207,10 @@ class FileStore(Protocol):
 
     @property
     def in_batch(self) -> bool: ...
+
+    def reading(self) -> contextlib.AbstractContextManager[None]:
+        """Inside it, the reads of several calls of a read-only operation share one read
+        transaction (one snapshot), or see the open batch."""
 
     def begin_batch(self) -> None: ...
 

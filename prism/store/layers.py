@@ -46,7 +46,7 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import lmdb
 
@@ -109,9 +109,10 @@ class View:
     record: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
-class Out:
-    """Maps a routed operation's local (vol, ino) back to the caller's ObjectId."""
+class Out(NamedTuple):
+    """Maps a routed operation's local (vol, ino) back to the caller's ObjectId. (A
+    NamedTuple: immutable, and three times cheaper to make than a frozen dataclass; every
+    operation makes one.)"""
 
     ns: int
     base: int = 0
