@@ -34,7 +34,7 @@ from rpc.message import (
     encode_rejected_rpc_mismatch,
     encode_reply,
 )
-from rpc.xdr import XdrError
+from rpc.xdr import Unpacker, XdrError
 
 
 def h(text: str) -> bytes:
@@ -238,6 +238,22 @@ def test_decoded_credentials_are_reused_only_for_the_same_bytes() -> None:
     with pytest.raises(BadCredential) as info:
         decode_call(broken)
     assert info.value.stat == AuthStat.AUTH_BADVERF
+
+
+@pytest.mark.parametrize("view", [bytes, memoryview])
+def test_opaques_decode_with_their_padding_checked(view: type) -> None:
+    u = Unpacker(view(_words("3 61626300 0") + h("00000004") + b"wxyz"))
+    assert (u.unpack_opaque(3), u.unpack_opaque(), u.unpack_opaque(4)) == (b"abc", b"", b"wxyz")
+    u.done()
+    for data, error in [
+        ("000000", "truncated: need 4 bytes at offset 0"),
+        ("00000003 616263", "truncated: need 1 bytes at offset 7"),
+        ("00000003 61626301", "non-zero XDR padding"),
+        ("00000005 61626300", "opaque of 5 bytes is longer than the 4 left"),
+        ("00000009", "opaque of 9 bytes exceeds the limit of 8"),
+    ]:
+        with pytest.raises(XdrError, match=error):
+            Unpacker(view(h(data))).unpack_opaque(8)
 
 
 # --------------------------------------------------------------------------- properties
