@@ -190,10 +190,14 @@ def parse_clients(clients: Sequence[str]) -> tuple[str, ...]:
 
 
 def ns_record(ctx: Ctx, t: lmdb.Transaction, ns_id: int) -> dict[str, Any] | None:
+    shared = t is ctx.reading  # a snapshot: what it read once stays so (an NFS call reads
+    if shared and ns_id in ctx.ns_read:  # its VM's record for the export, then the view)
+        return ctx.ns_read[ns_id]
     raw = t.get(NS_KEY.pack(ns_id), db=ctx.db.ns)
-    if raw is None:
-        return None
-    return parsed(ctx.ns_cache, bytes(raw))
+    rec = None if raw is None else parsed(ctx.ns_cache, bytes(raw))
+    if shared:
+        ctx.ns_read[ns_id] = rec
+    return rec
 
 
 def view_of(ctx: Ctx, t: lmdb.Transaction, ns_id: int) -> View:

@@ -562,6 +562,7 @@ class _SharedRead:
             ctx.sharing = False
             shared, ctx.reading = ctx.reading, None
             if shared is not None:
+                ctx.ns_read.clear()
                 cast(SealedTxn, shared).raw.abort()
 
 
