@@ -7,8 +7,9 @@ Zero-length fragments are legal.
 
 `RecordReader.feed(data)` accepts bytes exactly as they came off the socket (split at any
 byte) and returns the records it completed. It copies each data byte once into the record
-being assembled (a single-fragment record that arrives in one piece is sliced out directly)
-and holds at most 3 bytes of an incomplete fragment header, so buffering is O(bytes) and a
+being assembled (a single-fragment record that arrives in one piece is sliced out directly,
+and a read that is exactly one such record, the usual case, before any other work) and
+holds at most 3 bytes of an incomplete fragment header, so buffering is O(bytes) and a
 record costs at most `max_record_size` bytes of memory. Work is O(bytes + fragments), and a
 record may have at most `max_fragments` fragments, so a peer cannot make the reader spin on
 empty or 1-byte fragments. `receive(data, max_fragments)` is the same with a budget: it
@@ -128,6 +129,17 @@ class RecordReader:
         if self._failed is not None:
             self._failed.records = []
             raise self._failed
+        if self._frag_left < 0 and not self._fragments and not self._header:
+            # The usual read: exactly one whole single-fragment record.
+            n = len(data)
+            if (
+                n >= 4
+                and max_fragments != 0
+                and _HEADER.unpack_from(data)[0] == (n - 4) | LAST_FRAGMENT
+                and n - 4 <= self.max_record_size
+                and (type(data) is not memoryview or data.itemsize == 1)
+            ):
+                return [bytes(data[4:])], n
         records: list[bytes] = []
         with memoryview(data) as view:
             try:

@@ -37,7 +37,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import cast
+from typing import NamedTuple, cast
 
 import xxhash
 
@@ -87,9 +87,10 @@ class DropCall(Exception):
     """Raised by a handler to send no reply at all (the client will retransmit)."""
 
 
-@dataclass(frozen=True, slots=True)
-class CallContext:
-    """What a handler knows about the call besides its arguments."""
+class CallContext(NamedTuple):
+    """What a handler knows about the call besides its arguments. (A NamedTuple, immutable
+    like a frozen dataclass but built in a third of its time: the dispatcher makes one per
+    call.)"""
 
     xid: int
     prog: int

@@ -244,8 +244,9 @@ class _StreamConnection(asyncio.Protocol):
         self._eof = False  # no more input will come: close once the replies due are sent
         self._broken = False  # the stream broke: take no more input, then close likewise
         self._closing = False
-        self._writable = asyncio.Event()
+        self._writable = asyncio.Event()  # for calls awaiting room to send
         self._writable.set()
+        self._can_write = True  # = self._writable.is_set(), read on every call
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
@@ -278,15 +279,18 @@ class _StreamConnection(asyncio.Protocol):
         self._queue.clear()
         self._input = None
         self._writable.set()
+        self._can_write = True
         if self._next_turn is not None:
             self._next_turn.cancel()
             self._next_turn = None
 
     def pause_writing(self) -> None:
         self._writable.clear()
+        self._can_write = False
 
     def resume_writing(self) -> None:
         self._writable.set()
+        self._can_write = True
         self._pump()
 
     def _turn(self) -> None:
@@ -323,12 +327,11 @@ class _StreamConnection(asyncio.Protocol):
         if self._closing or transport is None or self._pumping:
             return  # (a call that finished inside this loop re-enters here: let it run on)
         limit = self._config.max_in_flight
-        writable = self._writable
         handle_now = self._dispatcher.handle_now
         queue = self._queue
         self._pumping = True
         try:
-            while self._in_flight < limit and writable.is_set() and not self._closing:
+            while self._in_flight < limit and self._can_write and not self._closing:
                 if not queue:
                     if self._input is None or self._parsed:
                         break
@@ -348,7 +351,7 @@ class _StreamConnection(asyncio.Protocol):
         if self._closing:
             return
         pending = bool(queue) or self._input is not None
-        can_run = self._in_flight < limit and writable.is_set()
+        can_run = self._in_flight < limit and self._can_write
         if pending and can_run and self._next_turn is None:
             # This turn's budget is spent: go on at the next turn, after other connections.
             self._next_turn = asyncio.get_running_loop().call_soon(self._turn)

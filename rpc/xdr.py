@@ -17,6 +17,8 @@ _U64 = struct.Struct(">Q")
 _I64 = struct.Struct(">q")
 
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
+_ZEROS = (b"", b"\0", b"\0\0", b"\0\0\0")
+"""Padding of n bytes, by n."""
 
 
 class XdrError(ValueError):
@@ -144,14 +146,26 @@ class Unpacker:
         return data
 
     def unpack_opaque(self, max_len: int | None = None) -> bytes:
-        n = self.unpack_uint()
+        # (one method, no helpers: every handle, name and payload is an opaque)
+        buf, pos = self._data, self._pos
+        size = len(buf)
+        if pos + 4 > size:
+            raise XdrError(f"truncated: need 4 bytes at offset {pos}")
+        n = _U32.unpack_from(buf, pos)[0]
         if max_len is not None and n > max_len:
             raise XdrError(f"opaque of {n} bytes exceeds the limit of {max_len}")
-        if n > self.remaining():
-            raise XdrError(f"opaque of {n} bytes is longer than the {self.remaining()} left")
-        data = self._take(n)
-        self._skip_padding(n)
-        return data
+        start = pos + 4
+        end = start + n
+        if end > size:
+            raise XdrError(f"opaque of {n} bytes is longer than the {size - start} left")
+        padded = (end + 3) & ~3
+        if padded != end:
+            if padded > size:
+                raise XdrError(f"truncated: need {padded - end} bytes at offset {end}")
+            if buf[end:padded] != _ZEROS[padded - end]:
+                raise XdrError("non-zero XDR padding")
+        self._pos = padded
+        return bytes(buf[start:end])
 
     unpack_string = unpack_opaque
 

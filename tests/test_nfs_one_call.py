@@ -23,7 +23,15 @@ from tests.test_nfs_table import InProcess
 OK = NfsStat3.NFS3_OK
 ADMISSION = {"export_of"}
 """The handle check every call makes first (a cached read of the VM's export options)."""
-BOOKKEEPING = {"in_batch", "try_begin_batch", "make_durable", "commit", "journal", "segments"}
+BOOKKEEPING = {
+    "in_batch",
+    "try_begin_batch",
+    "make_durable",
+    "commit",
+    "journal",
+    "segments",
+    "reading",
+}
 """The executor's own transaction management."""
 
 

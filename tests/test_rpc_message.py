@@ -34,7 +34,7 @@ from rpc.message import (
     encode_rejected_rpc_mismatch,
     encode_reply,
 )
-from rpc.xdr import XdrError
+from rpc.xdr import Unpacker, XdrError
 
 
 def h(text: str) -> bytes:
@@ -222,6 +222,38 @@ def test_unknown_flavor_decodes() -> None:
     assert header.cred == OpaqueAuth(6, h("deadbeef"))
     assert header.auth_sys is None
     assert args == h("00000001")
+
+
+def test_decoded_credentials_are_reused_only_for_the_same_bytes() -> None:
+    """decode_call remembers decoded credentials and verifiers: a call carrying the same
+    credential with another verifier, or a broken one, is decoded as itself."""
+    cred = AuthSys(1, b"host", 1000, 100, (100, 4)).to_opaque()
+    verf = OpaqueAuth(7, h("0102030405060708"))
+    first, _ = decode_call(encode_call(1, 100003, 3, 1, h("00000001"), cred))
+    second, args = decode_call(encode_call(2, 100003, 3, 4, h("00000002"), cred, verf))
+    assert first.verf == NULL_AUTH and first.auth_sys is not None
+    assert second == CallHeader(2, 100003, 3, 4, cred, verf, first.auth_sys)
+    assert args == h("00000002")
+    broken = encode_call(3, 100003, 3, 1, b"", cred)[:-8] + _words("0 00000200")
+    with pytest.raises(BadCredential) as info:
+        decode_call(broken)
+    assert info.value.stat == AuthStat.AUTH_BADVERF
+
+
+@pytest.mark.parametrize("view", [bytes, memoryview])
+def test_opaques_decode_with_their_padding_checked(view: type) -> None:
+    u = Unpacker(view(_words("3 61626300 0") + h("00000004") + b"wxyz"))
+    assert (u.unpack_opaque(3), u.unpack_opaque(), u.unpack_opaque(4)) == (b"abc", b"", b"wxyz")
+    u.done()
+    for data, error in [
+        ("000000", "truncated: need 4 bytes at offset 0"),
+        ("00000003 616263", "truncated: need 1 bytes at offset 7"),
+        ("00000003 61626301", "non-zero XDR padding"),
+        ("00000005 61626300", "opaque of 5 bytes is longer than the 4 left"),
+        ("00000009", "opaque of 9 bytes exceeds the limit of 8"),
+    ]:
+        with pytest.raises(XdrError, match=error):
+            Unpacker(view(h(data))).unpack_opaque(8)
 
 
 # --------------------------------------------------------------------------- properties

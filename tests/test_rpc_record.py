@@ -84,6 +84,21 @@ def test_record_of_exactly_the_limit() -> None:
     assert reader.feed(frame(b"0123456789", max_fragment=3)) == [b"0123456789"]
 
 
+def test_one_whole_record_per_read() -> None:
+    """A read holding exactly one whole single-fragment record (the usual case, taken
+    without the general parse) obeys the same limits and leaves the reader ready."""
+    reader = RecordReader(max_record_size=10)
+    assert reader.receive(frame(b"0123456789"), 1) == ([b"0123456789"], 14)
+    assert reader.receive(memoryview(frame(b"")), None) == ([b""], 4)
+    assert reader.receive(frame(b"abc"), 0) == ([], 0)  # no budget: nothing parsed
+    assert not reader.in_record
+    words = memoryview(frame(b"wxyz")).cast("I")  # items of 4 bytes: still bytes read
+    assert reader.feed(words) == [b"wxyz"]
+    with pytest.raises(RecordTooLarge) as info:
+        reader.feed(frame(b"0123456789a"))
+    assert info.value.records == [] and info.value.size == 11
+
+
 def test_too_large_is_raised_from_the_header_alone() -> None:
     reader = RecordReader(max_record_size=1000)
     with pytest.raises(RecordTooLarge) as info:

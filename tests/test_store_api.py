@@ -135,3 +135,25 @@ def test_a_read_only_namespace_refuses_every_change_with_its_attributes(store: S
             call()
         assert caught.value.attrs[oid] == store.getattr(oid)
     assert store.getattr(f.oid).size == 0
+
+
+def test_the_reads_of_one_operation_share_a_snapshot(tmp_path: Path) -> None:
+    """Inside `reading()` (an NFS call: its handle's export, then the object) every read
+    sees the one snapshot it began with, as one transaction would; a change another
+    process commits meanwhile shows from the next operation on."""
+    from tests.server_helpers import new_data_dir, prism_cli
+
+    data = new_data_dir(tmp_path / "data")
+    with Store.open(data, journal=True) as store:
+        info = store.namespace("vm")
+        with store.reading():
+            before = store.export_of(info.id)
+            prism_cli(data, "vm", "set", "vm", "--read-only")  # an operator, meanwhile
+            assert store.export_of(info.id) == before
+            assert store.getattr(info.root).oid == info.root
+        assert store.export_of(info.id).read_only and not before.read_only
+        with store.reading():  # a batch's reads see the batch, not a snapshot
+            store.begin_batch()
+            made = store.create(info.root, b"f", 0o644)
+            assert store.getattr(made.oid).type == FileType.REG
+            store.commit()

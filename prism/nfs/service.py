@@ -82,7 +82,7 @@ from prism.store.types import (
     FileType,
     ObjectId,
 )
-from rpc.message import AuthFlavor
+from rpc.message import AuthFlavor, AuthSys
 from rpc.server import (
     TRANSPORT_TCP,
     TRANSPORT_UDP,
@@ -121,6 +121,11 @@ ACCESS_WRITES = ACCESS_MODIFY | ACCESS_EXTEND | ACCESS_DELETE
 """ACCESS bits a read-only export never grants (as knfsd's `ro`)."""
 
 ANONYMOUS = Cred(NOBODY, NOBODY, ())
+CREDS_SIZE = 4096
+"""AUTH_SYS credentials `cred_of` remembers as Creds (emptied when full)."""
+_CREDS: dict[int, tuple[AuthSys, Cred]] = {}
+"""Creds by the id of the AuthSys they were made of (held, so the id stays its own):
+`rpc.message.decode_call` hands out one AuthSys per distinct credential."""
 
 
 class NfsError(Exception):
@@ -213,10 +218,17 @@ class MountRecord:
 
 def cred_of(ctx: CallContext) -> Cred | None:
     """The call's AUTH_SYS credential, or None (AUTH_NONE)."""
-    if ctx.flavor == AuthFlavor.AUTH_SYS and ctx.auth_sys is not None:
-        a = ctx.auth_sys
-        return Cred(a.uid, a.gid, tuple(a.gids))
-    return None
+    a = ctx.auth_sys
+    if a is None or ctx.flavor != AuthFlavor.AUTH_SYS:
+        return None
+    known = _CREDS.get(id(a))
+    if known is not None and known[0] is a:
+        return known[1]
+    if len(_CREDS) >= CREDS_SIZE:
+        _CREDS.clear()
+    cred = Cred(a.uid, a.gid, tuple(a.gids))
+    _CREDS[id(a)] = (a, cred)
+    return cred
 
 
 def call_of(ctx: CallContext) -> Call:

@@ -104,9 +104,11 @@ class StoreExecutor:
         return result
 
     def call_now(self, fn: Callable[[Store], T]) -> T:
-        """Run a read-only `fn(store)` (in the open batch, if any, so it sees its writes)."""
+        """Run a read-only `fn(store)` (in the open batch, if any, so it sees its writes;
+        else in one read transaction, however many store calls it makes)."""
         self.calls += 1
-        return fn(self.store)
+        with self.store.reading():
+            return fn(self.store)
 
     async def _begin_batch(self) -> None:
         """Open the batch once the store's write lock is free. Another process may hold it

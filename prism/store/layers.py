@@ -46,7 +46,7 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import lmdb
 
@@ -109,9 +109,10 @@ class View:
     record: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
-class Out:
-    """Maps a routed operation's local (vol, ino) back to the caller's ObjectId."""
+class Out(NamedTuple):
+    """Maps a routed operation's local (vol, ino) back to the caller's ObjectId. (A
+    NamedTuple: immutable, and three times cheaper to make than a frozen dataclass; every
+    operation makes one.)"""
 
     ns: int
     base: int = 0
@@ -189,10 +190,14 @@ def parse_clients(clients: Sequence[str]) -> tuple[str, ...]:
 
 
 def ns_record(ctx: Ctx, t: lmdb.Transaction, ns_id: int) -> dict[str, Any] | None:
+    shared = t is ctx.reading  # a snapshot: what it read once stays so (an NFS call reads
+    if shared and ns_id in ctx.ns_read:  # its VM's record for the export, then the view)
+        return ctx.ns_read[ns_id]
     raw = t.get(NS_KEY.pack(ns_id), db=ctx.db.ns)
-    if raw is None:
-        return None
-    return parsed(ctx.ns_cache, bytes(raw))
+    rec = None if raw is None else parsed(ctx.ns_cache, bytes(raw))
+    if shared:
+        ctx.ns_read[ns_id] = rec
+    return rec
 
 
 def view_of(ctx: Ctx, t: lmdb.Transaction, ns_id: int) -> View:

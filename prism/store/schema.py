@@ -152,6 +152,12 @@ class Ctx:
     """The open batch (group commit), if any; reads see its writes."""
     writer: lmdb.Transaction | None = None
     """The top-level write transaction, if any (it holds the write lock)."""
+    sharing: bool = False
+    """Inside `txn.reading`: the reads of one read-only call share one transaction..."""
+    reading: lmdb.Transaction | None = None
+    """...this one, opened by the first of them."""
+    ns_read: dict[int, dict[str, Any] | None] = field(default_factory=dict)
+    """The namespace records `reading`'s transaction read, by id (`layers.ns_record`)."""
     broken: BaseException | None = None
     """Why this process may no longer write (its journal could not be reloaded)."""
     journaled: list[Change] = field(default_factory=list)

@@ -24,6 +24,7 @@ The work is done by the rooms, each a module of free functions over one context
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -186,6 +187,9 @@ class Store:
     @property
     def in_batch(self) -> bool:
         return self.ctx.batch is not None
+
+    def reading(self) -> contextlib.AbstractContextManager[None]:
+        return txn.reading(self.ctx)
 
     def begin_batch(self) -> None:
         txn.begin_batch(self.ctx)

@@ -207,7 +207,7 @@ def locate(
     out = Out(outer.id, base)
     if writable:
         require_writable(view, out)
-    return view, ObjectId(view.id, vol, oid.ino), node, out
+    return view, ObjectId(view.id, vol, oid.ino) if base else oid, node, out
 
 
 def require_writable(view: View, out: Out) -> None:

@@ -78,23 +78,28 @@ log = logging.getLogger("prism.store")
 
 
 class _ReadTxn:
-    """Context manager for reads; a plain class because it runs on every call."""
+    """Context manager for reads; a plain class because it runs on every call. Inside
+    `reading`, the first one opens the read transaction the others then share."""
 
-    __slots__ = ("_batch", "_env", "_index", "_txn")
+    __slots__ = ("_ctx", "_txn")
 
-    def __init__(
-        self, env: lmdb.Environment, batch: lmdb.Transaction | None, index: dict[Any, int]
-    ) -> None:
-        self._env = env
-        self._batch = batch
-        self._index = index
+    def __init__(self, ctx: Ctx) -> None:
+        self._ctx = ctx
         self._txn: lmdb.Transaction | None = None
 
     def __enter__(self) -> lmdb.Transaction:
-        if self._batch is not None:
-            return self._batch
-        self._txn = self._env.begin(buffers=False)
-        return cast(lmdb.Transaction, SealedTxn(self._txn, self._index))
+        ctx = self._ctx
+        if ctx.batch is not None:
+            return ctx.batch
+        if ctx.reading is not None:
+            return ctx.reading
+        raw = ctx.env.begin(buffers=False)
+        t = cast(lmdb.Transaction, SealedTxn(raw, ctx.db.index))
+        if ctx.sharing:
+            ctx.reading = t  # (`reading` ends it)
+        else:
+            self._txn = raw
+        return t
 
     def __exit__(self, *exc: object) -> None:
         if self._txn is not None:
@@ -530,8 +535,42 @@ def read_own(ctx: Ctx) -> lmdb.Transaction:
 
 
 def read(ctx: Ctx) -> _ReadTxn:
-    """A read transaction (the open batch, when there is one, so reads see its writes)."""
-    return _ReadTxn(ctx.env, ctx.batch, ctx.db.index)
+    """A read transaction (the open batch, when there is one, so reads see its writes; else
+    the call's shared one, when `reading` opened it)."""
+    return _ReadTxn(ctx)
+
+
+class _SharedRead:
+    """Context manager: every `read` inside it, with no batch open, shares one read
+    transaction (one snapshot, one LMDB begin), opened by the first of them (a call that
+    reads nothing opens none); a plain class because it runs on every call."""
+
+    __slots__ = ("_ctx", "_outer")
+
+    def __init__(self, ctx: Ctx) -> None:
+        self._ctx = ctx
+        self._outer = False
+
+    def __enter__(self) -> None:
+        ctx = self._ctx
+        self._outer = not ctx.sharing
+        ctx.sharing = True
+
+    def __exit__(self, *exc: object) -> None:
+        ctx = self._ctx
+        if self._outer:
+            ctx.sharing = False
+            shared, ctx.reading = ctx.reading, None
+            if shared is not None:
+                ctx.ns_read.clear()
+                cast(SealedTxn, shared).raw.abort()
+
+
+def reading(ctx: Ctx) -> _SharedRead:
+    """One read transaction for all the reads of a read-only operation made of several
+    store calls (an NFS call: its handle's export, then the object), as one transaction
+    would: inside it, `read` hands out that transaction (or the batch, when one is open)."""
+    return _SharedRead(ctx)
 
 
 def lock_journal(path: Path, wait: float) -> Journal:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import NamedTuple
 
 from prism.limits import NAME_MAX as NAME_MAX
 from prism.limits import NLINK_MAX as NLINK_MAX
@@ -76,9 +77,10 @@ ACCESS_DELETE = 0x10
 ACCESS_EXECUTE = 0x20
 
 
-@dataclass(frozen=True, slots=True)
-class Attr:
-    """Attributes of one object, times in nanoseconds since the epoch."""
+class Attr(NamedTuple):
+    """Attributes of one object, times in nanoseconds since the epoch. (A NamedTuple:
+    immutable like the frozen dataclasses here, and ten times cheaper to make than one of
+    twelve fields; nearly every call makes one or two.)"""
 
     oid: ObjectId
     type: FileType
