@@ -517,12 +517,12 @@ def test_shared_words_are_never_seen_partly_written(server: str, client: str) ->
 
 
 def test_python_backend_stores_each_word_at_once() -> None:
-    """The mechanism, deterministically: a `_Words` store converts the value first and then
+    """The mechanism, deterministically: a `HeaderWords` store converts the value first and then
     replaces the old word in one store, so no reader can see anything in between (the value's
     `__index__` runs where `struct.pack_into` would already have zeroed the word). And the
     Python backend does not use `struct` on the segment at all."""
     buf = mmap.mmap(-1, abi.ring_size(1))
-    words = pyring._Words(buf)
+    words = pyring.HeaderWords(buf)
     try:
         at = abi.RING_HEADER["sq_tail"][0] // 4
         words.u32[at] = 0xFFFFFEFF

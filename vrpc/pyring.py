@@ -7,7 +7,7 @@ it owns, validates each SQE it loads once, and sleepers and wakers use the flag 
 reload handshake of R4.
 
 Memory ordering from Python: every shared word is read or written as one item of a typed
-memoryview of the segment (`_Words`: `memoryview.cast("H" / "I" / "Q")`), on its natural
+memoryview of the segment (`HeaderWords`: `memoryview.cast("H" / "I" / "Q")`), on its natural
 alignment, which CPython does with a single fixed-size memcpy: one load or one store. Never with
 `struct.pack_into`: it clears the destination (`memset(0)`) before it converts and stores the
 value, so a peer process can read a published index or flag word as 0 in between (a tail of 0
@@ -36,7 +36,7 @@ _M32 = 0xFFFFFFFF
 
 
 def _word(name: str) -> int:
-    """The index of the u32 header word `name` in `_Words.u32`."""
+    """The index of the u32 header word `name` in `HeaderWords.u32`."""
     offset, width = abi.RING_HEADER[name]
     assert width == 4 and offset % 4 == 0
     return offset // 4
@@ -45,7 +45,7 @@ def _word(name: str) -> int:
 _SQ_TAIL, _CLIENT_FLAGS = _word("sq_tail"), _word("client_flags")
 _SQ_HEAD, _SERVER_FLAGS = _word("sq_head"), _word("server_flags")
 _CQ_TAIL, _CQ_HEAD = _word("cq_tail"), _word("cq_head")
-_MAGIC = abi.RING_HEADER["magic"][0] // 8  # in _Words.u64
+_MAGIC = abi.RING_HEADER["magic"][0] // 8  # in HeaderWords.u64
 _SQ_WORD = abi.SQ_OFFSET // 4  # SQ entry i is u32 words _SQ_WORD + 4 * i .. + 3
 _ENTRY_WORDS = abi.ENTRY_SIZE // 4
 _CQE_KNOWN_FLAGS = abi.CQE_NOREPLY | abi.CQE_FAST
@@ -58,7 +58,7 @@ def full_fence() -> None:
     _fence_lock.release()
 
 
-class _Words:
+class HeaderWords:
     """Whole-word views of a segment's header and queues, `[0, SLOT_OFFSET)`.
 
     `u32[i]` is the u32 at byte `4 * i` (likewise `u16`, `u64`). Reading or assigning an item
@@ -140,7 +140,7 @@ class PyServerRing:
         self._cq = abi.SQ_OFFSET + abi.ENTRY_SIZE * entries
         first_index &= _M32
         buf[0 : abi.SLOT_OFFSET] = bytes(abi.SLOT_OFFSET)
-        words = self._words = _Words(buf)
+        words = self._words = HeaderWords(buf)
         self._w = words.u32
         for name, value in (
             ("abi_major", abi.ABI_MAJOR),
@@ -290,7 +290,7 @@ class PyClientRing:
         size = len(buf)
         if size < abi.SLOT_OFFSET:
             raise open_error(errno.EINVAL)
-        words = _Words(buf)
+        words = HeaderWords(buf)
         try:
             g = self._geometry(words, size, kick_fd, call_fd)
         except BaseException:
@@ -316,7 +316,7 @@ class PyClientRing:
         self._poll: tuple[int, select.poll] | None = None
 
     @staticmethod
-    def _geometry(words: _Words, size: int, kick_fd: int, call_fd: int) -> dict[str, int]:
+    def _geometry(words: HeaderWords, size: int, kick_fd: int, call_fd: int) -> dict[str, int]:
         """The header's fields, loaded once into a dict and validated there (R2)."""
         if words.u64[_MAGIC] != abi.RING_MAGIC:
             raise open_error(errno.EBADMSG)

@@ -108,6 +108,7 @@ from vrpc.control import (
 from vrpc.guestrings import GuestRingError, GuestRings
 from vrpc.native import BACKEND, ring_backend
 from vrpc.publisher import MetaPublisher
+from vrpc.pyring import HeaderWords
 from vrpc.ring import RingClosed, RingProtocolError, Segment, ServerRing, eventfd, new_segment
 from vrpc.stats import VrpcStats, publish, snapshot, unpublish
 
@@ -135,7 +136,6 @@ ADOPT_SETTLE = 0.05
 """Seconds between closing the rings a restarted server adopts and resetting them: a guest
 that was submitting as it closed has published its SQE by then (and resends it after the
 reset, which starts after it)."""
-_U32 = struct.Struct("=I")
 POLL_SPIN = 0.001
 """Seconds a guest channel is looked at on every turn of the loop after activity (its CPU
 cost is at most this per burst of calls; other readers run in between)."""
@@ -471,8 +471,9 @@ class VrpcServer:
             except OSError as exc:
                 log.warning("vrpc: cannot adopt the guest ring of %s: %s", names[vm], exc)
                 continue
-            with memoryview(segment.map) as whole, whole[: abi.SLOT_OFFSET].cast("I") as words:
-                words[abi.RING_HEADER["server_flags"][0] // 4] = abi.SERVER_CLOSED  # (R8)
+            words = HeaderWords(segment.map)
+            words.put("server_flags", abi.SERVER_CLOSED)  # (R8)
+            words.release()
             adopted.append((vm, segment))  # closed: a guest submits no more
         await asyncio.sleep(ADOPT_SETTLE)
         me = LocalPeer(os.getpid(), os.geteuid(), frozenset(), b"")
@@ -681,7 +682,9 @@ class VrpcServer:
         guest idle across the reset goes on, and one with a call in flight sees the new
         boot and channel ids and resends the call."""
         channel_id = next(self._ids)
-        first = _U32.unpack_from(segment.map, abi.RING_HEADER["sq_tail"][0])[0]  # (any u32)
+        words = HeaderWords(segment.map)
+        first = words.get("sq_tail")  # (any u32)
+        words.release()
         fast = self.meta.epoch is not None and ring_backend.name == "native"
         held = False
         try:
